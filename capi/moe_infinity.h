@@ -1,0 +1,130 @@
+/*
+ * moe_infinity.h — C ABI of the moe_infinity offloading engine.
+ *
+ * Every function returns a status code (MOE_OK on success). After a failure
+ * moe_last_error() returns the calling thread's last error message. No
+ * function ever lets a Go panic escape: a panic becomes MOE_ERR_INTERNAL.
+ * Engines are opaque integer handles (never 0). No Go pointer crosses this
+ * boundary: memory handed out (the slot arena) is mmap'ed or device memory.
+ *
+ * Strings are NUL-terminated UTF-8. Functions that return JSON write it to
+ * (buf, cap) and store the length without the terminating NUL in *needed;
+ * when cap <= *needed they return MOE_ERR_BUFFER and write nothing, so the
+ * caller can retry with a larger buffer.
+ *
+ * Call order: moe_engine_create → moe_engine_add_checkpoint /
+ * moe_engine_add_host_tensor → moe_engine_configure → (per request)
+ * moe_request_begin, per MoE layer moe_observe + moe_acquire + compute +
+ * moe_release, moe_request_end → moe_engine_close.
+ *
+ * This header is checked in; capi/abi_test.go fails when it drifts from the
+ * //export declarations in the capi package.
+ */
+#ifndef MOE_INFINITY_H
+#define MOE_INFINITY_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Status codes. */
+#define MOE_OK 0
+#define MOE_ERR_INVALID 1     /* bad argument or malformed JSON */
+#define MOE_ERR_NOT_FOUND 2   /* a file or directory does not exist */
+#define MOE_ERR_IO 3          /* reading or writing a file failed */
+#define MOE_ERR_FORMAT 4      /* a checkpoint or trace file is malformed */
+#define MOE_ERR_BUDGET 5      /* the memory budget is too small */
+#define MOE_ERR_CLOSED 6      /* the engine is closed */
+#define MOE_ERR_STATE 7       /* call made in the wrong order */
+#define MOE_ERR_UNSUPPORTED 8 /* not available in this build */
+#define MOE_ERR_INTERNAL 9    /* a bug: an internal panic was caught */
+#define MOE_ERR_BUFFER 10     /* output buffer too small; see *needed */
+#define MOE_ERR_HANDLE 11     /* unknown engine handle */
+
+/* Library version string, e.g. "0.1.0 (cpu)". */
+int32_t moe_version(char *buf, int64_t cap, int64_t *needed);
+
+/* The calling thread's last error message ("" if none). */
+int32_t moe_last_error(char *buf, int64_t cap, int64_t *needed);
+
+/* Creates an engine from a JSON config (see go/engine.Config:
+ * budget_bytes, policy, prefetch, eamc_capacity, matches,
+ * prefetch_window, workers, trace_path, backend, max_slots). */
+int32_t moe_engine_create(const char *config_json, uint64_t *handle);
+
+/* Stops the engine's goroutines and frees its memory. Idempotent for a
+ * live handle; the handle is invalid afterwards. */
+int32_t moe_engine_close(uint64_t handle);
+
+/* Maps a safetensors checkpoint: a directory, a .safetensors file or a
+ * model.safetensors.index.json. */
+int32_t moe_engine_add_checkpoint(uint64_t handle, const char *path);
+
+/* Registers a tensor living in caller-owned host memory (valid until
+ * close). dtype: "float32", "bfloat16", "F16", ... */
+int32_t moe_engine_add_host_tensor(uint64_t handle, const char *name, const char *dtype,
+                                   int32_t ndim, const int64_t *shape, const void *data,
+                                   int64_t nbytes);
+
+/* JSON list of discovered MoE modules: prefix, num_experts, fused, roles. */
+int32_t moe_engine_modules(uint64_t handle, char *buf, int64_t cap, int64_t *needed);
+
+/* Fixes layer order and slot layout (JSON: {"layers": [...], "layout":
+ * {"regions": [{"name", "parts", "dtype"}], "alignment"}}), sizes the cache
+ * and writes the resulting plan as JSON. */
+int32_t moe_engine_configure(uint64_t handle, const char *setup_json, char *buf, int64_t cap,
+                             int64_t *needed);
+
+/* Base address and size in bytes of the slot arena. */
+int32_t moe_engine_arena(uint64_t handle, uint64_t *addr, int64_t *bytes);
+
+/* Address of one slot. */
+int32_t moe_engine_slot_addr(uint64_t handle, int32_t slot, uint64_t *addr);
+
+/* Most distinct experts one moe_acquire may pin (the number of slots). */
+int32_t moe_engine_max_pin(uint64_t handle, int32_t *n);
+
+/* Starts tracing a request (sequence); *req is never 0. */
+int32_t moe_request_begin(uint64_t handle, uint64_t *req);
+
+/* Retires the request's activation matrix into the trace collection. */
+int32_t moe_request_end(uint64_t handle, uint64_t req);
+
+/* Records routing of MoE layer `layer`: counts is nreq × num_experts
+ * floats, row i the tokens of request reqs[i] routed to each expert. */
+int32_t moe_observe(uint64_t handle, int32_t layer, int32_t nreq, const uint64_t *reqs,
+                    const float *counts);
+
+/* Makes n experts of `layer` resident and pins them; slots[i] receives
+ * experts[i]'s slot. Blocks until the copies are complete. Release the
+ * lease once the computation reading the slots is done. */
+int32_t moe_acquire(uint64_t handle, int32_t layer, int32_t n, const int32_t *experts,
+                    int32_t *slots, uint64_t *lease);
+
+/* Drops a lease's pins. */
+int32_t moe_release(uint64_t handle, uint64_t lease);
+
+/* Hints that `layer` will use these experts (prefetched first). */
+int32_t moe_hint(uint64_t handle, int32_t layer, int32_t n, const int32_t *experts);
+
+/* Counters as JSON (totals and per layer). */
+int32_t moe_stats(uint64_t handle, char *buf, int64_t cap, int64_t *needed);
+
+/* Zeroes the counters. */
+int32_t moe_reset_stats(uint64_t handle);
+
+/* Writes the trace collection to path atomically. */
+int32_t moe_save_trace(uint64_t handle, const char *path);
+
+/* Test hook: panics inside the engine when the environment variable
+ * MOE_INFINITY_TEST_HOOKS=1, to check that panics become MOE_ERR_INTERNAL;
+ * otherwise returns MOE_ERR_UNSUPPORTED. */
+int32_t moe_debug_panic(uint64_t handle);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MOE_INFINITY_H */

@@ -1,0 +1,210 @@
+package backend
+
+import (
+	"fmt"
+	"runtime"
+	"sync"
+	"syscall"
+	"unsafe"
+)
+
+type job struct {
+	slot, layer, expert int
+	t                   *transfer
+}
+
+// CPU is the reference backend: slots live in one anonymous memory mapping
+// (never Go heap, so Python may wrap it) and copies run on worker
+// goroutines that serve urgent loads before prefetches.
+type CPU struct {
+	workers int
+
+	mu        sync.Mutex
+	wake      chan struct{}
+	urgent    []job
+	normal    []job
+	closed    bool
+	opened    bool
+	arena     []byte
+	slots     int
+	slotBytes int64
+	src       Source
+	wg        sync.WaitGroup
+}
+
+// NewCPU returns a CPU backend with the given number of copy workers
+// (<= 0 picks min(4, GOMAXPROCS)).
+func NewCPU(workers int) *CPU {
+	if workers <= 0 {
+		workers = min(4, runtime.GOMAXPROCS(0))
+	}
+	return &CPU{workers: workers, wake: make(chan struct{})}
+}
+
+// Name returns "cpu".
+func (c *CPU) Name() string { return "cpu" }
+
+// Open maps the arena and starts the workers.
+func (c *CPU) Open(slots int, slotBytes int64, src Source) error {
+	if slots < 1 || slotBytes < 1 {
+		return fmt.Errorf("backend cpu: need at least one slot of at least one byte (got %d × %d)", slots, slotBytes)
+	}
+	if src == nil {
+		return fmt.Errorf("backend cpu: nil source")
+	}
+	size := int64(slots) * slotBytes
+	if size/int64(slots) != slotBytes || size > 1<<46 {
+		return fmt.Errorf("backend cpu: arena of %d × %d bytes is too large", slots, slotBytes)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return ErrClosed
+	}
+	if c.opened {
+		return fmt.Errorf("backend cpu: already opened")
+	}
+	arena, err := syscall.Mmap(-1, 0, int(size), syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_PRIVATE|syscall.MAP_ANON)
+	if err != nil {
+		return fmt.Errorf("backend cpu: cannot map a %d-byte arena: %w", size, err)
+	}
+	c.arena, c.slots, c.slotBytes, c.src, c.opened = arena, slots, slotBytes, src, true
+	for i := 0; i < c.workers; i++ {
+		c.wg.Add(1)
+		go c.work()
+	}
+	return nil
+}
+
+func (c *CPU) next() (job, bool) {
+	c.mu.Lock()
+	for {
+		if len(c.urgent) > 0 {
+			j := c.urgent[0]
+			c.urgent = c.urgent[1:]
+			c.mu.Unlock()
+			return j, true
+		}
+		if len(c.normal) > 0 {
+			j := c.normal[0]
+			c.normal = c.normal[1:]
+			c.mu.Unlock()
+			return j, true
+		}
+		if c.closed {
+			c.mu.Unlock()
+			return job{}, false
+		}
+		ch := c.wake
+		c.mu.Unlock()
+		<-ch
+		c.mu.Lock()
+	}
+}
+
+func (c *CPU) work() {
+	defer c.wg.Done()
+	for {
+		j, ok := c.next()
+		if !ok {
+			return
+		}
+		j.t.finish(c.fill(j))
+	}
+}
+
+func (c *CPU) fill(j job) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("backend cpu: panic while filling slot %d with L%d/E%d: %v", j.slot, j.layer, j.expert, r)
+		}
+	}()
+	start := int64(j.slot) * c.slotBytes
+	return c.src.Fill(j.layer, j.expert, c.arena[start:start+c.slotBytes])
+}
+
+// Load queues a copy of (layer, expert) into slot.
+func (c *CPU) Load(slot, layer, expert int, urgent bool) Transfer {
+	t := newTransfer()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch {
+	case c.closed:
+		t.finish(ErrClosed)
+	case !c.opened:
+		t.finish(fmt.Errorf("backend cpu: load before Open"))
+	case slot < 0 || slot >= c.slots:
+		t.finish(fmt.Errorf("backend cpu: slot %d out of range [0, %d)", slot, c.slots))
+	default:
+		j := job{slot: slot, layer: layer, expert: expert, t: t}
+		if urgent {
+			c.urgent = append(c.urgent, j)
+		} else {
+			c.normal = append(c.normal, j)
+		}
+		close(c.wake)
+		c.wake = make(chan struct{})
+	}
+	return t
+}
+
+// SlotAddr returns the address of slot in the arena.
+func (c *CPU) SlotAddr(slot int) uintptr {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.arena == nil || slot < 0 || slot >= c.slots {
+		return 0
+	}
+	return uintptr(unsafe.Pointer(&c.arena[0])) + uintptr(int64(slot)*c.slotBytes)
+}
+
+// Arena returns the arena's base address and size in bytes.
+func (c *CPU) Arena() (uintptr, int64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.arena == nil {
+		return 0, 0
+	}
+	return uintptr(unsafe.Pointer(&c.arena[0])), int64(len(c.arena))
+}
+
+// SlotBytes returns a view of slot's bytes (for tests and the engine's
+// own checks); nil when out of range or closed.
+func (c *CPU) SlotBytes(slot int) []byte {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.arena == nil || slot < 0 || slot >= c.slots {
+		return nil
+	}
+	start := int64(slot) * c.slotBytes
+	return c.arena[start : start+c.slotBytes : start+c.slotBytes]
+}
+
+// Close fails queued loads, waits for running ones and unmaps the arena.
+func (c *CPU) Close() error {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil
+	}
+	c.closed = true
+	pending := append(c.urgent, c.normal...)
+	c.urgent, c.normal = nil, nil
+	close(c.wake)
+	c.wake = make(chan struct{})
+	c.mu.Unlock()
+	for _, j := range pending {
+		j.t.finish(ErrClosed)
+	}
+	c.wg.Wait()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.arena != nil {
+		err := syscall.Munmap(c.arena)
+		c.arena = nil
+		if err != nil {
+			return fmt.Errorf("backend cpu: unmap arena: %w", err)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,174 @@
+package engine
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/moe-infinity/moe_infinity/go/cache"
+	"github.com/moe-infinity/moe_infinity/go/layout"
+)
+
+// Error categories. Every error the engine returns wraps at most one of
+// these so that the C ABI can map it to a status code.
+var (
+	// ErrInvalid marks bad arguments (unknown layer, malformed JSON, ...).
+	ErrInvalid = errors.New("invalid argument")
+	// ErrState marks calls made in the wrong order (acquire before
+	// configure, configure twice, ...).
+	ErrState = errors.New("invalid state")
+	// ErrBudget marks a device-memory budget too small for the request.
+	ErrBudget = errors.New("insufficient budget")
+	// ErrClosed marks calls on a closed engine.
+	ErrClosed = errors.New("engine is closed")
+)
+
+// Config holds the engine's settings. The zero value of every field picks
+// the documented default.
+type Config struct {
+	// BudgetBytes is the device memory for the expert cache, in bytes
+	// (required, > 0).
+	BudgetBytes int64 `json:"budget_bytes"`
+	// Policy is the eviction policy: "priority" (default), "lru", "lfu".
+	Policy string `json:"policy"`
+	// Prefetch enables trace-driven prefetching and router hints. A nil
+	// pointer in JSON (field absent) means true.
+	Prefetch *bool `json:"prefetch,omitempty"`
+	// EAMCCapacity is the number of request EAMs kept (default 1000).
+	EAMCCapacity int `json:"eamc_capacity"`
+	// Matches is the number of most similar stored EAMs summed to predict
+	// (default 4).
+	Matches int `json:"matches"`
+	// PrefetchWindow is the maximum number of prefetch loads in flight
+	// (default 2; on-demand loads are not limited).
+	PrefetchWindow int `json:"prefetch_window"`
+	// Workers is the number of copy workers of the CPU backend (default
+	// min(4, GOMAXPROCS)).
+	Workers int `json:"workers"`
+	// TracePath, when set, is loaded at Configure (if it exists and fits
+	// the model) and written at Close.
+	TracePath string `json:"trace_path"`
+	// Backend selects the device tier: "cpu" (default).
+	Backend string `json:"backend"`
+	// MaxSlots caps the number of slots (0 = as many as the budget holds,
+	// but never more than the model has experts).
+	MaxSlots int `json:"max_slots"`
+}
+
+// ParseConfig decodes a JSON config, rejecting unknown fields, and fills in
+// defaults.
+func ParseConfig(b []byte) (Config, error) {
+	var c Config
+	dec := json.NewDecoder(strings.NewReader(string(b)))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&c); err != nil {
+		return Config{}, fmt.Errorf("%w: engine config: %v", ErrInvalid, err)
+	}
+	return c.withDefaults()
+}
+
+func (c Config) withDefaults() (Config, error) {
+	if c.BudgetBytes <= 0 {
+		return c, fmt.Errorf("%w: budget_bytes must be > 0 (got %d)", ErrInvalid, c.BudgetBytes)
+	}
+	if _, err := cache.ParsePolicy(c.Policy); err != nil {
+		return c, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	if c.Policy == "" {
+		c.Policy = "priority"
+	}
+	c.Policy = strings.ToLower(strings.TrimSpace(c.Policy))
+	if c.Prefetch == nil {
+		t := true
+		c.Prefetch = &t
+	}
+	if c.EAMCCapacity == 0 {
+		c.EAMCCapacity = 1000
+	}
+	if c.Matches == 0 {
+		c.Matches = 4
+	}
+	if c.PrefetchWindow == 0 {
+		c.PrefetchWindow = 2
+	}
+	if c.Backend == "" {
+		c.Backend = "cpu"
+	}
+	switch {
+	case c.EAMCCapacity < 1:
+		return c, fmt.Errorf("%w: eamc_capacity must be >= 1 (got %d)", ErrInvalid, c.EAMCCapacity)
+	case c.Matches < 1:
+		return c, fmt.Errorf("%w: matches must be >= 1 (got %d)", ErrInvalid, c.Matches)
+	case c.PrefetchWindow < 1:
+		return c, fmt.Errorf("%w: prefetch_window must be >= 1 (got %d)", ErrInvalid, c.PrefetchWindow)
+	case c.Workers < 0:
+		return c, fmt.Errorf("%w: workers must be >= 0 (got %d)", ErrInvalid, c.Workers)
+	case c.MaxSlots < 0:
+		return c, fmt.Errorf("%w: max_slots must be >= 0 (got %d)", ErrInvalid, c.MaxSlots)
+	}
+	return c, nil
+}
+
+// Setup is the second configuration step, made once the checkpoint is
+// known: which MoE modules run in which order, and the slot image.
+type Setup struct {
+	// Layers lists MoE module prefixes (as the store names them) in
+	// execution order; empty means every discovered module in natural
+	// order.
+	Layers []string `json:"layers"`
+	// Layout is the slot image.
+	Layout layout.Spec `json:"layout"`
+}
+
+// ParseSetup decodes a JSON Setup, rejecting unknown fields.
+func ParseSetup(b []byte) (Setup, error) {
+	var s Setup
+	dec := json.NewDecoder(strings.NewReader(string(b)))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&s); err != nil {
+		return Setup{}, fmt.Errorf("%w: engine setup: %v", ErrInvalid, err)
+	}
+	return s, nil
+}
+
+// Plan is what Configure decided.
+type Plan struct {
+	// Backend is the backend's name.
+	Backend string `json:"backend"`
+	// Layers are the MoE module prefixes in execution order.
+	Layers []string `json:"layers"`
+	// NumExperts is the number of routed experts per layer.
+	NumExperts int `json:"num_experts"`
+	// Slots is the number of cache slots.
+	Slots int `json:"slots"`
+	// SlotBytes is the size of one slot in bytes.
+	SlotBytes int64 `json:"slot_bytes"`
+	// ArenaBytes is Slots × SlotBytes.
+	ArenaBytes int64 `json:"arena_bytes"`
+	// Layout is the slot image.
+	Layout *layout.Layout `json:"layout"`
+	// Policy is the eviction policy in use.
+	Policy string `json:"policy"`
+	// Prefetch reports whether prefetching is on.
+	Prefetch bool `json:"prefetch"`
+	// TraceLoaded is the number of EAMs loaded from TracePath.
+	TraceLoaded int `json:"trace_loaded"`
+	// Warnings are non-fatal problems (for example a trace file for
+	// another model, which was ignored).
+	Warnings []string `json:"warnings"`
+}
+
+// FormatBytes renders n bytes with a binary unit ("1.50 GiB").
+func FormatBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit && exp < 4; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.2f %ciB", float64(n)/float64(div), "KMGTP"[exp])
+}

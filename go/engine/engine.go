@@ -1,0 +1,733 @@
+// Package engine ties the offloading pieces together. The data path of one
+// MoE layer is:
+//
+//	router (in torch) → Observe: the tracer updates each request's EAM, the
+//	prefetcher re-plans later layers → Acquire: the cache pins the layer's
+//	experts (hit, wait for a prefetch in flight, or load now, preempting
+//	prefetches) and returns their slots → compute on the slot views (torch
+//	or an engine kernel) → Release: the pins are dropped.
+//
+// Meanwhile a dispatcher goroutine drains the prefetch queue into the
+// backend, at most Config.PrefetchWindow loads at a time, each only into a
+// slot whose expert is predicted less strongly than the one it brings in.
+package engine
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/moe-infinity/moe_infinity/go/backend"
+	"github.com/moe-infinity/moe_infinity/go/cache"
+	"github.com/moe-infinity/moe_infinity/go/dtype"
+	"github.com/moe-infinity/moe_infinity/go/layout"
+	"github.com/moe-infinity/moe_infinity/go/prefetch"
+	"github.com/moe-infinity/moe_infinity/go/store"
+	"github.com/moe-infinity/moe_infinity/go/trace"
+)
+
+// epsilon keeps never-seen experts' priority above zero and ordered by
+// layer, as in the paper's formula.
+const epsilon = 1e-3
+
+// hintOwnerBase marks prefetch-queue owners that are router hints (one
+// owner per layer) rather than requests.
+const hintOwnerBase = uint64(1) << 62
+
+// Engine is one offloading engine instance. All methods are safe for
+// concurrent use.
+type Engine struct {
+	cfg  Config
+	ckpt *store.Checkpoint
+	// NewBackend creates the backend at Configure; tests may replace it
+	// before Configure.
+	NewBackend func(cfg Config) (backend.Backend, error)
+
+	mu         sync.Mutex // guards configuration and close
+	configured bool
+	closed     bool
+	plan       Plan
+	mods       []*store.MoEModule
+	lay        *layout.Layout
+	be         backend.Backend
+	cache      *cache.Cache
+	tracker    *trace.Tracker
+	planner    *prefetch.Planner
+	queue      *prefetch.Queue
+	layers     int
+	experts    int
+
+	stop     chan struct{}
+	ops      sync.WaitGroup // Acquire calls in progress
+	bg       sync.WaitGroup // dispatcher and prefetch completions
+	freeLate bool           // Close ran with leases outstanding; the last Release frees
+	prefSem  chan struct{}
+	leaseMu  sync.Mutex
+	leases   map[uint64][]cache.Grant
+	nextLeas atomic.Uint64
+
+	prioMu sync.RWMutex
+	prio   []float64 // [layer*experts+expert] activation term of the priority
+
+	bytesMoved []atomic.Int64 // per layer
+	stallNs    []atomic.Int64 // per layer
+	acquires   atomic.Int64
+}
+
+// New creates an engine with an empty checkpoint.
+func New(cfg Config) (*Engine, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	e := &Engine{cfg: cfg, ckpt: store.New(), leases: map[uint64][]cache.Grant{}}
+	e.NewBackend = defaultBackend
+	return e, nil
+}
+
+func defaultBackend(cfg Config) (backend.Backend, error) {
+	switch cfg.Backend {
+	case "cpu":
+		return backend.NewCPU(cfg.Workers), nil
+	}
+	return newAcceleratorBackend(cfg)
+}
+
+// Config returns the engine's effective configuration.
+func (e *Engine) Config() Config { return e.cfg }
+
+func (e *Engine) checkOpen() error {
+	if e.closed {
+		return ErrClosed
+	}
+	return nil
+}
+
+// AddCheckpoint maps a checkpoint (directory, .safetensors file or index
+// .json) into the engine's store.
+func (e *Engine) AddCheckpoint(path string) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if err := e.checkOpen(); err != nil {
+		return err
+	}
+	if e.configured {
+		return fmt.Errorf("%w: add checkpoints before configure", ErrState)
+	}
+	return e.ckpt.AddPath(path)
+}
+
+// AddHostTensor registers a tensor that lives in caller-owned host memory;
+// data must stay valid until Close.
+func (e *Engine) AddHostTensor(name, dt string, shape []int64, data []byte) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if err := e.checkOpen(); err != nil {
+		return err
+	}
+	if e.configured {
+		return fmt.Errorf("%w: add tensors before configure", ErrState)
+	}
+	d, err := dtype.Parse(dt)
+	if err != nil {
+		return fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	return e.ckpt.AddHost(name, d, shape, data)
+}
+
+// ModuleInfo describes one discovered MoE module for the caller.
+type ModuleInfo struct {
+	Prefix     string     `json:"prefix"`
+	NumExperts int        `json:"num_experts"`
+	Fused      bool       `json:"fused"`
+	Roles      []RoleInfo `json:"roles"`
+}
+
+// RoleInfo describes one per-expert tensor role.
+type RoleInfo struct {
+	Name   string  `json:"name"`
+	DType  string  `json:"dtype"`
+	Shape  []int64 `json:"shape"`
+	Tensor string  `json:"tensor"` // expert 0's source tensor name
+}
+
+// Modules lists the MoE modules found in the store, in natural order.
+func (e *Engine) Modules() ([]ModuleInfo, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if err := e.checkOpen(); err != nil {
+		return nil, err
+	}
+	idx, err := e.ckpt.Experts()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]ModuleInfo, 0, len(idx.Modules))
+	for _, m := range idx.Modules {
+		mi := ModuleInfo{Prefix: m.Prefix, NumExperts: m.NumExperts, Fused: m.Fused}
+		for _, r := range m.Roles {
+			p, err := m.Part(0, r)
+			if err != nil {
+				return nil, err
+			}
+			mi.Roles = append(mi.Roles, RoleInfo{Name: r, DType: p.DType.TorchName(), Shape: p.Shape, Tensor: p.Tensor})
+		}
+		out = append(out, mi)
+	}
+	return out, nil
+}
+
+// source adapts the layout and modules to backend.Source.
+type source struct {
+	lay  *layout.Layout
+	mods []*store.MoEModule
+}
+
+func (s source) SlotBytes() int64 { return s.lay.SlotBytes }
+func (s source) Fill(l, x int, dst []byte) error {
+	if l < 0 || l >= len(s.mods) {
+		return fmt.Errorf("%w: layer %d out of range", ErrInvalid, l)
+	}
+	return s.lay.Fill(s.mods[l], x, dst)
+}
+
+// Configure fixes the layer order and slot image, sizes the cache from the
+// budget, opens the backend and loads the trace file. It is called once.
+func (e *Engine) Configure(s Setup) (Plan, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if err := e.checkOpen(); err != nil {
+		return Plan{}, err
+	}
+	if e.configured {
+		return Plan{}, fmt.Errorf("%w: engine already configured", ErrState)
+	}
+	idx, err := e.ckpt.Experts()
+	if err != nil {
+		return Plan{}, err
+	}
+	if len(idx.Modules) == 0 {
+		return Plan{}, fmt.Errorf("%w: no routed experts found (no tensor names match \"<prefix>.experts.<index>.<name>\" or fused \"<prefix>.experts.<name>\")", ErrInvalid)
+	}
+	names := s.Layers
+	if len(names) == 0 {
+		for _, m := range idx.Modules {
+			names = append(names, m.Prefix)
+		}
+	}
+	mods := make([]*store.MoEModule, len(names))
+	seen := map[string]bool{}
+	for i, n := range names {
+		m, ok := idx.Module(n)
+		if !ok {
+			return Plan{}, fmt.Errorf("%w: layer %d: no MoE module %q in the checkpoint", ErrInvalid, i, n)
+		}
+		if seen[n] {
+			return Plan{}, fmt.Errorf("%w: MoE module %q listed twice", ErrInvalid, n)
+		}
+		seen[n] = true
+		if i > 0 && m.NumExperts != mods[0].NumExperts {
+			return Plan{}, fmt.Errorf("%w: module %q has %d experts but %q has %d; all MoE layers must have the same number",
+				ErrInvalid, n, m.NumExperts, mods[0].Prefix, mods[0].NumExperts)
+		}
+		mods[i] = m
+	}
+	lay, err := layout.Build(s.Layout, mods)
+	if err != nil {
+		return Plan{}, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	L, E := len(mods), mods[0].NumExperts
+	slots64 := e.cfg.BudgetBytes / lay.SlotBytes
+	if slots64 < 1 {
+		return Plan{}, fmt.Errorf("%w: a device-memory budget of %s (%d bytes) holds no expert: one expert slot needs %s (%d bytes); raise device_memory to at least %d bytes",
+			ErrBudget, FormatBytes(e.cfg.BudgetBytes), e.cfg.BudgetBytes, FormatBytes(lay.SlotBytes), lay.SlotBytes, lay.SlotBytes)
+	}
+	slots := int(min(slots64, int64(L*E)))
+	if e.cfg.MaxSlots > 0 {
+		slots = min(slots, e.cfg.MaxSlots)
+	}
+
+	plan := Plan{
+		Layers: names, NumExperts: E, Slots: slots, SlotBytes: lay.SlotBytes,
+		ArenaBytes: int64(slots) * lay.SlotBytes, Layout: lay, Policy: e.cfg.Policy,
+		Prefetch: *e.cfg.Prefetch, Warnings: []string{},
+	}
+	coll, loaded, warn := loadTrace(e.cfg, L, E)
+	if warn != "" {
+		plan.Warnings = append(plan.Warnings, warn)
+	}
+	plan.TraceLoaded = loaded
+
+	pol, _ := cache.ParsePolicy(e.cfg.Policy)
+	e.layers, e.experts = L, E
+	e.prio = make([]float64, L*E)
+	for l := 0; l < L; l++ {
+		for x := 0; x < E; x++ {
+			e.prio[l*E+x] = epsilon * (1 - float64(l)/float64(L))
+		}
+	}
+	c, err := cache.New(cache.Config{Slots: slots, Layers: L, Policy: pol, Scorer: scorer{e}})
+	if err != nil {
+		return Plan{}, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	be, err := e.NewBackend(e.cfg)
+	if err != nil {
+		return Plan{}, err
+	}
+	if err := be.Open(slots, lay.SlotBytes, source{lay: lay, mods: mods}); err != nil {
+		return Plan{}, fmt.Errorf("%w: %v", ErrBudget, err)
+	}
+	plan.Backend = be.Name()
+	e.mods, e.lay, e.be, e.cache = mods, lay, be, c
+	e.tracker = trace.NewTracker(coll)
+	e.planner = prefetch.NewPlanner(coll)
+	e.planner.Matches = e.cfg.Matches
+	e.queue = prefetch.NewQueue()
+	e.bytesMoved = make([]atomic.Int64, L)
+	e.stallNs = make([]atomic.Int64, L)
+	e.stop = make(chan struct{})
+	e.prefSem = make(chan struct{}, e.cfg.PrefetchWindow)
+	if *e.cfg.Prefetch {
+		e.bg.Add(1)
+		go e.dispatch()
+	}
+	e.plan = plan
+	e.configured = true
+	return plan, nil
+}
+
+// loadTrace returns the EAM collection to start with: the trace file's when
+// it exists and fits (L, E), otherwise an empty one and a warning.
+func loadTrace(cfg Config, L, E int) (*trace.Collection, int, string) {
+	empty := func() *trace.Collection {
+		c, _ := trace.NewCollection(L, E, cfg.EAMCCapacity)
+		return c
+	}
+	if cfg.TracePath == "" {
+		return empty(), 0, ""
+	}
+	coll, err := trace.LoadFile(cfg.TracePath)
+	if errors.Is(err, os.ErrNotExist) {
+		return empty(), 0, ""
+	}
+	if err != nil {
+		return empty(), 0, fmt.Sprintf("trace file %s ignored: %v", cfg.TracePath, err)
+	}
+	if err := coll.CheckShape(L, E); err != nil {
+		return empty(), 0, fmt.Sprintf("trace file %s ignored: it was recorded for another model: %v", cfg.TracePath, err)
+	}
+	out := empty()
+	for _, m := range coll.Snapshot() {
+		_ = out.Add(m)
+	}
+	return out, out.Len(), ""
+}
+
+// Plan returns what Configure decided.
+func (e *Engine) Plan() (Plan, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if err := e.ready(); err != nil {
+		return Plan{}, err
+	}
+	return e.plan, nil
+}
+
+// ready checks that the engine is configured and open (caller holds mu or
+// accepts a benign race on the flags, which only move forward).
+func (e *Engine) ready() error {
+	if e.closed {
+		return ErrClosed
+	}
+	if !e.configured {
+		return fmt.Errorf("%w: engine is not configured", ErrState)
+	}
+	return nil
+}
+
+func (e *Engine) readyLocked() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.ready()
+}
+
+// enter registers an operation that may hand out slot memory; Close waits
+// for every entered operation to exit before it frees anything.
+func (e *Engine) enter() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if err := e.ready(); err != nil {
+		return err
+	}
+	e.ops.Add(1)
+	return nil
+}
+
+// BeginRequest starts tracing a new request and returns its id (never 0).
+func (e *Engine) BeginRequest() (uint64, error) {
+	if err := e.readyLocked(); err != nil {
+		return 0, err
+	}
+	return e.tracker.Begin(), nil
+}
+
+// EndRequest retires the request's EAM into the collection and cancels its
+// prefetch plan.
+func (e *Engine) EndRequest(req uint64) error {
+	if err := e.readyLocked(); err != nil {
+		return err
+	}
+	e.queue.Update(req, nil)
+	if err := e.tracker.End(req); err != nil {
+		return fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	return nil
+}
+
+// Observe records that, in MoE layer `layer`, request reqs[i] routed
+// counts[i][x] tokens to expert x, refreshes the layer's eviction
+// priorities and re-plans each request's prefetches for later layers.
+func (e *Engine) Observe(layer int, reqs []uint64, counts [][]float32) error {
+	if err := e.readyLocked(); err != nil {
+		return err
+	}
+	if layer < 0 || layer >= e.layers {
+		return fmt.Errorf("%w: layer %d out of range [0, %d)", ErrInvalid, layer, e.layers)
+	}
+	if len(reqs) != len(counts) {
+		return fmt.Errorf("%w: %d requests but %d count rows", ErrInvalid, len(reqs), len(counts))
+	}
+	for i, r := range reqs {
+		if err := e.tracker.Observe(r, layer, counts[i]); err != nil {
+			return fmt.Errorf("%w: %v", ErrInvalid, err)
+		}
+	}
+	e.refreshPriority(layer)
+	if !*e.cfg.Prefetch {
+		return nil
+	}
+	for _, r := range reqs {
+		if p, ok := e.tracker.Partial(r); ok {
+			e.queue.Update(r, e.planner.Plan(p, layer))
+		}
+	}
+	return nil
+}
+
+// refreshPriority recomputes the activation term of the paper's priority
+// p = (pEAM[l][x] + ε) / n_tokens(l) · (1 − l/L) from the active requests.
+func (e *Engine) refreshPriority(layer int) {
+	per, tokens := e.tracker.LayerTotals(layer)
+	if tokens <= 0 {
+		return
+	}
+	w := 1 - float64(layer)/float64(e.layers)
+	e.prioMu.Lock()
+	row := e.prio[layer*e.experts : (layer+1)*e.experts]
+	for x := range row {
+		row[x] = (float64(per[x]) + epsilon) / float64(tokens) * w
+	}
+	e.prioMu.Unlock()
+}
+
+// scorer exposes the engine's priorities and predictions to the cache.
+type scorer struct{ e *Engine }
+
+// Priority is the paper's activation-aware priority plus the prefetcher's
+// current prediction for the expert, so that an expert about to be used is
+// not evicted to make room for one that is not.
+func (s scorer) Priority(k cache.Key) float64 {
+	e := s.e
+	e.prioMu.RLock()
+	p := e.prio[int(k.Layer)*e.experts+int(k.Expert)]
+	e.prioMu.RUnlock()
+	return p + e.queue.Score(k)
+}
+
+func (s scorer) Predicted(k cache.Key) float64 { return s.e.queue.Score(k) }
+
+// Hint tells the engine that `layer` will use experts (for example because
+// that layer's router was run ahead on the current hidden state). They are
+// prefetched before any EAM prediction. The hint lasts until the layer is
+// acquired or hinted again.
+func (e *Engine) Hint(layer int, experts []int32) error {
+	if err := e.readyLocked(); err != nil {
+		return err
+	}
+	if err := e.checkExperts(layer, experts); err != nil {
+		return err
+	}
+	if *e.cfg.Prefetch {
+		e.queue.Update(hintOwnerBase+uint64(layer), prefetch.HintCandidates(layer, experts))
+	}
+	return nil
+}
+
+func (e *Engine) checkExperts(layer int, experts []int32) error {
+	if layer < 0 || layer >= e.layers {
+		return fmt.Errorf("%w: layer %d out of range [0, %d)", ErrInvalid, layer, e.layers)
+	}
+	for _, x := range experts {
+		if x < 0 || int(x) >= e.experts {
+			return fmt.Errorf("%w: expert %d out of range [0, %d) in layer %d", ErrInvalid, x, e.experts, layer)
+		}
+	}
+	return nil
+}
+
+// MaxPin is the most distinct experts one Acquire may ask for: the number
+// of slots. A layer that needs more streams them through in chunks.
+func (e *Engine) MaxPin() int {
+	if e.readyLocked() != nil {
+		return 0
+	}
+	return e.cache.Slots()
+}
+
+// Acquire makes the experts of `layer` resident and pins them; slots[i]
+// receives the slot of experts[i]. It blocks until every copy is complete.
+// The returned lease must be passed to Release once the computation that
+// reads the slots is done. Duplicate experts share one slot.
+func (e *Engine) Acquire(layer int, experts []int32, slots []int32) (uint64, error) {
+	if err := e.enter(); err != nil {
+		return 0, err
+	}
+	defer e.ops.Done()
+	if err := e.checkExperts(layer, experts); err != nil {
+		return 0, err
+	}
+	if len(slots) < len(experts) {
+		return 0, fmt.Errorf("%w: slot buffer of %d for %d experts", ErrInvalid, len(slots), len(experts))
+	}
+	keys := make([]cache.Key, 0, len(experts))
+	pos := make(map[int32]int, len(experts))
+	for _, x := range experts {
+		if _, ok := pos[x]; !ok {
+			pos[x] = len(keys)
+			keys = append(keys, cache.Key{Layer: int32(layer), Expert: x})
+		}
+	}
+	if *e.cfg.Prefetch {
+		e.queue.Update(hintOwnerBase+uint64(layer), nil)
+	}
+	grants, err := e.cache.Pin(keys, e.stop)
+	if err != nil {
+		return 0, e.cacheErr(err)
+	}
+	start := time.Now()
+	loads := make([]backend.Transfer, len(grants))
+	for i, g := range grants {
+		if g.Load {
+			loads[i] = e.be.Load(g.Slot, layer, int(g.Key.Expert), true)
+		}
+	}
+	var firstErr error
+	waited := false
+	for i, g := range grants {
+		switch {
+		case g.Load:
+			waited = true
+			err := loads[i].Err()
+			e.cache.Complete(g.Slot, g.Gen, err)
+			if err == nil {
+				e.bytesMoved[layer].Add(e.lay.SlotBytes)
+			} else if firstErr == nil {
+				firstErr = fmt.Errorf("loading %s: %w", g.Key, err)
+			}
+		case !g.Hit:
+			waited = true
+			if err := e.cache.Wait(g, e.stop); err != nil && firstErr == nil {
+				firstErr = fmt.Errorf("waiting for %s: %w", g.Key, e.cacheErr(err))
+			}
+		}
+	}
+	if waited {
+		e.stallNs[layer].Add(int64(time.Since(start)))
+	}
+	if firstErr != nil {
+		e.cache.Unpin(grants)
+		return 0, firstErr
+	}
+	for i, x := range experts {
+		slots[i] = int32(grants[pos[x]].Slot)
+	}
+	id := e.nextLeas.Add(1)
+	e.leaseMu.Lock()
+	e.leases[id] = grants
+	e.leaseMu.Unlock()
+	e.acquires.Add(1)
+	return id, nil
+}
+
+func (e *Engine) cacheErr(err error) error {
+	switch {
+	case errors.Is(err, cache.ErrClosed), errors.Is(err, cache.ErrStopped):
+		return ErrClosed
+	}
+	var tm *cache.TooManyError
+	if errors.As(err, &tm) {
+		return fmt.Errorf("%w: %v; acquire at most %d experts at a time", ErrBudget, err, tm.Slots)
+	}
+	return err
+}
+
+// Release drops the pins of a lease returned by Acquire.
+func (e *Engine) Release(lease uint64) error {
+	e.leaseMu.Lock()
+	grants, ok := e.leases[lease]
+	delete(e.leases, lease)
+	free := ok && e.freeLate && len(e.leases) == 0
+	if free {
+		e.freeLate = false
+	}
+	e.leaseMu.Unlock()
+	if !ok {
+		return fmt.Errorf("%w: unknown or already released lease %d", ErrInvalid, lease)
+	}
+	e.cache.Unpin(grants)
+	if free {
+		return e.free()
+	}
+	return nil
+}
+
+// Leases returns the number of leases not yet released.
+func (e *Engine) Leases() int {
+	e.leaseMu.Lock()
+	defer e.leaseMu.Unlock()
+	return len(e.leases)
+}
+
+// SlotAddr returns the address of a slot in the backend's memory.
+func (e *Engine) SlotAddr(slot int) (uintptr, error) {
+	if err := e.readyLocked(); err != nil {
+		return 0, err
+	}
+	if slot < 0 || slot >= e.plan.Slots {
+		return 0, fmt.Errorf("%w: slot %d out of range [0, %d)", ErrInvalid, slot, e.plan.Slots)
+	}
+	return e.be.SlotAddr(slot), nil
+}
+
+// Arena returns the base address and size of the slot memory.
+func (e *Engine) Arena() (uintptr, int64, error) {
+	if err := e.readyLocked(); err != nil {
+		return 0, 0, err
+	}
+	a, n := e.be.Arena()
+	return a, n, nil
+}
+
+// dispatch drains the prefetch queue into the backend, keeping at most
+// PrefetchWindow prefetch loads in flight.
+func (e *Engine) dispatch() {
+	defer e.bg.Done()
+	for {
+		c, ok := e.queue.Pop(e.stop)
+		if !ok {
+			return
+		}
+		select {
+		case e.prefSem <- struct{}{}:
+		case <-e.stop:
+			e.queue.Done()
+			return
+		}
+		g, ok := e.cache.ReservePrefetch(c.Key, c.Score)
+		if !ok {
+			<-e.prefSem
+			e.queue.Done()
+			continue
+		}
+		tr := e.be.Load(g.Slot, int(c.Key.Layer), int(c.Key.Expert), false)
+		e.bg.Add(1)
+		go func() {
+			defer e.bg.Done()
+			err := tr.Err()
+			e.cache.Complete(g.Slot, g.Gen, err)
+			if err == nil {
+				e.bytesMoved[c.Key.Layer].Add(e.lay.SlotBytes)
+			}
+			<-e.prefSem
+			e.queue.Done()
+		}()
+	}
+}
+
+// PrefetchIdle reports whether no prefetch is queued or in flight.
+func (e *Engine) PrefetchIdle() bool {
+	if e.readyLocked() != nil {
+		return true
+	}
+	return e.queue.Idle()
+}
+
+// SaveTrace writes the EAM collection to path atomically.
+func (e *Engine) SaveTrace(path string) error {
+	if err := e.readyLocked(); err != nil {
+		return err
+	}
+	return e.tracker.Collection().SaveFile(path)
+}
+
+// Close stops prefetching, waits for copies in flight, writes the trace
+// file (if configured), frees the device tier and unmaps the checkpoint.
+// Acquires blocked in Close's way fail with ErrClosed. If leases are still
+// outstanding (a computation is reading slots), the memory is freed by the
+// last Release instead, so that no reader ever sees unmapped memory.
+// Idempotent.
+func (e *Engine) Close() error {
+	e.mu.Lock()
+	if e.closed {
+		e.mu.Unlock()
+		return nil
+	}
+	e.closed = true
+	configured := e.configured
+	e.mu.Unlock()
+
+	if !configured {
+		return e.ckpt.Close()
+	}
+	close(e.stop)
+	e.queue.Close()
+	e.cache.Close()
+	e.ops.Wait()
+	e.bg.Wait()
+	var errs []error
+	if e.cfg.TracePath != "" && e.tracker.Collection().Len() > 0 {
+		if err := e.tracker.Collection().SaveFile(e.cfg.TracePath); err != nil {
+			errs = append(errs, fmt.Errorf("saving trace: %w", err))
+		}
+	}
+	e.leaseMu.Lock()
+	late := len(e.leases) > 0
+	e.freeLate = late
+	e.leaseMu.Unlock()
+	if !late {
+		errs = append(errs, e.free())
+	}
+	return errors.Join(errs...)
+}
+
+// free releases the device tier and the checkpoint mappings.
+func (e *Engine) free() error {
+	return errors.Join(e.be.Close(), e.ckpt.Close())
+}
+
+// Closed reports whether Close has been called.
+func (e *Engine) Closed() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.closed
+}
+
+// DebugPanic panics inside the engine; the C ABI's test hook uses it to
+// check that panics never cross into the caller.
+func (e *Engine) DebugPanic() {
+	var m map[string]int
+	m["engine test hook"]++ // a genuine runtime panic (nil map write)
+}

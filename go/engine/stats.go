@@ -1,0 +1,77 @@
+package engine
+
+import "github.com/moe-infinity/moe_infinity/go/cache"
+
+// LayerStats are the counters of one MoE layer.
+type LayerStats struct {
+	cache.LayerStats
+	// BytesMoved counts bytes copied into the device tier (demand and
+	// prefetch loads).
+	BytesMoved int64 `json:"bytes_moved"`
+	// StallNs is the time Acquire spent waiting for copies, in
+	// nanoseconds.
+	StallNs int64 `json:"stall_ns"`
+}
+
+// Stats are the engine's counters, totalled and per layer.
+type Stats struct {
+	LayerStats
+	// Acquires counts successful Acquire calls.
+	Acquires int64 `json:"acquires"`
+	// Slots and SlotBytes describe the cache.
+	Slots     int   `json:"slots"`
+	SlotBytes int64 `json:"slot_bytes"`
+	// Resident is the number of experts currently ready in the cache.
+	Resident int `json:"resident"`
+	// EAMCSize is the number of EAMs in the collection.
+	EAMCSize int `json:"eamc_size"`
+	// ActiveRequests is the number of requests being traced.
+	ActiveRequests int `json:"active_requests"`
+	// PrefetchQueued is the number of prefetches waiting.
+	PrefetchQueued int `json:"prefetch_queued"`
+	// PrefetchCancelled counts queued prefetches cancelled by re-planning.
+	PrefetchCancelled uint64 `json:"prefetch_cancelled"`
+	// Layers holds the per-layer counters in execution order.
+	Layers []LayerStats `json:"layers"`
+}
+
+// Stats returns a snapshot of the counters.
+func (e *Engine) Stats() (Stats, error) {
+	if err := e.readyLocked(); err != nil {
+		return Stats{}, err
+	}
+	cs := e.cache.Stats()
+	out := Stats{
+		Acquires:          e.acquires.Load(),
+		Slots:             e.plan.Slots,
+		SlotBytes:         e.plan.SlotBytes,
+		Resident:          len(e.cache.Resident()),
+		EAMCSize:          e.tracker.Collection().Len(),
+		ActiveRequests:    e.tracker.Active(),
+		PrefetchQueued:    e.queue.Len(),
+		PrefetchCancelled: e.queue.Cancellations(),
+		Layers:            make([]LayerStats, len(cs)),
+	}
+	for l, c := range cs {
+		ls := LayerStats{LayerStats: c, BytesMoved: e.bytesMoved[l].Load(), StallNs: e.stallNs[l].Load()}
+		out.Layers[l] = ls
+		out.LayerStats.Add(c)
+		out.BytesMoved += ls.BytesMoved
+		out.StallNs += ls.StallNs
+	}
+	return out, nil
+}
+
+// ResetStats zeroes every counter (the cache contents stay).
+func (e *Engine) ResetStats() error {
+	if err := e.readyLocked(); err != nil {
+		return err
+	}
+	e.cache.ResetStats()
+	for l := range e.bytesMoved {
+		e.bytesMoved[l].Store(0)
+		e.stallNs[l].Store(0)
+	}
+	e.acquires.Store(0)
+	return nil
+}

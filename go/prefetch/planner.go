@@ -1,0 +1,78 @@
+package prefetch
+
+import (
+	"sort"
+
+	"github.com/moe-infinity/moe_infinity/go/cache"
+	"github.com/moe-infinity/moe_infinity/go/trace"
+)
+
+// HintScore is the score of experts named by a router hint ("layer l+1's
+// router, run on layer l's hidden state, picks these"). It is above every
+// EAM prediction (which lie in [0, 1]) because such hints are very accurate
+// for trained models.
+const HintScore = 2.0
+
+// Planner predicts which experts later layers will need, from the EAM
+// collection. Safe for concurrent use (it only reads the collection).
+type Planner struct {
+	coll *trace.Collection
+	// Matches is the number of most-similar stored EAMs summed (>= 1).
+	Matches int
+	// MinScore drops candidates predicted below this value.
+	MinScore float64
+	// MaxCandidates caps the plan's length (0 = no cap).
+	MaxCandidates int
+	// Horizon is how many layers ahead to plan (0 = all remaining layers).
+	Horizon int
+}
+
+// NewPlanner returns a planner over coll with defaults: 4 matches, minimum
+// score 0.01, no cap, whole horizon.
+func NewPlanner(coll *trace.Collection) *Planner {
+	return &Planner{coll: coll, Matches: 4, MinScore: 0.01}
+}
+
+// Plan returns the candidates for the layers after `layer`, best first,
+// given the request's partial EAM (layers 0..layer filled). It returns nil
+// when the collection has nothing similar.
+func (p *Planner) Plan(partial *trace.EAM, layer int) []Candidate {
+	if p == nil || p.coll == nil || partial == nil {
+		return nil
+	}
+	k := p.Matches
+	if k < 1 {
+		k = 1
+	}
+	pred := p.coll.Predict(partial, layer, k)
+	if pred == nil {
+		return nil
+	}
+	last := pred.Layers - 1
+	if p.Horizon > 0 && layer+p.Horizon < last {
+		last = layer + p.Horizon
+	}
+	var out []Candidate
+	for l := layer + 1; l <= last; l++ {
+		for e, s := range pred.Row(l) {
+			if float64(s) >= p.MinScore && s > 0 {
+				out = append(out, Candidate{Key: cache.Key{Layer: int32(l), Expert: int32(e)}, Score: float64(s)})
+			}
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return better(out[i], out[j]) })
+	if p.MaxCandidates > 0 && len(out) > p.MaxCandidates {
+		out = out[:p.MaxCandidates]
+	}
+	return out
+}
+
+// HintCandidates turns a router hint for layer into candidates scored
+// HintScore.
+func HintCandidates(layer int, experts []int32) []Candidate {
+	out := make([]Candidate, 0, len(experts))
+	for _, e := range experts {
+		out = append(out, Candidate{Key: cache.Key{Layer: int32(layer), Expert: e}, Score: HintScore})
+	}
+	return out
+}

@@ -1,0 +1,79 @@
+package prefetch
+
+import (
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/moe-infinity/moe_infinity/go/trace"
+)
+
+// eam builds an EAM with one token routed to experts[l] in layer l.
+func eam(experts, layers int, route ...int) *trace.EAM {
+	m := trace.NewEAM(layers, experts)
+	for l, x := range route {
+		_ = m.Add(l, x, 1)
+	}
+	return m
+}
+
+func TestPlannerPredictsLaterLayersFromSimilarRequests(t *testing.T) {
+	coll, err := trace.NewCollection(4, 4, 10)
+	require.NoError(t, err)
+	require.NoError(t, coll.Add(eam(4, 4, 0, 1, 2, 3)))
+	require.NoError(t, coll.Add(eam(4, 4, 3, 2, 1, 0)))
+	p := NewPlanner(coll)
+	p.Matches = 1
+
+	plan := p.Plan(eam(4, 4, 0), 0)
+	require.NotEmpty(t, plan)
+	// Layer 1 is nearest, so it outranks layers 2 and 3 (proximity weight).
+	assert.Equal(t, k(1, 1), plan[0].Key)
+	assert.Equal(t, k(2, 2), plan[1].Key)
+	assert.Equal(t, k(3, 3), plan[2].Key)
+	assert.InDelta(t, 1-1.0/4, plan[0].Score, 1e-6)
+	for _, c := range plan {
+		assert.Greater(t, c.Key.Layer, int32(0), "nothing planned for layers already run")
+	}
+
+	p.Horizon = 1
+	plan = p.Plan(eam(4, 4, 0), 0)
+	require.Len(t, plan, 1)
+	assert.Equal(t, k(1, 1), plan[0].Key)
+
+	p.Horizon = 0
+	p.MaxCandidates = 2
+	assert.Len(t, p.Plan(eam(4, 4, 0), 0), 2)
+
+	p.MinScore = 0.9
+	assert.Empty(t, p.Plan(eam(4, 4, 0), 0))
+}
+
+func TestPlannerWithNothingToMatch(t *testing.T) {
+	coll, err := trace.NewCollection(2, 2, 4)
+	require.NoError(t, err)
+	p := NewPlanner(coll)
+	assert.Nil(t, p.Plan(eam(2, 2, 0), 0), "empty collection")
+	var nilPlanner *Planner
+	assert.Nil(t, nilPlanner.Plan(eam(2, 2, 0), 0))
+	assert.Nil(t, p.Plan(nil, 0))
+	p.Matches = 0
+	require.NoError(t, coll.Add(eam(2, 2, 1, 1)))
+	assert.Nil(t, p.Plan(eam(2, 2, 0), 0), "no positive similarity")
+	assert.NotEmpty(t, p.Plan(eam(2, 2, 1), 0))
+}
+
+func TestQueueIdleTracksPoppedWork(t *testing.T) {
+	q := NewQueue()
+	assert.True(t, q.Idle())
+	q.Update(1, []Candidate{{k(1, 1), 1}})
+	assert.False(t, q.Idle())
+	_, ok := q.TryPop()
+	require.True(t, ok)
+	assert.False(t, q.Idle(), "popped but not done")
+	q.Done()
+	assert.True(t, q.Idle())
+	q.Done() // extra Done is harmless
+	assert.True(t, q.Idle())
+}

@@ -1,0 +1,50 @@
+"""moe_infinity: serve Mixture-of-Experts models whose experts do not fit in
+GPU memory.
+
+Routed experts live in host memory (memory-mapped from the checkpoint) and
+move into a bounded expert cache on demand or ahead of demand; a Go engine
+traces which experts each request activates, prefetches what later layers
+will need and evicts by activation-aware priority.
+"""
+
+from __future__ import annotations
+
+from .engine import Engine
+from .errors import (
+    BudgetError,
+    CheckpointFormatError,
+    ClosedError,
+    EngineIOError,
+    InternalError,
+    InvalidArgumentError,
+    LibraryLoadError,
+    MoEInfinityError,
+    NotFoundError,
+    StateError,
+    UnsupportedError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Engine",
+    "MoEInfinityError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "EngineIOError",
+    "CheckpointFormatError",
+    "BudgetError",
+    "ClosedError",
+    "StateError",
+    "UnsupportedError",
+    "InternalError",
+    "LibraryLoadError",
+    "engine_version",
+]
+
+
+def engine_version() -> str:
+    """Version and build variant of the loaded engine library, e.g. ``"0.1.0 (cpu)"``."""
+    from . import _native
+
+    return _native.version()

@@ -1,0 +1,295 @@
+"""A thin, typed Python face of one engine instance (see capi/moe_infinity.h).
+
+Typical use::
+
+    with Engine(budget_bytes=2 << 30) as eng:
+        eng.add_checkpoint("path/to/model")
+        plan = eng.configure(layout={"regions": [...]})
+        slots, lease = eng.acquire(layer=0, experts=[3, 5])
+        ...  # compute on the slot memory
+        eng.release(lease)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from . import _native
+from .errors import ClosedError, InvalidArgumentError
+
+__all__ = ["Engine"]
+
+_TORCH_DTYPES = {"torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16"}
+_NUMPY_DTYPES = {"float32": "float32", "float16": "float16"}
+
+
+class Engine:
+    """One offloading engine: a checkpoint index, an expert cache, a tracer
+    and a prefetcher.
+
+    Args:
+        budget_bytes: memory for the expert cache, in bytes.
+        policy: eviction policy, ``"priority"`` (default), ``"lru"`` or ``"lfu"``.
+        prefetch: trace-driven prefetching and router hints on (default) or off.
+        eamc_capacity: number of request activation matrices kept (default 1000).
+        matches: most similar stored matrices used for a prediction (default 4).
+        prefetch_window: prefetch loads in flight at most (default 2).
+        workers: copy workers of the CPU backend (default min(4, cores)).
+        trace_path: trace file loaded at configure and written at close.
+        backend: ``"cpu"`` (default) or ``"cuda"``.
+        max_slots: cap on cache slots (default: as many as the budget holds).
+    """
+
+    def __init__(
+        self,
+        budget_bytes: int,
+        *,
+        policy: str = "priority",
+        prefetch: bool = True,
+        eamc_capacity: int | None = None,
+        matches: int | None = None,
+        prefetch_window: int | None = None,
+        workers: int | None = None,
+        trace_path: str | os.PathLike[str] | None = None,
+        backend: str = "cpu",
+        max_slots: int | None = None,
+    ):
+        cfg: dict[str, Any] = {
+            "budget_bytes": int(budget_bytes),
+            "policy": policy,
+            "prefetch": bool(prefetch),
+            "backend": backend,
+        }
+        for key, val in (
+            ("eamc_capacity", eamc_capacity),
+            ("matches", matches),
+            ("prefetch_window", prefetch_window),
+            ("workers", workers),
+            ("max_slots", max_slots),
+        ):
+            if val is not None:
+                cfg[key] = int(val)
+        if trace_path is not None:
+            cfg["trace_path"] = os.fspath(trace_path)
+        handle = ctypes.c_uint64(0)
+        _native.call("moe_engine_create", json.dumps(cfg).encode(), ctypes.byref(handle))
+        self._handle: int | None = handle.value
+        self._lock = threading.Lock()
+        self._keep: list[Any] = []  # host tensors the engine reads
+        self._plan: dict[str, Any] | None = None
+        self.config = cfg
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def _h(self) -> int:
+        h = self._handle
+        if h is None:
+            raise ClosedError("the engine is closed")
+        return h
+
+    @property
+    def closed(self) -> bool:
+        """True once close() has run."""
+        return self._handle is None
+
+    def close(self) -> None:
+        """Stops the engine's goroutines and frees its memory. Idempotent.
+
+        Slot memory must no longer be read afterwards.
+        """
+        with self._lock:
+            h, self._handle = self._handle, None
+        if h is not None:
+            _native.call("moe_engine_close", ctypes.c_uint64(h))
+        self._keep.clear()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 — never raise from a finalizer
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("configured" if self._plan else "open")
+        return f"<moe_infinity.Engine {state} budget={self.config['budget_bytes']} policy={self.config['policy']}>"
+
+    # -- setup -----------------------------------------------------------------
+
+    def add_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Maps a safetensors checkpoint (directory, file or index JSON)."""
+        _native.call("moe_engine_add_checkpoint", ctypes.c_uint64(self._h()), os.fsencode(path))
+
+    def add_host_tensor(self, name: str, tensor: Any) -> None:
+        """Registers an expert tensor that lives in host memory.
+
+        ``tensor`` is a contiguous CPU ``torch.Tensor`` (float32, float16 or
+        bfloat16) or a C-contiguous numpy array (float32, float16). The engine
+        keeps a reference until close().
+        """
+        dtype, shape, ptr, nbytes = _describe(tensor)
+        shape_arr = (ctypes.c_int64 * max(1, len(shape)))(*shape)
+        _native.call(
+            "moe_engine_add_host_tensor",
+            ctypes.c_uint64(self._h()),
+            name.encode(),
+            dtype.encode(),
+            len(shape),
+            shape_arr,
+            ctypes.c_void_p(ptr),
+            nbytes,
+        )
+        self._keep.append(tensor)
+
+    def modules(self) -> list[dict[str, Any]]:
+        """The MoE modules found: prefix, num_experts, fused, roles."""
+        return _native.call_json("moe_engine_modules", ctypes.c_uint64(self._h()))
+
+    def configure(self, layout: dict[str, Any], layers: Sequence[str] | None = None) -> dict[str, Any]:
+        """Fixes the slot layout and layer order, sizes the cache, and returns the plan."""
+        setup = {"layout": layout, "layers": list(layers or [])}
+        self._plan = _native.call_json("moe_engine_configure", ctypes.c_uint64(self._h()), json.dumps(setup).encode())
+        return self._plan
+
+    @property
+    def plan(self) -> dict[str, Any]:
+        """The plan returned by configure()."""
+        if self._plan is None:
+            raise InvalidArgumentError("the engine is not configured yet")
+        return self._plan
+
+    def arena(self) -> tuple[int, int]:
+        """(address, size in bytes) of the slot memory."""
+        addr, size = ctypes.c_uint64(0), ctypes.c_int64(0)
+        _native.call("moe_engine_arena", ctypes.c_uint64(self._h()), ctypes.byref(addr), ctypes.byref(size))
+        return addr.value, size.value
+
+    def slot_address(self, slot: int) -> int:
+        """Address of one slot."""
+        addr = ctypes.c_uint64(0)
+        _native.call("moe_engine_slot_addr", ctypes.c_uint64(self._h()), slot, ctypes.byref(addr))
+        return addr.value
+
+    @property
+    def max_pin(self) -> int:
+        """Most distinct experts one acquire() may ask for (the number of slots)."""
+        n = ctypes.c_int32(0)
+        _native.call("moe_engine_max_pin", ctypes.c_uint64(self._h()), ctypes.byref(n))
+        return n.value
+
+    # -- per request / per layer ---------------------------------------------
+
+    def begin_request(self) -> int:
+        """Starts tracing a request; returns its id."""
+        req = ctypes.c_uint64(0)
+        _native.call("moe_request_begin", ctypes.c_uint64(self._h()), ctypes.byref(req))
+        return req.value
+
+    def end_request(self, req: int) -> None:
+        """Retires a request's activation matrix into the trace collection."""
+        _native.call("moe_request_end", ctypes.c_uint64(self._h()), ctypes.c_uint64(req))
+
+    def observe(self, layer: int, reqs: Sequence[int], counts: Any) -> None:
+        """Records routing: ``counts[i][x]`` tokens of request ``reqs[i]`` went
+        to expert ``x`` in MoE layer ``layer``. ``counts`` is a float32 array
+        (numpy or torch, CPU) of shape [len(reqs), num_experts]."""
+        n = len(reqs)
+        if n == 0:
+            return
+        arr = _as_float32(counts, n * self.plan["num_experts"])
+        ids = (ctypes.c_uint64 * n)(*reqs)
+        _native.call(
+            "moe_observe",
+            ctypes.c_uint64(self._h()),
+            layer,
+            n,
+            ids,
+            ctypes.cast(ctypes.c_void_p(arr[0]), ctypes.POINTER(ctypes.c_float)),
+        )
+
+    def acquire(self, layer: int, experts: Iterable[int]) -> tuple[list[int], int]:
+        """Makes experts resident and pins them. Returns (slots, lease);
+        release(lease) once the computation reading the slots is done."""
+        xs = list(experts)
+        n = len(xs)
+        arr = (ctypes.c_int32 * max(1, n))(*xs)
+        out = (ctypes.c_int32 * max(1, n))()
+        lease = ctypes.c_uint64(0)
+        _native.call("moe_acquire", ctypes.c_uint64(self._h()), layer, n, arr, out, ctypes.byref(lease))
+        return list(out[:n]), lease.value
+
+    def release(self, lease: int) -> None:
+        """Drops the pins of a lease."""
+        _native.call("moe_release", ctypes.c_uint64(self._h()), ctypes.c_uint64(lease))
+
+    def hint(self, layer: int, experts: Iterable[int]) -> None:
+        """Hints that ``layer`` will use ``experts`` (they are prefetched first)."""
+        xs = list(experts)
+        arr = (ctypes.c_int32 * max(1, len(xs)))(*xs)
+        _native.call("moe_hint", ctypes.c_uint64(self._h()), layer, len(xs), arr)
+
+    # -- observability -------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: hits, misses, prefetch_hits, late_prefetches,
+        wasted_prefetches, loads, prefetch_loads, evictions, bytes_moved,
+        stall_ns, ... totalled and under ``"layers"`` per layer."""
+        return _native.call_json("moe_stats", ctypes.c_uint64(self._h()))
+
+    def reset_stats(self) -> None:
+        """Zeroes the counters."""
+        _native.call("moe_reset_stats", ctypes.c_uint64(self._h()))
+
+    def save_trace(self, path: str | os.PathLike[str]) -> None:
+        """Writes the trace collection to ``path`` atomically."""
+        _native.call("moe_save_trace", ctypes.c_uint64(self._h()), os.fsencode(path))
+
+
+def _describe(tensor: Any) -> tuple[str, list[int], int, int]:
+    """(dtype name, shape, data address, size in bytes) of a host tensor."""
+    mod = type(tensor).__module__
+    if mod.startswith("torch"):
+        if tensor.device.type != "cpu":
+            raise InvalidArgumentError(f"host tensors must be on the CPU, got device {tensor.device}")
+        if not tensor.is_contiguous():
+            raise InvalidArgumentError("host tensors must be contiguous")
+        dtype = _TORCH_DTYPES.get(str(tensor.dtype))
+        if dtype is None:
+            raise InvalidArgumentError(f"unsupported expert dtype {tensor.dtype} (float32, float16, bfloat16)")
+        return dtype, list(tensor.shape), tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    if mod.startswith("numpy"):
+        if not tensor.flags["C_CONTIGUOUS"]:
+            raise InvalidArgumentError("host arrays must be C-contiguous")
+        dtype = _NUMPY_DTYPES.get(str(tensor.dtype))
+        if dtype is None:
+            raise InvalidArgumentError(f"unsupported expert dtype {tensor.dtype} (float32, float16)")
+        return dtype, list(tensor.shape), tensor.ctypes.data, tensor.nbytes
+    raise InvalidArgumentError(f"expected a torch.Tensor or numpy.ndarray, got {type(tensor).__name__}")
+
+
+def _as_float32(counts: Any, n: int) -> tuple[int, Any]:
+    """(address, owner) of ``counts`` as n contiguous float32 values."""
+    mod = type(counts).__module__
+    if mod.startswith("torch"):
+        import torch
+
+        t = counts.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        if t.numel() != n:
+            raise InvalidArgumentError(f"counts has {t.numel()} values, expected {n}")
+        return t.data_ptr(), t
+    import numpy as np
+
+    a = np.ascontiguousarray(counts, dtype=np.float32)
+    if a.size != n:
+        raise InvalidArgumentError(f"counts has {a.size} values, expected {n}")
+    return a.ctypes.data, a

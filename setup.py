@@ -1,0 +1,92 @@
+"""Builds the Go engine into the package with ``go build -buildmode=c-shared``.
+
+``pip install .`` and ``pip install -e .`` run this; no manual step. The wheel
+is platform specific because it carries the engine as a native library.
+
+Switches (environment):
+    MOE_INFINITY_BUILD_CUDA  "auto" (default): also build the CUDA variant
+                             when CUDA headers are found (CUDA_HOME or
+                             /usr/include/cuda.h); "1": require it; "0": skip.
+    GO                       the go command (default "go").
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class GoLibrary(Extension):
+    """A c-shared library built from ./capi with the given build tags."""
+
+    def __init__(self, name: str, tags: list[str]):
+        super().__init__(name, sources=[])
+        self.tags = tags
+
+
+def cuda_flags() -> dict[str, str] | None:
+    """CGO flags for the CUDA build, or None when no CUDA headers are around."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [Path(home)] if home else []
+    candidates += [ROOT / "build" / "cuda", Path("/usr/local/cuda"), Path("/usr")]
+    for base in candidates:
+        if (base / "include" / "cuda.h").is_file():
+            stubs = [p for p in (base / "lib64" / "stubs", base / "lib" / "x86_64-linux-gnu" / "stubs", base / "lib" / "stubs") if p.is_dir()]
+            flags = {"CGO_CFLAGS": f"-I{base / 'include'}"}
+            if stubs:
+                flags["CGO_LDFLAGS"] = f"-L{stubs[0]}"
+            return flags
+    return None
+
+
+class BuildGo(build_ext):
+    """Builds GoLibrary extensions with the Go toolchain."""
+
+    def get_ext_filename(self, fullname: str) -> str:
+        parts = fullname.split(".")
+        return os.path.join(*parts[:-1], parts[-1] + ".so")
+
+    def build_extension(self, ext: Extension) -> None:
+        if not isinstance(ext, GoLibrary):
+            return super().build_extension(ext)
+        go = os.environ.get("GO", "go")
+        if shutil.which(go) is None:
+            raise RuntimeError(
+                "building moe_infinity needs the Go toolchain (>= 1.25) on PATH; "
+                "install it from https://go.dev/dl or your package manager"
+            )
+        out = Path(self.get_ext_fullpath(ext.name)).resolve()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, CGO_ENABLED="1")
+        cmd = [go, "build", "-trimpath", "-buildmode=c-shared"]
+        if ext.tags:
+            cmd += ["-tags", ",".join(ext.tags)]
+            if "cuda" in ext.tags:
+                flags = cuda_flags() or {}
+                for k, v in flags.items():
+                    env[k] = (env.get(k, "") + " " + v).strip()
+        cmd += ["-o", str(out), "./capi"]
+        print("building engine:", " ".join(cmd), file=sys.stderr)
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+        header = out.with_suffix(".h")
+        if header.exists():
+            header.unlink()
+
+
+def libraries() -> list[GoLibrary]:
+    libs = [GoLibrary("moe_infinity.libmoe_infinity", [])]
+    mode = os.environ.get("MOE_INFINITY_BUILD_CUDA", "auto").lower()
+    if mode == "1" or (mode == "auto" and cuda_flags() is not None):
+        libs.append(GoLibrary("moe_infinity.libmoe_infinity_cuda", ["cuda"]))
+    return libs
+
+
+setup(ext_modules=libraries(), cmdclass={"build_ext": BuildGo})
