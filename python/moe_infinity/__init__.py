@@ -48,3 +48,8 @@ def engine_version() -> str:
     from . import _native
 
     return _native.version()
+
+from .families import supported_model_types  # noqa: E402
+from .loading import MoE, from_pretrained, offload  # noqa: E402
+
+__all__ += ["from_pretrained", "offload", "MoE", "supported_model_types"]

@@ -1,0 +1,542 @@
+"""Loading Hugging Face models with their routed experts owned by the engine.
+
+``from_pretrained`` builds the transformers model with every routed expert
+parameter removed *before* the weights are loaded, so transformers reads only
+the dense weights (the expert tensors in the checkpoint become "unexpected
+keys" that are never materialised); the engine maps the checkpoint itself and
+serves the experts from its cache. ``offload`` does the same for a model
+already in memory, registering its expert tensors with the engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import types
+import warnings
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .engine import Engine
+from .errors import InvalidArgumentError, NotFoundError, StateError, UnsupportedError
+from .families import Family, family_for
+from .memory import format_bytes, host_memory_bytes, parse_memory
+from .runtime import MoELayer, OffloadRuntime, SlotLinear
+
+log = logging.getLogger("moe_infinity")
+
+__all__ = ["from_pretrained", "offload", "MoE", "DEFAULT_DEVICE_MEMORY"]
+
+#: Default expert-cache budget: half of the device's memory.
+DEFAULT_DEVICE_MEMORY = 0.5
+
+_EXPERTS_SUFFIX = ".experts"
+
+
+# -- discovering and stripping experts ------------------------------------------
+
+
+def _experts_modules(model: torch.nn.Module, family: Family) -> list[tuple[str, torch.nn.Module]]:
+    """The routed-experts modules of a model, in execution (registration) order."""
+    out = []
+    for name, mod in model.named_modules():
+        if not (name == "experts" or name.endswith(_EXPERTS_SUFFIX)):
+            continue
+        if family.style == "fused":
+            if any(r.name in mod._parameters or hasattr(mod, "_moe_meta") for r in family.regions):
+                out.append((name, mod))
+        elif isinstance(mod, torch.nn.ModuleDict) and any(k.startswith("expert_") for k in mod.keys()):
+            out.append((name, mod))
+    return out
+
+
+def _moduledict_experts(mod: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The ``expert_{i}`` children of a ModuleDict experts module."""
+    return [(k, m) for k, m in mod.named_children() if k.startswith("expert_")]
+
+
+def _strip(model: torch.nn.Module, family: Family) -> None:
+    """Removes every routed expert parameter, recording shapes and dtypes in
+    ``module._moe_meta`` (region -> (per-expert shape, dtype))."""
+    for name, mod in _experts_modules(model, family):
+        meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        if family.style == "fused":
+            for r in family.regions:
+                p = mod._parameters.pop(r.name, None)
+                if p is None:
+                    raise UnsupportedError(f"{type(mod).__name__} has no parameter {r.name!r}; this transformers version is not supported")
+                meta[r.name] = (tuple(p.shape[1:]), p.dtype)
+        else:
+            for key, expert in _moduledict_experts(mod):
+                expert._is_hf_initialized = True
+                for lin_name in family.linears:
+                    lin = getattr(expert, lin_name)
+                    lin._is_hf_initialized = True  # nothing left for transformers to initialise
+                    for pname in ("weight", "bias"):
+                        p = lin._parameters.pop(pname, None)
+                        if p is not None and key == "expert_0":
+                            meta[f"{lin_name}.{pname}"] = (tuple(p.shape), p.dtype)
+        mod._moe_meta = meta
+        # transformers initialises modules whose weights were not loaded;
+        # these have none left, and must not be given any. Some models (Switch)
+        # initialise experts from the MoE block that owns them: skip it too (its
+        # router weights are loaded from the checkpoint anyway).
+        mod._is_hf_initialized = True
+        if family.style == "moduledict" and "." in name:
+            model.get_submodule(name.rsplit(".", 1)[0])._is_hf_initialized = True
+
+
+def _model_class(config: Any, family: Family) -> type:
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    auto = AutoModelForSeq2SeqLM if family.seq2seq else AutoModelForCausalLM
+    try:
+        return auto._model_mapping[type(config)]
+    except KeyError as exc:
+        raise UnsupportedError(f"no {auto.__name__} class for config {type(config).__name__}") from exc
+
+
+def _stripped_class(base: type, family: Family) -> type:
+    """A subclass of ``base`` whose instances drop their expert parameters
+    right after construction (before any weight is loaded)."""
+
+    def __init__(self: Any, config: Any, *args: Any, **kwargs: Any) -> None:
+        base.__init__(self, config, *args, **kwargs)
+        _strip(self, family)
+
+    ignore = list(getattr(base, "_keys_to_ignore_on_load_unexpected", None) or []) + [r"\.experts\."]
+    return type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__, "__qualname__": base.__qualname__, "_keys_to_ignore_on_load_unexpected": ignore})
+
+
+# -- resolving paths --------------------------------------------------------------
+
+
+def _resolve(name_or_path: str | os.PathLike[str], hf_kwargs: dict[str, Any]) -> Path:
+    """A local directory for a path or a Hub id (from the local HF cache
+    when HF_HUB_OFFLINE=1 or the id is not reachable)."""
+    p = Path(os.fspath(name_or_path)).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise InvalidArgumentError(f"{p} is a file; pass the model's directory (config.json + safetensors)")
+    name = os.fspath(name_or_path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise NotFoundError(f"model directory {p} does not exist")
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or hf_kwargs.get("local_files_only", False)
+    try:
+        return Path(
+            snapshot_download(
+                name,
+                revision=hf_kwargs.get("revision"),
+                cache_dir=hf_kwargs.get("cache_dir"),
+                local_files_only=offline,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"],
+            )
+        )
+    except Exception as exc:  # noqa: BLE001 — huggingface_hub raises many types
+        raise NotFoundError(
+            f"cannot find {name!r} as a local directory or in the Hugging Face cache ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _device_total(device: torch.device) -> int:
+    if device.type == "cpu":
+        return host_memory_bytes()
+    raise UnsupportedError(f"device {device} is not supported by this build (cpu)")
+
+
+# -- offload directory -------------------------------------------------------------
+
+
+def _fingerprint(path: Path, config: Any) -> str:
+    """Identifies a model version: its config and its safetensors files
+    (names, sizes and the first 64 KiB of each, which hold the headers)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 16))
+    return h.hexdigest()
+
+
+def _prepare_offload_dir(offload_dir: Path, fingerprint: str, trace_path: Path | None) -> Path:
+    """Creates offload_dir (or checks it belongs to this model) and returns
+    the trace path to use. A directory made for another model or another
+    version of it is detected by its fingerprint: its trace is discarded
+    (rebuilt from scratch) with a warning, never silently reused."""
+    offload_dir.mkdir(parents=True, exist_ok=True)
+    stamp = offload_dir / "moe_infinity.json"
+    trace = trace_path or offload_dir / "trace.bin"
+    if stamp.exists():
+        try:
+            old = json.loads(stamp.read_text()).get("fingerprint")
+        except (OSError, ValueError):
+            old = None
+        if old != fingerprint:
+            warnings.warn(
+                f"offload_dir {offload_dir} was made for another model (or another version of it); "
+                "its trace is discarded and rebuilt",
+                stacklevel=3,
+            )
+            if trace.exists() and trace_path is None:
+                trace.unlink()
+    tmp = stamp.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, "format": 1}))
+    os.replace(tmp, stamp)
+    return trace
+
+
+# -- wiring ----------------------------------------------------------------------------
+
+
+def _layers_for(model: torch.nn.Module, family: Family, engine_modules: list[dict[str, Any]], base_prefix: str) -> list[MoELayer]:
+    """Matches the model's experts modules with the engine's checkpoint modules."""
+    by_prefix = {m["prefix"]: m for m in engine_modules}
+    layers = []
+    for path, mod in tqdm(_experts_modules(model, family), desc="Mapping MoE layers", unit="layer", leave=False, disable=None):
+        owner = path[: -len(_EXPERTS_SUFFIX)] if path.endswith(_EXPERTS_SUFFIX) else ""
+        cands = []
+        for c in family.checkpoint_prefixes(owner):
+            cands += [c, f"{base_prefix}.{c}" if base_prefix else c]
+            if base_prefix and c.startswith(base_prefix + "."):
+                cands.append(c[len(base_prefix) + 1 :])
+        prefix = next((c for c in cands if c in by_prefix), None)
+        if prefix is None:
+            raise StateError(
+                f"no expert tensors for {path} in the checkpoint (looked for {', '.join(dict.fromkeys(cands))}; "
+                f"found {', '.join(by_prefix) or 'none'})"
+            )
+        if family.style == "moduledict":
+            n = len(_moduledict_experts(mod))
+        else:
+            n = mod.num_experts
+        layers.append(MoELayer(index=len(layers), path=path, prefix=prefix, module=mod, num_experts=int(n)))
+    if not layers:
+        raise UnsupportedError("the model has no routed experts modules to offload")
+    return layers
+
+
+def _region_meta(layers: list[MoELayer]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    meta = layers[0].module._moe_meta
+    for layer in layers[1:]:
+        if layer.module._moe_meta != meta:
+            raise UnsupportedError(f"{layer.path} has experts shaped differently from {layers[0].path}")
+    return meta
+
+
+def _install(model: torch.nn.Module, rt: OffloadRuntime, family: Family) -> None:
+    """Routes every MoE layer through the runtime and adds the model-level API."""
+    for layer in rt.layers:
+        mod = layer.module
+        if family.style == "fused":
+            original = getattr(type(mod).forward, "__wrapped__", type(mod).forward)
+
+            def fused_forward(self: Any, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, _layer: MoELayer = layer, _orig: Any = original) -> torch.Tensor:
+                return rt.run_fused(_layer, hidden_states, top_k_index, top_k_weights, _orig)
+
+            mod.forward = types.MethodType(fused_forward, mod)
+        else:
+            for key, expert in _moduledict_experts(mod):
+                e = int(key.removeprefix("expert_"))
+                for lin_name in family.linears:
+                    lin = getattr(expert, lin_name)
+                    has_bias = f"{lin_name}.bias" in mod._moe_meta
+                    setattr(expert, lin_name, SlotLinear(rt, layer.index, e, lin_name, lin.in_features, lin.out_features, has_bias))
+            original = type(mod).forward
+
+            def dict_forward(self: Any, hidden_states: torch.Tensor, mask: torch.Tensor, *rest: Any, _layer: MoELayer = layer, _orig: Any = original) -> torch.Tensor:
+                return rt.run_moduledict(_layer, _orig, hidden_states, mask, *rest)
+
+            mod.forward = types.MethodType(dict_forward, mod)
+
+    # Every top-level forward outside generate() is one traced request.
+    def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
+        rt.check_open()
+        if rt.active_requests() is None:
+            ctx = rt.requests(_rows(args, kwargs))
+            ctx.__enter__()
+            stack = rt._tls.__dict__.setdefault("forward_ctx", [])
+            stack.append(ctx)
+        else:
+            rt._tls.__dict__.setdefault("forward_ctx", []).append(None)
+
+    def post_hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        stack = rt._tls.__dict__.get("forward_ctx") or []
+        ctx = stack.pop() if stack else None
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
+    model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    model.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
+
+    orig_generate = model.generate
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        rt.check_open()
+        with rt.requests(_rows(args, kwargs)):
+            return orig_generate(*args, **kwargs)
+
+    generate.__doc__ = orig_generate.__doc__
+    model.generate = generate
+    model.moe_runtime = rt
+    model.moe_stats = rt.stats
+    model.moe_engine = rt.engine
+
+    def reset_moe_stats() -> None:
+        rt.check_open()
+        rt.engine.reset_stats()
+
+    def save_moe_trace(path: str | os.PathLike[str]) -> None:
+        rt.check_open()
+        rt.engine.save_trace(path)
+
+    model.reset_moe_stats = reset_moe_stats
+    model.save_moe_trace = save_moe_trace
+    model.close = rt.close
+    weakref.finalize(model, rt.close)
+
+
+def _rows(args: tuple, kwargs: dict) -> int:
+    """The batch size of a forward/generate call."""
+    for key in ("input_ids", "inputs_embeds", "decoder_input_ids", "input_features"):
+        t = kwargs.get(key)
+        if isinstance(t, torch.Tensor) and t.dim() >= 1:
+            return int(t.shape[0]) if t.dim() > 1 else 1
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.dim() >= 1:
+            return int(a.shape[0]) if a.dim() > 1 else 1
+    return 1
+
+
+def _budget(device_memory: Any, device: torch.device) -> int:
+    total = _device_total(device)
+    return parse_memory(device_memory, total)
+
+
+def _engine(budget: int, cache_policy: str, prefetch: bool, trace_path: Path | None, engine_options: dict[str, Any]) -> Engine:
+    return Engine(budget_bytes=budget, policy=cache_policy, prefetch=prefetch, trace_path=trace_path, **engine_options)
+
+
+def _finish(model: torch.nn.Module, engine: Engine, family: Family, base_prefix: str) -> torch.nn.Module:
+    modules = engine.modules()
+    if not modules:
+        raise UnsupportedError("no routed expert tensors found in the checkpoint")
+    layers = _layers_for(model, family, modules, base_prefix)
+    fused_on_disk = by_prefix_fused(modules, layers)
+    rt = OffloadRuntime(engine, family, layers, _region_meta(layers), fused_on_disk)
+    _install(model, rt, family)
+    plan = rt.plan
+    log.info(
+        "moe_infinity: %d MoE layers x %d experts; cache of %d slots x %s = %s (%s policy, prefetch %s)",
+        len(layers),
+        rt.num_experts,
+        plan["slots"],
+        format_bytes(plan["slot_bytes"]),
+        format_bytes(plan["arena_bytes"]),
+        plan["policy"],
+        "on" if plan["prefetch"] else "off",
+    )
+    for w in plan.get("warnings") or []:
+        warnings.warn(f"moe_infinity: {w}", stacklevel=3)
+    return model
+
+
+def by_prefix_fused(modules: list[dict[str, Any]], layers: list[MoELayer]) -> bool:
+    """Whether the checkpoint keeps the layers' experts fused (3D tensors)."""
+    by_prefix = {m["prefix"]: m for m in modules}
+    kinds = {bool(by_prefix[layer.prefix]["fused"]) for layer in layers}
+    if len(kinds) != 1:
+        raise UnsupportedError("the checkpoint mixes fused and per-expert layouts across MoE layers")
+    return kinds.pop()
+
+
+# -- public API --------------------------------------------------------------------------
+
+
+def from_pretrained(
+    name_or_path: str | os.PathLike[str],
+    *,
+    device_memory: int | float | str = DEFAULT_DEVICE_MEMORY,
+    offload_dir: str | os.PathLike[str] | None = None,
+    trace_path: str | os.PathLike[str] | None = None,
+    cache_policy: str = "priority",
+    prefetch: bool = True,
+    dtype: Any = None,
+    engine_options: dict[str, Any] | None = None,
+    **hf_kwargs: Any,
+) -> Any:
+    """Loads a Mixture-of-Experts model with its routed experts served by moe_infinity.
+
+    Returns the ``transformers`` model itself (``generate``, ``forward``,
+    ``.config``, ``.device``, pipelines all work) with extra methods
+    ``moe_stats()``, ``reset_moe_stats()``, ``save_moe_trace(path)`` and
+    ``close()``.
+
+    Args:
+        name_or_path: a local model directory, or a Hub id already in the
+            local Hugging Face cache (``HF_HUB_OFFLINE=1`` works).
+        device_memory: budget of the expert cache: bytes (int), a string
+            such as ``"24GiB"`` / ``"500MB"``, or a fraction of the device's
+            memory (float in (0, 1]; on CPU, of the host's RAM).
+        offload_dir: directory for moe_infinity's files about this model
+            (the trace file unless ``trace_path`` is given, and a
+            fingerprint that detects a directory made for another model).
+        trace_path: expert-activation trace file, loaded at start and written
+            at ``close()``.
+        cache_policy: ``"priority"`` (activation-aware, default), ``"lru"``, ``"lfu"``.
+        prefetch: trace-driven prefetching on (default) or off.
+        dtype: torch dtype of the model (passed to transformers; experts are
+            converted to it in the cache).
+        engine_options: advanced engine settings (``eamc_capacity``,
+            ``matches``, ``prefetch_window``, ``workers``, ``max_slots``).
+        **hf_kwargs: passed to transformers' ``from_pretrained``.
+    """
+    from transformers import AutoConfig
+
+    path = _resolve(name_or_path, hf_kwargs)
+    config_kwargs = {k: hf_kwargs[k] for k in ("trust_remote_code", "revision") if k in hf_kwargs}
+    config = AutoConfig.from_pretrained(path, **config_kwargs)
+    family = family_for(getattr(config, "model_type", ""))
+    device = torch.device("cpu")
+    if "device_map" in hf_kwargs and hf_kwargs["device_map"] not in (None, "cpu", {"": "cpu"}):
+        raise UnsupportedError("device_map is managed by moe_infinity; this build runs on the CPU")
+    budget = _budget(device_memory, device)
+    if not any(path.glob("*.safetensors")):
+        raise NotFoundError(f"{path} has no .safetensors files; moe_infinity reads experts from safetensors checkpoints")
+    trace = Path(trace_path) if trace_path else None
+    if offload_dir is not None:
+        trace = _prepare_offload_dir(Path(offload_dir), _fingerprint(path, config), trace)
+    engine = _engine(budget, cache_policy, prefetch, trace, dict(engine_options or {}))
+    try:
+        engine.add_checkpoint(path)
+        cls = _stripped_class(_model_class(config, family), family)
+        kwargs = dict(hf_kwargs)
+        kwargs.pop("local_files_only", None)
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        model = cls.from_pretrained(path, config=config, **kwargs)
+        model.eval()
+        return _finish(model, engine, family, getattr(model, "base_model_prefix", ""))
+    except BaseException:
+        engine.close()
+        raise
+
+
+def offload(
+    model: torch.nn.Module,
+    *,
+    device_memory: int | float | str = DEFAULT_DEVICE_MEMORY,
+    trace_path: str | os.PathLike[str] | None = None,
+    cache_policy: str = "priority",
+    prefetch: bool = True,
+    engine_options: dict[str, Any] | None = None,
+) -> torch.nn.Module:
+    """Hands the routed experts of a model already in memory (for example
+    built with ``from_config``) to moe_infinity, in place, and returns it.
+
+    The expert tensors move to (or stay in) host memory, which becomes the
+    engine's host tier; the model keeps no expert parameters.
+    """
+    family = family_for(getattr(model.config, "model_type", ""))
+    device = torch.device("cpu")
+    budget = _budget(device_memory, device)
+    engine = _engine(budget, cache_policy, prefetch, Path(trace_path) if trace_path else None, dict(engine_options or {}))
+    try:
+        mods = _experts_modules(model, family)
+        if not mods:
+            raise UnsupportedError("the model has no routed experts modules to offload")
+        for path, mod in tqdm(mods, desc="Registering experts", unit="layer", disable=None):
+            if family.style == "fused":
+                for r in family.regions:
+                    p = mod._parameters[r.name]
+                    engine.add_host_tensor(f"{path}.{r.name}", p.detach().to("cpu").contiguous())
+            else:
+                for key, expert in _moduledict_experts(mod):
+                    for lin_name in family.linears:
+                        lin = getattr(expert, lin_name)
+                        for pname, p in lin.named_parameters(recurse=False):
+                            engine.add_host_tensor(f"{path}.{key}.{lin_name}.{pname}", p.detach().to("cpu").contiguous())
+        _strip(model, family)
+        model.eval()
+        return _finish(model, engine, family, "")
+    except BaseException:
+        engine.close()
+        raise
+
+
+class MoE:
+    """MoE-Infinity's configuration-dict interface, mapped onto :func:`from_pretrained`.
+
+    ``MoE(checkpoint, {"offload_path": "/tmp/offload", "device_memory_ratio": 0.75})``
+
+    Recognised keys: ``offload_path``, ``device_memory_ratio``,
+    ``device_memory``, ``trace_path``, ``cache_policy``, ``prefetch``,
+    ``eamc_capacity`` (also ``trace_capacity``), ``dtype``. Other keys are
+    rejected with an error listing these.
+    """
+
+    _KEYS = {"offload_path", "device_memory_ratio", "device_memory", "trace_path", "cache_policy", "prefetch", "eamc_capacity", "trace_capacity", "dtype"}
+
+    def __init__(self, checkpoint: str | os.PathLike[str], config: dict[str, Any] | None = None, **hf_kwargs: Any):
+        config = dict(config or {})
+        unknown = sorted(set(config) - self._KEYS)
+        if unknown:
+            raise InvalidArgumentError(f"unknown MoE config keys {unknown}; recognised: {sorted(self._KEYS)}")
+        memory = config.get("device_memory", config.get("device_memory_ratio", DEFAULT_DEVICE_MEMORY))
+        capacity = config.get("eamc_capacity", config.get("trace_capacity"))
+        self.model = from_pretrained(
+            checkpoint,
+            device_memory=memory,
+            offload_dir=config.get("offload_path"),
+            trace_path=config.get("trace_path"),
+            cache_policy=config.get("cache_policy", "priority"),
+            prefetch=config.get("prefetch", True),
+            dtype=config.get("dtype"),
+            engine_options={"eamc_capacity": capacity} if capacity else None,
+            **hf_kwargs,
+        )
+
+    @property
+    def config(self) -> Any:
+        """The transformers config."""
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        """The model's device."""
+        return self.model.device
+
+    def generate(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """``model.generate``; ``input_ids`` may be passed positionally."""
+        if input_ids is not None:
+            kwargs["input_ids"] = input_ids
+        return self.model.generate(**kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """``model.forward``."""
+        return self.model(*args, **kwargs)
+
+    __call__ = forward
+
+    def moe_stats(self) -> dict[str, Any]:
+        """Engine statistics (see ``model.moe_stats``)."""
+        return self.model.moe_stats()
+
+    def close(self) -> None:
+        """Frees the engine."""
+        self.model.close()
+
+    def __enter__(self) -> MoE:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

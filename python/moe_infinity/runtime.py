@@ -1,0 +1,369 @@
+"""The per-model runtime: routes each MoE layer's experts through the engine.
+
+Data path of one MoE layer (the router stays in torch)::
+
+    experts module forward(hidden, top_k_index, top_k_weights)
+      → observe: per-request token counts per expert → engine (tracing, prefetch re-plan)
+      → acquire: the layer's experts become resident and pinned (in chunks of
+        at most the number of slots, so a layer needing more experts than the
+        cache holds streams them through)
+      → compute with transformers' own expert code on views of the slots
+      → release the pins
+
+For exact parity with transformers the computation is transformers' own:
+
+* fused experts (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3, GPT-OSS) run the
+  implementation the unmodified model would run (``config._experts_implementation``):
+  ``eager`` executes the class's own eager forward on a proxy whose
+  ``gate_up_proj[e]`` is the slot view; ``grouped_mm``/``batched_mm`` run
+  transformers' function on the needed experts stacked in expert order, with
+  expert ids renumbered (each expert's GEMM and the per-token sum are the
+  same operations in the same order, so results are bitwise equal);
+* ModuleDict experts (SwitchTransformers, NLLB-MoE) run their own forward,
+  with each expert's ``nn.Linear`` replaced by a module whose weight is the
+  slot view of the expert being computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .engine import Engine
+from .errors import ClosedError, StateError
+from .families import Family
+
+log = logging.getLogger("moe_infinity")
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class MoELayer:
+    """One offloaded MoE layer."""
+
+    index: int  # position in execution order
+    path: str  # module path of the experts module ("model.layers.0.mlp.experts")
+    prefix: str  # the engine's checkpoint prefix ("model.layers.0.block_sparse_moe")
+    module: torch.nn.Module
+    num_experts: int
+
+
+class _Streamer:
+    """Keeps one chunk of a layer's experts pinned and yields slot views.
+
+    ``order`` is the layer's experts in the order the computation visits
+    them (ascending ids, as transformers loops); a miss on expert ``e``
+    releases the current chunk and pins the next ``max_pin`` experts from
+    ``e`` on, so that at most one acquire call is made per chunk.
+    """
+
+    def __init__(self, rt: OffloadRuntime, layer: int, order: Sequence[int]):
+        self.rt = rt
+        self.layer = layer
+        self.order = list(order)
+        self.pos = {e: i for i, e in enumerate(self.order)}
+        self.cur: dict[int, int] = {}
+        self.lease: int | None = None
+
+    def slot(self, expert: int) -> int:
+        s = self.cur.get(expert)
+        if s is None:
+            s = self._advance(expert)
+        return s
+
+    def view(self, expert: int, region: str) -> torch.Tensor:
+        return self.rt.views[self.slot(expert)][region]
+
+    def _advance(self, expert: int) -> int:
+        self.release()
+        i = self.pos.get(expert)
+        chunk = self.order[i : i + self.rt.max_pin] if i is not None else [expert]
+        slots, lease = self.rt.engine.acquire(self.layer, chunk)
+        self.lease = lease
+        self.cur = dict(zip(chunk, slots))
+        return self.cur[expert]
+
+    def release(self) -> None:
+        if self.lease is not None:
+            lease, self.lease = self.lease, None
+            self.cur = {}
+            self.rt.engine.release(lease)
+
+    def __enter__(self) -> _Streamer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class _Indexer:
+    """Stands in for a fused 3D expert parameter: ``p[e]`` is expert e's slot view."""
+
+    __slots__ = ("_st", "_region", "shape", "dtype", "device")
+
+    def __init__(self, st: _Streamer, region: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        self._st = st
+        self._region = region
+        self.shape = shape
+        self.dtype = dtype
+        self.device = device
+
+    def __getitem__(self, expert: Any) -> torch.Tensor:
+        return self._st.view(int(expert), self._region)
+
+
+class _ExpertsProxy:
+    """The experts module as transformers' expert code sees it, with the
+    expert parameters replaced (everything else is the real module's)."""
+
+    def __init__(self, module: torch.nn.Module, overrides: dict[str, Any]):
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_overrides", overrides)
+
+    def __getattr__(self, name: str) -> Any:
+        ov = object.__getattribute__(self, "_overrides")
+        if name in ov:
+            return ov[name]
+        return getattr(object.__getattribute__(self, "_module"), name)
+
+
+class SlotLinear(torch.nn.Module):
+    """An ``nn.Linear`` of one ModuleDict expert whose weight and bias are
+    views of the expert's cache slot, valid while its layer computes."""
+
+    def __init__(self, rt: OffloadRuntime, layer: int, expert: int, name: str, in_features: int, out_features: int, has_bias: bool):
+        super().__init__()
+        self._rt = rt
+        self._layer = layer
+        self._expert = expert
+        self._name = name
+        self.in_features = in_features
+        self.out_features = out_features
+        self._has_bias = has_bias
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        return self._rt.streamer(self._layer).view(self._expert, self._name + ".weight")
+
+    @property
+    def bias(self) -> torch.Tensor | None:  # type: ignore[override]
+        if not self._has_bias:
+            return None
+        return self._rt.streamer(self._layer).view(self._expert, self._name + ".bias")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self._has_bias}, offloaded expert {self._expert} of MoE layer {self._layer}"
+
+
+class OffloadRuntime:
+    """Connects one transformers model to one engine."""
+
+    def __init__(self, engine: Engine, family: Family, layers: list[MoELayer], region_meta: dict[str, tuple[tuple[int, ...], torch.dtype]], fused_on_disk: bool):
+        self.engine = engine
+        self.family = family
+        self.layers = layers
+        self.region_meta = region_meta
+        self._tls = threading.local()
+        self._lock = threading.Lock()
+        self._closed = False
+        layout = {
+            "regions": [
+                {
+                    "name": r.name,
+                    "parts": r.parts(fused_on_disk),
+                    "dtype": str(region_meta[r.name][1]).removeprefix("torch."),
+                }
+                for r in family.regions
+            ]
+        }
+        self.plan = engine.configure(layout, layers=[layer.prefix for layer in layers])
+        for r in self.plan["layout"]["regions"]:
+            want = tuple(region_meta[r["name"]][0])
+            if tuple(r["shape"]) != want:
+                raise StateError(
+                    f"checkpoint and model disagree on the shape of expert {r['name']}: "
+                    f"checkpoint gives {tuple(r['shape'])}, the model expects {want}"
+                )
+        self.num_experts = int(self.plan["num_experts"])
+        self.max_pin = int(self.plan["slots"])
+        self.views = self._build_views()
+        for layer in layers:
+            if layer.num_experts != self.num_experts:
+                raise StateError(f"{layer.path} has {layer.num_experts} experts but the checkpoint has {self.num_experts}")
+
+    # -- memory -----------------------------------------------------------------
+
+    def _build_views(self) -> list[dict[str, torch.Tensor]]:
+        addr, size = self.engine.arena()
+        raw = (ctypes.c_uint8 * size).from_address(addr)
+        arena = torch.frombuffer(raw, dtype=torch.uint8)
+        self._arena = arena
+        views = []
+        slot_bytes = self.plan["slot_bytes"]
+        for s in range(self.plan["slots"]):
+            base = s * slot_bytes
+            regs = {}
+            for r in self.plan["layout"]["regions"]:
+                off = base + r["offset"]
+                regs[r["name"]] = arena[off : off + r["bytes"]].view(_TORCH_DTYPES[r["dtype"]]).view(r["shape"])
+            views.append(regs)
+        return views
+
+    # -- lifecycle --------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once close() has run."""
+        return self._closed
+
+    def check_open(self) -> None:
+        """Raises ClosedError after close()."""
+        if self._closed:
+            raise ClosedError("this moe_infinity model was closed; load it again to use it")
+
+    def close(self) -> None:
+        """Closes the engine and drops every view of its memory. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.views = []
+        self._arena = None
+        self.engine.close()
+
+    # -- requests ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def requests(self, n: int) -> Iterator[list[int]]:
+        """Traces ``n`` requests (one per batch row) for the duration of the
+        block. Nested blocks in the same thread reuse the outer requests."""
+        outer = getattr(self._tls, "reqs", None)
+        if outer is not None:
+            yield outer
+            return
+        self.check_open()
+        reqs = [self.engine.begin_request() for _ in range(max(1, n))]
+        self._tls.reqs = reqs
+        try:
+            yield reqs
+        finally:
+            self._tls.reqs = None
+            if not self._closed:
+                for r in reqs:
+                    with contextlib.suppress(ClosedError):
+                        self.engine.end_request(r)
+
+    def active_requests(self) -> list[int] | None:
+        """The calling thread's current requests, if inside requests()."""
+        return getattr(self._tls, "reqs", None)
+
+    def streamer(self, layer: int) -> _Streamer:
+        """The calling thread's streamer of a ModuleDict layer being computed."""
+        st = getattr(self._tls, "streamers", {}).get(layer)
+        if st is None:
+            raise StateError(f"expert weights of MoE layer {layer} are only available while that layer computes")
+        return st
+
+    # -- tracing ----------------------------------------------------------------
+
+    def _observe(self, layer: int, tokens: torch.Tensor, experts: torch.Tensor, n_tokens: int) -> None:
+        """Sends per-request counts of (token, expert) routing pairs."""
+        reqs = self.active_requests()
+        if not reqs:
+            return
+        E = self.num_experts
+        R = len(reqs)
+        if R > 1 and n_tokens % R == 0 and n_tokens > 0:
+            row = tokens // (n_tokens // R)
+            counts = torch.bincount(row * E + experts, minlength=R * E).view(R, E)
+        else:
+            counts = torch.bincount(experts, minlength=E).view(1, E).expand(R, E) / R
+        self.engine.observe(layer, reqs, counts.to(torch.float32).cpu().numpy())
+
+    # -- compute ----------------------------------------------------------------
+
+    def run_fused(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, original: Any) -> torch.Tensor:
+        """The experts forward of a fused MoE layer."""
+        self.check_open()
+        module = layer.module
+        E = self.num_experts
+        with torch.no_grad():
+            flat = top_k_index.reshape(-1)
+            valid = (flat >= 0) & (flat < E)
+            k = top_k_index.shape[-1] if top_k_index.dim() > 1 else 1
+            tokens = torch.arange(flat.numel(), device=flat.device) // k
+            self._observe(layer.index, tokens[valid].cpu(), flat[valid].cpu(), top_k_index.shape[0])
+            needed = torch.unique(flat[valid]).tolist()
+        impl = getattr(getattr(module, "config", None), "_experts_implementation", None) or "eager"
+        if impl == "eager":
+            with _Streamer(self, layer.index, needed) as st:
+                proxy = _ExpertsProxy(module, {name: _Indexer(st, name, (E, *shape), dtype, hidden.device) for name, (shape, dtype) in self.region_meta.items()})
+                return original(proxy, hidden, top_k_index, top_k_weights)
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        fn = ALL_EXPERTS_FUNCTIONS[impl]
+        stacked = self._stack(layer.index, needed, hidden.device)
+        remap = torch.full((E + 1,), len(needed), dtype=top_k_index.dtype, device=top_k_index.device)
+        if needed:
+            remap[torch.tensor(needed, device=top_k_index.device)] = torch.arange(len(needed), dtype=top_k_index.dtype, device=top_k_index.device)
+        local = remap[top_k_index.clamp(0, E)]
+        proxy = _ExpertsProxy(module, {**stacked, "num_experts": len(needed)})
+        return fn(proxy, hidden, local, top_k_weights)
+
+    def _stack(self, layer: int, experts: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+        """The layer's needed experts' regions stacked in expert order."""
+        out = {name: torch.empty((len(experts), *shape), dtype=dtype, device=device) for name, (shape, dtype) in self.region_meta.items()}
+        for start in range(0, len(experts), self.max_pin):
+            chunk = experts[start : start + self.max_pin]
+            slots, lease = self.engine.acquire(layer, chunk)
+            try:
+                for j, s in enumerate(slots):
+                    for name, t in out.items():
+                        t[start + j].copy_(self.views[s][name])
+            finally:
+                self.engine.release(lease)
+        return out
+
+    def run_moduledict(self, layer: MoELayer, original: Any, hidden: torch.Tensor, mask: torch.Tensor, *rest: Any) -> torch.Tensor:
+        """The experts forward of a ModuleDict MoE layer (Switch, NLLB)."""
+        self.check_open()
+        E = self.num_experts
+        with torch.no_grad():
+            onehot = mask if (mask.dim() >= 2 and mask.shape[-1] == E and mask.dim() == 3) else F.one_hot(mask.long(), num_classes=E)
+            pairs = onehot.reshape(onehot.shape[0], -1, E).nonzero()
+            tokens, experts = pairs[:, 0].cpu(), pairs[:, 2].cpu()
+            self._observe(layer.index, tokens, experts, int(onehot.shape[0]))
+            needed = torch.unique(experts).tolist()
+        streamers = self._tls.__dict__.setdefault("streamers", {})
+        with _Streamer(self, layer.index, needed) as st:
+            streamers[layer.index] = st
+            try:
+                return original(layer.module, hidden, mask, *rest)
+            finally:
+                streamers.pop(layer.index, None)
+
+    # -- statistics ---------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Engine counters with each layer's module path and derived rates."""
+        self.check_open()
+        st = self.engine.stats()
+        for info, layer in zip(st["layers"], self.layers):
+            info["module"] = layer.path
+        uses = st["hits"] + st["misses"]
+        st["hit_rate"] = st["hits"] / uses if uses else 0.0
+        st["stall_seconds"] = st["stall_ns"] / 1e9
+        st["plan"] = {k: self.plan[k] for k in ("slots", "slot_bytes", "arena_bytes", "policy", "prefetch", "backend")}
+        return st

@@ -1,0 +1,113 @@
+"""Token parity with Hugging Face transformers on CPU (float32), for every
+supported family and both on-disk layouts, at three cache budgets, with
+prefetch on and off, under each eviction policy."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import moe_infinity as mi
+import tiny_models as tm
+
+NEW_TOKENS = 32
+
+CASES = [(f, "per_expert") for f in tm.CONFIGS] + [(f, "fused") for f in sorted(tm.FUSED_IN_MEMORY) if f != "gpt_oss"]
+
+
+@dataclass
+class Ref:
+    path: Path
+    family: str
+    prompt: torch.Tensor
+    tokens: torch.Tensor
+    logits: torch.Tensor
+    slot_bytes: int
+    total_experts: int
+
+
+def _gen_kwargs(family: str, prompt: torch.Tensor) -> dict:
+    return dict(input_ids=prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+def _forward(model, family: str, prompt: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        if family in tm.SEQ2SEQ:
+            return model(input_ids=prompt, decoder_input_ids=prompt[:, :4]).logits
+        return model(input_ids=prompt).logits
+
+
+@pytest.fixture(scope="session", params=CASES, ids=[f"{f}-{layout}" for f, layout in CASES])
+def ref(request, tmp_path_factory) -> Ref:
+    family, layout = request.param
+    model = tm.build(family)
+    path = tm.save(model, tmp_path_factory.mktemp(f"{family}-{layout}"), fused=(layout == "fused"))
+    names = tm.expert_names(path)
+    if layout == "fused" or family == "gpt_oss":
+        assert not any(".experts.0." in n or ".experts.expert_0." in n for n in names), names[:4]
+    else:
+        assert any(".experts.0." in n or ".experts.expert_0." in n for n in names), names[:4]
+    plain = tm.auto_class(family).from_pretrained(path).eval()
+    prompt = torch.randint(3, tm.VOCAB, (1, 7), generator=torch.Generator().manual_seed(1))
+    tokens = plain.generate(**_gen_kwargs(family, prompt))
+    logits = _forward(plain, family, prompt)
+    probe = mi.from_pretrained(path, device_memory=1 << 30)
+    slot_bytes = probe.moe_stats()["plan"]["slot_bytes"]
+    probe.close()
+    return Ref(path, family, prompt, tokens, logits, slot_bytes, tm.num_experts(family) * tm.moe_layers(family))
+
+
+BUDGETS = ["one_slot", "half", "all"]
+
+
+def _budget(r: Ref, which: str) -> int:
+    slots = {"one_slot": 1, "half": max(1, r.total_experts // 2), "all": r.total_experts}[which]
+    return slots * r.slot_bytes
+
+
+@pytest.mark.parametrize("budget,prefetch,policy", list(itertools.product(BUDGETS, [True, False], ["priority", "lru", "lfu"])))
+def test_greedy_tokens_identical(ref: Ref, budget: str, prefetch: bool, policy: str):
+    model = mi.from_pretrained(ref.path, device_memory=_budget(ref, budget), prefetch=prefetch, cache_policy=policy)
+    try:
+        out = model.generate(**_gen_kwargs(ref.family, ref.prompt))
+        assert out.shape[-1] - (0 if ref.family in tm.SEQ2SEQ else ref.prompt.shape[-1]) >= NEW_TOKENS - 1
+        assert torch.equal(out, ref.tokens)
+        logits = _forward(model, ref.family, ref.prompt)
+        torch.testing.assert_close(logits, ref.logits, rtol=0, atol=1e-5)
+        st = model.moe_stats()
+        assert st["plan"]["slots"] == _budget(ref, budget) // ref.slot_bytes
+        assert st["hits"] + st["misses"] > 0
+        assert sum(layer["hits"] + layer["misses"] for layer in st["layers"]) == st["hits"] + st["misses"]
+    finally:
+        model.close()
+
+
+def test_hits_plus_misses_equal_expert_uses_and_warm_cache_has_no_misses(ref: Ref):
+    model = mi.from_pretrained(ref.path, device_memory=_budget(ref, "all"))
+    uses = 0
+    eng = model.moe_engine
+    original = eng.acquire
+
+    def counting(layer, experts):
+        nonlocal uses
+        xs = list(experts)
+        uses += len(set(xs))
+        return original(layer, xs)
+
+    eng.acquire = counting
+    try:
+        model.generate(**_gen_kwargs(ref.family, ref.prompt))
+        st = model.moe_stats()
+        assert st["hits"] + st["misses"] == uses
+        model.reset_moe_stats()
+        model.generate(**_gen_kwargs(ref.family, ref.prompt))
+        st = model.moe_stats()
+        assert st["misses"] == 0, st
+        assert st["hits"] > 0
+        assert st["bytes_moved"] == 0
+    finally:
+        model.close()
