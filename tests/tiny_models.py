@@ -124,18 +124,9 @@ def expert_names(directory: Path) -> list[str]:
 def write_tokenizer(directory: Path) -> None:
     """A tiny character-level tokenizer saved next to the model, so that
     pipelines and streamers work offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
-    from transformers import PreTrainedTokenizerFast
+    from moe_infinity.builtin import char_tokenizer
 
-    chars = [chr(c) for c in range(32, 32 + VOCAB - 3)]
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    for i, c in enumerate(chars):
-        vocab[c] = i + 3
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<pad>")
-    fast.save_pretrained(directory)
+    char_tokenizer([chr(c) for c in range(32, 32 + VOCAB - 3)]).save_pretrained(directory)
 
 
 def num_experts(model_type: str) -> int:

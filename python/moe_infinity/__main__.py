@@ -1,6 +1,8 @@
 """Command line: ``python -m moe_infinity <command>`` (console script ``moe-infinity``).
 
 Commands:
+    generate   generate text with a model whose experts moe_infinity serves
+               (default: a small built-in model, no download)
     version    print the package and engine versions and the loaded build
     selftest   write a small random MoE checkpoint, stream every expert through
                a two-slot cache and check the bytes (no download, a few seconds)
@@ -74,17 +76,94 @@ def _selftest(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import logging
+
+    import torch
+    from transformers import AutoTokenizer, TextStreamer
+
+    from .builtin import builtin_model_dir
+    from .loading import from_pretrained
+    from .memory import format_bytes
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    path = args.model or str(builtin_model_dir())
+    print(f"loading {path} ...", file=sys.stderr)
+    start = time.perf_counter()
+    model = from_pretrained(
+        path,
+        device_memory=_memory_arg(args.device_memory),
+        cache_policy=args.policy,
+        prefetch=not args.no_prefetch,
+        trace_path=args.trace,
+    )
+    loaded = time.perf_counter() - start
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        inputs = tok(args.prompt, return_tensors="pt")
+        streamer = TextStreamer(tok, skip_prompt=False, skip_special_tokens=True)
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        start = time.perf_counter()
+        out = model.generate(
+            **inputs,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.sample,
+            streamer=streamer,
+            pad_token_id=tok.pad_token_id,
+        )
+        took = time.perf_counter() - start
+        new = out.shape[-1] - (0 if model.config.is_encoder_decoder else inputs["input_ids"].shape[-1])
+        st = model.moe_stats()
+        plan = st["plan"]
+        print(
+            f"\n[{new} tokens in {took:.2f} s ({new / max(took, 1e-9):.1f} tok/s); load {loaded:.2f} s; "
+            f"cache {plan['slots']} slots x {format_bytes(plan['slot_bytes'])} ({plan['policy']}, prefetch "
+            f"{'on' if plan['prefetch'] else 'off'}); hit rate {st['hit_rate']:.1%}, "
+            f"{format_bytes(st['bytes_moved'])} moved, stall {st['stall_seconds'] * 1000:.1f} ms]",
+            file=sys.stderr,
+        )
+    finally:
+        model.close()
+    return 0
+
+
+def _memory_arg(value: str) -> int | float | str:
+    try:
+        return float(value) if "." in value and value.replace(".", "", 1).isdigit() else int(value)
+    except ValueError:
+        return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m moe_infinity`` and ``moe-infinity``."""
     parser = argparse.ArgumentParser(prog="moe-infinity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text (default model: the built-in one)")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--model", help="model directory or Hub id in the local cache (default: built-in model)")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--device-memory", default="0.5", help="expert cache budget: '24GiB', '500MB', bytes, or a fraction (default 0.5)")
+    gen.add_argument("--policy", default="priority", choices=["priority", "lru", "lfu"])
+    gen.add_argument("--no-prefetch", action="store_true", help="turn trace-driven prefetching off")
+    gen.add_argument("--trace", help="trace file to load and update")
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--seed", type=int, help="random seed for --sample")
+    gen.add_argument("-v", "--verbose", action="store_true", help="log what the engine decided")
+    gen.set_defaults(func=_generate)
     sub.add_parser("version", help="print versions").set_defaults(func=_version)
     st = sub.add_parser("selftest", help="round-trip a random checkpoint through the engine")
     st.add_argument("--layers", type=int, default=4)
     st.add_argument("--experts", type=int, default=8)
     st.set_defaults(func=_selftest)
     args = parser.parse_args(argv)
-    return args.func(args)
+    from .errors import MoEInfinityError
+
+    try:
+        return args.func(args)
+    except MoEInfinityError as exc:
+        print(f"moe-infinity: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,49 @@
+"""The command line: `python -m moe_infinity generate|selftest|version`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import tiny_models as tm
+
+
+def _run(args, tmp_path, **env):
+    e = dict(os.environ, MOE_INFINITY_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", **env)
+    return subprocess.run([sys.executable, "-m", "moe_infinity", *args], capture_output=True, text=True, timeout=600, env=e)
+
+
+def test_generate_with_the_builtin_model_offline(tmp_path):
+    out = _run(["generate", "--prompt", "Hello", "--max-new-tokens", "8"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Hello")
+    assert "8 tokens in" in out.stderr and "hit rate" in out.stderr
+    assert (tmp_path / "cache" / "builtin-random-mixtral-v1" / "config.json").exists()
+    again = _run(["generate", "--prompt", "Hello", "--max-new-tokens", "8", "--policy", "lru", "--no-prefetch"], tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == out.stdout, "greedy decoding is deterministic across policies"
+
+
+def test_generate_with_a_model_directory(tmp_path):
+    path = tm.save(tm.build("qwen3_moe"), tmp_path / "m")
+    tm.write_tokenizer(path)
+    out = _run(["generate", "--model", str(path), "--prompt", "abc", "--max-new-tokens", "4", "--device-memory", "1MiB"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("abc")
+
+
+def test_generate_reports_errors_cleanly(tmp_path):
+    out = _run(["generate", "--model", str(tmp_path / "missing" / "x"), "--prompt", "a"], tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().endswith("does not exist")
+    assert "moe-infinity: error: model directory" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_selftest_and_version(tmp_path):
+    out = _run(["selftest"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "mismatches 0" in out.stdout
+    out = _run(["version"], tmp_path)
+    assert out.returncode == 0 and "engine 0.1.0" in out.stdout
