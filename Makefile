@@ -53,6 +53,7 @@ fuzz:
 	$(GO) test ./go/store/ -run '^$$' -fuzz '^FuzzParseHeader$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./go/store/ -run '^$$' -fuzz '^FuzzParseIndex$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./go/trace/ -run '^$$' -fuzz '^FuzzLoad$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./go/trace/ -run '^$$' -fuzz '^FuzzLoadValidCRC$$' -fuzztime $(FUZZTIME)
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./go/...

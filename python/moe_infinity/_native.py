@@ -153,17 +153,26 @@ def variant() -> str:
     return "cuda" if library_path().name.endswith("_cuda.so") else "cpu"
 
 
-def last_error() -> str:
-    """The calling thread's last engine error message."""
-    size = 1024
+def _read_string(name: str, size: int = 1024) -> str:
+    """Calls an export that writes a string into (buf, cap, needed), growing
+    the buffer as needed. Raises on failure (the message is read with
+    moe_last_error, which cannot fail this way)."""
+    fn = getattr(lib(), name)
     while True:
         buf = ctypes.create_string_buffer(size)
         needed = ctypes.c_int64(0)
-        st = lib().moe_last_error(buf, size, ctypes.byref(needed))
+        st = fn(buf, size, ctypes.byref(needed))
         if st == _STATUS_BUFFER:
             size = int(needed.value) + 1
             continue
+        if st != 0:
+            raise error_for_status(st, last_error() if name != "moe_last_error" else f"{name} failed")
         return buf.value.decode("utf-8", "replace")
+
+
+def last_error() -> str:
+    """The calling thread's last engine error message."""
+    return _read_string("moe_last_error")
 
 
 def call(name: str, *args: Any) -> None:
@@ -192,14 +201,4 @@ def call_json(name: str, *args: Any) -> Any:
 
 def version() -> str:
     """The engine library's version string, e.g. ``"0.1.0 (cpu)"``."""
-    size = 64
-    while True:
-        buf = ctypes.create_string_buffer(size)
-        needed = ctypes.c_int64(0)
-        st = lib().moe_version(buf, size, ctypes.byref(needed))
-        if st == _STATUS_BUFFER:
-            size = int(needed.value) + 1
-            continue
-        if st != 0:
-            raise error_for_status(st, last_error())
-        return buf.value.decode()
+    return _read_string("moe_version", 64)
