@@ -13,8 +13,16 @@ BUILD     := build
 LIB       := $(BUILD)/libmoe_infinity.so
 FUZZTIME  ?= 60s
 GOFILES   := $(shell find go capi -name '*.go' -not -name '*_test.go') go.mod
+CUDA_LIB  := $(BUILD)/libmoe_infinity_cuda.so
+CUDA_SDK  := $(BUILD)/cuda
+CLANG     ?= $(shell command -v clang-16 || command -v clang-17 || command -v clang-18 || command -v clang)
+PTX       := go/backend/cuda/moe_ffn.ptx
+# The kernels are CUDA C++ compiled to PTX with clang's CUDA front end
+# (no CUDA toolkit needed); PTX for sm_80 runs on A100, H100 and later.
+PTXFLAGS  := -x cuda --cuda-device-only -nocudainc -nocudalib --cuda-gpu-arch=sm_80 \
+             -Xclang -target-feature -Xclang +ptx70 -O3 -S
 
-.PHONY: all lib test gotest testrace invariants vet ctest pytest fuzz bench tidy-check clean install
+.PHONY: all lib cuda cuda-check ptx ptx-check cuda-sdk gpu-test test gotest testrace invariants vet ctest pytest fuzz bench tidy-check clean install
 
 all: lib
 
@@ -23,6 +31,38 @@ lib: $(LIB)
 $(LIB): $(GOFILES)
 	@mkdir -p $(BUILD)
 	CGO_ENABLED=1 $(GO) build -trimpath -buildmode=c-shared -o $@ ./capi
+
+# The CUDA build: driver header and link stub fetched by cuda/fetch_sdk.sh.
+cuda: $(CUDA_LIB)
+
+cuda-sdk:
+	bash cuda/fetch_sdk.sh
+
+$(CUDA_LIB): $(GOFILES) $(PTX) | cuda-sdk
+	CGO_ENABLED=1 CGO_CFLAGS="-I$(abspath $(CUDA_SDK))/include -Wno-deprecated-declarations" CGO_LDFLAGS="-L$(abspath $(CUDA_SDK))/lib" \
+		$(GO) build -trimpath -tags cuda -buildmode=c-shared -o $@ ./capi
+
+# Regenerates the committed PTX from cuda/*.cu.
+ptx:
+	$(CLANG) $(PTXFLAGS) -o $(PTX) cuda/moe_ffn.cu
+
+# Fails when the committed PTX differs from what cuda/*.cu compiles to.
+ptx-check:
+	@if [ -z "$(CLANG)" ]; then echo "ptx-check: no clang on PATH (apt-get install clang-16); not checked"; exit 0; fi; \
+	mkdir -p $(BUILD) && $(CLANG) $(PTXFLAGS) -o $(BUILD)/moe_ffn.check.ptx cuda/moe_ffn.cu && \
+	diff -q $(PTX) $(BUILD)/moe_ffn.check.ptx && echo "ptx-check: $(PTX) matches cuda/moe_ffn.cu"
+
+# Builds the CUDA variant (no GPU needed) and checks its exports.
+cuda-check: $(CUDA_LIB) ptx-check
+	nm -D $(CUDA_LIB) | grep -c ' T moe_' | xargs test 25 -le
+	readelf -d $(CUDA_LIB) | grep -q 'NEEDED.*libcuda.so.1'
+
+# On the GPU machine (no Go there): the GPU suite against a carried CUDA build.
+gpu-test:
+	bash scripts/gpu_check.sh
+
+vet-cuda: cuda-sdk
+	CGO_CFLAGS="-I$(abspath $(CUDA_SDK))/include -Wno-deprecated-declarations" CGO_LDFLAGS="-L$(abspath $(CUDA_SDK))/lib" $(GO) vet -tags cuda ./...
 
 vet:
 	$(GO) vet ./...
@@ -42,12 +82,12 @@ ctest: $(LIB)
 	$(GO) test ./capi/
 	$(CC) -std=c11 -Wall -Wextra -Werror -o $(BUILD)/capi_test tests/c/capi_test.c -Icapi -L$(BUILD) -lmoe_infinity -Wl,-rpath,'$$ORIGIN'
 	cd $(BUILD) && ./capi_test && MOE_INFINITY_TEST_HOOKS=1 ./capi_test
-	nm -D $(LIB) | grep -c ' T moe_' | xargs test 21 -le
+	nm -D $(LIB) | grep -c ' T moe_' | xargs test 25 -le
 
 pytest: $(LIB)
 	MOE_INFINITY_LIB=$(abspath $(LIB)) $(PYTHON) -m pytest -q tests
 
-test: vet testrace ctest pytest
+test: vet testrace ctest cuda-check pytest
 
 fuzz:
 	$(GO) test ./go/store/ -run '^$$' -fuzz '^FuzzParseHeader$$' -fuzztime $(FUZZTIME)

@@ -5,8 +5,10 @@ is platform specific because it carries the engine as a native library.
 
 Switches (environment):
     MOE_INFINITY_BUILD_CUDA  "auto" (default): also build the CUDA variant
-                             when CUDA headers are found (CUDA_HOME or
-                             /usr/include/cuda.h); "1": require it; "0": skip.
+                             when CUDA headers and a libcuda to link are found
+                             (CUDA_HOME, build/cuda from `make cuda-sdk`,
+                             /usr/local/cuda); "1": fetch them with
+                             cuda/fetch_sdk.sh (PyPI) and build it; "0": skip.
     GO                       the go command (default "go").
 """
 
@@ -32,18 +34,24 @@ class GoLibrary(Extension):
         self.tags = tags
 
 
-def cuda_flags() -> dict[str, str] | None:
-    """CGO flags for the CUDA build, or None when no CUDA headers are around."""
+def cuda_flags(fetch: bool = False) -> dict[str, str] | None:
+    """CGO flags for the CUDA build, or None when no CUDA headers are around.
+
+    Looks at CUDA_HOME/CUDA_PATH, build/cuda (what cuda/fetch_sdk.sh makes:
+    PyPI's cuda.h and a link stub) and /usr/local/cuda; with fetch=True runs
+    cuda/fetch_sdk.sh first."""
+    if fetch:
+        subprocess.run(["bash", str(ROOT / "cuda" / "fetch_sdk.sh")], cwd=ROOT, check=True)
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     candidates = [Path(home)] if home else []
-    candidates += [ROOT / "build" / "cuda", Path("/usr/local/cuda"), Path("/usr")]
+    candidates += [ROOT / "build" / "cuda", Path("/usr/local/cuda")]
     for base in candidates:
-        if (base / "include" / "cuda.h").is_file():
-            stubs = [p for p in (base / "lib64" / "stubs", base / "lib" / "x86_64-linux-gnu" / "stubs", base / "lib" / "stubs") if p.is_dir()]
-            flags = {"CGO_CFLAGS": f"-I{base / 'include'}"}
-            if stubs:
-                flags["CGO_LDFLAGS"] = f"-L{stubs[0]}"
-            return flags
+        if not (base / "include" / "cuda.h").is_file():
+            continue
+        libdirs = [p for p in (base / "lib", base / "lib64" / "stubs", base / "lib" / "stubs") if (p / "libcuda.so").exists()]
+        if not libdirs:
+            continue
+        return {"CGO_CFLAGS": f"-I{base / 'include'} -Wno-deprecated-declarations", "CGO_LDFLAGS": f"-L{libdirs[0]}"}
     return None
 
 
@@ -70,7 +78,7 @@ class BuildGo(build_ext):
         if ext.tags:
             cmd += ["-tags", ",".join(ext.tags)]
             if "cuda" in ext.tags:
-                flags = cuda_flags() or {}
+                flags = cuda_flags(fetch=os.environ.get("MOE_INFINITY_BUILD_CUDA", "auto") == "1") or {}
                 for k, v in flags.items():
                     env[k] = (env.get(k, "") + " " + v).strip()
         cmd += ["-o", str(out), "./capi"]

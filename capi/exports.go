@@ -308,7 +308,7 @@ func expertList(n C.int32_t, experts *C.int32_t) ([]int32, error) {
 }
 
 //export moe_acquire
-func moe_acquire(handle C.uint64_t, layer C.int32_t, n C.int32_t, experts *C.int32_t, slots *C.int32_t, lease *C.uint64_t) C.int32_t {
+func moe_acquire(handle C.uint64_t, layer C.int32_t, n C.int32_t, experts *C.int32_t, slots *C.int32_t, lease *C.uint64_t, stream C.uint64_t) C.int32_t {
 	return withEngine(handle, func(e *engine.Engine) error {
 		xs, err := expertList(n, experts)
 		if err != nil {
@@ -318,7 +318,7 @@ func moe_acquire(handle C.uint64_t, layer C.int32_t, n C.int32_t, experts *C.int
 			return fmt.Errorf("%w: slots and lease must not be NULL", engine.ErrInvalid)
 		}
 		out := make([]int32, len(xs))
-		id, err := e.Acquire(int(layer), xs, out)
+		id, err := e.Acquire(int(layer), xs, out, uintptr(stream))
 		if err != nil {
 			return err
 		}
@@ -331,13 +331,73 @@ func moe_acquire(handle C.uint64_t, layer C.int32_t, n C.int32_t, experts *C.int
 }
 
 //export moe_release
-func moe_release(handle C.uint64_t, lease C.uint64_t) C.int32_t {
+func moe_release(handle C.uint64_t, lease C.uint64_t, stream C.uint64_t) C.int32_t {
 	return withEngine(handle, func(e *engine.Engine) error {
-		err := e.Release(uint64(lease))
+		err := e.Release(uint64(lease), uintptr(stream))
 		if e.Closed() && e.Leases() == 0 {
 			_, _ = unregister(uint64(handle))
 		}
 		return err
+	})
+}
+
+//export moe_layer_ffn
+func moe_layer_ffn(handle C.uint64_t, layer C.int32_t, n C.int32_t, experts *C.int32_t, stream C.uint64_t,
+	x C.uint64_t, out C.uint64_t, scratch C.uint64_t, pairToken C.uint64_t, pairExpert C.uint64_t, pairWeight C.uint64_t,
+	tokens C.int64_t, k C.int64_t, dtype C.int32_t) C.int32_t {
+	return withEngine(handle, func(e *engine.Engine) error {
+		xs, err := expertList(n, experts)
+		if err != nil {
+			return err
+		}
+		return e.LayerFFN(engine.FFNCall{
+			Layer: int(layer), Experts: xs, Stream: uintptr(stream),
+			X: uint64(x), Out: uint64(out), Scratch: uint64(scratch),
+			PairToken: uint64(pairToken), PairExpert: uint64(pairExpert), PairWeight: uint64(pairWeight),
+			T: int64(tokens), K: int64(k), DType: int64(dtype),
+		})
+	})
+}
+
+//export moe_ffn_shape
+func moe_ffn_shape(handle C.uint64_t, hidden *C.int64_t, inter *C.int64_t, dtype *C.int32_t) C.int32_t {
+	return withEngine(handle, func(e *engine.Engine) error {
+		if hidden == nil || inter == nil || dtype == nil {
+			return fmt.Errorf("%w: hidden, inter and dtype must not be NULL", engine.ErrInvalid)
+		}
+		h, i, d, err := e.FFNShape()
+		if err != nil {
+			return err
+		}
+		*hidden, *inter, *dtype = C.int64_t(h), C.int64_t(i), C.int32_t(d)
+		return nil
+	})
+}
+
+//export moe_engine_progress
+func moe_engine_progress(handle C.uint64_t, done *C.int64_t, total *C.int64_t) C.int32_t {
+	return withEngine(handle, func(e *engine.Engine) error {
+		if done == nil || total == nil {
+			return fmt.Errorf("%w: done and total must not be NULL", engine.ErrInvalid)
+		}
+		d, t := e.Progress()
+		*done, *total = C.int64_t(d), C.int64_t(t)
+		return nil
+	})
+}
+
+//export moe_device_memory
+func moe_device_memory(device C.int32_t, total *C.int64_t, free *C.int64_t) C.int32_t {
+	return guard(func() error {
+		if total == nil || free == nil {
+			return fmt.Errorf("%w: total and free must not be NULL", engine.ErrInvalid)
+		}
+		t, f, err := deviceMemory(int(device))
+		if err != nil {
+			return err
+		}
+		*total, *free = C.int64_t(t), C.int64_t(f)
+		return nil
 	})
 }
 

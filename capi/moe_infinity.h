@@ -98,13 +98,43 @@ int32_t moe_observe(uint64_t handle, int32_t layer, int32_t nreq, const uint64_t
                     const float *counts);
 
 /* Makes n experts of `layer` resident and pins them; slots[i] receives
- * experts[i]'s slot. Blocks until the copies are complete. Release the
- * lease once the computation reading the slots is done. */
+ * experts[i]'s slot. CPU backend: blocks until the copies are complete.
+ * CUDA backend: returns once the copies are issued; work submitted later to
+ * `stream` (a raw CUstream, e.g. torch.cuda.current_stream().cuda_stream)
+ * waits for them. Release the lease once the computation reading the slots
+ * has been submitted. */
 int32_t moe_acquire(uint64_t handle, int32_t layer, int32_t n, const int32_t *experts,
-                    int32_t *slots, uint64_t *lease);
+                    int32_t *slots, uint64_t *lease, uint64_t stream);
 
-/* Drops a lease's pins. */
-int32_t moe_release(uint64_t handle, uint64_t lease);
+/* Drops a lease's pins. CUDA backend: the work submitted to `stream` so far
+ * becomes the slots' last reader; a later copy into them waits for it. */
+int32_t moe_release(uint64_t handle, uint64_t lease, uint64_t stream);
+
+/* One MoE layer's expert FFN (SwiGLU) over every (token, expert) pair in
+ * one call: acquires the n experts, launches the backend's kernels on
+ * `stream` and releases them. T tokens with k experts each (P = T*k pairs,
+ * token t's pairs are t*k..t*k+k-1). Addresses (host for the CPU backend,
+ * device for CUDA): x [T, H] and out [T, H] in the experts' dtype (0 =
+ * bfloat16, 1 = float16), scratch [P, I] float32, pair_token and
+ * pair_expert [P] int32 (pair_expert indexes `experts`), pair_weight [P]
+ * float32. Needs gate_up_proj [2I, H] and down_proj [H, I] regions. */
+int32_t moe_layer_ffn(uint64_t handle, int32_t layer, int32_t n, const int32_t *experts,
+                      uint64_t stream, uint64_t x, uint64_t out, uint64_t scratch,
+                      uint64_t pair_token, uint64_t pair_expert, uint64_t pair_weight, int64_t tokens,
+                      int64_t k, int32_t dtype);
+
+/* Hidden size H, intermediate size I and dtype code of the expert FFN, or
+ * MOE_ERR_UNSUPPORTED when the layout does not fit the kernels. */
+int32_t moe_ffn_shape(uint64_t handle, int64_t *hidden, int64_t *inter, int32_t *dtype);
+
+/* Progress of preparing the host tier during configure (bytes done of
+ * total; both 0 when the backend reports none). Safe to call from another
+ * thread while moe_engine_configure runs. */
+int32_t moe_engine_progress(uint64_t handle, int64_t *done, int64_t *total);
+
+/* Total and free memory of CUDA device `device` in bytes (NVML's numbers
+ * where available); MOE_ERR_UNSUPPORTED in the CPU build. */
+int32_t moe_device_memory(int32_t device, int64_t *total, int64_t *free);
 
 /* Hints that `layer` will use these experts (prefetched first). */
 int32_t moe_hint(uint64_t handle, int32_t layer, int32_t n, const int32_t *experts);

@@ -58,7 +58,7 @@ func statusOf(err error) int {
 		return statusBuffer
 	case errors.Is(err, errHandle):
 		return statusHandle
-	case errors.Is(err, errUnsupported):
+	case errors.Is(err, errUnsupported), errors.Is(err, engine.ErrUnsupported):
 		return statusUnsupported
 	case errors.Is(err, engine.ErrClosed), errors.Is(err, backend.ErrClosed), errors.Is(err, store.ErrClosed):
 		return statusClosed

@@ -2,5 +2,12 @@
 
 package main
 
+import "fmt"
+
 // buildVariant names this build of the library.
 const buildVariant = "cpu"
+
+// deviceMemory is not available without the CUDA build.
+func deviceMemory(int) (int64, int64, error) {
+	return 0, 0, fmt.Errorf("%w: GPU memory queries need the CUDA build of the engine", errUnsupported)
+}

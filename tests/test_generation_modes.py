@@ -10,7 +10,6 @@ import pytest
 import torch
 from transformers import AutoTokenizer, TextIteratorStreamer, pipeline
 
-import moe_infinity as mi
 import tiny_models as tm
 
 FAMILIES = sorted(tm.CONFIGS)
@@ -21,12 +20,12 @@ def pair(request, tmp_path_factory):
     family = request.param
     path = tm.save(tm.build(family, seed=3), tmp_path_factory.mktemp(family))
     tm.write_tokenizer(path)
-    plain = tm.auto_class(family).from_pretrained(path).eval()
+    plain = tm.plain(path)
     # Half the experts fit: generation streams and evicts.
-    slot = mi.from_pretrained(path, device_memory=1 << 30)
+    slot = tm.load(path)
     slot_bytes = slot.moe_stats()["plan"]["slot_bytes"]
     slot.close()
-    ours = mi.from_pretrained(path, device_memory=slot_bytes * max(1, tm.num_experts(family) * tm.moe_layers(family) // 2))
+    ours = tm.load(path, max(1, tm.num_experts(family) * tm.moe_layers(family) // 2), slot_bytes)
     yield family, path, plain, ours
     ours.close()
 
@@ -41,7 +40,7 @@ def _batch(family: str):
     else:  # decoder-only generation: left padding
         ids[0, 4:], mask[0, 4:] = a, 1
     ids[1], mask[1] = b, 1
-    return ids, mask
+    return tm.to_device(ids), tm.to_device(mask)
 
 
 def test_batch_of_two_with_padding(pair):
@@ -53,7 +52,7 @@ def test_batch_of_two_with_padding(pair):
 
 def test_sampling_with_a_fixed_seed(pair):
     family, _, plain, ours = pair
-    ids = torch.randint(3, tm.VOCAB, (1, 6), generator=torch.Generator().manual_seed(9))
+    ids = tm.to_device(torch.randint(3, tm.VOCAB, (1, 6), generator=torch.Generator().manual_seed(9)))
     kw = dict(input_ids=ids, max_new_tokens=24, min_new_tokens=24, do_sample=True, top_k=0, temperature=1.0)
     torch.manual_seed(1234)
     want = plain.generate(**kw)
@@ -64,7 +63,7 @@ def test_sampling_with_a_fixed_seed(pair):
 
 def test_beam_search_two_beams(pair):
     family, _, plain, ours = pair
-    ids = torch.randint(3, tm.VOCAB, (1, 6), generator=torch.Generator().manual_seed(10))
+    ids = tm.to_device(torch.randint(3, tm.VOCAB, (1, 6), generator=torch.Generator().manual_seed(10)))
     kw = dict(input_ids=ids, max_new_tokens=16, min_new_tokens=16, num_beams=2, do_sample=False)
     assert torch.equal(ours.generate(**kw), plain.generate(**kw))
 
@@ -72,7 +71,7 @@ def test_beam_search_two_beams(pair):
 def test_streamer_receives_the_same_text(pair):
     family, path, plain, ours = pair
     tok = AutoTokenizer.from_pretrained(path)
-    ids = tok("hello moe", return_tensors="pt").input_ids
+    ids = tm.to_device(tok("hello moe", return_tensors="pt").input_ids)
     kw = dict(input_ids=ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
     want = tok.decode(plain.generate(**kw)[0][0 if family in tm.SEQ2SEQ else ids.shape[1] :], skip_special_tokens=True)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
@@ -89,8 +88,8 @@ def test_pipeline_text_generation(family, tmp_path):
     # covered by generate() above.
     path = tm.save(tm.build(family, seed=3), tmp_path / family)
     tm.write_tokenizer(path)
-    plain = tm.auto_class(family).from_pretrained(path).eval()
-    ours = mi.from_pretrained(path, device_memory=1 << 20)
+    plain = tm.plain(path)
+    ours = tm.load(path)
     tok = AutoTokenizer.from_pretrained(path)
     want = pipeline("text-generation", model=plain, tokenizer=tok)("abc", max_new_tokens=10, do_sample=False)
     got = pipeline("text-generation", model=ours, tokenizer=tok)("abc", max_new_tokens=10, do_sample=False)

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import moe_infinity as mi
 import tiny_models as tm
 
 NEW_TOKENS = 32
@@ -51,11 +50,12 @@ def ref(request, tmp_path_factory) -> Ref:
         assert not any(".experts.0." in n or ".experts.expert_0." in n for n in names), names[:4]
     else:
         assert any(".experts.0." in n or ".experts.expert_0." in n for n in names), names[:4]
-    plain = tm.auto_class(family).from_pretrained(path).eval()
-    prompt = torch.randint(3, tm.VOCAB, (1, 7), generator=torch.Generator().manual_seed(1))
+    plain = tm.plain(path)
+    prompt = tm.to_device(torch.randint(3, tm.VOCAB, (1, 7), generator=torch.Generator().manual_seed(1)))
     tokens = plain.generate(**_gen_kwargs(family, prompt))
     logits = _forward(plain, family, prompt)
-    probe = mi.from_pretrained(path, device_memory=1 << 30)
+    del plain
+    probe = tm.load(path)
     slot_bytes = probe.moe_stats()["plan"]["slot_bytes"]
     probe.close()
     return Ref(path, family, prompt, tokens, logits, slot_bytes, tm.num_experts(family) * tm.moe_layers(family))
@@ -64,14 +64,13 @@ def ref(request, tmp_path_factory) -> Ref:
 BUDGETS = ["one_slot", "half", "all"]
 
 
-def _budget(r: Ref, which: str) -> int:
-    slots = {"one_slot": 1, "half": max(1, r.total_experts // 2), "all": r.total_experts}[which]
-    return slots * r.slot_bytes
+def _slots(r: Ref, which: str) -> int:
+    return {"one_slot": 1, "half": max(1, r.total_experts // 2), "all": r.total_experts}[which]
 
 
 @pytest.mark.parametrize("budget,prefetch,policy", list(itertools.product(BUDGETS, [True, False], ["priority", "lru", "lfu"])))
 def test_greedy_tokens_identical(ref: Ref, budget: str, prefetch: bool, policy: str):
-    model = mi.from_pretrained(ref.path, device_memory=_budget(ref, budget), prefetch=prefetch, cache_policy=policy)
+    model = tm.load(ref.path, _slots(ref, budget), ref.slot_bytes, prefetch=prefetch, cache_policy=policy)
     try:
         out = model.generate(**_gen_kwargs(ref.family, ref.prompt))
         assert out.shape[-1] - (0 if ref.family in tm.SEQ2SEQ else ref.prompt.shape[-1]) >= NEW_TOKENS - 1
@@ -79,7 +78,7 @@ def test_greedy_tokens_identical(ref: Ref, budget: str, prefetch: bool, policy: 
         logits = _forward(model, ref.family, ref.prompt)
         torch.testing.assert_close(logits, ref.logits, rtol=0, atol=1e-5)
         st = model.moe_stats()
-        assert st["plan"]["slots"] == _budget(ref, budget) // ref.slot_bytes
+        assert st["plan"]["slots"] == _slots(ref, budget)
         assert st["hits"] + st["misses"] > 0
         assert sum(layer["hits"] + layer["misses"] for layer in st["layers"]) == st["hits"] + st["misses"]
     finally:
@@ -87,16 +86,16 @@ def test_greedy_tokens_identical(ref: Ref, budget: str, prefetch: bool, policy: 
 
 
 def test_hits_plus_misses_equal_expert_uses_and_warm_cache_has_no_misses(ref: Ref):
-    model = mi.from_pretrained(ref.path, device_memory=_budget(ref, "all"))
+    model = tm.load(ref.path, _slots(ref, "all"), ref.slot_bytes)
     uses = 0
     eng = model.moe_engine
     original = eng.acquire
 
-    def counting(layer, experts):
+    def counting(layer, experts, stream=0):
         nonlocal uses
         xs = list(experts)
         uses += len(set(xs))
-        return original(layer, xs)
+        return original(layer, xs, stream)
 
     eng.acquire = counting
     try:

@@ -146,3 +146,63 @@ def moe_layers(model_type: str) -> int:
 
 def dump_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj))
+
+
+#: Device the parity suites run on: "cpu" (default) or "cuda" (set
+#: MOE_INFINITY_TEST_DEVICE=cuda on a GPU machine; scripts/gpu_check.sh does).
+DEVICE = __import__("os").environ.get("MOE_INFINITY_TEST_DEVICE", "cpu")
+
+
+def plain(path, **kw):
+    """The checkpoint loaded with plain transformers on DEVICE."""
+    if DEVICE == "cuda":
+        kw["device_map"] = "cuda"
+    cfg = AutoConfig.from_pretrained(path)
+    return auto_class(cfg.model_type).from_pretrained(path, **kw).eval()
+
+
+def load(path, slots: int | None = None, slot_bytes: int | None = None, **kw):
+    """The checkpoint loaded with moe_infinity on DEVICE with a cache of
+    `slots` experts (on the CPU through device_memory = slots × slot size;
+    on the GPU, where device_memory also covers the dense weights, through
+    max_slots)."""
+    import moe_infinity as mi
+
+    if DEVICE == "cuda":
+        kw.setdefault("device_memory", "4GiB")
+        kw.setdefault("kernels", False)
+        if slots is not None:
+            kw["engine_options"] = dict(kw.get("engine_options") or {}, max_slots=slots)
+        return mi.from_pretrained(path, device="cuda", **kw)
+    if slots is not None:
+        kw["device_memory"] = slots * slot_bytes
+    kw.setdefault("device_memory", 1 << 30)
+    return mi.from_pretrained(path, device="cpu", **kw)
+
+
+def to_device(t):
+    return t.to(DEVICE)
+
+
+def train_briefly(model, steps: int = 150, device: str = "cuda", seq_len: int = 48, batch: int = 16, seed: int = 0):
+    """Trains a tiny model for a few steps on a deterministic sequence rule
+    (next token = (5·token + 3) mod (V−3) + 3), in float32, so that it
+    predicts confidently, as trained models do. Random models' top-1 logits
+    are near ties, so tests of agreement between numerically different
+    implementations would measure ties rather than the implementations."""
+    dtype = next(model.parameters()).dtype
+    model = model.float().to(device).train()
+    g = torch.Generator().manual_seed(seed)
+    span = VOCAB - 3
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        start = torch.randint(0, span, (batch, 1), generator=g)
+        seq = [start]
+        for _ in range(seq_len - 1):
+            seq.append((5 * seq[-1] + 3) % span)
+        ids = (torch.cat(seq, dim=1) + 3).to(device)
+        out = model(input_ids=ids, labels=ids)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    return model.eval().to("cpu", dtype=dtype)

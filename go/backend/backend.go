@@ -25,10 +25,51 @@ type Source interface {
 
 // Transfer is an asynchronous copy of one expert into one slot.
 type Transfer interface {
-	// Done is closed when the copy has finished, successfully or not.
+	// Done is closed when the slot may be used: for the CPU backend when
+	// the copy has finished, for an Ordered backend as soon as the copy is
+	// ordered before later work (see Ordered.Use).
 	Done() <-chan struct{}
+	// Finished is closed when the copy has physically completed.
+	Finished() <-chan struct{}
 	// Err is the copy's error; valid once Done is closed.
 	Err() error
+}
+
+// Ordered backends order copies and computation on the device, so the host
+// need not wait for a copy before handing its slot to a computation.
+type Ordered interface {
+	// Use makes work submitted to stream after this call wait for the
+	// copies into slots.
+	Use(slots []int, stream uintptr) error
+	// Release records that the work submitted to stream so far is the
+	// last reader of slots: a later copy into them waits for it.
+	Release(slots []int, stream uintptr) error
+}
+
+// Segment is a run of host bytes that is already in the slot's format.
+type Segment struct {
+	// Offset in the slot, in bytes.
+	Offset int64
+	// Data is the host memory to copy (a view; the source owns it).
+	Data []byte
+}
+
+// SegmentSource is a Source that can also describe an expert's slot image
+// as host byte ranges, when no conversion is needed, so that a device
+// backend copies from them directly (after pinning them) instead of
+// keeping a converted copy.
+type SegmentSource interface {
+	Source
+	// Segments returns expert (layer, expert)'s slot image as byte runs,
+	// or ok=false when the image needs conversion (then use Fill).
+	Segments(layer, expert int) (segs []Segment, ok bool)
+	// Shape returns the number of layers and experts per layer.
+	Shape() (layers, experts int)
+}
+
+// Progress reports a long operation's progress (bytes done of total).
+type Progress interface {
+	Progress() (done, total int64)
 }
 
 // Backend owns the device tier: a fixed number of equally sized slots.
@@ -53,31 +94,48 @@ type Backend interface {
 	Close() error
 }
 
-// transfer is a Transfer completed by a call to finish.
-type transfer struct {
-	done chan struct{}
-	once sync.Once
-	err  error
+// Pending is a Transfer completed by its producer: Ready when the slot may
+// be used, Finish when the copy has physically completed.
+type Pending struct {
+	done, finished        chan struct{}
+	readyOnce, finishOnce sync.Once
+	err                   error
 }
 
-func newTransfer() *transfer { return &transfer{done: make(chan struct{})} }
+// NewPending returns a Transfer in progress.
+func NewPending() *Pending {
+	return &Pending{done: make(chan struct{}), finished: make(chan struct{})}
+}
 
-func (t *transfer) Done() <-chan struct{} { return t.done }
-func (t *transfer) Err() error {
+// Done is closed by Ready (or Finish).
+func (t *Pending) Done() <-chan struct{} { return t.done }
+
+// Finished is closed by Finish.
+func (t *Pending) Finished() <-chan struct{} { return t.finished }
+
+// Err waits for Done and returns the error given to Ready or Finish.
+func (t *Pending) Err() error {
 	<-t.done
 	return t.err
 }
 
-func (t *transfer) finish(err error) {
-	t.once.Do(func() {
+// Ready marks the slot usable (err == nil) or the copy failed.
+func (t *Pending) Ready(err error) {
+	t.readyOnce.Do(func() {
 		t.err = err
 		close(t.done)
 	})
 }
 
+// Finish marks the copy complete (and Ready, if it was not).
+func (t *Pending) Finish(err error) {
+	t.Ready(err)
+	t.finishOnce.Do(func() { close(t.finished) })
+}
+
 // Failed returns a Transfer that has already failed with err.
 func Failed(err error) Transfer {
-	t := newTransfer()
-	t.finish(err)
+	t := NewPending()
+	t.Finish(err)
 	return t
 }

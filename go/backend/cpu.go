@@ -10,7 +10,7 @@ import (
 
 type job struct {
 	slot, layer, expert int
-	t                   *transfer
+	t                   *Pending
 }
 
 // CPU is the reference backend: slots live in one anonymous memory mapping
@@ -109,7 +109,7 @@ func (c *CPU) work() {
 		if !ok {
 			return
 		}
-		j.t.finish(c.fill(j))
+		j.t.Finish(c.fill(j))
 	}
 }
 
@@ -125,16 +125,16 @@ func (c *CPU) fill(j job) (err error) {
 
 // Load queues a copy of (layer, expert) into slot.
 func (c *CPU) Load(slot, layer, expert int, urgent bool) Transfer {
-	t := newTransfer()
+	t := NewPending()
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	switch {
 	case c.closed:
-		t.finish(ErrClosed)
+		t.Finish(ErrClosed)
 	case !c.opened:
-		t.finish(fmt.Errorf("backend cpu: load before Open"))
+		t.Finish(fmt.Errorf("backend cpu: load before Open"))
 	case slot < 0 || slot >= c.slots:
-		t.finish(fmt.Errorf("backend cpu: slot %d out of range [0, %d)", slot, c.slots))
+		t.Finish(fmt.Errorf("backend cpu: slot %d out of range [0, %d)", slot, c.slots))
 	default:
 		j := job{slot: slot, layer: layer, expert: expert, t: t}
 		if urgent {
@@ -194,7 +194,7 @@ func (c *CPU) Close() error {
 	c.wake = make(chan struct{})
 	c.mu.Unlock()
 	for _, j := range pending {
-		j.t.finish(ErrClosed)
+		j.t.Finish(ErrClosed)
 	}
 	c.wg.Wait()
 	c.mu.Lock()

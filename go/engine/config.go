@@ -22,6 +22,8 @@ var (
 	ErrBudget = errors.New("insufficient budget")
 	// ErrClosed marks calls on a closed engine.
 	ErrClosed = errors.New("engine is closed")
+	// ErrUnsupported marks features the backend or build does not have.
+	ErrUnsupported = errors.New("unsupported")
 )
 
 // Config holds the engine's settings. The zero value of every field picks
@@ -49,8 +51,11 @@ type Config struct {
 	// TracePath, when set, is loaded at Configure (if it exists and fits
 	// the model) and written at Close.
 	TracePath string `json:"trace_path"`
-	// Backend selects the device tier: "cpu" (default).
+	// Backend selects the device tier: "cpu" (default) or "cuda" (CUDA
+	// build only).
 	Backend string `json:"backend"`
+	// Device is the CUDA device ordinal for the cuda backend.
+	Device int `json:"device"`
 	// MaxSlots caps the number of slots (0 = as many as the budget holds,
 	// but never more than the model has experts).
 	MaxSlots int `json:"max_slots"`
@@ -119,6 +124,10 @@ type Setup struct {
 	Layers []string `json:"layers"`
 	// Layout is the slot image.
 	Layout layout.Spec `json:"layout"`
+	// BudgetBytes, when > 0, replaces Config.BudgetBytes (the caller may
+	// only know the budget left for experts once the dense weights are
+	// placed).
+	BudgetBytes int64 `json:"budget_bytes,omitempty"`
 }
 
 // ParseSetup decodes a JSON Setup, rejecting unknown fields.

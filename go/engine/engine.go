@@ -75,6 +75,7 @@ type Engine struct {
 	bytesMoved []atomic.Int64 // per layer
 	stallNs    []atomic.Int64 // per layer
 	acquires   atomic.Int64
+	opening    atomic.Pointer[backend.Backend] // the backend, from before Open (for Progress)
 }
 
 // New creates an engine with an empty checkpoint.
@@ -180,13 +181,22 @@ func (e *Engine) Modules() ([]ModuleInfo, error) {
 	return out, nil
 }
 
-// source adapts the layout and modules to backend.Source.
+// source adapts the layout and modules to backend.SegmentSource.
 type source struct {
 	lay  *layout.Layout
 	mods []*store.MoEModule
 }
 
 func (s source) SlotBytes() int64 { return s.lay.SlotBytes }
+
+func (s source) Shape() (int, int) { return len(s.mods), s.mods[0].NumExperts }
+
+func (s source) Segments(l, x int) ([]backend.Segment, bool) {
+	if l < 0 || l >= len(s.mods) {
+		return nil, false
+	}
+	return s.lay.Segments(s.mods[l], x)
+}
 func (s source) Fill(l, x int, dst []byte) error {
 	if l < 0 || l >= len(s.mods) {
 		return fmt.Errorf("%w: layer %d out of range", ErrInvalid, l)
@@ -240,6 +250,12 @@ func (e *Engine) Configure(s Setup) (Plan, error) {
 		return Plan{}, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
 	L, E := len(mods), mods[0].NumExperts
+	if s.BudgetBytes < 0 {
+		return Plan{}, fmt.Errorf("%w: budget_bytes must be > 0 (got %d)", ErrInvalid, s.BudgetBytes)
+	}
+	if s.BudgetBytes > 0 {
+		e.cfg.BudgetBytes = s.BudgetBytes
+	}
 	slots64 := e.cfg.BudgetBytes / lay.SlotBytes
 	if slots64 < 1 {
 		return Plan{}, fmt.Errorf("%w: a device-memory budget of %s (%d bytes) holds no expert: one expert slot needs %s (%d bytes); raise device_memory to at least %d bytes",
@@ -277,6 +293,7 @@ func (e *Engine) Configure(s Setup) (Plan, error) {
 	if err != nil {
 		return Plan{}, err
 	}
+	e.opening.Store(&be)
 	if err := be.Open(slots, lay.SlotBytes, source{lay: lay, mods: mods}); err != nil {
 		return Plan{}, fmt.Errorf("%w: %v", ErrBudget, err)
 	}
@@ -488,10 +505,12 @@ func (e *Engine) MaxPin() int {
 }
 
 // Acquire makes the experts of `layer` resident and pins them; slots[i]
-// receives the slot of experts[i]. It blocks until every copy is complete.
+// receives the slot of experts[i]. With the CPU backend it blocks until
+// every copy is complete; with an ordered (GPU) backend it returns once the
+// copies are issued and makes work later submitted to stream wait for them.
 // The returned lease must be passed to Release once the computation that
-// reads the slots is done. Duplicate experts share one slot.
-func (e *Engine) Acquire(layer int, experts []int32, slots []int32) (uint64, error) {
+// reads the slots has been submitted. Duplicate experts share one slot.
+func (e *Engine) Acquire(layer int, experts []int32, slots []int32, stream uintptr) (uint64, error) {
 	if err := e.enter(); err != nil {
 		return 0, err
 	}
@@ -551,6 +570,12 @@ func (e *Engine) Acquire(layer int, experts []int32, slots []int32) (uint64, err
 		e.cache.Unpin(grants)
 		return 0, firstErr
 	}
+	if ob, ok := e.be.(backend.Ordered); ok {
+		if err := ob.Use(grantSlots(grants), stream); err != nil {
+			e.cache.Unpin(grants)
+			return 0, fmt.Errorf("ordering the copies before the computation: %w", err)
+		}
+	}
 	for i, x := range experts {
 		slots[i] = int32(grants[pos[x]].Slot)
 	}
@@ -574,8 +599,18 @@ func (e *Engine) cacheErr(err error) error {
 	return err
 }
 
-// Release drops the pins of a lease returned by Acquire.
-func (e *Engine) Release(lease uint64) error {
+func grantSlots(grants []cache.Grant) []int {
+	out := make([]int, len(grants))
+	for i, g := range grants {
+		out[i] = g.Slot
+	}
+	return out
+}
+
+// Release drops the pins of a lease returned by Acquire. With an ordered
+// backend, the work submitted to stream so far is recorded as the slots'
+// last reader, so that a later copy into them waits for it.
+func (e *Engine) Release(lease uint64, stream uintptr) error {
 	e.leaseMu.Lock()
 	grants, ok := e.leases[lease]
 	delete(e.leases, lease)
@@ -587,7 +622,14 @@ func (e *Engine) Release(lease uint64) error {
 	if !ok {
 		return fmt.Errorf("%w: unknown or already released lease %d", ErrInvalid, lease)
 	}
+	var relErr error
+	if ob, isOrdered := e.be.(backend.Ordered); isOrdered {
+		relErr = ob.Release(grantSlots(grants), stream)
+	}
 	e.cache.Unpin(grants)
+	if relErr != nil {
+		return fmt.Errorf("recording the slots' last reader: %w", relErr)
+	}
 	if free {
 		return e.free()
 	}
@@ -621,6 +663,17 @@ func (e *Engine) Arena() (uintptr, int64, error) {
 	return a, n, nil
 }
 
+// Progress reports the backend's progress in preparing the host tier
+// (bytes done of total); zeros when it reports none.
+func (e *Engine) Progress() (done, total int64) {
+	if p := e.opening.Load(); p != nil {
+		if pr, ok := (*p).(backend.Progress); ok {
+			return pr.Progress()
+		}
+	}
+	return 0, 0
+}
+
 // dispatch drains the prefetch queue into the backend, keeping at most
 // PrefetchWindow prefetch loads in flight.
 func (e *Engine) dispatch() {
@@ -648,6 +701,7 @@ func (e *Engine) dispatch() {
 			defer e.bg.Done()
 			err := tr.Err()
 			e.cache.Complete(g.Slot, g.Gen, err)
+			<-tr.Finished() // the window counts copies until they physically end
 			if err == nil {
 				e.bytesMoved[c.Key.Layer].Add(e.lay.SlotBytes)
 			}

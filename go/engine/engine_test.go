@@ -87,9 +87,9 @@ func slotFloats(t *testing.T, e *Engine, slot int, n int) []float32 {
 func acquire(t *testing.T, e *Engine, layer int, experts ...int32) []int32 {
 	t.Helper()
 	slots := make([]int32, len(experts))
-	lease, err := e.Acquire(layer, experts, slots)
+	lease, err := e.Acquire(layer, experts, slots, 0)
 	require.NoError(t, err)
-	require.NoError(t, e.Release(lease))
+	require.NoError(t, e.Release(lease, 0))
 	return slots
 }
 
@@ -171,7 +171,7 @@ func TestHitsPlusMissesEqualUsesAndWarmCacheHasNoMisses(t *testing.T) {
 
 func TestAcquireMoreExpertsThanSlotsIsABudgetError(t *testing.T) {
 	e, _ := newEngine(t, Config{BudgetBytes: 2 * slotBytes}, 1, 4)
-	_, err := e.Acquire(0, []int32{0, 1, 2}, make([]int32, 3))
+	_, err := e.Acquire(0, []int32{0, 1, 2}, make([]int32, 3), 0)
 	require.ErrorIs(t, err, ErrBudget)
 	assert.Contains(t, err.Error(), "acquire at most 2 experts at a time")
 	// Streaming them through in chunks works.
@@ -187,10 +187,10 @@ func TestInvalidArguments(t *testing.T) {
 		err  error
 		msg  string
 	}{
-		{"layer", func() error { _, err := e.Acquire(5, []int32{0}, make([]int32, 1)); return err }(), "layer 5 out of range [0, 2)"},
-		{"expert", func() error { _, err := e.Acquire(0, []int32{9}, make([]int32, 1)); return err }(), "expert 9 out of range [0, 4) in layer 0"},
-		{"slots buffer", func() error { _, err := e.Acquire(0, []int32{1, 2}, make([]int32, 1)); return err }(), "slot buffer of 1 for 2 experts"},
-		{"lease", e.Release(12345), "unknown or already released lease 12345"},
+		{"layer", func() error { _, err := e.Acquire(5, []int32{0}, make([]int32, 1), 0); return err }(), "layer 5 out of range [0, 2)"},
+		{"expert", func() error { _, err := e.Acquire(0, []int32{9}, make([]int32, 1), 0); return err }(), "expert 9 out of range [0, 4) in layer 0"},
+		{"slots buffer", func() error { _, err := e.Acquire(0, []int32{1, 2}, make([]int32, 1), 0); return err }(), "slot buffer of 1 for 2 experts"},
+		{"lease", e.Release(12345, 0), "unknown or already released lease 12345"},
 		{"observe layer", e.Observe(-1, nil, nil), "layer -1 out of range"},
 		{"observe rows", e.Observe(0, []uint64{1}, nil), "1 requests but 0 count rows"},
 		{"observe request", e.Observe(0, []uint64{99}, [][]float32{make([]float32, 4)}), "unknown request"},
@@ -208,7 +208,7 @@ func TestInvalidArguments(t *testing.T) {
 func TestCallOrderIsChecked(t *testing.T) {
 	e, err := New(Config{BudgetBytes: 1 << 20})
 	require.NoError(t, err)
-	_, err = e.Acquire(0, nil, nil)
+	_, err = e.Acquire(0, nil, nil, 0)
 	require.ErrorIs(t, err, ErrState)
 	_, err = e.Configure(Setup{Layout: mixtralSpec})
 	require.ErrorIs(t, err, ErrInvalid, "no experts registered")
@@ -225,7 +225,7 @@ func TestCallOrderIsChecked(t *testing.T) {
 	require.ErrorIs(t, e.AddCheckpoint("/nonexistent"), ErrState)
 	require.NoError(t, e.Close())
 	require.NoError(t, e.Close())
-	_, err = e.Acquire(0, []int32{0}, make([]int32, 1))
+	_, err = e.Acquire(0, []int32{0}, make([]int32, 1), 0)
 	require.ErrorIs(t, err, ErrClosed)
 	_, err = e.Stats()
 	require.ErrorIs(t, err, ErrClosed)
@@ -375,25 +375,25 @@ func TestCorruptTraceFileIsReportedAndIgnored(t *testing.T) {
 func TestCloseWithOutstandingLeaseFreesOnLastRelease(t *testing.T) {
 	e, _ := newEngine(t, Config{BudgetBytes: 2 * slotBytes}, 1, 4)
 	slots := make([]int32, 1)
-	lease, err := e.Acquire(0, []int32{1}, slots)
+	lease, err := e.Acquire(0, []int32{1}, slots, 0)
 	require.NoError(t, err)
 	require.NoError(t, e.Close())
 	assert.True(t, e.Closed())
 	// The slot memory is still mapped for the reader holding the lease.
 	addr, _ := e.be.Arena()
 	assert.NotZero(t, addr)
-	require.NoError(t, e.Release(lease))
+	require.NoError(t, e.Release(lease, 0))
 	addr, _ = e.be.Arena()
 	assert.Zero(t, addr, "the last release freed the arena")
 }
 
 func TestCloseWakesBlockedAcquire(t *testing.T) {
 	e, _ := newEngine(t, Config{BudgetBytes: 1 * slotBytes, Prefetch: noPrefetch()}, 1, 4)
-	lease, err := e.Acquire(0, []int32{0}, make([]int32, 1))
+	lease, err := e.Acquire(0, []int32{0}, make([]int32, 1), 0)
 	require.NoError(t, err)
 	done := make(chan error)
 	go func() {
-		_, err := e.Acquire(0, []int32{1}, make([]int32, 1))
+		_, err := e.Acquire(0, []int32{1}, make([]int32, 1), 0)
 		done <- err
 	}()
 	time.Sleep(20 * time.Millisecond)
@@ -401,7 +401,7 @@ func TestCloseWakesBlockedAcquire(t *testing.T) {
 	go func() { closed <- e.Close() }()
 	require.ErrorIs(t, <-done, ErrClosed)
 	require.NoError(t, <-closed)
-	require.NoError(t, e.Release(lease))
+	require.NoError(t, e.Release(lease, 0))
 }
 
 func TestCloseStopsEveryGoroutine(t *testing.T) {
@@ -449,7 +449,7 @@ func TestConcurrentRequestsStress(t *testing.T) {
 								assert.NoError(t, e.Hint(l+1, []int32{int32((w + l) % E)}))
 							}
 							slots := make([]int32, 2)
-							lease, err := e.Acquire(l, xs, slots)
+							lease, err := e.Acquire(l, xs, slots, 0)
 							if !assert.NoError(t, err) {
 								return
 							}
@@ -458,7 +458,7 @@ func TestConcurrentRequestsStress(t *testing.T) {
 								got := slotFloats(t, e, int(slots[i]), 1)[0]
 								assert.Equal(t, value(l, int(x), 0, 0), got)
 							}
-							assert.NoError(t, e.Release(lease))
+							assert.NoError(t, e.Release(lease, 0))
 						}
 						assert.NoError(t, e.EndRequest(req))
 					}

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/moe-infinity/moe_infinity/go/backend"
 	"github.com/moe-infinity/moe_infinity/go/dtype"
 	"github.com/moe-infinity/moe_infinity/go/store"
 )
@@ -250,6 +251,37 @@ func (l *Layout) Fill(m *store.MoEModule, expert int, dst []byte) error {
 	}
 	clear(dst[prev:l.SlotBytes])
 	return nil
+}
+
+// Segments describes expert e of module m as byte runs of the checkpoint
+// (or host memory) to copy to the given slot offsets, when every part
+// already has its region's dtype; ok is false when a conversion is needed.
+func (l *Layout) Segments(m *store.MoEModule, expert int) (segs []backend.Segment, ok bool) {
+	if expert < 0 || expert >= m.NumExperts {
+		return nil, false
+	}
+	for _, r := range l.Regions {
+		off := r.Offset
+		for _, role := range r.Parts {
+			p, err := m.Part(expert, role)
+			if err != nil || p.DType != r.dt {
+				return nil, false
+			}
+			segs = append(segs, backend.Segment{Offset: off, Data: p.Data})
+			off += p.NumBytes()
+		}
+	}
+	return segs, true
+}
+
+// Region returns the region called name, if any.
+func (l *Layout) Region(name string) (Region, bool) {
+	for _, r := range l.Regions {
+		if r.Name == name {
+			return r, true
+		}
+	}
+	return Region{}, false
 }
 
 // JSON returns the layout as JSON (for the C ABI).

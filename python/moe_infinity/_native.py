@@ -54,8 +54,12 @@ _SIGNATURES: dict[str, list[Any]] = {
     "moe_request_begin": [_c_uint64, _p_uint64],
     "moe_request_end": [_c_uint64, _c_uint64],
     "moe_observe": [_c_uint64, _c_int32, _c_int32, _p_uint64, _p_float],
-    "moe_acquire": [_c_uint64, _c_int32, _c_int32, _p_int32, _p_int32, _p_uint64],
-    "moe_release": [_c_uint64, _c_uint64],
+    "moe_acquire": [_c_uint64, _c_int32, _c_int32, _p_int32, _p_int32, _p_uint64, _c_uint64],
+    "moe_release": [_c_uint64, _c_uint64, _c_uint64],
+    "moe_layer_ffn": [_c_uint64, _c_int32, _c_int32, _p_int32, _c_uint64] + [_c_uint64] * 6 + [_c_int64, _c_int64, _c_int32],
+    "moe_ffn_shape": [_c_uint64, _p_int64, _p_int64, _p_int32],
+    "moe_engine_progress": [_c_uint64, _p_int64, _p_int64],
+    "moe_device_memory": [_c_int32, _p_int64, _p_int64],
     "moe_hint": [_c_uint64, _c_int32, _c_int32, _p_int32],
     "moe_stats": [_c_uint64, _buf, _c_int64, _p_int64],
     "moe_reset_stats": [_c_uint64],
@@ -197,6 +201,14 @@ def call_json(name: str, *args: Any) -> Any:
         if st != 0:
             raise error_for_status(st, last_error() or f"{name} failed with status {st}")
         return json.loads(buf.value.decode("utf-8"))
+
+
+def device_memory(device: int) -> tuple[int, int]:
+    """(total, free) bytes of CUDA device ``device`` as NVML reports them
+    (the CUDA build only)."""
+    total, free = ctypes.c_int64(0), ctypes.c_int64(0)
+    call("moe_device_memory", device, ctypes.byref(total), ctypes.byref(free))
+    return total.value, free.value
 
 
 def version() -> str:

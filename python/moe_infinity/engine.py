@@ -42,6 +42,7 @@ class Engine:
         workers: copy workers of the CPU backend (default min(4, cores)).
         trace_path: trace file loaded at configure and written at close.
         backend: ``"cpu"`` (default) or ``"cuda"``.
+        device: CUDA device ordinal for the ``"cuda"`` backend.
         max_slots: cap on cache slots (default: as many as the budget holds).
     """
 
@@ -57,6 +58,7 @@ class Engine:
         workers: int | None = None,
         trace_path: str | os.PathLike[str] | None = None,
         backend: str = "cpu",
+        device: int = 0,
         max_slots: int | None = None,
     ):
         cfg: dict[str, Any] = {
@@ -64,6 +66,7 @@ class Engine:
             "policy": policy,
             "prefetch": bool(prefetch),
             "backend": backend,
+            "device": int(device),
         }
         for key, val in (
             ("eamc_capacity", eamc_capacity),
@@ -155,9 +158,13 @@ class Engine:
         """The MoE modules found: prefix, num_experts, fused, roles."""
         return _native.call_json("moe_engine_modules", ctypes.c_uint64(self._h()))
 
-    def configure(self, layout: dict[str, Any], layers: Sequence[str] | None = None) -> dict[str, Any]:
-        """Fixes the slot layout and layer order, sizes the cache, and returns the plan."""
-        setup = {"layout": layout, "layers": list(layers or [])}
+    def configure(self, layout: dict[str, Any], layers: Sequence[str] | None = None, budget_bytes: int | None = None) -> dict[str, Any]:
+        """Fixes the slot layout and layer order, sizes the cache (from
+        ``budget_bytes`` when given, else the engine's budget), and returns
+        the plan."""
+        setup: dict[str, Any] = {"layout": layout, "layers": list(layers or [])}
+        if budget_bytes is not None:
+            setup["budget_bytes"] = int(budget_bytes)
         self._plan = _native.call_json("moe_engine_configure", ctypes.c_uint64(self._h()), json.dumps(setup).encode())
         return self._plan
 
@@ -217,20 +224,67 @@ class Engine:
             ctypes.cast(ctypes.c_void_p(arr[0]), ctypes.POINTER(ctypes.c_float)),
         )
 
-    def acquire(self, layer: int, experts: Iterable[int]) -> tuple[list[int], int]:
+    def acquire(self, layer: int, experts: Iterable[int], stream: int = 0) -> tuple[list[int], int]:
         """Makes experts resident and pins them. Returns (slots, lease);
-        release(lease) once the computation reading the slots is done."""
+        release(lease) once the computation reading the slots is done (CPU)
+        or submitted to ``stream`` (CUDA: a raw CUstream handle, e.g.
+        ``torch.cuda.current_stream().cuda_stream``)."""
         xs = list(experts)
         n = len(xs)
         arr = (ctypes.c_int32 * max(1, n))(*xs)
         out = (ctypes.c_int32 * max(1, n))()
         lease = ctypes.c_uint64(0)
-        _native.call("moe_acquire", ctypes.c_uint64(self._h()), layer, n, arr, out, ctypes.byref(lease))
+        _native.call("moe_acquire", ctypes.c_uint64(self._h()), layer, n, arr, out, ctypes.byref(lease), ctypes.c_uint64(stream))
         return list(out[:n]), lease.value
 
-    def release(self, lease: int) -> None:
-        """Drops the pins of a lease."""
-        _native.call("moe_release", ctypes.c_uint64(self._h()), ctypes.c_uint64(lease))
+    def release(self, lease: int, stream: int = 0) -> None:
+        """Drops the pins of a lease (after the work on ``stream`` that reads them)."""
+        _native.call("moe_release", ctypes.c_uint64(self._h()), ctypes.c_uint64(lease), ctypes.c_uint64(stream))
+
+    def ffn_shape(self) -> tuple[int, int, int]:
+        """(hidden, intermediate, dtype code) of the engine's expert FFN;
+        raises UnsupportedError when the layout does not fit the kernels."""
+        h, i, d = ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_int32(0)
+        _native.call("moe_ffn_shape", ctypes.c_uint64(self._h()), ctypes.byref(h), ctypes.byref(i), ctypes.byref(d))
+        return h.value, i.value, d.value
+
+    def layer_ffn(
+        self,
+        layer: int,
+        experts: Sequence[int],
+        *,
+        stream: int,
+        x: int,
+        out: int,
+        scratch: int,
+        pair_token: int,
+        pair_expert: int,
+        pair_weight: int,
+        tokens: int,
+        k: int,
+        dtype: int,
+    ) -> None:
+        """One MoE layer's expert FFN computed by the backend (see
+        ``moe_layer_ffn`` in moe_infinity.h); addresses are data pointers."""
+        n = len(experts)
+        arr = (ctypes.c_int32 * max(1, n))(*experts)
+        _native.call(
+            "moe_layer_ffn",
+            ctypes.c_uint64(self._h()),
+            layer,
+            n,
+            arr,
+            *(ctypes.c_uint64(v) for v in (stream, x, out, scratch, pair_token, pair_expert, pair_weight)),
+            tokens,
+            k,
+            dtype,
+        )
+
+    def progress(self) -> tuple[int, int]:
+        """(done, total) bytes of the host tier prepared during configure()."""
+        d, t = ctypes.c_int64(0), ctypes.c_int64(0)
+        _native.call("moe_engine_progress", ctypes.c_uint64(self._h()), ctypes.byref(d), ctypes.byref(t))
+        return d.value, t.value
 
     def hint(self, layer: int, experts: Iterable[int]) -> None:
         """Hints that ``layer`` will use ``experts`` (they are prefetched first)."""

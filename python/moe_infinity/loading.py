@@ -11,6 +11,7 @@ already in memory, registering its expert tensors with the engine.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .engine import Engine
-from .errors import InvalidArgumentError, NotFoundError, StateError, UnsupportedError
+from .errors import BudgetError, InvalidArgumentError, NotFoundError, StateError, UnsupportedError
 from .families import Family, family_for
 from .memory import format_bytes, host_memory_bytes, parse_memory
 from .runtime import MoELayer, OffloadRuntime, SlotLinear
@@ -147,10 +148,79 @@ def _resolve(name_or_path: str | os.PathLike[str], hf_kwargs: dict[str, Any]) ->
         ) from exc
 
 
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"`` (or None) picks the GPU when one is usable and the CUDA
+    build of the engine is loaded, the CPU otherwise."""
+    from . import _native
+
+    if device is None or device == "auto":
+        if torch.cuda.is_available() and _native.variant() == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UnsupportedError("device='cuda' but torch sees no usable GPU")
+        if _native.variant() != "cuda":
+            raise UnsupportedError(
+                f"device='cuda' needs the CUDA build of the engine, but {_native.library_path()} is the CPU build "
+                "(build it with `make cuda` or reinstall with CUDA headers available)"
+            )
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise UnsupportedError(f"device {dev} is not supported (cpu, cuda)")
+    return dev
+
+
 def _device_total(device: torch.device) -> int:
+    """Total memory of the device in bytes (NVML's number for GPUs)."""
     if device.type == "cpu":
         return host_memory_bytes()
-    raise UnsupportedError(f"device {device} is not supported by this build (cpu)")
+    from . import _native
+
+    total, _ = _native.device_memory(device.index or 0)
+    return total
+
+
+#: GPU memory kept free for activations and the KV cache: this fraction of
+#: device_memory, but at least WORKSPACE_MIN bytes.
+WORKSPACE_FRACTION = 0.02
+WORKSPACE_MIN = 256 << 20
+
+
+def _model_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def _slot_bytes(meta: dict[str, tuple[tuple[int, ...], torch.dtype]], align: int = 256) -> int:
+    """One expert slot's size, as the engine lays it out (regions aligned)."""
+    off = 0
+    for shape, dt in meta.values():
+        off = (off + align - 1) // align * align
+        n = 1
+        for d in shape:
+            n *= d
+        off += n * torch.empty((), dtype=dt).element_size()
+    return (off + align - 1) // align * align
+
+
+def _cache_budget(device_memory: int, model: torch.nn.Module, device: torch.device, meta: dict[str, Any]) -> int:
+    """Bytes left for the expert cache. On a GPU, device_memory covers the
+    dense weights and a workspace too; on the CPU it is all cache."""
+    if device.type == "cpu":
+        return device_memory
+    dense = _model_bytes(model)
+    workspace = max(WORKSPACE_MIN, int(WORKSPACE_FRACTION * device_memory))
+    left = device_memory - dense - workspace
+    slot = _slot_bytes(meta)
+    if left < slot:
+        raise BudgetError(
+            f"device_memory={format_bytes(device_memory)} ({device_memory} bytes) must hold the dense weights "
+            f"({format_bytes(dense)}), a workspace for activations ({format_bytes(workspace)}) and at least one expert slot "
+            f"({format_bytes(slot)}); raise device_memory to at least {dense + workspace + slot} bytes"
+        )
+    return left
 
 
 # -- offload directory -------------------------------------------------------------
@@ -322,17 +392,36 @@ def _budget(device_memory: Any, device: torch.device) -> int:
     return parse_memory(device_memory, total)
 
 
-def _engine(budget: int, cache_policy: str, prefetch: bool, trace_path: Path | None, engine_options: dict[str, Any]) -> Engine:
-    return Engine(budget_bytes=budget, policy=cache_policy, prefetch=prefetch, trace_path=trace_path, **engine_options)
+def _engine(budget: int, cache_policy: str, prefetch: bool, trace_path: Path | None, engine_options: dict[str, Any], device: torch.device) -> Engine:
+    backend = "cuda" if device.type == "cuda" else "cpu"
+    return Engine(budget_bytes=budget, policy=cache_policy, prefetch=prefetch, trace_path=trace_path, backend=backend, device=device.index or 0, **engine_options)
 
 
-def _finish(model: torch.nn.Module, engine: Engine, family: Family, base_prefix: str) -> torch.nn.Module:
+def _finish(model: torch.nn.Module, engine: Engine, family: Family, base_prefix: str, device: torch.device, device_memory: int, kernels: bool) -> torch.nn.Module:
     modules = engine.modules()
     if not modules:
         raise UnsupportedError("no routed expert tensors found in the checkpoint")
     layers = _layers_for(model, family, modules, base_prefix)
     fused_on_disk = by_prefix_fused(modules, layers)
-    rt = OffloadRuntime(engine, family, layers, _region_meta(layers), fused_on_disk)
+    meta = _region_meta(layers)
+    budget = _cache_budget(device_memory, model, device, meta)
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="Pinning experts", unit="B", unit_scale=True, unit_divisor=1024, disable=None)
+        bar.n = done
+        bar.refresh()
+
+    try:
+        rt = OffloadRuntime(
+            engine, family, layers, meta, fused_on_disk,
+            device=device, budget_bytes=budget, kernels=kernels, progress=progress if device.type == "cuda" else None,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
     _install(model, rt, family)
     plan = rt.plan
     log.info(
@@ -371,6 +460,8 @@ def from_pretrained(
     cache_policy: str = "priority",
     prefetch: bool = True,
     dtype: Any = None,
+    device: str | torch.device | None = "auto",
+    kernels: bool = True,
     engine_options: dict[str, Any] | None = None,
     **hf_kwargs: Any,
 ) -> Any:
@@ -396,6 +487,13 @@ def from_pretrained(
         prefetch: trace-driven prefetching on (default) or off.
         dtype: torch dtype of the model (passed to transformers; experts are
             converted to it in the cache).
+        device: ``"auto"`` (the GPU when one is usable and the CUDA build of
+            the engine is installed, else the CPU), ``"cpu"``, ``"cuda"`` or
+            ``"cuda:N"``. On a GPU the dense weights live there too and
+            ``device_memory`` covers them, a workspace and the cache.
+        kernels: on a GPU, compute bfloat16/float16 SwiGLU experts of decode
+            steps with the engine's fused kernels (default); False keeps
+            transformers' own expert code everywhere.
         engine_options: advanced engine settings (``eamc_capacity``,
             ``matches``, ``prefetch_window``, ``workers``, ``max_slots``).
         **hf_kwargs: passed to transformers' ``from_pretrained``.
@@ -406,16 +504,16 @@ def from_pretrained(
     config_kwargs = {k: hf_kwargs[k] for k in ("trust_remote_code", "revision") if k in hf_kwargs}
     config = AutoConfig.from_pretrained(path, **config_kwargs)
     family = family_for(getattr(config, "model_type", ""))
-    device = torch.device("cpu")
-    if "device_map" in hf_kwargs and hf_kwargs["device_map"] not in (None, "cpu", {"": "cpu"}):
-        raise UnsupportedError("device_map is managed by moe_infinity; this build runs on the CPU")
-    budget = _budget(device_memory, device)
+    if "device_map" in hf_kwargs:
+        raise InvalidArgumentError("device_map is managed by moe_infinity; choose the device with device='cpu' or 'cuda'")
+    dev = _resolve_device(device)
+    budget = _budget(device_memory, dev)
     if not any(path.glob("*.safetensors")):
         raise NotFoundError(f"{path} has no .safetensors files; moe_infinity reads experts from safetensors checkpoints")
     trace = Path(trace_path) if trace_path else None
     if offload_dir is not None:
         trace = _prepare_offload_dir(Path(offload_dir), _fingerprint(path, config), trace)
-    engine = _engine(budget, cache_policy, prefetch, trace, dict(engine_options or {}))
+    engine = _engine(budget, cache_policy, prefetch, trace, dict(engine_options or {}), dev)
     try:
         engine.add_checkpoint(path)
         cls = _stripped_class(_model_class(config, family), family)
@@ -423,9 +521,11 @@ def from_pretrained(
         kwargs.pop("local_files_only", None)
         if dtype is not None:
             kwargs["dtype"] = dtype
+        if dev.type == "cuda":
+            kwargs["device_map"] = {"": dev.index}
         model = cls.from_pretrained(path, config=config, **kwargs)
         model.eval()
-        return _finish(model, engine, family, getattr(model, "base_model_prefix", ""))
+        return _finish(model, engine, family, getattr(model, "base_model_prefix", ""), dev, budget, kernels)
     except BaseException:
         engine.close()
         raise
@@ -438,18 +538,21 @@ def offload(
     trace_path: str | os.PathLike[str] | None = None,
     cache_policy: str = "priority",
     prefetch: bool = True,
+    device: str | torch.device | None = "auto",
+    kernels: bool = True,
     engine_options: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
     """Hands the routed experts of a model already in memory (for example
     built with ``from_config``) to moe_infinity, in place, and returns it.
 
     The expert tensors move to (or stay in) host memory, which becomes the
-    engine's host tier; the model keeps no expert parameters.
+    engine's host tier (pinned in place for the GPU); the model keeps no
+    expert parameters. With a GPU the rest of the model moves to it.
     """
     family = family_for(getattr(model.config, "model_type", ""))
-    device = torch.device("cpu")
-    budget = _budget(device_memory, device)
-    engine = _engine(budget, cache_policy, prefetch, Path(trace_path) if trace_path else None, dict(engine_options or {}))
+    dev = _resolve_device(device)
+    budget = _budget(device_memory, dev)
+    engine = _engine(budget, cache_policy, prefetch, Path(trace_path) if trace_path else None, dict(engine_options or {}), dev)
     try:
         mods = _experts_modules(model, family)
         if not mods:
@@ -467,7 +570,9 @@ def offload(
                             engine.add_host_tensor(f"{path}.{key}.{lin_name}.{pname}", p.detach().to("cpu").contiguous())
         _strip(model, family)
         model.eval()
-        return _finish(model, engine, family, "")
+        if dev.type == "cuda":
+            model.to(dev)
+        return _finish(model, engine, family, "", dev, budget, kernels)
     except BaseException:
         engine.close()
         raise

@@ -38,12 +38,58 @@ import torch
 import torch.nn.functional as F
 
 from .engine import Engine
-from .errors import ClosedError, StateError
+from .errors import ClosedError, MoEInfinityError, StateError
 from .families import Family
 
 log = logging.getLogger("moe_infinity")
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+#: The kernels are GEMVs over each (token, expert) pair, made for decode:
+#: they read an expert's weights once per pair, so they win while few tokens
+#: share an expert. Measured on an H200 (BENCHMARKS.md): 2.6x faster than
+#: torch for one token on Mixtral-sized experts but slower at 4 tokens, and
+#: 15-23x faster for fine-grained experts (<= 16 MiB) up to 4 tokens. Larger
+#: batches run transformers' grouped GEMMs on slot views.
+KERNEL_MAX_TOKENS = 16
+KERNEL_SMALL_EXPERT_BYTES = 16 << 20
+
+
+def kernel_wins(tokens: int, expert_bytes: int) -> bool:
+    """Whether the engine's decode kernels beat torch for this step."""
+    if tokens <= 1:
+        return True
+    return tokens <= KERNEL_MAX_TOKENS and expert_bytes <= KERNEL_SMALL_EXPERT_BYTES
+
+
+def _configure_with_progress(engine: Engine, layout: dict[str, Any], layers: list[str], budget_bytes: int | None, progress: Any) -> dict[str, Any]:
+    """engine.configure, reporting the host tier's preparation (pinning
+    experts for the GPU can take a while) through ``progress(done, total)``
+    from a polling thread."""
+    if progress is None:
+        return engine.configure(layout, layers=layers, budget_bytes=budget_bytes)
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(0.2):
+            try:
+                done, total = engine.progress()
+            except MoEInfinityError:
+                return
+            if total:
+                progress(done, total)
+
+    t = threading.Thread(target=poll, name="moe_infinity-progress", daemon=True)
+    t.start()
+    try:
+        plan = engine.configure(layout, layers=layers, budget_bytes=budget_bytes)
+    finally:
+        stop.set()
+        t.join()
+    done, total = engine.progress()
+    if total:
+        progress(done, total)
+    return plan
 
 
 @dataclass
@@ -87,7 +133,7 @@ class _Streamer:
         self.release()
         i = self.pos.get(expert)
         chunk = self.order[i : i + self.rt.max_pin] if i is not None else [expert]
-        slots, lease = self.rt.engine.acquire(self.layer, chunk)
+        slots, lease = self.rt.engine.acquire(self.layer, chunk, self.rt.stream())
         self.lease = lease
         self.cur = dict(zip(chunk, slots))
         return self.cur[expert]
@@ -96,7 +142,7 @@ class _Streamer:
         if self.lease is not None:
             lease, self.lease = self.lease, None
             self.cur = {}
-            self.rt.engine.release(lease)
+            self.rt.engine.release(lease, self.rt.stream())
 
     def __enter__(self) -> _Streamer:
         return self
@@ -167,14 +213,35 @@ class SlotLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self._has_bias}, offloaded expert {self._expert} of MoE layer {self._layer}"
 
 
+class _DeviceBuffer:
+    """Exposes engine-owned GPU memory to torch (zero copy) through the CUDA
+    array interface."""
+
+    def __init__(self, ptr: int, size: int):
+        self.__cuda_array_interface__ = {"shape": (size,), "typestr": "|u1", "data": (ptr, False), "version": 3, "strides": None, "stream": None}
+
+
 class OffloadRuntime:
     """Connects one transformers model to one engine."""
 
-    def __init__(self, engine: Engine, family: Family, layers: list[MoELayer], region_meta: dict[str, tuple[tuple[int, ...], torch.dtype]], fused_on_disk: bool):
+    def __init__(
+        self,
+        engine: Engine,
+        family: Family,
+        layers: list[MoELayer],
+        region_meta: dict[str, tuple[tuple[int, ...], torch.dtype]],
+        fused_on_disk: bool,
+        *,
+        device: torch.device | None = None,
+        budget_bytes: int | None = None,
+        kernels: bool = False,
+        progress: Any = None,
+    ):
         self.engine = engine
         self.family = family
         self.layers = layers
         self.region_meta = region_meta
+        self.device = device or torch.device("cpu")
         self._tls = threading.local()
         self._lock = threading.Lock()
         self._closed = False
@@ -188,7 +255,7 @@ class OffloadRuntime:
                 for r in family.regions
             ]
         }
-        self.plan = engine.configure(layout, layers=[layer.prefix for layer in layers])
+        self.plan = _configure_with_progress(engine, layout, [layer.prefix for layer in layers], budget_bytes, progress)
         for r in self.plan["layout"]["regions"]:
             want = tuple(region_meta[r["name"]][0])
             if tuple(r["shape"]) != want:
@@ -199,6 +266,15 @@ class OffloadRuntime:
         self.num_experts = int(self.plan["num_experts"])
         self.max_pin = int(self.plan["slots"])
         self.views = self._build_views()
+        # The engine's expert FFN kernels serve standard SwiGLU experts on the
+        # GPU (bfloat16/float16); everything else runs transformers' code.
+        self.kernels = False
+        if kernels and self.device.type == "cuda" and family.style == "fused" and family.model_type != "gpt_oss":
+            try:
+                self.ffn_hidden, self.ffn_inter, self.ffn_dtype = engine.ffn_shape()
+                self.kernels = True
+            except MoEInfinityError as exc:
+                log.info("moe_infinity: expert FFN kernels off: %s", exc)
         for layer in layers:
             if layer.num_experts != self.num_experts:
                 raise StateError(f"{layer.path} has {layer.num_experts} experts but the checkpoint has {self.num_experts}")
@@ -207,8 +283,11 @@ class OffloadRuntime:
 
     def _build_views(self) -> list[dict[str, torch.Tensor]]:
         addr, size = self.engine.arena()
-        raw = (ctypes.c_uint8 * size).from_address(addr)
-        arena = torch.frombuffer(raw, dtype=torch.uint8)
+        if self.device.type == "cuda":
+            arena = torch.as_tensor(_DeviceBuffer(addr, size), device=self.device)
+        else:
+            raw = (ctypes.c_uint8 * size).from_address(addr)
+            arena = torch.frombuffer(raw, dtype=torch.uint8)
         self._arena = arena
         views = []
         slot_bytes = self.plan["slot_bytes"]
@@ -220,6 +299,12 @@ class OffloadRuntime:
                 regs[r["name"]] = arena[off : off + r["bytes"]].view(_TORCH_DTYPES[r["dtype"]]).view(r["shape"])
             views.append(regs)
         return views
+
+    def stream(self) -> int:
+        """The raw CUDA stream the calling thread computes on (0 on CPU)."""
+        if self.device.type != "cuda":
+            return 0
+        return torch.cuda.current_stream(self.device).cuda_stream
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -306,6 +391,15 @@ class OffloadRuntime:
             tokens = torch.arange(flat.numel(), device=flat.device) // k
             self._observe(layer.index, tokens[valid].cpu(), flat[valid].cpu(), top_k_index.shape[0])
             needed = torch.unique(flat[valid]).tolist()
+        if (
+            self.kernels
+            and needed
+            and len(needed) <= self.max_pin
+            and top_k_index.dim() == 2
+            and kernel_wins(top_k_index.shape[0], self.plan["layout"]["source_bytes"])
+            and hidden.dtype == (torch.bfloat16 if self.ffn_dtype == 0 else torch.float16)
+        ):
+            return self._run_kernel(layer, hidden, top_k_index, top_k_weights, needed)
         impl = getattr(getattr(module, "config", None), "_experts_implementation", None) or "eager"
         if impl == "eager":
             with _Streamer(self, layer.index, needed) as st:
@@ -322,18 +416,48 @@ class OffloadRuntime:
         proxy = _ExpertsProxy(module, {**stacked, "num_experts": len(needed)})
         return fn(proxy, hidden, local, top_k_weights)
 
+    def _run_kernel(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, needed: list[int]) -> torch.Tensor:
+        """The engine's fused expert FFN: one call, two kernel launches over
+        every expert of the layer, reading weights straight from the slots."""
+        T, k = top_k_index.shape
+        dev = hidden.device
+        remap = torch.full((self.num_experts,), -1, dtype=torch.int32, device=dev)
+        remap[torch.tensor(needed, device=dev)] = torch.arange(len(needed), dtype=torch.int32, device=dev)
+        pair_expert = remap[top_k_index.reshape(-1)].contiguous()
+        pair_token = torch.arange(T, dtype=torch.int32, device=dev).repeat_interleave(k)
+        pair_weight = top_k_weights.reshape(-1).to(torch.float32).contiguous()
+        x = hidden.contiguous()
+        out = torch.empty_like(x)
+        scratch = torch.empty((T * k, self.ffn_inter), dtype=torch.float32, device=dev)
+        self.engine.layer_ffn(
+            layer.index,
+            needed,
+            stream=self.stream(),
+            x=x.data_ptr(),
+            out=out.data_ptr(),
+            scratch=scratch.data_ptr(),
+            pair_token=pair_token.data_ptr(),
+            pair_expert=pair_expert.data_ptr(),
+            pair_weight=pair_weight.data_ptr(),
+            tokens=T,
+            k=k,
+            dtype=self.ffn_dtype,
+        )
+        return out
+
     def _stack(self, layer: int, experts: list[int], device: torch.device) -> dict[str, torch.Tensor]:
         """The layer's needed experts' regions stacked in expert order."""
         out = {name: torch.empty((len(experts), *shape), dtype=dtype, device=device) for name, (shape, dtype) in self.region_meta.items()}
+        stream = self.stream()
         for start in range(0, len(experts), self.max_pin):
             chunk = experts[start : start + self.max_pin]
-            slots, lease = self.engine.acquire(layer, chunk)
+            slots, lease = self.engine.acquire(layer, chunk, stream)
             try:
                 for j, s in enumerate(slots):
                     for name, t in out.items():
                         t[start + j].copy_(self.views[s][name])
             finally:
-                self.engine.release(lease)
+                self.engine.release(lease, stream)
         return out
 
     def run_moduledict(self, layer: MoELayer, original: Any, hidden: torch.Tensor, mask: torch.Tensor, *rest: Any) -> torch.Tensor:

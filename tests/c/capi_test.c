@@ -80,7 +80,7 @@ int main(void) {
 
     uint64_t lease = 0;
     int32_t expert = 0, slot = -1;
-    CHECK(moe_acquire(h, 0, 1, &expert, &slot, &lease) == MOE_ERR_STATE, "acquire before configure");
+    CHECK(moe_acquire(h, 0, 1, &expert, &slot, &lease, 0) == MOE_ERR_STATE, "acquire before configure");
 
     const char *setup =
         "{\"layout\": {\"regions\": ["
@@ -104,23 +104,28 @@ int main(void) {
         CHECK(moe_observe(h, l, 1, &req, counts) == MOE_OK, "observe: %s", last_error());
         for (int e = 0; e < E; e++) {
             expert = e;
-            CHECK(moe_acquire(h, l, 1, &expert, &slot, &lease) == MOE_OK, "acquire: %s", last_error());
+            CHECK(moe_acquire(h, l, 1, &expert, &slot, &lease, 0) == MOE_OK, "acquire: %s", last_error());
             uint64_t addr = 0;
             CHECK(moe_engine_slot_addr(h, slot, &addr) == MOE_OK, "slot addr");
             const float *s = (const float *)(uintptr_t)addr;
             CHECK(memcmp(s, w[l][e][0], sizeof w[l][e][0]) == 0, "w1 bytes of L%d/E%d", l, e);
             CHECK(memcmp(s + I * H, w[l][e][2], sizeof w[l][e][2]) == 0, "w3 bytes of L%d/E%d", l, e);
             CHECK(memcmp((const char *)s + 256, w[l][e][1], sizeof w[l][e][1]) == 0, "w2 bytes of L%d/E%d", l, e);
-            CHECK(moe_release(h, lease) == MOE_OK, "release");
+            CHECK(moe_release(h, lease, 0) == MOE_OK, "release");
         }
     }
-    CHECK(moe_release(h, lease) == MOE_ERR_INVALID, "double release");
+    CHECK(moe_release(h, lease, 0) == MOE_ERR_INVALID, "double release");
     int32_t three[3] = {0, 1, 2}, out[3];
-    CHECK(moe_acquire(h, 0, 3, three, out, &lease) == MOE_ERR_BUDGET, "3 experts, 2 slots");
+    CHECK(moe_acquire(h, 0, 3, three, out, &lease, 0) == MOE_ERR_BUDGET, "3 experts, 2 slots");
     CHECK(strstr(last_error(), "acquire at most 2 experts at a time") != NULL, "%s", last_error());
     expert = 99;
-    CHECK(moe_acquire(h, 0, 1, &expert, &slot, &lease) == MOE_ERR_INVALID, "bad expert");
+    CHECK(moe_acquire(h, 0, 1, &expert, &slot, &lease, 0) == MOE_ERR_INVALID, "bad expert");
     CHECK(moe_hint(h, 1, 1, three) == MOE_OK, "hint");
+    int64_t hid = 0, inter = 0, done = -1, total = -1;
+    int32_t code = -1;
+    CHECK(moe_ffn_shape(h, &hid, &inter, &code) == MOE_ERR_UNSUPPORTED, "f32 experts do not fit the kernels: %s", last_error());
+    CHECK(moe_engine_progress(h, &done, &total) == MOE_OK && done == 0 && total == 0, "cpu progress");
+    CHECK(moe_device_memory(0, &done, &total) == MOE_ERR_UNSUPPORTED || done > 0, "device memory");
     CHECK(moe_request_end(h, req) == MOE_OK, "end");
 
     CHECK(moe_stats(h, buf, sizeof buf, &needed) == MOE_OK, "stats");

@@ -1,0 +1,127 @@
+// moe_ffn.cu — the engine's fused expert FFN for decode.
+//
+// Data path of one MoE layer (T tokens, k experts per token, P = T·k
+// (token, expert) pairs, every needed expert resident in a cache slot):
+//
+//   moe_gate_up_swiglu: h[p, i] = silu(Wg[e_p] x[t_p])[i] · (Wu[e_p] x[t_p])[i]     (f32)
+//   moe_down:           out[t, :] = Σ_j w[t·k+j] · Wd[e_{t·k+j}] h[t·k+j, :]          (x's dtype)
+//
+// Rounding follows transformers' bfloat16/float16 expert code: the gate and
+// up projections, the activation, the gated product and the down projection
+// are each rounded to the activation dtype; the routing-weighted sum over a
+// token's experts is float32 and rounded once. (Accumulation inside each dot
+// product is float32.)
+//
+// Each kernel covers every expert of the layer in one launch; experts are
+// reached through a table of slot pointers, so nothing is gathered or
+// copied. Weights are row-major as transformers keeps them: gate_up
+// [2I, H] (gate rows first, then up rows), down [H, I]. A warp computes one
+// output row: lanes stride along the row with 16-byte loads (8 elements),
+// then reduce with shuffles; accumulation is f32. Token-order summation
+// over j keeps the result deterministic (no atomics).
+//
+// Parameters are 8 bytes each (pointers and int64) because that is what
+// gorgonia.org/cu's Function.Launch passes. dtype: 0 = bfloat16, 1 = float16.
+
+#include "compat.h"
+
+#define MOE_WARPS 8
+#define MOE_MAX_SMEM_FLOATS 12288  // 48 KiB of shared memory for x
+
+__device__ __forceinline__ float moe_load(const moe_bf16 *p, long i, long dtype) {
+    return dtype == 0 ? moe_bf16_to_f32(p[i]) : moe_f16_to_f32(p[i]);
+}
+
+__device__ __forceinline__ void moe_unpack8(uint4 v, long dtype, float *out) {
+    unsigned int w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        moe_bf16 lo = (moe_bf16)(w[q] & 0xffffu), hi = (moe_bf16)(w[q] >> 16);
+        out[2 * q] = dtype == 0 ? moe_bf16_to_f32(lo) : moe_f16_to_f32(lo);
+        out[2 * q + 1] = dtype == 0 ? moe_bf16_to_f32(hi) : moe_f16_to_f32(hi);
+    }
+}
+
+// Rounds x to the activation dtype and back.
+__device__ __forceinline__ float moe_round(float x, long dtype) {
+    return dtype == 0 ? moe_bf16_to_f32(moe_f32_to_bf16(x)) : moe_f16_to_f32(moe_f32_to_f16(x));
+}
+
+__device__ __forceinline__ float moe_warp_sum(float v) {
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) v += MOE_SHFL_XOR(v, m);
+    return v;
+}
+
+// dot of a weight row (n elements, dtype) with a f32 vector; vectorised when
+// the row is 16-byte aligned and n is a multiple of 8.
+__device__ __forceinline__ float moe_row_dot(const moe_bf16 *row, const float *vec, long n, long dtype, unsigned int lane) {
+    float acc = 0.f;
+    if ((n & 7) == 0 && (((unsigned long)row) & 15) == 0) {
+        const uint4 *r4 = (const uint4 *)row;
+        for (long c = lane; c < n / 8; c += 32) {
+            float w[8];
+            moe_unpack8(r4[c], dtype, w);
+            const float *v = vec + c * 8;
+#pragma unroll
+            for (int q = 0; q < 8; q++) acc += w[q] * v[q];
+        }
+    } else {
+        for (long c = lane; c < n; c += 32) acc += moe_load(row, c, dtype) * vec[c];
+    }
+    return moe_warp_sum(acc);
+}
+
+extern "C" __global__ void moe_gate_up_swiglu(const moe_bf16 *x, const int *pair_token, const int *pair_expert,
+                                              const unsigned long *wtab, float *h, long P, long H, long I, long dtype) {
+    __shared__ float xs[MOE_MAX_SMEM_FLOATS];
+    long p = MOE_CTAID_Y;
+    if (p >= P) return;
+    long t = pair_token[p];
+    const moe_bf16 *xt = x + t * H;
+    bool staged = H <= MOE_MAX_SMEM_FLOATS;
+    if (staged) {
+        for (long c = MOE_TID_X; c < H; c += MOE_NTID_X) xs[c] = moe_load(xt, c, dtype);
+        __syncthreads();
+    }
+    unsigned int lane = MOE_TID_X & 31u, warp = MOE_TID_X >> 5;
+    long i = (long)MOE_CTAID_X * MOE_WARPS + warp;
+    if (i >= I) return;
+    const moe_bf16 *w = (const moe_bf16 *)wtab[pair_expert[p]];
+    float g, u;
+    if (staged) {
+        g = moe_row_dot(w + i * H, xs, H, dtype, lane);
+        u = moe_row_dot(w + (I + i) * H, xs, H, dtype, lane);
+    } else {
+        g = 0.f;
+        u = 0.f;
+        for (long c = lane; c < H; c += 32) {
+            float xv = moe_load(xt, c, dtype);
+            g += moe_load(w + i * H, c, dtype) * xv;
+            u += moe_load(w + (I + i) * H, c, dtype) * xv;
+        }
+        g = moe_warp_sum(g);
+        u = moe_warp_sum(u);
+    }
+    if (lane == 0) {
+        g = moe_round(g, dtype);
+        u = moe_round(u, dtype);
+        float act = moe_round(g / (1.f + MOE_EXPF(-g)), dtype);
+        h[p * I + i] = moe_round(act * u, dtype);
+    }
+}
+
+extern "C" __global__ void moe_down(const float *h, const int *pair_expert, const unsigned long *wtab,
+                                    const float *pair_weight, moe_bf16 *out, long T, long K, long H, long I, long dtype) {
+    long t = MOE_CTAID_Y;
+    unsigned int lane = MOE_TID_X & 31u, warp = MOE_TID_X >> 5;
+    long r = (long)MOE_CTAID_X * MOE_WARPS + warp;
+    if (t >= T || r >= H) return;
+    float acc = 0.f;
+    for (long j = 0; j < K; j++) {
+        long p = t * K + j;
+        const moe_bf16 *w = (const moe_bf16 *)wtab[pair_expert[p]];
+        acc += pair_weight[p] * moe_round(moe_row_dot(w + r * I, h + p * I, I, dtype, lane), dtype);
+    }
+    if (lane == 0) out[t * H + r] = dtype == 0 ? moe_f32_to_bf16(acc) : moe_f32_to_f16(acc);
+}

@@ -1,0 +1,529 @@
+//go:build cuda
+
+package cuda
+
+import (
+	_ "embed"
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"unsafe"
+
+	"gorgonia.org/cu"
+
+	"github.com/moe-infinity/moe_infinity/go/backend"
+)
+
+//go:embed moe_ffn.ptx
+var moeFFNPTX string
+
+// chunkBytes is the size of the pinned buffers that hold experts needing
+// conversion (several experts per buffer, at least one).
+const chunkBytes = 1 << 30
+
+// tableRing is the number of device pointer tables the FFN kernels cycle
+// through, so that concurrent launches on different streams never share one.
+const tableRing = 8
+
+// Config selects the device.
+type Config struct {
+	// Device is the CUDA ordinal.
+	Device int
+}
+
+// Backend is the CUDA backend. All methods are safe for concurrent use.
+type Backend struct {
+	cfg Config
+	dev *device
+
+	mu       sync.Mutex
+	opened   bool
+	closed   bool
+	arena    uint64
+	slots    int
+	slotSize int64
+	demand   uintptr // high-priority stream for on-demand copies
+	prefetch uintptr // low-priority stream for prefetches
+	ready    []uintptr
+	free     []uintptr
+	experts  int
+	segs     [][]hostSeg // [layer*experts+expert]
+	pinned   []unsafe.Pointer
+	regs     []unsafe.Pointer
+	events   chan uintptr
+	watchers sync.WaitGroup
+	done     atomic.Int64
+	total    atomic.Int64
+
+	mod     cu.Module
+	gateUp  cu.Function
+	down    cu.Function
+	tables  [tableRing]uint64
+	tableEv [tableRing]uintptr
+	tableN  int
+	tableI  atomic.Uint64
+}
+
+type hostSeg struct {
+	off int64
+	ptr unsafe.Pointer
+	n   int64
+}
+
+// New returns an unopened CUDA backend.
+func New(cfg Config) *Backend { return &Backend{cfg: cfg, events: make(chan uintptr, 64)} }
+
+// Name returns "cuda".
+func (b *Backend) Name() string { return "cuda" }
+
+// DeviceMemory returns the total and free memory of device ordinal, in
+// bytes: NVML's numbers when NVML is available, the driver's otherwise.
+func DeviceMemory(ordinal int) (total, free int64, err error) {
+	d, err := openDevice(ordinal)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer d.release()
+	if t, f, ok := nvmlMemory(d.pciBusID()); ok {
+		return t, f, nil
+	}
+	f, t, err := d.memInfo()
+	return t, f, err
+}
+
+// Progress reports how many bytes of the host tier are pinned so far.
+func (b *Backend) Progress() (done, total int64) { return b.done.Load(), b.total.Load() }
+
+// Open allocates the slot arena on the GPU, pins every expert in host
+// memory and loads the kernels.
+func (b *Backend) Open(slots int, slotBytes int64, src backend.Source) (err error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return backend.ErrClosed
+	}
+	if b.opened {
+		return fmt.Errorf("backend cuda: already opened")
+	}
+	ss, ok := src.(backend.SegmentSource)
+	if !ok {
+		return fmt.Errorf("backend cuda: the source cannot describe expert layers")
+	}
+	if b.dev, err = openDevice(b.cfg.Device); err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			b.freeLocked()
+		}
+	}()
+	b.slots, b.slotSize = slots, slotBytes
+	size := int64(slots) * slotBytes
+	err = b.dev.do(func() error {
+		free, _, err := memInfo()
+		if err != nil {
+			return err
+		}
+		if size > free {
+			return fmt.Errorf("backend cuda: the cache needs %d bytes of GPU memory but only %d are free on device %d", size, free, b.cfg.Device)
+		}
+		if b.arena, err = memAlloc(size); err != nil {
+			return err
+		}
+		least, greatest, err := priorityRange()
+		if err != nil {
+			return err
+		}
+		if b.demand, err = streamCreate(greatest); err != nil {
+			return err
+		}
+		if b.prefetch, err = streamCreate(least); err != nil {
+			return err
+		}
+		for i := 0; i < slots; i++ {
+			r, err := eventCreate()
+			if err != nil {
+				return err
+			}
+			f, err := eventCreate()
+			if err != nil {
+				eventDestroy(r)
+				return err
+			}
+			b.ready = append(b.ready, r)
+			b.free = append(b.free, f)
+		}
+		if b.mod, err = cu.LoadData(moeFFNPTX); err != nil {
+			return fmt.Errorf("backend cuda: loading the kernels: %w", err)
+		}
+		if b.gateUp, err = b.mod.Function("moe_gate_up_swiglu"); err != nil {
+			return err
+		}
+		if b.down, err = b.mod.Function("moe_down"); err != nil {
+			return err
+		}
+		b.tableN = max(slots, 1)
+		for i := range b.tables {
+			if b.tables[i], err = memAlloc(int64(2 * 8 * b.tableN)); err != nil {
+				return err
+			}
+			if b.tableEv[i], err = eventCreate(); err != nil {
+				return err
+			}
+		}
+		return b.pinHostTier(ss, slotBytes)
+	})
+	if err != nil {
+		return err
+	}
+	b.opened = true
+	return nil
+}
+
+// pinHostTier makes every expert copyable from pinned host memory: source
+// bytes already in slot format are registered in place (cuMemHostRegister);
+// the rest are converted into cuMemHostAlloc'ed buffers. Runs inside do.
+func (b *Backend) pinHostTier(src backend.SegmentSource, slotBytes int64) error {
+	layers, experts := src.Shape()
+	b.experts = experts
+	b.segs = make([][]hostSeg, layers*experts)
+	b.total.Store(int64(layers*experts) * slotBytes)
+	// base is a real pointer inside the range, so that the aligned start
+	// is derived from it with unsafe.Add rather than made from an integer.
+	type rng struct {
+		lo, hi uintptr
+		base   unsafe.Pointer
+	}
+	var ranges []rng
+	var stage []int
+	for i := range b.segs {
+		segs, ok := src.Segments(i/experts, i%experts)
+		if !ok {
+			stage = append(stage, i)
+			continue
+		}
+		for _, s := range segs {
+			if len(s.Data) == 0 {
+				continue
+			}
+			p := unsafe.Pointer(&s.Data[0])
+			b.segs[i] = append(b.segs[i], hostSeg{off: s.Offset, ptr: p, n: int64(len(s.Data))})
+			ranges = append(ranges, rng{uintptr(p), uintptr(p) + uintptr(len(s.Data)), p})
+		}
+	}
+	// Register page-aligned, merged ranges: overlapping registrations fail.
+	page := uintptr(os.Getpagesize())
+	for i := range ranges {
+		ranges[i].lo &^= page - 1
+		ranges[i].hi = (ranges[i].hi + page - 1) &^ (page - 1)
+	}
+	sort.Slice(ranges, func(i, j int) bool { return ranges[i].lo < ranges[j].lo })
+	var merged []rng
+	for _, r := range ranges {
+		if n := len(merged); n > 0 && r.lo <= merged[n-1].hi {
+			merged[n-1].hi = max(merged[n-1].hi, r.hi)
+			continue
+		}
+		merged = append(merged, r)
+	}
+	var failed []rng
+	for _, r := range merged {
+		p := unsafe.Add(r.base, -int(uintptr(r.base)-r.lo))
+		n := int64(r.hi - r.lo)
+		err := hostRegister(p, n, false)
+		if err != nil {
+			err = hostRegister(p, n, true) // read-only mappings (checkpoint files)
+		}
+		if err != nil {
+			failed = append(failed, r)
+			continue
+		}
+		b.regs = append(b.regs, p)
+		b.done.Add(n)
+	}
+	if len(failed) > 0 {
+		// Experts touching memory the driver would not pin are staged.
+		for i, segs := range b.segs {
+			for _, s := range segs {
+				hit := false
+				for _, r := range failed {
+					if uintptr(s.ptr) < r.hi && uintptr(s.ptr)+uintptr(s.n) > r.lo {
+						hit = true
+						break
+					}
+				}
+				if hit {
+					stage = append(stage, i)
+					b.segs[i] = nil
+					break
+				}
+			}
+		}
+	}
+	if len(stage) == 0 {
+		b.done.Store(b.total.Load())
+		return nil
+	}
+	per := max(1, chunkBytes/slotBytes)
+	var chunk unsafe.Pointer
+	used := per
+	for _, i := range stage {
+		if used == per {
+			n := min(int64(per), int64(len(stage)))
+			p, err := hostAlloc(n * slotBytes)
+			if err != nil {
+				return fmt.Errorf("backend cuda: pinning %d bytes of host memory for experts that need conversion: %w", n*slotBytes, err)
+			}
+			b.pinned = append(b.pinned, p)
+			chunk, used = p, 0
+		}
+		dst := unsafe.Add(chunk, int64(used)*slotBytes)
+		if err := src.Fill(i/experts, i%experts, unsafe.Slice((*byte)(dst), slotBytes)); err != nil {
+			return err
+		}
+		b.segs[i] = []hostSeg{{off: 0, ptr: dst, n: slotBytes}}
+		used++
+		b.done.Add(slotBytes)
+	}
+	b.done.Store(b.total.Load())
+	return nil
+}
+
+func (b *Backend) event() (uintptr, error) {
+	select {
+	case e := <-b.events:
+		return e, nil
+	default:
+		return eventCreate()
+	}
+}
+
+func (b *Backend) putEvent(e uintptr) {
+	select {
+	case b.events <- e:
+	default:
+		eventDestroy(e)
+	}
+}
+
+// Load issues the copy of (layer, expert) into slot on the demand (urgent)
+// or prefetch stream, after the last reader of the slot. The transfer is
+// Ready at once (later work is ordered after the copy through Use) and
+// Finished when the copy completes.
+func (b *Backend) Load(slot, layer, expert int, urgent bool) backend.Transfer {
+	t := backend.NewPending()
+	b.mu.Lock()
+	if b.closed || !b.opened {
+		b.mu.Unlock()
+		if !b.opened {
+			t.Finish(fmt.Errorf("backend cuda: load before Open"))
+		} else {
+			t.Finish(backend.ErrClosed)
+		}
+		return t
+	}
+	if slot < 0 || slot >= b.slots {
+		b.mu.Unlock()
+		t.Finish(fmt.Errorf("backend cuda: slot %d out of range [0, %d)", slot, b.slots))
+		return t
+	}
+	i := layer*b.experts + expert
+	if layer < 0 || expert < 0 || expert >= b.experts || i >= len(b.segs) {
+		b.mu.Unlock()
+		t.Finish(fmt.Errorf("backend cuda: expert L%d/E%d out of range", layer, expert))
+		return t
+	}
+	b.watchers.Add(1)
+	b.mu.Unlock()
+	stream := b.prefetch
+	if urgent {
+		stream = b.demand
+	}
+	var ev uintptr
+	err := b.dev.do(func() error {
+		if err := streamWait(stream, b.free[slot]); err != nil {
+			return err
+		}
+		dst := b.arena + uint64(int64(slot)*b.slotSize)
+		for _, s := range b.segs[i] {
+			if err := copyHtoD(dst+uint64(s.off), s.ptr, s.n, stream); err != nil {
+				return err
+			}
+		}
+		if err := eventRecord(b.ready[slot], stream); err != nil {
+			return err
+		}
+		var err error
+		if ev, err = b.event(); err != nil {
+			return err
+		}
+		return eventRecord(ev, stream)
+	})
+	if err != nil {
+		b.watchers.Done()
+		t.Finish(fmt.Errorf("copying L%d/E%d into slot %d: %w", layer, expert, slot, err))
+		return t
+	}
+	t.Ready(nil)
+	go func() {
+		defer b.watchers.Done()
+		err := b.dev.do(func() error { return eventSync(ev) })
+		b.putEvent(ev)
+		t.Finish(err)
+	}()
+	return t
+}
+
+// Use makes stream wait for the copies into slots.
+func (b *Backend) Use(slots []int, stream uintptr) error {
+	return b.dev.do(func() error {
+		for _, s := range slots {
+			if err := streamWait(stream, b.ready[s]); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// Release records that the work on stream so far is the last reader of slots.
+func (b *Backend) Release(slots []int, stream uintptr) error {
+	return b.dev.do(func() error {
+		for _, s := range slots {
+			if err := eventRecord(b.free[s], stream); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// SlotAddr returns the device address of slot.
+func (b *Backend) SlotAddr(slot int) uintptr {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.arena == 0 || slot < 0 || slot >= b.slots {
+		return 0
+	}
+	return uintptr(b.arena + uint64(int64(slot)*b.slotSize))
+}
+
+// Arena returns the device address and size of the slot arena.
+func (b *Backend) Arena() (uintptr, int64) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.arena == 0 {
+		return 0, 0
+	}
+	return uintptr(b.arena), int64(b.slots) * b.slotSize
+}
+
+// ReadSlot copies n bytes at offset off of slot to the host (for tests;
+// synchronous).
+func (b *Backend) ReadSlot(slot int, off, n int64) ([]byte, error) {
+	addr := b.SlotAddr(slot)
+	if addr == 0 || off < 0 || off+n > b.slotSize {
+		return nil, fmt.Errorf("backend cuda: bad slot read")
+	}
+	out := make([]byte, n)
+	buf := cmalloc(int(n))
+	defer cfree(buf)
+	err := b.dev.do(func() error {
+		if err := streamSync(b.demand); err != nil {
+			return err
+		}
+		if err := streamSync(b.prefetch); err != nil {
+			return err
+		}
+		return copyDtoH(buf, uint64(addr)+uint64(off), n)
+	})
+	copy(out, unsafe.Slice((*byte)(buf), n))
+	return out, err
+}
+
+// Close waits for copies in flight and frees every device and pinned
+// resource. Idempotent.
+func (b *Backend) Close() error {
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		return nil
+	}
+	b.closed = true
+	b.mu.Unlock()
+	b.watchers.Wait()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.freeLocked()
+}
+
+func (b *Backend) freeLocked() error {
+	if b.dev == nil {
+		return nil
+	}
+	var errs []error
+	keep := func(err error) {
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	keep(b.dev.do(func() error {
+		if b.demand != 0 {
+			keep(streamSync(b.demand))
+			keep(streamDestroy(b.demand))
+		}
+		if b.prefetch != 0 {
+			keep(streamSync(b.prefetch))
+			keep(streamDestroy(b.prefetch))
+		}
+		b.demand, b.prefetch = 0, 0
+		for i := range b.tables {
+			if b.tableEv[i] != 0 {
+				keep(eventSync(b.tableEv[i]))
+				keep(eventDestroy(b.tableEv[i]))
+				b.tableEv[i] = 0
+			}
+			if b.tables[i] != 0 {
+				keep(memFree(b.tables[i]))
+				b.tables[i] = 0
+			}
+		}
+		for _, e := range append(b.ready, b.free...) {
+			keep(eventSync(e))
+			keep(eventDestroy(e))
+		}
+		b.ready, b.free = nil, nil
+		for {
+			select {
+			case e := <-b.events:
+				keep(eventDestroy(e))
+				continue
+			default:
+			}
+			break
+		}
+		if b.arena != 0 {
+			keep(memFree(b.arena))
+			b.arena = 0
+		}
+		for _, p := range b.regs {
+			keep(hostUnregister(p))
+		}
+		b.regs = nil
+		for _, p := range b.pinned {
+			keep(hostFree(p))
+		}
+		b.pinned = nil
+		if b.mod != (cu.Module{}) {
+			keep(moduleUnload(b.mod))
+			b.mod = cu.Module{}
+		}
+		return nil
+	}))
+	keep(b.dev.release())
+	b.dev = nil
+	return errors.Join(errs...)
+}

@@ -1,0 +1,269 @@
+//go:build cuda
+
+// Package cuda is the GPU backend of the engine: the device tier is one
+// cuMemAlloc'ed arena of slots on the GPU, every expert lives in pinned host
+// memory, copies run on dedicated streams and CUDA events order them with
+// the compute on PyTorch's stream without the host waiting.
+//
+// It uses the device's primary context (the one PyTorch uses), through
+// gorgonia.org/cu where cu has the call and through the small C helpers
+// below where it has not (pinned host memory, raw stream handles, events).
+// Every call that touches the driver runs on a locked OS thread with the
+// primary context current (see onDevice).
+package cuda
+
+/*
+#cgo LDFLAGS: -lcuda
+#include <cuda.h>
+#include <stdlib.h>
+#include <stdint.h>
+
+static CUresult moe_set_ctx(uintptr_t ctx) { return cuCtxSetCurrent((CUcontext)ctx); }
+static CUresult moe_host_register(void *p, size_t n, unsigned int flags) { return cuMemHostRegister(p, n, flags); }
+static CUresult moe_host_unregister(void *p) { return cuMemHostUnregister(p); }
+static CUresult moe_host_alloc(void **p, size_t n) { return cuMemHostAlloc(p, n, CU_MEMHOSTALLOC_PORTABLE); }
+static CUresult moe_host_free(void *p) { return cuMemFreeHost(p); }
+static CUresult moe_mem_alloc(uint64_t *p, size_t n) { CUdeviceptr d = 0; CUresult r = cuMemAlloc(&d, n); *p = (uint64_t)d; return r; }
+static CUresult moe_mem_free(uint64_t p) { return cuMemFree((CUdeviceptr)p); }
+static CUresult moe_mem_info(size_t *free_, size_t *total) { return cuMemGetInfo(free_, total); }
+static CUresult moe_module_unload(uintptr_t m) { return cuModuleUnload((CUmodule)m); }
+static CUresult moe_stream_create(uintptr_t *s, int priority) {
+	CUstream st = 0;
+	CUresult r = cuStreamCreateWithPriority(&st, CU_STREAM_NON_BLOCKING, priority);
+	*s = (uintptr_t)st;
+	return r;
+}
+static CUresult moe_stream_destroy(uintptr_t s) { return cuStreamDestroy((CUstream)s); }
+static CUresult moe_stream_sync(uintptr_t s) { return cuStreamSynchronize((CUstream)s); }
+static CUresult moe_priority_range(int *least, int *greatest) { return cuCtxGetStreamPriorityRange(least, greatest); }
+static CUresult moe_event_create(uintptr_t *e) {
+	CUevent ev = 0;
+	CUresult r = cuEventCreate(&ev, CU_EVENT_DISABLE_TIMING);
+	*e = (uintptr_t)ev;
+	return r;
+}
+static CUresult moe_event_destroy(uintptr_t e) { return cuEventDestroy((CUevent)e); }
+static CUresult moe_event_record(uintptr_t e, uintptr_t s) { return cuEventRecord((CUevent)e, (CUstream)s); }
+static CUresult moe_event_sync(uintptr_t e) { return cuEventSynchronize((CUevent)e); }
+static CUresult moe_stream_wait(uintptr_t s, uintptr_t e) { return cuStreamWaitEvent((CUstream)s, (CUevent)e, 0); }
+static CUresult moe_copy_htod(uint64_t dst, const void *src, size_t n, uintptr_t s) {
+	return cuMemcpyHtoDAsync((CUdeviceptr)dst, src, n, (CUstream)s);
+}
+static CUresult moe_copy_dtoh(void *dst, uint64_t src, size_t n) { return cuMemcpyDtoH(dst, (CUdeviceptr)src, n); }
+static CUresult moe_pci_bus_id(char *buf, int n, int dev) { return cuDeviceGetPCIBusId(buf, n, (CUdevice)dev); }
+static const char *moe_error_name(CUresult r) {
+	const char *s = 0;
+	if (cuGetErrorName(r, &s) != CUDA_SUCCESS || s == 0) return "CUDA_ERROR_UNKNOWN";
+	return s;
+}
+static const char *moe_error_string(CUresult r) {
+	const char *s = 0;
+	if (cuGetErrorString(r, &s) != CUDA_SUCCESS || s == 0) return "unknown error";
+	return s;
+}
+*/
+import "C"
+
+import (
+	"fmt"
+	"runtime"
+	"unsafe"
+
+	"gorgonia.org/cu"
+)
+
+// Error is a CUDA driver error with the call that returned it.
+type Error struct {
+	Call string
+	Code int
+	Name string
+	Msg  string
+}
+
+func (e *Error) Error() string {
+	return fmt.Sprintf("cuda: %s failed: %s (%d): %s", e.Call, e.Name, e.Code, e.Msg)
+}
+
+// IsOutOfMemory reports whether err is CUDA_ERROR_OUT_OF_MEMORY.
+func IsOutOfMemory(err error) bool {
+	e, ok := err.(*Error)
+	return ok && e.Code == int(C.CUDA_ERROR_OUT_OF_MEMORY)
+}
+
+func check(call string, r C.CUresult) error {
+	if r == C.CUDA_SUCCESS {
+		return nil
+	}
+	return &Error{Call: call, Code: int(r), Name: C.GoString(C.moe_error_name(r)), Msg: C.GoString(C.moe_error_string(r))}
+}
+
+// device is the primary context of one GPU. Calls into the driver go
+// through do, which runs them on a locked OS thread with the context
+// current, because a goroutine may otherwise move between threads and a
+// thread (a Python thread included) may have no or another context.
+type device struct {
+	ordinal int
+	dev     cu.Device
+	ctx     cu.CUContext
+}
+
+func openDevice(ordinal int) (*device, error) {
+	n, err := cu.NumDevices()
+	if err != nil {
+		return nil, fmt.Errorf("cuda: counting devices: %w", err)
+	}
+	if ordinal < 0 || ordinal >= n {
+		return nil, fmt.Errorf("cuda: device %d does not exist (%d devices)", ordinal, n)
+	}
+	d := &device{ordinal: ordinal, dev: cu.Device(ordinal)}
+	var ctxErr error
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	// Never wrap the primary context in cu.Ctx: its finalizer would destroy
+	// the context PyTorch uses.
+	d.ctx, ctxErr = d.dev.RetainPrimaryCtx()
+	if ctxErr != nil {
+		return nil, fmt.Errorf("cuda: retaining the primary context of device %d: %w", ordinal, ctxErr)
+	}
+	return d, nil
+}
+
+// ctxPtr is the raw CUcontext of the primary context.
+func (d *device) ctxPtr() C.uintptr_t {
+	return C.uintptr_t(uintptr(*(*unsafe.Pointer)(unsafe.Pointer(&d.ctx))))
+}
+
+// do runs f on a locked thread with the primary context current.
+func (d *device) do(f func() error) error {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	if err := check("cuCtxSetCurrent", C.moe_set_ctx(d.ctxPtr())); err != nil {
+		return err
+	}
+	return f()
+}
+
+func (d *device) release() error {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	return d.dev.ReleasePrimaryCtx()
+}
+
+func (d *device) memInfo() (free, total int64, err error) {
+	err = d.do(func() error {
+		free, total, err = memInfo()
+		return err
+	})
+	return
+}
+
+// memInfo returns the free and total memory of the current context's
+// device (inside device.do).
+func memInfo() (free, total int64, err error) {
+	var f, t C.size_t
+	err = check("cuMemGetInfo", C.moe_mem_info(&f, &t))
+	return int64(f), int64(t), err
+}
+
+func moduleUnload(m cu.Module) error {
+	return check("cuModuleUnload", C.moe_module_unload(C.uintptr_t(*(*uintptr)(unsafe.Pointer(&m)))))
+}
+
+func (d *device) pciBusID() string {
+	buf := make([]byte, 32)
+	if C.moe_pci_bus_id((*C.char)(unsafe.Pointer(&buf[0])), C.int(len(buf)), C.int(d.ordinal)) != C.CUDA_SUCCESS {
+		return ""
+	}
+	n := 0
+	for n < len(buf) && buf[n] != 0 {
+		n++
+	}
+	return string(buf[:n])
+}
+
+// The thin wrappers below must be called inside device.do.
+
+func memAlloc(n int64) (uint64, error) {
+	var p C.uint64_t
+	err := check("cuMemAlloc", C.moe_mem_alloc(&p, C.size_t(n)))
+	return uint64(p), err
+}
+
+func memFree(p uint64) error { return check("cuMemFree", C.moe_mem_free(C.uint64_t(p))) }
+
+func hostRegister(p unsafe.Pointer, n int64, readOnly bool) error {
+	flags := C.uint(C.CU_MEMHOSTREGISTER_PORTABLE)
+	if readOnly {
+		flags |= C.CU_MEMHOSTREGISTER_READ_ONLY
+	}
+	return check("cuMemHostRegister", C.moe_host_register(p, C.size_t(n), flags))
+}
+
+func hostUnregister(p unsafe.Pointer) error {
+	return check("cuMemHostUnregister", C.moe_host_unregister(p))
+}
+
+func hostAlloc(n int64) (unsafe.Pointer, error) {
+	var p unsafe.Pointer
+	err := check("cuMemHostAlloc", C.moe_host_alloc(&p, C.size_t(n)))
+	return p, err
+}
+
+func hostFree(p unsafe.Pointer) error { return check("cuMemFreeHost", C.moe_host_free(p)) }
+
+func streamCreate(priority int) (uintptr, error) {
+	var s C.uintptr_t
+	err := check("cuStreamCreateWithPriority", C.moe_stream_create(&s, C.int(priority)))
+	return uintptr(s), err
+}
+
+func streamDestroy(s uintptr) error {
+	return check("cuStreamDestroy", C.moe_stream_destroy(C.uintptr_t(s)))
+}
+
+func streamSync(s uintptr) error { return check("cuStreamSynchronize", C.moe_stream_sync(C.uintptr_t(s))) }
+
+func priorityRange() (least, greatest int, err error) {
+	var l, g C.int
+	err = check("cuCtxGetStreamPriorityRange", C.moe_priority_range(&l, &g))
+	return int(l), int(g), err
+}
+
+func eventCreate() (uintptr, error) {
+	var e C.uintptr_t
+	err := check("cuEventCreate", C.moe_event_create(&e))
+	return uintptr(e), err
+}
+
+func eventDestroy(e uintptr) error { return check("cuEventDestroy", C.moe_event_destroy(C.uintptr_t(e))) }
+
+func eventRecord(e, s uintptr) error {
+	return check("cuEventRecord", C.moe_event_record(C.uintptr_t(e), C.uintptr_t(s)))
+}
+
+func eventSync(e uintptr) error { return check("cuEventSynchronize", C.moe_event_sync(C.uintptr_t(e))) }
+
+func streamWait(s, e uintptr) error {
+	return check("cuStreamWaitEvent", C.moe_stream_wait(C.uintptr_t(s), C.uintptr_t(e)))
+}
+
+func copyHtoD(dst uint64, src unsafe.Pointer, n int64, s uintptr) error {
+	return check("cuMemcpyHtoDAsync", C.moe_copy_htod(C.uint64_t(dst), src, C.size_t(n), C.uintptr_t(s)))
+}
+
+func copyDtoH(dst unsafe.Pointer, src uint64, n int64) error {
+	return check("cuMemcpyDtoH", C.moe_copy_dtoh(dst, C.uint64_t(src), C.size_t(n)))
+}
+
+// cmalloc allocates n bytes of C (pageable) memory.
+func cmalloc(n int) unsafe.Pointer { return C.malloc(C.size_t(n)) }
+
+func cfree(p unsafe.Pointer) { C.free(p) }
+
+// asStream views a raw CUstream handle (for example PyTorch's
+// torch.cuda.current_stream().cuda_stream) as a cu.Stream.
+func asStream(raw uintptr) cu.Stream {
+	var s cu.Stream
+	*(*uintptr)(unsafe.Pointer(&s)) = raw
+	return s
+}

@@ -1,0 +1,170 @@
+package backend
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math"
+	"runtime"
+	"sync"
+	"unsafe"
+
+	"github.com/moe-infinity/moe_infinity/go/dtype"
+)
+
+// FFNArgs are the arguments of one expert-FFN computation over every
+// (token, expert) pair of a MoE layer (T tokens, K experts per token,
+// P = T·K pairs; pairs of token t are t·K … t·K+K−1):
+//
+//	h[p]   = silu(Wgate[e_p] · x[t_p]) ⊙ (Wup[e_p] · x[t_p])      (float32)
+//	out[t] = Σ_j w[t·K+j] · Wdown[e_{t·K+j}] · h[t·K+j]         (x's dtype)
+//
+// Addresses are host addresses for the CPU backend and device addresses for
+// a GPU backend.
+type FFNArgs struct {
+	// Stream is the raw stream the computation is ordered on (GPU only).
+	Stream uintptr
+	// X is [T, Hidden] activations (DType); Out receives [T, Hidden].
+	X, Out uint64
+	// Scratch is [P, Inter] float32 for the SwiGLU intermediate.
+	Scratch uint64
+	// PairToken and PairExpert are [P] int32: the token of each pair and
+	// its expert's index into GateUp/Down. PairWeight is [P] float32.
+	PairToken, PairExpert, PairWeight uint64
+	T, K, Hidden, Inter int64
+	// DType is 0 for bfloat16, 1 for float16.
+	DType int64
+	// GateUp[i] and Down[i] are the addresses of compact expert i's
+	// gate_up [2·Inter, Hidden] and down [Hidden, Inter] regions.
+	GateUp, Down []uint64
+}
+
+// Kernels is implemented by backends that compute the expert FFN
+// themselves.
+type Kernels interface {
+	FFN(a FFNArgs) error
+}
+
+// Validate checks the shapes and tables.
+func (a FFNArgs) Validate() error {
+	n := len(a.GateUp)
+	switch {
+	case n == 0 || len(a.Down) != n:
+		return fmt.Errorf("expert FFN needs matching, non-empty expert tables (got %d and %d)", n, len(a.Down))
+	case a.T <= 0 || a.K <= 0 || a.Hidden <= 0 || a.Inter <= 0:
+		return fmt.Errorf("expert FFN shape T=%d K=%d hidden=%d inter=%d must be positive", a.T, a.K, a.Hidden, a.Inter)
+	case a.DType != 0 && a.DType != 1:
+		return fmt.Errorf("expert FFN dtype %d (0 = bfloat16, 1 = float16)", a.DType)
+	case a.X == 0 || a.Out == 0 || a.Scratch == 0 || a.PairToken == 0 || a.PairExpert == 0 || a.PairWeight == 0:
+		return fmt.Errorf("expert FFN: a tensor address is null")
+	}
+	return nil
+}
+
+// ptrOf turns a host address received through the C ABI into a pointer
+// (the caller guarantees the memory is valid for the call: torch tensors).
+func ptrOf(addr uint64) unsafe.Pointer { return *(*unsafe.Pointer)(unsafe.Pointer(&addr)) }
+
+// hostSlice views host memory at addr as n bytes.
+func hostSlice(addr uint64, n int64) []byte { return unsafe.Slice((*byte)(ptrOf(addr)), n) }
+
+// FFN computes the expert FFN on the CPU: the reference for every other
+// backend's kernels (same formula, float32 accumulation, and the same
+// rounding to the activation dtype after each projection and the gate as
+// transformers' bfloat16/float16 expert code).
+func (c *CPU) FFN(a FFNArgs) error {
+	if err := a.Validate(); err != nil {
+		return fmt.Errorf("backend cpu: %w", err)
+	}
+	dt := dtype.BF16
+	if a.DType == 1 {
+		dt = dtype.F16
+	}
+	P := a.T * a.K
+	H, I := a.Hidden, a.Inter
+	toks := unsafe.Slice((*int32)(ptrOf(a.PairToken)), P)
+	exps := unsafe.Slice((*int32)(ptrOf(a.PairExpert)), P)
+	wts := unsafe.Slice((*float32)(ptrOf(a.PairWeight)), P)
+	x := toF32(hostSlice(a.X, a.T*H*2), dt)
+	h := unsafe.Slice((*float32)(ptrOf(a.Scratch)), P*I)
+	for p := int64(0); p < P; p++ {
+		if toks[p] < 0 || int64(toks[p]) >= a.T || exps[p] < 0 || int(exps[p]) >= len(a.GateUp) {
+			return fmt.Errorf("backend cpu: pair %d has token %d / expert %d out of range", p, toks[p], exps[p])
+		}
+	}
+	parallel(P*I, func(lo, hi int64) {
+		for idx := lo; idx < hi; idx++ {
+			p, i := idx/I, idx%I
+			w := hostSlice(a.GateUp[exps[p]], 2*I*H*2)
+			xt := x[int64(toks[p])*H : (int64(toks[p])+1)*H]
+			g := round(dotRow(w[i*H*2:(i+1)*H*2], xt, dt), dt)
+			u := round(dotRow(w[(I+i)*H*2:(I+i+1)*H*2], xt, dt), dt)
+			act := round(g/(1+float32(math.Exp(float64(-g)))), dt)
+			h[idx] = round(act*u, dt)
+		}
+	})
+	out := hostSlice(a.Out, a.T*H*2)
+	parallel(a.T*H, func(lo, hi int64) {
+		for idx := lo; idx < hi; idx++ {
+			t, r := idx/H, idx%H
+			var acc float32
+			for j := int64(0); j < a.K; j++ {
+				p := t*a.K + j
+				w := hostSlice(a.Down[exps[p]], H*I*2)
+				acc += wts[p] * round(dotRow(w[r*I*2:(r+1)*I*2], h[p*I:(p+1)*I], dt), dt)
+			}
+			var b [4]byte
+			binary.LittleEndian.PutUint32(b[:], math.Float32bits(acc))
+			_ = dtype.Convert(out[idx*2:idx*2+2], dt, b[:], dtype.F32)
+		}
+	})
+	return nil
+}
+
+// round rounds v to dt (bfloat16 or float16) and back, to nearest even.
+func round(v float32, dt dtype.DType) float32 {
+	bits := math.Float32bits(v)
+	if dt == dtype.BF16 {
+		return math.Float32frombits(uint32(dtype.F32BitsToBF16(bits)) << 16)
+	}
+	return math.Float32frombits(dtype.F16ToF32Bits(dtype.F32BitsToF16(bits)))
+}
+
+func toF32(b []byte, dt dtype.DType) []float32 {
+	out := make([]float32, len(b)/2)
+	_ = dtype.Convert(unsafe.Slice((*byte)(unsafe.Pointer(&out[0])), 4*len(out)), dtype.F32, b, dt)
+	return out
+}
+
+func dotRow(row []byte, v []float32, dt dtype.DType) float32 {
+	var acc float32
+	for c := range v {
+		bits := uint32(binary.LittleEndian.Uint16(row[2*c:]))
+		var w float32
+		if dt == dtype.BF16 {
+			w = math.Float32frombits(bits << 16)
+		} else {
+			w = math.Float32frombits(dtype.F16ToF32Bits(uint16(bits)))
+		}
+		acc += w * v[c]
+	}
+	return acc
+}
+
+// parallel runs f over [0, n) split across GOMAXPROCS goroutines.
+func parallel(n int64, f func(lo, hi int64)) {
+	workers := int64(runtime.GOMAXPROCS(0))
+	if n < 1024 || workers < 2 {
+		f(0, n)
+		return
+	}
+	step := (n + workers - 1) / workers
+	var wg sync.WaitGroup
+	for lo := int64(0); lo < n; lo += step {
+		wg.Add(1)
+		go func(lo, hi int64) {
+			defer wg.Done()
+			f(lo, hi)
+		}(lo, min(lo+step, n))
+	}
+	wg.Wait()
+}

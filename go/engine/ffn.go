@@ -1,0 +1,93 @@
+package engine
+
+import (
+	"fmt"
+
+	"github.com/moe-infinity/moe_infinity/go/backend"
+)
+
+// FFNCall is one MoE layer's expert FFN computed by the backend's kernels
+// (see backend.FFNArgs for the formula). Experts lists the layer's needed
+// experts; PairExpert indexes into it.
+type FFNCall struct {
+	Layer   int
+	Experts []int32
+	Stream  uintptr
+	// X, Out, Scratch, PairToken, PairExpert and PairWeight are addresses
+	// (host for the CPU backend, device for the CUDA backend).
+	X, Out, Scratch, PairToken, PairExpert, PairWeight uint64
+	// T tokens, K experts per token.
+	T, K int64
+	// DType is 0 for bfloat16, 1 for float16.
+	DType int64
+}
+
+// FFNShape returns the hidden and intermediate sizes the expert FFN works
+// with, from the layout's gate_up_proj [2I, H] and down_proj [H, I]
+// regions, and the element type code (0 bfloat16, 1 float16).
+func (e *Engine) FFNShape() (hidden, inter, dtypeCode int64, err error) {
+	if err := e.readyLocked(); err != nil {
+		return 0, 0, 0, err
+	}
+	gu, ok1 := e.lay.Region("gate_up_proj")
+	dn, ok2 := e.lay.Region("down_proj")
+	if !ok1 || !ok2 || len(gu.Shape) != 2 || len(dn.Shape) != 2 {
+		return 0, 0, 0, fmt.Errorf("%w: the expert FFN kernels need 2D gate_up_proj and down_proj regions", ErrUnsupported)
+	}
+	hidden, inter = gu.Shape[1], gu.Shape[0]/2
+	if gu.Shape[0] != 2*inter || dn.Shape[0] != hidden || dn.Shape[1] != inter || gu.DType != dn.DType {
+		return 0, 0, 0, fmt.Errorf("%w: gate_up_proj %v and down_proj %v are not [2I, H] and [H, I] of one dtype", ErrUnsupported, gu.Shape, dn.Shape)
+	}
+	switch gu.DType {
+	case "bfloat16":
+		return hidden, inter, 0, nil
+	case "float16":
+		return hidden, inter, 1, nil
+	}
+	return 0, 0, 0, fmt.Errorf("%w: the expert FFN kernels take bfloat16 or float16 experts, not %s", ErrUnsupported, gu.DType)
+}
+
+// LayerFFN acquires the layer's experts, runs the backend's expert FFN over
+// all of them in one launch and releases them — one call per MoE layer.
+func (e *Engine) LayerFFN(c FFNCall) error {
+	hidden, inter, code, err := e.FFNShape()
+	if err != nil {
+		return err
+	}
+	kern, ok := e.be.(backend.Kernels)
+	if !ok {
+		return fmt.Errorf("%w: backend %s has no expert FFN kernels", ErrUnsupported, e.be.Name())
+	}
+	if c.DType != code {
+		return fmt.Errorf("%w: activations have dtype code %d but the experts have %d", ErrInvalid, c.DType, code)
+	}
+	if len(c.Experts) == 0 {
+		return fmt.Errorf("%w: no experts to compute", ErrInvalid)
+	}
+	gu, _ := e.lay.Region("gate_up_proj")
+	dn, _ := e.lay.Region("down_proj")
+	slots := make([]int32, len(c.Experts))
+	lease, err := e.Acquire(c.Layer, c.Experts, slots, c.Stream)
+	if err != nil {
+		return err
+	}
+	args := backend.FFNArgs{
+		Stream: c.Stream, X: c.X, Out: c.Out, Scratch: c.Scratch,
+		PairToken: c.PairToken, PairExpert: c.PairExpert, PairWeight: c.PairWeight,
+		T: c.T, K: c.K, Hidden: hidden, Inter: inter, DType: code,
+		GateUp: make([]uint64, len(slots)), Down: make([]uint64, len(slots)),
+	}
+	for i, s := range slots {
+		base := uint64(e.be.SlotAddr(int(s)))
+		args.GateUp[i] = base + uint64(gu.Offset)
+		args.Down[i] = base + uint64(dn.Offset)
+	}
+	ffnErr := kern.FFN(args)
+	if err := e.Release(lease, c.Stream); err != nil && ffnErr == nil {
+		ffnErr = err
+	}
+	if ffnErr != nil {
+		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, ffnErr)
+	}
+	return nil
+}

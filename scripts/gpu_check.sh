@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: runs the GPU suite against the CUDA build of
+# the engine made on the CPU machine (`make cuda`), and prints a summary.
+#
+#   bash scripts/gpu_check.sh [gpu|parity|bench|all]     (default: all)
+#
+# Needs build/libmoe_infinity_cuda.so (or MOE_INFINITY_LIB). Python packages
+# missing on the machine can travel as wheels in .whl/ (installed to
+# /tmp/site). Logs and JSON go to $OUT (default build/gpu-check).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-all}
+OUT=${OUT:-build/gpu-check}
+mkdir -p "$OUT"
+LIB=${MOE_INFINITY_LIB:-$PWD/build/libmoe_infinity_cuda.so}
+if [ ! -f "$LIB" ]; then
+    echo "gpu_check: $LIB is missing; build it with 'make cuda' (needs Go) and carry it here" >&2
+    exit 2
+fi
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
+export MOE_INFINITY_LIB=$LIB PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import torch, transformers, moe_infinity as m; print('torch', torch.__version__, 'transformers', transformers.__version__, 'engine', m.engine_version())"
+} 2>&1 | tee "$OUT/env.txt"
+
+status=0
+run() {  # name, command...
+    local name=$1
+    shift
+    echo "== $name"
+    "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc" | tee -a "$OUT/summary.txt"
+    [ "$rc" = 0 ] || status=1
+}
+if [ "$what" = gpu ] || [ "$what" = all ]; then
+    run gpu_tests python3 -m pytest -p no:cacheprovider -q -m gpu -rA tests/test_gpu.py tests/test_backend_ops.py
+fi
+if [ "$what" = parity ] || [ "$what" = all ]; then
+    MOE_INFINITY_TEST_DEVICE=cuda run parity_cuda python3 -m pytest -p no:cacheprovider -q -x tests/test_parity.py tests/test_generation_modes.py
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+    run kernel_ffn python3 benchmarks/kernel_ffn.py --out "$OUT/kernel_ffn.json"
+fi
+echo "== summary"
+cat "$OUT/summary.txt"
+grep -hE "passed|failed|error" "$OUT"/*.log | grep -E "^[0-9]+ (passed|failed)|=+ .*(passed|failed)" || true
+exit $status

@@ -1,0 +1,129 @@
+"""Backend ops, ggml-style: every backend's expert FFN (moe_layer_ffn)
+against the reference. The CPU backend is checked against a float64 torch
+computation; the CUDA backend against the CPU backend on the same random
+inputs, at several token counts, top-k and shapes.
+
+Tolerance: outputs are bfloat16/float16 computed with float32 accumulation,
+so each is within a few units in the last place of the exact value; we allow
+1.5e-2 relative to the output's scale (two bf16 ulps) plus 1e-3 absolute.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_infinity as mi
+from moe_infinity import _native
+
+RTOL = 1.5e-2
+
+
+def _experts(E: int, H: int, I: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    gate_up = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(dtype)
+    down = (torch.randn(E, H, I, generator=g) / I**0.5).to(dtype)
+    return gate_up, down
+
+
+def _engine(backend: str, gate_up: torch.Tensor, down: torch.Tensor) -> mi.Engine:
+    eng = mi.Engine(budget_bytes=1 << 34, backend=backend, prefetch=False)
+    eng.add_host_tensor("model.layers.0.mlp.experts.gate_up_proj", gate_up)
+    eng.add_host_tensor("model.layers.0.mlp.experts.down_proj", down)
+    dt = str(gate_up.dtype).removeprefix("torch.")
+    eng.configure({"regions": [{"name": "gate_up_proj", "parts": ["gate_up_proj"], "dtype": dt}, {"name": "down_proj", "parts": ["down_proj"], "dtype": dt}]})
+    return eng
+
+
+def _routing(T: int, K: int, E: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w = torch.softmax(torch.randn(T, K, generator=g), dim=-1)
+    return idx, w
+
+
+def _run(eng: mi.Engine, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, stream: int = 0) -> torch.Tensor:
+    T, K = idx.shape
+    needed = torch.unique(idx).tolist()
+    remap = torch.full((int(idx.max()) + 1,), -1, dtype=torch.int32)
+    remap[torch.tensor(needed)] = torch.arange(len(needed), dtype=torch.int32)
+    dev = x.device
+    pair_expert = remap[idx.reshape(-1)].to(dev)
+    pair_token = torch.arange(T, dtype=torch.int32).repeat_interleave(K).to(dev)
+    pair_weight = w.reshape(-1).to(torch.float32).to(dev)
+    _, inter, code = eng.ffn_shape()
+    out = torch.empty_like(x)
+    scratch = torch.empty((T * K, inter), dtype=torch.float32, device=dev)
+    eng.layer_ffn(
+        0, needed, stream=stream, x=x.data_ptr(), out=out.data_ptr(), scratch=scratch.data_ptr(),
+        pair_token=pair_token.data_ptr(), pair_expert=pair_expert.data_ptr(), pair_weight=pair_weight.data_ptr(),
+        tokens=T, k=K, dtype=code,
+    )
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return out
+
+
+def _reference(x, idx, w, gate_up, down):
+    """float64 ground truth."""
+    I = down.shape[2]
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        xt = x[t].double()
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            gu = gate_up[e].double() @ xt
+            h = torch.nn.functional.silu(gu[:I]) * gu[I:]
+            out[t] += float(w[t, j]) * (down[e].double() @ h)
+    return out
+
+
+def _close(got: torch.Tensor, want: torch.Tensor):
+    got, want = got.double().cpu(), want.double().cpu()
+    scale = want.abs().max().item()
+    err = (got - want).abs().max().item()
+    assert err <= RTOL * scale + 1e-3, f"max abs error {err:.3g} for output scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("T,K,E,H,I", [(1, 2, 8, 64, 32), (3, 2, 8, 72, 40), (8, 4, 16, 100, 48), (16, 1, 4, 64, 64)])
+def test_cpu_ffn_matches_float64_reference(dtype, T, K, E, H, I):
+    gate_up, down = _experts(E, H, I, dtype, seed=T * 100 + K)
+    idx, w = _routing(T, K, E, seed=T)
+    x = (torch.randn(T, H, generator=torch.Generator().manual_seed(5))).to(dtype)
+    with _engine("cpu", gate_up, down) as eng:
+        got = _run(eng, x, idx, w)
+    _close(got, _reference(x, idx, w, gate_up, down))
+
+
+def test_ffn_rejects_layouts_it_cannot_compute():
+    gate_up, down = _experts(2, 16, 8, torch.float32, seed=0)
+    with _engine("cpu", gate_up, down) as eng, pytest.raises(mi.UnsupportedError, match="bfloat16 or float16"):
+        eng.ffn_shape()
+
+
+needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or not _native.cuda_usable(),
+    reason="needs a CUDA GPU (runs on the H100 machine through scripts/gpu_check.sh)",
+)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize(
+    "T,K,E,H,I",
+    [(1, 2, 8, 512, 256), (1, 8, 64, 2048, 768), (2, 2, 8, 4096, 1024), (4, 8, 128, 1024, 384), (8, 2, 8, 100, 72), (16, 4, 32, 1536, 512)],
+)
+def test_cuda_ffn_matches_cpu_reference(dtype, T, K, E, H, I):
+    assert _native.variant() == "cuda", f"the CUDA build must be loaded, got {_native.library_path()}"
+    gate_up, down = _experts(E, H, I, dtype, seed=T * 7 + K)
+    idx, w = _routing(T, K, E, seed=T + 1)
+    x = (torch.randn(T, H, generator=torch.Generator().manual_seed(6))).to(dtype)
+    with _engine("cpu", gate_up, down) as cpu:
+        want = _run(cpu, x, idx, w)
+    with _engine("cuda", gate_up, down) as gpu:
+        got = _run(gpu, x.cuda(), idx, w, stream=torch.cuda.current_stream().cuda_stream)
+    _close(got, want)
+    if T == 1 and H <= 512:
+        _close(got, _reference(x, idx, w, gate_up, down))

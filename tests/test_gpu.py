@@ -1,0 +1,199 @@
+"""The CUDA backend on a GPU: the build, GPU memory accounting, the bf16
+kernel path against transformers on the GPU, and teardown. The f32 parity
+suites (test_parity.py, test_generation_modes.py) run on the GPU too when
+MOE_INFINITY_TEST_DEVICE=cuda (scripts/gpu_check.sh sets it).
+
+Skipped, with the reason, on machines without a usable GPU.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import moe_infinity as mi
+import tiny_models as tm
+from moe_infinity import _native
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or not _native.cuda_usable(),
+        reason="needs a CUDA GPU (runs on the H100 machine through scripts/gpu_check.sh)",
+    ),
+]
+
+KERNEL_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
+BIG = dict(hidden_size=256)
+
+
+def _big(family: str) -> dict:
+    over = dict(BIG)
+    if family == "mixtral":
+        over["intermediate_size"] = 512
+    elif family in ("qwen2_moe", "qwen3_moe", "deepseek_v3"):
+        over["moe_intermediate_size"] = 384
+    elif family == "olmoe":
+        over["intermediate_size"] = 384
+    if family == "deepseek_v3":
+        over.update(kv_lora_rank=64, q_lora_rank=64)
+    return over
+
+
+def test_cuda_build_is_loaded():
+    assert _native.variant() == "cuda", _native.library_path()
+    assert mi.engine_version().endswith("(cuda)")
+    total, free = _native.device_memory(torch.cuda.current_device())
+    assert abs(total - torch.cuda.get_device_properties(0).total_memory) < 2 << 30
+    assert 0 < free <= total
+
+
+def _used() -> int:
+    total, free = _native.device_memory(torch.cuda.current_device())
+    return total - free
+
+
+def test_budget_is_respected_by_from_pretrained(tmp_path):
+    path = tm.save(tm.build("mixtral", dtype=torch.bfloat16, num_local_experts=16, **_big("mixtral")), tmp_path / "m")
+    budget = 300 << 20
+    model = mi.from_pretrained(path, device="cuda", device_memory=budget)
+    try:
+        plan = model.moe_stats()["plan"]
+        assert plan["backend"] == "cuda"
+        dense = sum(p.numel() * p.element_size() for p in model.parameters())
+        assert plan["arena_bytes"] + dense <= budget
+        ids = torch.tensor([[5, 9, 11, 40, 7]], device="cuda")
+        model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
+        assert torch.cuda.max_memory_allocated() + plan["arena_bytes"] <= budget
+    finally:
+        model.close()
+
+
+def test_engine_gpu_memory_returns_to_zero_after_close():
+    torch.zeros(1, device="cuda")
+    torch.cuda.synchronize()
+    E, H, I = 16, 2048, 2048
+    gate_up = torch.randn(E, 2 * I, H).to(torch.bfloat16)
+    down = torch.randn(E, H, I).to(torch.bfloat16)
+    base = _used()
+    budget = 400 << 20
+    eng = mi.Engine(budget_bytes=budget, backend="cuda", prefetch=False)
+    eng.add_host_tensor("model.layers.0.mlp.experts.gate_up_proj", gate_up)
+    eng.add_host_tensor("model.layers.0.mlp.experts.down_proj", down)
+    plan = eng.configure({"regions": [{"name": "gate_up_proj", "parts": ["gate_up_proj"]}, {"name": "down_proj", "parts": ["down_proj"]}]})
+    stream = torch.cuda.current_stream().cuda_stream
+    for x in range(E):
+        _, lease = eng.acquire(0, [x], stream)
+        eng.release(lease, stream)
+    torch.cuda.synchronize()
+    during = _used()
+    arena = plan["arena_bytes"]
+    assert arena <= budget
+    assert during - base >= arena
+    assert during - base <= budget + (32 << 20), "the engine allocates no more than its budget (plus kernel images and tables)"
+    eng.close()
+    after = _used()
+    print(f"GPU memory used: before {base >> 20} MiB, engine open {during >> 20} MiB (arena {arena >> 20} MiB), after close {after >> 20} MiB")
+    assert after - base <= 4 << 20, "engine-held GPU memory returns to zero"
+
+
+def test_too_small_device_memory_names_the_dense_weights(tmp_path):
+    path = tm.save(tm.build("qwen3_moe", dtype=torch.bfloat16), tmp_path / "q")
+    with pytest.raises(mi.BudgetError, match=r"must hold the dense weights .* raise device_memory to at least \d+ bytes"):
+        mi.from_pretrained(path, device="cuda", device_memory=1 << 20)
+
+
+def _teacher_forced(model, seq: torch.Tensor, prefix: int = 8) -> torch.Tensor:
+    """Logits of every position of every row, decoding one token at a time
+    after the prefix."""
+    got = []
+    with torch.no_grad():
+        out = model(input_ids=seq[:, :prefix], use_cache=True)
+        got.append(out.logits.float())
+        pkv = out.past_key_values
+        for i in range(prefix, seq.shape[1]):
+            out = model(input_ids=seq[:, i : i + 1], past_key_values=pkv, use_cache=True)
+            pkv = out.past_key_values
+            got.append(out.logits.float())
+    return torch.cat(got, dim=1).reshape(-1, tm.VOCAB)
+
+
+def _agreement(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    rel = ((got - want).norm() / want.norm()).item()
+    return agree, rel
+
+
+@pytest.mark.parametrize("family", KERNEL_FAMILIES)
+def test_bf16_kernel_teacher_forced_agreement(family, tmp_path):
+    model = tm.train_briefly(tm.build(family, seed=21, **_big(family))).to(torch.bfloat16)
+    path = tm.save(model, tmp_path / family)
+    plain = tm.auto_class(family).from_pretrained(path, dtype=torch.bfloat16, device_map="cuda").eval()
+    # A prompt the model knows (its training rule) and one it does not.
+    known, v = [], 11
+    for _ in range(8):
+        known.append(v + 3)
+        v = (5 * v + 3) % (tm.VOCAB - 3)
+    known = torch.tensor([known])
+    unknown = torch.randint(3, tm.VOCAB, (1, 8), generator=torch.Generator().manual_seed(2))
+    prompt = torch.cat([known, unknown]).cuda()
+    seq = plain.generate(input_ids=prompt, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+    want = _teacher_forced(plain, seq)
+    del plain
+    # The noise floor: transformers' own eager experts against its default
+    # (grouped_mm) on the same GPU, same dtype.
+    eager = tm.auto_class(family).from_pretrained(path, dtype=torch.bfloat16, device_map="cuda", experts_implementation="eager").eval()
+    floor = _agreement(_teacher_forced(eager, seq), want)
+    del eager
+    ours = mi.from_pretrained(path, device="cuda", device_memory="2GiB", dtype=torch.bfloat16)
+    calls = 0
+    original = ours.moe_engine.layer_ffn
+
+    def counting(*a, **kw):
+        nonlocal calls
+        calls += 1
+        return original(*a, **kw)
+
+    ours.moe_engine.layer_ffn = counting
+    try:
+        assert ours.moe_runtime.kernels
+        got = _teacher_forced(ours, seq)
+        assert calls >= tm.moe_layers(family) * 64, "decode steps ran the engine's kernels"
+        agree, rel = _agreement(got, want)
+        print(
+            f"{family}: kernel vs transformers: top-1 agreement {agree:.4f}, logits relative error {rel:.2e} "
+            f"(transformers eager vs grouped_mm: {floor[0]:.4f}, {floor[1]:.2e}); kernel calls {calls}"
+        )
+        assert agree >= 0.99
+        assert rel <= 1e-2
+    finally:
+        ours.close()
+
+
+def test_kernel_and_torch_paths_agree_on_gpu(tmp_path):
+    path = tm.save(tm.build("mixtral", seed=4, dtype=torch.bfloat16, **_big("mixtral")), tmp_path / "m")
+    ids = torch.randint(3, tm.VOCAB, (1, 6), generator=torch.Generator().manual_seed(3)).cuda()
+    outs = {}
+    for kernels in (True, False):
+        m = mi.from_pretrained(path, device="cuda", device_memory="1GiB", kernels=kernels)
+        outs[kernels] = m.generate(input_ids=ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        m.close()
+    assert (outs[True] == outs[False]).float().mean().item() >= 0.9
+
+
+def test_streaming_through_one_slot_on_gpu(tmp_path):
+    path = tm.save(tm.build("qwen3_moe", seed=5, dtype=torch.bfloat16, **_big("qwen3_moe")), tmp_path / "q")
+    plain = tm.auto_class("qwen3_moe").from_pretrained(path, dtype=torch.bfloat16, device_map="cuda").eval()
+    ids = torch.randint(3, tm.VOCAB, (1, 24), generator=torch.Generator().manual_seed(8)).cuda()
+    with torch.no_grad():
+        want = plain(input_ids=ids).logits
+    m = mi.from_pretrained(path, device="cuda", device_memory="1GiB", kernels=False, engine_options={"max_slots": 1})
+    try:
+        with torch.no_grad():
+            got = m(input_ids=ids).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert m.moe_stats()["plan"]["slots"] == 1
+    finally:
+        m.close()
