@@ -14,6 +14,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"runtime"
 	"unsafe"
 
 	"github.com/moe-infinity/moe_infinity/go/engine"
@@ -435,6 +436,20 @@ func moe_save_trace(handle C.uint64_t, path *C.char) C.int32_t {
 			return err
 		}
 		return e.SaveTrace(C.GoString(path))
+	})
+}
+
+//export moe_runtime_stats
+func moe_runtime_stats(buf *C.char, capacity C.int64_t, needed *C.int64_t) C.int32_t {
+	return guard(func() error {
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		return writeJSON(map[string]any{
+			"goroutines": runtime.NumGoroutine(),
+			"heap_alloc": ms.HeapAlloc,
+			"heap_sys":   ms.HeapSys,
+			"engines":    liveEngines(),
+		}, buf, capacity, needed)
 	})
 }
 

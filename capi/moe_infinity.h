@@ -148,6 +148,10 @@ int32_t moe_reset_stats(uint64_t handle);
 /* Writes the trace collection to path atomically. */
 int32_t moe_save_trace(uint64_t handle, const char *path);
 
+/* Process-wide engine runtime counters as JSON: goroutines, heap_alloc and
+ * heap_sys (bytes of Go heap), engines (open handles). For leak tests. */
+int32_t moe_runtime_stats(char *buf, int64_t cap, int64_t *needed);
+
 /* Test hook: panics inside the engine when the environment variable
  * MOE_INFINITY_TEST_HOOKS=1, to check that panics become MOE_ERR_INTERNAL;
  * otherwise returns MOE_ERR_UNSUPPORTED. */

@@ -11,6 +11,7 @@ import (
 
 	"github.com/moe-infinity/moe_infinity/go/backend"
 	"github.com/moe-infinity/moe_infinity/go/engine"
+	"github.com/moe-infinity/moe_infinity/go/layout"
 	"github.com/moe-infinity/moe_infinity/go/store"
 	"github.com/moe-infinity/moe_infinity/go/trace"
 )
@@ -66,7 +67,7 @@ func statusOf(err error) int {
 		return statusBudget
 	case errors.Is(err, engine.ErrState):
 		return statusState
-	case errors.As(err, &fe), errors.Is(err, trace.ErrCorrupt):
+	case errors.As(err, &fe), errors.Is(err, trace.ErrCorrupt), errors.Is(err, layout.ErrCheckpoint):
 		return statusFormat
 	case errors.Is(err, fs.ErrNotExist):
 		return statusNotFound

@@ -153,6 +153,7 @@ type RoleInfo struct {
 	DType  string  `json:"dtype"`
 	Shape  []int64 `json:"shape"`
 	Tensor string  `json:"tensor"` // expert 0's source tensor name
+	Source string  `json:"source"` // the file holding it ("host" for registered tensors)
 }
 
 // Modules lists the MoE modules found in the store, in natural order.
@@ -174,7 +175,7 @@ func (e *Engine) Modules() ([]ModuleInfo, error) {
 			if err != nil {
 				return nil, err
 			}
-			mi.Roles = append(mi.Roles, RoleInfo{Name: r, DType: p.DType.TorchName(), Shape: p.Shape, Tensor: p.Tensor})
+			mi.Roles = append(mi.Roles, RoleInfo{Name: r, DType: p.DType.TorchName(), Shape: p.Shape, Tensor: p.Tensor, Source: p.Source})
 		}
 		out = append(out, mi)
 	}
@@ -246,6 +247,9 @@ func (e *Engine) Configure(s Setup) (Plan, error) {
 		mods[i] = m
 	}
 	lay, err := layout.Build(s.Layout, mods)
+	if errors.Is(err, layout.ErrCheckpoint) {
+		return Plan{}, err
+	}
 	if err != nil {
 		return Plan{}, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}

@@ -501,7 +501,7 @@ func TestModulesListsRoles(t *testing.T) {
 	assert.Equal(t, 3, mods[0].NumExperts)
 	assert.False(t, mods[0].Fused)
 	require.Len(t, mods[0].Roles, 3)
-	assert.Equal(t, RoleInfo{Name: "w1.weight", DType: "float32", Shape: []int64{tI, tH}, Tensor: "model.layers.0.block_sparse_moe.experts.0.w1.weight"}, mods[0].Roles[0])
+	assert.Equal(t, RoleInfo{Name: "w1.weight", DType: "float32", Shape: []int64{tI, tH}, Tensor: "model.layers.0.block_sparse_moe.experts.0.w1.weight", Source: "host"}, mods[0].Roles[0])
 }
 
 func TestEngineTestHookPanics(t *testing.T) {
@@ -511,3 +511,59 @@ func TestEngineTestHookPanics(t *testing.T) {
 }
 
 func writeFile(path string, b []byte) error { return os.WriteFile(path, b, 0o644) }
+
+// TestStressFetchEvictPrefetchClose hammers one engine from many goroutines
+// (acquire, release, observe, hint, requests) and closes it in the middle:
+// no panic, no race, every call either succeeds or fails with ErrClosed, and
+// the memory is freed once the last lease is released.
+func TestStressFetchEvictPrefetchClose(t *testing.T) {
+	const L, E = 4, 8
+	for round := 0; round < 5; round++ {
+		e, _ := newEngine(t, Config{BudgetBytes: 3 * slotBytes, PrefetchWindow: 3}, L, E)
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		for w := 0; w < 8; w++ {
+			wg.Add(1)
+			go func(w int) {
+				defer wg.Done()
+				<-start
+				for i := 0; ; i++ {
+					req, err := e.BeginRequest()
+					if err != nil {
+						assert.ErrorIs(t, err, ErrClosed)
+						return
+					}
+					l := (w + i) % L
+					counts := make([]float32, E)
+					counts[(w*i)%E] = 1
+					if err := e.Observe(l, []uint64{req}, [][]float32{counts}); err != nil {
+						assert.ErrorIs(t, err, ErrClosed)
+						return
+					}
+					if err := e.Hint((l+1)%L, []int32{int32(i % E)}); err != nil {
+						assert.ErrorIs(t, err, ErrClosed)
+						return
+					}
+					slots := make([]int32, 2)
+					lease, err := e.Acquire(l, []int32{int32(w % E), int32((w + i + 1) % E)}, slots, 0)
+					if err != nil {
+						assert.ErrorIs(t, err, ErrClosed)
+						return
+					}
+					assert.NoError(t, e.Release(lease, 0))
+					if err := e.EndRequest(req); err != nil {
+						assert.ErrorIs(t, err, ErrClosed)
+						return
+					}
+				}
+			}(w)
+		}
+		close(start)
+		time.Sleep(time.Duration(5+round*3) * time.Millisecond)
+		require.NoError(t, e.Close())
+		wg.Wait()
+		assert.Zero(t, e.Leases())
+		addr, _ := e.be.Arena()
+		assert.Zero(t, addr, "the arena is freed")
+	}
+}

@@ -12,6 +12,7 @@ package layout
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strings"
 
@@ -19,6 +20,10 @@ import (
 	"github.com/moe-infinity/moe_infinity/go/dtype"
 	"github.com/moe-infinity/moe_infinity/go/store"
 )
+
+// ErrCheckpoint marks errors about the checkpoint's expert tensors
+// (dtype, shapes that cannot be laid out), as opposed to a bad spec.
+var ErrCheckpoint = errors.New("checkpoint experts cannot be laid out")
 
 // DefaultAlignment is the byte alignment of regions and slots when the spec
 // sets none: 256 bytes suits CPU SIMD loads and GPU coalesced access.
@@ -115,7 +120,7 @@ func Build(spec Spec, mods []*store.MoEModule) (*Layout, error) {
 			continue
 		}
 		if err := first.sameAs(l); err != nil {
-			return nil, fmt.Errorf("layout: module %q differs from %q: %w", m.Prefix, mods[0].Prefix, err)
+			return nil, fmt.Errorf("%w: module %q differs from %q: %v", ErrCheckpoint, m.Prefix, mods[0].Prefix, err)
 		}
 	}
 	return first, nil
@@ -144,11 +149,11 @@ func place(spec Spec, align int64, m *store.MoEModule) (*Layout, error) {
 					m.Prefix, rs.Name, err, strings.Join(m.Roles, ", "))
 			}
 			if !p.DType.IsFloat() {
-				return nil, fmt.Errorf("layout: module %q: %s has dtype %s; experts must be float32, float16 or bfloat16",
-					m.Prefix, p.Tensor, p.DType)
+				return nil, fmt.Errorf("%w: %s: tensor %q has dtype %s; expert weights must be float32, float16 or bfloat16",
+					ErrCheckpoint, p.Source, p.Tensor, p.DType)
 			}
 			if len(p.Shape) == 0 {
-				return nil, fmt.Errorf("layout: module %q: %s is a scalar per expert", m.Prefix, p.Tensor)
+				return nil, fmt.Errorf("%w: %s: tensor %q is a scalar per expert", ErrCheckpoint, p.Source, p.Tensor)
 			}
 			if i == 0 {
 				r.Shape = append([]int64(nil), p.Shape...)
@@ -156,8 +161,8 @@ func place(spec Spec, align int64, m *store.MoEModule) (*Layout, error) {
 				continue
 			}
 			if len(p.Shape) != len(r.Shape) || !equal(p.Shape[1:], r.Shape[1:]) {
-				return nil, fmt.Errorf("layout: module %q: region %q: cannot concatenate %s %v after shape %v along dim 0",
-					m.Prefix, rs.Name, p.Tensor, p.Shape, r.Shape)
+				return nil, fmt.Errorf("%w: %s: region %q: cannot concatenate tensor %q %v after shape %v along dim 0",
+					ErrCheckpoint, p.Source, rs.Name, p.Tensor, p.Shape, r.Shape)
 			}
 			r.Shape[0] += p.Shape[0]
 		}

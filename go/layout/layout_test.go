@@ -151,7 +151,7 @@ func TestIntegerRolesAreRejected(t *testing.T) {
 	idx, err := c.Experts()
 	require.NoError(t, err)
 	_, err = Build(Spec{Regions: []RegionSpec{{Name: "a", Parts: []string{"idx"}}}}, idx.Modules)
-	require.ErrorContains(t, err, "experts must be float32, float16 or bfloat16")
+	require.ErrorContains(t, err, `host: tensor "m.layers.0.moe.experts.0.idx" has dtype I64; expert weights must be float32, float16 or bfloat16`)
 }
 
 func TestFillErrors(t *testing.T) {

@@ -65,6 +65,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "moe_reset_stats": [_c_uint64],
     "moe_save_trace": [_c_uint64, _p_char],
     "moe_debug_panic": [_c_uint64],
+    "moe_runtime_stats": [_buf, _c_int64, _p_int64],
 }
 
 _lock = threading.Lock()
@@ -209,6 +210,11 @@ def device_memory(device: int) -> tuple[int, int]:
     total, free = ctypes.c_int64(0), ctypes.c_int64(0)
     call("moe_device_memory", device, ctypes.byref(total), ctypes.byref(free))
     return total.value, free.value
+
+
+def runtime_stats() -> dict[str, Any]:
+    """Process-wide engine counters: goroutines, Go heap bytes, open engines."""
+    return call_json("moe_runtime_stats")
 
 
 def version() -> str:

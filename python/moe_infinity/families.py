@@ -62,6 +62,8 @@ class Family:
         seq2seq: encoder-decoder (loaded with AutoModelForSeq2SeqLM).
         linears: for moduledict experts, the ``nn.Linear`` children of each
             expert that hold weights.
+        num_experts_attr: the config attribute giving the number of routed
+            experts per MoE layer.
     """
 
     model_type: str
@@ -70,6 +72,7 @@ class Family:
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
     seq2seq: bool = False
     linears: tuple[str, ...] = field(default=())
+    num_experts_attr: str = "num_experts"
 
     def checkpoint_prefixes(self, module_path: str) -> list[str]:
         """Candidate checkpoint prefixes for the MoE module whose experts
@@ -93,11 +96,12 @@ FAMILIES: dict[str, Family] = {
         "fused",
         (Region("gate_up_proj", ("w1.weight", "w3.weight")), Region("down_proj", ("w2.weight",))),
         checkpoint_renames=((r"\.mlp$", ".block_sparse_moe"),),
+        num_experts_attr="num_local_experts",
     ),
     "qwen2_moe": Family("qwen2_moe", "fused", _GATE_UP),
     "qwen3_moe": Family("qwen3_moe", "fused", _GATE_UP),
     "olmoe": Family("olmoe", "fused", _GATE_UP),
-    "deepseek_v3": Family("deepseek_v3", "fused", _GATE_UP),
+    "deepseek_v3": Family("deepseek_v3", "fused", _GATE_UP, num_experts_attr="n_routed_experts"),
     # GPT-OSS keeps experts fused on disk (transposed, gate/up interleaved,
     # with biases); transformers loads them without conversion.
     "gpt_oss": Family(
@@ -109,6 +113,7 @@ FAMILIES: dict[str, Family] = {
             Region("down_proj", ()),
             Region("down_proj_bias", ()),
         ),
+        num_experts_attr="num_local_experts",
     ),
     "switch_transformers": Family(
         "switch_transformers",

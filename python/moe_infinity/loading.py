@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .engine import Engine
-from .errors import BudgetError, InvalidArgumentError, NotFoundError, StateError, UnsupportedError
+from .errors import BudgetError, CheckpointFormatError, InvalidArgumentError, NotFoundError, StateError, UnsupportedError
 from .families import Family, family_for
 from .memory import format_bytes, host_memory_bytes, parse_memory
 from .runtime import MoELayer, OffloadRuntime, SlotLinear
@@ -448,6 +448,19 @@ def by_prefix_fused(modules: list[dict[str, Any]], layers: list[MoELayer]) -> bo
     return kinds.pop()
 
 
+def _check_expert_count(config: Any, family: Family, modules: list[dict[str, Any]]) -> None:
+    """Refuses a checkpoint whose MoE layers have another number of experts
+    than the config says, before transformers loads anything."""
+    want = getattr(config, family.num_experts_attr, None)
+    for m in modules:
+        if want is not None and m["num_experts"] != want:
+            role = m["roles"][0] if m["roles"] else {}
+            raise CheckpointFormatError(
+                f"{role.get('source', 'checkpoint')}: MoE module {m['prefix']!r} has {m['num_experts']} experts "
+                f"(e.g. tensor \"{role.get('tensor', '?')}\") but config.{family.num_experts_attr} is {want}"
+            )
+
+
 # -- public API --------------------------------------------------------------------------
 
 
@@ -516,6 +529,7 @@ def from_pretrained(
     engine = _engine(budget, cache_policy, prefetch, trace, dict(engine_options or {}), dev)
     try:
         engine.add_checkpoint(path)
+        _check_expert_count(config, family, engine.modules())
         cls = _stripped_class(_model_class(config, family), family)
         kwargs = dict(hf_kwargs)
         kwargs.pop("local_files_only", None)

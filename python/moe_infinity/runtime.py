@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .engine import Engine
-from .errors import ClosedError, MoEInfinityError, StateError
+from .errors import CheckpointFormatError, ClosedError, MoEInfinityError, StateError
 from .families import Family
 
 log = logging.getLogger("moe_infinity")
@@ -259,9 +259,11 @@ class OffloadRuntime:
         for r in self.plan["layout"]["regions"]:
             want = tuple(region_meta[r["name"]][0])
             if tuple(r["shape"]) != want:
-                raise StateError(
-                    f"checkpoint and model disagree on the shape of expert {r['name']}: "
-                    f"checkpoint gives {tuple(r['shape'])}, the model expects {want}"
+                roles = {ro["name"]: ro for m in engine.modules() if m["prefix"] == layers[0].prefix for ro in m["roles"]}
+                src = roles.get(r["parts"][0], {})
+                raise CheckpointFormatError(
+                    f"{src.get('source', 'checkpoint')}: tensor \"{src.get('tensor', r['parts'][0])}\" does not fit the model's config: "
+                    f"expert {r['name']} is {tuple(r['shape'])} in the checkpoint but the config makes it {want}"
                 )
         self.num_experts = int(self.plan["num_experts"])
         self.max_pin = int(self.plan["slots"])
