@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"strings"
 	"unsafe"
 
 	"github.com/moe-infinity/moe_infinity/go/engine"
@@ -436,6 +437,22 @@ func moe_save_trace(handle C.uint64_t, path *C.char) C.int32_t {
 			return err
 		}
 		return e.SaveTrace(C.GoString(path))
+	})
+}
+
+//export moe_engine_tune
+func moe_engine_tune(handle C.uint64_t, tuning *C.char) C.int32_t {
+	return withEngine(handle, func(e *engine.Engine) error {
+		if err := nonNil("tuning_json", unsafe.Pointer(tuning)); err != nil {
+			return err
+		}
+		var t engine.Tuning
+		dec := json.NewDecoder(strings.NewReader(C.GoString(tuning)))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&t); err != nil {
+			return fmt.Errorf("%w: tuning: %v", engine.ErrInvalid, err)
+		}
+		return e.Tune(t)
 	})
 }
 

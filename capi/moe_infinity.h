@@ -148,6 +148,10 @@ int32_t moe_reset_stats(uint64_t handle);
 /* Writes the trace collection to path atomically. */
 int32_t moe_save_trace(uint64_t handle, const char *path);
 
+/* Changes a configured engine at run time (JSON, every field optional):
+ * {"policy": "lru", "prefetch": false, "flush": true, "reset_stats": true}. */
+int32_t moe_engine_tune(uint64_t handle, const char *tuning_json);
+
 /* Process-wide engine runtime counters as JSON: goroutines, heap_alloc and
  * heap_sys (bytes of Go heap), engines (open handles). For leak tests. */
 int32_t moe_runtime_stats(char *buf, int64_t cap, int64_t *needed);

@@ -118,7 +118,11 @@ func New(cfg Config) (*Cache, error) {
 func (c *Cache) Slots() int { return len(c.slots) }
 
 // Policy returns the eviction policy.
-func (c *Cache) Policy() Policy { return c.cfg.Policy }
+func (c *Cache) Policy() Policy {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.cfg.Policy
+}
 
 // notifyLocked wakes every goroutine waiting for a state change.
 func (c *Cache) notifyLocked() {
@@ -458,6 +462,31 @@ func (c *Cache) Pinned() int {
 		}
 	}
 	return n
+}
+
+// SetPolicy switches the eviction policy.
+func (c *Cache) SetPolicy(p Policy) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.cfg.Policy = p
+}
+
+// Flush empties every ready slot that is not pinned (loading and pinned
+// slots are left alone) and forgets use frequencies.
+func (c *Cache) Flush() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for i := range c.slots {
+		s := &c.slots[i]
+		if s.state == Ready && s.pins == 0 {
+			delete(c.index, s.key)
+			s.state = Empty
+			s.prefetched = false
+		}
+	}
+	c.freq = make(map[Key]uint64)
+	c.checkLocked()
+	c.notifyLocked()
 }
 
 // Close wakes every waiter with ErrClosed. Slots keep their state so that

@@ -423,3 +423,19 @@ func TestStateAndKeyStrings(t *testing.T) {
 	assert.Equal(t, 3, newCache(t, 3, 1, PolicyLFU, nil).Slots())
 	assert.Equal(t, PolicyLFU, newCache(t, 3, 1, PolicyLFU, nil).Policy())
 }
+
+func TestFlushEmptiesUnpinnedSlotsAndSetPolicy(t *testing.T) {
+	c := newCache(t, 3, 1, PolicyLRU, nil)
+	use(t, c, Key{0, 0})
+	held, err := c.Pin([]Key{{0, 1}}, nil)
+	require.NoError(t, err)
+	c.Complete(held[0].Slot, held[0].Gen, nil)
+	c.Flush()
+	_, st := c.Lookup(Key{0, 0})
+	assert.Equal(t, Empty, st)
+	_, st = c.Lookup(Key{0, 1})
+	assert.Equal(t, Ready, st, "pinned slots survive a flush")
+	c.Unpin(held)
+	c.SetPolicy(PolicyLFU)
+	assert.Equal(t, PolicyLFU, c.Policy())
+}

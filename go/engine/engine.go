@@ -76,6 +76,7 @@ type Engine struct {
 	stallNs    []atomic.Int64 // per layer
 	acquires   atomic.Int64
 	opening    atomic.Pointer[backend.Backend] // the backend, from before Open (for Progress)
+	prefetchOn atomic.Bool
 }
 
 // New creates an engine with an empty checkpoint.
@@ -311,10 +312,9 @@ func (e *Engine) Configure(s Setup) (Plan, error) {
 	e.stallNs = make([]atomic.Int64, L)
 	e.stop = make(chan struct{})
 	e.prefSem = make(chan struct{}, e.cfg.PrefetchWindow)
-	if *e.cfg.Prefetch {
-		e.bg.Add(1)
-		go e.dispatch()
-	}
+	e.prefetchOn.Store(*e.cfg.Prefetch)
+	e.bg.Add(1)
+	go e.dispatch()
 	e.plan = plan
 	e.configured = true
 	return plan, nil
@@ -427,7 +427,7 @@ func (e *Engine) Observe(layer int, reqs []uint64, counts [][]float32) error {
 		}
 	}
 	e.refreshPriority(layer)
-	if !*e.cfg.Prefetch {
+	if !e.prefetchOn.Load() {
 		return nil
 	}
 	for _, r := range reqs {
@@ -481,7 +481,7 @@ func (e *Engine) Hint(layer int, experts []int32) error {
 	if err := e.checkExperts(layer, experts); err != nil {
 		return err
 	}
-	if *e.cfg.Prefetch {
+	if e.prefetchOn.Load() {
 		e.queue.Update(hintOwnerBase+uint64(layer), prefetch.HintCandidates(layer, experts))
 	}
 	return nil
@@ -533,7 +533,7 @@ func (e *Engine) Acquire(layer int, experts []int32, slots []int32, stream uintp
 			keys = append(keys, cache.Key{Layer: int32(layer), Expert: x})
 		}
 	}
-	if *e.cfg.Prefetch {
+	if e.prefetchOn.Load() {
 		e.queue.Update(hintOwnerBase+uint64(layer), nil)
 	}
 	grants, err := e.cache.Pin(keys, e.stop)

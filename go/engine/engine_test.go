@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/moe-infinity/moe_infinity/go/backend"
+	"github.com/moe-infinity/moe_infinity/go/cache"
 	"github.com/moe-infinity/moe_infinity/go/layout"
 )
 
@@ -566,4 +567,31 @@ func TestStressFetchEvictPrefetchClose(t *testing.T) {
 		addr, _ := e.be.Arena()
 		assert.Zero(t, addr, "the arena is freed")
 	}
+}
+
+func TestTuneSwitchesPolicyPrefetchAndFlushes(t *testing.T) {
+	e, _ := newEngine(t, Config{BudgetBytes: 4 * slotBytes}, 2, 4)
+	acquire(t, e, 0, 0, 1)
+	lru, off := "lru", false
+	require.NoError(t, e.Tune(Tuning{Policy: &lru, Prefetch: &off, Flush: true, ResetStats: true}))
+	p, err := e.Plan()
+	require.NoError(t, err)
+	assert.Equal(t, "lru", p.Policy)
+	assert.False(t, p.Prefetch)
+	assert.Equal(t, cache.PolicyLRU, e.cache.Policy())
+	st, _ := e.Stats()
+	assert.Zero(t, st.Resident, "flushed")
+	assert.Zero(t, st.Misses, "stats reset")
+	require.NoError(t, e.Hint(1, []int32{2}))
+	assert.True(t, e.PrefetchIdle(), "prefetch off: hints are ignored")
+	bad := "fifo"
+	require.ErrorIs(t, e.Tune(Tuning{Policy: &bad}), ErrInvalid)
+	on := true
+	require.NoError(t, e.Tune(Tuning{Prefetch: &on}))
+	require.NoError(t, e.Hint(1, []int32{2}))
+	waitIdle(t, e)
+	st, _ = e.Stats()
+	assert.Equal(t, uint64(1), st.PrefetchLoads)
+	require.NoError(t, e.Close())
+	require.ErrorIs(t, e.Tune(Tuning{}), ErrClosed)
 }

@@ -286,6 +286,16 @@ func (q *Queue) Cancellations() uint64 {
 	return q.cancels
 }
 
+// Clear drops every plan and queued candidate (popped ones still get
+// their Done).
+func (q *Queue) Clear() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.cancels += uint64(len(q.heap))
+	q.heap = nil
+	q.plan = map[cache.Key]*entry{}
+}
+
 // Close empties the queue and wakes every Pop with ok=false.
 func (q *Queue) Close() {
 	q.mu.Lock()

@@ -159,3 +159,12 @@ func TestHintCandidatesOutrankPredictions(t *testing.T) {
 	assert.Equal(t, Candidate{k(3, 5), HintScore}, c[0])
 	assert.Greater(t, HintScore, 1.0)
 }
+
+func TestQueueClear(t *testing.T) {
+	q := NewQueue()
+	q.Update(1, []Candidate{{k(1, 0), 0.5}, {k(1, 1), 0.4}})
+	q.Clear()
+	assert.Equal(t, 0, q.Len())
+	assert.Equal(t, 0.0, q.Score(k(1, 0)))
+	assert.Equal(t, uint64(2), q.Cancellations())
+}

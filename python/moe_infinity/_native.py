@@ -66,6 +66,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "moe_save_trace": [_c_uint64, _p_char],
     "moe_debug_panic": [_c_uint64],
     "moe_runtime_stats": [_buf, _c_int64, _p_int64],
+    "moe_engine_tune": [_c_uint64, _p_char],
 }
 
 _lock = threading.Lock()

@@ -292,6 +292,21 @@ class Engine:
         arr = (ctypes.c_int32 * max(1, len(xs)))(*xs)
         _native.call("moe_hint", ctypes.c_uint64(self._h()), layer, len(xs), arr)
 
+    def tune(self, *, policy: str | None = None, prefetch: bool | None = None, flush: bool = False, reset_stats: bool = False) -> None:
+        """Changes the running engine: eviction policy, prefetching on/off,
+        emptying the cache (``flush``) and zeroing the counters."""
+        t: dict[str, Any] = {"flush": flush, "reset_stats": reset_stats}
+        if policy is not None:
+            t["policy"] = policy
+        if prefetch is not None:
+            t["prefetch"] = bool(prefetch)
+        _native.call("moe_engine_tune", ctypes.c_uint64(self._h()), json.dumps(t).encode())
+        if self._plan is not None:
+            if policy is not None:
+                self._plan["policy"] = policy.lower()
+            if prefetch is not None:
+                self._plan["prefetch"] = bool(prefetch)
+
     # -- observability -------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:

@@ -364,12 +364,25 @@ def _install(model: torch.nn.Module, rt: OffloadRuntime, family: Family) -> None
     def reset_moe_stats() -> None:
         rt.check_open()
         rt.engine.reset_stats()
+        rt.hook_ns = rt.wait_ns = rt.hook_calls = 0
 
     def save_moe_trace(path: str | os.PathLike[str]) -> None:
         rt.check_open()
         rt.engine.save_trace(path)
 
     model.reset_moe_stats = reset_moe_stats
+
+    def moe_tune(*, cache_policy: str | None = None, prefetch: bool | None = None, flush: bool = False, reset_stats: bool = False) -> None:
+        """Changes the cache policy or prefetching of the loaded model, empties
+        the cache (``flush``) or zeroes the statistics, without reloading."""
+        rt.check_open()
+        rt.engine.tune(policy=cache_policy, prefetch=prefetch, flush=flush, reset_stats=reset_stats)
+        rt.plan["policy"] = rt.engine.plan["policy"]
+        rt.plan["prefetch"] = rt.engine.plan["prefetch"]
+        if reset_stats:
+            rt.hook_ns = rt.wait_ns = rt.hook_calls = 0
+
+    model.moe_tune = moe_tune
     model.save_moe_trace = save_moe_trace
     model.close = rt.close
     weakref.finalize(model, rt.close)

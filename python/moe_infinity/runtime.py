@@ -30,10 +30,12 @@ import contextlib
 import ctypes
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -242,6 +244,11 @@ class OffloadRuntime:
         self.layers = layers
         self.region_meta = region_meta
         self.device = device or torch.device("cpu")
+        # Host time spent in the MoE hooks, and the part of it spent waiting
+        # for the GPU (the routing's device-to-host copy); nanoseconds.
+        self.hook_ns = 0
+        self.wait_ns = 0
+        self.hook_calls = 0
         self._tls = threading.local()
         self._lock = threading.Lock()
         self._closed = False
@@ -365,8 +372,10 @@ class OffloadRuntime:
 
     # -- tracing ----------------------------------------------------------------
 
-    def _observe(self, layer: int, tokens: torch.Tensor, experts: torch.Tensor, n_tokens: int) -> None:
-        """Sends per-request counts of (token, expert) routing pairs."""
+    def _observe_np(self, layer: int, tokens: np.ndarray, experts: np.ndarray, n_tokens: int) -> None:
+        """Sends per-request counts of (token, expert) routing pairs. Tokens
+        are split evenly between the active requests in row order (batch rows,
+        beams of one request adjacent, as generate lays them out)."""
         reqs = self.active_requests()
         if not reqs:
             return
@@ -374,25 +383,45 @@ class OffloadRuntime:
         R = len(reqs)
         if R > 1 and n_tokens % R == 0 and n_tokens > 0:
             row = tokens // (n_tokens // R)
-            counts = torch.bincount(row * E + experts, minlength=R * E).view(R, E)
+            counts = np.bincount(row * E + experts, minlength=R * E).reshape(R, E)
         else:
-            counts = torch.bincount(experts, minlength=E).view(1, E).expand(R, E) / R
-        self.engine.observe(layer, reqs, counts.to(torch.float32).cpu().numpy())
+            counts = np.broadcast_to(np.bincount(experts, minlength=E).reshape(1, E) / R, (R, E))
+        self.engine.observe(layer, reqs, np.ascontiguousarray(counts, dtype=np.float32))
 
     # -- compute ----------------------------------------------------------------
 
     def run_fused(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, original: Any) -> torch.Tensor:
         """The experts forward of a fused MoE layer."""
         self.check_open()
+        t0 = time.perf_counter_ns()
+        try:
+            return self._run_fused(layer, hidden, top_k_index, top_k_weights, original)
+        finally:
+            self._account(t0)
+
+    def _account(self, t0: int) -> None:
+        """Adds one hook call's host time (the GPU waits are in wait_ns)."""
+        self.hook_ns += time.perf_counter_ns() - t0
+        self.hook_calls += 1
+
+    def _routing_to_host(self, top_k_index: torch.Tensor) -> np.ndarray:
+        """The routing as a host array: the layer's one synchronisation point
+        (it waits for the router on the GPU), timed as a wait, not overhead."""
+        t0 = time.perf_counter_ns()
+        idx = top_k_index.detach().to("cpu").numpy()
+        self.wait_ns += time.perf_counter_ns() - t0
+        return idx
+
+    def _run_fused(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, original: Any) -> torch.Tensor:
         module = layer.module
         E = self.num_experts
-        with torch.no_grad():
-            flat = top_k_index.reshape(-1)
-            valid = (flat >= 0) & (flat < E)
-            k = top_k_index.shape[-1] if top_k_index.dim() > 1 else 1
-            tokens = torch.arange(flat.numel(), device=flat.device) // k
-            self._observe(layer.index, tokens[valid].cpu(), flat[valid].cpu(), top_k_index.shape[0])
-            needed = torch.unique(flat[valid]).tolist()
+        idx = self._routing_to_host(top_k_index)
+        flat = idx.reshape(-1)
+        valid = (flat >= 0) & (flat < E)
+        k = idx.shape[-1] if idx.ndim > 1 else 1
+        tokens = np.arange(flat.size) // k
+        self._observe_np(layer.index, tokens[valid], flat[valid], idx.shape[0])
+        needed = np.unique(flat[valid]).tolist()
         if (
             self.kernels
             and needed
@@ -403,7 +432,11 @@ class OffloadRuntime:
         ):
             return self._run_kernel(layer, hidden, top_k_index, top_k_weights, needed)
         impl = getattr(getattr(module, "config", None), "_experts_implementation", None) or "eager"
-        if impl == "eager":
+        if impl == "eager" or self.kernels:
+            # With the kernels on (the GPU fast path, where parity is not
+            # bitwise anyway) larger batches use the per-expert eager code on
+            # slot views rather than stacking the layer's experts into a copy
+            # that would not fit the memory budget.
             with _Streamer(self, layer.index, needed) as st:
                 proxy = _ExpertsProxy(module, {name: _Indexer(st, name, (E, *shape), dtype, hidden.device) for name, (shape, dtype) in self.region_meta.items()})
                 return original(proxy, hidden, top_k_index, top_k_weights)
@@ -466,12 +499,14 @@ class OffloadRuntime:
         """The experts forward of a ModuleDict MoE layer (Switch, NLLB)."""
         self.check_open()
         E = self.num_experts
+        t0 = time.perf_counter_ns()
         with torch.no_grad():
             onehot = mask if (mask.dim() >= 2 and mask.shape[-1] == E and mask.dim() == 3) else F.one_hot(mask.long(), num_classes=E)
-            pairs = onehot.reshape(onehot.shape[0], -1, E).nonzero()
-            tokens, experts = pairs[:, 0].cpu(), pairs[:, 2].cpu()
-            self._observe(layer.index, tokens, experts, int(onehot.shape[0]))
-            needed = torch.unique(experts).tolist()
+            pairs = self._routing_to_host(onehot.reshape(onehot.shape[0], -1, E).nonzero())
+            tokens, experts = pairs[:, 0], pairs[:, 2]
+            self._observe_np(layer.index, tokens, experts, int(onehot.shape[0]))
+            needed = np.unique(experts).tolist()
+        self._account(t0)
         streamers = self._tls.__dict__.setdefault("streamers", {})
         with _Streamer(self, layer.index, needed) as st:
             streamers[layer.index] = st
@@ -492,4 +527,7 @@ class OffloadRuntime:
         st["hit_rate"] = st["hits"] / uses if uses else 0.0
         st["stall_seconds"] = st["stall_ns"] / 1e9
         st["plan"] = {k: self.plan[k] for k in ("slots", "slot_bytes", "arena_bytes", "policy", "prefetch", "backend")}
+        st["hook_seconds"] = self.hook_ns / 1e9
+        st["hook_wait_seconds"] = self.wait_ns / 1e9
+        st["hook_calls"] = self.hook_calls
         return st

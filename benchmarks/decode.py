@@ -1,0 +1,348 @@
+"""Decode benchmark: how fast a Mixture-of-Experts model whose experts do not
+fit in GPU memory decodes with moe_infinity, next to the transfer floor of
+the same run and to Hugging Face accelerate offloading.
+
+The model is built in memory with random weights (experts in host memory,
+bf16) for a named shape. One run = prefill of --prompt-len random tokens, then
+--decode greedy tokens at batch 1, for each ablation (policy × prefetch) on
+the same loaded model (the cache is flushed between ablations). Writes one
+JSON object per ablation (and one for accelerate with --accelerate, which
+runs in its own process).
+
+    python benchmarks/decode.py --preset mixtral-8x7b --device-memory 24GiB --out benchmarks/results/x.json
+    python benchmarks/decode.py --preset tiny --device cpu          # the CI smoke configuration
+
+Fields: decode_s_per_token (median over decoded tokens), ttft_s, hit_rate,
+bytes_moved_per_token, stall_s_per_token (host waits in the engine; 0 on the
+GPU, where copies are ordered by events instead), misses_per_token,
+pinned_h2d_GBps (measured in the same process), compute_s_per_token,
+floor_s_per_token = misses × expert bytes ÷ bandwidth + compute, ratio =
+measured ÷ floor, overhead_ms_per_token (host time in the engine and the
+Python hook not spent waiting for the GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "mixtral-8x7b": dict(
+        model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096,
+    ),
+    "qwen3-30b-a3b": dict(
+        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, max_position_embeddings=4096,
+    ),
+    "tiny": dict(
+        model_type="mixtral", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=512,
+    ),
+}
+
+ABLATIONS = [("priority", True), ("lru", True), ("lfu", True), ("priority", False)]
+
+
+def build(preset: str, dense_device: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16):
+    """The preset's model with random weights: experts on the CPU (filled
+    from a random pool, so that 93 GB take seconds, not minutes), everything
+    else on dense_device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(PRESETS[preset])
+    cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+    pool = (torch.randn(1 << 26, generator=g) * 0.02).to(dtype)  # 64 Mi values
+    offset = 0
+
+    def filled(shape: tuple[int, ...]) -> torch.Tensor:
+        nonlocal offset
+        t = torch.empty(shape, dtype=dtype)
+        flat = t.view(-1)
+        i = 0
+        while i < flat.numel():
+            n = min(flat.numel() - i, pool.numel() - offset)
+            flat[i : i + n].copy_(pool[offset : offset + n])
+            i += n
+            offset = (offset + n + 7919) % (pool.numel() - 1)
+        return t
+
+    gd = torch.Generator(device=dense_device).manual_seed(seed + 1)
+    for name, module in model.named_modules():
+        for pname, p in list(module._parameters.items()):
+            if p is None or p.device.type != "meta":
+                continue
+            if name.endswith(".experts"):
+                t = filled(tuple(p.shape))
+            elif "norm" in pname or "norm" in name:
+                t = torch.ones(p.shape, dtype=dtype, device=dense_device)
+            else:
+                t = (torch.randn(p.shape, generator=gd, device=dense_device, dtype=torch.float32) * 0.02).to(dtype)
+            module._parameters[pname] = torch.nn.Parameter(t, requires_grad=False)
+        if any(b is not None and b.device.type == "meta" for b in module._buffers.values()):
+            if hasattr(module, "inv_freq"):  # rotary embeddings: rebuild on the device
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    fresh = type(module)(config=cfg, device=dense_device)
+                for bname, b in fresh._buffers.items():
+                    module._buffers[bname] = b
+                for attr in ("attention_scaling", "original_inv_freq"):
+                    if hasattr(fresh, attr):
+                        setattr(module, attr, getattr(fresh, attr))
+            else:
+                for bname, b in module._buffers.items():
+                    if b is not None and b.device.type == "meta":
+                        module._buffers[bname] = torch.zeros(b.shape, dtype=b.dtype, device=dense_device)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise RuntimeError(f"left on the meta device: {left[:5]}")
+    model.tie_weights = lambda *a, **k: None  # nothing to tie: weights are fresh
+    return model.eval(), cfg
+
+
+def pinned_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """Host→device copy bandwidth from pinned memory, GB/s (median)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    times = []
+    for _ in range(reps + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times[1:]) / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_run(model, prompt: torch.Tensor, n_decode: int, device: torch.device) -> dict[str, Any]:
+    """Prefill + n_decode greedy steps, timing each step."""
+    from transformers import DynamicCache
+
+    times = []
+    with torch.no_grad():
+        _sync(device)
+        t0 = time.perf_counter()
+        with model.moe_runtime.requests(1):
+            out = model(input_ids=prompt, past_key_values=DynamicCache(config=model.config), use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            _sync(device)
+            ttft = time.perf_counter() - t0
+            pkv = out.past_key_values
+            model.reset_moe_stats()
+            for _ in range(n_decode):
+                t0 = time.perf_counter()
+                out = model(input_ids=nxt, past_key_values=pkv, use_cache=True)
+                pkv = out.past_key_values
+                nxt = out.logits[:, -1:].argmax(-1)
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+    return {"ttft_s": ttft, "step_s": times}
+
+
+def compute_time(model, device: torch.device, reps: int = 8) -> float:
+    """GPU compute of one decode step with the experts resident: the dense
+    part (hooks return zeros) plus the expert FFN of every MoE layer on slots
+    already loaded (one kernel call per layer on two resident experts)."""
+    rt = model.moe_runtime
+    from transformers import DynamicCache
+
+    ids = torch.tensor([[1]], device=device)
+    orig = rt.run_fused
+
+    def zeros(layer, hidden, top_k_index, top_k_weights, original):
+        return torch.zeros_like(hidden)
+
+    rt.run_fused = zeros
+    try:
+        with torch.no_grad():
+            times = []
+            for _ in range(reps + 2):
+                _sync(device)
+                t0 = time.perf_counter()
+                model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+        dense = statistics.median(times[2:])
+    finally:
+        rt.run_fused = orig
+    if device.type != "cuda" or not rt.kernels:
+        return dense
+    k = model.config.num_experts_per_tok
+    hidden = torch.randn(1, model.config.hidden_size, device=device, dtype=torch.bfloat16)
+    idx = torch.arange(k, device=device).view(1, k)
+    w = torch.full((1, k), 1.0 / k, device=device)
+    layer = rt.layers[0]
+    rt._run_kernel(layer, hidden, idx, w, list(range(k)))  # load them
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        rt._run_kernel(layer, hidden, idx, w, list(range(k)))
+    _sync(device)
+    per_layer = (time.perf_counter() - t0) / reps
+    return dense + per_layer * len(rt.layers)
+
+
+def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import moe_infinity as mi
+    from moe_infinity import _native
+
+    device = torch.device(args.device)
+    t0 = time.perf_counter()
+    model, cfg = build(args.preset, "cuda" if device.type == "cuda" else "cpu")
+    built = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model = mi.offload(model, device=device, device_memory=args.device_memory, kernels=not args.no_kernels)
+    offloaded = time.perf_counter() - t0
+    rt = model.moe_runtime
+    plan = model.moe_stats()["plan"]
+    bw = pinned_bandwidth(device) if device.type == "cuda" else None
+    compute = compute_time(model, device)
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=g).to(device)
+    rows = []
+    ablations = ABLATIONS if args.ablations else ABLATIONS[:1]
+    for policy, prefetch in ablations:
+        model.moe_tune(cache_policy=policy, prefetch=prefetch, flush=True, reset_stats=True)
+        r = decode_run(model, prompt, args.decode, device)
+        st = model.moe_stats()
+        n = len(r["step_s"])
+        misses = st["misses"] / n
+        slot = plan["slot_bytes"]
+        floor = (misses * slot / (bw * 1e9) + compute) if bw else None
+        med = statistics.median(r["step_s"])
+        overhead = (st["hook_seconds"] - st["hook_wait_seconds"]) / n
+        rows.append(
+            {
+                "system": "moe_infinity",
+                "preset": args.preset,
+                "policy": policy,
+                "prefetch": prefetch,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "device_memory": args.device_memory,
+                "prompt_len": args.prompt_len,
+                "decoded_tokens": n,
+                "decode_s_per_token": med,
+                "decode_s_per_token_mean": statistics.fmean(r["step_s"]),
+                "ttft_s": r["ttft_s"],
+                "hit_rate": st["hit_rate"],
+                "misses_per_token": misses,
+                "prefetch_hits_per_token": st["prefetch_hits"] / n,
+                "wasted_prefetches_per_token": st["wasted_prefetches"] / n,
+                "bytes_moved_per_token": st["bytes_moved"] / n,
+                "stall_s_per_token": st["stall_seconds"] / n,
+                "overhead_ms_per_token": overhead * 1e3,
+                "hook_calls_per_token": st["hook_calls"] / n,
+                "slots": plan["slots"],
+                "expert_bytes": slot,
+                "pinned_h2d_GBps": bw,
+                "compute_s_per_token": compute,
+                "floor_s_per_token": floor,
+                "ratio_to_floor": (med / floor) if floor else None,
+                "build_s": built,
+                "offload_s": offloaded,
+                "engine": _native.version(),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    model.close()
+    return rows
+
+
+def run_accelerate(args: argparse.Namespace) -> dict[str, Any]:
+    """The same model with accelerate's device_map offloading (own process)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    model, cfg = build(args.preset, "cpu")
+    max_memory = {0: args.device_memory, "cpu": args.accelerate_cpu_memory}
+    dmap = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=model._no_split_modules, dtype=torch.bfloat16)
+    model = dispatch_model(model, device_map=dmap)
+    device = torch.device("cuda", 0)
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=g).to(device)
+    from transformers import DynamicCache
+
+    times = []
+    with torch.no_grad():
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model(input_ids=prompt, past_key_values=DynamicCache(config=model.config), use_cache=True)
+        torch.cuda.synchronize()
+        ttft = time.perf_counter() - t0
+        pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(args.accelerate_tokens):
+            t0 = time.perf_counter()
+            out = model(input_ids=nxt.to(device), past_key_values=pkv, use_cache=True)
+            pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    on_gpu = sum(1 for v in dmap.values() if v == 0)
+    row = {
+        "system": "accelerate",
+        "preset": args.preset,
+        "device": torch.cuda.get_device_name(0),
+        "device_memory": args.device_memory,
+        "prompt_len": args.prompt_len,
+        "decoded_tokens": len(times),
+        "decode_s_per_token": statistics.median(times),
+        "ttft_s": ttft,
+        "modules_on_gpu": on_gpu,
+        "modules": len(dmap),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device-memory", default="24GiB")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--no-ablations", dest="ablations", action="store_false", help="only priority + prefetch")
+    ap.add_argument("--no-kernels", action="store_true")
+    ap.add_argument("--accelerate", action="store_true", help="also run accelerate offloading in its own process")
+    ap.add_argument("--accelerate-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--accelerate-tokens", type=int, default=3)
+    ap.add_argument("--accelerate-cpu-memory", default="120GiB")
+    ap.add_argument("--out", help="write the JSON list here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.accelerate_only:
+        rows = [run_accelerate(args)]
+    else:
+        rows = run_moe_infinity(args)
+        if args.accelerate:
+            cmd = [sys.executable, __file__, "--accelerate-only", "--preset", args.preset, "--device-memory", args.device_memory,
+                   "--prompt-len", str(args.prompt_len), "--accelerate-tokens", str(args.accelerate_tokens),
+                   "--accelerate-cpu-memory", args.accelerate_cpu_memory]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            sys.stderr.write(out.stderr[-4000:])
+            rows += [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
