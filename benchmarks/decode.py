@@ -246,6 +246,8 @@ def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "hit_rate": st["hit_rate"],
                 "misses_per_token": misses,
                 "prefetch_hits_per_token": st["prefetch_hits"] / n,
+                "prefetch_loads_per_token": st["prefetch_loads"] / n,
+                "late_prefetches_per_token": st["late_prefetches"] / n,
                 "wasted_prefetches_per_token": st["wasted_prefetches"] / n,
                 "bytes_moved_per_token": st["bytes_moved"] / n,
                 "stall_s_per_token": st["stall_seconds"] / n,

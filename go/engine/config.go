@@ -45,6 +45,11 @@ type Config struct {
 	// PrefetchWindow is the maximum number of prefetch loads in flight
 	// (default 2; on-demand loads are not limited).
 	PrefetchWindow int `json:"prefetch_window"`
+	// PrefetchConfidence: an expert is prefetched from an EAM prediction
+	// only when predicted at least this many times as likely as a uniform
+	// guess (default 2; negative turns the filter off). Router hints are
+	// always prefetched.
+	PrefetchConfidence float64 `json:"prefetch_confidence"`
 	// Workers is the number of copy workers of the CPU backend (default
 	// min(4, GOMAXPROCS)).
 	Workers int `json:"workers"`

@@ -77,6 +77,10 @@ type Engine struct {
 	acquires   atomic.Int64
 	opening    atomic.Pointer[backend.Backend] // the backend, from before Open (for Progress)
 	prefetchOn atomic.Bool
+
+	demandMu   sync.Mutex
+	demand     int           // on-demand copies in flight
+	demandIdle chan struct{} // closed when demand drops to 0
 }
 
 // New creates an engine with an empty checkpoint.
@@ -85,7 +89,7 @@ func New(cfg Config) (*Engine, error) {
 	if err != nil {
 		return nil, err
 	}
-	e := &Engine{cfg: cfg, ckpt: store.New(), leases: map[uint64][]cache.Grant{}}
+	e := &Engine{cfg: cfg, ckpt: store.New(), leases: map[uint64][]cache.Grant{}, demandIdle: make(chan struct{})}
 	e.NewBackend = defaultBackend
 	return e, nil
 }
@@ -307,6 +311,12 @@ func (e *Engine) Configure(s Setup) (Plan, error) {
 	e.tracker = trace.NewTracker(coll)
 	e.planner = prefetch.NewPlanner(coll)
 	e.planner.Matches = e.cfg.Matches
+	switch {
+	case e.cfg.PrefetchConfidence > 0:
+		e.planner.Confidence = e.cfg.PrefetchConfidence
+	case e.cfg.PrefetchConfidence < 0:
+		e.planner.Confidence = 0
+	}
 	e.queue = prefetch.NewQueue()
 	e.bytesMoved = make([]atomic.Int64, L)
 	e.stallNs = make([]atomic.Int64, L)
@@ -545,6 +555,7 @@ func (e *Engine) Acquire(layer int, experts []int32, slots []int32, stream uintp
 	for i, g := range grants {
 		if g.Load {
 			loads[i] = e.be.Load(g.Slot, layer, int(g.Key.Expert), true)
+			e.trackDemand(loads[i])
 		}
 	}
 	var firstErr error
@@ -678,13 +689,56 @@ func (e *Engine) Progress() (done, total int64) {
 	return 0, 0
 }
 
+// trackDemand counts an on-demand load until its copy physically ends, so
+// that prefetches wait for the link to be free of demand copies.
+func (e *Engine) trackDemand(tr backend.Transfer) {
+	e.demandMu.Lock()
+	e.demand++
+	e.demandMu.Unlock()
+	e.bg.Add(1)
+	go func() {
+		defer e.bg.Done()
+		<-tr.Finished()
+		e.demandMu.Lock()
+		e.demand--
+		if e.demand == 0 {
+			close(e.demandIdle)
+			e.demandIdle = make(chan struct{})
+		}
+		e.demandMu.Unlock()
+	}()
+}
+
+// waitDemandIdle blocks while on-demand copies are in flight (on-demand
+// requests preempt prefetches). It returns false when the engine stops.
+func (e *Engine) waitDemandIdle() bool {
+	for {
+		e.demandMu.Lock()
+		n, ch := e.demand, e.demandIdle
+		e.demandMu.Unlock()
+		if n == 0 {
+			return true
+		}
+		select {
+		case <-ch:
+		case <-e.stop:
+			return false
+		}
+	}
+}
+
 // dispatch drains the prefetch queue into the backend, keeping at most
-// PrefetchWindow prefetch loads in flight.
+// PrefetchWindow prefetch loads in flight and issuing none while on-demand
+// copies are in flight.
 func (e *Engine) dispatch() {
 	defer e.bg.Done()
 	for {
 		c, ok := e.queue.Pop(e.stop)
 		if !ok {
+			return
+		}
+		if !e.waitDemandIdle() {
+			e.queue.Done()
 			return
 		}
 		select {

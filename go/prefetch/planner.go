@@ -25,12 +25,24 @@ type Planner struct {
 	MaxCandidates int
 	// Horizon is how many layers ahead to plan (0 = all remaining layers).
 	Horizon int
+	// Confidence drops candidates whose predicted share of their layer's
+	// routing (before the proximity weight) is below Confidence/Experts,
+	// i.e. below Confidence times a uniform guess. Predictions from a
+	// collection whose requests route uniformly (random weights, unseen
+	// workloads) then issue no prefetch instead of wasting bandwidth.
+	// 0 disables the filter.
+	Confidence float64
 }
 
+// DefaultConfidence is the default Planner.Confidence: an expert is
+// prefetched only when it is predicted at least twice as likely as a
+// uniform guess.
+const DefaultConfidence = 2.0
+
 // NewPlanner returns a planner over coll with defaults: 4 matches, minimum
-// score 0.01, no cap, whole horizon.
+// score 0.01, DefaultConfidence, no cap, whole horizon.
 func NewPlanner(coll *trace.Collection) *Planner {
-	return &Planner{coll: coll, Matches: 4, MinScore: 0.01}
+	return &Planner{coll: coll, Matches: 4, MinScore: 0.01, Confidence: DefaultConfidence}
 }
 
 // Plan returns the candidates for the layers after `layer`, best first,
@@ -53,11 +65,18 @@ func (p *Planner) Plan(partial *trace.EAM, layer int) []Candidate {
 		last = layer + p.Horizon
 	}
 	var out []Candidate
+	uniform := 1 / float64(pred.Experts)
 	for l := layer + 1; l <= last; l++ {
+		proximity := 1 - float64(l-layer)/float64(pred.Layers)
 		for e, s := range pred.Row(l) {
-			if float64(s) >= p.MinScore && s > 0 {
-				out = append(out, Candidate{Key: cache.Key{Layer: int32(l), Expert: int32(e)}, Score: float64(s)})
+			score := float64(s)
+			if score < p.MinScore || s <= 0 {
+				continue
 			}
+			if p.Confidence > 0 && proximity > 0 && score/proximity < p.Confidence*uniform {
+				continue
+			}
+			out = append(out, Candidate{Key: cache.Key{Layer: int32(l), Expert: int32(e)}, Score: score})
 		}
 	}
 	sort.Slice(out, func(i, j int) bool { return better(out[i], out[j]) })

@@ -77,3 +77,20 @@ func TestQueueIdleTracksPoppedWork(t *testing.T) {
 	q.Done() // extra Done is harmless
 	assert.True(t, q.Idle())
 }
+
+func TestPlannerIssuesNothingForUniformPredictions(t *testing.T) {
+	const L, E = 3, 8
+	coll, err := trace.NewCollection(L, E, 8)
+	require.NoError(t, err)
+	flat := trace.NewEAM(L, E)
+	for l := 0; l < L; l++ {
+		for e := 0; e < E; e++ {
+			require.NoError(t, flat.Add(l, e, 10))
+		}
+	}
+	require.NoError(t, coll.Add(flat))
+	p := NewPlanner(coll)
+	assert.Empty(t, p.Plan(flat.Clone(), 0), "a uniform prediction is no better than a guess")
+	p.Confidence = 0
+	assert.Len(t, p.Plan(flat.Clone(), 0), (L-1)*E, "without the filter every expert is a candidate")
+}

@@ -63,6 +63,7 @@ type Backend struct {
 	down    cu.Function
 	tables  [tableRing]uint64
 	tableEv [tableRing]uintptr
+	tableH  unsafe.Pointer // pinned host staging of the tables (tableRing × 2 × tableN pointers)
 	tableN  int
 	tableI  atomic.Uint64
 }
@@ -166,6 +167,9 @@ func (b *Backend) Open(slots int, slotBytes int64, src backend.Source) (err erro
 			return err
 		}
 		b.tableN = max(slots, 1)
+		if b.tableH, err = hostAlloc(int64(tableRing * 16 * b.tableN)); err != nil {
+			return err
+		}
 		for i := range b.tables {
 			if b.tables[i], err = memAlloc(int64(2 * 8 * b.tableN)); err != nil {
 				return err
@@ -517,6 +521,10 @@ func (b *Backend) freeLocked() error {
 			keep(hostFree(p))
 		}
 		b.pinned = nil
+		if b.tableH != nil {
+			keep(hostFree(b.tableH))
+			b.tableH = nil
+		}
 		if b.mod != (cu.Module{}) {
 			keep(moduleUnload(b.mod))
 			b.mod = cu.Module{}

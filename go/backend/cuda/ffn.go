@@ -25,17 +25,22 @@ func (b *Backend) FFN(a backend.FFNArgs) error {
 	}
 	slot := int(b.tableI.Add(1) % tableRing)
 	table, ev := b.tables[slot], b.tableEv[slot]
-	host := cmalloc(16 * n)
-	defer cfree(host)
-	tab := unsafe.Slice((*uint64)(host), 2*n)
-	copy(tab[:n], a.GateUp)
-	copy(tab[n:], a.Down)
+	host := unsafe.Add(b.tableH, slot*16*b.tableN)
 	return b.dev.do(func() error {
-		// The table may still be read by an earlier launch on another stream.
+		// The staging entry and the device table may still be in use by the
+		// launch tableRing calls ago: on the host that is over long before
+		// (the wait returns at once), on the device the new copy waits for it.
+		if err := eventSync(ev); err != nil {
+			return err
+		}
+		tab := unsafe.Slice((*uint64)(host), 2*n)
+		copy(tab[:n], a.GateUp)
+		copy(tab[n:], a.Down)
 		if err := streamWait(a.Stream, ev); err != nil {
 			return err
 		}
-		// From pageable memory: the driver stages it before returning.
+		// From pinned memory, so the copy is asynchronous: the host does not
+		// wait for the expert copies this stream is ordered after.
 		if err := copyHtoD(table, host, int64(16*n), a.Stream); err != nil {
 			return err
 		}
