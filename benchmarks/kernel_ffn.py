@@ -66,15 +66,13 @@ def bench(name: str, E: int, H: int, I: int, K: int, T: int, iters: int) -> dict
     x = torch.randn(T, H, generator=rng).to(dt).cuda()
     out = torch.empty_like(x)
     scratch = torch.empty(T * K, I, dtype=torch.float32, device="cuda")
-    pair_expert = idx.reshape(-1).to(torch.int32)
-    pair_token = torch.arange(T, dtype=torch.int32, device="cuda").repeat_interleave(K)
-    pair_weight = w.reshape(-1).float()
-    needed = experts
+    topk = idx.to(torch.int64).contiguous()
+    weights = w.float().contiguous()
+    needed = torch.unique(idx).tolist()
 
     def kernel():
         eng.layer_ffn(0, needed, stream=stream, x=x.data_ptr(), out=out.data_ptr(), scratch=scratch.data_ptr(),
-                      pair_token=pair_token.data_ptr(), pair_expert=pair_expert.data_ptr(), pair_weight=pair_weight.data_ptr(),
-                      tokens=T, k=K, dtype=0)
+                      topk=topk.data_ptr(), weights=weights.data_ptr(), tokens=T, k=K, dtype=0)
         return out
 
     def eager():

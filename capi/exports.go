@@ -345,7 +345,7 @@ func moe_release(handle C.uint64_t, lease C.uint64_t, stream C.uint64_t) C.int32
 
 //export moe_layer_ffn
 func moe_layer_ffn(handle C.uint64_t, layer C.int32_t, n C.int32_t, experts *C.int32_t, stream C.uint64_t,
-	x C.uint64_t, out C.uint64_t, scratch C.uint64_t, pairToken C.uint64_t, pairExpert C.uint64_t, pairWeight C.uint64_t,
+	x C.uint64_t, out C.uint64_t, scratch C.uint64_t, topk C.uint64_t, weights C.uint64_t,
 	tokens C.int64_t, k C.int64_t, dtype C.int32_t) C.int32_t {
 	return withEngine(handle, func(e *engine.Engine) error {
 		xs, err := expertList(n, experts)
@@ -354,8 +354,7 @@ func moe_layer_ffn(handle C.uint64_t, layer C.int32_t, n C.int32_t, experts *C.i
 		}
 		return e.LayerFFN(engine.FFNCall{
 			Layer: int(layer), Experts: xs, Stream: uintptr(stream),
-			X: uint64(x), Out: uint64(out), Scratch: uint64(scratch),
-			PairToken: uint64(pairToken), PairExpert: uint64(pairExpert), PairWeight: uint64(pairWeight),
+			X: uint64(x), Out: uint64(out), Scratch: uint64(scratch), TopK: uint64(topk), Weights: uint64(weights),
 			T: int64(tokens), K: int64(k), DType: int64(dtype),
 		})
 	})

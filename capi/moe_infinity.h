@@ -111,17 +111,16 @@ int32_t moe_acquire(uint64_t handle, int32_t layer, int32_t n, const int32_t *ex
 int32_t moe_release(uint64_t handle, uint64_t lease, uint64_t stream);
 
 /* One MoE layer's expert FFN (SwiGLU) over every (token, expert) pair in
- * one call: acquires the n experts, launches the backend's kernels on
- * `stream` and releases them. T tokens with k experts each (P = T*k pairs,
- * token t's pairs are t*k..t*k+k-1). Addresses (host for the CPU backend,
- * device for CUDA): x [T, H] and out [T, H] in the experts' dtype (0 =
- * bfloat16, 1 = float16), scratch [P, I] float32, pair_token and
- * pair_expert [P] int32 (pair_expert indexes `experts`), pair_weight [P]
- * float32. Needs gate_up_proj [2I, H] and down_proj [H, I] regions. */
+ * one call: acquires the n distinct experts routed to, launches the
+ * backend's kernels on `stream` and releases them. T tokens with k experts
+ * each. Addresses (host for the CPU backend, device for CUDA): x [T, H] and
+ * out [T, H] in the experts' dtype (0 = bfloat16, 1 = float16), scratch
+ * [T*k, I] float32, topk [T, k] int64 expert ids (the router's
+ * top_k_index), weights [T, k] float32. Needs gate_up_proj [2I, H] and
+ * down_proj [H, I] regions. */
 int32_t moe_layer_ffn(uint64_t handle, int32_t layer, int32_t n, const int32_t *experts,
-                      uint64_t stream, uint64_t x, uint64_t out, uint64_t scratch,
-                      uint64_t pair_token, uint64_t pair_expert, uint64_t pair_weight, int64_t tokens,
-                      int64_t k, int32_t dtype);
+                      uint64_t stream, uint64_t x, uint64_t out, uint64_t scratch, uint64_t topk,
+                      uint64_t weights, int64_t tokens, int64_t k, int32_t dtype);
 
 /* Hidden size H, intermediate size I and dtype code of the expert FFN, or
  * MOE_ERR_UNSUPPORTED when the layout does not fit the kernels. */

@@ -1,10 +1,16 @@
 // moe_ffn.cu — the engine's fused expert FFN for decode.
 //
 // Data path of one MoE layer (T tokens, k experts per token, P = T·k
-// (token, expert) pairs, every needed expert resident in a cache slot):
+// (token, expert) pairs p = t·k + j, every needed expert resident in a
+// cache slot):
 //
 //   moe_gate_up_swiglu: h[p, i] = silu(Wg[e_p] x[t_p])[i] · (Wu[e_p] x[t_p])[i]     (f32)
 //   moe_down:           out[t, :] = Σ_j w[t·k+j] · Wd[e_{t·k+j}] h[t·k+j, :]          (x's dtype)
+//
+// e_p comes straight from the router's top_k_index (int64 [T, k]) and
+// indexes tables of slot pointers by expert id (entries of experts the
+// layer does not use are never read), so no remapping runs before the
+// launch.
 //
 // Rounding follows transformers' bfloat16/float16 expert code: the gate and
 // up projections, the activation, the gated product and the down projection
@@ -72,12 +78,12 @@ __device__ __forceinline__ float moe_row_dot(const moe_bf16 *row, const float *v
     return moe_warp_sum(acc);
 }
 
-extern "C" __global__ void moe_gate_up_swiglu(const moe_bf16 *x, const int *pair_token, const int *pair_expert,
-                                              const unsigned long *wtab, float *h, long P, long H, long I, long dtype) {
+extern "C" __global__ void moe_gate_up_swiglu(const moe_bf16 *x, const long *topk, const unsigned long *wtab, float *h,
+                                              long P, long K, long H, long I, long dtype) {
     __shared__ float xs[MOE_MAX_SMEM_FLOATS];
     long p = MOE_CTAID_Y;
     if (p >= P) return;
-    long t = pair_token[p];
+    long t = p / K;
     const moe_bf16 *xt = x + t * H;
     bool staged = H <= MOE_MAX_SMEM_FLOATS;
     if (staged) {
@@ -87,7 +93,7 @@ extern "C" __global__ void moe_gate_up_swiglu(const moe_bf16 *x, const int *pair
     unsigned int lane = MOE_TID_X & 31u, warp = MOE_TID_X >> 5;
     long i = (long)MOE_CTAID_X * MOE_WARPS + warp;
     if (i >= I) return;
-    const moe_bf16 *w = (const moe_bf16 *)wtab[pair_expert[p]];
+    const moe_bf16 *w = (const moe_bf16 *)wtab[topk[p]];
     float g, u;
     if (staged) {
         g = moe_row_dot(w + i * H, xs, H, dtype, lane);
@@ -111,8 +117,8 @@ extern "C" __global__ void moe_gate_up_swiglu(const moe_bf16 *x, const int *pair
     }
 }
 
-extern "C" __global__ void moe_down(const float *h, const int *pair_expert, const unsigned long *wtab,
-                                    const float *pair_weight, moe_bf16 *out, long T, long K, long H, long I, long dtype) {
+extern "C" __global__ void moe_down(const float *h, const long *topk, const unsigned long *wtab, const float *weight,
+                                    moe_bf16 *out, long T, long K, long H, long I, long dtype) {
     long t = MOE_CTAID_Y;
     unsigned int lane = MOE_TID_X & 31u, warp = MOE_TID_X >> 5;
     long r = (long)MOE_CTAID_X * MOE_WARPS + warp;
@@ -120,8 +126,8 @@ extern "C" __global__ void moe_down(const float *h, const int *pair_expert, cons
     float acc = 0.f;
     for (long j = 0; j < K; j++) {
         long p = t * K + j;
-        const moe_bf16 *w = (const moe_bf16 *)wtab[pair_expert[p]];
-        acc += pair_weight[p] * moe_round(moe_row_dot(w + r * I, h + p * I, I, dtype, lane), dtype);
+        const moe_bf16 *w = (const moe_bf16 *)wtab[topk[p]];
+        acc += weight[p] * moe_round(moe_row_dot(w + r * I, h + p * I, I, dtype, lane), dtype);
     }
     if (lane == 0) out[t * H + r] = dtype == 0 ? moe_f32_to_bf16(acc) : moe_f32_to_f16(acc);
 }

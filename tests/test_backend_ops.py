@@ -45,19 +45,15 @@ def _routing(T: int, K: int, E: int, seed: int):
 def _run(eng: mi.Engine, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, stream: int = 0) -> torch.Tensor:
     T, K = idx.shape
     needed = torch.unique(idx).tolist()
-    remap = torch.full((int(idx.max()) + 1,), -1, dtype=torch.int32)
-    remap[torch.tensor(needed)] = torch.arange(len(needed), dtype=torch.int32)
     dev = x.device
-    pair_expert = remap[idx.reshape(-1)].to(dev)
-    pair_token = torch.arange(T, dtype=torch.int32).repeat_interleave(K).to(dev)
-    pair_weight = w.reshape(-1).to(torch.float32).to(dev)
+    topk = idx.to(torch.int64).contiguous().to(dev)
+    weights = w.to(torch.float32).contiguous().to(dev)
     _, inter, code = eng.ffn_shape()
     out = torch.empty_like(x)
     scratch = torch.empty((T * K, inter), dtype=torch.float32, device=dev)
     eng.layer_ffn(
         0, needed, stream=stream, x=x.data_ptr(), out=out.data_ptr(), scratch=scratch.data_ptr(),
-        pair_token=pair_token.data_ptr(), pair_expert=pair_expert.data_ptr(), pair_weight=pair_weight.data_ptr(),
-        tokens=T, k=K, dtype=code,
+        topk=topk.data_ptr(), weights=weights.data_ptr(), tokens=T, k=K, dtype=code,
     )
     if dev.type == "cuda":
         torch.cuda.synchronize()

@@ -13,13 +13,16 @@ import (
 
 // FFNArgs are the arguments of one expert-FFN computation over every
 // (token, expert) pair of a MoE layer (T tokens, K experts per token,
-// P = T·K pairs; pairs of token t are t·K … t·K+K−1):
+// P = T·K pairs p = t·K + j):
 //
-//	h[p]   = silu(Wgate[e_p] · x[t_p]) ⊙ (Wup[e_p] · x[t_p])      (float32)
+//	h[p]   = silu(Wgate[e_p] · x[t]) ⊙ (Wup[e_p] · x[t])          (float32)
 //	out[t] = Σ_j w[t·K+j] · Wdown[e_{t·K+j}] · h[t·K+j]         (x's dtype)
 //
-// Addresses are host addresses for the CPU backend and device addresses for
-// a GPU backend.
+// with e_p = TopK[p], the router's choice. Addresses are host addresses for
+// the CPU backend and device addresses for a GPU backend. Rounding follows
+// transformers' low-precision expert code: each projection, the activation
+// and the gated product are rounded to the activation dtype; the weighted
+// sum over a token's experts is float32, rounded once.
 type FFNArgs struct {
 	// Stream is the raw stream the computation is ordered on (GPU only).
 	Stream uintptr
@@ -27,14 +30,14 @@ type FFNArgs struct {
 	X, Out uint64
 	// Scratch is [P, Inter] float32 for the SwiGLU intermediate.
 	Scratch uint64
-	// PairToken and PairExpert are [P] int32: the token of each pair and
-	// its expert's index into GateUp/Down. PairWeight is [P] float32.
-	PairToken, PairExpert, PairWeight uint64
+	// TopK is [T, K] int64 expert ids; Weights is [T, K] float32.
+	TopK, Weights uint64
 	T, K, Hidden, Inter int64
 	// DType is 0 for bfloat16, 1 for float16.
 	DType int64
-	// GateUp[i] and Down[i] are the addresses of compact expert i's
-	// gate_up [2·Inter, Hidden] and down [Hidden, Inter] regions.
+	// GateUp[e] and Down[e] are the addresses of expert e's gate_up
+	// [2·Inter, Hidden] and down [Hidden, Inter] regions, indexed by expert
+	// id; experts the layer does not use may be 0.
 	GateUp, Down []uint64
 }
 
@@ -54,7 +57,7 @@ func (a FFNArgs) Validate() error {
 		return fmt.Errorf("expert FFN shape T=%d K=%d hidden=%d inter=%d must be positive", a.T, a.K, a.Hidden, a.Inter)
 	case a.DType != 0 && a.DType != 1:
 		return fmt.Errorf("expert FFN dtype %d (0 = bfloat16, 1 = float16)", a.DType)
-	case a.X == 0 || a.Out == 0 || a.Scratch == 0 || a.PairToken == 0 || a.PairExpert == 0 || a.PairWeight == 0:
+	case a.X == 0 || a.Out == 0 || a.Scratch == 0 || a.TopK == 0 || a.Weights == 0:
 		return fmt.Errorf("expert FFN: a tensor address is null")
 	}
 	return nil
@@ -81,21 +84,21 @@ func (c *CPU) FFN(a FFNArgs) error {
 	}
 	P := a.T * a.K
 	H, I := a.Hidden, a.Inter
-	toks := unsafe.Slice((*int32)(ptrOf(a.PairToken)), P)
-	exps := unsafe.Slice((*int32)(ptrOf(a.PairExpert)), P)
-	wts := unsafe.Slice((*float32)(ptrOf(a.PairWeight)), P)
+	exps := unsafe.Slice((*int64)(ptrOf(a.TopK)), P)
+	wts := unsafe.Slice((*float32)(ptrOf(a.Weights)), P)
 	x := toF32(hostSlice(a.X, a.T*H*2), dt)
 	h := unsafe.Slice((*float32)(ptrOf(a.Scratch)), P*I)
 	for p := int64(0); p < P; p++ {
-		if toks[p] < 0 || int64(toks[p]) >= a.T || exps[p] < 0 || int(exps[p]) >= len(a.GateUp) {
-			return fmt.Errorf("backend cpu: pair %d has token %d / expert %d out of range", p, toks[p], exps[p])
+		if exps[p] < 0 || int(exps[p]) >= len(a.GateUp) || a.GateUp[exps[p]] == 0 || a.Down[exps[p]] == 0 {
+			return fmt.Errorf("backend cpu: pair %d routes to expert %d, which is not resident", p, exps[p])
 		}
 	}
 	parallel(P*I, func(lo, hi int64) {
 		for idx := lo; idx < hi; idx++ {
 			p, i := idx/I, idx%I
 			w := hostSlice(a.GateUp[exps[p]], 2*I*H*2)
-			xt := x[int64(toks[p])*H : (int64(toks[p])+1)*H]
+			t := p / a.K
+			xt := x[t*H : (t+1)*H]
 			g := round(dotRow(w[i*H*2:(i+1)*H*2], xt, dt), dt)
 			u := round(dotRow(w[(I+i)*H*2:(I+i+1)*H*2], xt, dt), dt)
 			act := round(g/(1+float32(math.Exp(float64(-g)))), dt)

@@ -7,15 +7,15 @@ import (
 )
 
 // FFNCall is one MoE layer's expert FFN computed by the backend's kernels
-// (see backend.FFNArgs for the formula). Experts lists the layer's needed
-// experts; PairExpert indexes into it.
+// (see backend.FFNArgs for the formula). Experts lists the distinct experts
+// that TopK routes to.
 type FFNCall struct {
 	Layer   int
 	Experts []int32
 	Stream  uintptr
-	// X, Out, Scratch, PairToken, PairExpert and PairWeight are addresses
-	// (host for the CPU backend, device for the CUDA backend).
-	X, Out, Scratch, PairToken, PairExpert, PairWeight uint64
+	// X, Out, Scratch, TopK ([T, K] int64) and Weights ([T, K] float32)
+	// are addresses (host for the CPU backend, device for the CUDA backend).
+	X, Out, Scratch, TopK, Weights uint64
 	// T tokens, K experts per token.
 	T, K int64
 	// DType is 0 for bfloat16, 1 for float16.
@@ -72,15 +72,14 @@ func (e *Engine) LayerFFN(c FFNCall) error {
 		return err
 	}
 	args := backend.FFNArgs{
-		Stream: c.Stream, X: c.X, Out: c.Out, Scratch: c.Scratch,
-		PairToken: c.PairToken, PairExpert: c.PairExpert, PairWeight: c.PairWeight,
+		Stream: c.Stream, X: c.X, Out: c.Out, Scratch: c.Scratch, TopK: c.TopK, Weights: c.Weights,
 		T: c.T, K: c.K, Hidden: hidden, Inter: inter, DType: code,
-		GateUp: make([]uint64, len(slots)), Down: make([]uint64, len(slots)),
+		GateUp: make([]uint64, e.experts), Down: make([]uint64, e.experts),
 	}
 	for i, s := range slots {
 		base := uint64(e.be.SlotAddr(int(s)))
-		args.GateUp[i] = base + uint64(gu.Offset)
-		args.Down[i] = base + uint64(dn.Offset)
+		args.GateUp[c.Experts[i]] = base + uint64(gu.Offset)
+		args.Down[c.Experts[i]] = base + uint64(dn.Offset)
 	}
 	ffnErr := kern.FFN(args)
 	if err := e.Release(lease, c.Stream); err != nil && ffnErr == nil {

@@ -257,15 +257,16 @@ class Engine:
         x: int,
         out: int,
         scratch: int,
-        pair_token: int,
-        pair_expert: int,
-        pair_weight: int,
+        topk: int,
+        weights: int,
         tokens: int,
         k: int,
         dtype: int,
     ) -> None:
         """One MoE layer's expert FFN computed by the backend (see
-        ``moe_layer_ffn`` in moe_infinity.h); addresses are data pointers."""
+        ``moe_layer_ffn`` in moe_infinity.h): ``experts`` are the distinct ids
+        in ``topk`` ([T, k] int64), ``weights`` is [T, k] float32; addresses
+        are data pointers."""
         n = len(experts)
         arr = (ctypes.c_int32 * max(1, n))(*experts)
         _native.call(
@@ -274,7 +275,7 @@ class Engine:
             layer,
             n,
             arr,
-            *(ctypes.c_uint64(v) for v in (stream, x, out, scratch, pair_token, pair_expert, pair_weight)),
+            *(ctypes.c_uint64(v) for v in (stream, x, out, scratch, topk, weights)),
             tokens,
             k,
             dtype,

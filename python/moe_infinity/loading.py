@@ -365,6 +365,7 @@ def _install(model: torch.nn.Module, rt: OffloadRuntime, family: Family) -> None
         rt.check_open()
         rt.engine.reset_stats()
         rt.hook_ns = rt.wait_ns = rt.hook_calls = 0
+        rt.phase_ns.clear()
 
     def save_moe_trace(path: str | os.PathLike[str]) -> None:
         rt.check_open()
@@ -381,6 +382,7 @@ def _install(model: torch.nn.Module, rt: OffloadRuntime, family: Family) -> None
         rt.plan["prefetch"] = rt.engine.plan["prefetch"]
         if reset_stats:
             rt.hook_ns = rt.wait_ns = rt.hook_calls = 0
+        rt.phase_ns.clear()
 
     model.moe_tune = moe_tune
     model.save_moe_trace = save_moe_trace

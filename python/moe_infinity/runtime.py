@@ -249,6 +249,8 @@ class OffloadRuntime:
         self.hook_ns = 0
         self.wait_ns = 0
         self.hook_calls = 0
+        # Host time by phase of the hook (nanoseconds): where overhead goes.
+        self.phase_ns: dict[str, int] = {}
         self._tls = threading.local()
         self._lock = threading.Lock()
         self._closed = False
@@ -399,6 +401,12 @@ class OffloadRuntime:
         finally:
             self._account(t0)
 
+    def _phase(self, name: str, t0: int) -> int:
+        """Adds the time since t0 to a phase; returns now."""
+        now = time.perf_counter_ns()
+        self.phase_ns[name] = self.phase_ns.get(name, 0) + now - t0
+        return now
+
     def _account(self, t0: int) -> None:
         """Adds one hook call's host time (the GPU waits are in wait_ns)."""
         self.hook_ns += time.perf_counter_ns() - t0
@@ -416,11 +424,14 @@ class OffloadRuntime:
         module = layer.module
         E = self.num_experts
         idx = self._routing_to_host(top_k_index)
+        t = time.perf_counter_ns()
         flat = idx.reshape(-1)
         valid = (flat >= 0) & (flat < E)
         k = idx.shape[-1] if idx.ndim > 1 else 1
         tokens = np.arange(flat.size) // k
+        t = self._phase("routing", t)
         self._observe_np(layer.index, tokens[valid], flat[valid], idx.shape[0])
+        t = self._phase("observe", t)
         needed = np.unique(flat[valid]).tolist()
         if (
             self.kernels
@@ -453,17 +464,16 @@ class OffloadRuntime:
 
     def _run_kernel(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, needed: list[int]) -> torch.Tensor:
         """The engine's fused expert FFN: one call, two kernel launches over
-        every expert of the layer, reading weights straight from the slots."""
+        every expert of the layer, reading weights straight from the slots
+        and the routing straight from the router's tensors."""
+        t0 = time.perf_counter_ns()
         T, k = top_k_index.shape
-        dev = hidden.device
-        remap = torch.full((self.num_experts,), -1, dtype=torch.int32, device=dev)
-        remap[torch.tensor(needed, device=dev)] = torch.arange(len(needed), dtype=torch.int32, device=dev)
-        pair_expert = remap[top_k_index.reshape(-1)].contiguous()
-        pair_token = torch.arange(T, dtype=torch.int32, device=dev).repeat_interleave(k)
-        pair_weight = top_k_weights.reshape(-1).to(torch.float32).contiguous()
+        topk = top_k_index if top_k_index.dtype == torch.int64 and top_k_index.is_contiguous() else top_k_index.to(torch.int64).contiguous()
+        weights = top_k_weights if top_k_weights.dtype == torch.float32 and top_k_weights.is_contiguous() else top_k_weights.to(torch.float32).contiguous()
         x = hidden.contiguous()
         out = torch.empty_like(x)
-        scratch = torch.empty((T * k, self.ffn_inter), dtype=torch.float32, device=dev)
+        scratch = torch.empty((T * k, self.ffn_inter), dtype=torch.float32, device=x.device)
+        t0 = self._phase("kernel_prep", t0)
         self.engine.layer_ffn(
             layer.index,
             needed,
@@ -471,13 +481,13 @@ class OffloadRuntime:
             x=x.data_ptr(),
             out=out.data_ptr(),
             scratch=scratch.data_ptr(),
-            pair_token=pair_token.data_ptr(),
-            pair_expert=pair_expert.data_ptr(),
-            pair_weight=pair_weight.data_ptr(),
+            topk=topk.data_ptr(),
+            weights=weights.data_ptr(),
             tokens=T,
             k=k,
             dtype=self.ffn_dtype,
         )
+        self._phase("engine_ffn_call", t0)
         return out
 
     def _stack(self, layer: int, experts: list[int], device: torch.device) -> dict[str, torch.Tensor]:
@@ -530,4 +540,5 @@ class OffloadRuntime:
         st["hook_seconds"] = self.hook_ns / 1e9
         st["hook_wait_seconds"] = self.wait_ns / 1e9
         st["hook_calls"] = self.hook_calls
+        st["hook_phase_seconds"] = {k: v / 1e9 for k, v in self.phase_ns.items()}
         return st

@@ -166,7 +166,8 @@ func (b *Backend) Open(slots int, slotBytes int64, src backend.Source) (err erro
 		if b.down, err = b.mod.Function("moe_down"); err != nil {
 			return err
 		}
-		b.tableN = max(slots, 1)
+		_, perLayer := ss.Shape()
+		b.tableN = max(slots, perLayer) // tables are indexed by expert id
 		if b.tableH, err = hostAlloc(int64(tableRing * 16 * b.tableN)); err != nil {
 			return err
 		}

@@ -13,15 +13,12 @@ const warpsPerBlock = 8
 
 // FFN launches moe_gate_up_swiglu and moe_down on a.Stream.
 func (b *Backend) FFN(a backend.FFNArgs) error {
-	n := len(a.GateUp)
-	if n == 0 || len(a.Down) != n {
-		return fmt.Errorf("backend cuda: FFN needs matching, non-empty expert tables (got %d and %d)", n, len(a.Down))
+	if err := a.Validate(); err != nil {
+		return fmt.Errorf("backend cuda: %w", err)
 	}
+	n := len(a.GateUp)
 	if n > b.tableN {
 		return fmt.Errorf("backend cuda: FFN over %d experts but tables hold %d", n, b.tableN)
-	}
-	if a.T <= 0 || a.K <= 0 || a.Hidden <= 0 || a.Inter <= 0 || (a.DType != 0 && a.DType != 1) {
-		return fmt.Errorf("backend cuda: bad FFN shape T=%d K=%d H=%d I=%d dtype=%d", a.T, a.K, a.Hidden, a.Inter, a.DType)
 	}
 	slot := int(b.tableI.Add(1) % tableRing)
 	table, ev := b.tables[slot], b.tableEv[slot]
@@ -48,15 +45,15 @@ func (b *Backend) FFN(a backend.FFNArgs) error {
 		P := a.T * a.K
 		gu, dn := table, table+uint64(8*n)
 		args := []unsafe.Pointer{
-			unsafe.Pointer(&a.X), unsafe.Pointer(&a.PairToken), unsafe.Pointer(&a.PairExpert), unsafe.Pointer(&gu),
-			unsafe.Pointer(&a.Scratch), unsafe.Pointer(&P), unsafe.Pointer(&a.Hidden), unsafe.Pointer(&a.Inter), unsafe.Pointer(&a.DType),
+			unsafe.Pointer(&a.X), unsafe.Pointer(&a.TopK), unsafe.Pointer(&gu), unsafe.Pointer(&a.Scratch),
+			unsafe.Pointer(&P), unsafe.Pointer(&a.K), unsafe.Pointer(&a.Hidden), unsafe.Pointer(&a.Inter), unsafe.Pointer(&a.DType),
 		}
 		grid := int((a.Inter + warpsPerBlock - 1) / warpsPerBlock)
 		if err := b.gateUp.Launch(grid, int(P), 1, 32*warpsPerBlock, 1, 1, 0, st, args); err != nil {
 			return fmt.Errorf("launching moe_gate_up_swiglu: %w", err)
 		}
 		args = []unsafe.Pointer{
-			unsafe.Pointer(&a.Scratch), unsafe.Pointer(&a.PairExpert), unsafe.Pointer(&dn), unsafe.Pointer(&a.PairWeight),
+			unsafe.Pointer(&a.Scratch), unsafe.Pointer(&a.TopK), unsafe.Pointer(&dn), unsafe.Pointer(&a.Weights),
 			unsafe.Pointer(&a.Out), unsafe.Pointer(&a.T), unsafe.Pointer(&a.K), unsafe.Pointer(&a.Hidden), unsafe.Pointer(&a.Inter),
 			unsafe.Pointer(&a.DType),
 		}

@@ -1,0 +1,336 @@
+package sim
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/moe-infinity/moe_infinity/go/cache"
+	"github.com/moe-infinity/moe_infinity/go/prefetch"
+	"github.com/moe-infinity/moe_infinity/go/trace"
+)
+
+// epsilon is the engine's ε of the priority formula (go/engine): it keeps
+// never-seen experts' priority above zero and ordered by layer.
+const epsilon = 1e-3
+
+// Engine defaults (go/engine Config) used when ReplayConfig leaves them 0.
+const (
+	// DefaultEAMCCapacity is the default number of EAMs in the collection.
+	DefaultEAMCCapacity = 1000
+	// DefaultMatches is the default number of most similar EAMs summed to
+	// predict.
+	DefaultMatches = 4
+)
+
+// ReplayConfig configures one replay.
+type ReplayConfig struct {
+	// Slots is the number of cache slots; at least the trace's largest
+	// per-layer expert group (Trace.MaxGroup).
+	Slots int `json:"slots"`
+	// Policy is the cache's eviction policy.
+	Policy cache.Policy `json:"policy"`
+	// Prefetch turns on trace-driven prefetching.
+	Prefetch bool `json:"prefetch"`
+	// PrefetchPerLayer is the most prefetch loads issued after each layer
+	// (0: the trace's TopK, i.e. Trace.MaxGroup; must not be negative).
+	PrefetchPerLayer int `json:"prefetch_per_layer"`
+	// EAMCCapacity is the EAM collection's capacity (0: 1000, the
+	// engine's default).
+	EAMCCapacity int `json:"eamc_capacity"`
+	// Matches is the number of most similar stored EAMs the planner sums
+	// (0: 4, the engine's default).
+	Matches int `json:"matches"`
+}
+
+// Result summarises one replay (or the Belady bound, Policy
+// "belady-optimal").
+//
+// Every access (one expert of one token in one layer) is exactly one hit or
+// one miss; prefetched experts count as hits when first used. The prefetch
+// figures are defined as:
+//
+//	PrefetchPrecision = PrefetchHits / PrefetchLoads
+//	    the fraction of prefetched experts that were used before being
+//	    evicted (an expert still resident and unused at the end counts as
+//	    not used); 0 when nothing was prefetched.
+//	PrefetchRecall = PrefetchHits / (PrefetchHits + Misses)
+//	    of the accesses that did not find the expert resident from an
+//	    earlier use (they either hit a not yet used prefetched expert or
+//	    missed), the fraction a prefetch covered; 0 when there were none.
+type Result struct {
+	// Label is the trace's label.
+	Label string `json:"label"`
+	// Policy is the eviction policy's name, or "belady-optimal".
+	Policy string `json:"policy"`
+	// Prefetch reports whether prefetching was on.
+	Prefetch bool `json:"prefetch"`
+	// Slots is the number of cache slots.
+	Slots int `json:"slots"`
+	// Accesses is the number of expert uses (Hits + Misses).
+	Accesses uint64 `json:"accesses"`
+	// Hits counts uses that found the expert resident.
+	Hits uint64 `json:"hits"`
+	// Misses counts uses that had to load the expert on demand.
+	Misses uint64 `json:"misses"`
+	// HitRate is Hits / Accesses (0 for no accesses).
+	HitRate float64 `json:"hit_rate"`
+	// PrefetchLoads counts experts loaded by prefetching.
+	PrefetchLoads uint64 `json:"prefetch_loads"`
+	// PrefetchHits counts first uses of prefetched experts (a subset of
+	// Hits).
+	PrefetchHits uint64 `json:"prefetch_hits"`
+	// WastedPrefetches counts prefetched experts evicted before any use.
+	WastedPrefetches uint64 `json:"wasted_prefetches"`
+	// PrefetchPrecision is PrefetchHits / PrefetchLoads (see Result).
+	PrefetchPrecision float64 `json:"prefetch_precision"`
+	// PrefetchRecall is PrefetchHits / (PrefetchHits + Misses) (see
+	// Result).
+	PrefetchRecall float64 `json:"prefetch_recall"`
+}
+
+// ratio returns a/b, or 0 when b is 0.
+func ratio(a, b uint64) float64 {
+	if b == 0 {
+		return 0
+	}
+	return float64(a) / float64(b)
+}
+
+// withDefaults validates cfg against t and fills in defaults.
+func (cfg ReplayConfig) withDefaults(t *Trace) (ReplayConfig, error) {
+	var errs []error
+	need := t.MaxGroup()
+	if cfg.Slots < 1 || cfg.Slots < need {
+		errs = append(errs, fmt.Errorf("sim: %d slots cannot hold one layer's %d experts; need at least max(1, %d)", cfg.Slots, need, need))
+	}
+	if cfg.Policy > cache.PolicyLFU {
+		errs = append(errs, fmt.Errorf("sim: unknown cache policy %v", cfg.Policy))
+	}
+	if cfg.PrefetchPerLayer < 0 {
+		errs = append(errs, fmt.Errorf("sim: prefetch per layer must be >= 0 (got %d)", cfg.PrefetchPerLayer))
+	}
+	if cfg.EAMCCapacity < 0 {
+		errs = append(errs, fmt.Errorf("sim: EAMC capacity must be >= 0 (got %d)", cfg.EAMCCapacity))
+	}
+	if cfg.Matches < 0 {
+		errs = append(errs, fmt.Errorf("sim: matches must be >= 0 (got %d)", cfg.Matches))
+	}
+	if len(errs) > 0 {
+		return cfg, errors.Join(errs...)
+	}
+	if cfg.PrefetchPerLayer == 0 {
+		cfg.PrefetchPerLayer = max(need, 1)
+	}
+	if cfg.EAMCCapacity == 0 {
+		cfg.EAMCCapacity = DefaultEAMCCapacity
+	}
+	if cfg.Matches == 0 {
+		cfg.Matches = DefaultMatches
+	}
+	return cfg, nil
+}
+
+// scorer is the simulator's cache.Scorer, with the engine's formula: the
+// paper's activation-aware priority p = (pEAM[l][x] + ε)/n_tokens(l)·(1−l/L)
+// (refreshed per layer from the tracker, like engine.refreshPriority) plus
+// the expert's score in the latest prefetch plan (0 when not planned).
+// It is used by a single replay goroutine and the cache calls it under its
+// own lock, so it needs no locking.
+type scorer struct {
+	layers, experts int
+	prio            []float64 // [layer*experts+expert] activation term
+	pred            []float64 // [layer*experts+expert] latest plan's score
+	planned         []int     // indices of pred that are non-zero
+}
+
+func newScorer(layers, experts int) *scorer {
+	s := &scorer{
+		layers: layers, experts: experts,
+		prio: make([]float64, layers*experts),
+		pred: make([]float64, layers*experts),
+	}
+	for l := 0; l < layers; l++ {
+		for x := 0; x < experts; x++ {
+			s.prio[l*experts+x] = epsilon * (1 - float64(l)/float64(layers))
+		}
+	}
+	return s
+}
+
+func (s *scorer) index(k cache.Key) int { return int(k.Layer)*s.experts + int(k.Expert) }
+
+// Priority implements cache.Scorer: activation priority plus prediction.
+func (s *scorer) Priority(k cache.Key) float64 { i := s.index(k); return s.prio[i] + s.pred[i] }
+
+// Predicted implements cache.Scorer: the key's score in the latest plan.
+func (s *scorer) Predicted(k cache.Key) float64 { return s.pred[s.index(k)] }
+
+// refresh recomputes layer's activation priorities from the tracker's
+// active requests, exactly as engine.refreshPriority does.
+func (s *scorer) refresh(tr *trace.Tracker, layer int) {
+	per, tokens := tr.LayerTotals(layer)
+	if tokens <= 0 {
+		return
+	}
+	w := 1 - float64(layer)/float64(s.layers)
+	row := s.prio[layer*s.experts : (layer+1)*s.experts]
+	for x := range row {
+		row[x] = (float64(per[x]) + epsilon) / float64(tokens) * w
+	}
+}
+
+// setPlan replaces the predictions with plan (nil clears them), as the
+// engine's prefetch queue does when a request re-plans or ends.
+func (s *scorer) setPlan(plan []prefetch.Candidate) {
+	for _, i := range s.planned {
+		s.pred[i] = 0
+	}
+	s.planned = s.planned[:0]
+	for _, c := range plan {
+		i := s.index(c.Key)
+		if s.pred[i] == 0 {
+			s.planned = append(s.planned, i)
+		}
+		s.pred[i] = max(s.pred[i], c.Score)
+	}
+}
+
+// Replay runs t through a fresh cache, tracker, EAM collection and planner
+// configured by cfg and returns the cache's counters. Loads complete
+// instantly (there is no backend). It mirrors go/engine decoding one
+// request at a time:
+//
+//   - every request begins a tracker request and ends (retiring its EAM
+//     into the collection, and clearing its prefetch plan) after its last
+//     token;
+//   - for each token, for each layer l in order: (a) the token's routing
+//     (1 token per chosen expert) is observed with Tracker.Observe and
+//     layer l's priorities are refreshed like engine.refreshPriority; (b)
+//     the layer's distinct experts are pinned together with Cache.Pin
+//     (loads are completed at once with a nil error) and unpinned; (c) with
+//     Prefetch, the planner plans over the request's partial EAM at layer
+//     l, the plan becomes the scorer's prediction, and the best planned
+//     experts that are not resident are reserved with
+//     Cache.ReservePrefetch(key, score) and completed at once, up to
+//     PrefetchPerLayer of them (stopping at the first one the cache
+//     refuses, since weaker ones would be refused too).
+//
+// The cache's scorer implements the engine's formula (see scorer). Replay
+// fails for an invalid trace or configuration.
+func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
+	if err := t.Validate(); err != nil {
+		return Result{}, err
+	}
+	cfg, err := cfg.withDefaults(t)
+	if err != nil {
+		return Result{}, err
+	}
+	L, E := t.Layers, t.Experts
+	coll, err := trace.NewCollection(L, E, cfg.EAMCCapacity)
+	if err != nil {
+		return Result{}, fmt.Errorf("sim: %w", err)
+	}
+	tr := trace.NewTracker(coll)
+	planner := prefetch.NewPlanner(coll)
+	planner.Matches = cfg.Matches
+	sc := newScorer(L, E)
+	c, err := cache.New(cache.Config{Slots: cfg.Slots, Layers: L, Policy: cfg.Policy, Scorer: sc})
+	if err != nil {
+		return Result{}, fmt.Errorf("sim: %w", err)
+	}
+	defer c.Close()
+
+	counts := make([]float32, E)
+	keys := make([]cache.Key, 0, t.MaxGroup())
+	for _, req := range t.Requests {
+		id := tr.Begin()
+		for _, tok := range req.Tokens {
+			for l, group := range tok {
+				// (a) trace and priorities.
+				for _, x := range group {
+					counts[x] = 1
+				}
+				err := tr.Observe(id, l, counts)
+				for _, x := range group {
+					counts[x] = 0
+				}
+				if err != nil {
+					return Result{}, fmt.Errorf("sim: %w", err)
+				}
+				sc.refresh(tr, l)
+
+				// (b) on-demand access of the layer's experts.
+				keys = keys[:0]
+				for _, x := range group {
+					keys = append(keys, cache.Key{Layer: int32(l), Expert: x})
+				}
+				if len(keys) > 0 {
+					grants, err := c.Pin(keys, nil)
+					if err != nil {
+						return Result{}, fmt.Errorf("sim: %w", err)
+					}
+					for _, g := range grants {
+						if g.Load {
+							c.Complete(g.Slot, g.Gen, nil)
+						}
+					}
+					c.Unpin(grants)
+				}
+
+				// (c) prefetch for later layers.
+				if cfg.Prefetch {
+					partial, _ := tr.Partial(id)
+					plan := planner.Plan(partial, l)
+					sc.setPlan(plan)
+					issue(c, plan, cfg.PrefetchPerLayer)
+				}
+			}
+		}
+		sc.setPlan(nil)
+		if err := tr.End(id); err != nil {
+			return Result{}, fmt.Errorf("sim: %w", err)
+		}
+	}
+
+	var st cache.LayerStats
+	for _, s := range c.Stats() {
+		st.Add(s)
+	}
+	return Result{
+		Label:             t.Label,
+		Policy:            cfg.Policy.String(),
+		Prefetch:          cfg.Prefetch,
+		Slots:             cfg.Slots,
+		Accesses:          st.Hits + st.Misses,
+		Hits:              st.Hits,
+		Misses:            st.Misses,
+		HitRate:           ratio(st.Hits, st.Hits+st.Misses),
+		PrefetchLoads:     st.PrefetchLoads,
+		PrefetchHits:      st.PrefetchHits,
+		WastedPrefetches:  st.WastedPrefetches,
+		PrefetchPrecision: ratio(st.PrefetchHits, st.PrefetchLoads),
+		PrefetchRecall:    ratio(st.PrefetchHits, st.PrefetchHits+st.Misses),
+	}, nil
+}
+
+// issue prefetches up to n of plan's best candidates that are neither
+// resident nor loading, completing each load at once. It stops at the first
+// candidate the cache refuses: every evictable slot then holds an expert
+// predicted at least as strongly, which holds for the weaker candidates
+// after it too.
+func issue(c *cache.Cache, plan []prefetch.Candidate, n int) {
+	for _, cand := range plan {
+		if n == 0 {
+			return
+		}
+		if _, st := c.Lookup(cand.Key); st != cache.Empty {
+			continue
+		}
+		g, ok := c.ReservePrefetch(cand.Key, cand.Score)
+		if !ok {
+			return
+		}
+		c.Complete(g.Slot, g.Gen, nil)
+		n--
+	}
+}
