@@ -122,6 +122,17 @@ int32_t moe_layer_ffn(uint64_t handle, int32_t layer, int32_t n, const int32_t *
                       uint64_t stream, uint64_t x, uint64_t out, uint64_t scratch, uint64_t topk,
                       uint64_t weights, int64_t tokens, int64_t k, int32_t dtype);
 
+/* A whole MoE layer in one call: records the routing of the nreq requests
+ * (topk_host: the router's [T, k] int64 expert ids in host memory; tokens
+ * split evenly between the requests in row order) as moe_observe does,
+ * then computes the layer as moe_layer_ffn does over the distinct experts.
+ * topk is the same routing where the computation reads it (device memory
+ * for CUDA; may equal topk_host for the CPU backend). */
+int32_t moe_layer_moe(uint64_t handle, int32_t layer, int32_t nreq, const uint64_t *reqs,
+                      const int64_t *topk_host, uint64_t stream, uint64_t x, uint64_t out,
+                      uint64_t scratch, uint64_t topk, uint64_t weights, int64_t tokens, int64_t k,
+                      int32_t dtype);
+
 /* Hidden size H, intermediate size I and dtype code of the expert FFN, or
  * MOE_ERR_UNSUPPORTED when the layout does not fit the kernels. */
 int32_t moe_ffn_shape(uint64_t handle, int64_t *hidden, int64_t *inter, int32_t *dtype);

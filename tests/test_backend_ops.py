@@ -123,3 +123,28 @@ def test_cuda_ffn_matches_cpu_reference(dtype, T, K, E, H, I):
     _close(got, want)
     if T == 1 and H <= 512:
         _close(got, _reference(x, idx, w, gate_up, down))
+
+
+def test_layer_moe_traces_and_computes_like_layer_ffn():
+    dtype, T, K, E, H, I = torch.bfloat16, 4, 2, 8, 64, 32
+    gate_up, down = _experts(E, H, I, dtype, seed=3)
+    idx, w = _routing(T, K, E, seed=9)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with _engine("cpu", gate_up, down) as eng:
+        want = _run(eng, x, idx, w)
+        reqs = [eng.begin_request(), eng.begin_request()]
+        topk = idx.to(torch.int64).contiguous()
+        weights = w.to(torch.float32).contiguous()
+        out = torch.empty_like(x)
+        scratch = torch.empty((T * K, I), dtype=torch.float32)
+        eng.layer_moe(0, reqs, topk.data_ptr(), stream=0, x=x.data_ptr(), out=out.data_ptr(), scratch=scratch.data_ptr(),
+                      topk=topk.data_ptr(), weights=weights.data_ptr(), tokens=T, k=K, dtype=eng.ffn_shape()[2])
+        assert torch.equal(out, want)
+        for r in reqs:
+            eng.end_request(r)
+        st = eng.stats()
+        assert st["eamc_size"] == 2, "both requests' routing was traced"
+        bad = torch.full((T, K), E, dtype=torch.int64)
+        with pytest.raises(mi.InvalidArgumentError, match="routes to expert 8, out of range"):
+            eng.layer_moe(0, [], bad.data_ptr(), stream=0, x=x.data_ptr(), out=out.data_ptr(), scratch=scratch.data_ptr(),
+                          topk=bad.data_ptr(), weights=weights.data_ptr(), tokens=T, k=K, dtype=0)

@@ -149,14 +149,14 @@ def test_bf16_kernel_teacher_forced_agreement(family, tmp_path):
     del eager
     ours = mi.from_pretrained(path, device="cuda", device_memory="2GiB", dtype=torch.bfloat16)
     calls = 0
-    original = ours.moe_engine.layer_ffn
+    original = ours.moe_engine.layer_moe
 
     def counting(*a, **kw):
         nonlocal calls
         calls += 1
         return original(*a, **kw)
 
-    ours.moe_engine.layer_ffn = counting
+    ours.moe_engine.layer_moe = counting
     try:
         assert ours.moe_runtime.kernels
         got = _teacher_forced(ours, seq)

@@ -50,6 +50,10 @@ type Config struct {
 	// guess (default 2; negative turns the filter off). Router hints are
 	// always prefetched.
 	PrefetchConfidence float64 `json:"prefetch_confidence"`
+	// PrefetchMinEvidence: a layer's EAM prediction is used only when it
+	// rests on at least this many routed tokens in the matched requests
+	// (default 64; negative turns the filter off).
+	PrefetchMinEvidence float64 `json:"prefetch_min_evidence"`
 	// Workers is the number of copy workers of the CPU backend (default
 	// min(4, GOMAXPROCS)).
 	Workers int `json:"workers"`

@@ -317,6 +317,12 @@ func (e *Engine) Configure(s Setup) (Plan, error) {
 	case e.cfg.PrefetchConfidence < 0:
 		e.planner.Confidence = 0
 	}
+	switch {
+	case e.cfg.PrefetchMinEvidence > 0:
+		e.planner.MinEvidence = e.cfg.PrefetchMinEvidence
+	case e.cfg.PrefetchMinEvidence < 0:
+		e.planner.MinEvidence = 0
+	}
 	e.queue = prefetch.NewQueue()
 	e.bytesMoved = make([]atomic.Int64, L)
 	e.stallNs = make([]atomic.Int64, L)

@@ -306,7 +306,8 @@ func runRequest(t *testing.T, e *Engine, experts [][]int32, wait bool) {
 
 func TestTracePrefetchTurnsMissesIntoPrefetchHits(t *testing.T) {
 	const L, E = 4, 8
-	e, _ := newEngine(t, Config{BudgetBytes: 6 * slotBytes}, L, E)
+	// One-token requests: the evidence filter would (rightly) ignore them.
+	e, _ := newEngine(t, Config{BudgetBytes: 6 * slotBytes, PrefetchMinEvidence: -1}, L, E)
 	pattern := [][]int32{{1, 2}, {3, 4}, {5, 6}, {7, 0}}
 	runRequest(t, e, pattern, false) // records the EAM
 	require.NoError(t, e.ResetStats())
@@ -594,4 +595,15 @@ func TestTuneSwitchesPolicyPrefetchAndFlushes(t *testing.T) {
 	assert.Equal(t, uint64(1), st.PrefetchLoads)
 	require.NoError(t, e.Close())
 	require.ErrorIs(t, e.Tune(Tuning{}), ErrClosed)
+}
+
+func TestPrefetchNeedsEvidence(t *testing.T) {
+	const L, E = 4, 8
+	e, _ := newEngine(t, Config{BudgetBytes: 6 * slotBytes}, L, E)
+	pattern := [][]int32{{1, 2}, {3, 4}, {5, 6}, {7, 0}}
+	runRequest(t, e, pattern, false)
+	require.NoError(t, e.ResetStats())
+	runRequest(t, e, pattern, true)
+	st, _ := e.Stats()
+	assert.Zero(t, st.PrefetchLoads, "a prediction resting on one token is not acted on")
 }

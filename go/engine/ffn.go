@@ -2,6 +2,7 @@ package engine
 
 import (
 	"fmt"
+	"sort"
 
 	"github.com/moe-infinity/moe_infinity/go/backend"
 )
@@ -89,4 +90,58 @@ func (e *Engine) LayerFFN(c FFNCall) error {
 		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, ffnErr)
 	}
 	return nil
+}
+
+// LayerMoE is one MoE layer in one call: it records the routing of reqs
+// (topkHost is the router's [T, K] expert ids in host memory; tokens are
+// split evenly between the requests in row order) like Observe, finds the
+// distinct experts, and computes the layer with LayerFFN. c.Experts is
+// filled in.
+func (e *Engine) LayerMoE(c FFNCall, reqs []uint64, topkHost []int64) error {
+	if err := e.readyLocked(); err != nil {
+		return err
+	}
+	if c.T <= 0 || c.K <= 0 || int64(len(topkHost)) != c.T*c.K {
+		return fmt.Errorf("%w: routing of %d ids for %d tokens × %d experts", ErrInvalid, len(topkHost), c.T, c.K)
+	}
+	E := e.experts
+	seen := make([]bool, E)
+	var counts [][]float32
+	if len(reqs) > 0 {
+		counts = make([][]float32, len(reqs))
+		for i := range counts {
+			counts[i] = make([]float32, E)
+		}
+	}
+	R := int64(len(reqs))
+	per := int64(0)
+	if R > 0 && c.T%R == 0 {
+		per = c.T / R
+	}
+	c.Experts = c.Experts[:0]
+	for p, x := range topkHost {
+		if x < 0 || x >= int64(E) {
+			return fmt.Errorf("%w: token %d routes to expert %d, out of range [0, %d)", ErrInvalid, int64(p)/c.K, x, E)
+		}
+		if !seen[x] {
+			seen[x] = true
+			c.Experts = append(c.Experts, int32(x))
+		}
+		switch {
+		case R == 0:
+		case per > 0:
+			counts[int64(p)/c.K/per][x]++
+		default:
+			for r := range counts {
+				counts[r][x] += 1 / float32(R)
+			}
+		}
+	}
+	if R > 0 {
+		if err := e.Observe(c.Layer, reqs, counts); err != nil {
+			return err
+		}
+	}
+	sort.Slice(c.Experts, func(i, j int) bool { return c.Experts[i] < c.Experts[j] })
+	return e.LayerFFN(c)
 }

@@ -32,6 +32,10 @@ type Planner struct {
 	// workloads) then issue no prefetch instead of wasting bandwidth.
 	// 0 disables the filter.
 	Confidence float64
+	// MinEvidence drops layers whose prediction rests on fewer routed
+	// tokens (summed over the matched EAMs) than this: a share computed
+	// from a handful of tokens is noise. 0 disables the filter.
+	MinEvidence float64
 }
 
 // DefaultConfidence is the default Planner.Confidence: an expert is
@@ -39,10 +43,13 @@ type Planner struct {
 // uniform guess.
 const DefaultConfidence = 2.0
 
+// DefaultMinEvidence is the default Planner.MinEvidence, in routed tokens.
+const DefaultMinEvidence = 64
+
 // NewPlanner returns a planner over coll with defaults: 4 matches, minimum
-// score 0.01, DefaultConfidence, no cap, whole horizon.
+// score 0.01, DefaultConfidence, DefaultMinEvidence, no cap, whole horizon.
 func NewPlanner(coll *trace.Collection) *Planner {
-	return &Planner{coll: coll, Matches: 4, MinScore: 0.01, Confidence: DefaultConfidence}
+	return &Planner{coll: coll, Matches: 4, MinScore: 0.01, Confidence: DefaultConfidence, MinEvidence: DefaultMinEvidence}
 }
 
 // Plan returns the candidates for the layers after `layer`, best first,
@@ -56,24 +63,33 @@ func (p *Planner) Plan(partial *trace.EAM, layer int) []Candidate {
 	if k < 1 {
 		k = 1
 	}
-	pred := p.coll.Predict(partial, layer, k)
-	if pred == nil {
+	raw := p.coll.PredictRaw(partial, layer, k)
+	if raw == nil {
 		return nil
 	}
-	last := pred.Layers - 1
+	last := raw.Layers - 1
 	if p.Horizon > 0 && layer+p.Horizon < last {
 		last = layer + p.Horizon
 	}
 	var out []Candidate
-	uniform := 1 / float64(pred.Experts)
+	uniform := 1 / float64(raw.Experts)
 	for l := layer + 1; l <= last; l++ {
-		proximity := 1 - float64(l-layer)/float64(pred.Layers)
-		for e, s := range pred.Row(l) {
-			score := float64(s)
-			if score < p.MinScore || s <= 0 {
+		row := raw.Row(l)
+		var total float64
+		for _, v := range row {
+			total += float64(v)
+		}
+		if total == 0 || total < p.MinEvidence {
+			continue
+		}
+		proximity := 1 - float64(l-layer)/float64(raw.Layers)
+		for e, v := range row {
+			share := float64(v) / total
+			score := share * proximity
+			if v <= 0 || score < p.MinScore {
 				continue
 			}
-			if p.Confidence > 0 && proximity > 0 && score/proximity < p.Confidence*uniform {
+			if p.Confidence > 0 && share < p.Confidence*uniform {
 				continue
 			}
 			out = append(out, Candidate{Key: cache.Key{Layer: int32(l), Expert: int32(e)}, Score: score})

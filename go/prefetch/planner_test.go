@@ -25,6 +25,7 @@ func TestPlannerPredictsLaterLayersFromSimilarRequests(t *testing.T) {
 	require.NoError(t, coll.Add(eam(4, 4, 3, 2, 1, 0)))
 	p := NewPlanner(coll)
 	p.Matches = 1
+	p.MinEvidence = 0 // one-token EAMs
 
 	plan := p.Plan(eam(4, 4, 0), 0)
 	require.NotEmpty(t, plan)
@@ -54,6 +55,7 @@ func TestPlannerWithNothingToMatch(t *testing.T) {
 	coll, err := trace.NewCollection(2, 2, 4)
 	require.NoError(t, err)
 	p := NewPlanner(coll)
+	p.MinEvidence = 0
 	assert.Nil(t, p.Plan(eam(2, 2, 0), 0), "empty collection")
 	var nilPlanner *Planner
 	assert.Nil(t, nilPlanner.Plan(eam(2, 2, 0), 0))
@@ -93,4 +95,14 @@ func TestPlannerIssuesNothingForUniformPredictions(t *testing.T) {
 	assert.Empty(t, p.Plan(flat.Clone(), 0), "a uniform prediction is no better than a guess")
 	p.Confidence = 0
 	assert.Len(t, p.Plan(flat.Clone(), 0), (L-1)*E, "without the filter every expert is a candidate")
+}
+
+func TestPlannerNeedsEvidence(t *testing.T) {
+	coll, err := trace.NewCollection(2, 4, 4)
+	require.NoError(t, err)
+	require.NoError(t, coll.Add(eam(4, 2, 1, 1)))
+	p := NewPlanner(coll)
+	assert.Empty(t, p.Plan(eam(4, 2, 1), 0), "one routed token is not evidence")
+	p.MinEvidence = 1
+	assert.NotEmpty(t, p.Plan(eam(4, 2, 1), 0))
 }

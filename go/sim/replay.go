@@ -3,6 +3,7 @@ package sim
 import (
 	"errors"
 	"fmt"
+	"math"
 
 	"github.com/moe-infinity/moe_infinity/go/cache"
 	"github.com/moe-infinity/moe_infinity/go/prefetch"
@@ -40,6 +41,12 @@ type ReplayConfig struct {
 	// Matches is the number of most similar stored EAMs the planner sums
 	// (0: 4, the engine's default).
 	Matches int `json:"matches"`
+	// PrefetchConfidence mirrors the engine's setting of the same name: an
+	// expert is planned only when predicted at least this many times as
+	// likely as a uniform guess (see prefetch.Planner.Confidence). 0 keeps
+	// the planner's default (prefetch.DefaultConfidence); a negative value
+	// turns the filter off.
+	PrefetchConfidence float64 `json:"prefetch_confidence"`
 }
 
 // Result summarises one replay (or the Belady bound, Policy
@@ -114,6 +121,9 @@ func (cfg ReplayConfig) withDefaults(t *Trace) (ReplayConfig, error) {
 	}
 	if cfg.Matches < 0 {
 		errs = append(errs, fmt.Errorf("sim: matches must be >= 0 (got %d)", cfg.Matches))
+	}
+	if math.IsNaN(cfg.PrefetchConfidence) || math.IsInf(cfg.PrefetchConfidence, 0) {
+		errs = append(errs, fmt.Errorf("sim: prefetch confidence must be finite (got %v)", cfg.PrefetchConfidence))
 	}
 	if len(errs) > 0 {
 		return cfg, errors.Join(errs...)
@@ -208,8 +218,9 @@ func (s *scorer) setPlan(plan []prefetch.Candidate) {
 //     layer l's priorities are refreshed like engine.refreshPriority; (b)
 //     the layer's distinct experts are pinned together with Cache.Pin
 //     (loads are completed at once with a nil error) and unpinned; (c) with
-//     Prefetch, the planner plans over the request's partial EAM at layer
-//     l, the plan becomes the scorer's prediction, and the best planned
+//     Prefetch, the planner (prefetch.NewPlanner with Matches and
+//     PrefetchConfidence applied as engine.Configure does) plans over the
+//     request's partial EAM at layer l, the plan becomes the scorer's prediction, and the best planned
 //     experts that are not resident are reserved with
 //     Cache.ReservePrefetch(key, score) and completed at once, up to
 //     PrefetchPerLayer of them (stopping at the first one the cache
@@ -233,6 +244,12 @@ func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
 	tr := trace.NewTracker(coll)
 	planner := prefetch.NewPlanner(coll)
 	planner.Matches = cfg.Matches
+	switch { // as engine.Configure does
+	case cfg.PrefetchConfidence > 0:
+		planner.Confidence = cfg.PrefetchConfidence
+	case cfg.PrefetchConfidence < 0:
+		planner.Confidence = 0
+	}
 	sc := newScorer(L, E)
 	c, err := cache.New(cache.Config{Slots: cfg.Slots, Layers: L, Policy: cfg.Policy, Scorer: sc})
 	if err != nil {

@@ -121,6 +121,24 @@ func TestReplayCountersAreConsistent(t *testing.T) {
 	}
 }
 
+func TestPrefetchConfidenceFiltersWeakPredictions(t *testing.T) {
+	// Uniform routing: no expert is predicted twice as likely as a uniform
+	// guess, so the default filter plans nothing, like the engine.
+	tr, err := Generate(GenParams{Layers: 8, Experts: 8, TopK: 2, Requests: 8, TokensPerRequest: 8, Clusters: 2, Skew: 0, Seed: 6})
+	require.NoError(t, err)
+	loads := func(conf float64) uint64 {
+		r, err := Replay(tr, ReplayConfig{Slots: 16, Prefetch: true, PrefetchConfidence: conf})
+		require.NoError(t, err)
+		return r.PrefetchLoads
+	}
+	def, off, strict, lax := loads(0), loads(-1), loads(4), loads(0.5)
+	t.Logf("prefetch loads: default %d, filter off %d, confidence 4: %d, 0.5: %d", def, off, strict, lax)
+	assert.Greater(t, off, def, "turning the filter off prefetches more")
+	assert.GreaterOrEqual(t, lax, def)
+	assert.LessOrEqual(t, strict, def)
+	assert.Zero(t, strict)
+}
+
 func TestReplayIsDeterministic(t *testing.T) {
 	tr, err := Generate(small())
 	require.NoError(t, err)
@@ -148,6 +166,7 @@ func TestReplayRejectsBadInput(t *testing.T) {
 		{"negative prefetch", tr, ReplayConfig{Slots: 4, PrefetchPerLayer: -1}, "prefetch per layer must be >= 0"},
 		{"negative capacity", tr, ReplayConfig{Slots: 4, EAMCCapacity: -1}, "EAMC capacity must be >= 0"},
 		{"negative matches", tr, ReplayConfig{Slots: 4, Matches: -2}, "matches must be >= 0"},
+		{"NaN confidence", tr, ReplayConfig{Slots: 4, PrefetchConfidence: nan()}, "prefetch confidence must be finite"},
 		{"collection too large", tr, ReplayConfig{Slots: 4, EAMCCapacity: trace.MaxFloats}, "exceeds"},
 	}
 	for _, tc := range tests {

@@ -288,6 +288,33 @@ func heapDown(h []Match, i int) {
 // layer = Layers-1 (no future layers) it returns an all-zero matrix when a
 // positive match exists.
 func (c *Collection) Predict(partial *EAM, layer int, k int) *EAM {
+	raw := c.PredictRaw(partial, layer, k)
+	if raw == nil {
+		return nil
+	}
+	L := float64(c.layers)
+	for i := layer + 1; i < c.layers; i++ {
+		row := raw.Counts[i*c.experts : (i+1)*c.experts]
+		var total float64
+		for _, v := range row {
+			total += float64(v)
+		}
+		if total == 0 {
+			continue
+		}
+		w := 1 - float64(i-layer)/L
+		for e, v := range row {
+			row[e] = float32(float64(v) / total * w)
+		}
+	}
+	return raw
+}
+
+// PredictRaw is Predict before normalisation and weighting: for each layer
+// after `layer`, the summed token counts of the k best matches (so a
+// caller can see how much evidence a prediction rests on). Rows up to
+// `layer` are zero; nil when nothing matches.
+func (c *Collection) PredictRaw(partial *EAM, layer int, k int) *EAM {
 	if layer < 0 || layer >= c.layers {
 		return nil
 	}
@@ -302,26 +329,17 @@ func (c *Collection) Predict(partial *EAM, layer int, k int) *EAM {
 	}
 	out := NewEAM(c.layers, c.experts)
 	sum := make([]float64, c.experts)
-	L := float64(c.layers)
 	for i := layer + 1; i < c.layers; i++ {
 		clear(sum)
-		var total float64
 		for _, m := range ms {
 			row := c.entries[m.Index].m.Counts[i*c.experts : (i+1)*c.experts]
 			for e, v := range row {
 				sum[e] += float64(v)
 			}
 		}
-		for _, v := range sum {
-			total += v
-		}
-		if total == 0 {
-			continue
-		}
-		w := 1 - float64(i-layer)/L
 		dst := out.Counts[i*c.experts : (i+1)*c.experts]
 		for e, v := range sum {
-			dst[e] = float32(v / total * w)
+			dst[e] = float32(v)
 		}
 	}
 	return out

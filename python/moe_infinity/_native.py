@@ -58,6 +58,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "moe_release": [_c_uint64, _c_uint64, _c_uint64],
     "moe_layer_ffn": [_c_uint64, _c_int32, _c_int32, _p_int32, _c_uint64] + [_c_uint64] * 5 + [_c_int64, _c_int64, _c_int32],
     "moe_ffn_shape": [_c_uint64, _p_int64, _p_int64, _p_int32],
+    "moe_layer_moe": [_c_uint64, _c_int32, _c_int32, _p_uint64, ctypes.c_void_p, _c_uint64] + [_c_uint64] * 5 + [_c_int64, _c_int64, _c_int32],
     "moe_engine_progress": [_c_uint64, _p_int64, _p_int64],
     "moe_device_memory": [_c_int32, _p_int64, _p_int64],
     "moe_hint": [_c_uint64, _c_int32, _c_int32, _p_int32],

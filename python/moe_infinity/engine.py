@@ -281,6 +281,40 @@ class Engine:
             dtype,
         )
 
+    def layer_moe(
+        self,
+        layer: int,
+        reqs: Sequence[int],
+        topk_host: int,
+        *,
+        stream: int,
+        x: int,
+        out: int,
+        scratch: int,
+        topk: int,
+        weights: int,
+        tokens: int,
+        k: int,
+        dtype: int,
+    ) -> None:
+        """A whole MoE layer in one call (``moe_layer_moe``): traces the
+        routing of ``reqs`` (``topk_host`` points at the [T, k] int64 ids in
+        host memory) and computes the layer's experts."""
+        n = len(reqs)
+        ids = (ctypes.c_uint64 * max(1, n))(*reqs)
+        _native.call(
+            "moe_layer_moe",
+            ctypes.c_uint64(self._h()),
+            layer,
+            n,
+            ids,
+            ctypes.c_void_p(topk_host),
+            *(ctypes.c_uint64(v) for v in (stream, x, out, scratch, topk, weights)),
+            tokens,
+            k,
+            dtype,
+        )
+
     def progress(self) -> tuple[int, int]:
         """(done, total) bytes of the host tier prepared during configure()."""
         d, t = ctypes.c_int64(0), ctypes.c_int64(0)

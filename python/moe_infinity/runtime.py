@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .engine import Engine
-from .errors import CheckpointFormatError, ClosedError, MoEInfinityError, StateError
+from .errors import BudgetError, CheckpointFormatError, ClosedError, MoEInfinityError, StateError
 from .families import Family
 
 log = logging.getLogger("moe_infinity")
@@ -412,17 +412,32 @@ class OffloadRuntime:
         self.hook_ns += time.perf_counter_ns() - t0
         self.hook_calls += 1
 
-    def _routing_to_host(self, top_k_index: torch.Tensor) -> np.ndarray:
-        """The routing as a host array: the layer's one synchronisation point
+    def _routing_to_host(self, top_k_index: torch.Tensor, as_tensor: bool = False) -> Any:
+        """The routing in host memory: the layer's one synchronisation point
         (it waits for the router on the GPU), timed as a wait, not overhead."""
         t0 = time.perf_counter_ns()
-        idx = top_k_index.detach().to("cpu").numpy()
+        idx = top_k_index.detach().to("cpu", torch.int64).contiguous()
         self.wait_ns += time.perf_counter_ns() - t0
-        return idx
+        return idx if as_tensor else idx.numpy()
 
     def _run_fused(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, original: Any) -> torch.Tensor:
         module = layer.module
         E = self.num_experts
+        if (
+            self.kernels
+            and top_k_index.dim() == 2
+            and kernel_wins(top_k_index.shape[0], self.plan["layout"]["source_bytes"])
+            and hidden.dtype == (torch.bfloat16 if self.ffn_dtype == 0 else torch.float16)
+        ):
+            idx_host = self._routing_to_host(top_k_index, as_tensor=True)
+            try:
+                return self._run_layer_moe(layer, hidden, top_k_index, top_k_weights, idx_host)
+            except BudgetError:
+                # More experts than slots: the engine has traced the routing
+                # already; stream the experts through the slots instead.
+                idx = idx_host.numpy()
+                needed = np.unique(idx[(idx >= 0) & (idx < E)]).tolist()
+                return self._run_torch(layer, module, hidden, top_k_index, top_k_weights, original, needed)
         idx = self._routing_to_host(top_k_index)
         t = time.perf_counter_ns()
         flat = idx.reshape(-1)
@@ -433,15 +448,39 @@ class OffloadRuntime:
         self._observe_np(layer.index, tokens[valid], flat[valid], idx.shape[0])
         t = self._phase("observe", t)
         needed = np.unique(flat[valid]).tolist()
-        if (
-            self.kernels
-            and needed
-            and len(needed) <= self.max_pin
-            and top_k_index.dim() == 2
-            and kernel_wins(top_k_index.shape[0], self.plan["layout"]["source_bytes"])
-            and hidden.dtype == (torch.bfloat16 if self.ffn_dtype == 0 else torch.float16)
-        ):
-            return self._run_kernel(layer, hidden, top_k_index, top_k_weights, needed)
+        return self._run_torch(layer, module, hidden, top_k_index, top_k_weights, original, needed)
+
+    def _run_layer_moe(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, idx_host: torch.Tensor) -> torch.Tensor:
+        """The GPU decode path: one engine call traces the routing, makes the
+        experts resident and launches the fused FFN over all of them."""
+        t0 = time.perf_counter_ns()
+        T, k = top_k_index.shape
+        topk = top_k_index if top_k_index.dtype == torch.int64 and top_k_index.is_contiguous() else top_k_index.to(torch.int64).contiguous()
+        weights = top_k_weights if top_k_weights.dtype == torch.float32 and top_k_weights.is_contiguous() else top_k_weights.to(torch.float32).contiguous()
+        x = hidden.contiguous()
+        out = torch.empty_like(x)
+        scratch = torch.empty((T * k, self.ffn_inter), dtype=torch.float32, device=x.device)
+        t0 = self._phase("kernel_prep", t0)
+        self.engine.layer_moe(
+            layer.index,
+            self.active_requests() or [],
+            idx_host.data_ptr(),
+            stream=self.stream(),
+            x=x.data_ptr(),
+            out=out.data_ptr(),
+            scratch=scratch.data_ptr(),
+            topk=topk.data_ptr(),
+            weights=weights.data_ptr(),
+            tokens=T,
+            k=k,
+            dtype=self.ffn_dtype,
+        )
+        self._phase("engine_layer_call", t0)
+        return out
+
+    def _run_torch(self, layer: MoELayer, module: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, original: Any, needed: list[int]) -> torch.Tensor:
+        """transformers' own expert code on slot views."""
+        E = self.num_experts
         impl = getattr(getattr(module, "config", None), "_experts_implementation", None) or "eager"
         if impl == "eager" or self.kernels:
             # With the kernels on (the GPU fast path, where parity is not

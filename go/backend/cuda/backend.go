@@ -175,7 +175,7 @@ func (b *Backend) Open(slots int, slotBytes int64, src backend.Source) (err erro
 			if b.tables[i], err = memAlloc(int64(2 * 8 * b.tableN)); err != nil {
 				return err
 			}
-			if b.tableEv[i], err = eventCreate(); err != nil {
+			if b.tableEv[i], err = blockingEventCreate(); err != nil {
 				return err
 			}
 		}
@@ -302,7 +302,7 @@ func (b *Backend) event() (uintptr, error) {
 	case e := <-b.events:
 		return e, nil
 	default:
-		return eventCreate()
+		return blockingEventCreate()
 	}
 }
 

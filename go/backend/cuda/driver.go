@@ -36,9 +36,9 @@ static CUresult moe_stream_create(uintptr_t *s, int priority) {
 static CUresult moe_stream_destroy(uintptr_t s) { return cuStreamDestroy((CUstream)s); }
 static CUresult moe_stream_sync(uintptr_t s) { return cuStreamSynchronize((CUstream)s); }
 static CUresult moe_priority_range(int *least, int *greatest) { return cuCtxGetStreamPriorityRange(least, greatest); }
-static CUresult moe_event_create(uintptr_t *e) {
+static CUresult moe_event_create(uintptr_t *e, int blocking) {
 	CUevent ev = 0;
-	CUresult r = cuEventCreate(&ev, CU_EVENT_DISABLE_TIMING);
+	CUresult r = cuEventCreate(&ev, CU_EVENT_DISABLE_TIMING | (blocking ? CU_EVENT_BLOCKING_SYNC : 0));
 	*e = (uintptr_t)ev;
 	return r;
 }
@@ -229,9 +229,22 @@ func priorityRange() (least, greatest int, err error) {
 	return int(l), int(g), err
 }
 
-func eventCreate() (uintptr, error) {
+// eventCreate makes an event for stream ordering (never waited on by the
+// host).
+func eventCreate() (uintptr, error) { return newEvent(false) }
+
+// blockingEventCreate makes an event the host waits on: its
+// synchronisation sleeps instead of spinning a core, which matters with
+// dozens of copies in flight per decoded token.
+func blockingEventCreate() (uintptr, error) { return newEvent(true) }
+
+func newEvent(blocking bool) (uintptr, error) {
 	var e C.uintptr_t
-	err := check("cuEventCreate", C.moe_event_create(&e))
+	b := C.int(0)
+	if blocking {
+		b = 1
+	}
+	err := check("cuEventCreate", C.moe_event_create(&e, b))
 	return uintptr(e), err
 }
 
