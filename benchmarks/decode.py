@@ -218,9 +218,10 @@ def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
     compute = compute_time(model, device)
     g = torch.Generator().manual_seed(7)
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=g).to(device)
-    # Warm-up (not recorded): first-use costs (lazy initialisation, the
-    # allocator's first blocks) must not land on the first ablation.
-    decode_run(model, prompt[:, :8], min(4, args.decode), device)
+    # Warm-up (not recorded) over the same prompt and length: first-use
+    # costs (lazy initialisation, per-shape kernel selection for every KV
+    # length) must not land on the first ablation.
+    decode_run(model, prompt, args.decode, device)
     rows = []
     ablations = ABLATIONS if args.ablations else ABLATIONS[:1]
     for policy, prefetch in ablations:
@@ -257,6 +258,7 @@ def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "overhead_ms_per_token": overhead * 1e3,
                 "hook_calls_per_token": st["hook_calls"] / n,
                 "hook_phase_ms_per_token": {k: v * 1e3 / n for k, v in st["hook_phase_seconds"].items()},
+                "engine_phase_ms_per_token": {k: v / 1e6 / n for k, v in st["phase_ns"].items()},
                 "slots": plan["slots"],
                 "expert_bytes": slot,
                 "pinned_h2d_GBps": bw,

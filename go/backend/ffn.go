@@ -31,7 +31,7 @@ type FFNArgs struct {
 	// Scratch is [P, Inter] float32 for the SwiGLU intermediate.
 	Scratch uint64
 	// TopK is [T, K] int64 expert ids; Weights is [T, K] float32.
-	TopK, Weights uint64
+	TopK, Weights       uint64
 	T, K, Hidden, Inter int64
 	// DType is 0 for bfloat16, 1 for float16.
 	DType int64

@@ -75,6 +75,7 @@ type Engine struct {
 	bytesMoved []atomic.Int64 // per layer
 	stallNs    []atomic.Int64 // per layer
 	acquires   atomic.Int64
+	phaseNs    [numPhases]atomic.Int64
 	opening    atomic.Pointer[backend.Backend] // the backend, from before Open (for Progress)
 	prefetchOn atomic.Bool
 

@@ -3,6 +3,7 @@ package engine
 import (
 	"fmt"
 	"sort"
+	"time"
 
 	"github.com/moe-infinity/moe_infinity/go/backend"
 )
@@ -68,10 +69,12 @@ func (e *Engine) LayerFFN(c FFNCall) error {
 	gu, _ := e.lay.Region("gate_up_proj")
 	dn, _ := e.lay.Region("down_proj")
 	slots := make([]int32, len(c.Experts))
+	t0 := time.Now()
 	lease, err := e.Acquire(c.Layer, c.Experts, slots, c.Stream)
 	if err != nil {
 		return err
 	}
+	t0 = e.phase(phaseAcquire, t0)
 	args := backend.FFNArgs{
 		Stream: c.Stream, X: c.X, Out: c.Out, Scratch: c.Scratch, TopK: c.TopK, Weights: c.Weights,
 		T: c.T, K: c.K, Hidden: hidden, Inter: inter, DType: code,
@@ -83,9 +86,11 @@ func (e *Engine) LayerFFN(c FFNCall) error {
 		args.Down[c.Experts[i]] = base + uint64(dn.Offset)
 	}
 	ffnErr := kern.FFN(args)
+	t0 = e.phase(phaseKernels, t0)
 	if err := e.Release(lease, c.Stream); err != nil && ffnErr == nil {
 		ffnErr = err
 	}
+	e.phase(phaseRelease, t0)
 	if ffnErr != nil {
 		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, ffnErr)
 	}
@@ -137,11 +142,13 @@ func (e *Engine) LayerMoE(c FFNCall, reqs []uint64, topkHost []int64) error {
 			}
 		}
 	}
+	t0 := time.Now()
 	if R > 0 {
 		if err := e.Observe(c.Layer, reqs, counts); err != nil {
 			return err
 		}
 	}
+	e.phase(phaseObserve, t0)
 	sort.Slice(c.Experts, func(i, j int) bool { return c.Experts[i] < c.Experts[j] })
 	return e.LayerFFN(c)
 }

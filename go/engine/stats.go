@@ -1,6 +1,28 @@
 package engine
 
-import "github.com/moe-infinity/moe_infinity/go/cache"
+import (
+	"time"
+
+	"github.com/moe-infinity/moe_infinity/go/cache"
+)
+
+// Phases of the one-call-per-layer path whose host time is accounted.
+const (
+	phaseObserve = iota
+	phaseAcquire
+	phaseKernels
+	phaseRelease
+	numPhases
+)
+
+var phaseNames = [numPhases]string{"observe", "acquire", "kernels", "release"}
+
+// phase adds the time since t0 to phase p and returns now.
+func (e *Engine) phase(p int, t0 time.Time) time.Time {
+	now := time.Now()
+	e.phaseNs[p].Add(int64(now.Sub(t0)))
+	return now
+}
 
 // LayerStats are the counters of one MoE layer.
 type LayerStats struct {
@@ -31,6 +53,9 @@ type Stats struct {
 	PrefetchQueued int `json:"prefetch_queued"`
 	// PrefetchCancelled counts queued prefetches cancelled by re-planning.
 	PrefetchCancelled uint64 `json:"prefetch_cancelled"`
+	// PhaseNs is host time by phase of LayerMoE/LayerFFN calls, in
+	// nanoseconds: where the engine's own overhead goes.
+	PhaseNs map[string]int64 `json:"phase_ns"`
 	// Layers holds the per-layer counters in execution order.
 	Layers []LayerStats `json:"layers"`
 }
@@ -51,6 +76,10 @@ func (e *Engine) Stats() (Stats, error) {
 		PrefetchQueued:    e.queue.Len(),
 		PrefetchCancelled: e.queue.Cancellations(),
 		Layers:            make([]LayerStats, len(cs)),
+		PhaseNs:           make(map[string]int64, numPhases),
+	}
+	for p, name := range phaseNames {
+		out.PhaseNs[name] = e.phaseNs[p].Load()
 	}
 	for l, c := range cs {
 		ls := LayerStats{LayerStats: c, BytesMoved: e.bytesMoved[l].Load(), StallNs: e.stallNs[l].Load()}
@@ -73,5 +102,8 @@ func (e *Engine) ResetStats() error {
 		e.stallNs[l].Store(0)
 	}
 	e.acquires.Store(0)
+	for p := range e.phaseNs {
+		e.phaseNs[p].Store(0)
+	}
 	return nil
 }

@@ -11,10 +11,11 @@ const never = math.MaxInt
 // by layer, in the order the group lists them, starting from an empty
 // cache. On a miss with every slot full it evicts the resident key whose
 // next use is farthest in the future (a key never used again is infinitely
-// far; ties go to the lower key index), but never a key of the current
-// group, which must be resident together as with Cache.Pin. Only on-demand
-// loads are counted, so this bounds the hits of every replay without
-// prefetching.
+// far; among equally far keys the lowest (layer, expert) goes first), but
+// never a key of the current group, which must be resident together as
+// with Cache.Pin. Only on-demand loads are counted, so this bounds the hits
+// of every replay without prefetching (the tests check it against an
+// exhaustive search on small traces).
 //
 // It runs in O(n log slots) time and O(n) memory for n accesses. If t is
 // invalid, slots < 1, or slots is smaller than a group (so no replay could

@@ -26,7 +26,8 @@ func Compare(t *Trace, slots int) ([]Result, error) {
 }
 
 // CompareWith is Compare with the non-policy settings (EAMC capacity,
-// matches, prefetches per layer, prefetch confidence) taken from base; base.Policy and
+// matches, prefetches per layer, prefetch confidence and minimum
+// evidence) taken from base; base.Policy and
 // base.Prefetch are ignored. The rows are, in order: priority off, priority
 // on, lru off, lru on, lfu off, lfu on, then a row with Policy
 // "belady-optimal" and Prefetch false. The replays run concurrently.

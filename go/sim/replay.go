@@ -47,6 +47,12 @@ type ReplayConfig struct {
 	// the planner's default (prefetch.DefaultConfidence); a negative value
 	// turns the filter off.
 	PrefetchConfidence float64 `json:"prefetch_confidence"`
+	// PrefetchMinEvidence mirrors the engine's setting of the same name: a
+	// layer's prediction is used only when it rests on at least this many
+	// routed tokens in the matched EAMs (see
+	// prefetch.Planner.MinEvidence). 0 keeps the planner's default
+	// (prefetch.DefaultMinEvidence); a negative value turns the filter off.
+	PrefetchMinEvidence float64 `json:"prefetch_min_evidence"`
 }
 
 // Result summarises one replay (or the Belady bound, Policy
@@ -124,6 +130,9 @@ func (cfg ReplayConfig) withDefaults(t *Trace) (ReplayConfig, error) {
 	}
 	if math.IsNaN(cfg.PrefetchConfidence) || math.IsInf(cfg.PrefetchConfidence, 0) {
 		errs = append(errs, fmt.Errorf("sim: prefetch confidence must be finite (got %v)", cfg.PrefetchConfidence))
+	}
+	if math.IsNaN(cfg.PrefetchMinEvidence) || math.IsInf(cfg.PrefetchMinEvidence, 0) {
+		errs = append(errs, fmt.Errorf("sim: prefetch min evidence must be finite (got %v)", cfg.PrefetchMinEvidence))
 	}
 	if len(errs) > 0 {
 		return cfg, errors.Join(errs...)
@@ -218,8 +227,9 @@ func (s *scorer) setPlan(plan []prefetch.Candidate) {
 //     layer l's priorities are refreshed like engine.refreshPriority; (b)
 //     the layer's distinct experts are pinned together with Cache.Pin
 //     (loads are completed at once with a nil error) and unpinned; (c) with
-//     Prefetch, the planner (prefetch.NewPlanner with Matches and
-//     PrefetchConfidence applied as engine.Configure does) plans over the
+//     Prefetch, the planner (prefetch.NewPlanner with Matches,
+//     PrefetchConfidence and PrefetchMinEvidence applied as
+//     engine.Configure does) plans over the
 //     request's partial EAM at layer l, the plan becomes the scorer's prediction, and the best planned
 //     experts that are not resident are reserved with
 //     Cache.ReservePrefetch(key, score) and completed at once, up to
@@ -249,6 +259,12 @@ func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
 		planner.Confidence = cfg.PrefetchConfidence
 	case cfg.PrefetchConfidence < 0:
 		planner.Confidence = 0
+	}
+	switch {
+	case cfg.PrefetchMinEvidence > 0:
+		planner.MinEvidence = cfg.PrefetchMinEvidence
+	case cfg.PrefetchMinEvidence < 0:
+		planner.MinEvidence = 0
 	}
 	sc := newScorer(L, E)
 	c, err := cache.New(cache.Config{Slots: cfg.Slots, Layers: L, Policy: cfg.Policy, Scorer: sc})

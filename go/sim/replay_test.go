@@ -1,6 +1,7 @@
 package sim
 
 import (
+	"math"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -69,8 +70,8 @@ func TestReplayWithRoomForEveryExpertMissesOncePerKey(t *testing.T) {
 // layers' experts and they are loaded ahead of use.
 //
 // Observed (seeds 1-3, 16 layers x 16 experts, k=2, 40 requests of 16
-// tokens): priority 0.680-0.688 -> 0.766-0.773 (+0.085 or more), lru
-// 0.688-0.694 -> 0.751-0.754 (+0.057 or more). The test asserts roughly
+// tokens, engine planner defaults): priority 0.680-0.688 -> 0.767-0.775
+// (+0.085 or more), lru 0.688-0.694 -> 0.753-0.757 (+0.059 or more). The test asserts roughly
 // half of those gains so that it checks the effect, not the exact numbers.
 func TestTraceDrivenPrefetchRaisesTheHitRate(t *testing.T) {
 	margins := map[cache.Policy]float64{cache.PolicyPriority: 0.04, cache.PolicyLRU: 0.03}
@@ -122,12 +123,13 @@ func TestReplayCountersAreConsistent(t *testing.T) {
 }
 
 func TestPrefetchConfidenceFiltersWeakPredictions(t *testing.T) {
-	// Uniform routing: no expert is predicted twice as likely as a uniform
-	// guess, so the default filter plans nothing, like the engine.
+	// Uniform routing: only sampling noise makes an expert look twice as
+	// likely as a uniform guess, so the default filter plans little and a
+	// stricter one nothing. (Evidence filter off to isolate confidence.)
 	tr, err := Generate(GenParams{Layers: 8, Experts: 8, TopK: 2, Requests: 8, TokensPerRequest: 8, Clusters: 2, Skew: 0, Seed: 6})
 	require.NoError(t, err)
 	loads := func(conf float64) uint64 {
-		r, err := Replay(tr, ReplayConfig{Slots: 16, Prefetch: true, PrefetchConfidence: conf})
+		r, err := Replay(tr, ReplayConfig{Slots: 16, Prefetch: true, PrefetchConfidence: conf, PrefetchMinEvidence: -1})
 		require.NoError(t, err)
 		return r.PrefetchLoads
 	}
@@ -137,6 +139,26 @@ func TestPrefetchConfidenceFiltersWeakPredictions(t *testing.T) {
 	assert.GreaterOrEqual(t, lax, def)
 	assert.LessOrEqual(t, strict, def)
 	assert.Zero(t, strict)
+}
+
+func TestPrefetchMinEvidenceIgnoresThinPredictions(t *testing.T) {
+	// Requests of 4 tokens x k=2 put 8 routed tokens in each layer row, so
+	// at most 4 matched EAMs rest on at most 32 tokens: below the default
+	// 64 and below 33, while 2 or more of them reach 16.
+	tr, err := Generate(GenParams{Layers: 8, Experts: 8, TopK: 2, Requests: 10, TokensPerRequest: 4, Clusters: 2, Skew: 2, Seed: 6})
+	require.NoError(t, err)
+	loads := func(ev float64) uint64 {
+		r, err := Replay(tr, ReplayConfig{Slots: 16, Prefetch: true, PrefetchMinEvidence: ev})
+		require.NoError(t, err)
+		return r.PrefetchLoads
+	}
+	def, off, low, high := loads(0), loads(-1), loads(16), loads(33)
+	t.Logf("prefetch loads: default %d, filter off %d, evidence 16: %d, 33: %d", def, off, low, high)
+	assert.Zero(t, def)
+	assert.Zero(t, high)
+	assert.Greater(t, off, uint64(0))
+	assert.Greater(t, low, uint64(0), "predictions from 2 or more matched EAMs pass 16 tokens")
+	assert.LessOrEqual(t, low, off, "the first requests' predictions rest on fewer EAMs")
 }
 
 func TestReplayIsDeterministic(t *testing.T) {
@@ -167,6 +189,7 @@ func TestReplayRejectsBadInput(t *testing.T) {
 		{"negative capacity", tr, ReplayConfig{Slots: 4, EAMCCapacity: -1}, "EAMC capacity must be >= 0"},
 		{"negative matches", tr, ReplayConfig{Slots: 4, Matches: -2}, "matches must be >= 0"},
 		{"NaN confidence", tr, ReplayConfig{Slots: 4, PrefetchConfidence: nan()}, "prefetch confidence must be finite"},
+		{"infinite evidence", tr, ReplayConfig{Slots: 4, PrefetchMinEvidence: math.Inf(1)}, "prefetch min evidence must be finite"},
 		{"collection too large", tr, ReplayConfig{Slots: 4, EAMCCapacity: trace.MaxFloats}, "exceeds"},
 	}
 	for _, tc := range tests {

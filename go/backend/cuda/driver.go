@@ -221,7 +221,9 @@ func streamDestroy(s uintptr) error {
 	return check("cuStreamDestroy", C.moe_stream_destroy(C.uintptr_t(s)))
 }
 
-func streamSync(s uintptr) error { return check("cuStreamSynchronize", C.moe_stream_sync(C.uintptr_t(s))) }
+func streamSync(s uintptr) error {
+	return check("cuStreamSynchronize", C.moe_stream_sync(C.uintptr_t(s)))
+}
 
 func priorityRange() (least, greatest int, err error) {
 	var l, g C.int
@@ -248,7 +250,9 @@ func newEvent(blocking bool) (uintptr, error) {
 	return uintptr(e), err
 }
 
-func eventDestroy(e uintptr) error { return check("cuEventDestroy", C.moe_event_destroy(C.uintptr_t(e))) }
+func eventDestroy(e uintptr) error {
+	return check("cuEventDestroy", C.moe_event_destroy(C.uintptr_t(e)))
+}
 
 func eventRecord(e, s uintptr) error {
 	return check("cuEventRecord", C.moe_event_record(C.uintptr_t(e), C.uintptr_t(s)))

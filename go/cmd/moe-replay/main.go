@@ -42,6 +42,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.IntVar(&cfg.EAMCCapacity, "eamc", 0, "EAM collection capacity (0 = engine default)")
 	fs.IntVar(&cfg.Matches, "matches", 0, "most similar EAMs summed per prediction (0 = engine default)")
 	fs.Float64Var(&cfg.PrefetchConfidence, "confidence", 0, "prefetch only experts predicted this many times as likely as uniform (0 = engine default, <0 = off)")
+	fs.Float64Var(&cfg.PrefetchMinEvidence, "min-evidence", 0, "use a layer's prediction only when it rests on this many routed tokens (0 = engine default, <0 = off)")
 	jsonPath := fs.String("json", "", "also write the results as JSON to this file")
 	if err := fs.Parse(args); err != nil {
 		return 2

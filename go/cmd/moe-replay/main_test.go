@@ -16,7 +16,7 @@ var tiny = []string{"-layers", "6", "-experts", "4", "-topk", "2", "-requests", 
 func TestRunPrintsATableAndWritesJSON(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "out.json")
 	var out, errb bytes.Buffer
-	code := run(append(tiny, "-cache-frac", "0.5,1", "-json", path, "-confidence", "-1", "-matches", "2", "-eamc", "3", "-prefetch-per-layer", "1"), &out, &errb)
+	code := run(append(tiny, "-cache-frac", "0.5,1", "-json", path, "-confidence", "-1", "-min-evidence", "-1", "-matches", "2", "-eamc", "3", "-prefetch-per-layer", "1"), &out, &errb)
 	require.Equal(t, 0, code, errb.String())
 	assert.Contains(t, out.String(), "trace: generated: L=6 E=4 k=2 requests=4 tokens=4 clusters=2 skew=1.5 seed=3")
 	assert.Contains(t, out.String(), "belady-optimal")
@@ -54,6 +54,7 @@ func TestRunRejectsBadArguments(t *testing.T) {
 		{"bad params", append(tiny, "-topk", "9"), 2, "topk 9 exceeds the 4 experts"},
 		{"cache too small", append(tiny, "-cache-frac", "0.01"), 1, "cannot hold one layer's 2 experts"},
 		{"NaN confidence", append(tiny, "-confidence", "NaN"), 1, "prefetch confidence must be finite"},
+		{"infinite evidence", append(tiny, "-min-evidence", "Inf"), 1, "prefetch min evidence must be finite"},
 		{"unwritable json", append(tiny, "-cache-frac", "1", "-json", filepath.Join(t.TempDir(), "no", "such", "dir.json")), 1, "no such file"},
 	}
 	for _, tc := range tests {
