@@ -22,7 +22,7 @@ PTX       := go/backend/cuda/moe_ffn.ptx
 PTXFLAGS  := -x cuda --cuda-device-only -nocudainc -nocudalib --cuda-gpu-arch=sm_80 \
              -Xclang -target-feature -Xclang +ptx70 -O3 -S
 
-.PHONY: all lib cuda cuda-check ptx ptx-check cuda-sdk gpu-test test gotest testrace invariants vet ctest pytest fuzz bench tidy-check clean install
+.PHONY: all lib cuda cuda-check ptx ptx-check cuda-sdk gpu-test replay test gotest testrace invariants vet ctest pytest fuzz bench tidy-check clean install
 
 all: lib
 
@@ -97,6 +97,10 @@ fuzz:
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./go/...
+
+# Hit rate of every policy against Belady's optimum on a generated trace.
+replay:
+	$(GO) run ./go/cmd/moe-replay -layers 32 -experts 8 -topk 2 -requests 40 -tokens 64 -clusters 4 -skew 1.0
 
 tidy-check:
 	$(GO) mod tidy -diff
