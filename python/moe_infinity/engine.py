@@ -269,17 +269,7 @@ class Engine:
         are data pointers."""
         n = len(experts)
         arr = (ctypes.c_int32 * max(1, n))(*experts)
-        _native.call(
-            "moe_layer_ffn",
-            ctypes.c_uint64(self._h()),
-            layer,
-            n,
-            arr,
-            *(ctypes.c_uint64(v) for v in (stream, x, out, scratch, topk, weights)),
-            tokens,
-            k,
-            dtype,
-        )
+        _native.call("moe_layer_ffn", ctypes.c_uint64(self._h()), layer, n, arr, *_ffn_args(stream, x, out, scratch, topk, weights, tokens, k, dtype))
 
     def layer_moe(
         self,
@@ -303,16 +293,8 @@ class Engine:
         n = len(reqs)
         ids = (ctypes.c_uint64 * max(1, n))(*reqs)
         _native.call(
-            "moe_layer_moe",
-            ctypes.c_uint64(self._h()),
-            layer,
-            n,
-            ids,
-            ctypes.c_void_p(topk_host),
-            *(ctypes.c_uint64(v) for v in (stream, x, out, scratch, topk, weights)),
-            tokens,
-            k,
-            dtype,
+            "moe_layer_moe", ctypes.c_uint64(self._h()), layer, n, ids, ctypes.c_void_p(topk_host),
+            *_ffn_args(stream, x, out, scratch, topk, weights, tokens, k, dtype),
         )
 
     def progress(self) -> tuple[int, int]:
@@ -357,6 +339,11 @@ class Engine:
     def save_trace(self, path: str | os.PathLike[str]) -> None:
         """Writes the trace collection to ``path`` atomically."""
         _native.call("moe_save_trace", ctypes.c_uint64(self._h()), os.fsencode(path))
+
+
+def _ffn_args(stream: int, x: int, out: int, scratch: int, topk: int, weights: int, tokens: int, k: int, dtype: int) -> tuple:
+    """The trailing arguments shared by moe_layer_ffn and moe_layer_moe."""
+    return (*(ctypes.c_uint64(v) for v in (stream, x, out, scratch, topk, weights)), tokens, k, dtype)
 
 
 def _describe(tensor: Any) -> tuple[str, list[int], int, int]:

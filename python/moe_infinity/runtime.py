@@ -450,16 +450,21 @@ class OffloadRuntime:
         needed = np.unique(flat[valid]).tolist()
         return self._run_torch(layer, module, hidden, top_k_index, top_k_weights, original, needed)
 
+    def _ffn_buffers(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The kernels' inputs in the layout they read (int64 ids, float32
+        weights, contiguous activations) and fresh output and scratch."""
+        T, k = top_k_index.shape
+        topk = top_k_index if top_k_index.dtype == torch.int64 and top_k_index.is_contiguous() else top_k_index.to(torch.int64).contiguous()
+        weights = top_k_weights if top_k_weights.dtype == torch.float32 and top_k_weights.is_contiguous() else top_k_weights.to(torch.float32).contiguous()
+        x = hidden.contiguous()
+        return topk, weights, x, torch.empty_like(x), torch.empty((T * k, self.ffn_inter), dtype=torch.float32, device=x.device)
+
     def _run_layer_moe(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, idx_host: torch.Tensor) -> torch.Tensor:
         """The GPU decode path: one engine call traces the routing, makes the
         experts resident and launches the fused FFN over all of them."""
         t0 = time.perf_counter_ns()
         T, k = top_k_index.shape
-        topk = top_k_index if top_k_index.dtype == torch.int64 and top_k_index.is_contiguous() else top_k_index.to(torch.int64).contiguous()
-        weights = top_k_weights if top_k_weights.dtype == torch.float32 and top_k_weights.is_contiguous() else top_k_weights.to(torch.float32).contiguous()
-        x = hidden.contiguous()
-        out = torch.empty_like(x)
-        scratch = torch.empty((T * k, self.ffn_inter), dtype=torch.float32, device=x.device)
+        topk, weights, x, out, scratch = self._ffn_buffers(hidden, top_k_index, top_k_weights)
         t0 = self._phase("kernel_prep", t0)
         self.engine.layer_moe(
             layer.index,
@@ -502,17 +507,10 @@ class OffloadRuntime:
         return fn(proxy, hidden, local, top_k_weights)
 
     def _run_kernel(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, needed: list[int]) -> torch.Tensor:
-        """The engine's fused expert FFN: one call, two kernel launches over
-        every expert of the layer, reading weights straight from the slots
-        and the routing straight from the router's tensors."""
-        t0 = time.perf_counter_ns()
+        """The engine's fused expert FFN over known experts, without tracing
+        (the benchmark times the GPU compute of a layer with it)."""
         T, k = top_k_index.shape
-        topk = top_k_index if top_k_index.dtype == torch.int64 and top_k_index.is_contiguous() else top_k_index.to(torch.int64).contiguous()
-        weights = top_k_weights if top_k_weights.dtype == torch.float32 and top_k_weights.is_contiguous() else top_k_weights.to(torch.float32).contiguous()
-        x = hidden.contiguous()
-        out = torch.empty_like(x)
-        scratch = torch.empty((T * k, self.ffn_inter), dtype=torch.float32, device=x.device)
-        t0 = self._phase("kernel_prep", t0)
+        topk, weights, x, out, scratch = self._ffn_buffers(hidden, top_k_index, top_k_weights)
         self.engine.layer_ffn(
             layer.index,
             needed,
@@ -526,7 +524,6 @@ class OffloadRuntime:
             k=k,
             dtype=self.ffn_dtype,
         )
-        self._phase("engine_ffn_call", t0)
         return out
 
     def _stack(self, layer: int, experts: list[int], device: torch.device) -> dict[str, torch.Tensor]:
