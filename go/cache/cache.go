@@ -21,6 +21,7 @@ type TooManyError struct {
 	Want, Slots int
 }
 
+// Error says how many experts were asked for and how many slots exist.
 func (e *TooManyError) Error() string {
 	return fmt.Sprintf("cache: %d experts requested at once but the cache has %d slots", e.Want, e.Slots)
 }

@@ -76,6 +76,7 @@ func (h *entryHeap) Pop() any {
 type Queue struct {
 	mu      sync.Mutex
 	plan    map[cache.Key]*entry
+	byOwner map[uint64]map[cache.Key]struct{} // the keys each owner planned
 	heap    entryHeap
 	notify  chan struct{}
 	closed  bool
@@ -85,7 +86,7 @@ type Queue struct {
 
 // NewQueue returns an empty queue.
 func NewQueue() *Queue {
-	return &Queue{plan: make(map[cache.Key]*entry), notify: make(chan struct{})}
+	return &Queue{plan: make(map[cache.Key]*entry), byOwner: make(map[uint64]map[cache.Key]struct{}), notify: make(chan struct{})}
 }
 
 func (q *Queue) wakeLocked() {
@@ -107,19 +108,31 @@ func (q *Queue) Update(owner uint64, cands []Candidate) {
 			want[c.Key] = c.Score
 		}
 	}
-	// Drop or lower what the owner no longer wants.
-	for k, e := range q.plan {
-		if _, ok := e.owners[owner]; !ok {
-			continue
-		}
+	// Drop or lower what the owner no longer wants (only its own keys are
+	// visited, so an update costs the size of the owner's plans, not of
+	// every owner's).
+	mine := q.byOwner[owner]
+	for k := range mine {
 		if _, keep := want[k]; keep {
 			continue
 		}
-		delete(e.owners, owner)
-		q.rescoreLocked(e)
+		delete(mine, k)
+		if e, ok := q.plan[k]; ok {
+			delete(e.owners, owner)
+			q.rescoreLocked(e)
+		}
+	}
+	if len(want) == 0 {
+		delete(q.byOwner, owner)
+		return
+	}
+	if mine == nil {
+		mine = make(map[cache.Key]struct{}, len(want))
+		q.byOwner[owner] = mine
 	}
 	added := false
 	for k, s := range want {
+		mine[k] = struct{}{}
 		e, ok := q.plan[k]
 		if !ok {
 			e = &entry{key: k, owners: make(map[uint64]float64, 1), index: -1}
@@ -294,6 +307,7 @@ func (q *Queue) Clear() {
 	q.cancels += uint64(len(q.heap))
 	q.heap = nil
 	q.plan = map[cache.Key]*entry{}
+	q.byOwner = map[uint64]map[cache.Key]struct{}{}
 }
 
 // Close empties the queue and wakes every Pop with ok=false.
@@ -306,5 +320,6 @@ func (q *Queue) Close() {
 	q.closed = true
 	q.heap = nil
 	q.plan = map[cache.Key]*entry{}
+	q.byOwner = map[uint64]map[cache.Key]struct{}{}
 	q.wakeLocked()
 }

@@ -53,6 +53,10 @@ type ReplayConfig struct {
 	// prefetch.Planner.MinEvidence). 0 keeps the planner's default
 	// (prefetch.DefaultMinEvidence); a negative value turns the filter off.
 	PrefetchMinEvidence float64 `json:"prefetch_min_evidence"`
+	// PerRequest records each request's own hit rate in
+	// Result.RequestHitRates (to see, for example, how many requests the
+	// EAM collection needs after a switch of workload).
+	PerRequest bool `json:"per_request,omitempty"`
 }
 
 // Result summarises one replay (or the Belady bound, Policy
@@ -99,6 +103,9 @@ type Result struct {
 	// PrefetchRecall is PrefetchHits / (PrefetchHits + Misses) (see
 	// Result).
 	PrefetchRecall float64 `json:"prefetch_recall"`
+	// RequestHitRates holds each request's hit rate, in replay order, when
+	// ReplayConfig.PerRequest is set.
+	RequestHitRates []float64 `json:"request_hit_rates,omitempty"`
 }
 
 // ratio returns a/b, or 0 when b is 0.
@@ -275,7 +282,16 @@ func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
 
 	counts := make([]float32, E)
 	keys := make([]cache.Key, 0, t.MaxGroup())
+	var perRequest []float64
+	total := func() (hits, uses uint64) {
+		var st cache.LayerStats
+		for _, s := range c.Stats() {
+			st.Add(s)
+		}
+		return st.Hits, st.Hits + st.Misses
+	}
 	for _, req := range t.Requests {
+		h0, u0 := total()
 		id := tr.Begin()
 		for _, tok := range req.Tokens {
 			for l, group := range tok {
@@ -323,6 +339,10 @@ func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
 		if err := tr.End(id); err != nil {
 			return Result{}, fmt.Errorf("sim: %w", err)
 		}
+		if cfg.PerRequest {
+			h1, u1 := total()
+			perRequest = append(perRequest, ratio(h1-h0, u1-u0))
+		}
 	}
 
 	var st cache.LayerStats
@@ -343,6 +363,7 @@ func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
 		WastedPrefetches:  st.WastedPrefetches,
 		PrefetchPrecision: ratio(st.PrefetchHits, st.PrefetchLoads),
 		PrefetchRecall:    ratio(st.PrefetchHits, st.PrefetchHits+st.Misses),
+		RequestHitRates:   perRequest,
 	}, nil
 }
 

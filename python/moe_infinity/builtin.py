@@ -1,11 +1,12 @@
 """The small built-in model used when no ``--model`` is given, so that the
 command line works offline on any machine.
 
-Until a trained model ships with the package, the built-in model is a small
-Mixtral-architecture model with seeded random weights and a character-level
-tokenizer, written once to the user's cache directory (a few MB). Its output
-is not meaningful text; it exercises the whole path: checkpoint on disk →
-engine → transformers generate.
+The package ships a small trained Mixtral-architecture model in
+``builtin_model/`` (4 MoE layers × 8 experts, trained by
+tools/train_builtin.py on Go and Python standard-library sources and English
+license/documentation text; its experts specialise by domain). A checkout
+without it falls back to a seeded random model written to the cache
+directory, whose output is not meaningful text.
 """
 
 from __future__ import annotations
@@ -47,8 +48,22 @@ def char_tokenizer(extra_chars: list[str] | None = None):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<pad>")
 
 
+PACKAGED = Path(__file__).resolve().parent / "builtin_model"
+
+
+def packaged_model_dir() -> Path | None:
+    """The trained model shipped in the package, if present."""
+    if (PACKAGED / "config.json").is_file() and any(PACKAGED.glob("*.safetensors")):
+        return PACKAGED
+    return None
+
+
 def builtin_model_dir() -> Path:
-    """Directory of the built-in model, building it on first use."""
+    """Directory of the built-in model: the packaged trained model, or a
+    random one built into the cache directory on first use."""
+    packaged = packaged_model_dir()
+    if packaged is not None:
+        return packaged
     target = cache_dir() / BUILTIN_NAME
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target

@@ -249,6 +249,9 @@ class OffloadRuntime:
         self.hook_ns = 0
         self.wait_ns = 0
         self.hook_calls = 0
+        # When a list, every MoE layer call appends (layer index, routing as
+        # a [T, k] int64 array): a recorder for traces and analyses.
+        self.routing_log: list[tuple[int, np.ndarray]] | None = None
         # Host time by phase of the hook (nanoseconds): where overhead goes.
         self.phase_ns: dict[str, int] = {}
         self._tls = threading.local()
@@ -407,6 +410,10 @@ class OffloadRuntime:
         self.phase_ns[name] = self.phase_ns.get(name, 0) + now - t0
         return now
 
+    def _log(self, layer: MoELayer, idx: np.ndarray) -> None:
+        if self.routing_log is not None:
+            self.routing_log.append((layer.index, idx.copy()))
+
     def _account(self, t0: int) -> None:
         """Adds one hook call's host time (the GPU waits are in wait_ns)."""
         self.hook_ns += time.perf_counter_ns() - t0
@@ -430,6 +437,7 @@ class OffloadRuntime:
             and hidden.dtype == (torch.bfloat16 if self.ffn_dtype == 0 else torch.float16)
         ):
             idx_host = self._routing_to_host(top_k_index, as_tensor=True)
+            self._log(layer, idx_host.numpy())
             try:
                 return self._run_layer_moe(layer, hidden, top_k_index, top_k_weights, idx_host)
             except BudgetError:
@@ -439,6 +447,7 @@ class OffloadRuntime:
                 needed = np.unique(idx[(idx >= 0) & (idx < E)]).tolist()
                 return self._run_torch(layer, module, hidden, top_k_index, top_k_weights, original, needed)
         idx = self._routing_to_host(top_k_index)
+        self._log(layer, idx)
         t = time.perf_counter_ns()
         flat = idx.reshape(-1)
         valid = (flat >= 0) & (flat < E)

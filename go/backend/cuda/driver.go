@@ -80,6 +80,7 @@ type Error struct {
 	Msg  string
 }
 
+// Error formats the failed call, the driver's error name and message.
 func (e *Error) Error() string {
 	return fmt.Sprintf("cuda: %s failed: %s (%d): %s", e.Call, e.Name, e.Code, e.Msg)
 }

@@ -44,6 +44,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.Float64Var(&cfg.PrefetchConfidence, "confidence", 0, "prefetch only experts predicted this many times as likely as uniform (0 = engine default, <0 = off)")
 	fs.Float64Var(&cfg.PrefetchMinEvidence, "min-evidence", 0, "use a layer's prediction only when it rests on this many routed tokens (0 = engine default, <0 = off)")
 	jsonPath := fs.String("json", "", "also write the results as JSON to this file")
+	tracePath := fs.String("trace", "", "replay this recorded trace file (JSON, see sim.ReadTrace) instead of generating one")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -56,7 +57,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "moe-replay:", err)
 		return 2
 	}
-	t, err := sim.Generate(p)
+	var t *sim.Trace
+	if *tracePath != "" {
+		t, err = sim.ReadTraceFile(*tracePath)
+	} else {
+		t, err = sim.Generate(p)
+	}
 	if err != nil {
 		fmt.Fprintln(stderr, "moe-replay:", err)
 		return 2

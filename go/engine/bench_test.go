@@ -1,0 +1,54 @@
+package engine
+
+import (
+	"testing"
+)
+
+// BenchmarkHotPathPerLayer measures the engine's host work for one MoE
+// layer of a decode step (observe + acquire + release of 2 experts, all
+// hits): the per-layer overhead the decode benchmark reports.
+func BenchmarkHotPathPerLayer(b *testing.B) {
+	const L, E = 32, 8
+	t := &testing.T{}
+	e, err := New(Config{BudgetBytes: L * E * slotBytes})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer e.Close()
+	model(t, e, L, E)
+	if _, err := e.Configure(Setup{Layout: mixtralSpec}); err != nil {
+		b.Fatal(err)
+	}
+	// A few finished requests so the planner has something to match.
+	for r := 0; r < 8; r++ {
+		req, _ := e.BeginRequest()
+		for l := 0; l < L; l++ {
+			counts := make([]float32, E)
+			counts[(l+r)%E] = 40
+			counts[(l+r+3)%E] = 40
+			_ = e.Observe(l, []uint64{req}, [][]float32{counts})
+		}
+		_ = e.EndRequest(req)
+	}
+	req, _ := e.BeginRequest()
+	counts := make([]float32, E)
+	slots := make([]int32, 2)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		l := i % L
+		clear(counts)
+		x0, x1 := int32(l%E), int32((l+3)%E)
+		counts[x0], counts[x1] = 1, 1
+		if err := e.Observe(l, []uint64{req}, [][]float32{counts}); err != nil {
+			b.Fatal(err)
+		}
+		lease, err := e.Acquire(l, []int32{x0, x1}, slots, 0)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := e.Release(lease, 0); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
