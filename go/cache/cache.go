@@ -260,31 +260,32 @@ func (c *Cache) assignLocked(i int, k Key, prefetch bool) {
 // victimsLocked returns up to n evictable slots, best victims first: empty
 // slots, then ready unpinned slots in policy order. Slots holding any of
 // the keys in keep are skipped. When maxPredicted >= 0, slots whose expert
-// is predicted at least that strongly are skipped too.
+// is predicted at least that strongly are skipped too. It scans the slots
+// once and keeps the n best in a bounded heap (O(slots · log n)); empty
+// slots short-circuit the scoring.
 func (c *Cache) victimsLocked(n int, keep []Key, maxPredicted float64) []int {
-	type cand struct {
-		slot  int
-		empty bool
-		score float64
-		last  uint64
+	if n <= 0 {
+		return nil
 	}
-	var cands []cand
+	var empties []int
+	for i := range c.slots {
+		if s := &c.slots[i]; s.state == Empty && s.pins == 0 {
+			empties = append(empties, i)
+			if len(empties) == n {
+				return empties
+			}
+		}
+	}
+	h := victimHeap{n: n - len(empties)}
 	for i := range c.slots {
 		s := &c.slots[i]
-		if s.pins > 0 || s.state == Loading {
-			continue
-		}
-		if s.state == Empty {
-			cands = append(cands, cand{slot: i, empty: true})
-			continue
-		}
-		if containsKey(keep, s.key) {
+		if s.pins > 0 || s.state != Ready || containsKey(keep, s.key) {
 			continue
 		}
 		if maxPredicted >= 0 && c.scorer.Predicted(s.key) >= maxPredicted {
 			continue
 		}
-		cd := cand{slot: i, last: s.lastUse}
+		cd := victim{slot: i, last: s.lastUse}
 		switch c.cfg.Policy {
 		case PolicyLRU:
 			cd.score = float64(s.lastUse)
@@ -293,27 +294,76 @@ func (c *Cache) victimsLocked(n int, keep []Key, maxPredicted float64) []int {
 		default:
 			cd.score = c.scorer.Priority(s.key)
 		}
-		cands = append(cands, cd)
+		h.offer(cd)
 	}
-	sort.Slice(cands, func(a, b int) bool {
-		x, y := cands[a], cands[b]
-		if x.empty != y.empty {
-			return x.empty
-		}
-		if x.score != y.score {
-			return x.score < y.score
-		}
-		if x.last != y.last {
-			return x.last < y.last
-		}
-		return x.slot < y.slot
-	})
-	if len(cands) > n {
-		cands = cands[:n]
+	return append(empties, h.sorted()...)
+}
+
+// victim is an eviction candidate; lower sorts first.
+type victim struct {
+	slot  int
+	score float64
+	last  uint64
+}
+
+func (a victim) before(b victim) bool {
+	if a.score != b.score {
+		return a.score < b.score
 	}
-	out := make([]int, len(cands))
-	for i, cd := range cands {
-		out[i] = cd.slot
+	if a.last != b.last {
+		return a.last < b.last
+	}
+	return a.slot < b.slot
+}
+
+// victimHeap keeps the n best (lowest) victims offered, as a max-heap.
+type victimHeap struct {
+	n    int
+	heap []victim
+}
+
+func (h *victimHeap) offer(v victim) {
+	if h.n <= 0 {
+		return
+	}
+	if len(h.heap) < h.n {
+		h.heap = append(h.heap, v)
+		for i := len(h.heap) - 1; i > 0; {
+			p := (i - 1) / 2
+			if !h.heap[p].before(h.heap[i]) {
+				break
+			}
+			h.heap[p], h.heap[i] = h.heap[i], h.heap[p]
+			i = p
+		}
+		return
+	}
+	if !v.before(h.heap[0]) {
+		return
+	}
+	h.heap[0] = v
+	for i := 0; ; {
+		l, r, big := 2*i+1, 2*i+2, i
+		if l < len(h.heap) && h.heap[big].before(h.heap[l]) {
+			big = l
+		}
+		if r < len(h.heap) && h.heap[big].before(h.heap[r]) {
+			big = r
+		}
+		if big == i {
+			break
+		}
+		h.heap[i], h.heap[big] = h.heap[big], h.heap[i]
+		i = big
+	}
+}
+
+// sorted returns the kept victims' slots, best first.
+func (h *victimHeap) sorted() []int {
+	sort.Slice(h.heap, func(a, b int) bool { return h.heap[a].before(h.heap[b]) })
+	out := make([]int, len(h.heap))
+	for i, v := range h.heap {
+		out[i] = v.slot
 	}
 	return out
 }

@@ -3,6 +3,7 @@ package cache
 import (
 	"errors"
 	"math/rand"
+	"sort"
 	"sync"
 	"testing"
 	"time"
@@ -438,4 +439,98 @@ func TestFlushEmptiesUnpinnedSlotsAndSetPolicy(t *testing.T) {
 	c.Unpin(held)
 	c.SetPolicy(PolicyLFU)
 	assert.Equal(t, PolicyLFU, c.Policy())
+}
+
+// TestVictimSelectionMatchesAFullSort checks the bounded-heap victim
+// selection against sorting every candidate, on random cache states.
+func TestVictimSelectionMatchesAFullSort(t *testing.T) {
+	rng := rand.New(rand.NewSource(3))
+	for round := 0; round < 200; round++ {
+		slots := 1 + rng.Intn(40)
+		s := mapScorer{prio: map[Key]float64{}, pred: map[Key]float64{}}
+		c := newCache(t, slots, 4, Policy(rng.Intn(3)), s)
+		for i := range c.slots {
+			k := Key{int32(rng.Intn(4)), int32(i)}
+			switch rng.Intn(5) {
+			case 0:
+				continue // empty
+			case 1:
+				c.slots[i].state = Loading
+			default:
+				c.slots[i].state = Ready
+			}
+			c.slots[i].key = k
+			c.slots[i].pins = int32(rng.Intn(3) / 2)
+			c.slots[i].lastUse = uint64(rng.Intn(10))
+			c.index[k] = i
+			c.freq[k] = uint64(rng.Intn(4))
+			s.prio[k] = float64(rng.Intn(5)) / 4
+			s.pred[k] = float64(rng.Intn(3)) / 2
+		}
+		n := 1 + rng.Intn(slots)
+		maxPred := -1.0
+		if rng.Intn(2) == 0 {
+			maxPred = 0.5
+		}
+		var keep []Key
+		if rng.Intn(2) == 0 {
+			keep = []Key{c.slots[rng.Intn(slots)].key}
+		}
+		got := c.victimsLocked(n, keep, maxPred)
+		want := bruteVictims(c, n, keep, maxPred)
+		if len(want) == 0 {
+			assert.Empty(t, got, "round %d", round)
+			continue
+		}
+		assert.Equal(t, want, got, "round %d", round)
+	}
+}
+
+func bruteVictims(c *Cache, n int, keep []Key, maxPred float64) []int {
+	type cand struct {
+		slot  int
+		empty bool
+		v     victim
+	}
+	var cs []cand
+	for i := range c.slots {
+		s := &c.slots[i]
+		if s.pins > 0 || s.state == Loading {
+			continue
+		}
+		if s.state == Empty {
+			cs = append(cs, cand{slot: i, empty: true})
+			continue
+		}
+		if containsKey(keep, s.key) || (maxPred >= 0 && c.scorer.Predicted(s.key) >= maxPred) {
+			continue
+		}
+		v := victim{slot: i, last: s.lastUse}
+		switch c.cfg.Policy {
+		case PolicyLRU:
+			v.score = float64(s.lastUse)
+		case PolicyLFU:
+			v.score = float64(c.freq[s.key])
+		default:
+			v.score = c.scorer.Priority(s.key)
+		}
+		cs = append(cs, cand{slot: i, v: v})
+	}
+	sort.Slice(cs, func(a, b int) bool {
+		if cs[a].empty != cs[b].empty {
+			return cs[a].empty
+		}
+		if cs[a].empty {
+			return cs[a].slot < cs[b].slot
+		}
+		return cs[a].v.before(cs[b].v)
+	})
+	if len(cs) > n {
+		cs = cs[:n]
+	}
+	out := []int{}
+	for _, c := range cs {
+		out = append(out, c.slot)
+	}
+	return out
 }
