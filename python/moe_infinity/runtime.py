@@ -471,24 +471,28 @@ class OffloadRuntime:
     def _run_layer_moe(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, idx_host: torch.Tensor) -> torch.Tensor:
         """The GPU decode path: one engine call traces the routing, makes the
         experts resident and launches the fused FFN over all of them."""
+        return self._launch(layer, hidden, top_k_index, top_k_weights, idx_host=idx_host)
+
+    def _run_kernel(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, needed: list[int]) -> torch.Tensor:
+        """The engine's fused expert FFN over known experts, without tracing
+        (the benchmark times the GPU compute of a layer with it)."""
+        return self._launch(layer, hidden, top_k_index, top_k_weights, needed=needed)
+
+    def _launch(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *, idx_host: torch.Tensor | None = None, needed: list[int] | None = None) -> torch.Tensor:
+        """Calls moe_layer_moe (with the host routing) or moe_layer_ffn (with
+        the needed experts) on the kernels' buffers."""
         t0 = time.perf_counter_ns()
         T, k = top_k_index.shape
         topk, weights, x, out, scratch = self._ffn_buffers(hidden, top_k_index, top_k_weights)
         t0 = self._phase("kernel_prep", t0)
-        self.engine.layer_moe(
-            layer.index,
-            self.active_requests() or [],
-            idx_host.data_ptr(),
-            stream=self.stream(),
-            x=x.data_ptr(),
-            out=out.data_ptr(),
-            scratch=scratch.data_ptr(),
-            topk=topk.data_ptr(),
-            weights=weights.data_ptr(),
-            tokens=T,
-            k=k,
-            dtype=self.ffn_dtype,
+        kw = dict(
+            stream=self.stream(), x=x.data_ptr(), out=out.data_ptr(), scratch=scratch.data_ptr(),
+            topk=topk.data_ptr(), weights=weights.data_ptr(), tokens=T, k=k, dtype=self.ffn_dtype,
         )
+        if idx_host is not None:
+            self.engine.layer_moe(layer.index, self.active_requests() or [], idx_host.data_ptr(), **kw)
+        else:
+            self.engine.layer_ffn(layer.index, needed or [], **kw)
         self._phase("engine_layer_call", t0)
         return out
 
@@ -514,26 +518,6 @@ class OffloadRuntime:
         local = remap[top_k_index.clamp(0, E)]
         proxy = _ExpertsProxy(module, {**stacked, "num_experts": len(needed)})
         return fn(proxy, hidden, local, top_k_weights)
-
-    def _run_kernel(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, needed: list[int]) -> torch.Tensor:
-        """The engine's fused expert FFN over known experts, without tracing
-        (the benchmark times the GPU compute of a layer with it)."""
-        T, k = top_k_index.shape
-        topk, weights, x, out, scratch = self._ffn_buffers(hidden, top_k_index, top_k_weights)
-        self.engine.layer_ffn(
-            layer.index,
-            needed,
-            stream=self.stream(),
-            x=x.data_ptr(),
-            out=out.data_ptr(),
-            scratch=scratch.data_ptr(),
-            topk=topk.data_ptr(),
-            weights=weights.data_ptr(),
-            tokens=T,
-            k=k,
-            dtype=self.ffn_dtype,
-        )
-        return out
 
     def _stack(self, layer: int, experts: list[int], device: torch.device) -> dict[str, torch.Tensor]:
         """The layer's needed experts' regions stacked in expert order."""
