@@ -19,7 +19,8 @@ def test_generate_with_the_builtin_model_offline(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("Hello")
     assert "8 tokens in" in out.stderr and "hit rate" in out.stderr
-    assert (tmp_path / "cache" / "builtin-random-mixtral-v1" / "config.json").exists()
+    assert "builtin_model" in out.stderr, "the packaged trained model is the default"
+    assert not (tmp_path / "cache").exists(), "nothing is written or downloaded"
     again = _run(["generate", "--prompt", "Hello", "--max-new-tokens", "8", "--policy", "lru", "--no-prefetch"], tmp_path)
     assert again.returncode == 0, again.stderr
     assert again.stdout == out.stdout, "greedy decoding is deterministic across policies"

@@ -7,7 +7,11 @@ every MoE layer, and produces:
 
   * expert_heatmaps.png   per-domain expert activation frequency (layer × expert)
   * trace_mixed.json      requests of all domains interleaved (a recorded trace
-                          for `go run ./go/cmd/moe-replay -trace ...`)
+                          for `go run ./go/cmd/moe-replay -trace ...`; a copy is
+                          go/sim/testdata/builtin_mixed.json, the input of
+                          TestTracePrefetchBeatsLRUOnBuiltinModel; refresh it
+                          by hand after retraining and re-derive that test's
+                          margins)
   * replay_mixed.txt/json hit rate of priority/lru/lfu with and without trace-
                           driven prefetching, and Belady's optimum, at 25/50/75%
                           of the experts; prefetch precision and recall

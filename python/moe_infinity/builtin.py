@@ -2,34 +2,21 @@
 command line works offline on any machine.
 
 The package ships a small trained Mixtral-architecture model in
-``builtin_model/`` (4 MoE layers × 8 experts, trained by
-tools/train_builtin.py on Go and Python standard-library sources and English
-license/documentation text; its experts specialise by domain). A checkout
-without it falls back to a seeded random model written to the cache
-directory, whose output is not meaningful text.
+``builtin_model/`` (4 MoE layers × 8 experts, 11.3M parameters, bfloat16,
+22.6 MB), trained from scratch by tools/train_builtin.py on Go and Python
+standard-library sources and English license/documentation text from this
+machine; its experts specialise by domain (see BENCHMARKS.md, "The built-in
+model"). ``builtin_model/training.json`` records the corpus, seed, steps and
+validation loss.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-log = logging.getLogger("moe_infinity")
+from .errors import NotFoundError
 
-BUILTIN_NAME = "builtin-random-mixtral-v1"
 _VOCAB_CHARS = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
-
-
-def cache_dir() -> Path:
-    """moe_infinity's cache directory (``$MOE_INFINITY_CACHE`` or ``~/.cache/moe_infinity``)."""
-    env = os.environ.get("MOE_INFINITY_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "moe_infinity"
 
 
 def char_tokenizer(extra_chars: list[str] | None = None):
@@ -48,6 +35,7 @@ def char_tokenizer(extra_chars: list[str] | None = None):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<pad>")
 
 
+#: Where the trained model lives inside the package.
 PACKAGED = Path(__file__).resolve().parent / "builtin_model"
 
 
@@ -59,43 +47,14 @@ def packaged_model_dir() -> Path | None:
 
 
 def builtin_model_dir() -> Path:
-    """Directory of the built-in model: the packaged trained model, or a
-    random one built into the cache directory on first use."""
-    packaged = packaged_model_dir()
-    if packaged is not None:
-        return packaged
-    target = cache_dir() / BUILTIN_NAME
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
-        return target
-    import torch
-    from transformers import MixtralConfig, MixtralForCausalLM
+    """Directory of the built-in model shipped in the package.
 
-    log.info("building the built-in model in %s", target)
-    tok = char_tokenizer()
-    cfg = MixtralConfig(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(cfg).eval()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=BUILTIN_NAME + ".", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    Raises NotFoundError when the package was installed without it (for
+    example from a source tree whose ``builtin_model/`` was deleted)."""
+    packaged = packaged_model_dir()
+    if packaged is None:
+        raise NotFoundError(
+            f"the built-in model is missing from {PACKAGED} (reinstall moe_infinity, "
+            "or rebuild it with tools/train_builtin.py); pass --model DIR to use another model"
+        )
+    return packaged
