@@ -285,18 +285,23 @@ func (c *Cache) victimsLocked(n int, keep []Key, maxPredicted float64) []int {
 		if maxPredicted >= 0 && c.scorer.Predicted(s.key) >= maxPredicted {
 			continue
 		}
-		cd := victim{slot: i, last: s.lastUse}
-		switch c.cfg.Policy {
-		case PolicyLRU:
-			cd.score = float64(s.lastUse)
-		case PolicyLFU:
-			cd.score = float64(c.freq[s.key])
-		default:
-			cd.score = c.scorer.Priority(s.key)
-		}
-		h.offer(cd)
+		h.offer(victim{slot: i, last: s.lastUse, score: c.evictionScore(s)})
 	}
 	return append(empties, h.sorted()...)
+}
+
+// evictionScore is s's score under the cache's policy: the lowest score is
+// evicted first (last use for LRU, use count for LFU, the scorer's priority
+// otherwise).
+func (c *Cache) evictionScore(s *slot) float64 {
+	switch c.cfg.Policy {
+	case PolicyLRU:
+		return float64(s.lastUse)
+	case PolicyLFU:
+		return float64(c.freq[s.key])
+	default:
+		return c.scorer.Priority(s.key)
+	}
 }
 
 // victim is an eviction candidate; lower sorts first.

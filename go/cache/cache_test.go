@@ -505,15 +505,7 @@ func bruteVictims(c *Cache, n int, keep []Key, maxPred float64) []int {
 		if containsKey(keep, s.key) || (maxPred >= 0 && c.scorer.Predicted(s.key) >= maxPred) {
 			continue
 		}
-		v := victim{slot: i, last: s.lastUse}
-		switch c.cfg.Policy {
-		case PolicyLRU:
-			v.score = float64(s.lastUse)
-		case PolicyLFU:
-			v.score = float64(c.freq[s.key])
-		default:
-			v.score = c.scorer.Priority(s.key)
-		}
+		v := victim{slot: i, last: s.lastUse, score: c.evictionScore(s)}
 		cs = append(cs, cand{slot: i, v: v})
 	}
 	sort.Slice(cs, func(a, b int) bool {
