@@ -158,10 +158,44 @@ def decode_run(model, prompt: torch.Tensor, n_decode: int, device: torch.device)
     return {"ttft_s": ttft, "step_s": times}
 
 
-def compute_time(model, device: torch.device, reps: int = 8) -> float:
-    """GPU compute of one decode step with the experts resident: the dense
-    part (hooks return zeros) plus the expert FFN of every MoE layer on slots
-    already loaded (one kernel call per layer on two resident experts)."""
+def decode_run_graph(dec, prompt: torch.Tensor, n_decode: int) -> dict[str, Any]:
+    """The same as decode_run with every decode step replayed from a CUDA
+    graph (moe_infinity.graphs.GraphDecoder): prefill, then n_decode
+    greedy tokens."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    dec.generate(prompt, max_new_tokens=n_decode + 1, on_prefill=dec.model.reset_moe_stats)
+    total = time.perf_counter() - t0
+    return {"ttft_s": total - sum(dec.step_s), "step_s": list(dec.step_s), "host_s": list(dec.host_s), "engine_s": list(dec.engine_s)}
+
+
+def gpu_seconds(fn, reps: int = 3) -> float:
+    """GPU time of fn() (the sum of its kernels and copies, from the
+    profiler), median over reps: host gaps between kernels do not count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    totals = []
+    for _ in range(reps):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        us = 0.0
+        for ev in prof.key_averages():
+            t = getattr(ev, "self_device_time_total", None)
+            us += t if t is not None else ev.self_cuda_time_total
+        totals.append(us / 1e6)
+    return statistics.median(totals)
+
+
+def compute_time(model, device: torch.device, reps: int = 8) -> tuple[float, float]:
+    """(GPU compute, host-bound wall time) of one decode step with the
+    experts resident. GPU compute is what the floor adds to the copies: the
+    kernels of the dense part (MoE hooks return zeros) plus L × one layer's
+    expert FFN on resident experts, summed from the profiler. The wall time
+    of the dense part alone shows how much of an eager step is host-bound
+    (Python and kernel launches), which CUDA graphs remove."""
     rt = model.moe_runtime
     from transformers import DynamicCache
 
@@ -171,6 +205,9 @@ def compute_time(model, device: torch.device, reps: int = 8) -> float:
     def zeros(layer, hidden, top_k_index, top_k_weights, original):
         return torch.zeros_like(hidden)
 
+    def dense_step():
+        model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+
     rt.run_fused = zeros
     try:
         with torch.no_grad():
@@ -178,27 +215,24 @@ def compute_time(model, device: torch.device, reps: int = 8) -> float:
             for _ in range(reps + 2):
                 _sync(device)
                 t0 = time.perf_counter()
-                model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+                dense_step()
                 _sync(device)
                 times.append(time.perf_counter() - t0)
-        dense = statistics.median(times[2:])
+            wall = statistics.median(times[2:])
+            if device.type != "cuda":
+                return wall, wall
+            dense_gpu = gpu_seconds(dense_step)
     finally:
         rt.run_fused = orig
-    if device.type != "cuda" or not rt.kernels:
-        return dense
+    if not rt.kernels:
+        return dense_gpu, wall
     k = model.config.num_experts_per_tok
     hidden = torch.randn(1, model.config.hidden_size, device=device, dtype=torch.bfloat16)
     idx = torch.arange(k, device=device).view(1, k)
     w = torch.full((1, k), 1.0 / k, device=device)
     layer = rt.layers[0]
-    rt._run_kernel(layer, hidden, idx, w, list(range(k)))  # load them
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        rt._run_kernel(layer, hidden, idx, w, list(range(k)))
-    _sync(device)
-    per_layer = (time.perf_counter() - t0) / reps
-    return dense + per_layer * len(rt.layers)
+    per_layer = gpu_seconds(lambda: rt._run_kernel(layer, hidden, idx, w, list(range(k))))
+    return dense_gpu + per_layer * len(rt.layers), wall
 
 
 def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -213,20 +247,28 @@ def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
     model = mi.offload(model, device=device, device_memory=args.device_memory, kernels=not args.no_kernels)
     offloaded = time.perf_counter() - t0
     rt = model.moe_runtime
+    if args.no_mapped:
+        rt.mapped = False
     plan = model.moe_stats()["plan"]
     bw = pinned_bandwidth(device) if device.type == "cuda" else None
-    compute = compute_time(model, device)
+    compute, dense_wall = compute_time(model, device)
     g = torch.Generator().manual_seed(7)
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=g).to(device)
     # Warm-up (not recorded) over the same prompt and length: first-use
     # costs (lazy initialisation, per-shape kernel selection for every KV
     # length) must not land on the first ablation.
     decode_run(model, prompt, args.decode, device)
+    dec = None
+    if args.graph:
+        from moe_infinity.graphs import GraphDecoder
+
+        dec = GraphDecoder(model, max_len=args.prompt_len + args.decode + 2)
+        decode_run_graph(dec, prompt, args.decode)  # captures, warms up
     rows = []
     ablations = ABLATIONS if args.ablations else ABLATIONS[:1]
     for policy, prefetch in ablations:
         model.moe_tune(cache_policy=policy, prefetch=prefetch, flush=True, reset_stats=True)
-        r = decode_run(model, prompt, args.decode, device)
+        r = decode_run_graph(dec, prompt, args.decode) if dec is not None else decode_run(model, prompt, args.decode, device)
         st = model.moe_stats()
         n = len(r["step_s"])
         misses = st["misses"] / n
@@ -234,6 +276,8 @@ def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
         floor = (misses * slot / (bw * 1e9) + compute) if bw else None
         med = statistics.median(r["step_s"])
         overhead = (st["hook_seconds"] - st["hook_wait_seconds"]) / n
+        if "host_s" in r:  # replayed steps: no hook runs; the host submits the step
+            overhead = statistics.fmean(r["host_s"])
         rows.append(
             {
                 "system": "moe_infinity",
@@ -256,6 +300,11 @@ def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "bytes_moved_per_token": st["bytes_moved"] / n,
                 "stall_s_per_token": st["stall_seconds"] / n,
                 "overhead_ms_per_token": overhead * 1e3,
+                "overhead_us_per_moe_layer": overhead * 1e6 / len(rt.layers),
+                "graph_engine_us_per_moe_layer": statistics.fmean(r["engine_s"]) * 1e6 / len(rt.layers) if "engine_s" in r else None,
+                "mapped": bool(rt.mapped),
+                "cuda_graph": dec is not None,
+                "graph_capture_s": dec.capture_s if dec is not None else None,
                 "hook_calls_per_token": st["hook_calls"] / n,
                 "hook_phase_ms_per_token": {k: v * 1e3 / n for k, v in st["hook_phase_seconds"].items()},
                 "engine_phase_ms_per_token": {k: v / 1e6 / n for k, v in st["phase_ns"].items()},
@@ -263,6 +312,7 @@ def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "expert_bytes": slot,
                 "pinned_h2d_GBps": bw,
                 "compute_s_per_token": compute,
+                "dense_wall_s_per_token": dense_wall,
                 "floor_s_per_token": floor,
                 "ratio_to_floor": (med / floor) if floor else None,
                 "build_s": built,
@@ -328,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--no-ablations", dest="ablations", action="store_false", help="only priority + prefetch")
     ap.add_argument("--no-kernels", action="store_true")
+    ap.add_argument("--graph", action="store_true", help="replay each decode step from a CUDA graph (needs mapped mode)")
+    ap.add_argument("--no-mapped", action="store_true", help="synchronous layers (routing to the host, copies, kernels) instead of mapped mode")
     ap.add_argument("--accelerate", action="store_true", help="also run accelerate offloading in its own process")
     ap.add_argument("--accelerate-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--accelerate-tokens", type=int, default=3)

@@ -384,6 +384,63 @@ func moe_layer_moe(handle C.uint64_t, layer C.int32_t, nreq C.int32_t, reqs *C.u
 	})
 }
 
+//export moe_layer_mapped
+func moe_layer_mapped(handle C.uint64_t, layer C.int32_t, nreq C.int32_t, reqs *C.uint64_t,
+	stream C.uint64_t, x C.uint64_t, out C.uint64_t, scratch C.uint64_t, topk C.uint64_t, weights C.uint64_t,
+	tokens C.int64_t, k C.int64_t, dtype C.int32_t, wdtype C.int32_t) C.int32_t {
+	return withEngine(handle, func(e *engine.Engine) error {
+		if nreq < 0 || nreq > 1<<20 || tokens <= 0 || tokens > 1<<24 || k <= 0 || k > 1<<10 {
+			return fmt.Errorf("%w: nreq %d, tokens %d, k %d out of range", engine.ErrInvalid, nreq, tokens, k)
+		}
+		if wdtype < 0 || wdtype > 2 {
+			return fmt.Errorf("%w: weights_dtype %d (0 float32, 1 bfloat16, 2 float16)", engine.ErrInvalid, wdtype)
+		}
+		if nreq > 0 && reqs == nil {
+			return fmt.Errorf("%w: reqs must not be NULL", engine.ErrInvalid)
+		}
+		var ids []uint64
+		if nreq > 0 {
+			ids = unsafe.Slice((*uint64)(unsafe.Pointer(reqs)), int(nreq)) // LayerMapped copies
+		}
+		return e.LayerMapped(engine.FFNCall{
+			Layer: int(layer), Stream: uintptr(stream),
+			X: uint64(x), Out: uint64(out), Scratch: uint64(scratch), TopK: uint64(topk), Weights: uint64(weights),
+			T: int64(tokens), K: int64(k), DType: int64(dtype), WDType: int64(wdtype),
+		}, ids)
+	})
+}
+
+//export moe_capture_begin
+func moe_capture_begin(handle C.uint64_t) C.int32_t {
+	return withEngine(handle, func(e *engine.Engine) error { return e.CaptureBegin() })
+}
+
+//export moe_capture_end
+func moe_capture_end(handle C.uint64_t, layers *C.int32_t) C.int32_t {
+	return withEngine(handle, func(e *engine.Engine) error {
+		if layers == nil {
+			return fmt.Errorf("%w: layers must not be NULL", engine.ErrInvalid)
+		}
+		n, err := e.CaptureEnd()
+		*layers = C.int32_t(n)
+		return err
+	})
+}
+
+//export moe_graph_step
+func moe_graph_step(handle C.uint64_t, stream C.uint64_t, nreq C.int32_t, reqs *C.uint64_t) C.int32_t {
+	return withEngine(handle, func(e *engine.Engine) error {
+		if nreq < 0 || nreq > 1<<20 || (nreq > 0 && reqs == nil) {
+			return fmt.Errorf("%w: %d requests at %p", engine.ErrInvalid, nreq, reqs)
+		}
+		var ids []uint64
+		if nreq > 0 {
+			ids = unsafe.Slice((*uint64)(unsafe.Pointer(reqs)), int(nreq))
+		}
+		return e.GraphStep(uintptr(stream), ids)
+	})
+}
+
 //export moe_ffn_shape
 func moe_ffn_shape(handle C.uint64_t, hidden *C.int64_t, inter *C.int64_t, dtype *C.int32_t) C.int32_t {
 	return withEngine(handle, func(e *engine.Engine) error {

@@ -133,6 +133,36 @@ int32_t moe_layer_moe(uint64_t handle, int32_t layer, int32_t nreq, const uint64
                       uint64_t scratch, uint64_t topk, uint64_t weights, int64_t tokens, int64_t k,
                       int32_t dtype);
 
+/* Mapped mode: a whole MoE layer with no host synchronisation. The
+ * kernels read each expert from its cache slot when resident and from its
+ * pinned host memory otherwise (over PCIe on a GPU), so nothing is waited
+ * for; topk (the router's [T, k] int64 ids where the computation reads
+ * them) is copied to the host asynchronously and traced for the nreq
+ * requests as moe_layer_moe does; missed experts the eviction policy ranks
+ * above its best victim are copied in for later tokens. Errors found in
+ * the routing after the launch (an id out of range: its expert is skipped)
+ * are returned by the next call. MOE_ERR_UNSUPPORTED when the backend or
+ * the host layout cannot be read in place (use moe_layer_moe). At most 4096
+ * (token, expert) pairs per call. weights are [T, k] routing weights of
+ * weights_dtype: 0 float32, 1 bfloat16, 2 float16 (the router's output as
+ * it is). */
+int32_t moe_layer_mapped(uint64_t handle, int32_t layer, int32_t nreq, const uint64_t *reqs,
+                         uint64_t stream, uint64_t x, uint64_t out, uint64_t scratch, uint64_t topk,
+                         uint64_t weights, int64_t tokens, int64_t k, int32_t dtype, int32_t weights_dtype);
+
+/* CUDA graphs of mapped layers. moe_capture_begin precedes capturing a
+ * decode step (every MoE layer through moe_layer_mapped, on one stream):
+ * copies wait until moe_capture_end (their table updates must not join the
+ * graph), moe_acquire fails, and each layer's routing is staged on the
+ * device. moe_capture_end writes the number of MoE layers captured. After
+ * each replay, moe_graph_step (same stream) copies the staged routing to
+ * the host and traces it for the nreq requests, asynchronously.
+ * MOE_ERR_UNSUPPORTED without mapped mode or graphs (the CPU backend
+ * stages and re-traces but has no graphs). */
+int32_t moe_capture_begin(uint64_t handle);
+int32_t moe_capture_end(uint64_t handle, int32_t *layers);
+int32_t moe_graph_step(uint64_t handle, uint64_t stream, int32_t nreq, const uint64_t *reqs);
+
 /* Hidden size H, intermediate size I and dtype code of the expert FFN, or
  * MOE_ERR_UNSUPPORTED when the layout does not fit the kernels. */
 int32_t moe_ffn_shape(uint64_t handle, int64_t *hidden, int64_t *inter, int32_t *dtype);

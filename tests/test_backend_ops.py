@@ -109,7 +109,10 @@ needs_gpu = pytest.mark.skipif(
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize(
     "T,K,E,H,I",
-    [(1, 2, 8, 512, 256), (1, 8, 64, 2048, 768), (2, 2, 8, 4096, 1024), (4, 8, 128, 1024, 384), (8, 2, 8, 100, 72), (16, 4, 32, 1536, 512)],
+    [
+        (1, 2, 8, 512, 256), (1, 8, 64, 2048, 768), (2, 2, 8, 4096, 1024), (4, 8, 128, 1024, 384), (8, 2, 8, 100, 72),
+        (16, 4, 32, 1536, 512), (1, 1, 1, 256, 128), (32, 8, 128, 512, 256), (64, 8, 128, 256, 128), (64, 2, 4, 128, 64),
+    ],
 )
 def test_cuda_ffn_matches_cpu_reference(dtype, T, K, E, H, I):
     assert _native.variant() == "cuda", f"the CUDA build must be loaded, got {_native.library_path()}"
@@ -148,3 +151,71 @@ def test_layer_moe_traces_and_computes_like_layer_ffn():
         with pytest.raises(mi.InvalidArgumentError, match="routes to expert 8, out of range"):
             eng.layer_moe(0, [], bad.data_ptr(), stream=0, x=x.data_ptr(), out=out.data_ptr(), scratch=scratch.data_ptr(),
                           topk=bad.data_ptr(), weights=weights.data_ptr(), tokens=T, k=K, dtype=0)
+
+
+def _run_mapped(eng: mi.Engine, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, reqs: list[int], stream: int = 0) -> torch.Tensor:
+    """One mapped-mode call (no host synchronisation inside)."""
+    import ctypes
+
+    T, K = idx.shape
+    dev = x.device
+    topk = idx.to(torch.int64).contiguous().to(dev)
+    weights = w.contiguous().to(dev)
+    wcode = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[weights.dtype]
+    _, inter, code = eng.ffn_shape()
+    out = torch.empty_like(x)
+    scratch = torch.empty((T * K, inter), dtype=torch.float32, device=dev)
+    arr = (ctypes.c_uint64 * max(1, len(reqs)))(*reqs)
+    eng.layer_mapped(0, arr, len(reqs), stream, x.data_ptr(), out.data_ptr(), scratch.data_ptr(), topk.data_ptr(), weights.data_ptr(), T, K, code, wcode)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return out
+
+
+def _backends():
+    gpu = pytest.param("cuda", marks=[pytest.mark.gpu, needs_gpu])
+    return ["cpu", gpu]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("T,K,E,H,I", [(1, 2, 8, 256, 128), (4, 8, 64, 512, 192), (16, 2, 8, 128, 64)])
+def test_mapped_mode_matches_layer_ffn_cold_and_warm(backend, T, K, E, H, I):
+    """Mapped mode reads missing experts from host memory in place and
+    resident ones from their slots: both give exactly the slot path's
+    output; bfloat16 routing weights are read as they are."""
+    dtype = torch.bfloat16
+    gate_up, down = _experts(E, H, I, dtype, seed=11)
+    idx, w = _routing(T, K, E, seed=12)
+    w = w.to(torch.bfloat16)  # the router's dtype; exact in float32 too
+    dev = torch.device("cuda" if backend == "cuda" else "cpu")
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(13)).to(dtype).to(dev)
+    stream = torch.cuda.current_stream().cuda_stream if backend == "cuda" else 0
+    with _engine(backend, gate_up, down) as ref:
+        want = _run(ref, x, idx, w.float(), stream=stream)
+    with _engine(backend, gate_up, down) as eng:
+        req = eng.begin_request()
+        cold = _run_mapped(eng, x, idx, w, [req], stream=stream)
+        assert torch.equal(cold, want), "experts read from host memory"
+        st = eng.stats()  # waits for the tracer
+        distinct = len(torch.unique(idx))
+        assert (st["hits"], st["misses"]) == (0, distinct)
+        for _ in range(200):  # admissions copy the missed experts in
+            if eng.stats()["resident"] == distinct:
+                break
+            import time
+
+            time.sleep(0.01)
+        warm = _run_mapped(eng, x, idx, w, [req], stream=stream)
+        assert torch.equal(warm, want), "experts read from their slots"
+        assert eng.stats()["hits"] == distinct
+        eng.end_request(req)
+        assert eng.stats()["eamc_size"] == 1, "the request's routing was traced"
+
+
+def test_mapped_mode_reports_bad_routing():
+    gate_up, down = _experts(4, 64, 32, torch.bfloat16, seed=1)
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    with _engine("cpu", gate_up, down) as eng:
+        bad = torch.tensor([[1, 7]])
+        with pytest.raises(mi.MoEInfinityError, match="expert 7"):
+            _run_mapped(eng, x, bad, torch.full((1, 2), 0.5), [])

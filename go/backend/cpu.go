@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"unsafe"
 )
@@ -30,6 +31,8 @@ type CPU struct {
 	slotBytes int64
 	src       Source
 	wg        sync.WaitGroup
+	mapped    atomic.Pointer[MapTable] // set by EnableMapped
+	capture   cpuCapture
 }
 
 // NewCPU returns a CPU backend with the given number of copy workers
@@ -109,7 +112,11 @@ func (c *CPU) work() {
 		if !ok {
 			return
 		}
-		j.t.Finish(c.fill(j))
+		if m := c.mapped.Load(); m != nil {
+			j.t.Finish(c.mappedFill(m, j))
+		} else {
+			j.t.Finish(c.fill(j))
+		}
 	}
 }
 

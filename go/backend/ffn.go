@@ -30,15 +30,52 @@ type FFNArgs struct {
 	X, Out uint64
 	// Scratch is [P, Inter] float32 for the SwiGLU intermediate.
 	Scratch uint64
-	// TopK is [T, K] int64 expert ids; Weights is [T, K] float32.
+	// TopK is [T, K] int64 expert ids; Weights is [T, K] routing weights
+	// of WDType.
 	TopK, Weights       uint64
 	T, K, Hidden, Inter int64
 	// DType is 0 for bfloat16, 1 for float16.
 	DType int64
+	// WDType is the routing weights' type: WeightsF32 (the zero value),
+	// WeightsBF16 or WeightsF16.
+	WDType int64
 	// GateUp[e] and Down[e] are the addresses of expert e's gate_up
 	// [2·Inter, Hidden] and down [Hidden, Inter] regions, indexed by expert
 	// id; experts the layer does not use may be 0.
 	GateUp, Down []uint64
+	// Up[e], when set, is the address of expert e's up rows [Inter,
+	// Hidden]; otherwise they follow the gate rows at GateUp[e].
+	Up []uint64
+}
+
+// Routing-weight types of FFNArgs.WDType (the kernels' codes are
+// 0 bfloat16, 1 float16, 2 float32; see KernelWDType).
+const (
+	WeightsF32  = 0
+	WeightsBF16 = 1
+	WeightsF16  = 2
+)
+
+// KernelWDType is the kernels' code for a's routing-weight type.
+func (a FFNArgs) KernelWDType() uint64 {
+	switch a.WDType {
+	case WeightsBF16:
+		return 0
+	case WeightsF16:
+		return 1
+	}
+	return 2
+}
+
+// UpAddr is the address of expert e's up rows.
+func (a FFNArgs) UpAddr(e int64) uint64 {
+	if a.Up != nil {
+		return a.Up[e]
+	}
+	if a.GateUp[e] == 0 {
+		return 0
+	}
+	return a.GateUp[e] + uint64(a.Inter*a.Hidden*2)
 }
 
 // Kernels is implemented by backends that compute the expert FFN
@@ -51,12 +88,14 @@ type Kernels interface {
 func (a FFNArgs) Validate() error {
 	n := len(a.GateUp)
 	switch {
-	case n == 0 || len(a.Down) != n:
-		return fmt.Errorf("expert FFN needs matching, non-empty expert tables (got %d and %d)", n, len(a.Down))
+	case n == 0 || len(a.Down) != n || (a.Up != nil && len(a.Up) != n):
+		return fmt.Errorf("expert FFN needs matching, non-empty expert tables (got %d, %d and %d)", n, len(a.Up), len(a.Down))
 	case a.T <= 0 || a.K <= 0 || a.Hidden <= 0 || a.Inter <= 0:
 		return fmt.Errorf("expert FFN shape T=%d K=%d hidden=%d inter=%d must be positive", a.T, a.K, a.Hidden, a.Inter)
 	case a.DType != 0 && a.DType != 1:
 		return fmt.Errorf("expert FFN dtype %d (0 = bfloat16, 1 = float16)", a.DType)
+	case a.WDType < WeightsF32 || a.WDType > WeightsF16:
+		return fmt.Errorf("expert FFN routing-weight type %d (0 = float32, 1 = bfloat16, 2 = float16)", a.WDType)
 	case a.X == 0 || a.Out == 0 || a.Scratch == 0 || a.TopK == 0 || a.Weights == 0:
 		return fmt.Errorf("expert FFN: a tensor address is null")
 	}
@@ -85,22 +124,23 @@ func (c *CPU) FFN(a FFNArgs) error {
 	P := a.T * a.K
 	H, I := a.Hidden, a.Inter
 	exps := unsafe.Slice((*int64)(ptrOf(a.TopK)), P)
-	wts := unsafe.Slice((*float32)(ptrOf(a.Weights)), P)
+	wts := routingWeights(a, P)
 	x := toF32(hostSlice(a.X, a.T*H*2), dt)
 	h := unsafe.Slice((*float32)(ptrOf(a.Scratch)), P*I)
 	for p := int64(0); p < P; p++ {
-		if exps[p] < 0 || int(exps[p]) >= len(a.GateUp) || a.GateUp[exps[p]] == 0 || a.Down[exps[p]] == 0 {
+		if exps[p] < 0 || int(exps[p]) >= len(a.GateUp) || a.GateUp[exps[p]] == 0 || a.UpAddr(exps[p]) == 0 || a.Down[exps[p]] == 0 {
 			return fmt.Errorf("backend cpu: pair %d routes to expert %d, which is not resident", p, exps[p])
 		}
 	}
 	parallel(P*I, func(lo, hi int64) {
 		for idx := lo; idx < hi; idx++ {
 			p, i := idx/I, idx%I
-			w := hostSlice(a.GateUp[exps[p]], 2*I*H*2)
+			wg := hostSlice(a.GateUp[exps[p]], I*H*2)
+			wu := hostSlice(a.UpAddr(exps[p]), I*H*2)
 			t := p / a.K
 			xt := x[t*H : (t+1)*H]
-			g := round(dotRow(w[i*H*2:(i+1)*H*2], xt, dt), dt)
-			u := round(dotRow(w[(I+i)*H*2:(I+i+1)*H*2], xt, dt), dt)
+			g := round(dotRow(wg[i*H*2:(i+1)*H*2], xt, dt), dt)
+			u := round(dotRow(wu[i*H*2:(i+1)*H*2], xt, dt), dt)
 			act := round(g/(1+float32(math.Exp(float64(-g)))), dt)
 			h[idx] = round(act*u, dt)
 		}
@@ -121,6 +161,17 @@ func (c *CPU) FFN(a FFNArgs) error {
 		}
 	})
 	return nil
+}
+
+// routingWeights reads a's P routing weights as float32.
+func routingWeights(a FFNArgs, P int64) []float32 {
+	switch a.WDType {
+	case WeightsBF16:
+		return toF32(hostSlice(a.Weights, P*2), dtype.BF16)
+	case WeightsF16:
+		return toF32(hostSlice(a.Weights, P*2), dtype.F16)
+	}
+	return unsafe.Slice((*float32)(ptrOf(a.Weights)), P)
 }
 
 // round rounds v to dt (bfloat16 or float16) and back, to nearest even.

@@ -555,3 +555,79 @@ func (c *Cache) Close() {
 		c.notifyLocked()
 	}
 }
+
+// Touch records uses of keys that were computed without pinning (mapped
+// mode): hit[i] says whether keys[i] was read from its slot. Hits refresh
+// recency and frequency like Pin; misses count, and their frequency
+// counts, so that Admit can weigh them.
+func (c *Cache) Touch(keys []Key, hit []bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for n, k := range keys {
+		if c.checkKey(k) != nil {
+			continue
+		}
+		c.tick++
+		c.freq[k]++
+		st := &c.stats[k.Layer]
+		i, ok := c.index[k]
+		if ok && c.slots[i].state != Empty {
+			s := &c.slots[i]
+			s.lastUse = c.tick
+			if hit[n] && s.prefetched {
+				st.PrefetchHits++
+			}
+			s.prefetched = false
+		}
+		if hit[n] {
+			st.Hits++
+		} else {
+			st.Misses++
+		}
+	}
+}
+
+// Admit decides whether k, just used while absent (a mapped-mode miss),
+// should be brought in: yes when a slot is empty, or when the eviction
+// policy ranks k above the best victim (LRU: always, k was just used; LFU:
+// k has been used more often; priority: k's priority is higher). On yes it
+// reserves the victim's slot like ReservePrefetch, counted as a load.
+func (c *Cache) Admit(k Key) (Grant, bool) {
+	if c.checkKey(k) != nil {
+		return Grant{}, false
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return Grant{}, false
+	}
+	if i, ok := c.index[k]; ok && c.slots[i].state != Empty {
+		return Grant{}, false
+	}
+	v := c.victimsLocked(1, nil, -1)
+	if len(v) == 0 {
+		return Grant{}, false
+	}
+	i := v[0]
+	if s := &c.slots[i]; s.state != Empty {
+		var mine float64
+		switch c.cfg.Policy {
+		case PolicyLRU:
+			mine = float64(c.tick + 1)
+		case PolicyLFU:
+			mine = float64(c.freq[k])
+		default:
+			mine = c.scorer.Priority(k)
+		}
+		if mine <= c.evictionScore(s) {
+			return Grant{}, false
+		}
+	}
+	c.assignLocked(i, k, false)
+	s := &c.slots[i]
+	c.tick++
+	s.lastUse = c.tick
+	c.stats[k.Layer].Loads++
+	c.checkLocked()
+	return Grant{Key: k, Slot: i, Gen: s.gen, Load: true, done: s.done}, true
+}

@@ -52,3 +52,46 @@ func BenchmarkHotPathPerLayer(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkObserveFineGrained measures Observe (tracing, priorities and
+// the prefetch plan) of one MoE layer at the Qwen3-30B-A3B shape (48
+// layers × 128 experts, 8 per token) with a full EAM collection: the
+// tracer's per-layer host work in mapped mode.
+func BenchmarkObserveFineGrained(b *testing.B) {
+	const L, E, K = 48, 128, 8
+	t := &testing.T{}
+	e, err := New(Config{BudgetBytes: 64 * slotBytes})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer e.Close()
+	model(t, e, L, E)
+	if _, err := e.Configure(Setup{Layout: mixtralSpec}); err != nil {
+		b.Fatal(err)
+	}
+	counts := make([]float32, E)
+	for r := 0; r < 300; r++ {
+		req, _ := e.BeginRequest()
+		for l := 0; l < L; l++ {
+			clear(counts)
+			for j := 0; j < K; j++ {
+				counts[(l*7+r*3+j*11)%E] = 60
+			}
+			_ = e.Observe(l, []uint64{req}, [][]float32{counts})
+		}
+		_ = e.EndRequest(req)
+	}
+	req, _ := e.BeginRequest()
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		l := i % L
+		clear(counts)
+		for j := 0; j < K; j++ {
+			counts[(l*5+i+j*13)%E] = 1
+		}
+		if err := e.Observe(l, []uint64{req}, [][]float32{counts}); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -82,6 +82,8 @@ type Engine struct {
 	demandMu   sync.Mutex
 	demand     int           // on-demand copies in flight
 	demandIdle chan struct{} // closed when demand drops to 0
+
+	mapped mappedState
 }
 
 // New creates an engine with an empty checkpoint.
@@ -418,6 +420,7 @@ func (e *Engine) EndRequest(req uint64) error {
 	if err := e.readyLocked(); err != nil {
 		return err
 	}
+	e.drainMapped() // the request's last layers are traced before it ends
 	e.queue.Update(req, nil)
 	if err := e.tracker.End(req); err != nil {
 		return fmt.Errorf("%w: %v", ErrInvalid, err)
@@ -429,6 +432,11 @@ func (e *Engine) EndRequest(req uint64) error {
 // counts[i][x] tokens to expert x, refreshes the layer's eviction
 // priorities and re-plans each request's prefetches for later layers.
 func (e *Engine) Observe(layer int, reqs []uint64, counts [][]float32) error {
+	return e.observe(layer, reqs, counts, true)
+}
+
+// observe is Observe, re-planning prefetches only when plan is set.
+func (e *Engine) observe(layer int, reqs []uint64, counts [][]float32, plan bool) error {
 	if err := e.readyLocked(); err != nil {
 		return err
 	}
@@ -444,7 +452,7 @@ func (e *Engine) Observe(layer int, reqs []uint64, counts [][]float32) error {
 		}
 	}
 	e.refreshPriority(layer)
-	if !e.prefetchOn.Load() {
+	if !plan || !e.prefetchOn.Load() {
 		return nil
 	}
 	for _, r := range reqs {
@@ -538,6 +546,12 @@ func (e *Engine) Acquire(layer int, experts []int32, slots []int32, stream uintp
 	defer e.ops.Done()
 	if err := e.checkExperts(layer, experts); err != nil {
 		return 0, err
+	}
+	e.mapped.mu.Lock()
+	capturing := e.mapped.capturing
+	e.mapped.mu.Unlock()
+	if capturing {
+		return 0, fmt.Errorf("%w: experts cannot be acquired while a graph is captured (only mapped layers can be)", ErrState)
 	}
 	if len(slots) < len(experts) {
 		return 0, fmt.Errorf("%w: slot buffer of %d for %d experts", ErrInvalid, len(slots), len(experts))
@@ -789,6 +803,7 @@ func (e *Engine) SaveTrace(path string) error {
 	if err := e.readyLocked(); err != nil {
 		return err
 	}
+	e.drainMapped()
 	return e.tracker.Collection().SaveFile(path)
 }
 

@@ -2,7 +2,6 @@ package engine
 
 import (
 	"fmt"
-	"sort"
 	"time"
 
 	"github.com/moe-infinity/moe_infinity/go/backend"
@@ -22,6 +21,9 @@ type FFNCall struct {
 	T, K int64
 	// DType is 0 for bfloat16, 1 for float16.
 	DType int64
+	// WDType is the routing weights' type (backend.WeightsF32, the zero
+	// value, WeightsBF16 or WeightsF16).
+	WDType int64
 }
 
 // FFNShape returns the hidden and intermediate sizes the expert FFN works
@@ -77,7 +79,7 @@ func (e *Engine) LayerFFN(c FFNCall) error {
 	t0 = e.phase(phaseAcquire, t0)
 	args := backend.FFNArgs{
 		Stream: c.Stream, X: c.X, Out: c.Out, Scratch: c.Scratch, TopK: c.TopK, Weights: c.Weights,
-		T: c.T, K: c.K, Hidden: hidden, Inter: inter, DType: code,
+		T: c.T, K: c.K, Hidden: hidden, Inter: inter, DType: code, WDType: c.WDType,
 		GateUp: make([]uint64, e.experts), Down: make([]uint64, e.experts),
 	}
 	for i, s := range slots {
@@ -109,46 +111,17 @@ func (e *Engine) LayerMoE(c FFNCall, reqs []uint64, topkHost []int64) error {
 	if c.T <= 0 || c.K <= 0 || int64(len(topkHost)) != c.T*c.K {
 		return fmt.Errorf("%w: routing of %d ids for %d tokens × %d experts", ErrInvalid, len(topkHost), c.T, c.K)
 	}
-	E := e.experts
-	seen := make([]bool, E)
-	var counts [][]float32
-	if len(reqs) > 0 {
-		counts = make([][]float32, len(reqs))
-		for i := range counts {
-			counts[i] = make([]float32, E)
-		}
+	experts, counts, err := e.routingCounts(c.Layer, topkHost, c.K, reqs)
+	if err != nil {
+		return err
 	}
-	R := int64(len(reqs))
-	per := int64(0)
-	if R > 0 && c.T%R == 0 {
-		per = c.T / R
-	}
-	c.Experts = c.Experts[:0]
-	for p, x := range topkHost {
-		if x < 0 || x >= int64(E) {
-			return fmt.Errorf("%w: token %d routes to expert %d, out of range [0, %d)", ErrInvalid, int64(p)/c.K, x, E)
-		}
-		if !seen[x] {
-			seen[x] = true
-			c.Experts = append(c.Experts, int32(x))
-		}
-		switch {
-		case R == 0:
-		case per > 0:
-			counts[int64(p)/c.K/per][x]++
-		default:
-			for r := range counts {
-				counts[r][x] += 1 / float32(R)
-			}
-		}
-	}
+	c.Experts = experts
 	t0 := time.Now()
-	if R > 0 {
+	if len(reqs) > 0 {
 		if err := e.Observe(c.Layer, reqs, counts); err != nil {
 			return err
 		}
 	}
 	e.phase(phaseObserve, t0)
-	sort.Slice(c.Experts, func(i, j int) bool { return c.Experts[i] < c.Experts[j] })
 	return e.LayerFFN(c)
 }

@@ -12,10 +12,11 @@ const (
 	phaseAcquire
 	phaseKernels
 	phaseRelease
+	phaseTrace // mapped mode: the tracer goroutine, off the compute path
 	numPhases
 )
 
-var phaseNames = [numPhases]string{"observe", "acquire", "kernels", "release"}
+var phaseNames = [numPhases]string{"observe", "acquire", "kernels", "release", "trace_async"}
 
 // phase adds the time since t0 to phase p and returns now.
 func (e *Engine) phase(p int, t0 time.Time) time.Time {
@@ -65,6 +66,7 @@ func (e *Engine) Stats() (Stats, error) {
 	if err := e.readyLocked(); err != nil {
 		return Stats{}, err
 	}
+	e.drainMapped()
 	cs := e.cache.Stats()
 	out := Stats{
 		Acquires:          e.acquires.Load(),
@@ -96,6 +98,7 @@ func (e *Engine) ResetStats() error {
 	if err := e.readyLocked(); err != nil {
 		return err
 	}
+	e.drainMapped() // launches before the reset are counted before it
 	e.cache.ResetStats()
 	for l := range e.bytesMoved {
 		e.bytesMoved[l].Store(0)

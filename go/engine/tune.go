@@ -3,6 +3,7 @@ package engine
 import (
 	"fmt"
 
+	"github.com/moe-infinity/moe_infinity/go/backend"
 	"github.com/moe-infinity/moe_infinity/go/cache"
 )
 
@@ -46,7 +47,13 @@ func (e *Engine) Tune(t Tuning) error {
 		e.mu.Unlock()
 	}
 	if t.Flush {
+		e.drainMapped()
 		e.cache.Flush()
+		if mb, ok := e.be.(backend.Mapped); ok && e.mapped.idle != nil {
+			if err := mb.UnmapAll(); err != nil {
+				return err
+			}
+		}
 	}
 	if t.ResetStats {
 		return e.ResetStats()

@@ -59,11 +59,25 @@ func (p *Planner) Plan(partial *trace.EAM, layer int) []Candidate {
 	if p == nil || p.coll == nil || partial == nil {
 		return nil
 	}
-	k := p.Matches
-	if k < 1 {
-		k = 1
+	k := max(1, p.Matches)
+	return p.candidates(p.coll.PredictRaw(partial, layer, k), layer, layer)
+}
+
+// PlanNext returns the candidates for every layer of the request's next
+// pass (token), best first, matching on its complete partial EAM: the plan
+// made once per replayed decode step, whose layers all ran before their
+// routing reached the host.
+func (p *Planner) PlanNext(partial *trace.EAM) []Candidate {
+	if p == nil || p.coll == nil || partial == nil {
+		return nil
 	}
-	raw := p.coll.PredictRaw(partial, layer, k)
+	return p.candidates(p.coll.PredictRawAll(partial, max(1, p.Matches)), -1, 0)
+}
+
+// candidates filters and scores raw's rows after layer; a row's
+// proximity weight is 1 − (row − at)/L, at being the layer the request is
+// at (the next pass starts at 0 with weight 1).
+func (p *Planner) candidates(raw *trace.EAM, layer, at int) []Candidate {
 	if raw == nil {
 		return nil
 	}
@@ -82,7 +96,7 @@ func (p *Planner) Plan(partial *trace.EAM, layer int) []Candidate {
 		if total == 0 || total < p.MinEvidence {
 			continue
 		}
-		proximity := 1 - float64(l-layer)/float64(raw.Layers)
+		proximity := 1 - float64(l-at)/float64(raw.Layers)
 		for e, v := range row {
 			share := float64(v) / total
 			score := share * proximity

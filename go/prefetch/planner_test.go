@@ -106,3 +106,22 @@ func TestPlannerNeedsEvidence(t *testing.T) {
 	p.MinEvidence = 1
 	assert.NotEmpty(t, p.Plan(eam(4, 2, 1), 0))
 }
+
+func TestPlanNextPredictsEveryLayerOfTheNextPass(t *testing.T) {
+	coll, err := trace.NewCollection(4, 4, 10)
+	require.NoError(t, err)
+	require.NoError(t, coll.Add(eam(4, 4, 0, 1, 2, 3)))
+	require.NoError(t, coll.Add(eam(4, 4, 3, 2, 1, 0)))
+	p := NewPlanner(coll)
+	p.Matches = 1
+	p.MinEvidence = 0
+	// A complete pass like the second EAM: match on all of it.
+	plan := p.PlanNext(eam(4, 4, 3, 2, 1, 0))
+	require.Len(t, plan, 4)
+	assert.Equal(t, k(0, 3), plan[0].Key, "the first layer of the next pass is nearest")
+	assert.InDelta(t, 1.0, plan[0].Score, 1e-6)
+	assert.Equal(t, k(3, 0), plan[3].Key)
+	var nilPlanner *Planner
+	assert.Nil(t, nilPlanner.PlanNext(eam(4, 4, 0)))
+	assert.Nil(t, p.PlanNext(nil))
+}

@@ -318,6 +318,18 @@ func (c *Collection) PredictRaw(partial *EAM, layer int, k int) *EAM {
 	if layer < 0 || layer >= c.layers {
 		return nil
 	}
+	return c.predictRows(partial, layer, layer+1, k)
+}
+
+// PredictRawAll is PredictRaw matched on every layer of partial and
+// predicting every layer: the next pass (token) of a request whose current
+// pass is complete.
+func (c *Collection) PredictRawAll(partial *EAM, k int) *EAM {
+	return c.predictRows(partial, c.layers-1, 0, k)
+}
+
+// predictRows sums the k best matches on rows 0..layer into rows from..L-1.
+func (c *Collection) predictRows(partial *EAM, layer, from int, k int) *EAM {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	ms := c.matchLocked(partial, layer, k)
@@ -329,7 +341,7 @@ func (c *Collection) PredictRaw(partial *EAM, layer int, k int) *EAM {
 	}
 	out := NewEAM(c.layers, c.experts)
 	sum := make([]float64, c.experts)
-	for i := layer + 1; i < c.layers; i++ {
+	for i := from; i < c.layers; i++ {
 		clear(sum)
 		for _, m := range ms {
 			row := c.entries[m.Index].m.Counts[i*c.experts : (i+1)*c.experts]

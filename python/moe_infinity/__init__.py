@@ -53,3 +53,6 @@ from .families import supported_model_types  # noqa: E402
 from .loading import MoE, from_pretrained, offload  # noqa: E402
 
 __all__ += ["from_pretrained", "offload", "MoE", "supported_model_types"]
+from .graphs import GraphDecoder  # noqa: E402
+
+__all__ += ["GraphDecoder"]

@@ -59,6 +59,10 @@ _SIGNATURES: dict[str, list[Any]] = {
     "moe_layer_ffn": [_c_uint64, _c_int32, _c_int32, _p_int32, _c_uint64] + [_c_uint64] * 5 + [_c_int64, _c_int64, _c_int32],
     "moe_ffn_shape": [_c_uint64, _p_int64, _p_int64, _p_int32],
     "moe_layer_moe": [_c_uint64, _c_int32, _c_int32, _p_uint64, ctypes.c_void_p, _c_uint64] + [_c_uint64] * 5 + [_c_int64, _c_int64, _c_int32],
+    "moe_capture_begin": [_c_uint64],
+    "moe_capture_end": [_c_uint64, _p_int32],
+    "moe_graph_step": [_c_uint64, _c_uint64, _c_int32, _p_uint64],
+    "moe_layer_mapped": [_c_uint64, _c_int32, _c_int32, _p_uint64, _c_uint64] + [_c_uint64] * 5 + [_c_int64, _c_int64, _c_int32, _c_int32],
     "moe_engine_progress": [_c_uint64, _p_int64, _p_int64],
     "moe_device_memory": [_c_int32, _p_int64, _p_int64],
     "moe_hint": [_c_uint64, _c_int32, _c_int32, _p_int32],
@@ -186,7 +190,12 @@ def call(name: str, *args: Any) -> None:
     """Calls an export and raises the matching MoEInfinityError on failure."""
     st = getattr(lib(), name)(*args)
     if st != 0:
-        raise error_for_status(st, last_error() or f"{name} failed with status {st}")
+        raise_status(name, st)
+
+
+def raise_status(name: str, st: int) -> None:
+    """Raises the MoEInfinityError for export ``name``'s status ``st``."""
+    raise error_for_status(st, last_error() or f"{name} failed with status {st}")
 
 
 def call_json(name: str, *args: Any) -> Any:

@@ -85,6 +85,7 @@ class Engine:
         self._lock = threading.Lock()
         self._keep: list[Any] = []  # host tensors the engine reads
         self._plan: dict[str, Any] | None = None
+        self._mapped_fn: Any = None
         self.config = cfg
 
     # -- lifecycle -----------------------------------------------------------
@@ -296,6 +297,37 @@ class Engine:
             "moe_layer_moe", ctypes.c_uint64(self._h()), layer, n, ids, ctypes.c_void_p(topk_host),
             *_ffn_args(stream, x, out, scratch, topk, weights, tokens, k, dtype),
         )
+
+    def layer_mapped(self, layer: int, reqs: Any, nreq: int, stream: int, x: int, out: int, scratch: int, topk: int, weights: int, tokens: int, k: int, dtype: int, wdtype: int) -> None:
+        """Mapped mode (``moe_layer_mapped``): one MoE layer with no host
+        synchronisation; ``topk`` is the device routing, ``reqs`` a ctypes
+        uint64 array of ``nreq`` request ids (or None), ``wdtype`` the
+        routing weights' type (0 float32, 1 bfloat16, 2 float16). The hot
+        path: positional arguments, one foreign call."""
+        fn = self._mapped_fn
+        if fn is None:
+            fn = self._mapped_fn = _native.lib().moe_layer_mapped
+        st = fn(self._h(), layer, nreq, reqs, stream, x, out, scratch, topk, weights, tokens, k, dtype, wdtype)
+        if st != 0:
+            _native.raise_status("moe_layer_mapped", st)
+
+    def capture_begin(self) -> None:
+        """Before capturing a decode step of mapped layers in a CUDA graph
+        (``moe_capture_begin``)."""
+        _native.call("moe_capture_begin", ctypes.c_uint64(self._h()))
+
+    def capture_end(self) -> int:
+        """Ends the capture; returns the number of MoE layers it holds."""
+        n = ctypes.c_int32(0)
+        _native.call("moe_capture_end", ctypes.c_uint64(self._h()), ctypes.byref(n))
+        return n.value
+
+    def graph_step(self, stream: int, reqs: Any, nreq: int) -> None:
+        """After each replay of the captured step: traces its routing
+        (``reqs``: a ctypes uint64 array of ``nreq`` request ids, or None)."""
+        st = _native.lib().moe_graph_step(self._h(), stream, nreq, reqs)
+        if st != 0:
+            _native.raise_status("moe_graph_step", st)
 
     def progress(self) -> tuple[int, int]:
         """(done, total) bytes of the host tier prepared during configure()."""

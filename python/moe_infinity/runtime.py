@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .engine import Engine
-from .errors import BudgetError, CheckpointFormatError, ClosedError, MoEInfinityError, StateError
+from .errors import BudgetError, CheckpointFormatError, ClosedError, MoEInfinityError, StateError, UnsupportedError
 from .families import Family
 
 log = logging.getLogger("moe_infinity")
@@ -55,6 +55,21 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 #: batches run transformers' grouped GEMMs on slot views.
 KERNEL_MAX_TOKENS = 16
 KERNEL_SMALL_EXPERT_BYTES = 16 << 20
+#: The most (token, expert) pairs one mapped-mode call takes (the engine's
+#: routing buffers).
+MAPPED_MAX_PAIRS = 4096
+#: Routing-weight type codes of moe_layer_mapped.
+_WDTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _raw_stream_getter(device: torch.device) -> Any:
+    """A fast getter of the current raw CUDA stream of ``device``
+    (torch.cuda.current_stream builds a Python Stream object: ~8 µs)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return lambda: raw(idx)
+    return lambda: torch.cuda.current_stream(device).cuda_stream
 
 
 def kernel_wins(tokens: int, expert_bytes: int) -> bool:
@@ -289,6 +304,13 @@ class OffloadRuntime:
                 self.kernels = True
             except MoEInfinityError as exc:
                 log.info("moe_infinity: expert FFN kernels off: %s", exc)
+        # Mapped mode (with the kernels): decode layers run without any host
+        # synchronisation; experts that are not resident are read from
+        # pinned host memory by the kernels. False uses the synchronous
+        # path (routing to the host, copies, then the kernels).
+        self.mapped = self.kernels
+        self._scratch: dict[int, torch.Tensor] = {}
+        self._raw_stream = _raw_stream_getter(self.device) if self.device.type == "cuda" else (lambda: 0)
         for layer in layers:
             if layer.num_experts != self.num_experts:
                 raise StateError(f"{layer.path} has {layer.num_experts} experts but the checkpoint has {self.num_experts}")
@@ -316,9 +338,7 @@ class OffloadRuntime:
 
     def stream(self) -> int:
         """The raw CUDA stream the calling thread computes on (0 on CPU)."""
-        if self.device.type != "cuda":
-            return 0
-        return torch.cuda.current_stream(self.device).cuda_stream
+        return self._raw_stream()
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -355,10 +375,12 @@ class OffloadRuntime:
         self.check_open()
         reqs = [self.engine.begin_request() for _ in range(max(1, n))]
         self._tls.reqs = reqs
+        self._tls.reqs_c = (ctypes.c_uint64 * len(reqs))(*reqs)
         try:
             yield reqs
         finally:
             self._tls.reqs = None
+            self._tls.reqs_c = None
             if not self._closed:
                 for r in reqs:
                     with contextlib.suppress(ClosedError):
@@ -431,6 +453,20 @@ class OffloadRuntime:
         module = layer.module
         E = self.num_experts
         if (
+            self.mapped
+            and self.routing_log is None
+            and top_k_index.dim() == 2
+            and top_k_index.numel() <= MAPPED_MAX_PAIRS
+            and kernel_wins(top_k_index.shape[0], self.plan["layout"]["source_bytes"])
+            and hidden.dtype == (torch.bfloat16 if self.ffn_dtype == 0 else torch.float16)
+            and top_k_weights.dtype in _WDTYPES
+        ):
+            try:
+                return self._run_mapped(layer, hidden, top_k_index, top_k_weights)
+            except UnsupportedError as exc:
+                log.info("moe_infinity: mapped mode off: %s", exc)
+                self.mapped = False
+        if (
             self.kernels
             and top_k_index.dim() == 2
             and kernel_wins(top_k_index.shape[0], self.plan["layout"]["source_bytes"])
@@ -458,6 +494,31 @@ class OffloadRuntime:
         t = self._phase("observe", t)
         needed = np.unique(flat[valid]).tolist()
         return self._run_torch(layer, module, hidden, top_k_index, top_k_weights, original, needed)
+
+    def _run_mapped(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Mapped mode: one engine call, no host synchronisation. The
+        engine traces the routing asynchronously (routing_log needs the
+        synchronous path)."""
+        t0 = time.perf_counter_ns()
+        T, k = top_k_index.shape
+        topk = top_k_index if top_k_index.dtype == torch.int64 and top_k_index.is_contiguous() else top_k_index.to(torch.int64).contiguous()
+        weights = top_k_weights.contiguous()
+        x = hidden.contiguous()
+        out = torch.empty_like(x)
+        stream = self._raw_stream()
+        need = T * k * self.ffn_inter
+        scratch = self._scratch.get(stream)
+        if scratch is None or scratch.numel() < need:
+            # Reused by every layer on this stream: each call's kernels
+            # finish with it before the next call's start (stream order).
+            scratch = self._scratch[stream] = torch.empty(max(need, 16 * self.ffn_inter), dtype=torch.float32, device=x.device)
+        reqs_c = getattr(self._tls, "reqs_c", None)
+        self.engine.layer_mapped(
+            layer.index, reqs_c, len(reqs_c) if reqs_c is not None else 0, stream, x.data_ptr(), out.data_ptr(),
+            scratch.data_ptr(), topk.data_ptr(), weights.data_ptr(), T, k, self.ffn_dtype, _WDTYPES[weights.dtype],
+        )
+        self._phase("engine_mapped_call", t0)
+        return out
 
     def _ffn_buffers(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The kernels' inputs in the layout they read (int64 ids, float32

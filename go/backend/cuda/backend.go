@@ -63,9 +63,11 @@ type Backend struct {
 	down    cu.Function
 	tables  [tableRing]uint64
 	tableEv [tableRing]uintptr
-	tableH  unsafe.Pointer // pinned host staging of the tables (tableRing × 2 × tableN pointers)
+	tableH  unsafe.Pointer // pinned host staging of the tables (tableRing × 3 × tableN pointers)
 	tableN  int
 	tableI  atomic.Uint64
+
+	m atomic.Pointer[mapped] // mapped mode, once enabled
 }
 
 type hostSeg struct {
@@ -168,11 +170,11 @@ func (b *Backend) Open(slots int, slotBytes int64, src backend.Source) (err erro
 		}
 		_, perLayer := ss.Shape()
 		b.tableN = max(slots, perLayer) // tables are indexed by expert id
-		if b.tableH, err = hostAlloc(int64(tableRing * 16 * b.tableN)); err != nil {
+		if b.tableH, err = hostAlloc(int64(tableRing * 24 * b.tableN)); err != nil {
 			return err
 		}
 		for i := range b.tables {
-			if b.tables[i], err = memAlloc(int64(2 * 8 * b.tableN)); err != nil {
+			if b.tables[i], err = memAlloc(int64(3 * 8 * b.tableN)); err != nil {
 				return err
 			}
 			if b.tableEv[i], err = blockingEventCreate(); err != nil {
@@ -348,7 +350,19 @@ func (b *Backend) Load(slot, layer, expert int, urgent bool) backend.Transfer {
 		stream = b.demand
 	}
 	var ev uintptr
+	m := b.m.Load()
+	if m != nil {
+		m.capMu.RLock() // no table update may join a graph being captured
+		defer m.capMu.RUnlock()
+	}
 	err := b.dev.do(func() error {
+		if m != nil {
+			// Kernels submitted from now on read the old expert from host
+			// memory; the copy waits for those submitted before.
+			if err := b.unmapSlot(m, slot, stream); err != nil {
+				return err
+			}
+		}
 		if err := streamWait(stream, b.free[slot]); err != nil {
 			return err
 		}
@@ -360,6 +374,11 @@ func (b *Backend) Load(slot, layer, expert int, urgent bool) backend.Transfer {
 		}
 		if err := eventRecord(b.ready[slot], stream); err != nil {
 			return err
+		}
+		if m != nil {
+			if err := b.mapSlot(m, slot, layer, expert, stream); err != nil {
+				return err
+			}
 		}
 		var err error
 		if ev, err = b.event(); err != nil {
@@ -475,6 +494,7 @@ func (b *Backend) freeLocked() error {
 			errs = append(errs, err)
 		}
 	}
+	b.freeMapped(b.m.Swap(nil), keep)
 	keep(b.dev.do(func() error {
 		if b.demand != 0 {
 			keep(streamSync(b.demand))

@@ -50,6 +50,27 @@ static CUresult moe_copy_htod(uint64_t dst, const void *src, size_t n, uintptr_t
 	return cuMemcpyHtoDAsync((CUdeviceptr)dst, src, n, (CUstream)s);
 }
 static CUresult moe_copy_dtoh(void *dst, uint64_t src, size_t n) { return cuMemcpyDtoH(dst, (CUdeviceptr)src, n); }
+static CUresult moe_copy_dtoh_async(void *dst, uint64_t src, size_t n, uintptr_t s) {
+	return cuMemcpyDtoHAsync(dst, (CUdeviceptr)src, n, (CUstream)s);
+}
+static CUresult moe_copy_dtod_async(uint64_t dst, uint64_t src, size_t n, uintptr_t s) {
+	return cuMemcpyDtoDAsync((CUdeviceptr)dst, (CUdeviceptr)src, n, (CUstream)s);
+}
+static CUresult moe_host_device_ptr(uint64_t *d, void *p) {
+	CUdeviceptr dp = 0;
+	CUresult r = cuMemHostGetDevicePointer(&dp, p, 0);
+	*d = (uint64_t)dp;
+	return r;
+}
+// Launches f with n (<= 16) 8-byte parameters whose values are in vals: the
+// parameter array lives on the C stack, so no Go memory holds pointers.
+static CUresult moe_launch(uintptr_t f, unsigned int gx, unsigned int gy, unsigned int bx, uintptr_t s,
+                           const uint64_t *vals, int n) {
+	void *params[16];
+	if (n > 16) return CUDA_ERROR_INVALID_VALUE;
+	for (int i = 0; i < n; i++) params[i] = (void *)&vals[i];
+	return cuLaunchKernel((CUfunction)f, gx, gy, 1, bx, 1, 1, 0, (CUstream)s, params, 0);
+}
 static CUresult moe_pci_bus_id(char *buf, int n, int dev) { return cuDeviceGetPCIBusId(buf, n, (CUdevice)dev); }
 static const char *moe_error_name(CUresult r) {
 	const char *s = 0;
@@ -193,7 +214,8 @@ func memAlloc(n int64) (uint64, error) {
 func memFree(p uint64) error { return check("cuMemFree", C.moe_mem_free(C.uint64_t(p))) }
 
 func hostRegister(p unsafe.Pointer, n int64, readOnly bool) error {
-	flags := C.uint(C.CU_MEMHOSTREGISTER_PORTABLE)
+	// DEVICEMAP: mapped mode's kernels read experts in place over PCIe.
+	flags := C.uint(C.CU_MEMHOSTREGISTER_PORTABLE | C.CU_MEMHOSTREGISTER_DEVICEMAP)
 	if readOnly {
 		flags |= C.CU_MEMHOSTREGISTER_READ_ONLY
 	}
@@ -267,6 +289,37 @@ func streamWait(s, e uintptr) error {
 
 func copyHtoD(dst uint64, src unsafe.Pointer, n int64, s uintptr) error {
 	return check("cuMemcpyHtoDAsync", C.moe_copy_htod(C.uint64_t(dst), src, C.size_t(n), C.uintptr_t(s)))
+}
+
+// copyDtoHAsync copies n bytes from the device to pinned host memory in
+// stream order.
+func copyDtoHAsync(dst unsafe.Pointer, src uint64, n int64, s uintptr) error {
+	return check("cuMemcpyDtoHAsync", C.moe_copy_dtoh_async(dst, C.uint64_t(src), C.size_t(n), C.uintptr_t(s)))
+}
+
+// copyDtoDAsync copies n bytes between device addresses in stream order.
+func copyDtoDAsync(dst, src uint64, n int64, s uintptr) error {
+	return check("cuMemcpyDtoDAsync", C.moe_copy_dtod_async(C.uint64_t(dst), C.uint64_t(src), C.size_t(n), C.uintptr_t(s)))
+}
+
+// hostDevicePtr is the device address of registered or pinned host memory.
+func hostDevicePtr(p unsafe.Pointer) (uint64, error) {
+	var d C.uint64_t
+	err := check("cuMemHostGetDevicePointer", C.moe_host_device_ptr(&d, p))
+	return uint64(d), err
+}
+
+// rawFunc is the CUfunction inside a cu.Function.
+func rawFunc(f cu.Function) uintptr { return *(*uintptr)(unsafe.Pointer(&f)) }
+
+// launch runs f on a grid of gx × gy blocks of bx threads on stream s,
+// with 8-byte parameters vals (pointers and int64s), without allocating.
+func launch(f cu.Function, gx, gy, bx int, s uintptr, vals ...uint64) error {
+	if len(vals) == 0 || len(vals) > 16 {
+		return fmt.Errorf("cuda: launch with %d parameters", len(vals))
+	}
+	return check("cuLaunchKernel", C.moe_launch(C.uintptr_t(rawFunc(f)), C.uint(gx), C.uint(gy), C.uint(bx), C.uintptr_t(s),
+		(*C.uint64_t)(unsafe.Pointer(&vals[0])), C.int(len(vals))))
 }
 
 func copyDtoH(dst unsafe.Pointer, src uint64, n int64) error {

@@ -1,0 +1,425 @@
+//go:build cuda
+
+package cuda
+
+import (
+	"fmt"
+	"sync"
+	"unsafe"
+
+	"gorgonia.org/cu"
+
+	"github.com/moe-infinity/moe_infinity/go/backend"
+)
+
+// routingRing is the number of routing copies that may be in flight to
+// the host (the tracer gives each back once read); routingIDs the most
+// ids (tokens × top-k) one copy holds.
+const (
+	routingRing = 256
+	routingIDs  = 4096
+)
+
+// mapped is the device side of mapped mode: per-layer tables of expert row
+// pointers ([layer][gate, up, down][expert] uint64) that the FFN kernels
+// read, pointing at a slot or at the expert's pinned host memory.
+type mapped struct {
+	tab       *backend.MapTable
+	dev       uint64    // the device tables
+	installed []uintptr // per slot: recorded after the install of its expert
+	setFn     cu.Function
+
+	streamMu sync.Mutex
+	compute  uintptr // the stream computations are submitted to
+	switchEv uintptr
+
+	ringH  unsafe.Pointer // pinned [routingRing][routingIDs]int64
+	ringEv [routingRing]uintptr
+	free   chan int
+
+	// Graph capture: loads hold capMu for reading, a capture for writing;
+	// captured layers stage their routing at stage (device, routingIDs ids).
+	capMu     sync.RWMutex
+	capturing bool
+	captured  []backend.CapturedLayer
+	stage     uint64
+	staged    int64
+}
+
+// entry is the device address of table entry j (0 gate, 1 up, 2 down) of
+// expert i = layer*E+x.
+func (m *mapped) entry(i, j int) uint64 {
+	E := m.tab.Experts
+	layer, x := i/E, i%E
+	return m.dev + uint64(8*(layer*3*E+j*E+x))
+}
+
+// set points expert i at rows, in stream order. Runs inside do.
+func (m *mapped) set(stream uintptr, i int, rows backend.HostRows) error {
+	return launch(m.setFn, 1, 1, 32, stream,
+		m.entry(i, 0), uint64(rows[0]), m.entry(i, 1), uint64(rows[1]), m.entry(i, 2), uint64(rows[2]))
+}
+
+// useStream makes s the stream table updates are ordered on; when it
+// changes, s first waits for the work on the old one. Runs inside do.
+func (m *mapped) useStream(s uintptr) error {
+	m.streamMu.Lock()
+	defer m.streamMu.Unlock()
+	old := m.compute
+	m.compute = s
+	if old == s || old == 0 {
+		return nil
+	}
+	if err := eventRecord(m.switchEv, old); err != nil {
+		return err
+	}
+	return streamWait(s, m.switchEv)
+}
+
+func (m *mapped) computeStream() uintptr {
+	m.streamMu.Lock()
+	defer m.streamMu.Unlock()
+	return m.compute
+}
+
+// EnableMapped turns mapped mode on: every expert's rows must be in pinned
+// host memory the GPU can read (registered with DEVICEMAP, or staged).
+func (b *Backend) EnableMapped(l backend.MappedLayout) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.opened || b.closed {
+		return fmt.Errorf("backend cuda: mapped mode needs an open backend")
+	}
+	if b.m.Load() != nil {
+		return nil
+	}
+	layers := len(b.segs) / b.experts
+	var devErr error
+	tab, err := backend.NewMapTable(l, b.slots, layers, b.experts, func(layer, x int) (backend.HostRows, bool) {
+		var segs []backend.Segment
+		for _, s := range b.segs[layer*b.experts+x] {
+			segs = append(segs, backend.Segment{Offset: s.off, Data: unsafe.Slice((*byte)(s.ptr), s.n)})
+		}
+		rows, ok := backend.ResolveHostRows(l, segs)
+		if !ok || devErr != nil {
+			return rows, false
+		}
+		for j, p := range rows {
+			if rows[j], devErr = b.deviceAddr(p); devErr != nil {
+				return rows, false
+			}
+		}
+		return rows, true
+	})
+	if devErr != nil {
+		return fmt.Errorf("backend cuda: host experts are not mapped for the GPU: %w", devErr)
+	}
+	if err != nil {
+		return fmt.Errorf("backend cuda: %w", err)
+	}
+	m := &mapped{tab: tab, free: make(chan int, routingRing)}
+	err = b.dev.do(func() error {
+		var err error
+		if m.setFn, err = b.mod.Function("moe_table_set3"); err != nil {
+			return err
+		}
+		n := int64(len(tab.Host)) * 3 * 8
+		if m.dev, err = memAlloc(n); err != nil {
+			return err
+		}
+		init := make([]uint64, len(tab.Host)*3)
+		for i, r := range tab.Host {
+			for j := range 3 {
+				init[int(m.entry(i, j)-m.dev)/8] = uint64(r[j])
+			}
+		}
+		if err := copyHtoD(m.dev, unsafe.Pointer(&init[0]), n, b.prefetch); err != nil {
+			return err
+		}
+		if err := streamSync(b.prefetch); err != nil {
+			return err
+		}
+		for range b.slots {
+			ev, err := eventCreate()
+			if err != nil {
+				return err
+			}
+			m.installed = append(m.installed, ev)
+		}
+		if m.switchEv, err = eventCreate(); err != nil {
+			return err
+		}
+		if m.ringH, err = hostAlloc(routingRing * routingIDs * 8); err != nil {
+			return err
+		}
+		for r := range m.ringEv {
+			if m.ringEv[r], err = blockingEventCreate(); err != nil {
+				return err
+			}
+			m.free <- r
+		}
+		return nil
+	})
+	if err != nil {
+		b.freeMapped(m, func(error) {})
+		return fmt.Errorf("backend cuda: enabling mapped mode: %w", err)
+	}
+	b.m.Store(m)
+	return nil
+}
+
+// deviceAddr is the device address of pinned host address p.
+func (b *Backend) deviceAddr(p uintptr) (uintptr, error) {
+	var d uint64
+	err := b.dev.do(func() error {
+		var err error
+		d, err = hostDevicePtr(*(*unsafe.Pointer)(unsafe.Pointer(&p)))
+		return err
+	})
+	return uintptr(d), err
+}
+
+// MappedFFN launches the layer's FFN over its table and copies the
+// routing to a pinned buffer; nothing waits.
+func (b *Backend) MappedFFN(layer int, a backend.FFNArgs) (*backend.Routing, error) {
+	m := b.m.Load()
+	if m == nil {
+		return nil, fmt.Errorf("backend cuda: mapped mode is off")
+	}
+	E := m.tab.Experts
+	P := a.T * a.K
+	switch {
+	case layer < 0 || layer >= m.tab.Layers:
+		return nil, fmt.Errorf("backend cuda: layer %d out of range [0, %d)", layer, m.tab.Layers)
+	case a.T <= 0 || a.K <= 0 || P > routingIDs:
+		return nil, fmt.Errorf("backend cuda: mapped FFN of %d tokens × %d experts (at most %d pairs)", a.T, a.K, routingIDs)
+	case a.X == 0 || a.Out == 0 || a.Scratch == 0 || a.TopK == 0 || a.Weights == 0:
+		return nil, fmt.Errorf("backend cuda: mapped FFN: a tensor address is null")
+	case a.DType != 0 && a.DType != 1:
+		return nil, fmt.Errorf("backend cuda: mapped FFN dtype %d (0 = bfloat16, 1 = float16)", a.DType)
+	}
+	if m.capturing {
+		return nil, b.captureFFN(m, layer, a)
+	}
+	r := <-m.free
+	m.tab.Mu.RLock()
+	snap := m.tab.Snapshot(layer)
+	m.tab.Mu.RUnlock()
+	buf := unsafe.Add(m.ringH, r*routingIDs*8)
+	err := b.dev.do(func() error {
+		if err := m.useStream(a.Stream); err != nil {
+			return err
+		}
+		if err := b.launchFFN(a, m.dev+uint64(8*layer*3*E), E); err != nil {
+			return err
+		}
+		if err := copyDtoHAsync(buf, a.TopK, P*8, a.Stream); err != nil {
+			return err
+		}
+		return eventRecord(m.ringEv[r], a.Stream)
+	})
+	if err != nil {
+		m.free <- r
+		return nil, err
+	}
+	wait := func() ([]int64, error) {
+		err := b.dev.do(func() error { return eventSync(m.ringEv[r]) })
+		return unsafe.Slice((*int64)(buf), P), err
+	}
+	return backend.NewRouting(snap, wait, func() { m.free <- r }), nil
+}
+
+// UnmapAll points every mapped expert back at host memory.
+func (b *Backend) UnmapAll() error {
+	m := b.m.Load()
+	if m == nil {
+		return nil
+	}
+	m.capMu.RLock()
+	defer m.capMu.RUnlock()
+	return b.dev.do(func() error {
+		for s := range b.slots {
+			if err := b.unmapSlot(m, s, b.prefetch); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// unmapSlot points slot's expert back at host memory after every
+// computation submitted so far and records the slot's free event there
+// (fallback: the copy stream, when nothing has computed yet). Runs in do.
+func (b *Backend) unmapSlot(m *mapped, slot int, fallback uintptr) error {
+	m.tab.Mu.Lock()
+	o := m.tab.Unmap(slot)
+	m.tab.Mu.Unlock()
+	if o < 0 {
+		return nil
+	}
+	cs := m.computeStream()
+	if cs == 0 {
+		cs = fallback
+	}
+	if err := streamWait(cs, m.installed[slot]); err != nil {
+		return err
+	}
+	if err := m.set(cs, o, m.tab.Host[o]); err != nil {
+		return err
+	}
+	return eventRecord(b.free[slot], cs)
+}
+
+// mapSlot points (layer, expert) at slot after the copy on stream. Runs in do.
+func (b *Backend) mapSlot(m *mapped, slot, layer, expert int, stream uintptr) error {
+	i := layer*m.tab.Experts + expert
+	base := uintptr(b.arena + uint64(int64(slot)*b.slotSize))
+	lay := m.tab.Lay
+	rows := backend.HostRows{base + uintptr(lay.Gate), base + uintptr(lay.Up), base + uintptr(lay.Down)}
+	if err := m.set(stream, i, rows); err != nil {
+		return err
+	}
+	if err := eventRecord(m.installed[slot], stream); err != nil {
+		return err
+	}
+	m.tab.Mu.Lock()
+	m.tab.Map(slot, i)
+	m.tab.Mu.Unlock()
+	return nil
+}
+
+// freeMapped releases mapped mode's resources. Runs with b.mu held.
+func (b *Backend) freeMapped(m *mapped, keep func(error)) {
+	if m == nil {
+		return
+	}
+	keep(b.dev.do(func() error {
+		for _, ev := range m.ringEv {
+			if ev != 0 {
+				keep(eventSync(ev))
+				keep(eventDestroy(ev))
+			}
+		}
+		for _, ev := range append(m.installed, m.switchEv) {
+			if ev != 0 {
+				keep(eventSync(ev))
+				keep(eventDestroy(ev))
+			}
+		}
+		if m.ringH != nil {
+			keep(hostFree(m.ringH))
+		}
+		if m.stage != 0 {
+			keep(memFree(m.stage))
+		}
+		if m.dev != 0 {
+			keep(memFree(m.dev))
+		}
+		return nil
+	}))
+}
+
+// captureFFN submits one layer during a capture: the kernels, and a copy
+// of the routing to its staging row (device to device, so the replay never
+// writes host memory the tracer may be reading).
+func (b *Backend) captureFFN(m *mapped, layer int, a backend.FFNArgs) error {
+	P := a.T * a.K
+	if m.staged+P > routingIDs {
+		return fmt.Errorf("backend cuda: a captured step routes more than %d (token, expert) pairs", routingIDs)
+	}
+	if cs := m.computeStream(); cs != a.Stream {
+		// Switching streams would need a wait on an event from outside the
+		// capture: run a step on the capture stream first (a warm-up).
+		return fmt.Errorf("backend cuda: capture on stream %#x but the last mapped layer ran on %#x; warm up on the capture stream first", a.Stream, cs)
+	}
+	err := b.dev.do(func() error {
+		if err := b.launchFFN(a, m.dev+uint64(8*layer*3*m.tab.Experts), m.tab.Experts); err != nil {
+			return err
+		}
+		return copyDtoDAsync(m.stage+uint64(8*m.staged), a.TopK, P*8, a.Stream)
+	})
+	if err != nil {
+		return err
+	}
+	m.captured = append(m.captured, backend.CapturedLayer{Layer: layer, Pairs: P, K: a.K})
+	m.staged += P
+	return nil
+}
+
+// BeginCapture stops loads until EndCapture and stages routing on the
+// device.
+func (b *Backend) BeginCapture() error {
+	m := b.m.Load()
+	if m == nil {
+		return fmt.Errorf("backend cuda: mapped mode is off")
+	}
+	m.capMu.Lock()
+	if m.stage == 0 {
+		err := b.dev.do(func() error {
+			var err error
+			m.stage, err = memAlloc(routingIDs * 8)
+			return err
+		})
+		if err != nil {
+			m.capMu.Unlock()
+			return err
+		}
+	}
+	m.capturing, m.captured, m.staged = true, nil, 0
+	return nil
+}
+
+// EndCapture lets loads run again and returns the captured layers.
+func (b *Backend) EndCapture() ([]backend.CapturedLayer, error) {
+	m := b.m.Load()
+	if m == nil || !m.capturing {
+		return nil, fmt.Errorf("backend cuda: no capture in progress")
+	}
+	out := m.captured
+	m.capturing, m.captured = false, nil
+	m.capMu.Unlock()
+	return out, nil
+}
+
+// ReplayRouting copies the staged routing of one replay to host memory in
+// one copy ordered after the replay.
+func (b *Backend) ReplayRouting(stream uintptr, layers []backend.CapturedLayer) (*backend.Routing, error) {
+	m := b.m.Load()
+	if m == nil || m.stage == 0 {
+		return nil, fmt.Errorf("backend cuda: nothing was captured")
+	}
+	var n int64
+	for _, l := range layers {
+		n += l.Pairs
+	}
+	if n > routingIDs || len(layers) == 0 {
+		return nil, fmt.Errorf("backend cuda: %d captured layers of %d pairs", len(layers), n)
+	}
+	r := <-m.free
+	E := m.tab.Experts
+	snap := make([]bool, 0, len(layers)*E)
+	m.tab.Mu.RLock()
+	for _, l := range layers {
+		snap = append(snap, m.tab.Snapshot(l.Layer)...)
+	}
+	m.tab.Mu.RUnlock()
+	buf := unsafe.Add(m.ringH, r*routingIDs*8)
+	err := b.dev.do(func() error {
+		if err := m.useStream(stream); err != nil {
+			return err
+		}
+		if err := copyDtoHAsync(buf, m.stage, n*8, stream); err != nil {
+			return err
+		}
+		return eventRecord(m.ringEv[r], stream)
+	})
+	if err != nil {
+		m.free <- r
+		return nil, err
+	}
+	wait := func() ([]int64, error) {
+		err := b.dev.do(func() error { return eventSync(m.ringEv[r]) })
+		return unsafe.Slice((*int64)(buf), n), err
+	}
+	return backend.NewRouting(snap, wait, func() { m.free <- r }), nil
+}

@@ -1,0 +1,190 @@
+package backend
+
+import (
+	"fmt"
+	"sync"
+	"unsafe"
+)
+
+// MappedLayout locates an expert's FFN rows inside its slot image, for
+// mapped mode. Offsets and sizes are in bytes.
+type MappedLayout struct {
+	// Gate, Up and Down are the offsets of the gate rows [Inter, Hidden],
+	// the up rows [Inter, Hidden] and down [Hidden, Inter].
+	Gate, Up, Down int64
+	// RowsBytes is the size of the gate rows (and of the up rows);
+	// DownBytes the size of down.
+	RowsBytes, DownBytes int64
+}
+
+// Routing is the host copy of one mapped launch's routing.
+type Routing struct {
+	// Resident[x] is true when expert x of the layer was mapped to its
+	// cache slot at launch (a hit); false means it was read from host
+	// memory (a miss).
+	Resident []bool
+	wait     func() ([]int64, error)
+	done     func()
+	once     sync.Once
+}
+
+// NewRouting returns a Routing whose ids come from wait (valid until done
+// runs).
+func NewRouting(resident []bool, wait func() ([]int64, error), done func()) *Routing {
+	return &Routing{Resident: resident, wait: wait, done: done}
+}
+
+// Wait blocks until the routing is in host memory and returns the T·K
+// expert ids; they stay valid until Done.
+func (r *Routing) Wait() ([]int64, error) { return r.wait() }
+
+// Done gives the routing's buffer back. Idempotent.
+func (r *Routing) Done() {
+	r.once.Do(func() {
+		if r.done != nil {
+			r.done()
+		}
+	})
+}
+
+// Mapped is implemented by backends whose kernels read each expert from
+// wherever it is: its cache slot when resident, otherwise its host memory
+// in place (over PCIe on a GPU). A layer then computes without the host
+// knowing its routing in advance: no copy is waited for, nothing is
+// pinned, and the routing reaches the host asynchronously for tracing.
+//
+// In mapped mode Load keeps the per-layer expert tables in step: the
+// slot's previous expert is pointed back at host memory (ordered after
+// every computation submitted so far) before the copy starts, and the new
+// expert is pointed at the slot once the copy is complete.
+type Mapped interface {
+	// EnableMapped turns mapped mode on. It fails when some expert's rows
+	// are not contiguous host memory the backend can read in place.
+	EnableMapped(l MappedLayout) error
+	// MappedFFN computes MoE layer `layer`'s expert FFN (a's tables are
+	// ignored) and starts copying the routing (a.T·a.K ids at a.TopK) to
+	// host memory. It returns without waiting for either.
+	MappedFFN(layer int, a FFNArgs) (*Routing, error)
+	// UnmapAll points every expert back at host memory, ordered after the
+	// computations submitted so far (for a cache flush).
+	UnmapAll() error
+}
+
+// CapturedLayer is one MappedFFN call recorded during a graph capture.
+type CapturedLayer struct {
+	// Layer is the MoE layer; Pairs its T·K (token, expert) pairs; K the
+	// experts per token.
+	Layer int
+	Pairs int64
+	K     int64
+}
+
+// Graphs is implemented by mapped backends whose layers can be captured
+// in a CUDA graph and replayed: nothing a mapped layer submits depends on
+// the host, so a whole decode step replays with one launch.
+type Graphs interface {
+	// BeginCapture precedes the capture of mapped layers on one stream:
+	// copies (whose table updates would otherwise join the graph) wait
+	// until EndCapture, and MappedFFN stages each layer's routing on the
+	// device, returning a nil Routing.
+	BeginCapture() error
+	// EndCapture ends the capture and returns the layers captured.
+	EndCapture() ([]CapturedLayer, error)
+	// ReplayRouting copies the staged routing of the captured layers to
+	// host memory after the work submitted to stream so far (a replay): the
+	// ids of layers[i] follow those of layers[i-1], and Resident holds
+	// each layer's snapshot (len(layers) × experts) in the same order.
+	ReplayRouting(stream uintptr, layers []CapturedLayer) (*Routing, error)
+}
+
+// HostRows is one expert's gate, up and down rows in host memory
+// (addresses).
+type HostRows [3]uintptr
+
+// ResolveHostRows finds each region of l inside one segment of segs.
+func ResolveHostRows(l MappedLayout, segs []Segment) (HostRows, bool) {
+	var out HostRows
+	regions := [3][2]int64{{l.Gate, l.RowsBytes}, {l.Up, l.RowsBytes}, {l.Down, l.DownBytes}}
+	for i, r := range regions {
+		for _, s := range segs {
+			if r[0] >= s.Offset && r[0]+r[1] <= s.Offset+int64(len(s.Data)) && len(s.Data) > 0 {
+				out[i] = uintptr(unsafe.Pointer(&s.Data[r[0]-s.Offset]))
+				break
+			}
+		}
+		if out[i] == 0 {
+			return out, false
+		}
+	}
+	return out, true
+}
+
+// MapTable is the host side of mapped mode, shared by the backends: which
+// slot each expert is mapped to and where every expert is in host memory.
+// Mu guards Owner and Resident.
+type MapTable struct {
+	Mu      sync.RWMutex
+	Lay     MappedLayout
+	Layers  int
+	Experts int
+	// Host[i] are expert i's rows in host memory (i = layer*Experts+expert).
+	Host []HostRows
+	// Owner[slot] is the expert mapped to slot, or -1.
+	Owner []int
+	// Resident[i] is the slot expert i is mapped to, or -1.
+	Resident []int32
+}
+
+// NewMapTable resolves every expert's host rows; nothing is mapped.
+func NewMapTable(l MappedLayout, slots, layers, experts int, rows func(layer, expert int) (HostRows, bool)) (*MapTable, error) {
+	m := &MapTable{Lay: l, Layers: layers, Experts: experts, Host: make([]HostRows, layers*experts), Owner: make([]int, slots), Resident: make([]int32, layers*experts)}
+	for i := range m.Owner {
+		m.Owner[i] = -1
+	}
+	for i := range m.Host {
+		m.Resident[i] = -1
+		r, ok := rows(i/experts, i%experts)
+		if !ok {
+			return nil, fmt.Errorf("expert L%d/E%d's FFN rows are not contiguous host memory that can be read in place", i/experts, i%experts)
+		}
+		m.Host[i] = r
+	}
+	return m, nil
+}
+
+// Snapshot is which of layer's experts are mapped to slots (call with Mu
+// held).
+func (m *MapTable) Snapshot(layer int) []bool {
+	out := make([]bool, m.Experts)
+	base := layer * m.Experts
+	for x := range out {
+		out[x] = m.Resident[base+x] >= 0
+	}
+	return out
+}
+
+// Unmap drops slot's expert (call with Mu held) and returns it, or -1.
+func (m *MapTable) Unmap(slot int) int {
+	o := m.Owner[slot]
+	if o >= 0 {
+		m.Resident[o] = -1
+		m.Owner[slot] = -1
+	}
+	return o
+}
+
+// Map maps expert i to slot (call with Mu held).
+func (m *MapTable) Map(slot, i int) {
+	m.Owner[slot] = i
+	m.Resident[i] = int32(slot)
+}
+
+// Rows are the addresses expert i is read from: its slot's regions
+// (slotAddr(slot)) when mapped, its host rows otherwise (call with Mu held).
+func (m *MapTable) Rows(i int, slotAddr func(slot int) uintptr) HostRows {
+	if s := m.Resident[i]; s >= 0 {
+		b := slotAddr(int(s))
+		return HostRows{b + uintptr(m.Lay.Gate), b + uintptr(m.Lay.Up), b + uintptr(m.Lay.Down)}
+	}
+	return m.Host[i]
+}

@@ -1,0 +1,411 @@
+package engine
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/moe-infinity/moe_infinity/go/backend"
+	"github.com/moe-infinity/moe_infinity/go/cache"
+)
+
+// mappedQueue is the most launched layers whose routing may wait for the
+// tracer; LayerMapped blocks beyond it (the backend's routing ring bounds
+// it as well).
+const mappedQueue = 1024
+
+// mappedItem is one mapped launch (or one graph replay of several) whose
+// routing the tracer has yet to read.
+type mappedItem struct {
+	layers []backend.CapturedLayer
+	reqs   []uint64
+	r      *backend.Routing
+}
+
+// mappedState is the engine side of mapped mode: the tracer goroutine that
+// turns each launch's routing, once on the host, into tracing, cache
+// statistics, admissions and prefetch plans, off the compute path.
+type mappedState struct {
+	once sync.Once
+	err  error
+	q    chan mappedItem
+
+	mu       sync.Mutex
+	idle     *sync.Cond
+	pending  int   // items queued or being traced
+	asyncErr error // the first error the tracer met, returned by the next call
+
+	capturing bool
+	captured  []backend.CapturedLayer // the layers of the last capture
+}
+
+// enableMapped turns the backend's mapped mode on once.
+func (e *Engine) enableMapped() (backend.Mapped, error) {
+	mb, ok := e.be.(backend.Mapped)
+	if !ok {
+		return nil, fmt.Errorf("%w: backend %s has no mapped mode", ErrUnsupported, e.be.Name())
+	}
+	m := &e.mapped
+	m.once.Do(func() {
+		hidden, inter, _, err := e.FFNShape()
+		if err != nil {
+			m.err = err
+			return
+		}
+		gu, _ := e.lay.Region("gate_up_proj")
+		dn, _ := e.lay.Region("down_proj")
+		rows := inter * hidden * 2
+		l := backend.MappedLayout{Gate: gu.Offset, Up: gu.Offset + rows, Down: dn.Offset, RowsBytes: rows, DownBytes: rows}
+		if err := mb.EnableMapped(l); err != nil {
+			m.err = fmt.Errorf("%w: %v", ErrUnsupported, err)
+			return
+		}
+		m.idle = sync.NewCond(&m.mu)
+		m.q = make(chan mappedItem, mappedQueue)
+		e.bg.Add(1)
+		go e.tracer()
+	})
+	if m.err != nil {
+		return nil, m.err
+	}
+	return mb, nil
+}
+
+// LayerMapped computes one MoE layer without waiting for anything: the
+// backend's kernels read resident experts from their slots and the others
+// from host memory, and the routing (c.TopK, on the device) reaches the
+// tracer asynchronously. reqs are the requests the layer's tokens belong
+// to (split evenly in row order, as in LayerMoE). An error the tracer met
+// on an earlier call (an out-of-range expert id, say) is returned here.
+func (e *Engine) LayerMapped(c FFNCall, reqs []uint64) error {
+	if err := e.enter(); err != nil {
+		return err
+	}
+	defer e.ops.Done()
+	mb, err := e.enableMapped()
+	if err != nil {
+		return err
+	}
+	if err := e.takeMappedErr(); err != nil {
+		return err
+	}
+	if c.Layer < 0 || c.Layer >= e.layers {
+		return fmt.Errorf("%w: layer %d out of range [0, %d)", ErrInvalid, c.Layer, e.layers)
+	}
+	hidden, inter, code, err := e.FFNShape()
+	if err != nil {
+		return err
+	}
+	if c.DType != code {
+		return fmt.Errorf("%w: activations have dtype code %d but the experts have %d", ErrInvalid, c.DType, code)
+	}
+	t0 := time.Now()
+	r, err := mb.MappedFFN(c.Layer, backend.FFNArgs{
+		Stream: c.Stream, X: c.X, Out: c.Out, Scratch: c.Scratch, TopK: c.TopK, Weights: c.Weights,
+		T: c.T, K: c.K, Hidden: hidden, Inter: inter, DType: code, WDType: c.WDType,
+	})
+	e.phase(phaseKernels, t0)
+	if err != nil {
+		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, err)
+	}
+	if r == nil { // captured: GraphStep traces each replay
+		return nil
+	}
+	return e.enqueueMapped(mappedItem{layers: []backend.CapturedLayer{{Layer: c.Layer, Pairs: c.T * c.K, K: c.K}}, reqs: append([]uint64(nil), reqs...), r: r})
+}
+
+func (e *Engine) enqueueMapped(it mappedItem) error {
+	m := &e.mapped
+	m.mu.Lock()
+	m.pending++
+	m.mu.Unlock()
+	select {
+	case m.q <- it:
+		return nil
+	case <-e.stop:
+		it.r.Done()
+		e.mappedDone(nil)
+		return ErrClosed
+	}
+}
+
+// CaptureBegin prepares a CUDA graph capture of mapped layers (the caller
+// then captures a decode step on one stream): copies wait until
+// CaptureEnd, so that no table update joins the graph, and each layer's
+// routing is staged on the device for GraphStep.
+func (e *Engine) CaptureBegin() error {
+	if err := e.readyLocked(); err != nil {
+		return err
+	}
+	if _, err := e.enableMapped(); err != nil {
+		return err
+	}
+	g, ok := e.be.(backend.Graphs)
+	if !ok {
+		return fmt.Errorf("%w: backend %s cannot capture graphs", ErrUnsupported, e.be.Name())
+	}
+	e.drainMapped()
+	m := &e.mapped
+	m.mu.Lock()
+	if m.capturing {
+		m.mu.Unlock()
+		return fmt.Errorf("%w: a capture is already in progress", ErrState)
+	}
+	m.capturing = true
+	m.mu.Unlock()
+	if err := g.BeginCapture(); err != nil {
+		m.mu.Lock()
+		m.capturing = false
+		m.mu.Unlock()
+		return err
+	}
+	return nil
+}
+
+// CaptureEnd ends the capture and returns how many MoE layers it holds.
+func (e *Engine) CaptureEnd() (int, error) {
+	if err := e.readyLocked(); err != nil {
+		return 0, err
+	}
+	g, ok := e.be.(backend.Graphs)
+	m := &e.mapped
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if !ok || !m.capturing {
+		return 0, fmt.Errorf("%w: no capture in progress", ErrState)
+	}
+	m.capturing = false
+	layers, err := g.EndCapture()
+	if err != nil {
+		return 0, err
+	}
+	m.captured = layers
+	return len(layers), nil
+}
+
+// GraphStep traces one replay of the captured step (submitted to stream
+// just before) for reqs: its routing is copied to the host after the
+// replay and traced asynchronously, like LayerMapped's.
+func (e *Engine) GraphStep(stream uintptr, reqs []uint64) error {
+	if err := e.enter(); err != nil {
+		return err
+	}
+	defer e.ops.Done()
+	if err := e.takeMappedErr(); err != nil {
+		return err
+	}
+	g, ok := e.be.(backend.Graphs)
+	m := &e.mapped
+	m.mu.Lock()
+	layers, capturing := m.captured, m.capturing
+	m.mu.Unlock()
+	if !ok || len(layers) == 0 || capturing {
+		return fmt.Errorf("%w: no captured step to trace", ErrState)
+	}
+	r, err := g.ReplayRouting(stream, layers)
+	if err != nil {
+		return err
+	}
+	return e.enqueueMapped(mappedItem{layers: layers, reqs: append([]uint64(nil), reqs...), r: r})
+}
+
+func (e *Engine) takeMappedErr() error {
+	m := &e.mapped
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	err := m.asyncErr
+	m.asyncErr = nil
+	return err
+}
+
+// drainMapped waits until the tracer has read every launched layer's
+// routing (before requests end, statistics are read or the cache is
+// flushed).
+func (e *Engine) drainMapped() {
+	m := &e.mapped
+	if m.idle == nil {
+		return
+	}
+	m.mu.Lock()
+	for m.pending > 0 {
+		m.idle.Wait()
+	}
+	m.mu.Unlock()
+}
+
+// tracer reads each launch's routing in order and accounts it.
+func (e *Engine) tracer() {
+	defer e.bg.Done()
+	m := &e.mapped
+	for {
+		var it mappedItem
+		select {
+		case it = <-m.q:
+		case <-e.stop:
+			for {
+				select {
+				case it := <-m.q:
+					it.r.Done()
+					e.mappedDone(nil)
+				default:
+					return
+				}
+			}
+		}
+		err := e.traceMapped(it)
+		it.r.Done()
+		e.mappedDone(err)
+	}
+}
+
+func (e *Engine) mappedDone(err error) {
+	m := &e.mapped
+	m.mu.Lock()
+	if err != nil && m.asyncErr == nil && !errors.Is(err, ErrClosed) {
+		m.asyncErr = err
+	}
+	m.pending--
+	if m.pending == 0 {
+		m.idle.Broadcast()
+	}
+	m.mu.Unlock()
+}
+
+// traceMapped accounts one launch: tracing and prefetch plans (Observe),
+// hits and misses against the residency the kernels saw, bytes read over
+// the link, and admission of the missed experts the policy wants cached.
+func (e *Engine) traceMapped(it mappedItem) error {
+	all, err := it.r.Wait()
+	if err != nil {
+		return fmt.Errorf("routing of layer %d: %w", it.layers[0].Layer, err)
+	}
+	// The tracer's own host time: from the routing's arrival, less waits
+	// for room in the prefetch window.
+	t0 := time.Now()
+	var waited time.Duration
+	defer func() { e.phaseNs[phaseTrace].Add(int64(time.Since(t0) - waited)) }()
+	var off int64
+	for li, l := range it.layers {
+		ids := all[off : off+l.Pairs]
+		off += l.Pairs
+		experts, counts, err := e.routingCounts(l.Layer, ids, l.K, it.reqs)
+		if err != nil {
+			return err
+		}
+		if len(it.reqs) > 0 {
+			// A replayed step's layers all ran already: plan once, below,
+			// for the next step, rather than for layers that are over.
+			if err := e.observe(l.Layer, it.reqs, counts, len(it.layers) == 1); err != nil {
+				return err
+			}
+		}
+		resident := it.r.Resident[li*e.experts : (li+1)*e.experts]
+		keys := make([]cache.Key, len(experts))
+		hits := make([]bool, len(experts))
+		misses := 0
+		for i, x := range experts {
+			keys[i] = cache.Key{Layer: int32(l.Layer), Expert: x}
+			hits[i] = resident[x]
+			if !hits[i] {
+				misses++
+			}
+		}
+		e.cache.Touch(keys, hits)
+		e.bytesMoved[l.Layer].Add(int64(misses) * e.lay.SlotBytes)
+		for i, k := range keys {
+			if !hits[i] {
+				waited += e.admit(k)
+			}
+		}
+	}
+	if len(it.layers) > 1 && e.prefetchOn.Load() {
+		for _, r := range it.reqs {
+			if p, ok := e.tracker.Partial(r); ok {
+				e.queue.Update(r, e.planner.PlanNext(p))
+			}
+		}
+	}
+	return nil
+}
+
+// admit brings a missed expert into the cache when the policy ranks it
+// above the best victim, as a low-priority copy within the prefetch
+// window (the tracer waits for room in it: copies in flight are bounded
+// and the compute path, which never waits for the tracer until the
+// routing ring is full, is unaffected).
+func (e *Engine) admit(k cache.Key) (waited time.Duration) {
+	t0 := time.Now()
+	select {
+	case e.prefSem <- struct{}{}:
+	case <-e.stop:
+		return time.Since(t0)
+	}
+	waited = time.Since(t0)
+	g, ok := e.cache.Admit(k)
+	if !ok {
+		<-e.prefSem
+		return waited
+	}
+	tr := e.be.Load(g.Slot, int(k.Layer), int(k.Expert), false)
+	e.bg.Add(1)
+	go func() {
+		defer e.bg.Done()
+		err := tr.Err()
+		e.cache.Complete(g.Slot, g.Gen, err)
+		<-tr.Finished()
+		if err == nil {
+			e.bytesMoved[k.Layer].Add(e.lay.SlotBytes)
+		}
+		<-e.prefSem
+	}()
+	return waited
+}
+
+// routingCounts validates a layer's routing (T·K ids) and returns its
+// distinct experts in ascending order and, per request, the tokens routed
+// to each expert (tokens split evenly between reqs in row order, or
+// shared equally when they do not divide).
+func (e *Engine) routingCounts(layer int, ids []int64, K int64, reqs []uint64) ([]int32, [][]float32, error) {
+	E := e.experts
+	seen := make([]bool, E)
+	var counts [][]float32
+	R := int64(len(reqs))
+	if R > 0 {
+		counts = make([][]float32, R)
+		for i := range counts {
+			counts[i] = make([]float32, E)
+		}
+	}
+	T := int64(len(ids)) / K
+	per := int64(0)
+	if R > 0 && T%R == 0 {
+		per = T / R
+	}
+	n := 0
+	for p, x := range ids {
+		if x < 0 || x >= int64(E) {
+			return nil, nil, fmt.Errorf("%w: layer %d: token %d routes to expert %d, out of range [0, %d)", ErrInvalid, layer, int64(p)/K, x, E)
+		}
+		if !seen[x] {
+			seen[x] = true
+			n++
+		}
+		switch {
+		case R == 0:
+		case per > 0:
+			counts[int64(p)/K/per][x]++
+		default:
+			for r := range counts {
+				counts[r][x] += 1 / float32(R)
+			}
+		}
+	}
+	experts := make([]int32, 0, n)
+	for x, s := range seen {
+		if s {
+			experts = append(experts, int32(x))
+		}
+	}
+	return experts, counts, nil
+}

@@ -1,0 +1,258 @@
+package engine
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"runtime"
+	"sync"
+	"testing"
+	"time"
+	"unsafe"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/moe-infinity/moe_infinity/go/backend"
+	"github.com/moe-infinity/moe_infinity/go/cache"
+	"github.com/moe-infinity/moe_infinity/go/dtype"
+)
+
+const (
+	mH = 16 // hidden
+	mI = 8  // intermediate
+)
+
+func bf16Bytes(vals []float32) []byte {
+	b := make([]byte, 2*len(vals))
+	for i, v := range vals {
+		binary.LittleEndian.PutUint16(b[2*i:], dtype.F32BitsToBF16(math.Float32bits(v)))
+	}
+	return b
+}
+
+// mappedEngine is a bf16 Mixtral-style model of L × E experts whose
+// weights differ per expert, with a cache of `slots` slots.
+func mappedEngine(t *testing.T, L, E, slots int) *Engine {
+	t.Helper()
+	e, err := New(Config{BudgetBytes: int64(slots) * 4096, MaxSlots: slots})
+	require.NoError(t, err)
+	rng := rand.New(rand.NewPCG(1, 2))
+	for l := 0; l < L; l++ {
+		for x := 0; x < E; x++ {
+			for _, ro := range []struct {
+				name string
+				r, c int64
+			}{{"w1.weight", mI, mH}, {"w2.weight", mH, mI}, {"w3.weight", mI, mH}} {
+				vals := make([]float32, ro.r*ro.c)
+				for i := range vals {
+					vals[i] = float32(rng.NormFloat64()) * 0.5
+				}
+				name := fmt.Sprintf("model.layers.%d.block_sparse_moe.experts.%d.%s", l, x, ro.name)
+				require.NoError(t, e.AddHostTensor(name, "BF16", []int64{ro.r, ro.c}, bf16Bytes(vals)))
+			}
+		}
+	}
+	_, err = e.Configure(Setup{Layout: mixtralSpec})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = e.Close() })
+	return e
+}
+
+// ffnIO holds one call's buffers in Go memory (the CPU backend reads
+// host addresses).
+type ffnIO struct {
+	x, out  []byte
+	scratch []float32
+	topk    []int64
+	weights []float32
+}
+
+func newFFNIO(rng *rand.Rand, T, K, E int) *ffnIO {
+	io := &ffnIO{out: make([]byte, 2*T*mH), scratch: make([]float32, T*K*mI), topk: make([]int64, T*K), weights: make([]float32, T*K)}
+	xs := make([]float32, T*mH)
+	for i := range xs {
+		xs[i] = float32(rng.NormFloat64())
+	}
+	io.x = bf16Bytes(xs)
+	for t := 0; t < T; t++ {
+		perm := rng.Perm(E)
+		for j := 0; j < K; j++ {
+			io.topk[t*K+j] = int64(perm[j])
+			io.weights[t*K+j] = 1 / float32(K)
+		}
+	}
+	return io
+}
+
+func addr[T any](s []T) uint64 { return uint64(uintptr(unsafe.Pointer(&s[0]))) }
+
+func (io *ffnIO) call(layer, T, K int) FFNCall {
+	return FFNCall{Layer: layer, X: addr(io.x), Out: addr(io.out), Scratch: addr(io.scratch), TopK: addr(io.topk),
+		Weights: addr(io.weights), T: int64(T), K: int64(K)}
+}
+
+// reference computes the call through the synchronous path (Acquire of
+// the distinct experts, then the kernels on the slots).
+func reference(t *testing.T, e *Engine, io *ffnIO, layer, T, K int) []byte {
+	t.Helper()
+	ref := &ffnIO{x: io.x, out: make([]byte, len(io.out)), scratch: make([]float32, len(io.scratch)), topk: io.topk, weights: io.weights}
+	require.NoError(t, e.LayerMoE(ref.call(layer, T, K), nil, io.topk))
+	return ref.out
+}
+
+func waitResident(t *testing.T, e *Engine, k cache.Key) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		_, st := e.cache.Lookup(k)
+		return st == cache.Ready
+	}, 5*time.Second, time.Millisecond)
+}
+
+func TestMappedLayerMatchesTheSynchronousPathAndAdmitsMisses(t *testing.T) {
+	const L, E, T, K = 2, 4, 3, 2
+	e := mappedEngine(t, L, E, 4)
+	oracle := mappedEngine(t, L, E, 4)
+	rng := rand.New(rand.NewPCG(3, 4))
+	io := newFFNIO(rng, T, K, E)
+	req, err := e.BeginRequest()
+	require.NoError(t, err)
+
+	require.NoError(t, e.LayerMapped(io.call(1, T, K), []uint64{req}))
+	assert.Equal(t, reference(t, oracle, io, 1, T, K), io.out, "cold: every expert read from host memory")
+	st, err := e.Stats()
+	require.NoError(t, err)
+	distinct := map[int64]bool{}
+	for _, x := range io.topk {
+		distinct[x] = true
+	}
+	assert.Equal(t, uint64(0), st.Hits)
+	assert.Equal(t, uint64(len(distinct)), st.Misses)
+	assert.Equal(t, uint64(len(distinct)), st.Loads, "empty slots admit every miss")
+
+	for x := range distinct {
+		waitResident(t, e, cache.Key{Layer: 1, Expert: int32(x)})
+	}
+	clear(io.out)
+	require.NoError(t, e.LayerMapped(io.call(1, T, K), []uint64{req}))
+	assert.Equal(t, reference(t, oracle, io, 1, T, K), io.out, "warm: every expert read from its slot")
+	st, err = e.Stats()
+	require.NoError(t, err)
+	assert.Equal(t, uint64(len(distinct)), st.Hits)
+	require.NoError(t, e.EndRequest(req))
+	runtime.KeepAlive(io)
+}
+
+func TestMappedLayerRejectsBadInput(t *testing.T) {
+	e := mappedEngine(t, 1, 4, 2)
+	io := newFFNIO(rand.New(rand.NewPCG(5, 6)), 1, 2, 4)
+	bad := io.call(3, 1, 2)
+	assert.ErrorIs(t, e.LayerMapped(bad, nil), ErrInvalid, "layer out of range")
+	c := io.call(0, 1, 2)
+	c.DType = 1
+	assert.ErrorIs(t, e.LayerMapped(c, nil), ErrInvalid, "float16 activations for bfloat16 experts")
+	io.topk[1] = 9
+	assert.Error(t, e.LayerMapped(io.call(0, 1, 2), nil), "an expert id out of range is reported")
+	runtime.KeepAlive(io)
+}
+
+func TestMappedModeNeedsAKernelBackend(t *testing.T) {
+	e, _ := newEngine(t, Config{BudgetBytes: 4 * slotBytes}, 1, 4) // float32 experts: no kernels
+	io := newFFNIO(rand.New(rand.NewPCG(5, 6)), 1, 2, 4)
+	assert.ErrorIs(t, e.LayerMapped(io.call(0, 1, 2), nil), ErrUnsupported)
+	runtime.KeepAlive(io)
+}
+
+// Admissions evict and refill slots while layers compute: every output
+// must still be exact (the slot's old expert is unmapped before the copy
+// into it, the new one mapped after), and tracing must account for every
+// call.
+func TestMappedLayersStayExactWhileTheCacheChurns(t *testing.T) {
+	const L, E, T, K, calls = 3, 8, 2, 2, 300
+	for _, policy := range []string{"lru", "lfu", "priority"} {
+		t.Run(policy, func(t *testing.T) {
+			e := mappedEngine(t, L, E, 3)
+			oracle := mappedEngine(t, L, E, 8)
+			p := policy
+			require.NoError(t, e.Tune(Tuning{Policy: &p}))
+			rng := rand.New(rand.NewPCG(7, 8))
+			req, err := e.BeginRequest()
+			require.NoError(t, err)
+			var wg sync.WaitGroup
+			stop := make(chan struct{})
+			wg.Add(1)
+			go func() { // flushes race with computations too
+				defer wg.Done()
+				for {
+					select {
+					case <-stop:
+						return
+					case <-time.After(3 * time.Millisecond):
+						assert.NoError(t, e.Tune(Tuning{Flush: true}))
+					}
+				}
+			}()
+			uses := 0
+			for i := 0; i < calls; i++ {
+				layer := i % L
+				io := newFFNIO(rng, T, K, E)
+				d := map[int64]bool{}
+				for _, x := range io.topk {
+					d[x] = true
+				}
+				uses += len(d)
+				require.NoError(t, e.LayerMapped(io.call(layer, T, K), []uint64{req}))
+				require.Equal(t, reference(t, oracle, io, layer, T, K), io.out, "call %d", i)
+			}
+			close(stop)
+			wg.Wait()
+			st, err := e.Stats()
+			require.NoError(t, err)
+			assert.Equal(t, uint64(uses), st.Hits+st.Misses, "every distinct expert of every call is counted once")
+			assert.Positive(t, st.Evictions)
+			require.NoError(t, e.EndRequest(req))
+		})
+	}
+}
+
+var _ backend.Mapped = (*backend.CPU)(nil)
+
+func TestCapturedStepsAreTracedOnEachReplay(t *testing.T) {
+	const L, E, T, K = 3, 4, 1, 2
+	e := mappedEngine(t, L, E, 8)
+	rng := rand.New(rand.NewPCG(9, 10))
+	ios := make([]*ffnIO, L)
+	req, err := e.BeginRequest()
+	require.NoError(t, err)
+	assert.ErrorIs(t, e.GraphStep(0, []uint64{req}), ErrState, "nothing captured yet")
+
+	require.NoError(t, e.CaptureBegin())
+	assert.ErrorIs(t, e.CaptureBegin(), ErrState, "one capture at a time")
+	for l := 0; l < L; l++ {
+		ios[l] = newFFNIO(rng, T, K, E)
+		require.NoError(t, e.LayerMapped(ios[l].call(l, T, K), []uint64{req}))
+	}
+	_, err = e.Acquire(0, []int32{0}, make([]int32, 1), 0)
+	assert.ErrorIs(t, err, ErrState, "acquire cannot be captured")
+	n, err := e.CaptureEnd()
+	require.NoError(t, err)
+	assert.Equal(t, L, n)
+	st, err := e.Stats()
+	require.NoError(t, err)
+	assert.Zero(t, st.Hits+st.Misses, "the capture itself is not traced")
+
+	for replay := 1; replay <= 3; replay++ {
+		require.NoError(t, e.GraphStep(0, []uint64{req}))
+		st, err = e.Stats()
+		require.NoError(t, err)
+		assert.Equal(t, uint64(replay*L*K), st.Hits+st.Misses, "replay %d traced every layer", replay)
+	}
+	require.NoError(t, e.EndRequest(req))
+	st, err = e.Stats()
+	require.NoError(t, err)
+	assert.Equal(t, 1, st.EAMCSize)
+	_, err = e.CaptureEnd()
+	assert.ErrorIs(t, err, ErrState)
+	runtime.KeepAlive(ios)
+}
