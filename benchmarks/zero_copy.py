@@ -61,9 +61,12 @@ class Kernels:
         self._check(self.cu.cuLaunchKernel(fn, grid[0], grid[1], 1, 32 * WARPS, 1, 1, 0, stream, ptrs, None), "cuLaunchKernel")
 
     def ffn(self, x, topk, gu_tab, dn_tab, weights, h, out, T, K, H, I) -> None:
-        P = T * K
-        self.launch(self.gate_up, ((I + WARPS - 1) // WARPS, P), [x.data_ptr(), topk.data_ptr(), gu_tab.data_ptr(), h.data_ptr(), P, K, H, I, 0])
-        self.launch(self.down, ((H + WARPS - 1) // WARPS, T), [h.data_ptr(), topk.data_ptr(), dn_tab.data_ptr(), weights.data_ptr(), out.data_ptr(), T, K, H, I, 0])
+        """gu_tab holds [gate rows table; up rows table] (2 × E entries)."""
+        P, E = T * K, dn_tab.numel()
+        self.launch(self.gate_up, ((I + WARPS - 1) // WARPS, P),
+                    [x.data_ptr(), topk.data_ptr(), gu_tab.data_ptr(), gu_tab.data_ptr() + 8 * E, h.data_ptr(), P, K, H, I, 0, E])
+        self.launch(self.down, ((H + WARPS - 1) // WARPS, T),
+                    [h.data_ptr(), topk.data_ptr(), dn_tab.data_ptr(), weights.data_ptr(), out.data_ptr(), T, K, H, I, 0, E, 2])
 
 
 def timed(fn, reps: int) -> float:
@@ -101,7 +104,10 @@ def bench_shape(kern: Kernels, name: str, reps: int, pool: int | None) -> dict:
     def table(t: torch.Tensor) -> torch.Tensor:
         return torch.tensor([t[e].data_ptr() for e in range(n)], device="cuda", dtype=torch.int64)
 
-    tabs = {"hbm": (table(gu_dev), table(dn_dev)), "zero_copy": (table(gu_host), table(dn_host))}
+    def gate_up_table(t: torch.Tensor) -> torch.Tensor:  # gate rows, then up rows (I·H further)
+        return torch.cat([table(t), table(t) + I * H * 2])
+
+    tabs = {"hbm": (gate_up_table(gu_dev), table(dn_dev)), "zero_copy": (gate_up_table(gu_host), table(dn_host))}
     res = {"shape": name, "experts": E, "hidden": H, "inter": I, "top_k": K, "expert_bytes": expert_bytes, "pool": n}
     for mode, (gt, dtab) in tabs.items():
         ms = timed(lambda i=0: kern.ffn(x, topks[i % len(topks)], gt, dtab, w, h, out, T, K, H, I), reps)
