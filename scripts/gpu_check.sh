@@ -47,6 +47,7 @@ if [ "$what" = parity ] || [ "$what" = all ]; then
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
     run kernel_ffn python3 benchmarks/kernel_ffn.py --out "$OUT/kernel_ffn.json"
+    run zero_copy python3 benchmarks/zero_copy.py --out "$OUT/zero_copy.json"
 fi
 echo "== summary"
 cat "$OUT/summary.txt"

@@ -465,17 +465,10 @@ func (c *Cache) ReservePrefetch(k Key, score float64) (Grant, bool) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.closed {
+	i, ok := c.victimForLocked(k, score)
+	if !ok {
 		return Grant{}, false
 	}
-	if i, ok := c.index[k]; ok && c.slots[i].state != Empty {
-		return Grant{}, false
-	}
-	v := c.victimsLocked(1, nil, score)
-	if len(v) == 0 {
-		return Grant{}, false
-	}
-	i := v[0]
 	c.assignLocked(i, k, true)
 	s := &c.slots[i]
 	s.lastUse = c.tick
@@ -598,17 +591,10 @@ func (c *Cache) Admit(k Key) (Grant, bool) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.closed {
+	i, ok := c.victimForLocked(k, -1)
+	if !ok {
 		return Grant{}, false
 	}
-	if i, ok := c.index[k]; ok && c.slots[i].state != Empty {
-		return Grant{}, false
-	}
-	v := c.victimsLocked(1, nil, -1)
-	if len(v) == 0 {
-		return Grant{}, false
-	}
-	i := v[0]
 	if s := &c.slots[i]; s.state != Empty {
 		var mine float64
 		switch c.cfg.Policy {
@@ -630,4 +616,20 @@ func (c *Cache) Admit(k Key) (Grant, bool) {
 	c.stats[k.Layer].Loads++
 	c.checkLocked()
 	return Grant{Key: k, Slot: i, Gen: s.gen, Load: true, done: s.done}, true
+}
+
+// victimForLocked is the slot that would take k (absent, cache open), the
+// best victim whose prediction is below maxPredicted (see victimsLocked).
+func (c *Cache) victimForLocked(k Key, maxPredicted float64) (int, bool) {
+	if c.closed {
+		return 0, false
+	}
+	if i, ok := c.index[k]; ok && c.slots[i].state != Empty {
+		return 0, false
+	}
+	v := c.victimsLocked(1, nil, maxPredicted)
+	if len(v) == 0 {
+		return 0, false
+	}
+	return v[0], true
 }

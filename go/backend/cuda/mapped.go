@@ -201,22 +201,31 @@ func (b *Backend) MappedFFN(layer int, a backend.FFNArgs) (*backend.Routing, err
 	if m.capturing {
 		return nil, b.captureFFN(m, layer, a)
 	}
-	r := <-m.free
 	m.tab.Mu.RLock()
 	snap := m.tab.Snapshot(layer)
 	m.tab.Mu.RUnlock()
+	return b.routingCopy(m, snap, a.TopK, P, a.Stream, func() error {
+		return b.launchFFN(a, m.dev+uint64(8*layer*3*E), E)
+	})
+}
+
+// routingCopy submits before() on stream, then copies n routing ids from
+// src to a ring buffer and records its event; the Routing waits for that
+// event and gives the buffer back.
+func (b *Backend) routingCopy(m *mapped, snap []bool, src uint64, n int64, stream uintptr, before func() error) (*backend.Routing, error) {
+	r := <-m.free
 	buf := unsafe.Add(m.ringH, r*routingIDs*8)
 	err := b.dev.do(func() error {
-		if err := m.useStream(a.Stream); err != nil {
+		if err := m.useStream(stream); err != nil {
 			return err
 		}
-		if err := b.launchFFN(a, m.dev+uint64(8*layer*3*E), E); err != nil {
+		if err := before(); err != nil {
 			return err
 		}
-		if err := copyDtoHAsync(buf, a.TopK, P*8, a.Stream); err != nil {
+		if err := copyDtoHAsync(buf, src, n*8, stream); err != nil {
 			return err
 		}
-		return eventRecord(m.ringEv[r], a.Stream)
+		return eventRecord(m.ringEv[r], stream)
 	})
 	if err != nil {
 		m.free <- r
@@ -224,7 +233,7 @@ func (b *Backend) MappedFFN(layer int, a backend.FFNArgs) (*backend.Routing, err
 	}
 	wait := func() ([]int64, error) {
 		err := b.dev.do(func() error { return eventSync(m.ringEv[r]) })
-		return unsafe.Slice((*int64)(buf), P), err
+		return unsafe.Slice((*int64)(buf), n), err
 	}
 	return backend.NewRouting(snap, wait, func() { m.free <- r }), nil
 }
@@ -395,7 +404,6 @@ func (b *Backend) ReplayRouting(stream uintptr, layers []backend.CapturedLayer) 
 	if n > routingIDs || len(layers) == 0 {
 		return nil, fmt.Errorf("backend cuda: %d captured layers of %d pairs", len(layers), n)
 	}
-	r := <-m.free
 	E := m.tab.Experts
 	snap := make([]bool, 0, len(layers)*E)
 	m.tab.Mu.RLock()
@@ -403,23 +411,5 @@ func (b *Backend) ReplayRouting(stream uintptr, layers []backend.CapturedLayer) 
 		snap = append(snap, m.tab.Snapshot(l.Layer)...)
 	}
 	m.tab.Mu.RUnlock()
-	buf := unsafe.Add(m.ringH, r*routingIDs*8)
-	err := b.dev.do(func() error {
-		if err := m.useStream(stream); err != nil {
-			return err
-		}
-		if err := copyDtoHAsync(buf, m.stage, n*8, stream); err != nil {
-			return err
-		}
-		return eventRecord(m.ringEv[r], stream)
-	})
-	if err != nil {
-		m.free <- r
-		return nil, err
-	}
-	wait := func() ([]int64, error) {
-		err := b.dev.do(func() error { return eventSync(m.ringEv[r]) })
-		return unsafe.Slice((*int64)(buf), n), err
-	}
-	return backend.NewRouting(snap, wait, func() { m.free <- r }), nil
+	return b.routingCopy(m, snap, m.stage, n, stream, func() error { return nil })
 }
