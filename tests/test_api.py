@@ -300,3 +300,20 @@ print(json.dumps({{"growth": status('VmHWM:') - base, "extra": extra}}))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_graph_decoder_needs_a_gpu_model_in_mapped_mode(tmp_path):
+    """GraphDecoder refuses what it cannot replay, with a clear error."""
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model("mixtral", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                                                  num_local_experts=2))
+    with pytest.raises(mi.StateError, match="loaded by moe_infinity"):
+        mi.GraphDecoder(plain, max_len=8)
+    path = tm.save(tm.build("mixtral", seed=1), tmp_path / "m")
+    model = mi.from_pretrained(path, device_memory="64MiB")
+    try:
+        assert not model.moe_runtime.mapped, "mapped mode needs the GPU kernels"
+        with pytest.raises(mi.UnsupportedError, match="CUDA device"):
+            mi.GraphDecoder(model, max_len=8)
+    finally:
+        model.close()
