@@ -125,6 +125,23 @@ int main(void) {
     int32_t code = -1;
     CHECK(moe_ffn_shape(h, &hid, &inter, &code) == MOE_ERR_UNSUPPORTED, "f32 experts do not fit the kernels: %s", last_error());
     CHECK(moe_engine_progress(h, &done, &total) == MOE_OK && done == 0 && total == 0, "cpu progress");
+    /* Mapped mode and graphs need kernel-shaped (bf16/f16) experts: clear
+     * errors, never a crash, for these f32 ones and for bad arguments. */
+    int64_t ids[2] = {0, 1};
+    float xs[H], ys[H], hs[2 * I], ws[2] = {0.5f, 0.5f};
+    uint64_t A = (uint64_t)(uintptr_t)xs, B = (uint64_t)(uintptr_t)ys, S = (uint64_t)(uintptr_t)hs;
+    uint64_t T = (uint64_t)(uintptr_t)ids, W = (uint64_t)(uintptr_t)ws;
+    CHECK(moe_layer_mapped(h, 0, 1, &req, 0, A, B, S, T, W, 1, 2, 0, 0) == MOE_ERR_UNSUPPORTED, "mapped f32: %s", last_error());
+    CHECK(moe_layer_mapped(h, 0, 1, NULL, 0, A, B, S, T, W, 1, 2, 0, 0) == MOE_ERR_INVALID, "NULL reqs");
+    CHECK(moe_layer_mapped(h, 0, 0, NULL, 0, A, B, S, T, W, 0, 2, 0, 0) == MOE_ERR_INVALID, "no tokens");
+    CHECK(moe_layer_mapped(h, 0, 0, NULL, 0, A, B, S, T, W, 1, 2, 0, 7) == MOE_ERR_INVALID, "weights dtype");
+    CHECK(moe_layer_mapped(987654, 0, 0, NULL, 0, A, B, S, T, W, 1, 2, 0, 0) == MOE_ERR_HANDLE, "mapped, unknown handle");
+    int32_t captured = -1;
+    CHECK(moe_capture_begin(h) == MOE_ERR_UNSUPPORTED, "capture f32: %s", last_error());
+    CHECK(moe_capture_end(h, &captured) == MOE_ERR_STATE, "end without begin: %s", last_error());
+    CHECK(moe_capture_end(h, NULL) == MOE_ERR_INVALID, "NULL layers");
+    CHECK(moe_graph_step(h, 0, 1, &req) == MOE_ERR_STATE, "step without capture: %s", last_error());
+    CHECK(moe_graph_step(h, 0, 1, NULL) == MOE_ERR_INVALID, "step, NULL reqs");
     CHECK(moe_device_memory(0, &done, &total) == MOE_ERR_UNSUPPORTED || done > 0, "device memory");
     CHECK(moe_request_end(h, req) == MOE_OK, "end");
 
