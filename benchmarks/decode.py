@@ -158,13 +158,13 @@ def decode_run(model, prompt: torch.Tensor, n_decode: int, device: torch.device)
     return {"ttft_s": ttft, "step_s": times}
 
 
-def decode_run_graph(dec, prompt: torch.Tensor, n_decode: int) -> dict[str, Any]:
+def decode_run_graph(dec, prompt: torch.Tensor, n_decode: int, pipeline: bool = False) -> dict[str, Any]:
     """The same as decode_run with every decode step replayed from a CUDA
     graph (moe_infinity.graphs.GraphDecoder): prefill, then n_decode
     greedy tokens."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    dec.generate(prompt, max_new_tokens=n_decode + 1, on_prefill=dec.model.reset_moe_stats)
+    dec.generate(prompt, max_new_tokens=n_decode + 1, on_prefill=dec.model.reset_moe_stats, pipeline=pipeline)
     total = time.perf_counter() - t0
     return {"ttft_s": total - sum(dec.step_s), "step_s": list(dec.step_s), "host_s": list(dec.host_s), "engine_s": list(dec.engine_s)}
 
@@ -263,12 +263,12 @@ def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
         from moe_infinity.graphs import GraphDecoder
 
         dec = GraphDecoder(model, max_len=args.prompt_len + args.decode + 2)
-        decode_run_graph(dec, prompt, args.decode)  # captures, warms up
+        decode_run_graph(dec, prompt, args.decode, args.pipeline)  # captures, warms up
     rows = []
     ablations = ABLATIONS if args.ablations else ABLATIONS[:1]
     for policy, prefetch in ablations:
         model.moe_tune(cache_policy=policy, prefetch=prefetch, flush=True, reset_stats=True)
-        r = decode_run_graph(dec, prompt, args.decode) if dec is not None else decode_run(model, prompt, args.decode, device)
+        r = decode_run_graph(dec, prompt, args.decode, args.pipeline) if dec is not None else decode_run(model, prompt, args.decode, device)
         st = model.moe_stats()
         n = len(r["step_s"])
         misses = st["misses"] / n
@@ -304,6 +304,7 @@ def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "graph_engine_us_per_moe_layer": statistics.fmean(r["engine_s"]) * 1e6 / len(rt.layers) if "engine_s" in r else None,
                 "mapped": bool(rt.mapped),
                 "cuda_graph": dec is not None,
+                "pipelined": bool(dec is not None and args.pipeline),
                 "graph_capture_s": dec.capture_s if dec is not None else None,
                 "hook_calls_per_token": st["hook_calls"] / n,
                 "hook_phase_ms_per_token": {k: v * 1e3 / n for k, v in st["hook_phase_seconds"].items()},
@@ -379,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-ablations", dest="ablations", action="store_false", help="only priority + prefetch")
     ap.add_argument("--no-kernels", action="store_true")
     ap.add_argument("--graph", action="store_true", help="replay each decode step from a CUDA graph (needs mapped mode)")
+    ap.add_argument("--pipeline", action="store_true", help="with --graph: queue each replay before reading the previous token")
     ap.add_argument("--no-mapped", action="store_true", help="synchronous layers (routing to the host, copies, kernels) instead of mapped mode")
     ap.add_argument("--accelerate", action="store_true", help="also run accelerate offloading in its own process")
     ap.add_argument("--accelerate-only", action="store_true", help=argparse.SUPPRESS)

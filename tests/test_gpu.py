@@ -244,6 +244,9 @@ def test_graph_decoder_replays_exactly_and_keeps_tracing(family, tmp_path):
         assert st["hits"] + st["misses"] >= (new - 1) * tm.moe_layers(family) * k
         again = dec.generate(prompt, max_new_tokens=new)
         assert torch.equal(again, want), "the graph is reused across calls"
+        piped = dec.generate(prompt, max_new_tokens=new, pipeline=True)
+        assert torch.equal(piped, want), "replays queued ahead of the token readback give the same tokens"
+        assert len(dec.step_s) == new - 1 and all(t > 0 for t in dec.step_s)
     finally:
         ours.close()
 

@@ -46,6 +46,8 @@ class GraphDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.cache: Any = None
         self.capture_s = 0.0
+        #: Replays in flight at most with generate(pipeline=True).
+        self.depth = 2
         self.layers_captured = 0
         self.step_s: list[float] = []
         # Host time of each replayed step up to its synchronisation: the
@@ -66,7 +68,12 @@ class GraphDecoder:
 
     def _step(self) -> torch.Tensor:
         out = self.model(input_ids=self.ids, past_key_values=self.cache, cache_position=self.pos, use_cache=True)
-        return out.logits[:, -1, :]
+        logits = out.logits[:, -1, :]
+        # The step feeds itself: the next replay reads the token this one
+        # chose at the next position, so replays can be queued back to back.
+        self.ids.copy_(logits.argmax(-1, keepdim=True))
+        self.pos.add_(1)
+        return logits
 
     def _capture(self) -> None:
         """Warms the step up on the capture stream (allocations and lazy
@@ -91,14 +98,62 @@ class GraphDecoder:
         self.graph = graph
         self.capture_s = time.perf_counter() - t0
 
+    def _stepwise(self, first: torch.Tensor, P: int, n: int, reqs_c: Any) -> torch.Tensor:
+        """n replays from position P, reading each token before the next."""
+        nxt, toks = first, []
+        eng = self.rt.engine
+        for i in range(n):
+            t0 = time.perf_counter()
+            self.ids.copy_(nxt)
+            self.pos.fill_(P + i)
+            self.graph.replay()
+            t1 = time.perf_counter()
+            eng.graph_step(self.stream.cuda_stream, reqs_c, len(reqs_c))
+            self.engine_s.append(time.perf_counter() - t1)
+            nxt = self.logits.argmax(-1, keepdim=True)
+            toks.append(nxt)
+            self.host_s.append(time.perf_counter() - t0)
+            self.stream.synchronize()
+            self.step_s.append(time.perf_counter() - t0)
+        return torch.cat(toks, dim=1) if toks else first[:, :0]
+
+    def _pipelined(self, first: torch.Tensor, P: int, n: int, reqs_c: Any) -> torch.Tensor:
+        """n replays from position P, queued without reading tokens back."""
+        self.ids.copy_(first)
+        self.pos.fill_(P)
+        toks = torch.empty((self.batch, n), dtype=torch.long, device=self.device)
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+        events[0].record(self.stream)
+        eng = self.rt.engine
+        for i in range(n):
+            if i >= self.depth:
+                events[i + 1 - self.depth].synchronize()
+            t0 = time.perf_counter()
+            self.graph.replay()
+            t1 = time.perf_counter()
+            eng.graph_step(self.stream.cuda_stream, reqs_c, len(reqs_c))
+            self.engine_s.append(time.perf_counter() - t1)
+            toks[:, i : i + 1].copy_(self.ids)
+            events[i + 1].record(self.stream)
+            self.host_s.append(time.perf_counter() - t0)
+        self.stream.synchronize()
+        self.step_s = [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(n)]
+        return toks
+
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, on_prefill: Any = None) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, on_prefill: Any = None, pipeline: bool = False) -> torch.Tensor:
         """Prefill (eager) then ``max_new_tokens`` greedy tokens (graph
         replays); returns the prompt followed by the new tokens.
         ``on_prefill()``, if given, runs after the prefill, before the first
         replay (the benchmark resets the statistics there). Per-step
         wall times (host synchronised) are in ``step_s``, the host time of
-        submitting each step in ``host_s``."""
+        submitting each step in ``host_s``.
+
+        ``pipeline=True`` queues each replay before the previous token is
+        read (at most ``depth`` replays in flight, so the engine's cache
+        updates take effect within ``depth`` tokens): the GPU never waits
+        for the host, and ``step_s`` holds the GPU-side interval between
+        consecutive replays. Not yet measured on a GPU (see BENCHMARKS.md)."""
         if input_ids.dim() != 2 or input_ids.shape[0] != self.batch:
             raise ValueError(f"input_ids must be [{self.batch}, prompt_len], got {tuple(input_ids.shape)}")
         P = input_ids.shape[1]
@@ -133,19 +188,7 @@ class GraphDecoder:
             out_tokens.append(nxt)
             if on_prefill is not None:
                 on_prefill()
-            reqs_c = rt._tls.reqs_c
-            for i in range(max_new_tokens - 1):
-                t0 = time.perf_counter()
-                self.ids.copy_(nxt)
-                self.pos.fill_(P + i)
-                self.graph.replay()
-                t1 = time.perf_counter()
-                rt.engine.graph_step(self.stream.cuda_stream, reqs_c, len(reqs_c))
-                self.engine_s.append(time.perf_counter() - t1)
-                nxt = self.logits.argmax(-1, keepdim=True)
-                out_tokens.append(nxt)
-                self.host_s.append(time.perf_counter() - t0)
-                self.stream.synchronize()
-                self.step_s.append(time.perf_counter() - t0)
+            run = self._pipelined if pipeline else self._stepwise
+            out_tokens.append(run(nxt, P, max_new_tokens - 1, rt._tls.reqs_c))
         caller.wait_stream(self.stream)
         return torch.cat(out_tokens, dim=1)
