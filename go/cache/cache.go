@@ -3,6 +3,7 @@ package cache
 import (
 	"errors"
 	"fmt"
+	"math"
 	"sort"
 	"sync"
 )
@@ -582,10 +583,13 @@ func (c *Cache) Touch(keys []Key, hit []bool) {
 
 // Admit decides whether k, just used while absent (a mapped-mode miss),
 // should be brought in: yes when a slot is empty, or when the eviction
-// policy ranks k above the best victim (LRU: always, k was just used; LFU:
-// k has been used more often; priority: k's priority is higher). On yes it
-// reserves the victim's slot like ReservePrefetch, counted as a load.
-func (c *Cache) Admit(k Key) (Grant, bool) {
+// policy ranks k above the best victim by more than margin (a fraction:
+// 0.5 means 1.5 times the victim's score) — LRU: always, k was just used;
+// LFU: k has been used more often; priority: k's priority is higher. On
+// yes it reserves the victim's slot like ReservePrefetch, counted as a
+// load. A margin keeps near-equal experts (uniform routing) from trading
+// places on every miss, each trade being a copy over the link.
+func (c *Cache) Admit(k Key, margin float64) (Grant, bool) {
 	if c.checkKey(k) != nil {
 		return Grant{}, false
 	}
@@ -605,7 +609,11 @@ func (c *Cache) Admit(k Key) (Grant, bool) {
 		default:
 			mine = c.scorer.Priority(k)
 		}
-		if mine <= c.evictionScore(s) {
+		v := c.evictionScore(s)
+		if c.cfg.Policy != PolicyLRU {
+			v += math.Abs(v) * margin
+		}
+		if mine <= v {
 			return Grant{}, false
 		}
 	}

@@ -526,3 +526,47 @@ func bruteVictims(c *Cache, n int, keep []Key, maxPred float64) []int {
 	}
 	return out
 }
+
+func TestAdmitWeighsAMissAgainstTheBestVictim(t *testing.T) {
+	s := mapScorer{prio: map[Key]float64{{0, 0}: 0.2, {0, 1}: 0.3, {0, 2}: 0.5, {0, 3}: 0.9}}
+	tests := []struct {
+		name   string
+		policy Policy
+		key    Key
+		margin float64
+		admit  bool
+	}{
+		{"priority above the victim", PolicyPriority, Key{0, 2}, 0, true},
+		{"priority above, within the margin", PolicyPriority, Key{0, 2}, 1, false},
+		{"priority above the margin", PolicyPriority, Key{0, 3}, 1, true},
+		{"priority below the victim", PolicyPriority, Key{0, 0}, 0, false},
+		{"lru admits the latest use whatever the margin", PolicyLRU, Key{0, 0}, 10, true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newCache(t, 1, 1, tc.policy, s)
+			g, ok := c.Admit(Key{0, 1}, tc.margin)
+			require.True(t, ok, "an empty slot always admits")
+			c.Complete(g.Slot, g.Gen, nil)
+			_, ok = c.Admit(Key{0, 1}, 0)
+			assert.False(t, ok, "already resident")
+			g, ok = c.Admit(tc.key, tc.margin)
+			assert.Equal(t, tc.admit, ok)
+			if ok {
+				assert.True(t, g.Load)
+				_, st := c.Lookup(Key{0, 1})
+				assert.Equal(t, Empty, st, "the victim was evicted")
+			}
+		})
+	}
+	c := newCache(t, 1, 1, PolicyLFU, nil)
+	c.Touch([]Key{{0, 0}, {0, 0}, {0, 0}}, []bool{false, false, false})
+	g, _ := c.Admit(Key{0, 0}, 0)
+	c.Complete(g.Slot, g.Gen, nil)
+	c.Touch([]Key{{0, 1}}, []bool{false})
+	_, ok := c.Admit(Key{0, 1}, 0)
+	assert.False(t, ok, "lfu: used once against three times")
+	st := c.Stats()[0]
+	assert.Equal(t, uint64(4), st.Misses)
+	assert.Equal(t, uint64(1), st.Loads)
+}

@@ -241,6 +241,7 @@ func TestParseConfig(t *testing.T) {
 	assert.True(t, *c.Prefetch)
 	assert.Equal(t, 1000, c.EAMCCapacity)
 	assert.Equal(t, "cpu", c.Backend)
+	assert.Equal(t, DefaultAdmitMargin, *c.AdmitMargin)
 	for _, tc := range []struct{ in, msg string }{
 		{`{"budget_bytes": 0}`, "budget_bytes must be > 0"},
 		{`{"budget_bytes": 1, "policy": "fifo"}`, `unknown cache policy "fifo"`},
@@ -250,6 +251,7 @@ func TestParseConfig(t *testing.T) {
 		{`{"budget_bytes": 1, "prefetch_window": -1}`, "prefetch_window must be >= 1"},
 		{`{"budget_bytes": 1, "workers": -1}`, "workers must be >= 0"},
 		{`{"budget_bytes": 1, "max_slots": -1}`, "max_slots must be >= 0"},
+		{`{"budget_bytes": 1, "admit_margin": -0.5}`, "admit_margin must be a finite number >= 0"},
 		{`[`, "engine config"},
 	} {
 		_, err := ParseConfig([]byte(tc.in))

@@ -342,7 +342,7 @@ func (e *Engine) admit(k cache.Key) (waited time.Duration) {
 		return time.Since(t0)
 	}
 	waited = time.Since(t0)
-	g, ok := e.cache.Admit(k)
+	g, ok := e.cache.Admit(k, *e.cfg.AdmitMargin)
 	if !ok {
 		<-e.prefSem
 		return waited

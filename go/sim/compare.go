@@ -149,7 +149,7 @@ func (r *Report) WriteTable(w io.Writer) error {
 		r.Layers, r.Experts, r.Requests, r.Accesses, r.DistinctExperts)
 	fmt.Fprintf(&b, "precision = prefetch hits / prefetch loads; recall = prefetch hits / (prefetch hits + misses)\n\n")
 	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "cache\tslots\tpolicy\tprefetch\thits\tmisses\thit rate\tpf loads\tpf hits\twasted\tprecision\trecall\t")
+	fmt.Fprintln(tw, "cache\tslots\tpolicy\tprefetch\thits\tmisses\thit rate\tpf loads\tpf hits\twasted\tprecision\trecall\tlink/access\t")
 	for _, run := range r.Runs {
 		for _, x := range run.Results {
 			pf, prec, rec := "off", "-", "-"
@@ -158,9 +158,13 @@ func (r *Report) WriteTable(w io.Writer) error {
 				prec = fmt.Sprintf("%.3f", x.PrefetchPrecision)
 				rec = fmt.Sprintf("%.3f", x.PrefetchRecall)
 			}
-			fmt.Fprintf(tw, "%.4g%%\t%d\t%s\t%s\t%d\t%d\t%.3f\t%d\t%d\t%d\t%s\t%s\t\n",
+			link := "-"
+			if x.Policy != "belady-optimal" {
+				link = fmt.Sprintf("%.3f", x.LinkPerAccess)
+			}
+			fmt.Fprintf(tw, "%.4g%%\t%d\t%s\t%s\t%d\t%d\t%.3f\t%d\t%d\t%d\t%s\t%s\t%s\t\n",
 				100*run.CacheFrac, run.Slots, x.Policy, pf, x.Hits, x.Misses, x.HitRate,
-				x.PrefetchLoads, x.PrefetchHits, x.WastedPrefetches, prec, rec)
+				x.PrefetchLoads, x.PrefetchHits, x.WastedPrefetches, prec, rec, link)
 		}
 	}
 	if err := tw.Flush(); err != nil {

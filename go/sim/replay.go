@@ -53,6 +53,12 @@ type ReplayConfig struct {
 	// prefetch.Planner.MinEvidence). 0 keeps the planner's default
 	// (prefetch.DefaultMinEvidence); a negative value turns the filter off.
 	PrefetchMinEvidence float64 `json:"prefetch_min_evidence"`
+	// Mapped replays the engine's mapped mode: a miss is read in place
+	// (not loaded) and the expert is brought in only when Cache.Admit
+	// accepts it with AdmitMargin; link traffic is then misses + loads.
+	Mapped bool `json:"mapped,omitempty"`
+	// AdmitMargin is Cache.Admit's margin in mapped mode.
+	AdmitMargin float64 `json:"admit_margin,omitempty"`
 	// PerRequest records each request's own hit rate in
 	// Result.RequestHitRates (to see, for example, how many requests the
 	// EAM collection needs after a switch of workload).
@@ -91,6 +97,13 @@ type Result struct {
 	Misses uint64 `json:"misses"`
 	// HitRate is Hits / Accesses (0 for no accesses).
 	HitRate float64 `json:"hit_rate"`
+	// Loads counts experts copied in on use: every miss without Mapped,
+	// admitted misses with it.
+	Loads uint64 `json:"loads"`
+	// LinkPerAccess is the expert transfers over the host link per access:
+	// (Loads + PrefetchLoads + in-place reads of misses in mapped mode) /
+	// Accesses — what bounds a PCIe-bound decode.
+	LinkPerAccess float64 `json:"link_per_access"`
 	// PrefetchLoads counts experts loaded by prefetching.
 	PrefetchLoads uint64 `json:"prefetch_loads"`
 	// PrefetchHits counts first uses of prefetched experts (a subset of
@@ -282,6 +295,7 @@ func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
 
 	counts := make([]float32, E)
 	keys := make([]cache.Key, 0, t.MaxGroup())
+	hits := make([]bool, 0, t.MaxGroup())
 	var perRequest []float64
 	total := func() (hits, uses uint64) {
 		var st cache.LayerStats
@@ -313,7 +327,9 @@ func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
 				for _, x := range group {
 					keys = append(keys, cache.Key{Layer: int32(l), Expert: x})
 				}
-				if len(keys) > 0 {
+				if len(keys) > 0 && cfg.Mapped {
+					access(c, keys, hits, cfg.AdmitMargin)
+				} else if len(keys) > 0 {
 					grants, err := c.Pin(keys, nil)
 					if err != nil {
 						return Result{}, fmt.Errorf("sim: %w", err)
@@ -349,11 +365,17 @@ func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
 	for _, s := range c.Stats() {
 		st.Add(s)
 	}
+	link := st.Loads + st.PrefetchLoads
+	if cfg.Mapped {
+		link += st.Misses
+	}
 	return Result{
 		Label:             t.Label,
 		Policy:            cfg.Policy.String(),
 		Prefetch:          cfg.Prefetch,
 		Slots:             cfg.Slots,
+		Loads:             st.Loads,
+		LinkPerAccess:     ratio(link, st.Hits+st.Misses),
 		Accesses:          st.Hits + st.Misses,
 		Hits:              st.Hits,
 		Misses:            st.Misses,
@@ -386,5 +408,25 @@ func issue(c *cache.Cache, plan []prefetch.Candidate, n int) {
 		}
 		c.Complete(g.Slot, g.Gen, nil)
 		n--
+	}
+}
+
+// access is one mapped-mode layer: the experts are computed where they are
+// (hits from their slots, misses in place), counted with Cache.Touch, and
+// each miss is offered to Cache.Admit (loads complete at once).
+func access(c *cache.Cache, keys []cache.Key, hits []bool, margin float64) {
+	hits = hits[:0]
+	for _, k := range keys {
+		_, st := c.Lookup(k)
+		hits = append(hits, st == cache.Ready)
+	}
+	c.Touch(keys, hits)
+	for i, k := range keys {
+		if hits[i] {
+			continue
+		}
+		if g, ok := c.Admit(k, margin); ok {
+			c.Complete(g.Slot, g.Gen, nil)
+		}
 	}
 }

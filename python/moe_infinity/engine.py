@@ -60,6 +60,7 @@ class Engine:
         backend: str = "cpu",
         device: int = 0,
         max_slots: int | None = None,
+        admit_margin: float | None = None,
     ):
         cfg: dict[str, Any] = {
             "budget_bytes": int(budget_bytes),
@@ -77,6 +78,8 @@ class Engine:
         ):
             if val is not None:
                 cfg[key] = int(val)
+        if admit_margin is not None:
+            cfg["admit_margin"] = float(admit_margin)
         if trace_path is not None:
             cfg["trace_path"] = os.fspath(trace_path)
         handle = ctypes.c_uint64(0)

@@ -523,7 +523,10 @@ def from_pretrained(
             steps with the engine's fused kernels (default); False keeps
             transformers' own expert code everywhere.
         engine_options: advanced engine settings (``eamc_capacity``,
-            ``matches``, ``prefetch_window``, ``workers``, ``max_slots``).
+            ``matches``, ``prefetch_window``, ``workers``, ``max_slots``,
+            ``admit_margin``: in mapped mode, how much more the eviction
+            policy must value a missed expert than its victim to copy it
+            in; default 1.0).
         **hf_kwargs: passed to transformers' ``from_pretrained``.
     """
     from transformers import AutoConfig
