@@ -55,6 +55,11 @@ type Config struct {
 	// rests on at least this many routed tokens in the matched requests
 	// (default 64; negative turns the filter off).
 	PrefetchMinEvidence float64 `json:"prefetch_min_evidence"`
+	// PrefetchMinTokenShare: an expert is prefetched only when predicted
+	// to serve at least this fraction of its layer's tokens (see
+	// prefetch.Planner.MinTokenShare). 0 = default
+	// (prefetch.DefaultMinTokenShare), < 0 = off.
+	PrefetchMinTokenShare float64 `json:"prefetch_min_token_share"`
 	// Workers is the number of copy workers of the CPU backend (default
 	// min(4, GOMAXPROCS)).
 	Workers int `json:"workers"`

@@ -314,18 +314,7 @@ func (e *Engine) Configure(s Setup) (Plan, error) {
 	e.tracker = trace.NewTracker(coll)
 	e.planner = prefetch.NewPlanner(coll)
 	e.planner.Matches = e.cfg.Matches
-	switch {
-	case e.cfg.PrefetchConfidence > 0:
-		e.planner.Confidence = e.cfg.PrefetchConfidence
-	case e.cfg.PrefetchConfidence < 0:
-		e.planner.Confidence = 0
-	}
-	switch {
-	case e.cfg.PrefetchMinEvidence > 0:
-		e.planner.MinEvidence = e.cfg.PrefetchMinEvidence
-	case e.cfg.PrefetchMinEvidence < 0:
-		e.planner.MinEvidence = 0
-	}
+	e.planner.Tune(e.cfg.PrefetchConfidence, e.cfg.PrefetchMinEvidence, e.cfg.PrefetchMinTokenShare)
 	e.queue = prefetch.NewQueue()
 	e.bytesMoved = make([]atomic.Int64, L)
 	e.stallNs = make([]atomic.Int64, L)

@@ -368,6 +368,7 @@ func (e *Engine) admit(k cache.Key) (waited time.Duration) {
 // shared equally when they do not divide).
 func (e *Engine) routingCounts(layer int, ids []int64, K int64, reqs []uint64) ([]int32, [][]float32, error) {
 	E := e.experts
+	e.planner.SetTopK(int(K)) // the routing tells the planner k
 	seen := make([]bool, E)
 	var counts [][]float32
 	R := int64(len(reqs))

@@ -2,6 +2,7 @@ package prefetch
 
 import (
 	"sort"
+	"sync/atomic"
 
 	"github.com/moe-infinity/moe_infinity/go/cache"
 	"github.com/moe-infinity/moe_infinity/go/trace"
@@ -36,6 +37,48 @@ type Planner struct {
 	// tokens (summed over the matched EAMs) than this: a share computed
 	// from a handful of tokens is noise. 0 disables the filter.
 	MinEvidence float64
+	// MinTokenShare drops candidates predicted to serve fewer than this
+	// fraction of their layer's tokens (share of the routing × top-k),
+	// once SetTopK has told the planner k. With few experts it is no
+	// stricter than Confidence (8 experts, top-2: both mean a quarter of
+	// the routing); with many small ones (128, top-8) it stops weak
+	// predictions that cost more link traffic than they save
+	// (BENCHMARKS.md). 0 disables the filter.
+	MinTokenShare float64
+
+	topK atomic.Int64
+}
+
+// DefaultMinTokenShare is the default Planner.MinTokenShare: prefetch an
+// expert only when the matched requests used it for at least half of
+// their tokens at that layer.
+const DefaultMinTokenShare = 0.5
+
+// Tune applies the engine's settings of the filters Confidence,
+// MinEvidence and MinTokenShare, each the same way: 0 keeps the planner's
+// value (its default), a negative value turns the filter off, a positive
+// one replaces it.
+func (p *Planner) Tune(confidence, minEvidence, minTokenShare float64) {
+	set := func(dst *float64, v float64) {
+		switch {
+		case v > 0:
+			*dst = v
+		case v < 0:
+			*dst = 0
+		}
+	}
+	set(&p.Confidence, confidence)
+	set(&p.MinEvidence, minEvidence)
+	set(&p.MinTokenShare, minTokenShare)
+}
+
+// SetTopK tells the planner how many experts each token uses (the
+// engine learns it from the first routing it sees); 0 turns the
+// MinTokenShare filter off.
+func (p *Planner) SetTopK(k int) {
+	if p != nil {
+		p.topK.Store(int64(max(k, 0)))
+	}
 }
 
 // DefaultConfidence is the default Planner.Confidence: an expert is
@@ -49,7 +92,7 @@ const DefaultMinEvidence = 64
 // NewPlanner returns a planner over coll with defaults: 4 matches, minimum
 // score 0.01, DefaultConfidence, DefaultMinEvidence, no cap, whole horizon.
 func NewPlanner(coll *trace.Collection) *Planner {
-	return &Planner{coll: coll, Matches: 4, MinScore: 0.01, Confidence: DefaultConfidence, MinEvidence: DefaultMinEvidence}
+	return &Planner{coll: coll, Matches: 4, MinScore: 0.01, Confidence: DefaultConfidence, MinEvidence: DefaultMinEvidence, MinTokenShare: DefaultMinTokenShare}
 }
 
 // Plan returns the candidates for the layers after `layer`, best first,
@@ -87,6 +130,7 @@ func (p *Planner) candidates(raw *trace.EAM, layer, at int) []Candidate {
 	}
 	var out []Candidate
 	uniform := 1 / float64(raw.Experts)
+	topK := float64(p.topK.Load())
 	for l := layer + 1; l <= last; l++ {
 		row := raw.Row(l)
 		var total float64
@@ -104,6 +148,9 @@ func (p *Planner) candidates(raw *trace.EAM, layer, at int) []Candidate {
 				continue
 			}
 			if p.Confidence > 0 && share < p.Confidence*uniform {
+				continue
+			}
+			if topK > 0 && share*topK < p.MinTokenShare {
 				continue
 			}
 			out = append(out, Candidate{Key: cache.Key{Layer: int32(l), Expert: int32(e)}, Score: score})

@@ -6,6 +6,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/moe-infinity/moe_infinity/go/cache"
 	"github.com/moe-infinity/moe_infinity/go/trace"
 )
 
@@ -124,4 +125,46 @@ func TestPlanNextPredictsEveryLayerOfTheNextPass(t *testing.T) {
 	var nilPlanner *Planner
 	assert.Nil(t, nilPlanner.PlanNext(eam(4, 4, 0)))
 	assert.Nil(t, p.PlanNext(nil))
+}
+
+func TestMinTokenShareNeedsTopKAndDropsExpertsFewTokensUse(t *testing.T) {
+	// 16 experts, top-2, 10 tokens: layer 1 of the stored request routes
+	// all 10 tokens to expert 3, 2 to expert 5 and the other 8 routings one
+	// each to experts 6-13 (20 routings).
+	const L, E = 2, 16
+	stored := trace.NewEAM(L, E)
+	stored.Counts[0*E+0] = 20
+	row := stored.Counts[1*E : 2*E]
+	row[3], row[5] = 10, 2
+	for x := 6; x < 14; x++ {
+		row[x] = 1
+	}
+	coll, err := trace.NewCollection(L, E, 4)
+	require.NoError(t, err)
+	require.NoError(t, coll.Add(stored))
+	p := NewPlanner(coll)
+	p.MinEvidence = 0
+	partial := trace.NewEAM(L, E)
+	partial.Counts[0] = 1
+	keys := func() []cache.Key {
+		var out []cache.Key
+		for _, c := range p.Plan(partial, 0) {
+			out = append(out, c.Key)
+		}
+		return out
+	}
+	// Without k the filter is off: confidence alone (2/16 of the routing)
+	// keeps expert 3 (10/20) but not 5 (2/20 < 2/16).
+	assert.Equal(t, []cache.Key{k(1, 3)}, keys())
+	p.Confidence = 0
+	assert.Len(t, keys(), 10, "no filter: every routed expert")
+	p.SetTopK(2) // expert 3 serves 10 of 10 tokens, expert 5 serves 2 of 10
+	assert.Equal(t, []cache.Key{k(1, 3)}, keys())
+	p.MinTokenShare = 0.15 // expert 5: 2 of 10 tokens; experts 6-13: 1 of 10
+	assert.ElementsMatch(t, []cache.Key{k(1, 3), k(1, 5)}, keys())
+	p.Tune(0, 0, -1)
+	assert.Zero(t, p.MinTokenShare, "negative turns the filter off")
+	p.Tune(3, 0, 0.7)
+	assert.Equal(t, 3.0, p.Confidence)
+	assert.Equal(t, 0.7, p.MinTokenShare)
 }

@@ -59,6 +59,10 @@ type ReplayConfig struct {
 	Mapped bool `json:"mapped,omitempty"`
 	// AdmitMargin is Cache.Admit's margin in mapped mode.
 	AdmitMargin float64 `json:"admit_margin,omitempty"`
+	// PrefetchMinTokenShare mirrors the engine's setting of the same name
+	// (see prefetch.Planner.MinTokenShare): 0 keeps the planner's default,
+	// a negative value turns the filter off.
+	PrefetchMinTokenShare float64 `json:"prefetch_min_token_share"`
 	// PerRequest records each request's own hit rate in
 	// Result.RequestHitRates (to see, for example, how many requests the
 	// EAM collection needs after a switch of workload).
@@ -274,18 +278,8 @@ func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
 	tr := trace.NewTracker(coll)
 	planner := prefetch.NewPlanner(coll)
 	planner.Matches = cfg.Matches
-	switch { // as engine.Configure does
-	case cfg.PrefetchConfidence > 0:
-		planner.Confidence = cfg.PrefetchConfidence
-	case cfg.PrefetchConfidence < 0:
-		planner.Confidence = 0
-	}
-	switch {
-	case cfg.PrefetchMinEvidence > 0:
-		planner.MinEvidence = cfg.PrefetchMinEvidence
-	case cfg.PrefetchMinEvidence < 0:
-		planner.MinEvidence = 0
-	}
+	planner.Tune(cfg.PrefetchConfidence, cfg.PrefetchMinEvidence, cfg.PrefetchMinTokenShare) // as engine.Configure does
+	planner.SetTopK(t.MaxGroup())                                                            // as the engine learns it from the routing
 	sc := newScorer(L, E)
 	c, err := cache.New(cache.Config{Slots: cfg.Slots, Layers: L, Policy: cfg.Policy, Scorer: sc})
 	if err != nil {

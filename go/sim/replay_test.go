@@ -125,11 +125,12 @@ func TestReplayCountersAreConsistent(t *testing.T) {
 func TestPrefetchConfidenceFiltersWeakPredictions(t *testing.T) {
 	// Uniform routing: only sampling noise makes an expert look twice as
 	// likely as a uniform guess, so the default filter plans little and a
-	// stricter one nothing. (Evidence filter off to isolate confidence.)
+	// stricter one nothing. (Evidence and token-share filters off to
+	// isolate confidence.)
 	tr, err := Generate(GenParams{Layers: 8, Experts: 8, TopK: 2, Requests: 8, TokensPerRequest: 8, Clusters: 2, Skew: 0, Seed: 6})
 	require.NoError(t, err)
 	loads := func(conf float64) uint64 {
-		r, err := Replay(tr, ReplayConfig{Slots: 16, Prefetch: true, PrefetchConfidence: conf, PrefetchMinEvidence: -1})
+		r, err := Replay(tr, ReplayConfig{Slots: 16, Prefetch: true, PrefetchConfidence: conf, PrefetchMinEvidence: -1, PrefetchMinTokenShare: -1})
 		require.NoError(t, err)
 		return r.PrefetchLoads
 	}

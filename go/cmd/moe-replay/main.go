@@ -43,6 +43,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.IntVar(&cfg.Matches, "matches", 0, "most similar EAMs summed per prediction (0 = engine default)")
 	fs.Float64Var(&cfg.PrefetchConfidence, "confidence", 0, "prefetch only experts predicted this many times as likely as uniform (0 = engine default, <0 = off)")
 	fs.Float64Var(&cfg.PrefetchMinEvidence, "min-evidence", 0, "use a layer's prediction only when it rests on this many routed tokens (0 = engine default, <0 = off)")
+	fs.Float64Var(&cfg.PrefetchMinTokenShare, "min-token-share", 0, "prefetch only experts predicted to serve this fraction of a layer's tokens (0 = engine default, <0 = off)")
 	fs.BoolVar(&cfg.Mapped, "mapped", false, "replay mapped mode: misses are read in place and copied in only when the policy admits them")
 	fs.Float64Var(&cfg.AdmitMargin, "admit-margin", 1, "with -mapped: how much more (fraction) the policy must value a miss than its victim to copy it in (the engine's default is 1)")
 	jsonPath := fs.String("json", "", "also write the results as JSON to this file")
