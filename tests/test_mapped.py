@@ -1,0 +1,112 @@
+"""Mapped mode's Python hot path, on the CPU.
+
+On a GPU, mapped mode is the default decode path (the engine's kernels read
+each expert from its slot or, when missing, from host memory, and the
+routing is traced asynchronously). The CPU backend implements the same
+protocol with its reference FFN, so the runtime's mapped hook — buffers,
+reused scratch, request ids, bfloat16 routing weights read as they are —
+is checked here against the synchronous kernel path on the same model:
+identical tokens and logits, the same expert uses traced, and the cache
+still admitting and evicting while layers compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_infinity as mi
+import tiny_models as tm
+
+FAMILIES = ["mixtral", "qwen3_moe", "olmoe"]
+
+
+def _with_cpu_kernels(model) -> None:
+    """Turns on the engine's kernels (CPU reference FFN) for a CPU model."""
+    rt = model.moe_runtime
+    rt.ffn_hidden, rt.ffn_inter, rt.ffn_dtype = rt.engine.ffn_shape()
+    rt.kernels = True
+
+
+def _decode(model, prompt: torch.Tensor, new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decode by hand (one token per step), returning the tokens and
+    every step's logits."""
+    ids, logits = prompt, []
+    with torch.no_grad(), model.moe_runtime.requests(prompt.shape[0]):
+        out = model(input_ids=prompt, use_cache=True)
+        pkv = out.past_key_values
+        for _ in range(new):
+            nxt = out.logits[:, -1:].argmax(-1)
+            logits.append(out.logits[:, -1].float())
+            ids = torch.cat([ids, nxt], dim=1)
+            out = model(input_ids=nxt, past_key_values=pkv, use_cache=True)
+            pkv = out.past_key_values
+    return ids, torch.stack(logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mapped_layers_match_the_synchronous_kernel_path(family, tmp_path):
+    path = tm.save(tm.build(family, seed=5, dtype=torch.bfloat16), tmp_path / family)
+    E = tm.num_experts(family)
+    # Half the experts fit (at least one layer's, so that the synchronous
+    # path never falls back to transformers' code): misses are read in
+    # place, admissions and evictions run while the next layers compute.
+    probe = mi.from_pretrained(path, dtype=torch.bfloat16)
+    slot = probe.moe_stats()["plan"]["slot_bytes"]
+    probe.close()
+    # LRU admits every miss, so slots change hands while layers compute.
+    model = mi.from_pretrained(path, dtype=torch.bfloat16, device_memory=max(E, E * tm.moe_layers(family) // 2) * slot,
+                               cache_policy="lru")
+    try:
+        _with_cpu_kernels(model)
+        rt = model.moe_runtime
+        prompt = torch.randint(3, tm.VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+
+        rt.mapped = False
+        model.reset_moe_stats()
+        want_ids, want_logits = _decode(model, prompt, 12)
+        sync = model.moe_stats()
+
+        rt.mapped = True
+        model.moe_tune(flush=True, reset_stats=True)
+        calls = 0
+        original = rt.engine.layer_mapped
+
+        def counting(*a, **kw):
+            nonlocal calls
+            calls += 1
+            return original(*a, **kw)
+
+        rt.engine.layer_mapped = counting
+        got_ids, got_logits = _decode(model, prompt, 12)
+        mapped = model.moe_stats()
+
+        assert calls >= 13 * tm.moe_layers(family), "prefill and every decode step ran mapped"
+        assert torch.equal(got_ids, want_ids)
+        assert torch.equal(got_logits, want_logits), "the same reference FFN, whether experts come from slots or host memory"
+        assert mapped["hits"] + mapped["misses"] == sync["hits"] + sync["misses"], "every expert use traced once"
+        assert mapped["misses"] > 0 and mapped["evictions"] > 0, "the cache churned"
+        assert mapped["eamc_size"] == sync["eamc_size"] + 2, "both requests of each run were traced into the EAMC"
+        assert mapped["phase_ns"]["trace_async"] > 0
+    finally:
+        model.close()
+
+
+def test_mapped_errors_reach_the_caller(tmp_path):
+    """A routing id out of range fails the call (the CPU backend checks it
+    before computing; a GPU reports it on the next call) with the engine's
+    message, and the model keeps working."""
+    path = tm.save(tm.build("mixtral", seed=2, dtype=torch.bfloat16), tmp_path / "m")
+    model = mi.from_pretrained(path, dtype=torch.bfloat16)
+    try:
+        _with_cpu_kernels(model)
+        rt = model.moe_runtime
+        layer = rt.layers[0]
+        x = torch.randn(1, model.config.hidden_size).to(torch.bfloat16)
+        bad = torch.tensor([[0, rt.num_experts + 3]])
+        w = torch.full((1, 2), 0.5, dtype=torch.bfloat16)
+        with pytest.raises(mi.MoEInfinityError, match="expert"):
+            rt._run_mapped(layer, x, bad, w)
+        good = rt._run_mapped(layer, x, torch.tensor([[0, 1]]), w)
+        assert good.shape == x.shape and torch.isfinite(good.float()).all()
+    finally:
+        model.close()
