@@ -81,6 +81,7 @@ func BenchmarkObserveFineGrained(b *testing.B) {
 		}
 		_ = e.EndRequest(req)
 	}
+	e.planner.SetTopK(K) // as the first routing does
 	req, _ := e.BeginRequest()
 	b.ReportAllocs()
 	b.ResetTimer()
