@@ -2,7 +2,11 @@
 # One call on the GPU machine: runs the GPU suite against the CUDA build of
 # the engine made on the CPU machine (`make cuda`), and prints a summary.
 #
-#   bash scripts/gpu_check.sh [gpu|parity|bench|all]     (default: all)
+#   bash scripts/gpu_check.sh [gpu|parity|bench|headline|all]     (default: all)
+#
+# headline: the GPU tests, then the decode headlines with CUDA graphs
+# (Qwen3-30B-A3B shape: pipelined replays with every ablation, and
+# step-by-step replays; Mixtral-8x7B shape: pipelined), ~8 minutes.
 #
 # Needs build/libmoe_infinity_cuda.so (or MOE_INFINITY_LIB). Python packages
 # missing on the machine can travel as wheels in .whl/ (installed to
@@ -48,6 +52,13 @@ fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
     run kernel_ffn python3 benchmarks/kernel_ffn.py --out "$OUT/kernel_ffn.json"
     run zero_copy python3 benchmarks/zero_copy.py --out "$OUT/zero_copy.json"
+fi
+if [ "$what" = headline ]; then
+    run gpu_tests python3 -m pytest -p no:cacheprovider -q -m gpu -rA tests/test_gpu.py tests/test_backend_ops.py
+    D="python3 benchmarks/decode.py --device-memory 24GiB --decode 32 --graph"
+    run qwen3_pipelined timeout 240 $D --pipeline --preset qwen3-30b-a3b --out "$OUT/decode_qwen3_pipelined.json"
+    run qwen3_stepwise timeout 120 $D --no-ablations --preset qwen3-30b-a3b --out "$OUT/decode_qwen3_stepwise.json"
+    run mixtral_pipelined timeout 170 $D --pipeline --no-ablations --preset mixtral-8x7b --out "$OUT/decode_mixtral_pipelined.json"
 fi
 echo "== summary"
 cat "$OUT/summary.txt"
