@@ -27,6 +27,19 @@ def _with_cpu_kernels(model) -> None:
     rt.kernels = True
 
 
+def _count_mapped_calls(rt) -> list[int]:
+    """Counts the runtime's moe_layer_mapped calls in the returned cell."""
+    calls = [0]
+    original = rt.engine.layer_mapped
+
+    def counting(*a, **kw):
+        calls[0] += 1
+        return original(*a, **kw)
+
+    rt.engine.layer_mapped = counting
+    return calls
+
+
 def _decode(model, prompt: torch.Tensor, new: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy decode by hand (one token per step), returning the tokens and
     every step's logits."""
@@ -68,19 +81,11 @@ def test_mapped_layers_match_the_synchronous_kernel_path(family, tmp_path):
 
         rt.mapped = True
         model.moe_tune(flush=True, reset_stats=True)
-        calls = 0
-        original = rt.engine.layer_mapped
-
-        def counting(*a, **kw):
-            nonlocal calls
-            calls += 1
-            return original(*a, **kw)
-
-        rt.engine.layer_mapped = counting
+        calls = _count_mapped_calls(rt)
         got_ids, got_logits = _decode(model, prompt, 12)
         mapped = model.moe_stats()
 
-        assert calls >= 13 * tm.moe_layers(family), "prefill and every decode step ran mapped"
+        assert calls[0] >= 13 * tm.moe_layers(family), "prefill and every decode step ran mapped"
         assert torch.equal(got_ids, want_ids)
         assert torch.equal(got_logits, want_logits), "the same reference FFN, whether experts come from slots or host memory"
         assert mapped["hits"] + mapped["misses"] == sync["hits"] + sync["misses"], "every expert use traced once"
@@ -129,23 +134,15 @@ def test_mapped_generation_modes_match_the_synchronous_kernel_path(tmp_path):
             "beams": dict(do_sample=False, num_beams=2),
             "sampling": dict(do_sample=True, top_k=20),
         }
-        calls = 0
-        original = rt.engine.layer_mapped
-
-        def counting(*a, **kw):
-            nonlocal calls
-            calls += 1
-            return original(*a, **kw)
-
-        rt.engine.layer_mapped = counting
+        calls = _count_mapped_calls(rt)
         for name, kw in modes.items():
             outs = []
             for mapped in (False, True):
                 rt.mapped = mapped
-                calls = 0
+                calls[0] = 0
                 torch.manual_seed(11)
                 outs.append(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, **kw))
-                assert (calls >= 9 * tm.moe_layers("qwen3_moe")) == mapped, f"{name}: {calls} mapped calls"
+                assert (calls[0] >= 9 * tm.moe_layers("qwen3_moe")) == mapped, f"{name}: {calls[0]} mapped calls"
             assert torch.equal(outs[0], outs[1]), name
     finally:
         model.close()

@@ -4,21 +4,28 @@ import (
 	"testing"
 )
 
+// benchEngine is a configured engine over the float32 test model of L × E
+// experts with `slots` cache slots, closed when the benchmark ends.
+func benchEngine(b *testing.B, L, E, slots int) *Engine {
+	b.Helper()
+	e, err := New(Config{BudgetBytes: int64(slots) * slotBytes})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = e.Close() })
+	model(&testing.T{}, e, L, E)
+	if _, err := e.Configure(Setup{Layout: mixtralSpec}); err != nil {
+		b.Fatal(err)
+	}
+	return e
+}
+
 // BenchmarkHotPathPerLayer measures the engine's host work for one MoE
 // layer of a decode step (observe + acquire + release of 2 experts, all
 // hits): the per-layer overhead the decode benchmark reports.
 func BenchmarkHotPathPerLayer(b *testing.B) {
 	const L, E = 32, 8
-	t := &testing.T{}
-	e, err := New(Config{BudgetBytes: L * E * slotBytes})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer e.Close()
-	model(t, e, L, E)
-	if _, err := e.Configure(Setup{Layout: mixtralSpec}); err != nil {
-		b.Fatal(err)
-	}
+	e := benchEngine(b, L, E, L*E)
 	// A few finished requests so the planner has something to match.
 	for r := 0; r < 8; r++ {
 		req, _ := e.BeginRequest()
@@ -59,16 +66,7 @@ func BenchmarkHotPathPerLayer(b *testing.B) {
 // tracer's per-layer host work in mapped mode.
 func BenchmarkObserveFineGrained(b *testing.B) {
 	const L, E, K = 48, 128, 8
-	t := &testing.T{}
-	e, err := New(Config{BudgetBytes: 64 * slotBytes})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer e.Close()
-	model(t, e, L, E)
-	if _, err := e.Configure(Setup{Layout: mixtralSpec}); err != nil {
-		b.Fatal(err)
-	}
+	e := benchEngine(b, L, E, 64)
 	counts := make([]float32, E)
 	for r := 0; r < 300; r++ {
 		req, _ := e.BeginRequest()

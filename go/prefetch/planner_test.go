@@ -19,7 +19,10 @@ func eam(experts, layers int, route ...int) *trace.EAM {
 	return m
 }
 
-func TestPlannerPredictsLaterLayersFromSimilarRequests(t *testing.T) {
+// twoRequestPlanner plans from two one-token requests over 4 layers × 4
+// experts that route in opposite orders, matching one EAM.
+func twoRequestPlanner(t *testing.T) *Planner {
+	t.Helper()
 	coll, err := trace.NewCollection(4, 4, 10)
 	require.NoError(t, err)
 	require.NoError(t, coll.Add(eam(4, 4, 0, 1, 2, 3)))
@@ -27,6 +30,11 @@ func TestPlannerPredictsLaterLayersFromSimilarRequests(t *testing.T) {
 	p := NewPlanner(coll)
 	p.Matches = 1
 	p.MinEvidence = 0 // one-token EAMs
+	return p
+}
+
+func TestPlannerPredictsLaterLayersFromSimilarRequests(t *testing.T) {
+	p := twoRequestPlanner(t)
 
 	plan := p.Plan(eam(4, 4, 0), 0)
 	require.NotEmpty(t, plan)
@@ -109,13 +117,7 @@ func TestPlannerNeedsEvidence(t *testing.T) {
 }
 
 func TestPlanNextPredictsEveryLayerOfTheNextPass(t *testing.T) {
-	coll, err := trace.NewCollection(4, 4, 10)
-	require.NoError(t, err)
-	require.NoError(t, coll.Add(eam(4, 4, 0, 1, 2, 3)))
-	require.NoError(t, coll.Add(eam(4, 4, 3, 2, 1, 0)))
-	p := NewPlanner(coll)
-	p.Matches = 1
-	p.MinEvidence = 0
+	p := twoRequestPlanner(t)
 	// A complete pass like the second EAM: match on all of it.
 	plan := p.PlanNext(eam(4, 4, 3, 2, 1, 0))
 	require.Len(t, plan, 4)
