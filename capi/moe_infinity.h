@@ -141,7 +141,8 @@ int32_t moe_layer_moe(uint64_t handle, int32_t layer, int32_t nreq, const uint64
  * requests as moe_layer_moe does; missed experts the eviction policy ranks
  * above its best victim are copied in for later tokens. Errors found in
  * the routing after the launch (an id out of range: its expert is skipped)
- * are returned by the next call. MOE_ERR_UNSUPPORTED when the backend or
+ * are returned by a later call once traced, and at the latest by
+ * moe_request_end. MOE_ERR_UNSUPPORTED when the backend or
  * the host layout cannot be read in place (use moe_layer_moe). At most 4096
  * (token, expert) pairs per call. weights are [T, k] routing weights of
  * weights_dtype: 0 float32, 1 bfloat16, 2 float16 (the router's output as

@@ -57,6 +57,7 @@ func (c *CPU) MappedFFN(layer int, a FFNArgs) (*Routing, error) {
 		a.GateUp[x], a.Up[x], a.Down[x] = uint64(r[0]), uint64(r[1]), uint64(r[2])
 	}
 	snap := m.Snapshot(layer)
+	a.SkipInvalid = true // as the GPU kernels: the tracer reports bad ids
 	if err := c.FFN(a); err != nil {
 		return nil, err
 	}

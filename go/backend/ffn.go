@@ -46,6 +46,11 @@ type FFNArgs struct {
 	// Up[e], when set, is the address of expert e's up rows [Inter,
 	// Hidden]; otherwise they follow the gate rows at GateUp[e].
 	Up []uint64
+	// SkipInvalid makes a (token, expert) pair whose id is outside the
+	// tables contribute nothing instead of failing the call, as the GPU
+	// kernels do (mapped mode reports such ids once the routing reaches the
+	// host).
+	SkipInvalid bool
 }
 
 // Routing-weight types of FFNArgs.WDType (the kernels' codes are
@@ -127,14 +132,21 @@ func (c *CPU) FFN(a FFNArgs) error {
 	wts := routingWeights(a, P)
 	x := toF32(hostSlice(a.X, a.T*H*2), dt)
 	h := unsafe.Slice((*float32)(ptrOf(a.Scratch)), P*I)
+	valid := func(p int64) bool {
+		return exps[p] >= 0 && int(exps[p]) < len(a.GateUp) && a.GateUp[exps[p]] != 0 && a.UpAddr(exps[p]) != 0 && a.Down[exps[p]] != 0
+	}
 	for p := int64(0); p < P; p++ {
-		if exps[p] < 0 || int(exps[p]) >= len(a.GateUp) || a.GateUp[exps[p]] == 0 || a.UpAddr(exps[p]) == 0 || a.Down[exps[p]] == 0 {
+		if !valid(p) && !a.SkipInvalid {
 			return fmt.Errorf("backend cpu: pair %d routes to expert %d, which is not resident", p, exps[p])
 		}
 	}
 	parallel(P*I, func(lo, hi int64) {
 		for idx := lo; idx < hi; idx++ {
 			p, i := idx/I, idx%I
+			if !valid(p) {
+				h[idx] = 0
+				continue
+			}
 			wg := hostSlice(a.GateUp[exps[p]], I*H*2)
 			wu := hostSlice(a.UpAddr(exps[p]), I*H*2)
 			t := p / a.K
@@ -152,6 +164,9 @@ func (c *CPU) FFN(a FFNArgs) error {
 			var acc float32
 			for j := int64(0); j < a.K; j++ {
 				p := t*a.K + j
+				if !valid(p) {
+					continue
+				}
 				w := hostSlice(a.Down[exps[p]], H*I*2)
 				acc += wts[p] * round(dotRow(w[r*I*2:(r+1)*I*2], h[p*I:(p+1)*I], dt), dt)
 			}

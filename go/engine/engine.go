@@ -414,7 +414,9 @@ func (e *Engine) EndRequest(req uint64) error {
 	if err := e.tracker.End(req); err != nil {
 		return fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
-	return nil
+	// A routing error the tracer found after the request's last mapped
+	// layer surfaces here at the latest, never silently.
+	return e.takeMappedErr()
 }
 
 // Observe records that, in MoE layer `layer`, request reqs[i] routed

@@ -77,7 +77,8 @@ func (e *Engine) enableMapped() (backend.Mapped, error) {
 // from host memory, and the routing (c.TopK, on the device) reaches the
 // tracer asynchronously. reqs are the requests the layer's tokens belong
 // to (split evenly in row order, as in LayerMoE). An error the tracer met
-// on an earlier call (an out-of-range expert id, say) is returned here.
+// on an earlier call (an out-of-range expert id, whose pairs the
+// computation skipped) is returned here, or at the latest by EndRequest.
 func (e *Engine) LayerMapped(c FFNCall, reqs []uint64) error {
 	if err := e.enter(); err != nil {
 		return err

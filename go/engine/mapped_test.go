@@ -152,8 +152,23 @@ func TestMappedLayerRejectsBadInput(t *testing.T) {
 	c := io.call(0, 1, 2)
 	c.DType = 1
 	assert.ErrorIs(t, e.LayerMapped(c, nil), ErrInvalid, "float16 activations for bfloat16 experts")
+	// An id out of range is skipped by the computation (as on a GPU,
+	// where it is only seen once the routing reaches the host) and
+	// reported by a call after the tracer has read it...
 	io.topk[1] = 9
-	assert.Error(t, e.LayerMapped(io.call(0, 1, 2), nil), "an expert id out of range is reported")
+	require.NoError(t, e.LayerMapped(io.call(0, 1, 2), nil))
+	e.drainMapped()
+	io.topk[1] = 2
+	err := e.LayerMapped(io.call(0, 1, 2), nil)
+	require.ErrorIs(t, err, ErrInvalid)
+	assert.Contains(t, err.Error(), "routes to expert 9, out of range [0, 4)")
+	require.NoError(t, e.LayerMapped(io.call(0, 1, 2), nil), "reported once")
+	// ...or, after a request's last layer, by the end of the request.
+	req, err := e.BeginRequest()
+	require.NoError(t, err)
+	io.topk[0] = -1
+	require.NoError(t, e.LayerMapped(io.call(0, 1, 2), []uint64{req}))
+	assert.ErrorIs(t, e.EndRequest(req), ErrInvalid)
 	runtime.KeepAlive(io)
 }
 
