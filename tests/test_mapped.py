@@ -114,6 +114,9 @@ def test_mapped_errors_reach_the_caller(tmp_path):
         ok = torch.tensor([[0, 1]])
         with pytest.raises(mi.InvalidArgumentError, match=f"routes to expert {rt.num_experts + 3}, out of range"), rt.requests(1):
             rt._run_mapped(layer, x, bad, w)
+        with pytest.raises(mi.InvalidArgumentError), rt.requests(3):
+            rt._run_mapped(layer, x, bad, w)
+        assert model.moe_stats()["active_requests"] == 0, "every request of the batch was ended"
         with rt.requests(1):
             good = rt._run_mapped(layer, x, ok, w)
         assert good.shape == x.shape and torch.isfinite(good.float()).all()

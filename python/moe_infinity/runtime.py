@@ -381,10 +381,19 @@ class OffloadRuntime:
         finally:
             self._tls.reqs = None
             self._tls.reqs_c = None
+            # Every request is ended; the first error (a routing error the
+            # mapped tracer found, say) is raised after.
+            first: MoEInfinityError | None = None
             if not self._closed:
                 for r in reqs:
-                    with contextlib.suppress(ClosedError):
+                    try:
                         self.engine.end_request(r)
+                    except ClosedError:
+                        pass
+                    except MoEInfinityError as exc:
+                        first = first or exc
+            if first is not None:
+                raise first
 
     def active_requests(self) -> list[int] | None:
         """The calling thread's current requests, if inside requests()."""
