@@ -44,6 +44,15 @@ class Engine:
         backend: ``"cpu"`` (default) or ``"cuda"``.
         device: CUDA device ordinal for the ``"cuda"`` backend.
         max_slots: cap on cache slots (default: as many as the budget holds).
+        admit_margin: mapped mode copies a missed expert in only when the
+            eviction policy values it (1 + margin) times its best victim
+            (default 1.0; LRU ignores it).
+        prefetch_confidence, prefetch_min_evidence, prefetch_min_token_share:
+            the prefetch planner's filters (0 = default, negative = off):
+            predicted share at least confidence × uniform (default 2),
+            predictions resting on at least this many routed tokens
+            (default 64), experts predicted for at least this fraction of a
+            layer's tokens (default 0.5).
     """
 
     def __init__(
@@ -61,6 +70,9 @@ class Engine:
         device: int = 0,
         max_slots: int | None = None,
         admit_margin: float | None = None,
+        prefetch_confidence: float | None = None,
+        prefetch_min_evidence: float | None = None,
+        prefetch_min_token_share: float | None = None,
     ):
         cfg: dict[str, Any] = {
             "budget_bytes": int(budget_bytes),
@@ -78,8 +90,14 @@ class Engine:
         ):
             if val is not None:
                 cfg[key] = int(val)
-        if admit_margin is not None:
-            cfg["admit_margin"] = float(admit_margin)
+        for key, fval in (
+            ("admit_margin", admit_margin),
+            ("prefetch_confidence", prefetch_confidence),
+            ("prefetch_min_evidence", prefetch_min_evidence),
+            ("prefetch_min_token_share", prefetch_min_token_share),
+        ):
+            if fval is not None:
+                cfg[key] = float(fval)
         if trace_path is not None:
             cfg["trace_path"] = os.fspath(trace_path)
         handle = ctypes.c_uint64(0)

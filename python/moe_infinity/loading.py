@@ -526,7 +526,9 @@ def from_pretrained(
             ``matches``, ``prefetch_window``, ``workers``, ``max_slots``,
             ``admit_margin``: in mapped mode, how much more the eviction
             policy must value a missed expert than its victim to copy it
-            in; default 1.0).
+            in, default 1.0; ``prefetch_confidence``,
+            ``prefetch_min_evidence``, ``prefetch_min_token_share``: the
+            prefetch planner's filters, 0 = default, negative = off).
         **hf_kwargs: passed to transformers' ``from_pretrained``.
     """
     from transformers import AutoConfig
