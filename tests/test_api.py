@@ -317,3 +317,13 @@ def test_graph_decoder_needs_a_gpu_model_in_mapped_mode(tmp_path):
             mi.GraphDecoder(model, max_len=8)
     finally:
         model.close()
+
+
+def test_engine_tuning_keywords_reach_the_engine():
+    eng = mi.Engine(1 << 20, admit_margin=0.25, prefetch_min_token_share=-1, prefetch_confidence=3, prefetch_min_evidence=8)
+    try:
+        assert eng.config["admit_margin"] == 0.25 and eng.config["prefetch_min_token_share"] == -1.0
+    finally:
+        eng.close()
+    with pytest.raises(mi.InvalidArgumentError, match="admit_margin must be a finite number >= 0"):
+        mi.Engine(1 << 20, admit_margin=-1)
