@@ -59,6 +59,11 @@ type ReplayConfig struct {
 	Mapped bool `json:"mapped,omitempty"`
 	// AdmitMargin is Cache.Admit's margin in mapped mode.
 	AdmitMargin float64 `json:"admit_margin,omitempty"`
+	// FillOnRead models an admission that costs no transfer in mapped
+	// mode (the kernel that reads a missed expert over the link writes it
+	// into its slot): admissions are left out of LinkPerAccess. A what-if
+	// for a design not built yet.
+	FillOnRead bool `json:"fill_on_read,omitempty"`
 	// PrefetchMinTokenShare mirrors the engine's setting of the same name
 	// (see prefetch.Planner.MinTokenShare): 0 keeps the planner's default,
 	// a negative value turns the filter off.
@@ -362,6 +367,9 @@ func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
 	link := st.Loads + st.PrefetchLoads
 	if cfg.Mapped {
 		link += st.Misses
+		if cfg.FillOnRead {
+			link -= st.Loads
+		}
 	}
 	return Result{
 		Label:             t.Label,

@@ -234,3 +234,29 @@ func TestScorerFollowsTheEnginesFormula(t *testing.T) {
 	s.setPlan(nil)
 	assert.Zero(t, s.Predicted(k(1, 0)))
 }
+
+func TestMappedReplayCountsLinkTransfers(t *testing.T) {
+	tr, err := Generate(GenParams{Layers: 8, Experts: 8, TopK: 2, Requests: 6, TokensPerRequest: 16, Clusters: 2, Skew: 1, Seed: 3})
+	require.NoError(t, err)
+	run := func(cfg ReplayConfig) Result {
+		cfg.Slots = 16
+		r, err := Replay(tr, cfg)
+		require.NoError(t, err)
+		require.Equal(t, tr.Accesses(), r.Hits+r.Misses)
+		return r
+	}
+	sync := run(ReplayConfig{Policy: cache.PolicyLRU})
+	assert.Equal(t, sync.Misses, sync.Loads, "the synchronous path loads every miss")
+	assert.InDelta(t, ratio(sync.Misses, sync.Accesses), sync.LinkPerAccess, 1e-12)
+
+	lru := run(ReplayConfig{Policy: cache.PolicyLRU, Mapped: true, AdmitMargin: 5})
+	assert.Equal(t, lru.Misses, lru.Loads, "mapped LRU admits every miss whatever the margin")
+	assert.InDelta(t, ratio(lru.Misses+lru.Loads, lru.Accesses), lru.LinkPerAccess, 1e-12, "read in place, then copied in")
+	free := run(ReplayConfig{Policy: cache.PolicyLRU, Mapped: true, FillOnRead: true})
+	assert.InDelta(t, ratio(free.Misses, free.Accesses), free.LinkPerAccess, 1e-12, "fill on read: admissions cost nothing")
+
+	loose := run(ReplayConfig{Policy: cache.PolicyLFU, Mapped: true})
+	strict := run(ReplayConfig{Policy: cache.PolicyLFU, Mapped: true, AdmitMargin: 3})
+	assert.Less(t, strict.Loads, loose.Loads, "a margin admits fewer misses")
+	assert.Positive(t, strict.Loads, "an empty cache still fills")
+}

@@ -46,6 +46,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.Float64Var(&cfg.PrefetchMinTokenShare, "min-token-share", 0, "prefetch only experts predicted to serve this fraction of a layer's tokens (0 = engine default, <0 = off)")
 	fs.BoolVar(&cfg.Mapped, "mapped", false, "replay mapped mode: misses are read in place and copied in only when the policy admits them")
 	fs.Float64Var(&cfg.AdmitMargin, "admit-margin", 1, "with -mapped: how much more (fraction) the policy must value a miss than its victim to copy it in (the engine's default is 1)")
+	fs.BoolVar(&cfg.FillOnRead, "fill-on-read", false, "with -mapped: count admissions as free (what-if: the reading kernel fills the slot)")
 	jsonPath := fs.String("json", "", "also write the results as JSON to this file")
 	tracePath := fs.String("trace", "", "replay this recorded trace file (JSON, see sim.ReadTrace) instead of generating one")
 	if err := fs.Parse(args); err != nil {
