@@ -59,10 +59,11 @@ type ReplayConfig struct {
 	Mapped bool `json:"mapped,omitempty"`
 	// AdmitMargin is Cache.Admit's margin in mapped mode.
 	AdmitMargin float64 `json:"admit_margin,omitempty"`
-	// FillOnRead models an admission that costs no transfer in mapped
-	// mode (the kernel that reads a missed expert over the link writes it
-	// into its slot): admissions are left out of LinkPerAccess. A what-if
-	// for a design not built yet.
+	// FillOnRead models admission without a copy in mapped mode: an
+	// admitted expert's slot is reserved, and the next computation that
+	// reads the expert over the link (another miss) also writes it into
+	// the slot, so admissions are left out of LinkPerAccess but each costs
+	// one more miss. A what-if for a design not built yet.
 	FillOnRead bool `json:"fill_on_read,omitempty"`
 	// PrefetchMinTokenShare mirrors the engine's setting of the same name
 	// (see prefetch.Planner.MinTokenShare): 0 keeps the planner's default,
@@ -295,6 +296,10 @@ func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
 	counts := make([]float32, E)
 	keys := make([]cache.Key, 0, t.MaxGroup())
 	hits := make([]bool, 0, t.MaxGroup())
+	var armed map[cache.Key]cache.Grant // fill-on-read reservations
+	if cfg.FillOnRead {
+		armed = map[cache.Key]cache.Grant{}
+	}
 	var perRequest []float64
 	total := func() (hits, uses uint64) {
 		var st cache.LayerStats
@@ -327,7 +332,7 @@ func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
 					keys = append(keys, cache.Key{Layer: int32(l), Expert: x})
 				}
 				if len(keys) > 0 && cfg.Mapped {
-					access(c, keys, hits, cfg.AdmitMargin)
+					access(c, keys, hits, cfg.AdmitMargin, armed)
 				} else if len(keys) > 0 {
 					grants, err := c.Pin(keys, nil)
 					if err != nil {
@@ -415,8 +420,12 @@ func issue(c *cache.Cache, plan []prefetch.Candidate, n int) {
 
 // access is one mapped-mode layer: the experts are computed where they are
 // (hits from their slots, misses in place), counted with Cache.Touch, and
-// each miss is offered to Cache.Admit (loads complete at once).
-func access(c *cache.Cache, keys []cache.Key, hits []bool, margin float64) {
+// each miss is offered to Cache.Admit. Without fill-on-read an admitted
+// expert is copied in at once (loads complete instantly). With it, the
+// admitted expert's slot is only reserved (armed): the next computation
+// that reads the expert in place — itself a miss — writes it into the slot,
+// which then becomes ready; armed holds the reserved grants.
+func access(c *cache.Cache, keys []cache.Key, hits []bool, margin float64, armed map[cache.Key]cache.Grant) {
 	hits = hits[:0]
 	for _, k := range keys {
 		_, st := c.Lookup(k)
@@ -427,7 +436,17 @@ func access(c *cache.Cache, keys []cache.Key, hits []bool, margin float64) {
 		if hits[i] {
 			continue
 		}
-		if g, ok := c.Admit(k, margin); ok {
+		if g, ok := armed[k]; ok { // this read fills the reserved slot
+			delete(armed, k)
+			c.Complete(g.Slot, g.Gen, nil)
+			continue
+		}
+		g, ok := c.Admit(k, margin)
+		switch {
+		case !ok:
+		case armed != nil:
+			armed[k] = g
+		default:
 			c.Complete(g.Slot, g.Gen, nil)
 		}
 	}
