@@ -153,3 +153,33 @@ def test_mapped_generation_modes_match_the_synchronous_kernel_path(tmp_path):
             assert torch.equal(outs[0], outs[1]), name
     finally:
         model.close()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_experts_a_prefill_loaded_are_read_from_their_slots(family, tmp_path):
+    """A long prompt runs through the synchronous path (more tokens than the
+    kernels take), which loads its experts into the cache before any mapped
+    layer ran. Decode steps in mapped mode must find them resident: with
+    every expert fitting, a second pass over the same prompt misses
+    nothing. (Mapped mode used to start with the first mapped layer, its
+    tables pointing at host memory, so the experts the prefill had loaded
+    were counted — and, on a GPU, read over the link — as misses for as
+    long as they stayed cached.)"""
+    path = tm.save(tm.build(family, seed=4, dtype=torch.bfloat16), tmp_path / family)
+    model = mi.from_pretrained(path, dtype=torch.bfloat16, device_memory="1GiB")
+    try:
+        _with_cpu_kernels(model)
+        rt = model.moe_runtime
+        rt.mapped = True
+        calls = _count_mapped_calls(rt)
+        prompt = torch.randint(3, tm.VOCAB, (1, 24), generator=torch.Generator().manual_seed(2))
+        first, _ = _decode(model, prompt, 6)
+        assert calls[0] == 6 * tm.moe_layers(family), "the prefill ran synchronously, every decode step mapped"
+        model.reset_moe_stats()
+        again, _ = _decode(model, prompt, 6)
+        st = model.moe_stats()
+        assert torch.equal(again, first)
+        assert st["hits"] > 0
+        assert st["misses"] == 0 and st["loads"] == 0, "everything the first pass used stayed resident"
+    finally:
+        model.close()

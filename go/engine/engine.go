@@ -215,7 +215,27 @@ func (s source) Fill(l, x int, dst []byte) error {
 
 // Configure fixes the layer order and slot image, sizes the cache from the
 // budget, opens the backend and loads the trace file. It is called once.
+//
+// With a backend that has a mapped mode and experts the FFN kernels take,
+// mapped mode is turned on here, before any expert is loaded: its tables
+// must know every resident expert, and an expert loaded before they
+// existed would be read from host memory for as long as it stayed cached.
+// (It used to be turned on by the first mapped layer, after a synchronous
+// prefill had filled the cache: decode then missed on every expert the
+// prefill had loaded.) A model mapped mode cannot serve keeps the reason,
+// returned by LayerMapped.
 func (e *Engine) Configure(s Setup) (Plan, error) {
+	plan, err := e.configure(s)
+	if err != nil {
+		return plan, err
+	}
+	if _, ok := e.be.(backend.Mapped); ok {
+		_, _ = e.enableMapped() // the error, if any, is kept for LayerMapped
+	}
+	return plan, nil
+}
+
+func (e *Engine) configure(s Setup) (Plan, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if err := e.checkOpen(); err != nil {

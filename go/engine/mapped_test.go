@@ -271,3 +271,39 @@ func TestCapturedStepsAreTracedOnEachReplay(t *testing.T) {
 	assert.ErrorIs(t, err, ErrState)
 	runtime.KeepAlive(ios)
 }
+
+// A synchronous layer (a prefill) before the first mapped one: the experts
+// it loaded must be read from their slots by the mapped layers that follow
+// and count as hits. Mapped mode used to start with the first mapped layer,
+// its tables pointing every expert at host memory, so the prefill's experts
+// were missed (and read over the link) for as long as they stayed cached.
+func TestExpertsLoadedBeforeTheFirstMappedLayerAreReadFromTheirSlots(t *testing.T) {
+	const L, E, T, K = 2, 4, 2, 2
+	e := mappedEngine(t, L, E, 8) // every expert fits
+	rng := rand.New(rand.NewPCG(11, 12))
+	io := newFFNIO(rng, T, K, E)
+	ref := reference(t, e, io, 0, T, K) // the synchronous path loads the layer's experts
+	loadsBefore := func() uint64 {
+		st, err := e.Stats()
+		require.NoError(t, err)
+		return st.Loads
+	}()
+	require.NoError(t, e.ResetStats())
+
+	req, err := e.BeginRequest()
+	require.NoError(t, err)
+	clear(io.out)
+	require.NoError(t, e.LayerMapped(io.call(0, T, K), []uint64{req}))
+	assert.Equal(t, ref, io.out)
+	st, err := e.Stats()
+	require.NoError(t, err)
+	distinct := map[int64]bool{}
+	for _, x := range io.topk {
+		distinct[x] = true
+	}
+	assert.Positive(t, loadsBefore)
+	assert.Equal(t, uint64(len(distinct)), st.Hits, "the prefill's experts are resident for the mapped layer")
+	assert.Zero(t, st.Misses)
+	assert.Zero(t, st.Loads, "nothing is loaded twice")
+	require.NoError(t, e.EndRequest(req))
+}
