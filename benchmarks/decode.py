@@ -244,7 +244,8 @@ def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
     model, cfg = build(args.preset, "cuda" if device.type == "cuda" else "cpu")
     built = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model = mi.offload(model, device=device, device_memory=args.device_memory, kernels=not args.no_kernels)
+    opts = {} if args.admit_margin is None else {"admit_margin": args.admit_margin}
+    model = mi.offload(model, device=device, device_memory=args.device_memory, kernels=not args.no_kernels, engine_options=opts)
     offloaded = time.perf_counter() - t0
     rt = model.moe_runtime
     if args.no_mapped:
@@ -284,6 +285,7 @@ def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "preset": args.preset,
                 "policy": policy,
                 "prefetch": prefetch,
+                "admit_margin": args.admit_margin,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 "device_memory": args.device_memory,
                 "prompt_len": args.prompt_len,
@@ -381,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-kernels", action="store_true")
     ap.add_argument("--graph", action="store_true", help="replay each decode step from a CUDA graph (needs mapped mode)")
     ap.add_argument("--pipeline", action="store_true", help="with --graph: queue each replay before reading the previous token")
+    ap.add_argument("--admit-margin", type=float, help="engine admission margin (default: the engine's)")
     ap.add_argument("--no-mapped", action="store_true", help="synchronous layers (routing to the host, copies, kernels) instead of mapped mode")
     ap.add_argument("--accelerate", action="store_true", help="also run accelerate offloading in its own process")
     ap.add_argument("--accelerate-only", action="store_true", help=argparse.SUPPRESS)

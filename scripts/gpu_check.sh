@@ -60,6 +60,11 @@ if [ "$what" = headline ]; then
     run qwen3_stepwise timeout 120 $D --no-ablations --preset qwen3-30b-a3b --out "$OUT/decode_qwen3_stepwise.json"
     run mixtral_pipelined timeout 170 $D --pipeline --no-ablations --preset mixtral-8x7b --out "$OUT/decode_mixtral_pipelined.json"
 fi
+if [ "$what" = margin ]; then  # admission margin 4 against the default, both shapes
+    D="python3 benchmarks/decode.py --device-memory 24GiB --decode 32 --graph --pipeline --no-ablations"
+    run qwen3_margin4 timeout 150 $D --admit-margin 4 --preset qwen3-30b-a3b --out "$OUT/decode_qwen3_margin4.json"
+    run mixtral_margin4 timeout 170 $D --admit-margin 4 --preset mixtral-8x7b --out "$OUT/decode_mixtral_margin4.json"
+fi
 echo "== summary"
 cat "$OUT/summary.txt"
 grep -hE "passed|failed|error" "$OUT"/*.log | grep -E "^[0-9]+ (passed|failed)|=+ .*(passed|failed)" || true
