@@ -34,6 +34,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -126,6 +127,46 @@ def pinned_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 5)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return nbytes / statistics.median(times[1:]) / 1e9
+
+
+def generated_routing(L: int, E: int, k: int, tokens: int, skew: float, seed: int) -> np.ndarray:
+    """Expert ids [tokens, L, k] of one request drawn like go/sim's trace
+    generator (GenParams, one cluster): per layer a random permutation ranks
+    the experts, and each token draws k distinct ranks with probability ∝
+    (rank + 1)^-skew, without replacement (Efraimidis–Spirakis keys)."""
+    rng = np.random.default_rng(seed)
+    perm = np.stack([rng.permutation(E) for _ in range(L)])  # [L, E]: rank -> expert
+    inv_w = np.arange(1, E + 1, dtype=np.float64) ** skew
+    keys = rng.exponential(size=(tokens, L, E)) * inv_w
+    ranks = np.argsort(keys, axis=-1)[..., :k]
+    return np.take_along_axis(np.broadcast_to(perm, (tokens, L, E)), ranks, axis=-1)
+
+
+class ForcedRouting:
+    """Replaces the router's choice in every MoE layer with a generated
+    trace: token t of a run (prompt and decoded tokens in order) uses
+    ids[t % len(ids), layer]. The position is a device counter advanced
+    after the last MoE layer, so CUDA-graph replays follow the trace too.
+    The routing weights stay the router's (they only mix the outputs)."""
+
+    def __init__(self, rt, ids: np.ndarray, device: torch.device):
+        self.rt, self.original = rt, rt.run_fused
+        self.ids = torch.as_tensor(ids, dtype=torch.int64, device=device).contiguous()
+        self.cursor = torch.zeros(1, dtype=torch.int64, device=device)
+        self.last = len(rt.layers) - 1
+        self.steps = torch.arange(4096, dtype=torch.int64, device=device)
+        rt.run_fused = self
+
+    def reset(self) -> None:
+        self.cursor.zero_()
+
+    def __call__(self, layer, hidden, top_k_index, top_k_weights, original):
+        T = top_k_index.shape[0]
+        rows = (self.cursor + self.steps[:T]) % self.ids.shape[0]
+        forced = self.ids[rows, layer.index].contiguous()
+        if layer.index == self.last:
+            self.cursor.add_(T)
+        return self.original(layer, hidden, forced, top_k_weights, original)
 
 
 def _sync(device: torch.device) -> None:
@@ -253,6 +294,15 @@ def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
     plan = model.moe_stats()["plan"]
     bw = pinned_bandwidth(device) if device.type == "cuda" else None
     compute, dense_wall = compute_time(model, device)
+    forced = None
+    if args.routing == "generated":
+        n_tok = args.prompt_len + args.decode + 8
+        ids = generated_routing(len(rt.layers), rt.num_experts, cfg.num_experts_per_tok, n_tok, args.skew, args.routing_seed)
+        forced = ForcedRouting(rt, ids, device)
+        routing_label = (f"generated: L={len(rt.layers)} E={rt.num_experts} k={cfg.num_experts_per_tok} requests=1 "
+                         f"tokens={n_tok} clusters=1 skew={args.skew} seed={args.routing_seed} (decode.py)")
+    else:
+        routing_label = "model (random weights)"
     g = torch.Generator().manual_seed(7)
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=g).to(device)
     # Warm-up (not recorded) over the same prompt and length: first-use
@@ -269,6 +319,8 @@ def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
     ablations = ABLATIONS if args.ablations else ABLATIONS[:1]
     for policy, prefetch in ablations:
         model.moe_tune(cache_policy=policy, prefetch=prefetch, flush=True, reset_stats=True)
+        if forced is not None:
+            forced.reset()
         r = decode_run_graph(dec, prompt, args.decode, args.pipeline) if dec is not None else decode_run(model, prompt, args.decode, device)
         st = model.moe_stats()
         n = len(r["step_s"])
@@ -286,6 +338,7 @@ def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "policy": policy,
                 "prefetch": prefetch,
                 "admit_margin": args.admit_margin,
+                "routing": routing_label,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 "device_memory": args.device_memory,
                 "prompt_len": args.prompt_len,
@@ -384,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graph", action="store_true", help="replay each decode step from a CUDA graph (needs mapped mode)")
     ap.add_argument("--pipeline", action="store_true", help="with --graph: queue each replay before reading the previous token")
     ap.add_argument("--admit-margin", type=float, help="engine admission margin (default: the engine's)")
+    ap.add_argument("--routing", choices=["model", "generated"], default="model",
+                    help="model: the router's choice (random weights route narrowly); generated: a labelled generated trace (skewed popularity)")
+    ap.add_argument("--skew", type=float, default=1.0, help="with --routing generated: popularity exponent (0 = uniform)")
+    ap.add_argument("--routing-seed", type=int, default=1)
     ap.add_argument("--no-mapped", action="store_true", help="synchronous layers (routing to the host, copies, kernels) instead of mapped mode")
     ap.add_argument("--accelerate", action="store_true", help="also run accelerate offloading in its own process")
     ap.add_argument("--accelerate-only", action="store_true", help=argparse.SUPPRESS)

@@ -31,3 +31,67 @@ def test_decode_harness_tiny_cpu(tmp_path):
         assert 0.0 <= r["hit_rate"] <= 1.0
         assert r["slots"] < 32, "the budget holds fewer experts than the model has"
         assert r["bytes_moved_per_token"] == r["misses_per_token"] * r["expert_bytes"] or r["prefetch"]
+
+
+def test_decode_harness_generated_routing_tiny_cpu(tmp_path):
+    out = tmp_path / "g.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--preset", "tiny", "--device", "cpu", "--no-ablations",
+           "--device-memory", "300KiB", "--prompt-len", "12", "--decode", "4", "--routing", "generated", "--skew", "1.5",
+           "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert row["routing"].startswith("generated: L=4 E=8 k=2 requests=1 tokens=24 clusters=1 skew=1.5 seed=1")
+    assert FIELDS <= set(row)
+
+
+def test_generated_routing_draws_distinct_skewed_experts():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import decode
+
+    ids = decode.generated_routing(L=3, E=16, k=4, tokens=400, skew=1.5, seed=2)
+    assert ids.shape == (400, 3, 4)
+    assert ((ids >= 0) & (ids < 16)).all()
+    assert all(len(set(row)) == 4 for row in ids.reshape(-1, 4).tolist()), "k distinct experts per token and layer"
+    assert (decode.generated_routing(3, 16, 4, 400, 1.5, 2) == ids).all(), "seeded"
+    for layer in range(3):
+        counts = sorted((ids[:, layer] == x).sum() for x in range(16))
+        assert counts[-1] > 3 * counts[0] + 1, "skewed popularity"
+    flat = decode.generated_routing(L=1, E=16, k=4, tokens=2000, skew=0.0, seed=3)
+    counts = [(flat == x).sum() for x in range(16)]
+    assert max(counts) < 1.3 * min(counts), "skew 0 is uniform"
+
+
+def test_forced_routing_follows_the_trace_through_prefill_and_decode():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import decode
+    import torch
+    import moe_infinity as mi
+
+    model, cfg = decode.build("tiny", "cpu")
+    model = mi.offload(model, device="cpu", device_memory="300KiB")
+    try:
+        rt = model.moe_runtime
+        seen = []
+        inner = rt.run_fused
+
+        def recording(layer, hidden, top_k_index, top_k_weights, original):
+            seen.append((layer.index, top_k_index.clone()))
+            return inner(layer, hidden, top_k_index, top_k_weights, original)
+
+        rt.run_fused = recording
+        ids = decode.generated_routing(len(rt.layers), rt.num_experts, cfg.num_experts_per_tok, 16, 1.0, 5)
+        forced = decode.ForcedRouting(rt, ids, torch.device("cpu"))
+        prompt = torch.randint(0, cfg.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            out = model(input_ids=prompt, use_cache=True)
+            model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+        L = len(rt.layers)
+        assert len(seen) == 2 * L
+        for i, (layer, got) in enumerate(seen):
+            rows = range(0, 5) if i < L else range(5, 6)
+            assert torch.equal(got, torch.as_tensor(ids[list(rows), layer])), (i, layer)
+        forced.reset()
+        assert int(forced.cursor) == 0
+    finally:
+        model.close()
