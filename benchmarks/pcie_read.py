@@ -1,0 +1,126 @@
+"""How fast SMs read pinned host memory over PCIe, by access pattern, next to
+the copy engine (DMA) on the same buffer.
+
+Mapped mode reads a missed expert in place. On the H100 the FFN kernels do
+that at ~92% of the DMA bandwidth (BENCHMARKS.md, zero-copy section), and on
+the Mixtral shape that gap is most of the distance to the transfer floor.
+This separates the access pattern from the mechanism:
+
+- ``rows``: the FFN kernels' pattern — a warp per weight row (8 KiB gate/up
+  rows and 28 KiB down rows of Mixtral), lanes striding 16-byte loads;
+- ``chunks``: each block a contiguous 64 KiB chunk, four 16-byte loads in
+  flight per thread;
+- ``bulk``: Hopper's bulk asynchronous copy (TMA, ``cp.async.bulk``) of
+  16 KiB chunks into shared memory, double-buffered, one thread issuing.
+
+    python benchmarks/pcie_read.py --out benchmarks/results/pcie_read_h100.json
+
+Kernels: cuda/pcie_read.cu, built to benchmarks/pcie_read.ptx with
+``clang-16 -x cuda --cuda-device-only -nocudainc -nocudalib
+--cuda-gpu-arch=sm_90 -O3 -S -Icuda`` and the PTX version raised to 8.0
+(the bulk copy needs it; clang 16 writes 7.8). Needs a CUDA GPU (bulk:
+sm_90) and torch; times with CUDA events, median over --reps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+THREADS = 256
+BULK = 16384
+
+
+class Kernels:
+    def __init__(self) -> None:
+        self.cu = ctypes.CDLL("libcuda.so.1")
+        torch.zeros(1, device="cuda")  # primary context current
+        ptx = (ROOT / "benchmarks/pcie_read.ptx").read_bytes() + b"\0"
+        mod = ctypes.c_void_p()
+        self._check(self.cu.cuModuleLoadData(ctypes.byref(mod), ctypes.c_char_p(ptx)), "cuModuleLoadData")
+        self.fn = {}
+        for name in ("pr_rows", "pr_chunks", "pr_bulk"):
+            f = ctypes.c_void_p()
+            self._check(self.cu.cuModuleGetFunction(ctypes.byref(f), mod, name.encode()), name)
+            self.fn[name] = f
+
+    @staticmethod
+    def _check(r: int, what: str) -> None:
+        if r != 0:
+            raise RuntimeError(f"{what} failed: CUresult {r}")
+
+    def launch(self, name: str, grid: int, args: list[int]) -> None:
+        vals = [ctypes.c_uint64(a & (2**64 - 1)) for a in args]
+        ptrs = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        self._check(self.cu.cuLaunchKernel(self.fn[name], grid, 1, 1, THREADS, 1, 1, 0, stream, ptrs, None), name)
+
+
+def timed(fn, reps: int) -> float:
+    """Median seconds of fn() over reps (CUDA events), after one warm-up."""
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(ts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mib", type=int, default=1024, help="bytes read per measurement (MiB)")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("pcie_read: needs a CUDA device", file=sys.stderr)
+        return 2
+    k = Kernels()
+    n = args.mib << 20
+    src = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    src.view(torch.int32).random_()
+    dst = torch.empty(n, dtype=torch.uint8, device="cuda")
+    sink = torch.zeros(4, dtype=torch.int32, device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows: dict[str, float] = {}
+
+    def record(name: str, seconds: float) -> None:
+        rows[name] = n / seconds / 1e9
+        print(f"{name:28s} {rows[name]:6.1f} GB/s", flush=True)
+
+    record("dma_copy", timed(lambda: dst.copy_(src, non_blocking=True), args.reps))
+    for row_bytes in (8192, 28672):
+        nrows = n // row_bytes
+        record(f"rows_{row_bytes // 1024}KiB",
+               timed(lambda: k.launch("pr_rows", (nrows + THREADS // 32 - 1) // (THREADS // 32), [src.data_ptr(), nrows, row_bytes // 16, sink.data_ptr()]), args.reps))
+    chunk = 64 << 10
+    record("chunks_64KiB_unroll4", timed(lambda: k.launch("pr_chunks", n // chunk, [src.data_ptr(), chunk // 16, sink.data_ptr()]), args.reps))
+    record("hbm_chunks_64KiB (reference)", timed(lambda: k.launch("pr_chunks", n // chunk, [dst.data_ptr(), chunk // 16, sink.data_ptr()]), args.reps))
+    for per_sm in (2, 4, 8):
+        try:
+            record(f"bulk_16KiB_{per_sm}_blocks_per_SM",
+                   timed(lambda: k.launch("pr_bulk", sms * per_sm, [src.data_ptr(), n // BULK, sink.data_ptr()]), args.reps))
+        except RuntimeError as exc:  # e.g. no sm_90, or the bulk copy refused host memory
+            rows[f"bulk_16KiB_{per_sm}_blocks_per_SM"] = None
+            print(f"bulk: {exc}", flush=True)
+            break
+    result = {"device": torch.cuda.get_device_name(0), "bytes": n, "GBps": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
