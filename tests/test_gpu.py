@@ -247,6 +247,13 @@ def test_graph_decoder_replays_exactly_and_keeps_tracing(family, tmp_path):
         piped = dec.generate(prompt, max_new_tokens=new, pipeline=True)
         assert torch.equal(piped, want), "replays queued ahead of the token readback give the same tokens"
         assert len(dec.step_s) == new - 1 and all(t > 0 for t in dec.step_s)
+        # An end-of-sequence id stops decoding at its first occurrence, stepwise and pipelined.
+        P = prompt.shape[1]
+        eos = int(want[0, P + 3])
+        first = P + [int(t) for t in want[0, P:]].index(eos)
+        for pipeline in (False, True):
+            ended = dec.generate(prompt, max_new_tokens=new, pipeline=pipeline, eos_token_id=[eos])
+            assert torch.equal(ended, want[:, : first + 1]), (pipeline, ended.tolist(), want.tolist())
     finally:
         ours.close()
 

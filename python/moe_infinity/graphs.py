@@ -98,11 +98,13 @@ class GraphDecoder:
         self.graph = graph
         self.capture_s = time.perf_counter() - t0
 
-    def _stepwise(self, first: torch.Tensor, P: int, n: int, reqs_c: Any) -> torch.Tensor:
-        """n replays from position P, reading each token before the next."""
+    def _stepwise(self, first: torch.Tensor, P: int, n: int, reqs_c: Any, stop: "_Stop") -> torch.Tensor:
+        """Up to n replays from position P, reading each token before the next."""
         nxt, toks = first, []
         eng = self.rt.engine
         for i in range(n):
+            if stop.done():
+                break
             t0 = time.perf_counter()
             self.ids.copy_(nxt)
             self.pos.fill_(P + i)
@@ -115,33 +117,58 @@ class GraphDecoder:
             self.host_s.append(time.perf_counter() - t0)
             self.stream.synchronize()
             self.step_s.append(time.perf_counter() - t0)
+            stop.see(nxt)
         return torch.cat(toks, dim=1) if toks else first[:, :0]
 
-    def _pipelined(self, first: torch.Tensor, P: int, n: int, reqs_c: Any) -> torch.Tensor:
-        """n replays from position P, queued without reading tokens back."""
+    def _pipelined(self, first: torch.Tensor, P: int, n: int, reqs_c: Any, stop: "_Stop") -> torch.Tensor:
+        """Up to n replays from position P, queued without waiting for
+        tokens: token i is looked at (for end of sequence) once replay
+        i + depth is about to be queued, so up to depth replays past the
+        end run and are dropped."""
         self.ids.copy_(first)
         self.pos.fill_(P)
         toks = torch.empty((self.batch, n), dtype=torch.long, device=self.device)
+        seen = torch.empty((self.batch, n), dtype=torch.long, pin_memory=True) if stop.active else None
         events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
         events[0].record(self.stream)
         eng = self.rt.engine
+        issued = looked = 0
         for i in range(n):
             if i >= self.depth:
                 events[i + 1 - self.depth].synchronize()
+                if seen is not None:  # token i - depth is on the host now
+                    stop.see(seen[:, looked : looked + 1])
+                    looked += 1
+            if stop.done():
+                break
             t0 = time.perf_counter()
             self.graph.replay()
             t1 = time.perf_counter()
             eng.graph_step(self.stream.cuda_stream, reqs_c, len(reqs_c))
             self.engine_s.append(time.perf_counter() - t1)
             toks[:, i : i + 1].copy_(self.ids)
+            if seen is not None:
+                seen[:, i : i + 1].copy_(self.ids, non_blocking=True)
             events[i + 1].record(self.stream)
             self.host_s.append(time.perf_counter() - t0)
+            issued = i + 1
         self.stream.synchronize()
-        self.step_s = [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(n)]
-        return toks
+        while seen is not None and looked < issued and not stop.done():
+            stop.see(seen[:, looked : looked + 1])
+            looked += 1
+        self.step_s = [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(issued)]
+        return toks[:, :issued]
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, on_prefill: Any = None, pipeline: bool = False) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        on_prefill: Any = None,
+        pipeline: bool = False,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> torch.Tensor:
         """Prefill (eager) then ``max_new_tokens`` greedy tokens (graph
         replays); returns the prompt followed by the new tokens.
         ``on_prefill()``, if given, runs after the prefill, before the first
@@ -154,7 +181,14 @@ class GraphDecoder:
         updates take effect within ``depth`` tokens): the GPU never waits
         for the host, and ``step_s`` holds the GPU-side interval between
         consecutive replays (H100, Qwen3-30B-A3B shape: 11.2 ms/token against
-        12.8 stepwise; BENCHMARKS.md)."""
+        12.8 stepwise; BENCHMARKS.md).
+
+        ``eos_token_id`` (an id or a list of ids) ends a row at its first
+        end-of-sequence token, as transformers' ``generate`` does: decoding
+        stops once every row has ended, and the tokens of an ended row after
+        its end are ``pad_token_id`` (default: the first end id). With
+        ``pipeline=True`` the end is seen ``depth`` tokens late; the replays
+        queued past it are dropped."""
         if input_ids.dim() != 2 or input_ids.shape[0] != self.batch:
             raise ValueError(f"input_ids must be [{self.batch}, prompt_len], got {tuple(input_ids.shape)}")
         P = input_ids.shape[1]
@@ -189,7 +223,45 @@ class GraphDecoder:
             out_tokens.append(nxt)
             if on_prefill is not None:
                 on_prefill()
+            stop = _Stop(eos_token_id, pad_token_id, self.batch)
+            stop.see(nxt)
             run = self._pipelined if pipeline else self._stepwise
-            out_tokens.append(run(nxt, P, max_new_tokens - 1, rt._tls.reqs_c))
+            out_tokens.append(run(nxt, P, max_new_tokens - 1, rt._tls.reqs_c, stop))
         caller.wait_stream(self.stream)
-        return torch.cat(out_tokens, dim=1)
+        return stop.finish(torch.cat(out_tokens, dim=1), P)
+
+
+class _Stop:
+    """End-of-sequence bookkeeping on the host: which rows have ended and at
+    which new token (``see`` takes each new [batch, 1] column in order)."""
+
+    def __init__(self, eos: int | list[int] | None, pad: int | None, batch: int):
+        ids = [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+        self.eos = set(ids)
+        self.active = bool(ids)
+        self.pad = pad if pad is not None else (ids[0] if ids else None)
+        self.ended = [None] * batch  # index among the new tokens of each row's end
+        self.count = 0
+
+    def see(self, column: torch.Tensor) -> None:
+        if self.active:
+            for r, tok in enumerate(column.reshape(-1).tolist()):
+                if self.ended[r] is None and tok in self.eos:
+                    self.ended[r] = self.count
+        self.count += 1
+
+    def done(self) -> bool:
+        return self.active and all(e is not None for e in self.ended)
+
+    def finish(self, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        """Drops the new tokens after the last row's end and pads each
+        ended row after its own end."""
+        if not self.active:
+            return ids
+        if self.done():
+            ids = ids[:, : prompt_len + max(self.ended) + 1]
+        ids = ids.clone()
+        for r, e in enumerate(self.ended):
+            if e is not None:
+                ids[r, prompt_len + e + 1 :] = self.pad
+        return ids
