@@ -25,7 +25,6 @@ sm_90) and torch; times with CUDA events, median over --reps.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import statistics
 import sys
@@ -33,34 +32,12 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ptx_module import PTXModule  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 256
 BULK = 16384
-
-
-class Kernels:
-    def __init__(self) -> None:
-        self.cu = ctypes.CDLL("libcuda.so.1")
-        torch.zeros(1, device="cuda")  # primary context current
-        ptx = (ROOT / "benchmarks/pcie_read.ptx").read_bytes() + b"\0"
-        mod = ctypes.c_void_p()
-        self._check(self.cu.cuModuleLoadData(ctypes.byref(mod), ctypes.c_char_p(ptx)), "cuModuleLoadData")
-        self.fn = {}
-        for name in ("pr_rows", "pr_chunks", "pr_bulk"):
-            f = ctypes.c_void_p()
-            self._check(self.cu.cuModuleGetFunction(ctypes.byref(f), mod, name.encode()), name)
-            self.fn[name] = f
-
-    @staticmethod
-    def _check(r: int, what: str) -> None:
-        if r != 0:
-            raise RuntimeError(f"{what} failed: CUresult {r}")
-
-    def launch(self, name: str, grid: int, args: list[int]) -> None:
-        vals = [ctypes.c_uint64(a & (2**64 - 1)) for a in args]
-        ptrs = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
-        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        self._check(self.cu.cuLaunchKernel(self.fn[name], grid, 1, 1, THREADS, 1, 1, 0, stream, ptrs, None), name)
 
 
 def timed(fn, reps: int) -> float:
@@ -87,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("pcie_read: needs a CUDA device", file=sys.stderr)
         return 2
-    k = Kernels()
+    k = PTXModule(ROOT / "benchmarks/pcie_read.ptx", ["pr_rows", "pr_chunks", "pr_bulk"])
     n = args.mib << 20
     src = torch.empty(n, dtype=torch.uint8, pin_memory=True)
     src.view(torch.int32).random_()
@@ -104,14 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     for row_bytes in (8192, 28672):
         nrows = n // row_bytes
         record(f"rows_{row_bytes // 1024}KiB",
-               timed(lambda: k.launch("pr_rows", (nrows + THREADS // 32 - 1) // (THREADS // 32), [src.data_ptr(), nrows, row_bytes // 16, sink.data_ptr()]), args.reps))
+               timed(lambda: k.launch("pr_rows", ((nrows + THREADS // 32 - 1) // (THREADS // 32), 1), THREADS, [src.data_ptr(), nrows, row_bytes // 16, sink.data_ptr()]), args.reps))
     chunk = 64 << 10
-    record("chunks_64KiB_unroll4", timed(lambda: k.launch("pr_chunks", n // chunk, [src.data_ptr(), chunk // 16, sink.data_ptr()]), args.reps))
-    record("hbm_chunks_64KiB (reference)", timed(lambda: k.launch("pr_chunks", n // chunk, [dst.data_ptr(), chunk // 16, sink.data_ptr()]), args.reps))
+    record("chunks_64KiB_unroll4", timed(lambda: k.launch("pr_chunks", (n // chunk, 1), THREADS, [src.data_ptr(), chunk // 16, sink.data_ptr()]), args.reps))
+    record("hbm_chunks_64KiB (reference)", timed(lambda: k.launch("pr_chunks", (n // chunk, 1), THREADS, [dst.data_ptr(), chunk // 16, sink.data_ptr()]), args.reps))
     for per_sm in (2, 4, 8):
         try:
             record(f"bulk_16KiB_{per_sm}_blocks_per_SM",
-                   timed(lambda: k.launch("pr_bulk", sms * per_sm, [src.data_ptr(), n // BULK, sink.data_ptr()]), args.reps))
+                   timed(lambda: k.launch("pr_bulk", (sms * per_sm, 1), THREADS, [src.data_ptr(), n // BULK, sink.data_ptr()]), args.reps))
         except RuntimeError as exc:  # e.g. no sm_90, or the bulk copy refused host memory
             rows[f"bulk_16KiB_{per_sm}_blocks_per_SM"] = None
             print(f"bulk: {exc}", flush=True)

@@ -18,13 +18,15 @@ from L2.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import statistics
 import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ptx_module import PTXModule  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -35,37 +37,18 @@ SHAPES = {
 WARPS = 8
 
 
-class Kernels:
+class Kernels(PTXModule):
     """moe_gate_up_swiglu and moe_down from the committed PTX."""
 
     def __init__(self) -> None:
-        self.cu = ctypes.CDLL("libcuda.so.1")
-        torch.zeros(1, device="cuda")  # primary context current
-        ptx = (ROOT / "go/backend/cuda/moe_ffn.ptx").read_bytes() + b"\0"
-        mod = ctypes.c_void_p()
-        self._check(self.cu.cuModuleLoadData(ctypes.byref(mod), ctypes.c_char_p(ptx)), "cuModuleLoadData")
-        self.gate_up = ctypes.c_void_p()
-        self.down = ctypes.c_void_p()
-        self._check(self.cu.cuModuleGetFunction(ctypes.byref(self.gate_up), mod, b"moe_gate_up_swiglu"), "gate_up")
-        self._check(self.cu.cuModuleGetFunction(ctypes.byref(self.down), mod, b"moe_down"), "down")
-
-    @staticmethod
-    def _check(r: int, what: str) -> None:
-        if r != 0:
-            raise RuntimeError(f"{what} failed: CUresult {r}")
-
-    def launch(self, fn: ctypes.c_void_p, grid: tuple[int, int], args: list[int]) -> None:
-        vals = [ctypes.c_uint64(a & (2**64 - 1)) for a in args]
-        ptrs = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
-        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        self._check(self.cu.cuLaunchKernel(fn, grid[0], grid[1], 1, 32 * WARPS, 1, 1, 0, stream, ptrs, None), "cuLaunchKernel")
+        super().__init__(ROOT / "go/backend/cuda/moe_ffn.ptx", ["moe_gate_up_swiglu", "moe_down"])
 
     def ffn(self, x, topk, gu_tab, dn_tab, weights, h, out, T, K, H, I) -> None:
         """gu_tab holds [gate rows table; up rows table] (2 × E entries)."""
         P, E = T * K, dn_tab.numel()
-        self.launch(self.gate_up, ((I + WARPS - 1) // WARPS, P),
+        self.launch("moe_gate_up_swiglu", ((I + WARPS - 1) // WARPS, P), 32 * WARPS,
                     [x.data_ptr(), topk.data_ptr(), gu_tab.data_ptr(), gu_tab.data_ptr() + 8 * E, h.data_ptr(), P, K, H, I, 0, E])
-        self.launch(self.down, ((H + WARPS - 1) // WARPS, T),
+        self.launch("moe_down", ((H + WARPS - 1) // WARPS, T), 32 * WARPS,
                     [h.data_ptr(), topk.data_ptr(), dn_tab.data_ptr(), weights.data_ptr(), out.data_ptr(), T, K, H, I, 0, E, 2])
 
 

@@ -204,6 +204,44 @@ def test_streaming_through_one_slot_on_gpu(tmp_path):
         m.close()
 
 
+def test_a_slot_is_not_overwritten_while_a_kernel_still_reads_it(tmp_path):
+    """The copy of a new expert into a slot waits for the work that read the
+    old one (recorded by release on the compute stream), also when mapped
+    mode updates the slot's table entry first: a 0.1 s sleep on the compute
+    stream before a read of the slot leaves the next copy plenty of time to
+    overwrite it if it did not wait. (Mapped mode's table update used to
+    re-record the slot's free event on the copy stream, dropping that
+    dependency, whenever no mapped layer had run yet.)"""
+    path = tm.save(tm.build("qwen3_moe", seed=6, dtype=torch.bfloat16, **_big("qwen3_moe")), tmp_path / "q")
+    m = mi.from_pretrained(path, device="cuda", device_memory="1GiB", engine_options={"max_slots": 1})
+    try:
+        rt, eng = m.moe_runtime, m.moe_runtime.engine
+        # A stream of its own: the legacy default stream would order the
+        # engine's copies after the sleep implicitly and hide the race.
+        side = torch.cuda.Stream()
+        s = side.cuda_stream
+        region = next(iter(rt.views[0]))
+        want = []
+        with torch.cuda.stream(side):
+            for e in (0, 1):
+                slots, lease = eng.acquire(0, [e], s)
+                want.append(rt.views[slots[0]][region].clone())
+                eng.release(lease, s)
+                side.synchronize()
+            assert not torch.equal(want[0], want[1])
+            for _ in range(3):
+                slots, lease = eng.acquire(0, [0], s)
+                torch.cuda._sleep(200_000_000)
+                seen = rt.views[slots[0]][region].clone()  # runs after the sleep
+                eng.release(lease, s)
+                _, lease = eng.acquire(0, [1], s)  # evicts expert 0 from the only slot
+                eng.release(lease, s)
+                torch.cuda.synchronize()
+                assert torch.equal(seen, want[0]), "expert 1 was copied over expert 0 before the read"
+    finally:
+        m.close()
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_graph_decoder_replays_exactly_and_keeps_tracing(family, tmp_path):
     """A decode step captured in a CUDA graph (mapped MoE layers) gives the

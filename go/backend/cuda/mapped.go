@@ -258,7 +258,14 @@ func (b *Backend) UnmapAll() error {
 
 // unmapSlot points slot's expert back at host memory after every
 // computation submitted so far and records the slot's free event there
-// (fallback: the copy stream, when nothing has computed yet). Runs in do.
+// (fallback: the copy stream, when no mapped layer has run yet). Runs in do.
+//
+// The free event is recorded again, so the stream first waits for its last
+// record: Release put it after the synchronous layers that read the slot,
+// which may have run on another stream (or are the only readers, when no
+// mapped layer has run and the update goes on the copy stream). Without
+// that wait the copy into the slot could overwrite the old expert while
+// such a kernel still read it.
 func (b *Backend) unmapSlot(m *mapped, slot int, fallback uintptr) error {
 	m.tab.Mu.Lock()
 	o := m.tab.Unmap(slot)
@@ -271,6 +278,9 @@ func (b *Backend) unmapSlot(m *mapped, slot int, fallback uintptr) error {
 		cs = fallback
 	}
 	if err := streamWait(cs, m.installed[slot]); err != nil {
+		return err
+	}
+	if err := streamWait(cs, b.free[slot]); err != nil {
 		return err
 	}
 	if err := m.set(cs, o, m.tab.Host[o]); err != nil {
