@@ -463,15 +463,23 @@ func (e *Engine) observe(layer int, reqs []uint64, counts [][]float32, plan bool
 		}
 	}
 	e.refreshPriority(layer)
-	if !plan || !e.prefetchOn.Load() {
-		return nil
+	if plan {
+		e.planAfter(layer, reqs)
+	}
+	return nil
+}
+
+// planAfter re-plans each request's prefetches from its partial EAM once
+// layer has been observed (when prefetching is on).
+func (e *Engine) planAfter(layer int, reqs []uint64) {
+	if !e.prefetchOn.Load() {
+		return
 	}
 	for _, r := range reqs {
 		if p, ok := e.tracker.Partial(r); ok {
 			e.queue.Update(r, e.planner.Plan(p, layer))
 		}
 	}
-	return nil
 }
 
 // refreshPriority recomputes the activation term of the paper's priority

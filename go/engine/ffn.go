@@ -116,12 +116,23 @@ func (e *Engine) LayerMoE(c FFNCall, reqs []uint64, topkHost []int64) error {
 		return err
 	}
 	c.Experts = experts
+	// Trace and refresh priorities first (the eviction choices of this
+	// layer's loads use them), then issue the layer's copies and kernels,
+	// and plan prefetches for the later layers last: planning (EAMC
+	// matching) used to sit between the routing's arrival and the demand
+	// copies, with the link idle. This is the order go/sim replays.
 	t0 := time.Now()
 	if len(reqs) > 0 {
-		if err := e.Observe(c.Layer, reqs, counts); err != nil {
+		if err := e.observe(c.Layer, reqs, counts, false); err != nil {
 			return err
 		}
 	}
 	e.phase(phaseObserve, t0)
-	return e.LayerFFN(c)
+	ffnErr := e.LayerFFN(c)
+	if len(reqs) > 0 {
+		t0 = time.Now()
+		e.planAfter(c.Layer, reqs)
+		e.phase(phaseObserve, t0)
+	}
+	return ffnErr
 }
