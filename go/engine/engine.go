@@ -29,10 +29,6 @@ import (
 	"github.com/moe-infinity/moe_infinity/go/trace"
 )
 
-// epsilon keeps never-seen experts' priority above zero and ordered by
-// layer, as in the paper's formula.
-const epsilon = 1e-3
-
 // hintOwnerBase marks prefetch-queue owners that are router hints (one
 // owner per layer) rather than requests.
 const hintOwnerBase = uint64(1) << 62
@@ -313,9 +309,7 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 	e.layers, e.experts = L, E
 	e.prio = make([]float64, L*E)
 	for l := 0; l < L; l++ {
-		for x := 0; x < E; x++ {
-			e.prio[l*E+x] = epsilon * (1 - float64(l)/float64(L))
-		}
+		trace.Priorities(e.prio[l*E:(l+1)*E], nil, 0, l, L)
 	}
 	c, err := cache.New(cache.Config{Slots: slots, Layers: L, Policy: pol, Scorer: scorer{e}})
 	if err != nil {
@@ -482,19 +476,16 @@ func (e *Engine) planAfter(layer int, reqs []uint64) {
 	}
 }
 
-// refreshPriority recomputes the activation term of the paper's priority
-// p = (pEAM[l][x] + ε) / n_tokens(l) · (1 − l/L) from the active requests.
+// refreshPriority recomputes the activation term of the priority
+// p = (pEAM[l][x] + ε) / n_tokens(l) · LayerWeight(l) from the active
+// requests (trace.Priorities).
 func (e *Engine) refreshPriority(layer int) {
 	per, tokens := e.tracker.LayerTotals(layer)
 	if tokens <= 0 {
 		return
 	}
-	w := 1 - float64(layer)/float64(e.layers)
 	e.prioMu.Lock()
-	row := e.prio[layer*e.experts : (layer+1)*e.experts]
-	for x := range row {
-		row[x] = (float64(per[x]) + epsilon) / float64(tokens) * w
-	}
+	trace.Priorities(e.prio[layer*e.experts:(layer+1)*e.experts], per, tokens, layer, e.layers)
 	e.prioMu.Unlock()
 }
 

@@ -10,10 +10,6 @@ import (
 	"github.com/moe-infinity/moe_infinity/go/trace"
 )
 
-// epsilon is the engine's ε of the priority formula (go/engine): it keeps
-// never-seen experts' priority above zero and ordered by layer.
-const epsilon = 1e-3
-
 // Engine defaults (go/engine Config) used when ReplayConfig leaves them 0.
 const (
 	// DefaultEAMCCapacity is the default number of EAMs in the collection.
@@ -199,9 +195,7 @@ func newScorer(layers, experts int) *scorer {
 		pred: make([]float64, layers*experts),
 	}
 	for l := 0; l < layers; l++ {
-		for x := 0; x < experts; x++ {
-			s.prio[l*experts+x] = epsilon * (1 - float64(l)/float64(layers))
-		}
+		trace.Priorities(s.prio[l*experts:(l+1)*experts], nil, 0, l, layers)
 	}
 	return s
 }
@@ -221,11 +215,7 @@ func (s *scorer) refresh(tr *trace.Tracker, layer int) {
 	if tokens <= 0 {
 		return
 	}
-	w := 1 - float64(layer)/float64(s.layers)
-	row := s.prio[layer*s.experts : (layer+1)*s.experts]
-	for x := range row {
-		row[x] = (float64(per[x]) + epsilon) / float64(tokens) * w
-	}
+	trace.Priorities(s.prio[layer*s.experts:(layer+1)*s.experts], per, tokens, layer, s.layers)
 }
 
 // setPlan replaces the predictions with plan (nil clears them), as the
