@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ptx_module import PTXModule  # noqa: E402
+from ptx_module import PTXModule, timed_ms  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 256
@@ -42,17 +41,7 @@ BULK = 16384
 
 def timed(fn, reps: int) -> float:
     """Median seconds of fn() over reps (CUDA events), after one warm-up."""
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(ts)
+    return timed_ms(lambda _i: fn(), reps) / 1e3
 
 
 def main(argv: list[str] | None = None) -> int:

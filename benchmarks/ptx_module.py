@@ -7,6 +7,7 @@ in cuda/ declare them."""
 from __future__ import annotations
 
 import ctypes
+import statistics
 from pathlib import Path
 
 import torch
@@ -39,3 +40,19 @@ class PTXModule:
         ptrs = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
         self._check(self.cu.cuLaunchKernel(self.fn[name], grid[0], grid[1], 1, threads, 1, 1, 0, stream, ptrs, None), f"launch of {name}")
+
+
+def timed_ms(fn, reps: int) -> float:
+    """Median milliseconds of fn(i) for i in range(reps), timed with CUDA
+    events on the current stream, after one warm-up call fn(0)."""
+    fn(0)
+    torch.cuda.synchronize()
+    ts = []
+    for i in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn(i)
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ptx_module import PTXModule  # noqa: E402
+from ptx_module import PTXModule, timed_ms as timed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -50,21 +49,6 @@ class Kernels(PTXModule):
                     [x.data_ptr(), topk.data_ptr(), gu_tab.data_ptr(), gu_tab.data_ptr() + 8 * E, h.data_ptr(), P, K, H, I, 0, E])
         self.launch("moe_down", ((H + WARPS - 1) // WARPS, T), 32 * WARPS,
                     [h.data_ptr(), topk.data_ptr(), dn_tab.data_ptr(), weights.data_ptr(), out.data_ptr(), T, K, H, I, 0, E, 2])
-
-
-def timed(fn, reps: int) -> float:
-    """Median milliseconds of fn() over reps, CUDA events."""
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for i in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn(i)
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
 
 
 def bench_shape(kern: Kernels, name: str, reps: int, pool: int | None) -> dict:
