@@ -11,6 +11,12 @@ runs in its own process).
 
     python benchmarks/decode.py --preset mixtral-8x7b --device-memory 24GiB --out benchmarks/results/x.json
     python benchmarks/decode.py --preset tiny --device cpu          # the CI smoke configuration
+    python benchmarks/decode.py --preset qwen3-30b-a3b --graph --pipeline --routing generated   # structured routing
+
+Random weights route decode tokens narrowly (the Qwen3 shape hits 99% once
+warm), so --routing generated replaces every MoE layer's choice with a
+labelled generated trace (skewed per-layer popularity, --skew, seed
+--routing-seed; the label is in the JSON's "routing" field).
 
 Fields: decode_s_per_token (median over decoded tokens), ttft_s, hit_rate,
 bytes_moved_per_token, stall_s_per_token (host waits in the engine; 0 on the
