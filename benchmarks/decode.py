@@ -12,6 +12,13 @@ runs in its own process).
     python benchmarks/decode.py --preset mixtral-8x7b --device-memory 24GiB --out benchmarks/results/x.json
     python benchmarks/decode.py --preset tiny --device cpu          # the CI smoke configuration
     python benchmarks/decode.py --preset qwen3-30b-a3b --graph --pipeline --routing generated   # structured routing
+    python benchmarks/decode.py --preset mixtral-8x7b --graph --pipeline --graph-misses copy,read   # both miss paths
+
+With --graph, --graph-misses picks how replayed layers get missed experts:
+"read" (the kernels read them in place over PCIe), "copy" (the copy engine
+brings them into slots while the layer waits inside the replay) or "auto"
+(the engine's default: copy from 32 MiB per expert); a comma list measures
+each, capturing the step again for each.
 
 Random weights route decode tokens narrowly (the Qwen3 shape hits 99% once
 warm), so --routing generated replaces every MoE layer's choice with a
@@ -284,7 +291,6 @@ def compute_time(model, device: torch.device, reps: int = 8) -> tuple[float, flo
 
 def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
     import moe_infinity as mi
-    from moe_infinity import _native
 
     device = torch.device(args.device)
     t0 = time.perf_counter()
@@ -315,10 +321,26 @@ def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
     # costs (lazy initialisation, per-shape kernel selection for every KV
     # length) must not land on the first ablation.
     decode_run(model, prompt, args.decode, device)
+    rows = []
+    modes = [m.strip() for m in args.graph_misses.split(",")] if args.graph else [None]
+    for mode in modes:
+        rows += measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, dense_wall, built, offloaded, mode)
+    model.close()
+    return rows
+
+
+def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, dense_wall, built, offloaded, mode) -> list[dict[str, Any]]:
+    """The ablations of one configuration (graph_misses ``mode`` for CUDA
+    graphs: the step is captured again under it)."""
+    from moe_infinity import _native
+
+    rt = model.moe_runtime
+    device = torch.device(args.device)
     dec = None
     if args.graph:
         from moe_infinity.graphs import GraphDecoder
 
+        model.moe_tune(graph_misses=mode)
         dec = GraphDecoder(model, max_len=args.prompt_len + args.decode + 2)
         decode_run_graph(dec, prompt, args.decode, args.pipeline)  # captures, warms up
     rows = []
@@ -367,6 +389,8 @@ def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "cuda_graph": dec is not None,
                 "pipelined": bool(dec is not None and args.pipeline),
                 "graph_capture_s": dec.capture_s if dec is not None else None,
+                "graph_misses": st.get("graph_misses") if dec is not None else None,
+                "copy_late_layers": st.get("copy_late"),
                 "hook_calls_per_token": st["hook_calls"] / n,
                 "hook_phase_ms_per_token": {k: v * 1e3 / n for k, v in st["hook_phase_seconds"].items()},
                 "engine_phase_ms_per_token": {k: v / 1e6 / n for k, v in st["phase_ns"].items()},
@@ -383,7 +407,6 @@ def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
             }
         )
         print(json.dumps(rows[-1]), flush=True)
-    model.close()
     return rows
 
 
@@ -441,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-ablations", dest="ablations", action="store_false", help="only priority + prefetch")
     ap.add_argument("--no-kernels", action="store_true")
     ap.add_argument("--graph", action="store_true", help="replay each decode step from a CUDA graph (needs mapped mode)")
+    ap.add_argument("--graph-misses", default="auto",
+                    help="with --graph: how replayed layers get missed experts, auto|read|copy, or a comma list to measure each (recaptured)")
     ap.add_argument("--pipeline", action="store_true", help="with --graph: queue each replay before reading the previous token")
     ap.add_argument("--admit-margin", type=float, help="engine admission margin (default: the engine's)")
     ap.add_argument("--routing", choices=["model", "generated"], default="model",

@@ -89,3 +89,17 @@ __device__ __forceinline__ moe_f16 moe_f32_to_f16(float f) {
     unsigned int r = a + 0xc8000fffu + ((a >> 13) & 1u);  // rebias exponent, round to nearest even
     return (moe_f16)(sign | (r >> 13));
 }
+
+// Copy mode's synchronisation: a system-scope fence, the global nanosecond
+// timer and a short sleep (sm_70 and later).
+#if defined(__clang__) && !defined(__CUDA_ARCH_LIST__) && !defined(__NVCC__)
+#define MOE_FENCE_SYSTEM() __nvvm_membar_sys()
+#else
+#define MOE_FENCE_SYSTEM() __threadfence_system()
+#endif
+__device__ __forceinline__ unsigned long moe_globaltimer() {
+    unsigned long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+__device__ __forceinline__ void moe_nanosleep(unsigned int ns) { asm volatile("nanosleep.u32 %0;" ::"r"(ns)); }

@@ -164,3 +164,46 @@ extern "C" __global__ void moe_table_set3(unsigned long *a, unsigned long va, un
         *c = vc;
     }
 }
+
+// Copy mode (graph replays whose misses the copy engine brings in): a
+// captured layer publishes its routing to the host, then waits until the
+// host has copied the layer's missed experts into slots and said so.
+//
+// moe_publish copies n routing ids to box (pinned host memory the GPU can
+// write), then advances *counter (device memory, one per captured layer)
+// and writes the new value to *seq (pinned host memory) after a
+// system-wide fence, so a host that sees the new value sees the ids. One
+// block.
+extern "C" __global__ void moe_publish(const long *topk, long n, volatile long *box, volatile unsigned int *seq,
+                                       unsigned int *counter) {
+    for (long i = MOE_TID_X; i < n; i += MOE_NTID_X) box[i] = topk[i];
+    MOE_FENCE_SYSTEM();
+    __syncthreads();
+    if (MOE_TID_X == 0) {
+        unsigned int c = *counter + 1;
+        *counter = c;
+        MOE_FENCE_SYSTEM();
+        *seq = c;
+    }
+}
+
+// moe_wait holds its stream until *ready (device memory, written by the
+// host's copy stream after the layer's copies) has reached *counter, or
+// until timeout_ns of GPU time have passed: then it writes the sequence
+// number it gave up on to *late (pinned host memory) and returns, and the
+// layer reads its missed experts in place from host memory (its table
+// entries always point at valid memory). One thread.
+extern "C" __global__ void moe_wait(const unsigned int *counter, const volatile unsigned int *ready, long timeout_ns,
+                                    volatile unsigned int *late) {
+    if (MOE_TID_X != 0 || MOE_CTAID_X != 0) return;
+    unsigned int want = *counter;
+    unsigned long t0 = moe_globaltimer();
+    while ((int)(*ready - want) < 0) {
+        if ((long)(moe_globaltimer() - t0) > timeout_ns) {
+            *late = want;
+            MOE_FENCE_SYSTEM();
+            return;
+        }
+        moe_nanosleep(256);
+    }
+}

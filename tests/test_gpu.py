@@ -242,13 +242,30 @@ def test_a_slot_is_not_overwritten_while_a_kernel_still_reads_it(tmp_path):
         m.close()
 
 
+def _eager_static_tokens(ours, prompt: torch.Tensor, new: int) -> torch.Tensor:
+    """Greedy tokens of the same decode step run eagerly on a StaticCache
+    (the graph decoder's reference)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=ours.config, max_cache_len=prompt.shape[1] + new + 2)
+    toks = [prompt]
+    with torch.no_grad(), ours.moe_runtime.requests(1):
+        P = prompt.shape[1]
+        out = ours(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(P, device="cuda"), use_cache=True)
+        nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
+        toks.append(nxt)
+        for i in range(new - 1):
+            out = ours(input_ids=nxt, past_key_values=cache, cache_position=torch.tensor([P + i], device="cuda"), use_cache=True)
+            nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
+            toks.append(nxt)
+    return torch.cat(toks, dim=1)
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_graph_decoder_replays_exactly_and_keeps_tracing(family, tmp_path):
     """A decode step captured in a CUDA graph (mapped MoE layers) gives the
     same tokens as running the same step eagerly on the same StaticCache,
     and the engine traces every replayed layer."""
-    from transformers import StaticCache
-
     from moe_infinity.graphs import GraphDecoder
 
     model = tm.train_briefly(tm.build(family, seed=31, **_big(family))).to(torch.bfloat16)
@@ -257,19 +274,7 @@ def test_graph_decoder_replays_exactly_and_keeps_tracing(family, tmp_path):
     try:
         prompt = torch.randint(3, tm.VOCAB, (1, 12), generator=torch.Generator().manual_seed(4)).cuda()
         new = 20
-        # Eager reference: the same step on a StaticCache, no graph.
-        cache = StaticCache(config=ours.config, max_cache_len=prompt.shape[1] + new + 2)
-        toks = [prompt]
-        with torch.no_grad(), ours.moe_runtime.requests(1):
-            P = prompt.shape[1]
-            out = ours(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(P, device="cuda"), use_cache=True)
-            nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
-            toks.append(nxt)
-            for i in range(new - 1):
-                out = ours(input_ids=nxt, past_key_values=cache, cache_position=torch.tensor([P + i], device="cuda"), use_cache=True)
-                nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
-                toks.append(nxt)
-        want = torch.cat(toks, dim=1)
+        want = _eager_static_tokens(ours, prompt, new)
         dec = GraphDecoder(ours, max_len=prompt.shape[1] + new + 2)
         ours.reset_moe_stats()
         got = dec.generate(prompt, max_new_tokens=new)
@@ -322,5 +327,43 @@ def test_mapped_reads_of_checkpoint_experts_match_their_slots(family, tmp_path):
                 if not torch.equal(cold, slot):
                     bad.append((layer.index, e, (cold.float() - slot.float()).abs().max().item()))
         assert not bad, f"host reads differ from slot reads (layer, expert, max diff): {bad}"
+    finally:
+        ours.close()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_graph_decoder_in_copy_mode_matches_eager_while_every_layer_evicts(family, tmp_path):
+    """graph_misses="copy": each replayed layer waits inside the graph while
+    the engine copies its misses into slots. With one layer's worth of
+    slots every layer evicts another's experts, so the tables, the slots
+    and the waits must agree exactly for the tokens to match eager ones."""
+    from moe_infinity.graphs import GraphDecoder
+
+    model = tm.train_briefly(tm.build(family, seed=33, **_big(family))).to(torch.bfloat16)
+    E = getattr(model.config, "num_local_experts", None) or model.config.num_experts
+    path = tm.save(model, tmp_path / family)
+    opts = {"graph_misses": "copy", "max_slots": E}
+    ours = mi.from_pretrained(path, device="cuda", device_memory="2GiB", dtype=torch.bfloat16, engine_options=opts)
+    try:
+        prompt = torch.randint(3, tm.VOCAB, (1, 12), generator=torch.Generator().manual_seed(5)).cuda()
+        new = 16
+        want = _eager_static_tokens(ours, prompt, new)
+        dec = GraphDecoder(ours, max_len=prompt.shape[1] + new + 2)
+        got = dec.generate(prompt, max_new_tokens=new)
+        assert torch.equal(got, want), f"copy-mode graph {got.tolist()} vs eager {want.tolist()}"
+        for pipeline in (False, True):
+            got = dec.generate(prompt, max_new_tokens=new, pipeline=pipeline, on_prefill=ours.reset_moe_stats)
+            assert torch.equal(got, want), (pipeline, got.tolist(), want.tolist())
+            st = ours.moe_stats()
+            assert st["graph_misses"] == "copy"
+            assert st["copy_late"] == 0, "no layer gave up waiting for its copies"
+            assert st["loads"] > 0 and st["evictions"] > 0
+            assert st["hits"] + st["misses"] >= (new - 1) * tm.moe_layers(family) * ours.config.num_experts_per_tok
+            assert st["phase_ns"]["serve"] > 0
+        # Switching back to in-place reads takes a new capture.
+        ours.moe_tune(graph_misses="read")
+        dec = GraphDecoder(ours, max_len=prompt.shape[1] + new + 2)
+        assert torch.equal(dec.generate(prompt, max_new_tokens=new, pipeline=True), want)
+        assert ours.moe_stats()["graph_misses"] == "read"
     finally:
         ours.close()

@@ -183,3 +183,26 @@ def test_experts_a_prefill_loaded_are_read_from_their_slots(family, tmp_path):
         assert st["misses"] == 0 and st["loads"] == 0, "everything the first pass used stayed resident"
     finally:
         model.close()
+
+
+def test_graph_misses_setting_is_validated_resolved_and_tunable(tmp_path):
+    """graph_misses picks how CUDA-graph steps get missed experts; "auto"
+    resolves by expert size (tiny experts: read in place), a bad value is
+    an InvalidArgumentError at load and at tune, and moe_tune switches it
+    for the next capture."""
+    path = tm.save(tm.build("mixtral", seed=3, dtype=torch.bfloat16), tmp_path / "m")
+    with pytest.raises(mi.InvalidArgumentError, match="graph_misses"):
+        mi.from_pretrained(path, dtype=torch.bfloat16, engine_options={"graph_misses": "dma"})
+    model = mi.from_pretrained(path, dtype=torch.bfloat16)
+    try:
+        assert model.moe_stats()["graph_misses"] == "read"
+        assert model.moe_stats()["plan"]["graph_misses"] == "read"
+        model.moe_tune(graph_misses="copy")
+        assert model.moe_stats()["graph_misses"] == "copy"
+        assert model.moe_stats()["plan"]["graph_misses"] == "copy"
+        with pytest.raises(mi.InvalidArgumentError, match="graph_misses"):
+            model.moe_tune(graph_misses="both")
+        model.moe_tune(graph_misses="auto")
+        assert model.moe_stats()["plan"]["graph_misses"] == "read"
+    finally:
+        model.close()

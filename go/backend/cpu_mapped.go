@@ -104,6 +104,21 @@ type cpuCapture struct {
 	capturing bool
 	captured  []CapturedLayer
 	stage     []int64
+
+	// Copy mode: a "replay" (ReplayRouting) publishes every captured
+	// layer's routing at once; AwaitLayer takes them in order and
+	// ServeLayer fills the slots synchronously.
+	copyNext bool
+	copyMode bool
+	offs     []int64
+	counter  []uint64
+	pub      [][]cpuPub // per captured layer, oldest first
+	changed  chan struct{}
+}
+
+type cpuPub struct {
+	seq uint64
+	ids []int64
 }
 
 // BeginCapture starts recording mapped layers.
@@ -114,6 +129,7 @@ func (c *CPU) BeginCapture() error {
 	c.capture.mu.Lock()
 	defer c.capture.mu.Unlock()
 	c.capture.capturing, c.capture.captured, c.capture.stage = true, nil, nil
+	c.capture.copyMode = c.capture.copyNext
 	return nil
 }
 
@@ -125,6 +141,16 @@ func (c *CPU) EndCapture() ([]CapturedLayer, error) {
 		return nil, fmt.Errorf("backend cpu: no capture in progress")
 	}
 	c.capture.capturing = false
+	n := len(c.capture.captured)
+	c.capture.offs, c.capture.counter, c.capture.pub = make([]int64, n), make([]uint64, n), make([][]cpuPub, n)
+	var off int64
+	for i, l := range c.capture.captured {
+		c.capture.offs[i] = off
+		off += l.Pairs
+	}
+	if c.capture.changed == nil {
+		c.capture.changed = make(chan struct{})
+	}
 	return c.capture.captured, nil
 }
 
@@ -136,6 +162,15 @@ func (c *CPU) ReplayRouting(stream uintptr, layers []CapturedLayer) (*Routing, e
 	}
 	c.capture.mu.Lock()
 	ids := append([]int64(nil), c.capture.stage...)
+	if c.capture.copyMode {
+		for i, l := range c.capture.captured {
+			c.capture.counter[i]++
+			off := c.capture.offs[i]
+			c.capture.pub[i] = append(c.capture.pub[i], cpuPub{c.capture.counter[i], ids[off : off+l.Pairs]})
+		}
+		close(c.capture.changed)
+		c.capture.changed = make(chan struct{})
+	}
 	c.capture.mu.Unlock()
 	m.Mu.RLock()
 	var snap []bool
@@ -157,4 +192,55 @@ func (c *CPU) captured(layer int, ids []int64, K int64) bool {
 	c.capture.captured = append(c.capture.captured, CapturedLayer{Layer: layer, Pairs: int64(len(ids)), K: K})
 	c.capture.stage = append(c.capture.stage, ids...)
 	return true
+}
+
+// SetCopyMode selects copy mode for the captures that follow.
+func (c *CPU) SetCopyMode(on bool) error {
+	c.capture.mu.Lock()
+	defer c.capture.mu.Unlock()
+	c.capture.copyNext = on
+	return nil
+}
+
+// AwaitLayer returns the oldest published routing of captured layer i not
+// yet taken, waiting for ReplayRouting to publish one.
+func (c *CPU) AwaitLayer(i int, stop <-chan struct{}) ([]int64, uint64, error) {
+	c.capture.mu.Lock()
+	for {
+		if !c.capture.copyMode || i < 0 || i >= len(c.capture.pub) {
+			c.capture.mu.Unlock()
+			return nil, 0, fmt.Errorf("backend cpu: no copy-mode capture has a layer %d", i)
+		}
+		if q := c.capture.pub[i]; len(q) > 0 {
+			c.capture.pub[i] = q[1:]
+			c.capture.mu.Unlock()
+			return q[0].ids, q[0].seq, nil
+		}
+		ch := c.capture.changed
+		c.capture.mu.Unlock()
+		select {
+		case <-ch:
+		case <-stop:
+			return nil, 0, ErrClosed
+		}
+		c.capture.mu.Lock()
+	}
+}
+
+// ServeLayer fills each load's slot synchronously under the mapped-mode
+// protocol (the CPU's layers have already run: there is nothing to let go).
+func (c *CPU) ServeLayer(i int, seq uint64, loads []SlotLoad) error {
+	m := c.mapped.Load()
+	if m == nil {
+		return fmt.Errorf("backend cpu: mapped mode is off")
+	}
+	for _, l := range loads {
+		if l.Slot < 0 || l.Slot >= c.slots || l.Layer < 0 || l.Layer >= m.Layers || l.Expert < 0 || l.Expert >= m.Experts {
+			return fmt.Errorf("backend cpu: load of L%d/E%d into slot %d out of range", l.Layer, l.Expert, l.Slot)
+		}
+		if err := c.mappedFill(m, job{slot: l.Slot, layer: l.Layer, expert: l.Expert}); err != nil {
+			return err
+		}
+	}
+	return nil
 }

@@ -1,6 +1,7 @@
 package backend
 
 import (
+	"errors"
 	"fmt"
 	"sync"
 	"unsafe"
@@ -95,6 +96,42 @@ type Graphs interface {
 	// ids of layers[i] follow those of layers[i-1], and Resident holds
 	// each layer's snapshot (len(layers) × experts) in the same order.
 	ReplayRouting(stream uintptr, layers []CapturedLayer) (*Routing, error)
+}
+
+// SlotLoad is one expert to copy into a slot in copy mode.
+type SlotLoad struct {
+	Slot, Layer, Expert int
+}
+
+// ErrLate is returned by AwaitLayer when a replayed layer stopped waiting
+// for the engine (the backend's timeout passed): the layer went on reading
+// its missed experts in place, so its results are right, but the engine
+// has lost track of the replay.
+var ErrLate = errors.New("backend: a replayed layer timed out waiting for its copies")
+
+// CopyGraphs is implemented by Graphs backends that can capture layers in
+// copy mode: each captured layer publishes its routing to the host as the
+// replay reaches it and then waits (inside the replay, on the device) until
+// the engine has had the layer's missed experts copied into slots by the
+// copy engine, so misses move at DMA speed instead of being read in place
+// by the kernels. A layer that waits longer than the backend's timeout
+// goes on reading its misses in place (its table entries always point at
+// valid memory) and AwaitLayer reports ErrLate.
+type CopyGraphs interface {
+	Graphs
+	// SetCopyMode selects copy mode (or not) for the captures that follow.
+	SetCopyMode(on bool) error
+	// AwaitLayer blocks until captured layer i (its index in the capture)
+	// of the next replay has published its routing, and returns the ids
+	// (valid until ServeLayer) and the sequence number to answer. It
+	// returns ErrClosed when stop is closed first.
+	AwaitLayer(i int, stop <-chan struct{}) (ids []int64, seq uint64, err error)
+	// ServeLayer copies each load's expert into its slot, in order on the
+	// copy stream (the slot's old expert is pointed back at host memory
+	// before the copy, the new one at the slot after it), then lets
+	// captured layer i of replay seq run. Readers of the slots' old
+	// experts must all be ordered before the replay.
+	ServeLayer(i int, seq uint64, loads []SlotLoad) error
 }
 
 // HostRows is one expert's gate, up and down rows in host memory

@@ -79,6 +79,33 @@ type Config struct {
 	// copy it in (cache.Admit); >= 0, nil = DefaultAdmitMargin. LRU
 	// ignores it.
 	AdmitMargin *float64 `json:"admit_margin,omitempty"`
+	// GraphMisses is how the layers of a captured CUDA-graph step get
+	// their missed experts: "read" (the kernels read them in place from
+	// pinned host memory, over PCIe, and the cache admits some afterwards),
+	// "copy" (each layer hands its routing to the engine inside the replay
+	// and waits while the copy engine brings its misses into slots) or
+	// "auto" (default: "copy" when an expert is at least CopyMissesFrom
+	// bytes, "read" otherwise). It takes effect at the next capture.
+	GraphMisses string `json:"graph_misses"`
+}
+
+// CopyMissesFrom is the expert size, in bytes, from which GraphMisses
+// "auto" copies misses: from there on a copy's fixed cost (the layer
+// waits ~10-30 µs for the engine to react to its routing and issue the
+// copies) is below the ~8% that in-place reads lose to the copy engine
+// (H100: 50.6 against 54.7 GB/s), while smaller experts, which a token
+// uses many of per layer, are cheaper read in place.
+const CopyMissesFrom = 32 << 20
+
+// graphMisses validates a GraphMisses value ("" is "auto").
+func graphMisses(s string) (string, error) {
+	switch v := strings.ToLower(strings.TrimSpace(s)); v {
+	case "", "auto":
+		return "auto", nil
+	case "read", "copy":
+		return v, nil
+	}
+	return "", fmt.Errorf("%w: graph_misses must be \"auto\", \"read\" or \"copy\" (got %q)", ErrInvalid, s)
 }
 
 // DefaultAdmitMargin is the default Config.AdmitMargin: a missed expert is
@@ -114,6 +141,11 @@ func (c Config) withDefaults() (Config, error) {
 		m := DefaultAdmitMargin
 		c.AdmitMargin = &m
 	}
+	gm, err := graphMisses(c.GraphMisses)
+	if err != nil {
+		return c, err
+	}
+	c.GraphMisses = gm
 	if c.Prefetch == nil {
 		t := true
 		c.Prefetch = &t
@@ -193,6 +225,9 @@ type Plan struct {
 	Policy string `json:"policy"`
 	// Prefetch reports whether prefetching is on.
 	Prefetch bool `json:"prefetch"`
+	// GraphMisses is how captured steps will get their misses: "read" or
+	// "copy" (Config.GraphMisses with "auto" resolved).
+	GraphMisses string `json:"graph_misses"`
 	// TraceLoaded is the number of EAMs loaded from TracePath.
 	TraceLoaded int `json:"trace_loaded"`
 	// Warnings are non-fatal problems (for example a trace file for

@@ -337,6 +337,7 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 	e.prefetchOn.Store(*e.cfg.Prefetch)
 	e.bg.Add(1)
 	go e.dispatch()
+	plan.GraphMisses = e.resolveGraphMisses()
 	e.plan = plan
 	e.configured = true
 	return plan, nil

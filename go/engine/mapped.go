@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/moe-infinity/moe_infinity/go/backend"
@@ -21,6 +22,7 @@ type mappedItem struct {
 	layers []backend.CapturedLayer
 	reqs   []uint64
 	r      *backend.Routing
+	served bool // a copy-mode replay: the copy driver counted and loaded its experts
 }
 
 // mappedState is the engine side of mapped mode: the tracer goroutine that
@@ -38,6 +40,17 @@ type mappedState struct {
 
 	capturing bool
 	captured  []backend.CapturedLayer // the layers of the last capture
+	copyNext  bool                    // the capture in progress is in copy mode
+	copied    bool                    // the last capture is in copy mode
+
+	// The copy driver's (copymode.go): replays to serve, the sequence
+	// number last answered per captured layer, scratch, and the layers
+	// that stopped waiting for it.
+	copyQ  chan mappedItem
+	served []uint64
+	seen   []bool
+	keys   []cache.Key
+	late   atomic.Int64
 }
 
 // enableMapped turns the backend's mapped mode on once.
@@ -65,6 +78,11 @@ func (e *Engine) enableMapped() (backend.Mapped, error) {
 		m.q = make(chan mappedItem, mappedQueue)
 		e.bg.Add(1)
 		go e.tracer()
+		if cg := e.copyGraphs(); cg != nil {
+			m.copyQ = make(chan mappedItem, mappedQueue)
+			e.bg.Add(1)
+			go e.copyDriver(cg)
+		}
 	})
 	if m.err != nil {
 		return nil, m.err
@@ -116,13 +134,17 @@ func (e *Engine) LayerMapped(c FFNCall, reqs []uint64) error {
 	return e.enqueueMapped(mappedItem{layers: []backend.CapturedLayer{{Layer: c.Layer, Pairs: c.T * c.K, K: c.K}}, reqs: append([]uint64(nil), reqs...), r: r})
 }
 
-func (e *Engine) enqueueMapped(it mappedItem) error {
+func (e *Engine) enqueueMapped(it mappedItem) error { return e.enqueueTo(e.mapped.q, it) }
+
+// enqueueTo queues it on q (the tracer's or the copy driver's), counted
+// as pending until the tracer is done with it.
+func (e *Engine) enqueueTo(q chan mappedItem, it mappedItem) error {
 	m := &e.mapped
 	m.mu.Lock()
 	m.pending++
 	m.mu.Unlock()
 	select {
-	case m.q <- it:
+	case q <- it:
 		return nil
 	case <-e.stop:
 		it.r.Done()
@@ -148,13 +170,28 @@ func (e *Engine) CaptureBegin() error {
 	}
 	e.drainMapped()
 	m := &e.mapped
+	copyNext := e.graphMissesNow() == "copy"
 	m.mu.Lock()
 	if m.capturing {
 		m.mu.Unlock()
 		return fmt.Errorf("%w: a capture is already in progress", ErrState)
 	}
 	m.capturing = true
+	m.copyNext = copyNext
 	m.mu.Unlock()
+	if cg := e.copyGraphs(); cg == nil && copyNext {
+		m.mu.Lock()
+		m.capturing = false
+		m.mu.Unlock()
+		return fmt.Errorf("%w: graph_misses \"copy\": backend %s cannot copy misses inside a replay", ErrUnsupported, e.be.Name())
+	} else if cg != nil {
+		if err := cg.SetCopyMode(copyNext); err != nil {
+			m.mu.Lock()
+			m.capturing = false
+			m.mu.Unlock()
+			return err
+		}
+	}
 	if err := g.BeginCapture(); err != nil {
 		m.mu.Lock()
 		m.capturing = false
@@ -182,6 +219,8 @@ func (e *Engine) CaptureEnd() (int, error) {
 		return 0, err
 	}
 	m.captured = layers
+	m.copied = m.copyNext
+	m.served = make([]uint64, len(layers))
 	return len(layers), nil
 }
 
@@ -199,7 +238,7 @@ func (e *Engine) GraphStep(stream uintptr, reqs []uint64) error {
 	g, ok := e.be.(backend.Graphs)
 	m := &e.mapped
 	m.mu.Lock()
-	layers, capturing := m.captured, m.capturing
+	layers, capturing, copied := m.captured, m.capturing, m.copied
 	m.mu.Unlock()
 	if !ok || len(layers) == 0 || capturing {
 		return fmt.Errorf("%w: no captured step to trace", ErrState)
@@ -208,7 +247,15 @@ func (e *Engine) GraphStep(stream uintptr, reqs []uint64) error {
 	if err != nil {
 		return err
 	}
-	return e.enqueueMapped(mappedItem{layers: layers, reqs: append([]uint64(nil), reqs...), r: r})
+	it := mappedItem{layers: layers, reqs: append([]uint64(nil), reqs...), r: r, served: copied}
+	if copied {
+		// Prefetch loads order their copies after the compute stream's
+		// work, which a served replay holds until its copies are done:
+		// none are planned while served replays run.
+		e.queue.Clear()
+		return e.enqueueTo(m.copyQ, it)
+	}
+	return e.enqueueMapped(it)
 }
 
 func (e *Engine) takeMappedErr() error {
@@ -301,6 +348,9 @@ func (e *Engine) traceMapped(it mappedItem) error {
 				return err
 			}
 		}
+		if it.served {
+			continue // the copy driver counted and loaded this layer
+		}
 		resident := it.r.Resident[li*e.experts : (li+1)*e.experts]
 		keys := make([]cache.Key, len(experts))
 		hits := make([]bool, len(experts))
@@ -320,7 +370,7 @@ func (e *Engine) traceMapped(it mappedItem) error {
 			}
 		}
 	}
-	if len(it.layers) > 1 && e.prefetchOn.Load() {
+	if len(it.layers) > 1 && e.prefetchOn.Load() && !it.served {
 		for _, r := range it.reqs {
 			if p, ok := e.tracker.Partial(r); ok {
 				e.queue.Update(r, e.planner.PlanNext(p))

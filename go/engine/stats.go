@@ -13,10 +13,11 @@ const (
 	phaseKernels
 	phaseRelease
 	phaseTrace // mapped mode: the tracer goroutine, off the compute path
+	phaseServe // copy mode: the driver's host time per layer, while the layer waits
 	numPhases
 )
 
-var phaseNames = [numPhases]string{"observe", "acquire", "kernels", "release", "trace_async"}
+var phaseNames = [numPhases]string{"observe", "acquire", "kernels", "release", "trace_async", "serve"}
 
 // phase adds the time since t0 to phase p and returns now.
 func (e *Engine) phase(p int, t0 time.Time) time.Time {
@@ -54,6 +55,12 @@ type Stats struct {
 	PrefetchQueued int `json:"prefetch_queued"`
 	// PrefetchCancelled counts queued prefetches cancelled by re-planning.
 	PrefetchCancelled uint64 `json:"prefetch_cancelled"`
+	// GraphMisses is how the next captured step will get its missed
+	// experts: "read" or "copy" (Config.GraphMisses resolved).
+	GraphMisses string `json:"graph_misses"`
+	// CopyLate counts copy-mode layers that stopped waiting for the copy
+	// driver (the backend's timeout) and read their misses in place.
+	CopyLate int64 `json:"copy_late"`
 	// PhaseNs is host time by phase of LayerMoE/LayerFFN calls, in
 	// nanoseconds: where the engine's own overhead goes.
 	PhaseNs map[string]int64 `json:"phase_ns"`
@@ -77,6 +84,8 @@ func (e *Engine) Stats() (Stats, error) {
 		ActiveRequests:    e.tracker.Active(),
 		PrefetchQueued:    e.queue.Len(),
 		PrefetchCancelled: e.queue.Cancellations(),
+		CopyLate:          e.mapped.late.Load(),
+		GraphMisses:       e.graphMissesNow(),
 		Layers:            make([]LayerStats, len(cs)),
 		PhaseNs:           make(map[string]int64, numPhases),
 	}
@@ -105,6 +114,7 @@ func (e *Engine) ResetStats() error {
 		e.stallNs[l].Store(0)
 	}
 	e.acquires.Store(0)
+	e.mapped.late.Store(0)
 	for p := range e.phaseNs {
 		e.phaseNs[p].Store(0)
 	}

@@ -14,6 +14,9 @@ type Tuning struct {
 	Policy *string `json:"policy,omitempty"`
 	// Prefetch switches prefetching on or off (off also drops the queue).
 	Prefetch *bool `json:"prefetch,omitempty"`
+	// GraphMisses switches how the next captured step gets its missed
+	// experts (Config.GraphMisses).
+	GraphMisses *string `json:"graph_misses,omitempty"`
 	// Flush empties every slot that is not pinned or loading.
 	Flush bool `json:"flush,omitempty"`
 	// ResetStats zeroes the counters (after the other changes).
@@ -44,6 +47,16 @@ func (e *Engine) Tune(t Tuning) error {
 		}
 		e.mu.Lock()
 		e.plan.Prefetch = *t.Prefetch
+		e.mu.Unlock()
+	}
+	if t.GraphMisses != nil {
+		gm, err := graphMisses(*t.GraphMisses)
+		if err != nil {
+			return err
+		}
+		e.mu.Lock()
+		e.cfg.GraphMisses = gm
+		e.plan.GraphMisses = e.resolveGraphMisses()
 		e.mu.Unlock()
 	}
 	if t.Flush {

@@ -47,6 +47,10 @@ class Engine:
         admit_margin: mapped mode copies a missed expert in only when the
             eviction policy values it (1 + margin) times its best victim
             (default 1.0; LRU ignores it).
+        graph_misses: how the layers of a CUDA-graph step get missed
+            experts: ``"read"`` in place over PCIe, ``"copy"`` by the copy
+            engine while the layer waits inside the replay, or ``"auto"``
+            (default: ``"copy"`` for experts of 32 MiB and more).
         prefetch_confidence, prefetch_min_evidence, prefetch_min_token_share:
             the prefetch planner's filters (0 = default, negative = off):
             predicted share at least confidence × uniform (default 2),
@@ -73,6 +77,7 @@ class Engine:
         prefetch_confidence: float | None = None,
         prefetch_min_evidence: float | None = None,
         prefetch_min_token_share: float | None = None,
+        graph_misses: str | None = None,
     ):
         cfg: dict[str, Any] = {
             "budget_bytes": int(budget_bytes),
@@ -100,6 +105,8 @@ class Engine:
                 cfg[key] = float(fval)
         if trace_path is not None:
             cfg["trace_path"] = os.fspath(trace_path)
+        if graph_misses is not None:
+            cfg["graph_misses"] = str(graph_misses)
         handle = ctypes.c_uint64(0)
         _native.call("moe_engine_create", json.dumps(cfg).encode(), ctypes.byref(handle))
         self._handle: int | None = handle.value
@@ -362,16 +369,30 @@ class Engine:
         arr = (ctypes.c_int32 * max(1, len(xs)))(*xs)
         _native.call("moe_hint", ctypes.c_uint64(self._h()), layer, len(xs), arr)
 
-    def tune(self, *, policy: str | None = None, prefetch: bool | None = None, flush: bool = False, reset_stats: bool = False) -> None:
+    def tune(
+        self,
+        *,
+        policy: str | None = None,
+        prefetch: bool | None = None,
+        graph_misses: str | None = None,
+        flush: bool = False,
+        reset_stats: bool = False,
+    ) -> None:
         """Changes the running engine: eviction policy, prefetching on/off,
-        emptying the cache (``flush``) and zeroing the counters."""
+        how the next captured CUDA-graph step gets missed experts
+        (``graph_misses``: ``"auto"``, ``"read"`` or ``"copy"``), emptying
+        the cache (``flush``) and zeroing the counters."""
         t: dict[str, Any] = {"flush": flush, "reset_stats": reset_stats}
         if policy is not None:
             t["policy"] = policy
         if prefetch is not None:
             t["prefetch"] = bool(prefetch)
+        if graph_misses is not None:
+            t["graph_misses"] = str(graph_misses)
         _native.call("moe_engine_tune", ctypes.c_uint64(self._h()), json.dumps(t).encode())
         if self._plan is not None:
+            if graph_misses is not None:  # "auto" as the engine resolved it
+                self._plan["graph_misses"] = self.stats()["graph_misses"]
             if policy is not None:
                 self._plan["policy"] = policy.lower()
             if prefetch is not None:

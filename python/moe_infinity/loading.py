@@ -373,13 +373,23 @@ def _install(model: torch.nn.Module, rt: OffloadRuntime, family: Family) -> None
 
     model.reset_moe_stats = reset_moe_stats
 
-    def moe_tune(*, cache_policy: str | None = None, prefetch: bool | None = None, flush: bool = False, reset_stats: bool = False) -> None:
-        """Changes the cache policy or prefetching of the loaded model, empties
-        the cache (``flush``) or zeroes the statistics, without reloading."""
+    def moe_tune(
+        *,
+        cache_policy: str | None = None,
+        prefetch: bool | None = None,
+        graph_misses: str | None = None,
+        flush: bool = False,
+        reset_stats: bool = False,
+    ) -> None:
+        """Changes the cache policy or prefetching of the loaded model, how
+        the next captured CUDA-graph step gets missed experts
+        (``graph_misses``: "auto", "read" or "copy"; recapture after it),
+        empties the cache (``flush``) or zeroes the statistics, without
+        reloading."""
         rt.check_open()
-        rt.engine.tune(policy=cache_policy, prefetch=prefetch, flush=flush, reset_stats=reset_stats)
-        rt.plan["policy"] = rt.engine.plan["policy"]
-        rt.plan["prefetch"] = rt.engine.plan["prefetch"]
+        rt.engine.tune(policy=cache_policy, prefetch=prefetch, graph_misses=graph_misses, flush=flush, reset_stats=reset_stats)
+        for key in ("policy", "prefetch", "graph_misses"):
+            rt.plan[key] = rt.engine.plan.get(key)
         if reset_stats:
             rt.hook_ns = rt.wait_ns = rt.hook_calls = 0
         rt.phase_ns.clear()
@@ -526,7 +536,10 @@ def from_pretrained(
             ``matches``, ``prefetch_window``, ``workers``, ``max_slots``,
             ``admit_margin``: in mapped mode, how much more the eviction
             policy must value a missed expert than its victim to copy it
-            in, default 1.0; ``prefetch_confidence``,
+            in, default 1.0; ``graph_misses``: how CUDA-graph decode
+            steps get missed experts, ``"read"`` in place, ``"copy"`` by
+            the copy engine, default ``"auto"``: copy from 32 MiB per
+            expert; ``prefetch_confidence``,
             ``prefetch_min_evidence``, ``prefetch_min_token_share``: the
             prefetch planner's filters, 0 = default, negative = off).
         **hf_kwargs: passed to transformers' ``from_pretrained``.

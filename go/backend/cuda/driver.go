@@ -22,6 +22,9 @@ static CUresult moe_set_ctx(uintptr_t ctx) { return cuCtxSetCurrent((CUcontext)c
 static CUresult moe_host_register(void *p, size_t n, unsigned int flags) { return cuMemHostRegister(p, n, flags); }
 static CUresult moe_host_unregister(void *p) { return cuMemHostUnregister(p); }
 static CUresult moe_host_alloc(void **p, size_t n) { return cuMemHostAlloc(p, n, CU_MEMHOSTALLOC_PORTABLE); }
+static CUresult moe_host_alloc_mapped(void **p, size_t n) {
+	return cuMemHostAlloc(p, n, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP);
+}
 static CUresult moe_host_free(void *p) { return cuMemFreeHost(p); }
 static CUresult moe_mem_alloc(uint64_t *p, size_t n) { CUdeviceptr d = 0; CUresult r = cuMemAlloc(&d, n); *p = (uint64_t)d; return r; }
 static CUresult moe_mem_free(uint64_t p) { return cuMemFree((CUdeviceptr)p); }
@@ -55,6 +58,9 @@ static CUresult moe_copy_dtoh_async(void *dst, uint64_t src, size_t n, uintptr_t
 }
 static CUresult moe_copy_dtod_async(uint64_t dst, uint64_t src, size_t n, uintptr_t s) {
 	return cuMemcpyDtoDAsync((CUdeviceptr)dst, (CUdeviceptr)src, n, (CUstream)s);
+}
+static CUresult moe_memset32_async(uint64_t dst, unsigned int v, size_t n, uintptr_t s) {
+	return cuMemsetD32Async((CUdeviceptr)dst, v, n, (CUstream)s);
 }
 static CUresult moe_host_device_ptr(uint64_t *d, void *p) {
 	CUdeviceptr dp = 0;
@@ -232,6 +238,14 @@ func hostAlloc(n int64) (unsafe.Pointer, error) {
 	return p, err
 }
 
+// hostAllocMapped allocates n bytes of pinned host memory that kernels can
+// also read and write (its device address: hostDevicePtr).
+func hostAllocMapped(n int64) (unsafe.Pointer, error) {
+	var p unsafe.Pointer
+	err := check("cuMemHostAlloc", C.moe_host_alloc_mapped(&p, C.size_t(n)))
+	return p, err
+}
+
 func hostFree(p unsafe.Pointer) error { return check("cuMemFreeHost", C.moe_host_free(p)) }
 
 func streamCreate(priority int) (uintptr, error) {
@@ -300,6 +314,12 @@ func copyDtoHAsync(dst unsafe.Pointer, src uint64, n int64, s uintptr) error {
 // copyDtoDAsync copies n bytes between device addresses in stream order.
 func copyDtoDAsync(dst, src uint64, n int64, s uintptr) error {
 	return check("cuMemcpyDtoDAsync", C.moe_copy_dtod_async(C.uint64_t(dst), C.uint64_t(src), C.size_t(n), C.uintptr_t(s)))
+}
+
+// memset32Async sets n 32-bit words at dst to v in stream order (v is
+// passed by value: nothing on the host must outlive the call).
+func memset32Async(dst uint64, v uint32, n int64, s uintptr) error {
+	return check("cuMemsetD32Async", C.moe_memset32_async(C.uint64_t(dst), C.uint(v), C.size_t(n), C.uintptr_t(s)))
 }
 
 // hostDevicePtr is the device address of registered or pinned host memory.

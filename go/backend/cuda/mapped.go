@@ -44,6 +44,14 @@ type mapped struct {
 	captured  []backend.CapturedLayer
 	stage     uint64
 	staged    int64
+
+	// Copy mode (copymode.go): chosen for the next capture, in force for
+	// the last one; its buffers; the sequence number last answered per
+	// captured layer (the engine's copy driver only).
+	copyNext   bool
+	copyMode   bool
+	cp         *copyState
+	copyServed []uint32
 }
 
 // entry is the device address of table entry j (0 gate, 1 up, 2 down) of
@@ -331,6 +339,7 @@ func (b *Backend) freeMapped(m *mapped, keep func(error)) {
 		if m.stage != 0 {
 			keep(memFree(m.stage))
 		}
+		freeCopy(m.cp, keep)
 		if m.dev != 0 {
 			keep(memFree(m.dev))
 		}
@@ -352,6 +361,11 @@ func (b *Backend) captureFFN(m *mapped, layer int, a backend.FFNArgs) error {
 		return fmt.Errorf("backend cuda: capture on stream %#x but the last mapped layer ran on %#x; warm up on the capture stream first", a.Stream, cs)
 	}
 	err := b.dev.do(func() error {
+		if m.copyMode {
+			if err := b.captureCopyWait(m, len(m.captured), a); err != nil {
+				return err
+			}
+		}
 		if err := b.launchFFN(a, m.dev+uint64(8*layer*3*m.tab.Experts), m.tab.Experts); err != nil {
 			return err
 		}
@@ -385,6 +399,14 @@ func (b *Backend) BeginCapture() error {
 		}
 	}
 	m.capturing, m.captured, m.staged = true, nil, 0
+	m.copyMode = m.copyNext
+	if m.copyMode {
+		if err := b.beginCopyCapture(m); err != nil {
+			m.capturing = false
+			m.capMu.Unlock()
+			return fmt.Errorf("backend cuda: preparing a copy-mode capture: %w", err)
+		}
+	}
 	return nil
 }
 
@@ -396,6 +418,7 @@ func (b *Backend) EndCapture() ([]backend.CapturedLayer, error) {
 	}
 	out := m.captured
 	m.capturing, m.captured = false, nil
+	m.copyServed = make([]uint32, len(out))
 	m.capMu.Unlock()
 	return out, nil
 }

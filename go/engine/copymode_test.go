@@ -1,0 +1,170 @@
+package engine
+
+import (
+	"math/rand/v2"
+	"runtime"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/moe-infinity/moe_infinity/go/cache"
+)
+
+func graphMissesPtr(s string) *string { return &s }
+
+// captureCopyMode captures one step of L mapped layers in copy mode and
+// returns the layers' buffers.
+func captureCopyMode(t *testing.T, e *Engine, rng *rand.Rand, req uint64, L, E, T, K int, edit ...func([]*ffnIO)) []*ffnIO {
+	t.Helper()
+	require.NoError(t, e.Tune(Tuning{GraphMisses: graphMissesPtr("copy")}))
+	assert.Equal(t, "copy", e.plan.GraphMisses)
+	require.NoError(t, e.CaptureBegin())
+	ios := make([]*ffnIO, L)
+	for l := range L {
+		ios[l] = newFFNIO(rng, T, K, E)
+	}
+	for _, f := range edit {
+		f(ios)
+	}
+	for l := range L {
+		require.NoError(t, e.LayerMapped(ios[l].call(l, T, K), []uint64{req}))
+	}
+	n, err := e.CaptureEnd()
+	require.NoError(t, err)
+	require.Equal(t, L, n)
+	return ios
+}
+
+func distinctExperts(topk []int64) int {
+	d := map[int64]bool{}
+	for _, x := range topk {
+		d[x] = true
+	}
+	return len(d)
+}
+
+// In copy mode every miss of a replayed layer is copied into a slot before
+// the layer runs (a load, one transfer), so a second replay of the same
+// routing hits everywhere, and the tracer neither re-counts nor admits.
+func TestCopyModeLoadsEachMissOnceAndTheNextReplayHits(t *testing.T) {
+	const L, E, T, K = 3, 4, 2, 2
+	e := mappedEngine(t, L, E, 12) // every expert fits
+	rng := rand.New(rand.NewPCG(21, 22))
+	req, err := e.BeginRequest()
+	require.NoError(t, err)
+	ios := captureCopyMode(t, e, rng, req, L, E, T, K)
+	want := 0
+	for _, io := range ios {
+		want += distinctExperts(io.topk)
+	}
+
+	require.NoError(t, e.GraphStep(0, []uint64{req}))
+	st, err := e.Stats()
+	require.NoError(t, err)
+	assert.Equal(t, uint64(0), st.Hits)
+	assert.Equal(t, uint64(want), st.Misses)
+	assert.Equal(t, uint64(want), st.Loads, "every miss is copied in")
+	assert.Equal(t, int64(want)*e.lay.SlotBytes, st.BytesMoved, "one transfer per miss")
+	for l, io := range ios {
+		for _, x := range io.topk {
+			_, s := e.cache.Lookup(cache.Key{Layer: int32(l), Expert: int32(x)})
+			assert.Equal(t, cache.Ready, s, "L%d/E%d is resident after the replay", l, x)
+		}
+	}
+
+	require.NoError(t, e.GraphStep(0, []uint64{req}))
+	st, err = e.Stats()
+	require.NoError(t, err)
+	assert.Equal(t, uint64(want), st.Hits, "the second replay hits everywhere")
+	assert.Equal(t, uint64(want), st.Loads, "and loads nothing")
+	assert.Positive(t, st.PhaseNs["serve"])
+	assert.Zero(t, st.CopyLate)
+
+	// The backend's tables point at the slots: mapped layers hit too.
+	for l, io := range ios {
+		require.NoError(t, e.LayerMapped(io.call(l, T, K), []uint64{req}))
+	}
+	st, err = e.Stats()
+	require.NoError(t, err)
+	assert.Equal(t, uint64(2*want), st.Hits, "eager mapped layers read the copied experts from their slots")
+	assert.Equal(t, uint64(want), st.Misses)
+	require.NoError(t, e.EndRequest(req))
+	st, err = e.Stats()
+	require.NoError(t, err)
+	assert.Equal(t, 1, st.EAMCSize, "served replays are still traced")
+	runtime.KeepAlive(ios)
+}
+
+// With fewer slots than a step's experts, every layer evicts experts of
+// others; the slots must still end up holding what the tables say, so
+// mapped layers computed afterwards match the synchronous path exactly.
+func TestCopyModeKeepsTablesAndSlotsConsistentUnderEviction(t *testing.T) {
+	const L, E, T, K = 4, 4, 1, 2
+	e := mappedEngine(t, L, E, 3)
+	oracle := mappedEngine(t, L, E, 3)
+	rng := rand.New(rand.NewPCG(23, 24))
+	req, err := e.BeginRequest()
+	require.NoError(t, err)
+	ios := captureCopyMode(t, e, rng, req, L, E, T, K)
+	for range 3 {
+		require.NoError(t, e.GraphStep(0, []uint64{req}))
+	}
+	st, err := e.Stats()
+	require.NoError(t, err)
+	assert.Equal(t, uint64(3*L*K), st.Hits+st.Misses)
+	assert.Positive(t, st.Evictions)
+	assert.Equal(t, int64(st.Loads)*e.lay.SlotBytes, st.BytesMoved)
+
+	for l, io := range ios {
+		want := reference(t, oracle, io, l, T, K)
+		clear(io.out)
+		require.NoError(t, e.LayerMapped(io.call(l, T, K), []uint64{req}))
+		assert.Equal(t, want, io.out, "layer %d after copy-mode replays", l)
+	}
+	require.NoError(t, e.EndRequest(req))
+	runtime.KeepAlive(ios)
+}
+
+func TestCopyModeReportsBadExpertIdsWithoutLoadingThem(t *testing.T) {
+	const L, E, T, K = 2, 4, 1, 2
+	e := mappedEngine(t, L, E, 8)
+	rng := rand.New(rand.NewPCG(25, 26))
+	req, err := e.BeginRequest()
+	require.NoError(t, err)
+	ios := captureCopyMode(t, e, rng, req, L, E, T, K, func(ios []*ffnIO) { ios[1].topk[0] = E })
+	require.NoError(t, e.GraphStep(0, []uint64{req}))
+	_, err = e.Stats()
+	require.NoError(t, err)
+	err = e.GraphStep(0, []uint64{req})
+	assert.ErrorIs(t, err, ErrInvalid)
+	assert.ErrorContains(t, err, "out of range")
+	st, err := e.Stats()
+	require.NoError(t, err)
+	assert.LessOrEqual(t, st.Loads, uint64(L*K-1), "the bad id is never loaded")
+	runtime.KeepAlive(ios)
+}
+
+func TestGraphMissesSetting(t *testing.T) {
+	for _, c := range []struct {
+		in, want string
+		ok       bool
+	}{{"", "auto", true}, {"AUTO", "auto", true}, {" copy ", "copy", true}, {"read", "read", true}, {"dma", "", false}} {
+		cfg, err := Config{BudgetBytes: 1, GraphMisses: c.in}.withDefaults()
+		if !c.ok {
+			assert.ErrorIs(t, err, ErrInvalid, c.in)
+			continue
+		}
+		require.NoError(t, err, c.in)
+		assert.Equal(t, c.want, cfg.GraphMisses)
+	}
+	e := mappedEngine(t, 1, 2, 2)
+	p, err := e.Plan()
+	require.NoError(t, err)
+	assert.Equal(t, "read", p.GraphMisses, "small experts are read in place")
+	assert.ErrorIs(t, e.Tune(Tuning{GraphMisses: graphMissesPtr("both")}), ErrInvalid)
+	require.NoError(t, e.Tune(Tuning{GraphMisses: graphMissesPtr("copy")}))
+	p, err = e.Plan()
+	require.NoError(t, err)
+	assert.Equal(t, "copy", p.GraphMisses)
+}
