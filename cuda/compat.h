@@ -94,8 +94,10 @@ __device__ __forceinline__ moe_f16 moe_f32_to_f16(float f) {
 // timer and a short sleep (sm_70 and later).
 #if defined(__clang__) && !defined(__CUDA_ARCH_LIST__) && !defined(__NVCC__)
 #define MOE_FENCE_SYSTEM() __nvvm_membar_sys()
+#define MOE_FENCE_DEVICE() __nvvm_membar_gl()
 #else
 #define MOE_FENCE_SYSTEM() __threadfence_system()
+#define MOE_FENCE_DEVICE() __threadfence()
 #endif
 __device__ __forceinline__ unsigned long moe_globaltimer() {
     unsigned long t;

@@ -207,3 +207,15 @@ extern "C" __global__ void moe_wait(const unsigned int *counter, const volatile 
         moe_nanosleep(256);
     }
 }
+
+// moe_answer ends the host's service of one copy-mode layer, on the copy
+// stream after the layer's copies: it writes n (address, value) pairs of
+// table entries (the experts copied in pointed at their slots, the experts
+// they evicted back at host memory), read from pinned host memory, then
+// sets *ready = seq, which releases the layer's moe_wait. One block.
+extern "C" __global__ void moe_answer(const unsigned long *pairs, long n, volatile unsigned int *ready, long seq) {
+    for (long k = MOE_TID_X; k < n; k += MOE_NTID_X) *(unsigned long *)pairs[2 * k] = pairs[2 * k + 1];
+    MOE_FENCE_DEVICE();
+    __syncthreads();
+    if (MOE_TID_X == 0) *ready = (unsigned int)seq;
+}

@@ -2,7 +2,7 @@
 # One call on the GPU machine: runs the GPU suite against the CUDA build of
 # the engine made on the CPU machine (`make cuda`), and prints a summary.
 #
-#   bash scripts/gpu_check.sh [gpu|parity|bench|headline|copy|margin|all]     (default: all)
+#   bash scripts/gpu_check.sh [gpu|parity|bench|headline|copy|defaults|margin|all]     (default: all)
 #
 # headline: the GPU tests, then the decode headlines with CUDA graphs
 # (Qwen3-30B-A3B shape: pipelined replays with every ablation, and
@@ -60,10 +60,11 @@ if [ "$what" = headline ]; then
     run qwen3_stepwise timeout 120 $D --no-ablations --preset qwen3-30b-a3b --out "$OUT/decode_qwen3_stepwise.json"
     run mixtral_pipelined timeout 170 $D --pipeline --no-ablations --preset mixtral-8x7b --out "$OUT/decode_mixtral_pipelined.json"
 fi
-if [ "$what" = copy ]; then  # copy-mode misses: the GPU suite, then Mixtral with both miss paths
-    run gpu_tests python3 -m pytest -p no:cacheprovider -q -m gpu -rA tests/test_gpu.py tests/test_backend_ops.py
+if [ "$what" = copy ] || [ "$what" = defaults ]; then  # copy-mode misses: Mixtral with both miss paths
+    [ "$what" = copy ] && run gpu_tests python3 -m pytest -p no:cacheprovider -q -m gpu -rA tests/test_gpu.py tests/test_backend_ops.py
     D="python3 benchmarks/decode.py --device-memory 24GiB --decode 32 --graph --pipeline --no-ablations"
-    run mixtral_copy_read timeout 330 $D --graph-misses copy,read --preset mixtral-8x7b --out "$OUT/decode_mixtral_copy_read.json"
+    run mixtral_auto_read timeout 330 $D --graph-misses auto,read --preset mixtral-8x7b --out "$OUT/decode_mixtral_auto_read.json"
+    [ "$what" = defaults ] && run qwen3_auto timeout 150 $D --preset qwen3-30b-a3b --out "$OUT/decode_qwen3_auto.json"
 fi
 if [ "$what" = margin ]; then  # admission margin 4 against the default, both shapes
     D="python3 benchmarks/decode.py --device-memory 24GiB --decode 32 --graph --pipeline --no-ablations"

@@ -134,6 +134,13 @@ type CopyGraphs interface {
 	ServeLayer(i int, seq uint64, loads []SlotLoad) error
 }
 
+// Timed is implemented by backends that account host time of their own
+// (in nanoseconds, by name); the engine reports it with its phases.
+type Timed interface {
+	PhaseNs() map[string]int64
+	ResetPhases()
+}
+
 // HostRows is one expert's gate, up and down rows in host memory
 // (addresses).
 type HostRows [3]uintptr

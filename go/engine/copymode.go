@@ -107,6 +107,7 @@ func (e *Engine) serveReplay(cg backend.CopyGraphs, it mappedItem) (int, error) 
 		if first == nil {
 			first = err
 		}
+		e.phaseNs[phasePin].Add(int64(time.Since(t0)))
 		err = cg.ServeLayer(i, seq, loads)
 		m.served[i] = seq
 		if errors.Is(err, backend.ErrLate) {

@@ -3,6 +3,7 @@ package engine
 import (
 	"time"
 
+	"github.com/moe-infinity/moe_infinity/go/backend"
 	"github.com/moe-infinity/moe_infinity/go/cache"
 )
 
@@ -14,10 +15,11 @@ const (
 	phaseRelease
 	phaseTrace // mapped mode: the tracer goroutine, off the compute path
 	phaseServe // copy mode: the driver's host time per layer, while the layer waits
+	phasePin   // copy mode: the part of phaseServe spent choosing slots (cache.Pin)
 	numPhases
 )
 
-var phaseNames = [numPhases]string{"observe", "acquire", "kernels", "release", "trace_async", "serve"}
+var phaseNames = [numPhases]string{"observe", "acquire", "kernels", "release", "trace_async", "serve", "serve_pin"}
 
 // phase adds the time since t0 to phase p and returns now.
 func (e *Engine) phase(p int, t0 time.Time) time.Time {
@@ -92,6 +94,11 @@ func (e *Engine) Stats() (Stats, error) {
 	for p, name := range phaseNames {
 		out.PhaseNs[name] = e.phaseNs[p].Load()
 	}
+	if t, ok := e.be.(backend.Timed); ok {
+		for name, ns := range t.PhaseNs() {
+			out.PhaseNs["backend_"+name] = ns
+		}
+	}
 	for l, c := range cs {
 		ls := LayerStats{LayerStats: c, BytesMoved: e.bytesMoved[l].Load(), StallNs: e.stallNs[l].Load()}
 		out.Layers[l] = ls
@@ -117,6 +124,9 @@ func (e *Engine) ResetStats() error {
 	e.mapped.late.Store(0)
 	for p := range e.phaseNs {
 		e.phaseNs[p].Store(0)
+	}
+	if t, ok := e.be.(backend.Timed); ok {
+		t.ResetPhases()
 	}
 	return nil
 }

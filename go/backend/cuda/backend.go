@@ -68,6 +68,8 @@ type Backend struct {
 	tableI  atomic.Uint64
 
 	m atomic.Pointer[mapped] // mapped mode, once enabled
+
+	serveNs [servePhases]atomic.Int64 // copy mode's ServeLayer (PhaseNs)
 }
 
 type hostSeg struct {

@@ -37,15 +37,53 @@ const (
 	copyTimeout = 2 * time.Second
 )
 
+// Host time of ServeLayer, by part (Backend.PhaseNs).
+const (
+	serveAll        = iota // the whole call
+	serveFirstCopy         // until the first cuMemcpyHtoDAsync has returned
+	serveCopyCalls         // in cuMemcpyHtoDAsync calls
+	serveTableCalls        // launching moe_answer
+	serveEnter             // from the call to inside do
+	serveStreamWait        // in cuStreamWaitEvent calls
+	servePhases
+)
+
+var serveNames = [servePhases]string{"serve_issue", "serve_first_copy", "serve_copy_calls", "serve_answer", "serve_enter", "serve_stream_wait"}
+
+// PhaseNs reports ServeLayer's host time in nanoseconds: in all, until the
+// first copy is issued, in copy calls and in the answer's launch.
+func (b *Backend) PhaseNs() map[string]int64 {
+	out := make(map[string]int64, servePhases)
+	for p, name := range serveNames {
+		out[name] = b.serveNs[p].Load()
+	}
+	return out
+}
+
+// ResetPhases zeroes PhaseNs.
+func (b *Backend) ResetPhases() {
+	for p := range b.serveNs {
+		b.serveNs[p].Store(0)
+	}
+}
+
 // copyState is copy mode's device and pinned memory.
 type copyState struct {
-	publish, wait cu.Function
+	publish, wait, answerFn cu.Function
 	counter       uint64         // device [maxCopyLayers]uint32: routings published
 	ready         uint64         // device [maxCopyLayers]uint32: routings answered
 	box           unsafe.Pointer // pinned: [routingIDs]int64 ids, [maxCopyLayers]uint32 seq, uint32 late
 	boxDev        uint64
 	offs          []int64 // per captured layer: its ids' offset in box
 	pairs         []int64
+
+	// moe_answer's (address, value) pairs, pinned: per captured layer,
+	// room for 6 entries (3 of the expert copied in, 3 of the one evicted)
+	// per expert it can route, at answerOff (in pairs).
+	answer    unsafe.Pointer
+	answerDev uint64
+	answerOff []int64
+	answerCap []int
 }
 
 func (c *copyState) seq(i int) *uint32 {
@@ -81,6 +119,9 @@ func (b *Backend) beginCopyCapture(m *mapped) error {
 				return err
 			}
 			if c.wait, err = b.mod.Function("moe_wait"); err != nil {
+				return err
+			}
+			if c.answerFn, err = b.mod.Function("moe_answer"); err != nil {
 				return err
 			}
 			if c.counter, err = memAlloc(2 * 4 * maxCopyLayers); err != nil {
@@ -166,10 +207,16 @@ func (b *Backend) AwaitLayer(i int, stop <-chan struct{}) ([]int64, uint64, erro
 	}
 }
 
-// ServeLayer issues each load's copy on the demand stream, then answers
-// captured layer i of replay seq. It reports backend.ErrLate (after
-// answering, when the copies went well) when some layer gave up waiting
-// since the last call.
+// ServeLayer issues each load's copy on the demand stream, then one
+// moe_answer launch that updates the table entries of the experts copied
+// in and of those they evicted and releases captured layer i of replay
+// seq. It reports backend.ErrLate (after answering, when the copies went
+// well) when some layer gave up waiting since the last call.
+//
+// The entries change after the copies, not before: no kernel reads the
+// tables between the layer's routing and its answer, since every later
+// layer waits behind this one. (A layer that timed out does read them
+// meanwhile; it gives up only after copyTimeout, far beyond any copy.)
 func (b *Backend) ServeLayer(i int, seq uint64, loads []backend.SlotLoad) error {
 	m := b.m.Load()
 	if m == nil || m.cp == nil || !m.copyMode || i < 0 || i >= len(m.cp.offs) {
@@ -184,20 +231,64 @@ func (b *Backend) ServeLayer(i int, seq uint64, loads []backend.SlotLoad) error 
 	}
 	m.capMu.RLock()
 	defer m.capMu.RUnlock()
-	var errs []error
+	var copyErr error
+	if most := c.answerCap[i] / 6; len(loads) > most { // cannot happen: distinct routed experts
+		copyErr = fmt.Errorf("backend cuda: %d loads for captured layer %d, which routes at most %d experts", len(loads), i, most)
+		loads = loads[:most]
+	}
+	t0 := time.Now()
 	err := b.dev.do(func() error {
-		for _, l := range loads {
-			if err := b.copyIn(m, l); err != nil {
-				errs = append(errs, err)
+		b.serveNs[serveEnter].Add(int64(time.Since(t0)))
+		// Entries to write: the pinned area of layer i is free again, as
+		// the last answer that read it ran before this routing was published.
+		pairs := unsafe.Slice((*uint64)(unsafe.Add(c.answer, 16*c.answerOff[i])), 2*c.answerCap[i])
+		n := 0
+		put := func(i, j int, v uintptr) {
+			pairs[2*n], pairs[2*n+1] = m.entry(i, j), uint64(v)
+			n++
+		}
+		var done []backend.SlotLoad
+		for k, l := range loads {
+			o, err := b.copyIn(m, l, k == 0, t0)
+			if o >= 0 { // back to host memory, even after a failed (partial) copy
+				for j, r := range m.tab.Host[o] {
+					put(o, j, r)
+				}
+			}
+			if err != nil {
+				copyErr = err
 				break
 			}
+			for j, r := range b.slotRows(m, l.Slot) {
+				put(l.Layer*b.experts+l.Expert, j, r)
+			}
+			done = append(done, l)
 		}
 		// Answered even after a failed copy: the layer must not wait for
 		// copies that will not come (it reads what is not mapped in place).
-		return memset32Async(c.ready+uint64(4*i), uint32(seq), 1, b.demand)
+		t := time.Now()
+		if n == 0 {
+			return memset32Async(c.ready+uint64(4*i), uint32(seq), 1, b.demand)
+		}
+		err := launch(c.answerFn, 1, 1, 128, b.demand,
+			c.answerDev+uint64(16*c.answerOff[i]), uint64(n), c.ready+uint64(4*i), seq)
+		b.serveNs[serveTableCalls].Add(int64(time.Since(t)))
+		if err != nil {
+			return fmt.Errorf("launching moe_answer: %w", err)
+		}
+		for _, l := range done {
+			if err := eventRecord(m.installed[l.Slot], b.demand); err != nil {
+				return err
+			}
+			m.tab.Mu.Lock()
+			m.tab.Map(l.Slot, l.Layer*b.experts+l.Expert)
+			m.tab.Mu.Unlock()
+		}
+		return nil
 	})
 	m.copyServed[i] = uint32(seq)
-	if err := errors.Join(append(errs, err)...); err != nil {
+	b.serveNs[serveAll].Add(int64(time.Since(t0)))
+	if err := errors.Join(copyErr, err); err != nil {
 		return err
 	}
 	if lp := c.late(); atomic.LoadUint32(lp) != 0 {
@@ -207,43 +298,86 @@ func (b *Backend) ServeLayer(i int, seq uint64, loads []backend.SlotLoad) error 
 	return nil
 }
 
-// copyIn copies l's expert into its slot on the demand stream under the
-// mapped-mode protocol. Runs in do.
-func (b *Backend) copyIn(m *mapped, l backend.SlotLoad) error {
+// slotRows is where an expert copied into slot has its gate, up and down
+// rows.
+func (b *Backend) slotRows(m *mapped, slot int) backend.HostRows {
+	base := uintptr(b.arena + uint64(int64(slot)*b.slotSize))
+	lay := m.tab.Lay
+	return backend.HostRows{base + uintptr(lay.Gate), base + uintptr(lay.Up), base + uintptr(lay.Down)}
+}
+
+// copyIn unmaps l's slot in the host-side table and queues the copy of
+// l's expert into it on the demand stream; it returns the expert the slot
+// held (-1 for none), whose device entries the caller points back at host
+// memory (also when the copy failed). first: time the first copy's issue
+// from t0. Runs in do.
+func (b *Backend) copyIn(m *mapped, l backend.SlotLoad, first bool, t0 time.Time) (int, error) {
 	i := l.Layer*b.experts + l.Expert
 	if l.Slot < 0 || l.Slot >= b.slots || l.Layer < 0 || l.Expert < 0 || l.Expert >= b.experts || i >= len(b.segs) {
-		return fmt.Errorf("backend cuda: load of L%d/E%d into slot %d out of range", l.Layer, l.Expert, l.Slot)
+		return -1, fmt.Errorf("backend cuda: load of L%d/E%d into slot %d out of range", l.Layer, l.Expert, l.Slot)
 	}
-	s := b.demand
 	m.tab.Mu.Lock()
 	o := m.tab.Unmap(l.Slot)
 	m.tab.Mu.Unlock()
-	if o >= 0 {
-		if err := m.set(s, o, m.tab.Host[o]); err != nil {
-			return err
-		}
-	}
+	s := b.demand
 	// Recorded before the replay began (readers of the slot outside copy
 	// mode): already complete, so this never holds the copy.
+	tw := time.Now()
 	if err := streamWait(s, b.free[l.Slot]); err != nil {
-		return err
+		return o, err
 	}
+	b.serveNs[serveStreamWait].Add(int64(time.Since(tw)))
 	dst := b.arena + uint64(int64(l.Slot)*b.slotSize)
 	for _, sg := range b.segs[i] {
+		t := time.Now()
 		if err := copyHtoD(dst+uint64(sg.off), sg.ptr, sg.n, s); err != nil {
-			return fmt.Errorf("copying L%d/E%d into slot %d: %w", l.Layer, l.Expert, l.Slot, err)
+			return o, fmt.Errorf("copying L%d/E%d into slot %d: %w", l.Layer, l.Expert, l.Slot, err)
+		}
+		now := time.Now()
+		b.serveNs[serveCopyCalls].Add(int64(now.Sub(t)))
+		if first {
+			b.serveNs[serveFirstCopy].Add(int64(now.Sub(t0)))
+			first = false
 		}
 	}
-	if err := eventRecord(b.ready[l.Slot], s); err != nil {
-		return err
+	return o, eventRecord(b.ready[l.Slot], s)
+}
+
+// endCopyCapture sizes the answers' pinned area for the captured layers
+// (E experts per layer). Runs with capMu held for writing.
+func (b *Backend) endCopyCapture(m *mapped) error {
+	c := m.cp
+	c.answerOff, c.answerCap = c.answerOff[:0], c.answerCap[:0]
+	var total int64
+	for _, p := range c.pairs {
+		n := 6 * int(min(p, int64(m.tab.Experts)))
+		c.answerOff = append(c.answerOff, total)
+		c.answerCap = append(c.answerCap, n)
+		total += int64(n)
 	}
-	return b.mapSlot(m, l.Slot, l.Layer, l.Expert, s)
+	return b.dev.do(func() error {
+		if c.answer != nil {
+			if err := hostFree(c.answer); err != nil {
+				return err
+			}
+			c.answer = nil
+		}
+		var err error
+		if c.answer, err = hostAllocMapped(max(16*total, 16)); err != nil {
+			return err
+		}
+		c.answerDev, err = hostDevicePtr(c.answer)
+		return err
+	})
 }
 
 // freeCopy releases copy mode's memory. Runs in do.
 func freeCopy(c *copyState, keep func(error)) {
 	if c == nil {
 		return
+	}
+	if c.answer != nil {
+		keep(hostFree(c.answer))
 	}
 	if c.box != nil {
 		keep(hostFree(c.box))

@@ -419,6 +419,13 @@ func (b *Backend) EndCapture() ([]backend.CapturedLayer, error) {
 	out := m.captured
 	m.capturing, m.captured = false, nil
 	m.copyServed = make([]uint32, len(out))
+	if m.copyMode {
+		if err := b.endCopyCapture(m); err != nil {
+			m.copyMode = false // the captured waits are never answered: they time out and read in place
+			m.capMu.Unlock()
+			return nil, fmt.Errorf("backend cuda: finishing a copy-mode capture: %w", err)
+		}
+	}
 	m.capMu.Unlock()
 	return out, nil
 }
