@@ -391,6 +391,11 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
                 "graph_capture_s": dec.capture_s if dec is not None else None,
                 "graph_misses": st.get("graph_misses") if dec is not None else None,
                 "copy_late_layers": st.get("copy_late"),
+                # Copy mode: the copy driver's host time per token (its own
+                # thread, while layers wait), and the part before each
+                # layer's first copy is issued, when the link is idle.
+                "copy_driver_ms_per_token": st["phase_ns"].get("serve", 0) / 1e6 / n,
+                "copy_reaction_ms_per_token": (st["phase_ns"].get("serve_pin", 0) + st["phase_ns"].get("backend_serve_first_copy", 0)) / 1e6 / n,
                 "hook_calls_per_token": st["hook_calls"] / n,
                 "hook_phase_ms_per_token": {k: v * 1e3 / n for k, v in st["hook_phase_seconds"].items()},
                 "engine_phase_ms_per_token": {k: v / 1e6 / n for k, v in st["phase_ns"].items()},

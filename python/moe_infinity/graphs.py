@@ -129,7 +129,11 @@ class GraphDecoder:
         self.pos.fill_(P)
         toks = torch.empty((self.batch, n), dtype=torch.long, device=self.device)
         seen = torch.empty((self.batch, n), dtype=torch.long, pin_memory=True) if stop.active else None
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+        # Blocking events: a spinning cudaEventSynchronize polls the driver
+        # for the whole step (depth replays ahead there is slack to wake
+        # up), and those polls slow the engine's own driver calls, which
+        # copy mode makes while a layer waits for them.
+        events = [torch.cuda.Event(enable_timing=True, blocking=True) for _ in range(n + 1)]
         events[0].record(self.stream)
         eng = self.rt.engine
         issued = looked = 0
