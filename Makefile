@@ -94,6 +94,8 @@ fuzz:
 	$(GO) test ./go/store/ -run '^$$' -fuzz '^FuzzParseIndex$$' -fuzztime $(FUZZTIME) -timeout 0
 	$(GO) test ./go/trace/ -run '^$$' -fuzz '^FuzzLoad$$' -fuzztime $(FUZZTIME) -timeout 0
 	$(GO) test ./go/trace/ -run '^$$' -fuzz '^FuzzLoadValidCRC$$' -fuzztime $(FUZZTIME) -timeout 0
+	$(GO) test ./go/engine/ -run '^$$' -fuzz '^FuzzParseConfig$$' -fuzztime $(FUZZTIME) -timeout 0
+	$(GO) test ./go/engine/ -run '^$$' -fuzz '^FuzzParseSetup$$' -fuzztime $(FUZZTIME) -timeout 0
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./go/...

@@ -3,11 +3,14 @@ package engine
 import (
 	"math/rand/v2"
 	"runtime"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/moe-infinity/moe_infinity/go/backend"
 	"github.com/moe-infinity/moe_infinity/go/cache"
 )
 
@@ -167,4 +170,62 @@ func TestGraphMissesSetting(t *testing.T) {
 	p, err = e.Plan()
 	require.NoError(t, err)
 	assert.Equal(t, "copy", p.GraphMisses)
+}
+
+// silentCopies is a CPU backend whose replays never publish a layer (as if
+// the GPU were still busy with earlier work): the copy driver waits in
+// AwaitLayer until Close. It records the answers ServeLayer is given.
+type silentCopies struct {
+	*backend.CPU
+	mu      sync.Mutex
+	answers [][2]uint64 // (captured layer, sequence number)
+}
+
+func (s *silentCopies) AwaitLayer(i int, stop <-chan struct{}) ([]int64, uint64, error) {
+	<-stop
+	return nil, 0, backend.ErrClosed
+}
+
+func (s *silentCopies) ServeLayer(i int, seq uint64, loads []backend.SlotLoad) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.answers = append(s.answers, [2]uint64{uint64(i), seq})
+	return nil
+}
+
+// Close with copy-mode replays queued and in flight must not leave any of
+// their layers waiting on the device: every layer of every pending replay
+// is answered ahead of its routing, in order, and Close returns.
+func TestCloseAnswersEveryLayerOfPendingCopyModeReplays(t *testing.T) {
+	const L, E, T, K = 3, 4, 1, 2
+	var be *silentCopies
+	e := mappedEngine(t, L, E, 8, func(e *Engine) {
+		e.NewBackend = func(Config) (backend.Backend, error) {
+			be = &silentCopies{CPU: backend.NewCPU(1)}
+			return be, nil
+		}
+	})
+	rng := rand.New(rand.NewPCG(27, 28))
+	req, err := e.BeginRequest()
+	require.NoError(t, err)
+	ios := captureCopyMode(t, e, rng, req, L, E, T, K)
+	require.NoError(t, e.GraphStep(0, []uint64{req}))
+	require.NoError(t, e.GraphStep(0, []uint64{req}))
+
+	closed := make(chan error, 1)
+	go func() { closed <- e.Close() }()
+	select {
+	case err := <-closed:
+		require.NoError(t, err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not return with copy-mode replays pending")
+	}
+	var want [][2]uint64
+	for seq := uint64(1); seq <= 2; seq++ {
+		for i := range L {
+			want = append(want, [2]uint64{uint64(i), seq})
+		}
+	}
+	assert.Equal(t, want, be.answers, "each pending replay's layers, answered in order")
+	runtime.KeepAlive(ios)
 }

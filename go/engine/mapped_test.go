@@ -34,7 +34,7 @@ func bf16Bytes(vals []float32) []byte {
 
 // mappedEngine is a bf16 Mixtral-style model of L × E experts whose
 // weights differ per expert, with a cache of `slots` slots.
-func mappedEngine(t *testing.T, L, E, slots int) *Engine {
+func mappedEngine(t *testing.T, L, E, slots int, before ...func(*Engine)) *Engine {
 	t.Helper()
 	e, err := New(Config{BudgetBytes: int64(slots) * 4096, MaxSlots: slots})
 	require.NoError(t, err)
@@ -53,6 +53,9 @@ func mappedEngine(t *testing.T, L, E, slots int) *Engine {
 				require.NoError(t, e.AddHostTensor(name, "BF16", []int64{ro.r, ro.c}, bf16Bytes(vals)))
 			}
 		}
+	}
+	for _, f := range before {
+		f(e)
 	}
 	_, err = e.Configure(Setup{Layout: mixtralSpec})
 	require.NoError(t, err)
