@@ -70,12 +70,12 @@ func (b *Backend) ResetPhases() {
 // copyState is copy mode's device and pinned memory.
 type copyState struct {
 	publish, wait, answerFn cu.Function
-	counter       uint64         // device [maxCopyLayers]uint32: routings published
-	ready         uint64         // device [maxCopyLayers]uint32: routings answered
-	box           unsafe.Pointer // pinned: [routingIDs]int64 ids, [maxCopyLayers]uint32 seq, uint32 late
-	boxDev        uint64
-	offs          []int64 // per captured layer: its ids' offset in box
-	pairs         []int64
+	counter                 uint64         // device [maxCopyLayers]uint32: routings published
+	ready                   uint64         // device [maxCopyLayers]uint32: routings answered
+	box                     unsafe.Pointer // pinned: [routingIDs]int64 ids, [maxCopyLayers]uint32 seq, uint32 late
+	boxDev                  uint64
+	offs                    []int64 // per captured layer: its ids' offset in box
+	pairs                   []int64
 
 	// moe_answer's (address, value) pairs, pinned: per captured layer,
 	// room for 6 entries (3 of the expert copied in, 3 of the one evicted)
