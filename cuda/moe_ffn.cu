@@ -169,38 +169,31 @@ extern "C" __global__ void moe_table_set3(unsigned long *a, unsigned long va, un
 // captured layer publishes its routing to the host, then waits until the
 // host has copied the layer's missed experts into slots and said so.
 //
-// moe_publish copies n routing ids to box (pinned host memory the GPU can
-// write), then advances *counter (device memory, one per captured layer)
+// moe_publish_wait copies n routing ids to box (pinned host memory the GPU
+// can write), advances *counter (device memory, one per captured layer)
 // and writes the new value to *seq (pinned host memory) after a
-// system-wide fence, so a host that sees the new value sees the ids. One
-// block.
-extern "C" __global__ void moe_publish(const long *topk, long n, volatile long *box, volatile unsigned int *seq,
-                                       unsigned int *counter) {
+// system-wide fence, so a host that sees the new value sees the ids. Then
+// it holds its stream until *ready (device memory, set by moe_answer on
+// the host's copy stream after the layer's copies) has reached the new
+// value, or until timeout_ns of GPU time have passed: then it writes the
+// value it gave up on to *late (pinned host memory) and returns, and the
+// layer reads its missed experts in place from host memory (its table
+// entries always point at valid memory). One block.
+extern "C" __global__ void moe_publish_wait(const long *topk, long n, volatile long *box, volatile unsigned int *seq,
+                                            unsigned int *counter, const volatile unsigned int *ready, long timeout_ns,
+                                            volatile unsigned int *late) {
     for (long i = MOE_TID_X; i < n; i += MOE_NTID_X) box[i] = topk[i];
     MOE_FENCE_SYSTEM();
     __syncthreads();
-    if (MOE_TID_X == 0) {
-        unsigned int c = *counter + 1;
-        *counter = c;
-        MOE_FENCE_SYSTEM();
-        *seq = c;
-    }
-}
-
-// moe_wait holds its stream until *ready (device memory, written by the
-// host's copy stream after the layer's copies) has reached *counter, or
-// until timeout_ns of GPU time have passed: then it writes the sequence
-// number it gave up on to *late (pinned host memory) and returns, and the
-// layer reads its missed experts in place from host memory (its table
-// entries always point at valid memory). One thread.
-extern "C" __global__ void moe_wait(const unsigned int *counter, const volatile unsigned int *ready, long timeout_ns,
-                                    volatile unsigned int *late) {
-    if (MOE_TID_X != 0 || MOE_CTAID_X != 0) return;
-    unsigned int want = *counter;
+    if (MOE_TID_X != 0) return;
+    unsigned int c = *counter + 1;
+    *counter = c;
+    MOE_FENCE_SYSTEM();
+    *seq = c;
     unsigned long t0 = moe_globaltimer();
-    while ((int)(*ready - want) < 0) {
+    while ((int)(*ready - c) < 0) {
         if ((long)(moe_globaltimer() - t0) > timeout_ns) {
-            *late = want;
+            *late = c;
             MOE_FENCE_SYSTEM();
             return;
         }
@@ -212,7 +205,7 @@ extern "C" __global__ void moe_wait(const unsigned int *counter, const volatile 
 // stream after the layer's copies: it writes n (address, value) pairs of
 // table entries (the experts copied in pointed at their slots, the experts
 // they evicted back at host memory), read from pinned host memory, then
-// sets *ready = seq, which releases the layer's moe_wait. One block.
+// sets *ready = seq, which releases the layer's moe_publish_wait. One block.
 extern "C" __global__ void moe_answer(const unsigned long *pairs, long n, volatile unsigned int *ready, long seq) {
     for (long k = MOE_TID_X; k < n; k += MOE_NTID_X) *(unsigned long *)pairs[2 * k] = pairs[2 * k + 1];
     MOE_FENCE_DEVICE();

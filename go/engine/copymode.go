@@ -3,6 +3,7 @@ package engine
 import (
 	"errors"
 	"fmt"
+	"runtime"
 	"time"
 
 	"github.com/moe-infinity/moe_infinity/go/backend"
@@ -61,6 +62,11 @@ func (e *Engine) copyGraphs() backend.CopyGraphs {
 // run without copies, so that no replay is left waiting.
 func (e *Engine) copyDriver(cg backend.CopyGraphs) {
 	defer e.bg.Done()
+	// One OS thread for the driver's life: the backend's calls find their
+	// context current, and a replayed layer's reaction never waits for the
+	// goroutine to be scheduled onto another thread.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
 	m := &e.mapped
 	for {
 		var it mappedItem

@@ -5,7 +5,6 @@ package cuda
 import (
 	"errors"
 	"fmt"
-	"runtime"
 	"sync/atomic"
 	"time"
 	"unsafe"
@@ -17,8 +16,8 @@ import (
 
 // Copy mode (backend.CopyGraphs). A captured layer runs
 //
-//	moe_publish: routing ids → box (pinned), ++counter[i] → seq[i] (pinned)
-//	moe_wait:    until ready[i] >= counter[i] (or copyTimeout)
+//	moe_publish_wait: routing ids → box (pinned), ++counter[i] → seq[i]
+//	                  (pinned), then until ready[i] >= counter[i] (or copyTimeout)
 //	moe_gate_up_swiglu, moe_down over the layer's table
 //
 // and the engine, polling seq[i], pins the layer's experts and calls
@@ -69,13 +68,13 @@ func (b *Backend) ResetPhases() {
 
 // copyState is copy mode's device and pinned memory.
 type copyState struct {
-	publish, wait, answerFn cu.Function
-	counter                 uint64         // device [maxCopyLayers]uint32: routings published
-	ready                   uint64         // device [maxCopyLayers]uint32: routings answered
-	box                     unsafe.Pointer // pinned: [routingIDs]int64 ids, [maxCopyLayers]uint32 seq, uint32 late
-	boxDev                  uint64
-	offs                    []int64 // per captured layer: its ids' offset in box
-	pairs                   []int64
+	publish, answerFn cu.Function
+	counter           uint64         // device [maxCopyLayers]uint32: routings published
+	ready             uint64         // device [maxCopyLayers]uint32: routings answered
+	box               unsafe.Pointer // pinned: [routingIDs]int64 ids, [maxCopyLayers]uint32 seq, uint32 late
+	boxDev            uint64
+	offs              []int64 // per captured layer: its ids' offset in box
+	pairs             []int64
 
 	// moe_answer's (address, value) pairs, pinned: per captured layer,
 	// room for 6 entries (3 of the expert copied in, 3 of the one evicted)
@@ -115,10 +114,7 @@ func (b *Backend) beginCopyCapture(m *mapped) error {
 		if c == nil {
 			c = &copyState{}
 			var err error
-			if c.publish, err = b.mod.Function("moe_publish"); err != nil {
-				return err
-			}
-			if c.wait, err = b.mod.Function("moe_wait"); err != nil {
+			if c.publish, err = b.mod.Function("moe_publish_wait"); err != nil {
 				return err
 			}
 			if c.answerFn, err = b.mod.Function("moe_answer"); err != nil {
@@ -166,12 +162,9 @@ func (b *Backend) captureCopyWait(m *mapped, i int, a backend.FFNArgs) error {
 	}
 	off := m.staged // the ids' place in box, as in the staging buffer
 	if err := launch(c.publish, 1, 1, 256, a.Stream,
-		a.TopK, uint64(P), c.boxDev+uint64(8*off), c.boxDev+uint64(routingIDs*8+4*i), c.counter+uint64(4*i)); err != nil {
-		return fmt.Errorf("launching moe_publish: %w", err)
-	}
-	if err := launch(c.wait, 1, 1, 32, a.Stream,
-		c.counter+uint64(4*i), c.ready+uint64(4*i), uint64(copyTimeout.Nanoseconds()), c.boxDev+uint64(routingIDs*8+4*maxCopyLayers)); err != nil {
-		return fmt.Errorf("launching moe_wait: %w", err)
+		a.TopK, uint64(P), c.boxDev+uint64(8*off), c.boxDev+uint64(routingIDs*8+4*i), c.counter+uint64(4*i),
+		c.ready+uint64(4*i), uint64(copyTimeout.Nanoseconds()), c.boxDev+uint64(routingIDs*8+4*maxCopyLayers)); err != nil {
+		return fmt.Errorf("launching moe_publish_wait: %w", err)
 	}
 	c.offs = append(c.offs, off)
 	c.pairs = append(c.pairs, P)
@@ -180,9 +173,9 @@ func (b *Backend) captureCopyWait(m *mapped, i int, a backend.FFNArgs) error {
 
 // AwaitLayer polls captured layer i's sequence number until a replay
 // publishes one newer than the last answered, and returns that layer's
-// routing. It spins (yielding the processor between polls): a layer
-// waits on the device meanwhile, and each microsecond of reaction is
-// a microsecond of the replay.
+// routing. It spins without yielding (the engine's copy driver has a
+// thread of its own): a layer waits on the device meanwhile, and each
+// microsecond of reaction is a microsecond of the replay.
 func (b *Backend) AwaitLayer(i int, stop <-chan struct{}) ([]int64, uint64, error) {
 	m := b.m.Load()
 	if m == nil || m.cp == nil || !m.copyMode || i < 0 || i >= len(m.cp.offs) {
@@ -196,14 +189,13 @@ func (b *Backend) AwaitLayer(i int, stop <-chan struct{}) ([]int64, uint64, erro
 			ids := unsafe.Slice((*int64)(unsafe.Add(c.box, 8*c.offs[i])), c.pairs[i])
 			return ids, uint64(s), nil
 		}
-		if n&255 == 255 {
+		if n&4095 == 4095 {
 			select {
 			case <-stop:
 				return nil, 0, backend.ErrClosed
 			default:
 			}
 		}
-		runtime.Gosched()
 	}
 }
 
