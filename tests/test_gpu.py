@@ -290,6 +290,9 @@ def test_graph_decoder_replays_exactly_and_keeps_tracing(family, tmp_path):
         piped = dec.generate(prompt, max_new_tokens=new, pipeline=True)
         assert torch.equal(piped, want), "replays queued ahead of the token readback give the same tokens"
         assert len(dec.step_s) == new - 1 and all(t > 0 for t in dec.step_s)
+        # Host timings per replay: the graph launch and the engine call are parts of the submit.
+        assert len(dec.host_s) == len(dec.launch_s) == len(dec.engine_s) == new - 1
+        assert all(0 < l + e <= h for h, l, e in zip(dec.host_s, dec.launch_s, dec.engine_s))
         # An end-of-sequence id stops decoding at its first occurrence, stepwise and pipelined.
         P = prompt.shape[1]
         eos = int(want[0, P + 3])

@@ -55,6 +55,9 @@ class GraphDecoder:
         self.host_s: list[float] = []
         # The part of host_s spent in the engine (moe_graph_step).
         self.engine_s: list[float] = []
+        # The part of host_s spent launching the captured graph (torch's
+        # CUDAGraph.replay, i.e. cudaGraphLaunch).
+        self.launch_s: list[float] = []
 
     def _cache(self) -> Any:
         from transformers import StaticCache
@@ -108,10 +111,12 @@ class GraphDecoder:
             t0 = time.perf_counter()
             self.ids.copy_(nxt)
             self.pos.fill_(P + i)
+            tl = time.perf_counter()
             self.graph.replay()
             t1 = time.perf_counter()
             eng.graph_step(self.stream.cuda_stream, reqs_c, len(reqs_c))
             self.engine_s.append(time.perf_counter() - t1)
+            self.launch_s.append(t1 - tl)
             nxt = self.logits.argmax(-1, keepdim=True)
             toks.append(nxt)
             self.host_s.append(time.perf_counter() - t0)
@@ -150,6 +155,7 @@ class GraphDecoder:
             t1 = time.perf_counter()
             eng.graph_step(self.stream.cuda_stream, reqs_c, len(reqs_c))
             self.engine_s.append(time.perf_counter() - t1)
+            self.launch_s.append(t1 - t0)
             toks[:, i : i + 1].copy_(self.ids)
             if seen is not None:
                 seen[:, i : i + 1].copy_(self.ids, non_blocking=True)
@@ -206,6 +212,7 @@ class GraphDecoder:
         self.step_s = []
         self.host_s = []
         self.engine_s = []
+        self.launch_s = []
         caller = torch.cuda.current_stream(self.device)
         # Everything runs on the capture stream: the engine orders its table
         # updates on the stream the layers run on, and the replays must see
