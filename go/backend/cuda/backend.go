@@ -48,7 +48,8 @@ type Backend struct {
 	demand   uintptr // high-priority stream for on-demand copies
 	prefetch uintptr // low-priority stream for prefetches
 	ready    []uintptr
-	free     []uintptr
+	free     []uintptr     // per slot: recorded after the slot's last reader
+	freeDone []atomic.Bool // per slot: free is known complete (set by waitFree, cleared by recordFree)
 	experts  int
 	segs     [][]hostSeg // [layer*experts+expert]
 	pinned   []unsafe.Pointer
@@ -161,6 +162,7 @@ func (b *Backend) Open(slots int, slotBytes int64, src backend.Source) (err erro
 			b.ready = append(b.ready, r)
 			b.free = append(b.free, f)
 		}
+		b.freeDone = make([]atomic.Bool, slots)
 		if b.mod, err = cu.LoadData(moeFFNPTX); err != nil {
 			return fmt.Errorf("backend cuda: loading the kernels: %w", err)
 		}
@@ -419,12 +421,35 @@ func (b *Backend) Use(slots []int, stream uintptr) error {
 func (b *Backend) Release(slots []int, stream uintptr) error {
 	return b.dev.do(func() error {
 		for _, s := range slots {
-			if err := eventRecord(b.free[s], stream); err != nil {
+			if err := b.recordFree(s, stream); err != nil {
 				return err
 			}
 		}
 		return nil
 	})
+}
+
+// recordFree records on stream that the work so far is the last reader of
+// slot. Runs in do.
+func (b *Backend) recordFree(slot int, stream uintptr) error {
+	b.freeDone[slot].Store(false)
+	return eventRecord(b.free[slot], stream)
+}
+
+// waitFree makes stream wait for the last readers of slot, unless they are
+// known to have finished: a copy into a slot whose readers ran long ago
+// (copy mode's loads, in steady state) costs no stream wait, and the query
+// behind that knowledge runs once per record. The caller owns the slot (a
+// cache grant), so no reader records on it meanwhile. Runs in do.
+func (b *Backend) waitFree(slot int, stream uintptr) error {
+	if b.freeDone[slot].Load() {
+		return nil
+	}
+	if eventDone(b.free[slot]) {
+		b.freeDone[slot].Store(true)
+		return nil
+	}
+	return streamWait(stream, b.free[slot])
 }
 
 // SlotAddr returns the device address of slot.

@@ -313,9 +313,10 @@ func (b *Backend) copyIn(m *mapped, l backend.SlotLoad, first bool, t0 time.Time
 	m.tab.Mu.Unlock()
 	s := b.demand
 	// Recorded before the replay began (readers of the slot outside copy
-	// mode): already complete, so this never holds the copy.
+	// mode): already complete, so this never holds the copy, and once
+	// known complete it costs no driver call.
 	tw := time.Now()
-	if err := streamWait(s, b.free[l.Slot]); err != nil {
+	if err := b.waitFree(l.Slot, s); err != nil {
 		return o, err
 	}
 	b.serveNs[serveStreamWait].Add(int64(time.Since(tw)))

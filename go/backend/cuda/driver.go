@@ -18,7 +18,13 @@ package cuda
 #include <stdlib.h>
 #include <stdint.h>
 
-static CUresult moe_set_ctx(uintptr_t ctx) { return cuCtxSetCurrent((CUcontext)ctx); }
+// Makes ctx current unless it already is: on a thread that keeps it (the
+// engine's copy driver), a thread-local read instead of cuCtxSetCurrent.
+static CUresult moe_set_ctx(uintptr_t ctx) {
+	CUcontext cur = 0;
+	if (cuCtxGetCurrent(&cur) == CUDA_SUCCESS && (uintptr_t)cur == ctx) return CUDA_SUCCESS;
+	return cuCtxSetCurrent((CUcontext)ctx);
+}
 static CUresult moe_host_register(void *p, size_t n, unsigned int flags) { return cuMemHostRegister(p, n, flags); }
 static CUresult moe_host_unregister(void *p) { return cuMemHostUnregister(p); }
 static CUresult moe_host_alloc(void **p, size_t n) { return cuMemHostAlloc(p, n, CU_MEMHOSTALLOC_PORTABLE); }
@@ -48,6 +54,7 @@ static CUresult moe_event_create(uintptr_t *e, int blocking) {
 static CUresult moe_event_destroy(uintptr_t e) { return cuEventDestroy((CUevent)e); }
 static CUresult moe_event_record(uintptr_t e, uintptr_t s) { return cuEventRecord((CUevent)e, (CUstream)s); }
 static CUresult moe_event_sync(uintptr_t e) { return cuEventSynchronize((CUevent)e); }
+static CUresult moe_event_query(uintptr_t e) { return cuEventQuery((CUevent)e); }
 static CUresult moe_stream_wait(uintptr_t s, uintptr_t e) { return cuStreamWaitEvent((CUstream)s, (CUevent)e, 0); }
 static CUresult moe_copy_htod(uint64_t dst, const void *src, size_t n, uintptr_t s) {
 	return cuMemcpyHtoDAsync((CUdeviceptr)dst, src, n, (CUstream)s);
@@ -296,6 +303,10 @@ func eventRecord(e, s uintptr) error {
 }
 
 func eventSync(e uintptr) error { return check("cuEventSynchronize", C.moe_event_sync(C.uintptr_t(e))) }
+
+// eventDone reports whether the work e last recorded has completed
+// (cuEventQuery; false on any error, so that callers fall back to waiting).
+func eventDone(e uintptr) bool { return C.moe_event_query(C.uintptr_t(e)) == C.CUDA_SUCCESS }
 
 func streamWait(s, e uintptr) error {
 	return check("cuStreamWaitEvent", C.moe_stream_wait(C.uintptr_t(s), C.uintptr_t(e)))

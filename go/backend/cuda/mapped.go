@@ -294,7 +294,7 @@ func (b *Backend) unmapSlot(m *mapped, slot int, fallback uintptr) error {
 	if err := m.set(cs, o, m.tab.Host[o]); err != nil {
 		return err
 	}
-	return eventRecord(b.free[slot], cs)
+	return b.recordFree(slot, cs)
 }
 
 // mapSlot points (layer, expert) at slot after the copy on stream. Runs in do.
