@@ -411,6 +411,13 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
                 # layer's first copy is issued, when the link is idle.
                 "copy_driver_ms_per_token": phase_ms.get("serve", 0),
                 "copy_reaction_ms_per_token": phase_ms.get("serve_pin", 0) + phase_ms.get("backend_serve_first_copy", 0),
+                # GPU time the layers waited for their copies (moe_publish_wait's
+                # timer), and what is left of it after the misses' transfer
+                # time at the measured bandwidth: the link idle for the engine
+                # (its reaction, including noticing the routing, and gaps).
+                "copy_wait_ms_per_token": phase_ms.get("backend_gpu_wait", 0),
+                "copy_wait_over_transfer_ms_per_token": (phase_ms["backend_gpu_wait"] - misses * slot / (bw * 1e9) * 1e3)
+                if bw and phase_ms.get("backend_gpu_wait") else None,
                 "hook_calls_per_token": st["hook_calls"] / n,
                 "hook_phase_ms_per_token": {k: v * 1e3 / n for k, v in st["hook_phase_seconds"].items()},
                 "engine_phase_ms_per_token": phase_ms,

@@ -178,10 +178,14 @@ extern "C" __global__ void moe_table_set3(unsigned long *a, unsigned long va, un
 // value, or until timeout_ns of GPU time have passed: then it writes the
 // value it gave up on to *late (pinned host memory) and returns, and the
 // layer reads its missed experts in place from host memory (its table
-// entries always point at valid memory). One block.
+// entries always point at valid memory). The GPU time it held the stream
+// is added to *wait_acc (device memory) and the running total written to
+// *wait_host (pinned host memory; the engine's measure of how long layers
+// wait for their copies and the host's reaction). One block.
 extern "C" __global__ void moe_publish_wait(const long *topk, long n, volatile long *box, volatile unsigned int *seq,
                                             unsigned int *counter, const volatile unsigned int *ready, long timeout_ns,
-                                            volatile unsigned int *late) {
+                                            volatile unsigned int *late, unsigned long *wait_acc,
+                                            volatile unsigned long *wait_host) {
     for (long i = MOE_TID_X; i < n; i += MOE_NTID_X) box[i] = topk[i];
     MOE_FENCE_SYSTEM();
     __syncthreads();
@@ -195,10 +199,13 @@ extern "C" __global__ void moe_publish_wait(const long *topk, long n, volatile l
         if ((long)(moe_globaltimer() - t0) > timeout_ns) {
             *late = c;
             MOE_FENCE_SYSTEM();
-            return;
+            break;
         }
         moe_nanosleep(256);
     }
+    unsigned long w = *wait_acc + (moe_globaltimer() - t0);
+    *wait_acc = w;
+    *wait_host = w;
 }
 
 // moe_answer ends the host's service of one copy-mode layer, on the copy

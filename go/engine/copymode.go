@@ -57,6 +57,10 @@ func (e *Engine) copyGraphs() backend.CopyGraphs {
 	return cg
 }
 
+// slowPin is the slot choice past which phasePinSlow counts it (the
+// choice takes ~0.5 µs: BenchmarkCopyLayerLoads).
+const slowPin = 10 * time.Microsecond
+
 // copyDriver serves copy-mode replays in order, then hands each to the
 // tracer. On Close it lets the layers of replays still queued or in flight
 // run without copies, so that no replay is left waiting.
@@ -113,7 +117,11 @@ func (e *Engine) serveReplay(cg backend.CopyGraphs, it mappedItem) (int, error) 
 		if first == nil {
 			first = err
 		}
-		e.phaseNs[phasePin].Add(int64(time.Since(t0)))
+		pin := time.Since(t0)
+		e.phaseNs[phasePin].Add(int64(pin))
+		if pin > slowPin {
+			e.phaseNs[phasePinSlow].Add(int64(pin))
+		}
 		err = cg.ServeLayer(i, seq, loads)
 		m.served[i] = seq
 		if errors.Is(err, backend.ErrLate) {

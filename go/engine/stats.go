@@ -16,10 +16,13 @@ const (
 	phaseTrace // mapped mode: the tracer goroutine, off the compute path
 	phaseServe // copy mode: the driver's host time per layer, while the layer waits
 	phasePin   // copy mode: the part of phaseServe spent choosing slots (cache.Pin)
+	// copy mode: the part of phasePin in choices that took over
+	// slowPin (a stall: the choice itself takes under a microsecond)
+	phasePinSlow
 	numPhases
 )
 
-var phaseNames = [numPhases]string{"observe", "acquire", "kernels", "release", "trace_async", "serve", "serve_pin"}
+var phaseNames = [numPhases]string{"observe", "acquire", "kernels", "release", "trace_async", "serve", "serve_pin", "serve_pin_slow"}
 
 // phase adds the time since t0 to phase p and returns now.
 func (e *Engine) phase(p int, t0 time.Time) time.Time {

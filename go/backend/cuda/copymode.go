@@ -52,9 +52,18 @@ var serveNames = [servePhases]string{"serve_issue", "serve_first_copy", "serve_c
 // PhaseNs reports ServeLayer's host time in nanoseconds: in all, until the
 // first copy is issued, in copy calls and in the answer's launch.
 func (b *Backend) PhaseNs() map[string]int64 {
-	out := make(map[string]int64, servePhases)
+	out := make(map[string]int64, servePhases+1)
 	for p, name := range serveNames {
 		out[name] = b.serveNs[p].Load()
+	}
+	if m := b.m.Load(); m != nil {
+		m.capMu.RLock()
+		if c := m.cp; c != nil {
+			// GPU time replayed layers held their streams waiting for
+			// their copies (copies plus the host's reaction).
+			out["gpu_wait"] = int64(atomic.LoadUint64(c.waited()) - c.waitBase.Load())
+		}
+		m.capMu.RUnlock()
 	}
 	return out
 }
@@ -64,6 +73,13 @@ func (b *Backend) ResetPhases() {
 	for p := range b.serveNs {
 		b.serveNs[p].Store(0)
 	}
+	if m := b.m.Load(); m != nil {
+		m.capMu.RLock()
+		if c := m.cp; c != nil {
+			c.waitBase.Store(atomic.LoadUint64(c.waited()))
+		}
+		m.capMu.RUnlock()
+	}
 }
 
 // copyState is copy mode's device and pinned memory.
@@ -71,10 +87,11 @@ type copyState struct {
 	publish, answerFn cu.Function
 	counter           uint64         // device [maxCopyLayers]uint32: routings published
 	ready             uint64         // device [maxCopyLayers]uint32: routings answered
-	box               unsafe.Pointer // pinned: [routingIDs]int64 ids, [maxCopyLayers]uint32 seq, uint32 late
+	box               unsafe.Pointer // pinned: [routingIDs]int64 ids, [maxCopyLayers]uint32 seq, uint32 late, (pad), uint64 waited
 	boxDev            uint64
 	offs              []int64 // per captured layer: its ids' offset in box
 	pairs             []int64
+	waitBase          atomic.Uint64 // waited() at the last ResetPhases (ns)
 
 	// moe_answer's (address, value) pairs, pinned: per captured layer,
 	// room for 6 entries (3 of the expert copied in, 3 of the one evicted)
@@ -92,6 +109,12 @@ func (c *copyState) seq(i int) *uint32 {
 func (c *copyState) late() *uint32 {
 	return (*uint32)(unsafe.Add(c.box, routingIDs*8+4*maxCopyLayers))
 }
+
+// waitedOff is the offset in box of the GPU time replayed layers have
+// waited since the capture (ns), which moe_publish_wait writes.
+const waitedOff = routingIDs*8 + 4*maxCopyLayers + 8
+
+func (c *copyState) waited() *uint64 { return (*uint64)(unsafe.Add(c.box, waitedOff)) }
 
 // SetCopyMode selects copy mode for the captures that follow.
 func (b *Backend) SetCopyMode(on bool) error {
@@ -120,11 +143,12 @@ func (b *Backend) beginCopyCapture(m *mapped) error {
 			if c.answerFn, err = b.mod.Function("moe_answer"); err != nil {
 				return err
 			}
-			if c.counter, err = memAlloc(2 * 4 * maxCopyLayers); err != nil {
+			// counter, ready, then the wait accumulator (uint64).
+			if c.counter, err = memAlloc(2*4*maxCopyLayers + 8); err != nil {
 				return err
 			}
 			c.ready = c.counter + 4*maxCopyLayers
-			if c.box, err = hostAllocMapped(routingIDs*8 + 4*maxCopyLayers + 4); err != nil {
+			if c.box, err = hostAllocMapped(waitedOff + 8); err != nil {
 				memFree(c.counter)
 				return err
 			}
@@ -140,13 +164,14 @@ func (b *Backend) beginCopyCapture(m *mapped) error {
 				return err
 			}
 		}
-		if err := memset32Async(c.counter, 0, 2*maxCopyLayers, b.prefetch); err != nil {
+		if err := memset32Async(c.counter, 0, 2*maxCopyLayers+2, b.prefetch); err != nil {
 			return err
 		}
 		if err := streamSync(b.prefetch); err != nil {
 			return err
 		}
-		clear(unsafe.Slice((*uint32)(unsafe.Add(c.box, routingIDs*8)), maxCopyLayers+1))
+		clear(unsafe.Slice((*uint32)(unsafe.Add(c.box, routingIDs*8)), (waitedOff+8-routingIDs*8)/4))
+		c.waitBase.Store(0)
 		c.offs, c.pairs = c.offs[:0], c.pairs[:0]
 		return nil
 	})
@@ -163,7 +188,8 @@ func (b *Backend) captureCopyWait(m *mapped, i int, a backend.FFNArgs) error {
 	off := m.staged // the ids' place in box, as in the staging buffer
 	if err := launch(c.publish, 1, 1, 256, a.Stream,
 		a.TopK, uint64(P), c.boxDev+uint64(8*off), c.boxDev+uint64(routingIDs*8+4*i), c.counter+uint64(4*i),
-		c.ready+uint64(4*i), uint64(copyTimeout.Nanoseconds()), c.boxDev+uint64(routingIDs*8+4*maxCopyLayers)); err != nil {
+		c.ready+uint64(4*i), uint64(copyTimeout.Nanoseconds()), c.boxDev+uint64(routingIDs*8+4*maxCopyLayers),
+		c.counter+8*maxCopyLayers, c.boxDev+waitedOff); err != nil {
 		return fmt.Errorf("launching moe_publish_wait: %w", err)
 	}
 	c.offs = append(c.offs, off)
