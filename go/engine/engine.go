@@ -15,6 +15,7 @@ package engine
 import (
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -65,8 +66,9 @@ type Engine struct {
 	leases   map[uint64][]cache.Grant
 	nextLeas atomic.Uint64
 
-	prioMu sync.RWMutex
-	prio   []float64 // [layer*experts+expert] activation term of the priority
+	prioMu  sync.Mutex      // serialises priority updates (readers take no lock)
+	prio    []atomic.Uint64 // [layer*experts+expert] activation term of the priority (float64 bits)
+	prioTmp []float64       // one layer's priorities being computed (under prioMu)
 
 	bytesMoved []atomic.Int64 // per layer
 	stallNs    []atomic.Int64 // per layer
@@ -307,9 +309,10 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 
 	pol, _ := cache.ParsePolicy(e.cfg.Policy)
 	e.layers, e.experts = L, E
-	e.prio = make([]float64, L*E)
+	e.prio = make([]atomic.Uint64, L*E)
+	e.prioTmp = make([]float64, E)
 	for l := 0; l < L; l++ {
-		trace.Priorities(e.prio[l*E:(l+1)*E], nil, 0, l, L)
+		e.setPriorities(l, nil, 0)
 	}
 	c, err := cache.New(cache.Config{Slots: slots, Layers: L, Policy: pol, Scorer: scorer{e}})
 	if err != nil {
@@ -486,8 +489,20 @@ func (e *Engine) refreshPriority(layer int) {
 		return
 	}
 	e.prioMu.Lock()
-	trace.Priorities(e.prio[layer*e.experts:(layer+1)*e.experts], per, tokens, layer, e.layers)
+	e.setPriorities(layer, per, tokens)
 	e.prioMu.Unlock()
+}
+
+// setPriorities computes layer's priorities (trace.Priorities) and
+// publishes them one expert at a time: the cache's eviction choices read
+// them without a lock (a choice may see some experts' new values and
+// others' old, as it may see either side of any update). Runs with prioMu
+// held, or before the engine is shared.
+func (e *Engine) setPriorities(layer int, per []float32, tokens float32) {
+	trace.Priorities(e.prioTmp, per, tokens, layer, e.layers)
+	for x, p := range e.prioTmp {
+		e.prio[layer*e.experts+x].Store(math.Float64bits(p))
+	}
 }
 
 // scorer exposes the engine's priorities and predictions to the cache.
@@ -498,9 +513,7 @@ type scorer struct{ e *Engine }
 // not evicted to make room for one that is not.
 func (s scorer) Priority(k cache.Key) float64 {
 	e := s.e
-	e.prioMu.RLock()
-	p := e.prio[int(k.Layer)*e.experts+int(k.Expert)]
-	e.prioMu.RUnlock()
+	p := math.Float64frombits(e.prio[int(k.Layer)*e.experts+int(k.Expert)].Load())
 	return p + e.queue.Score(k)
 }
 

@@ -8,6 +8,7 @@ import (
 	"container/heap"
 	"sort"
 	"sync"
+	"sync/atomic"
 
 	"github.com/moe-infinity/moe_infinity/go/cache"
 )
@@ -76,6 +77,7 @@ func (h *entryHeap) Pop() any {
 type Queue struct {
 	mu      sync.Mutex
 	plan    map[cache.Key]*entry
+	planned atomic.Int64                      // len(plan), for Score without the lock
 	byOwner map[uint64]map[cache.Key]struct{} // the keys each owner planned
 	heap    entryHeap
 	notify  chan struct{}
@@ -137,6 +139,7 @@ func (q *Queue) Update(owner uint64, cands []Candidate) {
 		if !ok {
 			e = &entry{key: k, owners: make(map[uint64]float64, 1), index: -1}
 			q.plan[k] = e
+			q.planned.Store(int64(len(q.plan)))
 			e.queued = true
 			e.owners[owner] = s
 			e.score = s
@@ -162,6 +165,7 @@ func (q *Queue) rescoreLocked(e *entry) {
 			q.cancels++
 		}
 		delete(q.plan, e.key)
+		q.planned.Store(int64(len(q.plan)))
 		return
 	}
 	best := 0.0
@@ -265,6 +269,9 @@ func (q *Queue) Requeue(k cache.Key) {
 // Score returns k's current planned score (0 when unplanned), whether or
 // not it is still queued.
 func (q *Queue) Score(k cache.Key) float64 {
+	if q.planned.Load() == 0 { // no plans (copy mode clears them): no lock
+		return 0
+	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if e, ok := q.plan[k]; ok {
@@ -307,6 +314,7 @@ func (q *Queue) Clear() {
 	q.cancels += uint64(len(q.heap))
 	q.heap = nil
 	q.plan = map[cache.Key]*entry{}
+	q.planned.Store(0)
 	q.byOwner = map[uint64]map[cache.Key]struct{}{}
 }
 
@@ -320,6 +328,7 @@ func (q *Queue) Close() {
 	q.closed = true
 	q.heap = nil
 	q.plan = map[cache.Key]*entry{}
+	q.planned.Store(0)
 	q.byOwner = map[uint64]map[cache.Key]struct{}{}
 	q.wakeLocked()
 }
