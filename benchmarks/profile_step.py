@@ -9,7 +9,10 @@ and the top kernels by time.
 
 Needs a CUDA device. The decode benchmark's floor counts GPU compute as the
 sum of kernel times; this script shows how much of a replayed step is
-kernel time, copy time and idle gaps between kernels.
+kernel time, copy time and idle gaps between kernels. In copy mode (the
+default for experts of 32 MiB and more, e.g. --preset mixtral-8x7b) it also
+splits the time layers wait for their copies into copying and not copying
+(before the first copy, between copies, after the last): "copy_mode".
 """
 
 from __future__ import annotations
@@ -90,6 +93,52 @@ def breakdown(events: list[dict[str, Any]], tokens: int, top: int = 15) -> dict[
     }
 
 
+def copy_waits(events: list[dict[str, Any]], tokens: int) -> dict[str, Any] | None:
+    """Copy mode, per token: the GPU time replayed layers waited
+    (moe_publish_wait) split into the time host→device copies were running
+    and the time they were not — before the layer's first copy (the host's
+    reaction), between its copies, and after its last (the answer's
+    latency) — plus waits with no copy at all (every expert resident: the
+    reaction and the answer alone) and copy time outside any wait.
+    None when the step has no copy-mode waits."""
+    waits = sorted((e for e in events if "moe_publish_wait" in e["name"]), key=lambda e: e["start"])
+    if not waits:
+        return None
+    copies = sorted((e for e in events if "htod" in e["name"].lower()), key=lambda e: e["start"])
+    acc = defaultdict(float)
+    used = [False] * len(copies)
+    j = 0
+    for w in waits:
+        while j < len(copies) and copies[j]["end"] <= w["start"]:
+            j += 1
+        inside = []
+        k = j
+        while k < len(copies) and copies[k]["start"] < w["end"]:
+            inside.append((max(copies[k]["start"], w["start"]), min(copies[k]["end"], w["end"])))
+            used[k] = True
+            k += 1
+        dur = w["end"] - w["start"]
+        acc["wait"] += dur
+        if not inside:
+            acc["waits_without_copies"] += dur
+            acc["layers_without_copies"] += 1
+            continue
+        first, last = inside[0][0], max(e for _, e in inside)
+        busy = union(inside)
+        acc["copying"] += busy
+        acc["before_first_copy"] += first - w["start"]
+        acc["between_copies"] += (last - first) - busy
+        acc["after_last_copy"] += w["end"] - last
+        acc["copies"] += len(inside)
+    acc["copy_outside_waits"] = sum(c["end"] - c["start"] for c, u in zip(copies, used) if not u)
+    out = {f"{k}_ms_per_token": v / tokens / 1e3 for k, v in acc.items() if k not in ("copies", "layers_without_copies")}
+    out["layers_per_token"] = len(waits) / tokens
+    out["layers_without_copies_per_token"] = acc["layers_without_copies"] / tokens
+    out["copies_per_token"] = acc["copies"] / tokens
+    out["before_first_copy_us_per_copying_layer"] = acc["before_first_copy"] / max(1, len(waits) - acc["layers_without_copies"])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="qwen3-30b-a3b", choices=sorted(decode.PRESETS))
@@ -97,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--decode", type=int, default=16)
     ap.add_argument("--admit-margin", type=float)
+    ap.add_argument("--pipelined-only", action="store_true", help="skip the step-by-step replays")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -114,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=g).to(device)
     dec = GraphDecoder(model, max_len=args.prompt_len + args.decode + 2)
     results: dict[str, Any] = {"preset": args.preset, "device": torch.cuda.get_device_name(device), "device_memory": args.device_memory}
-    for mode, pipeline in (("pipelined", True), ("stepwise", False)):
+    modes = (("pipelined", True), ("stepwise", False))
+    for mode, pipeline in modes[:1] if args.pipelined_only else modes:
         model.moe_tune(flush=True, reset_stats=True)
         dec.generate(prompt, max_new_tokens=args.decode + 1, on_prefill=model.reset_moe_stats, pipeline=pipeline)  # capture / warm up
         unprofiled = statistics.median(dec.step_s)
@@ -131,7 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         prof.stop()
         n = args.decode
         steps = statistics.median(dec.step_s)
-        row = breakdown(gpu_events(prof), n)
+        events = gpu_events(prof)
+        row = breakdown(events, n)
+        cw = copy_waits(events, n)
+        if cw is not None:
+            # Bandwidth of the copies while layers waited: bytes moved over the time they ran.
+            moved = model.moe_stats()["bytes_moved"] / n
+            cw["copy_GBps_while_waiting"] = moved / (cw["copying_ms_per_token"] / 1e3) / 1e9 if cw["copying_ms_per_token"] else None
+            row["copy_mode"] = cw
         row["decode_s_per_token"] = steps
         row["decode_s_per_token_unprofiled"] = unprofiled
         row["hit_rate_unprofiled"] = hit_unprofiled

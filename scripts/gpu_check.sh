@@ -2,7 +2,13 @@
 # One call on the GPU machine: runs the GPU suite against the CUDA build of
 # the engine made on the CPU machine (`make cuda`), and prints a summary.
 #
-#   bash scripts/gpu_check.sh [gpu|parity|bench|headline|copy|defaults|margin|all]     (default: all)
+#   bash scripts/gpu_check.sh [gpu|parity|bench|headline|copy|defaults|margin|profile|variants|all]     (default: all)
+#
+# profile: Mixtral's replayed steps under the torch profiler, with copy
+# mode's waits split into copying and idle (benchmarks/profile_step.py).
+# variants: VARIANTS="build/A build/B" runs the Mixtral decode once with each
+# build (directories holding a libmoe_infinity_cuda.so), on one machine, so
+# that A/B comparisons do not mix machines.
 #
 # headline: the GPU tests, then the decode headlines with CUDA graphs
 # (Qwen3-30B-A3B shape: pipelined replays with every ablation, and
@@ -17,7 +23,7 @@ what=${1:-all}
 OUT=${OUT:-build/gpu-check}
 mkdir -p "$OUT"
 LIB=${MOE_INFINITY_LIB:-$PWD/build/libmoe_infinity_cuda.so}
-if [ ! -f "$LIB" ]; then
+if [ ! -f "$LIB" ] && [ "$what" != variants ]; then
     echo "gpu_check: $LIB is missing; build it with 'make cuda' (needs Go) and carry it here" >&2
     exit 2
 fi
@@ -70,6 +76,17 @@ if [ "$what" = margin ]; then  # admission margin 4 against the default, both sh
     D="python3 benchmarks/decode.py --device-memory 24GiB --decode 32 --graph --pipeline --no-ablations"
     run qwen3_margin4 timeout 150 $D --admit-margin 4 --preset qwen3-30b-a3b --out "$OUT/decode_qwen3_margin4.json"
     run mixtral_margin4 timeout 170 $D --admit-margin 4 --preset mixtral-8x7b --out "$OUT/decode_mixtral_margin4.json"
+fi
+if [ "$what" = profile ]; then  # copy mode's waits split into copying and idle (torch profiler), Mixtral
+    run profile_mixtral timeout 300 python3 benchmarks/profile_step.py --preset mixtral-8x7b --device-memory 24GiB \
+        --decode 8 --pipelined-only --out "$OUT/profile_mixtral.json"
+fi
+if [ "$what" = variants ]; then  # the same Mixtral run with each build in $VARIANTS (directories holding libmoe_infinity_cuda.so), one machine
+    for v in ${VARIANTS:?set VARIANTS to directories that hold a libmoe_infinity_cuda.so each}; do
+        name=$(basename "$v")
+        MOE_INFINITY_LIB=$PWD/$v/libmoe_infinity_cuda.so run "mixtral_$name" timeout 200 python3 benchmarks/decode.py \
+            --device-memory 24GiB --decode 32 --graph --pipeline --no-ablations --preset mixtral-8x7b --out "$OUT/decode_mixtral_$name.json"
+    done
 fi
 echo "== summary"
 cat "$OUT/summary.txt"

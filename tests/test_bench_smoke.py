@@ -95,3 +95,37 @@ def test_forced_routing_follows_the_trace_through_prefill_and_decode():
         assert int(forced.cursor) == 0
     finally:
         model.close()
+
+
+def test_profile_copy_waits_split_each_wait_into_copying_and_idle():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import profile_step
+
+    def ev(name, start, end):
+        return {"name": name, "start": float(start), "end": float(end)}
+
+    copy = "Memcpy HtoD (Pinned -> Device)"
+    events = [
+        # Layer 1 waits 0..100 µs: idle 10, copies 10..40 and 50..90 (gap 10), answer 10.
+        ev("moe_publish_wait", 0, 100), ev(copy, 10, 40), ev(copy, 50, 90),
+        # Layer 2 waits 200..210 µs with nothing to copy.
+        ev("moe_publish_wait", 200, 210),
+        # A copy outside any wait (a prefetch) and an unrelated kernel.
+        ev(copy, 300, 320), ev("moe_down", 100, 150),
+        # Layer 3: a copy that began before the wait counts only inside it.
+        ev(copy, 390, 420), ev("moe_publish_wait", 400, 430),
+    ]
+    out = profile_step.copy_waits(events, tokens=1)
+    ms = lambda us: us / 1e3
+    assert out["wait_ms_per_token"] == ms(100 + 10 + 30)
+    assert out["copying_ms_per_token"] == ms(30 + 40 + 20)
+    assert out["before_first_copy_ms_per_token"] == ms(10 + 0)
+    assert out["between_copies_ms_per_token"] == ms(10)
+    assert out["after_last_copy_ms_per_token"] == ms(10 + 10)
+    assert out["waits_without_copies_ms_per_token"] == ms(10)
+    assert out["copy_outside_waits_ms_per_token"] == ms(20)
+    assert out["layers_per_token"] == 3 and out["layers_without_copies_per_token"] == 1
+    assert out["copies_per_token"] == 3
+    parts = ("copying", "before_first_copy", "between_copies", "after_last_copy", "waits_without_copies")
+    assert abs(sum(out[f"{p}_ms_per_token"] for p in parts) - out["wait_ms_per_token"]) < 1e-12, "the parts add up to the wait"
+    assert profile_step.copy_waits([ev("moe_down", 0, 1)], tokens=1) is None
