@@ -53,6 +53,9 @@ from typing import Any
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hostinfo import host_facts  # noqa: E402  (benchmarks/hostinfo.py, beside this script)
+
 PRESETS: dict[str, dict[str, Any]] = {
     "mixtral-8x7b": dict(
         model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -431,6 +434,7 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
                 "build_s": built,
                 "offload_s": offloaded,
                 "engine": _native.version(),
+                "host": host_facts(),
             }
         )
         print(json.dumps(rows[-1]), flush=True)
@@ -476,6 +480,7 @@ def run_accelerate(args: argparse.Namespace) -> dict[str, Any]:
         "ttft_s": ttft,
         "modules_on_gpu": on_gpu,
         "modules": len(dmap),
+        "host": host_facts(),
     }
     print(json.dumps(row), flush=True)
     return row

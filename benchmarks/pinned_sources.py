@@ -25,18 +25,15 @@ import ctypes
 import json
 import mmap
 import statistics
+import sys
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hostinfo import host_facts  # noqa: E402  (benchmarks/hostinfo.py)
+
 MADV_HUGEPAGE = 14
-
-
-def _thp_setting() -> str:
-    try:
-        return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
-    except OSError:
-        return "unknown"
 
 
 def _copies(src: torch.Tensor, dst: torch.Tensor, n: int, reps: int) -> list[float]:
@@ -92,7 +89,7 @@ def main() -> int:
     cudart = torch.cuda.cudart()
     row: dict = {
         "device": torch.cuda.get_device_name(),
-        "thp": _thp_setting(),
+        "host": host_facts(),
         "buffer_bytes": nbytes,
         "copy_bytes": n,
         "reps": args.reps,

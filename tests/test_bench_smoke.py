@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIELDS = {
     "system", "preset", "policy", "prefetch", "decode_s_per_token", "ttft_s", "hit_rate", "misses_per_token",
     "bytes_moved_per_token", "stall_s_per_token", "overhead_ms_per_token", "compute_s_per_token", "floor_s_per_token",
-    "ratio_to_floor", "slots", "expert_bytes",
+    "ratio_to_floor", "slots", "expert_bytes", "host",
 }
 
 
@@ -31,6 +31,7 @@ def test_decode_harness_tiny_cpu(tmp_path):
         assert 0.0 <= r["hit_rate"] <= 1.0
         assert r["slots"] < 32, "the budget holds fewer experts than the model has"
         assert r["bytes_moved_per_token"] == r["misses_per_token"] * r["expert_bytes"] or r["prefetch"]
+        assert r["host"]["cpus"] >= 1 and r["host"]["kernel"], "the machine's facts travel with its numbers"
 
 
 def test_decode_harness_generated_routing_tiny_cpu(tmp_path):
