@@ -7,9 +7,9 @@
 # profile: Mixtral's replayed steps under the torch profiler, with copy
 # mode's waits split into copying and idle (benchmarks/profile_step.py).
 # variants: VARIANTS="build/A build/B" runs the Mixtral decode once with each
-# (scripts/build_variants.sh A=rev B=rev builds them)
-# build (directories holding a libmoe_infinity_cuda.so), on one machine, so
-# that A/B comparisons do not mix machines.
+# build (directories holding a libmoe_infinity_cuda.so; scripts/
+# build_variants.sh A=rev B=rev makes them), on one machine, so that A/B
+# comparisons do not mix machines.
 #
 # headline: the GPU tests, then the decode headlines with CUDA graphs
 # (Qwen3-30B-A3B shape: pipelined replays with every ablation, and
