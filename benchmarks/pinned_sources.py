@@ -25,13 +25,11 @@ import ctypes
 import json
 import mmap
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hostinfo import host_facts  # noqa: E402  (benchmarks/hostinfo.py)
+from moe_infinity._hostinfo import host_facts
 
 MADV_HUGEPAGE = 14
 

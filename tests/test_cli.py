@@ -1,4 +1,4 @@
-"""The command line: `python -m moe_infinity generate|selftest|version`."""
+"""The command line: `python -m moe_infinity generate|selftest|version|bench`."""
 
 from __future__ import annotations
 
@@ -48,3 +48,19 @@ def test_selftest_and_version(tmp_path):
     assert "mismatches 0" in out.stdout
     out = _run(["version"], tmp_path)
     assert out.returncode == 0 and "engine 0.1.0" in out.stdout
+
+
+def test_bench_runs_the_decode_harness_from_any_install(tmp_path):
+    import json
+
+    res = tmp_path / "b.json"
+    out = _run(["bench", "--preset", "tiny", "--device", "cpu", "--device-memory", "300KiB", "--prompt-len", "8",
+                "--decode", "3", "--no-ablations", "--out", str(res)], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (row,) = json.loads(res.read_text())
+    assert row["system"] == "moe_infinity" and row["preset"] == "tiny" and row["decoded_tokens"] == 3
+    assert row["decode_s_per_token"] > 0 and 0 <= row["hit_rate"] <= 1 and row["host"]["cpus"] >= 1
+    usage = _run(["bench", "--preset", "no-such-shape"], tmp_path)
+    assert usage.returncode == 2 and "invalid choice" in usage.stderr
+    listed = _run(["--help"], tmp_path)
+    assert "bench" in listed.stdout

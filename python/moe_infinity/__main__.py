@@ -6,6 +6,9 @@ Commands:
     version    print the package and engine versions and the loaded build
     selftest   write a small random MoE checkpoint, stream every expert through
                a two-slot cache and check the bytes (no download, a few seconds)
+    bench      the decode benchmark at any size: a model of a named shape with
+               random weights, seconds per token next to the transfer floor
+               (``bench --help``; ``bench --preset tiny --device cpu`` runs anywhere)
 """
 
 from __future__ import annotations
@@ -139,6 +142,11 @@ def _memory_arg(value: str) -> int | float | str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m moe_infinity`` and ``moe-infinity``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser (moe_infinity.bench), every option passed through
+        from .bench import main as bench_main
+
+        return _reporting(lambda: bench_main(argv[1:]))
     parser = argparse.ArgumentParser(prog="moe-infinity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text (default model: the built-in one)")
@@ -158,11 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--layers", type=int, default=4)
     st.add_argument("--experts", type=int, default=8)
     st.set_defaults(func=_selftest)
+    # Listed for --help; main() hands "bench ..." to moe_infinity.bench before parsing.
+    sub.add_parser("bench", help="decode benchmark at any size (bench --help for its options)", add_help=False)
     args = parser.parse_args(argv)
+    return _reporting(lambda: args.func(args))
+
+
+def _reporting(run) -> int:
+    """Runs a command; the engine's errors become one line and exit status 2."""
     from .errors import MoEInfinityError
 
     try:
-        return args.func(args)
+        return run()
     except MoEInfinityError as exc:
         print(f"moe-infinity: error: {exc}", file=sys.stderr)
         return 2

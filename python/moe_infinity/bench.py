@@ -1,0 +1,534 @@
+"""Decode benchmark: how fast a Mixture-of-Experts model whose experts do not
+fit in GPU memory decodes with moe_infinity, next to the transfer floor of
+the same run and to Hugging Face accelerate offloading.
+
+The model is built in memory with random weights (experts in host memory,
+bf16) for a named shape. One run = prefill of --prompt-len random tokens, then
+--decode greedy tokens at batch 1, for each ablation (policy × prefetch) on
+the same loaded model (the cache is flushed between ablations). Writes one
+JSON object per ablation (and one for accelerate with --accelerate, which
+runs in its own process).
+
+    python -m moe_infinity bench --preset tiny --device cpu    # any install; the CI smoke configuration
+    python benchmarks/decode.py --preset mixtral-8x7b --device-memory 24GiB --out benchmarks/results/x.json
+    python benchmarks/decode.py --preset qwen3-30b-a3b --graph --pipeline --routing generated   # structured routing
+    python benchmarks/decode.py --preset mixtral-8x7b --graph --pipeline --graph-misses copy,read   # both miss paths
+
+With --graph, --graph-misses picks how replayed layers get missed experts:
+"read" (the kernels read them in place over PCIe), "copy" (the copy engine
+brings them into slots while the layer waits inside the replay) or "auto"
+(the engine's default: copy from 32 MiB per expert); a comma list measures
+each, capturing the step again for each.
+
+Random weights route decode tokens narrowly (the Qwen3 shape hits 99% once
+warm), so --routing generated replaces every MoE layer's choice with a
+labelled generated trace (skewed per-layer popularity, --skew, seed
+--routing-seed; the label is in the JSON's "routing" field).
+
+Fields: decode_s_per_token (median over decoded tokens), ttft_s, hit_rate,
+bytes_moved_per_token, stall_s_per_token (host waits in the engine; 0 on the
+GPU, where copies are ordered by events instead), misses_per_token,
+pinned_h2d_GBps (measured in the same process), compute_s_per_token,
+floor_s_per_token = misses × expert bytes ÷ bandwidth + compute, ratio =
+measured ÷ floor, overhead_ms_per_token (host time in the engine and the
+Python hook not spent waiting for the GPU; with --graph: the engine's call
+per step plus its copy driver's and tracer's host time for the step, with
+host_submit_ms_per_token, the whole host submit, and
+graph_launch_ms_per_token, torch's part of it, beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._hostinfo import host_facts
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "mixtral-8x7b": dict(
+        model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096,
+    ),
+    "qwen3-30b-a3b": dict(
+        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, max_position_embeddings=4096,
+    ),
+    "tiny": dict(
+        model_type="mixtral", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=512,
+    ),
+}
+
+ABLATIONS = [("priority", True), ("lru", True), ("lfu", True), ("priority", False)]
+
+
+def build(preset: str, dense_device: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16):
+    """The preset's model with random weights: experts on the CPU (filled
+    from a random pool, so that 93 GB take seconds, not minutes), everything
+    else on dense_device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(PRESETS[preset])
+    cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+    pool = (torch.randn(1 << 26, generator=g) * 0.02).to(dtype)  # 64 Mi values
+    offset = 0
+
+    def filled(shape: tuple[int, ...]) -> torch.Tensor:
+        nonlocal offset
+        t = torch.empty(shape, dtype=dtype)
+        flat = t.view(-1)
+        i = 0
+        while i < flat.numel():
+            n = min(flat.numel() - i, pool.numel() - offset)
+            flat[i : i + n].copy_(pool[offset : offset + n])
+            i += n
+            offset = (offset + n + 7919) % (pool.numel() - 1)
+        return t
+
+    gd = torch.Generator(device=dense_device).manual_seed(seed + 1)
+    for name, module in model.named_modules():
+        for pname, p in list(module._parameters.items()):
+            if p is None or p.device.type != "meta":
+                continue
+            if name.endswith(".experts"):
+                t = filled(tuple(p.shape))
+            elif "norm" in pname or "norm" in name:
+                t = torch.ones(p.shape, dtype=dtype, device=dense_device)
+            else:
+                t = (torch.randn(p.shape, generator=gd, device=dense_device, dtype=torch.float32) * 0.02).to(dtype)
+            module._parameters[pname] = torch.nn.Parameter(t, requires_grad=False)
+        if any(b is not None and b.device.type == "meta" for b in module._buffers.values()):
+            if hasattr(module, "inv_freq"):  # rotary embeddings: rebuild on the device
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    fresh = type(module)(config=cfg, device=dense_device)
+                for bname, b in fresh._buffers.items():
+                    module._buffers[bname] = b
+                for attr in ("attention_scaling", "original_inv_freq"):
+                    if hasattr(fresh, attr):
+                        setattr(module, attr, getattr(fresh, attr))
+            else:
+                for bname, b in module._buffers.items():
+                    if b is not None and b.device.type == "meta":
+                        module._buffers[bname] = torch.zeros(b.shape, dtype=b.dtype, device=dense_device)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise RuntimeError(f"left on the meta device: {left[:5]}")
+    model.tie_weights = lambda *a, **k: None  # nothing to tie: weights are fresh
+    return model.eval(), cfg
+
+
+def pinned_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """Host→device copy bandwidth from pinned memory, GB/s (median)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    times = []
+    for _ in range(reps + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times[1:]) / 1e9
+
+
+def generated_routing(L: int, E: int, k: int, tokens: int, skew: float, seed: int) -> np.ndarray:
+    """Expert ids [tokens, L, k] of one request drawn like go/sim's trace
+    generator (GenParams, one cluster): per layer a random permutation ranks
+    the experts, and each token draws k distinct ranks with probability ∝
+    (rank + 1)^-skew, without replacement (Efraimidis–Spirakis keys)."""
+    rng = np.random.default_rng(seed)
+    perm = np.stack([rng.permutation(E) for _ in range(L)])  # [L, E]: rank -> expert
+    inv_w = np.arange(1, E + 1, dtype=np.float64) ** skew
+    keys = rng.exponential(size=(tokens, L, E)) * inv_w
+    ranks = np.argsort(keys, axis=-1)[..., :k]
+    return np.take_along_axis(np.broadcast_to(perm, (tokens, L, E)), ranks, axis=-1)
+
+
+class ForcedRouting:
+    """Replaces the router's choice in every MoE layer with a generated
+    trace: token t of a run (prompt and decoded tokens in order) uses
+    ids[t % len(ids), layer]. The position is a device counter advanced
+    after the last MoE layer, so CUDA-graph replays follow the trace too.
+    The routing weights stay the router's (they only mix the outputs)."""
+
+    def __init__(self, rt, ids: np.ndarray, device: torch.device):
+        self.rt, self.original = rt, rt.run_fused
+        self.ids = torch.as_tensor(ids, dtype=torch.int64, device=device).contiguous()
+        self.cursor = torch.zeros(1, dtype=torch.int64, device=device)
+        self.last = len(rt.layers) - 1
+        self.steps = torch.arange(4096, dtype=torch.int64, device=device)
+        rt.run_fused = self
+
+    def reset(self) -> None:
+        self.cursor.zero_()
+
+    def __call__(self, layer, hidden, top_k_index, top_k_weights, original):
+        T = top_k_index.shape[0]
+        rows = (self.cursor + self.steps[:T]) % self.ids.shape[0]
+        forced = self.ids[rows, layer.index].contiguous()
+        if layer.index == self.last:
+            self.cursor.add_(T)
+        return self.original(layer, hidden, forced, top_k_weights, original)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_run(model, prompt: torch.Tensor, n_decode: int, device: torch.device) -> dict[str, Any]:
+    """Prefill + n_decode greedy steps, timing each step."""
+    from transformers import DynamicCache
+
+    times = []
+    with torch.no_grad():
+        _sync(device)
+        t0 = time.perf_counter()
+        with model.moe_runtime.requests(1):
+            out = model(input_ids=prompt, past_key_values=DynamicCache(config=model.config), use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            _sync(device)
+            ttft = time.perf_counter() - t0
+            pkv = out.past_key_values
+            model.reset_moe_stats()
+            for _ in range(n_decode):
+                t0 = time.perf_counter()
+                out = model(input_ids=nxt, past_key_values=pkv, use_cache=True)
+                pkv = out.past_key_values
+                nxt = out.logits[:, -1:].argmax(-1)
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+    return {"ttft_s": ttft, "step_s": times}
+
+
+def decode_run_graph(dec, prompt: torch.Tensor, n_decode: int, pipeline: bool = False) -> dict[str, Any]:
+    """The same as decode_run with every decode step replayed from a CUDA
+    graph (moe_infinity.graphs.GraphDecoder): prefill, then n_decode
+    greedy tokens."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    dec.generate(prompt, max_new_tokens=n_decode + 1, on_prefill=dec.model.reset_moe_stats, pipeline=pipeline)
+    total = time.perf_counter() - t0
+    return {"ttft_s": total - sum(dec.step_s), "step_s": list(dec.step_s), "host_s": list(dec.host_s), "engine_s": list(dec.engine_s),
+            "launch_s": list(dec.launch_s)}
+
+
+def gpu_seconds(fn, reps: int = 3) -> float:
+    """GPU time of fn() (the sum of its kernels and copies, from the
+    profiler), median over reps: host gaps between kernels do not count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    totals = []
+    for _ in range(reps):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        us = 0.0
+        for ev in prof.key_averages():
+            t = getattr(ev, "self_device_time_total", None)
+            us += t if t is not None else ev.self_cuda_time_total
+        totals.append(us / 1e6)
+    return statistics.median(totals)
+
+
+def compute_time(model, device: torch.device, reps: int = 8) -> tuple[float, float]:
+    """(GPU compute, host-bound wall time) of one decode step with the
+    experts resident. GPU compute is what the floor adds to the copies: the
+    kernels of the dense part (MoE hooks return zeros) plus L × one layer's
+    expert FFN on resident experts, summed from the profiler. The wall time
+    of the dense part alone shows how much of an eager step is host-bound
+    (Python and kernel launches), which CUDA graphs remove."""
+    rt = model.moe_runtime
+    from transformers import DynamicCache
+
+    ids = torch.tensor([[1]], device=device)
+    orig = rt.run_fused
+
+    def zeros(layer, hidden, top_k_index, top_k_weights, original):
+        return torch.zeros_like(hidden)
+
+    def dense_step():
+        model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+
+    rt.run_fused = zeros
+    try:
+        with torch.no_grad():
+            times = []
+            for _ in range(reps + 2):
+                _sync(device)
+                t0 = time.perf_counter()
+                dense_step()
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+            wall = statistics.median(times[2:])
+            if device.type != "cuda":
+                return wall, wall
+            dense_gpu = gpu_seconds(dense_step)
+    finally:
+        rt.run_fused = orig
+    if not rt.kernels:
+        return dense_gpu, wall
+    k = model.config.num_experts_per_tok
+    hidden = torch.randn(1, model.config.hidden_size, device=device, dtype=torch.bfloat16)
+    idx = torch.arange(k, device=device).view(1, k)
+    w = torch.full((1, k), 1.0 / k, device=device)
+    layer = rt.layers[0]
+    per_layer = gpu_seconds(lambda: rt._run_kernel(layer, hidden, idx, w, list(range(k))))
+    return dense_gpu + per_layer * len(rt.layers), wall
+
+
+def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import moe_infinity as mi
+
+    device = torch.device(args.device)
+    t0 = time.perf_counter()
+    model, cfg = build(args.preset, "cuda" if device.type == "cuda" else "cpu")
+    built = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    opts = {} if args.admit_margin is None else {"admit_margin": args.admit_margin}
+    model = mi.offload(model, device=device, device_memory=args.device_memory, kernels=not args.no_kernels, engine_options=opts)
+    offloaded = time.perf_counter() - t0
+    rt = model.moe_runtime
+    if args.no_mapped:
+        rt.mapped = False
+    plan = model.moe_stats()["plan"]
+    bw = pinned_bandwidth(device) if device.type == "cuda" else None
+    compute, dense_wall = compute_time(model, device)
+    forced = None
+    if args.routing == "generated":
+        n_tok = args.prompt_len + args.decode + 8
+        ids = generated_routing(len(rt.layers), rt.num_experts, cfg.num_experts_per_tok, n_tok, args.skew, args.routing_seed)
+        forced = ForcedRouting(rt, ids, device)
+        routing_label = (f"generated: L={len(rt.layers)} E={rt.num_experts} k={cfg.num_experts_per_tok} requests=1 "
+                         f"tokens={n_tok} clusters=1 skew={args.skew} seed={args.routing_seed} (decode.py)")
+    else:
+        routing_label = "model (random weights)"
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=g).to(device)
+    # Warm-up (not recorded) over the same prompt and length: first-use
+    # costs (lazy initialisation, per-shape kernel selection for every KV
+    # length) must not land on the first ablation.
+    decode_run(model, prompt, args.decode, device)
+    rows = []
+    modes = [m.strip() for m in args.graph_misses.split(",")] if args.graph else [None]
+    for mode in modes:
+        rows += measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, dense_wall, built, offloaded, mode)
+    model.close()
+    return rows
+
+
+def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, dense_wall, built, offloaded, mode) -> list[dict[str, Any]]:
+    """The ablations of one configuration (graph_misses ``mode`` for CUDA
+    graphs: the step is captured again under it)."""
+    from moe_infinity import _native
+
+    rt = model.moe_runtime
+    device = torch.device(args.device)
+    dec = None
+    if args.graph:
+        from moe_infinity.graphs import GraphDecoder
+
+        model.moe_tune(graph_misses=mode)
+        dec = GraphDecoder(model, max_len=args.prompt_len + args.decode + 2)
+        decode_run_graph(dec, prompt, args.decode, args.pipeline)  # captures, warms up
+    rows = []
+    ablations = ABLATIONS if args.ablations else ABLATIONS[:1]
+    for policy, prefetch in ablations:
+        model.moe_tune(cache_policy=policy, prefetch=prefetch, flush=True, reset_stats=True)
+        if forced is not None:
+            forced.reset()
+        r = decode_run_graph(dec, prompt, args.decode, args.pipeline) if dec is not None else decode_run(model, prompt, args.decode, device)
+        st = model.moe_stats()
+        n = len(r["step_s"])
+        misses = st["misses"] / n
+        slot = plan["slot_bytes"]
+        floor = (misses * slot / (bw * 1e9) + compute) if bw else None
+        med = statistics.median(r["step_s"])
+        phase_ms = {k: v / 1e6 / n for k, v in st["phase_ns"].items()}
+        overhead = (st["hook_seconds"] - st["hook_wait_seconds"]) / n
+        host_submit = launch = None
+        if "host_s" in r:
+            # Replayed steps: no hook runs. The engine's host time is its
+            # per-step call plus what its goroutines do for the step (the
+            # copy driver's work after each layer's routing arrives, the
+            # tracer's): none of it waits on copies or compute. The host's
+            # whole submit (inputs, torch's graph launch, the engine call)
+            # is reported beside it.
+            overhead = statistics.fmean(r["engine_s"]) + (phase_ms.get("serve", 0) + phase_ms.get("trace_async", 0)) / 1e3
+            host_submit, launch = statistics.fmean(r["host_s"]), statistics.fmean(r["launch_s"])
+        rows.append(
+            {
+                "system": "moe_infinity",
+                "preset": args.preset,
+                "policy": policy,
+                "prefetch": prefetch,
+                "admit_margin": args.admit_margin,
+                "routing": routing_label,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "device_memory": args.device_memory,
+                "prompt_len": args.prompt_len,
+                "decoded_tokens": n,
+                "decode_s_per_token": med,
+                "decode_s_per_token_mean": statistics.fmean(r["step_s"]),
+                "ttft_s": r["ttft_s"],
+                "hit_rate": st["hit_rate"],
+                "misses_per_token": misses,
+                "prefetch_hits_per_token": st["prefetch_hits"] / n,
+                "prefetch_loads_per_token": st["prefetch_loads"] / n,
+                "late_prefetches_per_token": st["late_prefetches"] / n,
+                "wasted_prefetches_per_token": st["wasted_prefetches"] / n,
+                "bytes_moved_per_token": st["bytes_moved"] / n,
+                "stall_s_per_token": st["stall_seconds"] / n,
+                "overhead_ms_per_token": overhead * 1e3,
+                "overhead_us_per_moe_layer": overhead * 1e6 / len(rt.layers),
+                "host_submit_ms_per_token": host_submit * 1e3 if host_submit is not None else None,
+                "graph_launch_ms_per_token": launch * 1e3 if launch is not None else None,
+                "graph_engine_us_per_moe_layer": statistics.fmean(r["engine_s"]) * 1e6 / len(rt.layers) if "engine_s" in r else None,
+                "mapped": bool(rt.mapped),
+                "cuda_graph": dec is not None,
+                "pipelined": bool(dec is not None and args.pipeline),
+                "graph_capture_s": dec.capture_s if dec is not None else None,
+                "graph_misses": st.get("graph_misses") if dec is not None else None,
+                "copy_late_layers": st.get("copy_late"),
+                # Copy mode: the copy driver's host time per token (its own
+                # thread, while layers wait), and the part before each
+                # layer's first copy is issued, when the link is idle.
+                "copy_driver_ms_per_token": phase_ms.get("serve", 0),
+                "copy_reaction_ms_per_token": phase_ms.get("serve_pin", 0) + phase_ms.get("backend_serve_first_copy", 0),
+                # GPU time the layers waited for their copies (moe_publish_wait's
+                # timer), and what is left of it after the misses' transfer
+                # time at the measured bandwidth: the link idle for the engine
+                # (its reaction, including noticing the routing, and gaps).
+                "copy_wait_ms_per_token": phase_ms.get("backend_gpu_wait", 0),
+                "copy_wait_over_transfer_ms_per_token": (phase_ms["backend_gpu_wait"] - misses * slot / (bw * 1e9) * 1e3)
+                if bw and phase_ms.get("backend_gpu_wait") else None,
+                "hook_calls_per_token": st["hook_calls"] / n,
+                "hook_phase_ms_per_token": {k: v * 1e3 / n for k, v in st["hook_phase_seconds"].items()},
+                "engine_phase_ms_per_token": phase_ms,
+                "slots": plan["slots"],
+                "expert_bytes": slot,
+                "pinned_h2d_GBps": bw,
+                "compute_s_per_token": compute,
+                "dense_wall_s_per_token": dense_wall,
+                "floor_s_per_token": floor,
+                "ratio_to_floor": (med / floor) if floor else None,
+                "build_s": built,
+                "offload_s": offloaded,
+                "engine": _native.version(),
+                "host": host_facts(),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def run_accelerate(args: argparse.Namespace) -> dict[str, Any]:
+    """The same model with accelerate's device_map offloading (own process)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    model, cfg = build(args.preset, "cpu")
+    max_memory = {0: args.device_memory, "cpu": args.accelerate_cpu_memory}
+    dmap = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=model._no_split_modules, dtype=torch.bfloat16)
+    model = dispatch_model(model, device_map=dmap)
+    device = torch.device("cuda", 0)
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=g).to(device)
+    from transformers import DynamicCache
+
+    times = []
+    with torch.no_grad():
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model(input_ids=prompt, past_key_values=DynamicCache(config=model.config), use_cache=True)
+        torch.cuda.synchronize()
+        ttft = time.perf_counter() - t0
+        pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(args.accelerate_tokens):
+            t0 = time.perf_counter()
+            out = model(input_ids=nxt.to(device), past_key_values=pkv, use_cache=True)
+            pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    on_gpu = sum(1 for v in dmap.values() if v == 0)
+    row = {
+        "system": "accelerate",
+        "preset": args.preset,
+        "device": torch.cuda.get_device_name(0),
+        "device_memory": args.device_memory,
+        "prompt_len": args.prompt_len,
+        "decoded_tokens": len(times),
+        "decode_s_per_token": statistics.median(times),
+        "ttft_s": ttft,
+        "modules_on_gpu": on_gpu,
+        "modules": len(dmap),
+        "host": host_facts(),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="moe-infinity bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device-memory", default="24GiB")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--no-ablations", dest="ablations", action="store_false", help="only priority + prefetch")
+    ap.add_argument("--no-kernels", action="store_true")
+    ap.add_argument("--graph", action="store_true", help="replay each decode step from a CUDA graph (needs mapped mode)")
+    ap.add_argument("--graph-misses", default="auto",
+                    help="with --graph: how replayed layers get missed experts, auto|read|copy, or a comma list to measure each (recaptured)")
+    ap.add_argument("--pipeline", action="store_true", help="with --graph: queue each replay before reading the previous token")
+    ap.add_argument("--admit-margin", type=float, help="engine admission margin (default: the engine's)")
+    ap.add_argument("--routing", choices=["model", "generated"], default="model",
+                    help="model: the router's choice (random weights route narrowly); generated: a labelled generated trace (skewed popularity)")
+    ap.add_argument("--skew", type=float, default=1.0, help="with --routing generated: popularity exponent (0 = uniform)")
+    ap.add_argument("--routing-seed", type=int, default=1)
+    ap.add_argument("--no-mapped", action="store_true", help="synchronous layers (routing to the host, copies, kernels) instead of mapped mode")
+    ap.add_argument("--accelerate", action="store_true", help="also run accelerate offloading in its own process")
+    ap.add_argument("--accelerate-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--accelerate-tokens", type=int, default=3)
+    ap.add_argument("--accelerate-cpu-memory", default="120GiB")
+    ap.add_argument("--out", help="write the JSON list here")
+    args = ap.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}, but torch sees no usable GPU (use --device cpu)")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.accelerate_only:
+        rows = [run_accelerate(args)]
+    else:
+        rows = run_moe_infinity(args)
+        if args.accelerate:
+            cmd = [sys.executable, "-m", "moe_infinity", "bench", "--accelerate-only", "--preset", args.preset, "--device-memory", args.device_memory,
+                   "--prompt-len", str(args.prompt_len), "--accelerate-tokens", str(args.accelerate_tokens),
+                   "--accelerate-cpu-memory", args.accelerate_cpu_memory]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            sys.stderr.write(out.stderr[-4000:])
+            rows += [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
