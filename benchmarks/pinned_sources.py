@@ -25,11 +25,16 @@ import ctypes
 import json
 import mmap
 import statistics
+import sys
 from pathlib import Path
 
 import torch
 
-from moe_infinity._hostinfo import host_facts
+try:
+    from moe_infinity._hostinfo import host_facts
+except ImportError:  # a checkout without the package installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+    from moe_infinity._hostinfo import host_facts
 
 MADV_HUGEPAGE = 14
 
