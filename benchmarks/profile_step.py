@@ -163,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(7)
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=g).to(device)
     dec = GraphDecoder(model, max_len=args.prompt_len + args.decode + 2)
-    results: dict[str, Any] = {"preset": args.preset, "device": torch.cuda.get_device_name(device), "device_memory": args.device_memory}
+    results: dict[str, Any] = {"preset": args.preset, "device": torch.cuda.get_device_name(device), "device_memory": args.device_memory,
+                               # the decode floor's bandwidth, in this process: compare with copy_mode's copy_GBps_while_waiting
+                               "pinned_h2d_GBps": decode.pinned_bandwidth(device), "host": decode.host_facts()}
     modes = (("pipelined", True), ("stepwise", False))
     for mode, pipeline in modes[:1] if args.pipelined_only else modes:
         model.moe_tune(flush=True, reset_stats=True)
