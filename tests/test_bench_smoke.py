@@ -130,3 +130,26 @@ def test_profile_copy_waits_split_each_wait_into_copying_and_idle():
     parts = ("copying", "before_first_copy", "between_copies", "after_last_copy", "waits_without_copies")
     assert abs(sum(out[f"{p}_ms_per_token"] for p in parts) - out["wait_ms_per_token"]) < 1e-12, "the parts add up to the wait"
     assert profile_step.copy_waits([ev("moe_down", 0, 1)], tokens=1) is None
+
+
+def test_driver_calls_benchmark_times_every_call_or_refuses_without_gpu(tmp_path):
+    """benchmarks/driver_calls.py: on a GPU machine a short run reports every
+    call kind in every mode; without one it refuses in one line (exit 2)."""
+    import torch
+
+    out = tmp_path / "d.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "driver_calls.py"), "--calls", "64", "--gap-us", "50", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if not torch.cuda.is_available():
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert "needs a CUDA GPU" in res.stderr
+        assert not out.exists()
+        return
+    assert res.returncode == 0, res.stderr[-3000:]
+    d = json.loads(out.read_text())
+    kinds = {"null", "copy_pinned", "copy_registered", "copy_x3", "launch", "write32", "memset32", "record", "query"}
+    for mode in ("quiet", "spaced", "busy", "busy_big", "link_busy"):
+        assert kinds <= set(d[mode]), (mode, kinds - set(d[mode]))
+        for k, v in d[mode].items():
+            assert 0 < v["median_us"] <= v["p90_us"], (mode, k, v)
+    assert d["host"]["cpus"] >= 1
