@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._compat import cache_kwargs, output_cache
 from ._hostinfo import host_facts
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -116,9 +117,11 @@ def build(preset: str, dense_device: str, seed: int = 0, dtype: torch.dtype = to
             if hasattr(module, "inv_freq"):  # rotary embeddings: rebuild on the device
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    fresh = type(module)(config=cfg, device=dense_device)
+                    # built on the host: transformers < 5.25 took a device
+                    # argument, 5.25 does not; the buffers move afterwards.
+                    fresh = type(module)(config=cfg)
                 for bname, b in fresh._buffers.items():
-                    module._buffers[bname] = b
+                    module._buffers[bname] = b.to(dense_device)
                 for attr in ("attention_scaling", "original_inv_freq"):
                     if hasattr(fresh, attr):
                         setattr(module, attr, getattr(fresh, attr))
@@ -201,16 +204,16 @@ def decode_run(model, prompt: torch.Tensor, n_decode: int, device: torch.device)
         _sync(device)
         t0 = time.perf_counter()
         with model.moe_runtime.requests(1):
-            out = model(input_ids=prompt, past_key_values=DynamicCache(config=model.config), use_cache=True)
+            out = model(input_ids=prompt, **cache_kwargs(model, DynamicCache(config=model.config)), use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
             _sync(device)
             ttft = time.perf_counter() - t0
-            pkv = out.past_key_values
+            pkv = output_cache(out)
             model.reset_moe_stats()
             for _ in range(n_decode):
                 t0 = time.perf_counter()
-                out = model(input_ids=nxt, past_key_values=pkv, use_cache=True)
-                pkv = out.past_key_values
+                out = model(input_ids=nxt, **cache_kwargs(model, pkv), use_cache=True)
+                pkv = output_cache(out)
                 nxt = out.logits[:, -1:].argmax(-1)
                 _sync(device)
                 times.append(time.perf_counter() - t0)
@@ -266,7 +269,7 @@ def compute_time(model, device: torch.device, reps: int = 8) -> tuple[float, flo
         return torch.zeros_like(hidden)
 
     def dense_step():
-        model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+        model(input_ids=ids, **cache_kwargs(model, DynamicCache(config=model.config)), use_cache=True)
 
     rt.run_fused = zeros
     try:
@@ -457,14 +460,14 @@ def run_accelerate(args: argparse.Namespace) -> dict[str, Any]:
     with torch.no_grad():
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = model(input_ids=prompt, past_key_values=DynamicCache(config=model.config), use_cache=True)
+        out = model(input_ids=prompt, **cache_kwargs(model, DynamicCache(config=model.config)), use_cache=True)
         torch.cuda.synchronize()
         ttft = time.perf_counter() - t0
-        pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        pkv, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
         for _ in range(args.accelerate_tokens):
             t0 = time.perf_counter()
-            out = model(input_ids=nxt.to(device), past_key_values=pkv, use_cache=True)
-            pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=nxt.to(device), **cache_kwargs(model, pkv), use_cache=True)
+            pkv, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
     on_gpu = sum(1 for v in dmap.values() if v == 0)
