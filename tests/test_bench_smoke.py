@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from moe_infinity._compat import cache_kwargs, output_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +87,7 @@ def test_forced_routing_follows_the_trace_through_prefill_and_decode():
         prompt = torch.randint(0, cfg.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             out = model(input_ids=prompt, use_cache=True)
-            model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+            model(input_ids=out.logits[:, -1:].argmax(-1), **cache_kwargs(model, output_cache(out)), use_cache=True)
         L = len(rt.layers)
         assert len(seen) == 2 * L
         for i, (layer, got) in enumerate(seen):

@@ -16,6 +16,7 @@ import torch
 import moe_infinity as mi
 import tiny_models as tm
 from moe_infinity import _native
+from moe_infinity._compat import cache_kwargs, output_cache
 
 pytestmark = [
     pytest.mark.gpu,
@@ -112,10 +113,10 @@ def _teacher_forced(model, seq: torch.Tensor, prefix: int = 8) -> torch.Tensor:
     with torch.no_grad():
         out = model(input_ids=seq[:, :prefix], use_cache=True)
         got.append(out.logits.float())
-        pkv = out.past_key_values
+        pkv = output_cache(out)
         for i in range(prefix, seq.shape[1]):
-            out = model(input_ids=seq[:, i : i + 1], past_key_values=pkv, use_cache=True)
-            pkv = out.past_key_values
+            out = model(input_ids=seq[:, i : i + 1], **cache_kwargs(model, pkv), use_cache=True)
+            pkv = output_cache(out)
             got.append(out.logits.float())
     return torch.cat(got, dim=1).reshape(-1, tm.VOCAB)
 
@@ -251,11 +252,11 @@ def _eager_static_tokens(ours, prompt: torch.Tensor, new: int) -> torch.Tensor:
     toks = [prompt]
     with torch.no_grad(), ours.moe_runtime.requests(1):
         P = prompt.shape[1]
-        out = ours(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(P, device="cuda"), use_cache=True)
+        out = ours(input_ids=prompt, **cache_kwargs(ours, cache), cache_position=torch.arange(P, device="cuda"), use_cache=True)
         nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
         toks.append(nxt)
         for i in range(new - 1):
-            out = ours(input_ids=nxt, past_key_values=cache, cache_position=torch.tensor([P + i], device="cuda"), use_cache=True)
+            out = ours(input_ids=nxt, **cache_kwargs(ours, cache), cache_position=torch.tensor([P + i], device="cuda"), use_cache=True)
             nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
             toks.append(nxt)
     return torch.cat(toks, dim=1)

@@ -16,6 +16,7 @@ import torch
 
 import moe_infinity as mi
 import tiny_models as tm
+from moe_infinity._compat import cache_kwargs, output_cache
 
 FAMILIES = ["mixtral", "qwen3_moe", "olmoe"]
 
@@ -46,13 +47,13 @@ def _decode(model, prompt: torch.Tensor, new: int) -> tuple[torch.Tensor, torch.
     ids, logits = prompt, []
     with torch.no_grad(), model.moe_runtime.requests(prompt.shape[0]):
         out = model(input_ids=prompt, use_cache=True)
-        pkv = out.past_key_values
+        pkv = output_cache(out)
         for _ in range(new):
             nxt = out.logits[:, -1:].argmax(-1)
             logits.append(out.logits[:, -1].float())
             ids = torch.cat([ids, nxt], dim=1)
-            out = model(input_ids=nxt, past_key_values=pkv, use_cache=True)
-            pkv = out.past_key_values
+            out = model(input_ids=nxt, **cache_kwargs(model, pkv), use_cache=True)
+            pkv = output_cache(out)
     return ids, torch.stack(logits)
 
 

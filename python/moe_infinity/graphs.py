@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ._compat import cache_kwargs
 from .errors import StateError, UnsupportedError
 
 
@@ -66,11 +67,11 @@ class GraphDecoder:
 
     def _prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         P = input_ids.shape[1]
-        out = self.model(input_ids=input_ids, past_key_values=self.cache, cache_position=torch.arange(P, device=self.device), use_cache=True)
+        out = self.model(input_ids=input_ids, **cache_kwargs(self.model, self.cache), cache_position=torch.arange(P, device=self.device), use_cache=True)
         return out.logits[:, -1, :].argmax(-1, keepdim=True)
 
     def _step(self) -> torch.Tensor:
-        out = self.model(input_ids=self.ids, past_key_values=self.cache, cache_position=self.pos, use_cache=True)
+        out = self.model(input_ids=self.ids, **cache_kwargs(self.model, self.cache), cache_position=self.pos, use_cache=True)
         logits = out.logits[:, -1, :]
         # The step feeds itself: the next replay reads the token this one
         # chose at the next position, so replays can be queued back to back.
