@@ -15,6 +15,8 @@ import itertools
 import json
 import logging
 import os
+import sys
+import tempfile
 import types
 import warnings
 import weakref
@@ -24,8 +26,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ._compat import check_experts_forward
 from .engine import Engine
-from .errors import BudgetError, CheckpointFormatError, InvalidArgumentError, NotFoundError, StateError, UnsupportedError
+from .errors import BudgetError, CheckpointFormatError, EngineIOError, InvalidArgumentError, MoEInfinityError, NotFoundError, StateError, UnsupportedError
 from .families import Family, family_for
 from .memory import format_bytes, host_memory_bytes, parse_memory
 from .runtime import MoELayer, OffloadRuntime, SlotLinear
@@ -238,12 +241,35 @@ def _fingerprint(path: Path, config: Any) -> str:
     return h.hexdigest()
 
 
+def _writable_dir(directory: Path, setting: str) -> None:
+    """Creates ``directory`` if needed and proves a file can be written in it,
+    so that a path the engine would only write at ``close()`` fails now, at
+    load, with the setting named — not after generation has run."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".moe_infinity-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise EngineIOError(f"{setting}: cannot write in {directory} ({e.strerror or e}); choose a writable directory") from e
+
+
+def _check_trace_path(trace_path: Path | None) -> None:
+    """A trace file that exists must be a file; its directory must be writable
+    (the trace is written there at ``close()``, by atomic rename)."""
+    if trace_path is None:
+        return
+    if trace_path.is_dir():
+        raise EngineIOError(f"trace_path: {trace_path} is a directory; give a file path such as {trace_path / 'trace.bin'}")
+    _writable_dir(trace_path.parent, "trace_path")
+
+
 def _prepare_offload_dir(offload_dir: Path, fingerprint: str, trace_path: Path | None) -> Path:
     """Creates offload_dir (or checks it belongs to this model) and returns
     the trace path to use. A directory made for another model or another
     version of it is detected by its fingerprint: its trace is discarded
     (rebuilt from scratch) with a warning, never silently reused."""
-    offload_dir.mkdir(parents=True, exist_ok=True)
+    _writable_dir(offload_dir, "offload_dir")
     stamp = offload_dir / "moe_infinity.json"
     trace = trace_path or offload_dir / "trace.bin"
     if stamp.exists():
@@ -260,8 +286,12 @@ def _prepare_offload_dir(offload_dir: Path, fingerprint: str, trace_path: Path |
             if trace.exists() and trace_path is None:
                 trace.unlink()
     tmp = stamp.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"fingerprint": fingerprint, "format": 1}))
-    os.replace(tmp, stamp)
+    try:
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, "format": 1}))
+        os.replace(tmp, stamp)
+    except OSError as e:
+        raise EngineIOError(f"offload_dir: cannot write {stamp} ({e.strerror or e})") from e
+    _check_trace_path(trace)
     return trace
 
 
@@ -309,6 +339,7 @@ def _install(model: torch.nn.Module, rt: OffloadRuntime, family: Family) -> None
         mod = layer.module
         if family.style == "fused":
             original = getattr(type(mod).forward, "__wrapped__", type(mod).forward)
+            check_experts_forward(mod, original)
 
             def fused_forward(self: Any, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, _layer: MoELayer = layer, _orig: Any = original) -> torch.Tensor:
                 return rt.run_fused(_layer, hidden_states, top_k_index, top_k_weights, _orig)
@@ -397,7 +428,21 @@ def _install(model: torch.nn.Module, rt: OffloadRuntime, family: Family) -> None
     model.moe_tune = moe_tune
     model.save_moe_trace = save_moe_trace
     model.close = rt.close
-    weakref.finalize(model, rt.close)
+    weakref.finalize(model, _close_unclosed, rt)
+
+
+def _close_unclosed(rt: OffloadRuntime) -> None:
+    """Closes a model nobody closed (garbage collection, interpreter exit).
+    A finalizer has no caller to raise to: a failure (say, a trace whose
+    directory was removed meanwhile) becomes one warning line instead of an
+    "Exception ignored" traceback."""
+    try:
+        rt.close()
+    except MoEInfinityError as e:
+        try:
+            sys.stderr.write(f"moe_infinity: closing an unclosed model: {e}\n")
+        except Exception:  # noqa: BLE001 — stderr may be gone at exit
+            pass
 
 
 def _rows(args: tuple, kwargs: dict) -> int:
@@ -559,6 +604,8 @@ def from_pretrained(
     trace = Path(trace_path) if trace_path else None
     if offload_dir is not None:
         trace = _prepare_offload_dir(Path(offload_dir), _fingerprint(path, config), trace)
+    else:
+        _check_trace_path(trace)
     engine = _engine(budget, cache_policy, prefetch, trace, dict(engine_options or {}), dev)
     try:
         engine.add_checkpoint(path)
@@ -599,7 +646,9 @@ def offload(
     family = family_for(getattr(model.config, "model_type", ""))
     dev = _resolve_device(device)
     budget = _budget(device_memory, dev)
-    engine = _engine(budget, cache_policy, prefetch, Path(trace_path) if trace_path else None, dict(engine_options or {}), dev)
+    trace = Path(trace_path) if trace_path else None
+    _check_trace_path(trace)
+    engine = _engine(budget, cache_policy, prefetch, trace, dict(engine_options or {}), dev)
     try:
         mods = _experts_modules(model, family)
         if not mods:
