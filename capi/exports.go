@@ -15,7 +15,6 @@ import (
 	"fmt"
 	"os"
 	"runtime"
-	"strings"
 	"unsafe"
 
 	"github.com/moe-infinity/moe_infinity/go/engine"
@@ -526,11 +525,9 @@ func moe_engine_tune(handle C.uint64_t, tuning *C.char) C.int32_t {
 		if err := nonNil("tuning_json", unsafe.Pointer(tuning)); err != nil {
 			return err
 		}
-		var t engine.Tuning
-		dec := json.NewDecoder(strings.NewReader(C.GoString(tuning)))
-		dec.DisallowUnknownFields()
-		if err := dec.Decode(&t); err != nil {
-			return fmt.Errorf("%w: tuning: %v", engine.ErrInvalid, err)
+		t, err := engine.ParseTuning([]byte(C.GoString(tuning)))
+		if err != nil {
+			return err
 		}
 		return e.Tune(t)
 	})

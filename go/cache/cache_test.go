@@ -41,10 +41,14 @@ func TestParsePolicy(t *testing.T) {
 		err  string
 	}{
 		{"priority", PolicyPriority, ""},
-		{"", PolicyPriority, ""},
-		{"LRU", PolicyLRU, ""},
-		{" lfu ", PolicyLFU, ""},
+		{"lru", PolicyLRU, ""},
+		{"lfu", PolicyLFU, ""},
 		{"fifo", 0, `unknown cache policy "fifo" (supported: priority, lru, lfu)`},
+		{"", 0, `unknown cache policy "" (supported: priority, lru, lfu)`},
+		{" ", 0, `unknown cache policy " " (supported: priority, lru, lfu)`},
+		{"LRU", 0, `unknown cache policy "LRU" (supported: priority, lru, lfu)`},
+		{" lfu ", 0, `unknown cache policy " lfu " (supported: priority, lru, lfu)`},
+		{"lru\n", 0, `unknown cache policy "lru\n" (supported: priority, lru, lfu)`},
 	} {
 		t.Run(tc.in, func(t *testing.T) {
 			p, err := ParsePolicy(tc.in)

@@ -24,16 +24,14 @@ const (
 // Policies lists the accepted policy names.
 var Policies = []string{"priority", "lru", "lfu"}
 
-// ParsePolicy maps a policy name ("priority", "lru", "lfu"; case
-// insensitive) to a Policy.
+// ParsePolicy maps a policy name, spelled exactly as in Policies
+// ("priority", "lru", "lfu": lowercase, no surrounding whitespace; "" is
+// not a name), to a Policy.
 func ParsePolicy(s string) (Policy, error) {
-	switch strings.ToLower(strings.TrimSpace(s)) {
-	case "priority", "":
-		return PolicyPriority, nil
-	case "lru":
-		return PolicyLRU, nil
-	case "lfu":
-		return PolicyLFU, nil
+	for i, name := range Policies {
+		if s == name {
+			return Policy(i), nil
+		}
 	}
 	return 0, fmt.Errorf("unknown cache policy %q (supported: %s)", s, strings.Join(Policies, ", "))
 }

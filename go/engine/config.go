@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"strconv"
 	"strings"
 
 	"github.com/moe-infinity/moe_infinity/go/cache"
 	"github.com/moe-infinity/moe_infinity/go/layout"
+	"github.com/moe-infinity/moe_infinity/go/strictjson"
 )
 
 // Error categories. Every error the engine returns wraps at most one of
@@ -33,7 +35,8 @@ type Config struct {
 	// BudgetBytes is the device memory for the expert cache, in bytes
 	// (required, > 0).
 	BudgetBytes int64 `json:"budget_bytes"`
-	// Policy is the eviction policy: "priority" (default), "lru", "lfu".
+	// Policy is the eviction policy: "priority" (default), "lru", "lfu"
+	// (cache.Policies; exact names, see nameSetting).
 	Policy string `json:"policy"`
 	// Prefetch enables trace-driven prefetching and router hints. A nil
 	// pointer in JSON (field absent) means true.
@@ -67,7 +70,7 @@ type Config struct {
 	// the model) and written at Close.
 	TracePath string `json:"trace_path"`
 	// Backend selects the device tier: "cpu" (default) or "cuda" (CUDA
-	// build only).
+	// build only); Backends.
 	Backend string `json:"backend"`
 	// Device is the CUDA device ordinal for the cuda backend.
 	Device int `json:"device"`
@@ -97,15 +100,91 @@ type Config struct {
 // uses many of per layer, are cheaper read in place.
 const CopyMissesFrom = 32 << 20
 
-// graphMisses validates a GraphMisses value ("" is "auto").
-func graphMisses(s string) (string, error) {
-	switch v := strings.ToLower(strings.TrimSpace(s)); v {
-	case "", "auto":
-		return "auto", nil
-	case "read", "copy":
-		return v, nil
+// GraphMissesModes lists the accepted Config.GraphMisses names; the first
+// is the default.
+var GraphMissesModes = []string{"auto", "read", "copy"}
+
+// Backends lists the accepted Config.Backend names; the first is the
+// default. "cuda" works only in the CUDA build of the engine.
+var Backends = []string{"cpu", "cuda"}
+
+// A nameSetting is a setting whose value is one name from a fixed list.
+// Every such setting follows one rule, applied by parse: a name is
+// accepted only spelled exactly as listed (lowercase, no surrounding
+// whitespace), and "" is not a name. A setting left out takes the first
+// name, the default.
+type nameSetting struct {
+	key   string   // the JSON name, which errors name
+	what  string   // what the name selects, for errors
+	names []string // accepted names; names[0] is the default
+}
+
+var (
+	policySetting      = nameSetting{"policy", "cache policy", cache.Policies}
+	graphMissesSetting = nameSetting{"graph_misses", "graph-miss mode", GraphMissesModes}
+	backendSetting     = nameSetting{"backend", "backend", Backends}
+)
+
+// parse returns s if it is one of the names. set says whether the setting
+// was given: an unset one is the default, a set "" is an error.
+func (n nameSetting) parse(s string, set bool) (string, error) {
+	if !set && s == "" {
+		return n.names[0], nil
 	}
-	return "", fmt.Errorf("%w: graph_misses must be \"auto\", \"read\" or \"copy\" (got %q)", ErrInvalid, s)
+	for _, name := range n.names {
+		if s == name {
+			return s, nil
+		}
+	}
+	return "", n.invalid(&s)
+}
+
+// invalid is the error for a value that is not a name (nil: null).
+func (n nameSetting) invalid(s *string) error {
+	got, hint := "null", ""
+	if s != nil {
+		got = strconv.Quote(*s)
+		for _, name := range n.names {
+			if *s != name && strings.ToLower(strings.TrimSpace(*s)) == name {
+				hint = "; names are exact: lowercase, without spaces"
+			}
+		}
+	}
+	return fmt.Errorf("%w: %s: unknown %s %s (supported: %s%s)", ErrInvalid, n.key, n.what, got, strings.Join(n.names, ", "), hint)
+}
+
+// nameValue is one name setting of a Config or Tuning and where its value
+// is.
+type nameValue struct {
+	setting nameSetting
+	value   *string
+}
+
+// names lists c's name settings.
+func (c *Config) names() []nameValue {
+	return []nameValue{{policySetting, &c.Policy}, {graphMissesSetting, &c.GraphMisses}, {backendSetting, &c.Backend}}
+}
+
+// checkGiven rejects a name setting that b (valid JSON, already decoded
+// into the values) gives as "" or null, which a decoded struct cannot tell
+// from a setting left out.
+func checkGiven(b []byte, names []nameValue) error {
+	var raw map[string]json.RawMessage
+	if err := json.Unmarshal(b, &raw); err != nil {
+		return fmt.Errorf("%w: %v", ErrInvalid, err) // unreachable after strictjson.Decode
+	}
+	for _, nv := range names {
+		r, ok := raw[nv.setting.key]
+		switch {
+		case !ok:
+		case string(r) == "null":
+			return nv.setting.invalid(nil)
+		case nv.value == nil || *nv.value == "":
+			empty := ""
+			return nv.setting.invalid(&empty)
+		}
+	}
+	return nil
 }
 
 // DefaultAdmitMargin is the default Config.AdmitMargin: a missed expert is
@@ -114,14 +193,18 @@ func graphMisses(s string) (string, error) {
 // margin it cuts link traffic by 8-23% at the same hit rate (±0.5 points).
 const DefaultAdmitMargin = 1.0
 
-// ParseConfig decodes a JSON config, rejecting unknown fields, and fills in
-// defaults.
+// ParseConfig decodes a JSON config (one object, keys spelled exactly as
+// the json tags, nothing after it: strictjson.Decode), and fills in
+// defaults. The name settings (policy, graph_misses, backend) take exact
+// lowercase names; "" and null are errors, a left-out setting is the
+// default.
 func ParseConfig(b []byte) (Config, error) {
 	var c Config
-	dec := json.NewDecoder(strings.NewReader(string(b)))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&c); err != nil {
+	if err := strictjson.Decode(b, &c); err != nil {
 		return Config{}, fmt.Errorf("%w: engine config: %v", ErrInvalid, err)
+	}
+	if err := checkGiven(b, c.names()); err != nil {
+		return Config{}, err
 	}
 	return c.withDefaults()
 }
@@ -130,22 +213,17 @@ func (c Config) withDefaults() (Config, error) {
 	if c.BudgetBytes <= 0 {
 		return c, fmt.Errorf("%w: budget_bytes must be > 0 (got %d)", ErrInvalid, c.BudgetBytes)
 	}
-	if _, err := cache.ParsePolicy(c.Policy); err != nil {
-		return c, fmt.Errorf("%w: %v", ErrInvalid, err)
+	for _, nv := range c.names() {
+		v, err := nv.setting.parse(*nv.value, *nv.value != "")
+		if err != nil {
+			return c, err
+		}
+		*nv.value = v
 	}
-	if c.Policy == "" {
-		c.Policy = "priority"
-	}
-	c.Policy = strings.ToLower(strings.TrimSpace(c.Policy))
 	if c.AdmitMargin == nil {
 		m := DefaultAdmitMargin
 		c.AdmitMargin = &m
 	}
-	gm, err := graphMisses(c.GraphMisses)
-	if err != nil {
-		return c, err
-	}
-	c.GraphMisses = gm
 	if c.Prefetch == nil {
 		t := true
 		c.Prefetch = &t
@@ -158,9 +236,6 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.PrefetchWindow == 0 {
 		c.PrefetchWindow = 2
-	}
-	if c.Backend == "" {
-		c.Backend = "cpu"
 	}
 	switch {
 	case c.EAMCCapacity < 1:
@@ -194,12 +269,11 @@ type Setup struct {
 	BudgetBytes int64 `json:"budget_bytes,omitempty"`
 }
 
-// ParseSetup decodes a JSON Setup, rejecting unknown fields.
+// ParseSetup decodes a JSON Setup (one object, keys spelled exactly as the
+// json tags, nothing after it: strictjson.Decode).
 func ParseSetup(b []byte) (Setup, error) {
 	var s Setup
-	dec := json.NewDecoder(strings.NewReader(string(b)))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&s); err != nil {
+	if err := strictjson.Decode(b, &s); err != nil {
 		return Setup{}, fmt.Errorf("%w: engine setup: %v", ErrInvalid, err)
 	}
 	return s, nil

@@ -152,7 +152,7 @@ func TestGraphMissesSetting(t *testing.T) {
 	for _, c := range []struct {
 		in, want string
 		ok       bool
-	}{{"", "auto", true}, {"AUTO", "auto", true}, {" copy ", "copy", true}, {"read", "read", true}, {"dma", "", false}} {
+	}{{"", "auto", true}, {"auto", "auto", true}, {"copy", "copy", true}, {"read", "read", true}, {"AUTO", "", false}, {" copy ", "", false}, {"dma", "", false}} {
 		cfg, err := Config{BudgetBytes: 1, GraphMisses: c.in}.withDefaults()
 		if !c.ok {
 			assert.ErrorIs(t, err, ErrInvalid, c.in)

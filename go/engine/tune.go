@@ -5,12 +5,14 @@ import (
 
 	"github.com/moe-infinity/moe_infinity/go/backend"
 	"github.com/moe-infinity/moe_infinity/go/cache"
+	"github.com/moe-infinity/moe_infinity/go/strictjson"
 )
 
 // Tuning changes a configured engine's behaviour at run time; nil fields
 // are left as they are.
 type Tuning struct {
-	// Policy switches the eviction policy ("priority", "lru", "lfu").
+	// Policy switches the eviction policy ("priority", "lru", "lfu";
+	// exact names, as Config.Policy).
 	Policy *string `json:"policy,omitempty"`
 	// Prefetch switches prefetching on or off (off also drops the queue).
 	Prefetch *bool `json:"prefetch,omitempty"`
@@ -23,11 +25,38 @@ type Tuning struct {
 	ResetStats bool `json:"reset_stats,omitempty"`
 }
 
+// ParseTuning decodes a JSON Tuning (one object, keys spelled exactly as
+// the json tags, nothing after it: strictjson.Decode). A name setting
+// given as "" or null is an error, as in ParseConfig; its value is checked
+// by Tune.
+func ParseTuning(b []byte) (Tuning, error) {
+	var t Tuning
+	if err := strictjson.Decode(b, &t); err != nil {
+		return Tuning{}, fmt.Errorf("%w: tuning: %v", ErrInvalid, err)
+	}
+	if err := checkGiven(b, t.names()); err != nil {
+		return Tuning{}, err
+	}
+	return t, nil
+}
+
+// names lists t's name settings (nil values: not given).
+func (t *Tuning) names() []nameValue {
+	return []nameValue{{policySetting, t.Policy}, {graphMissesSetting, t.GraphMisses}}
+}
+
 // Tune applies t. Used by benchmarks to compare policies on one loaded
 // model, and by users to change settings without reloading.
 func (e *Engine) Tune(t Tuning) error {
 	if err := e.readyLocked(); err != nil {
 		return err
+	}
+	for _, nv := range t.names() {
+		if nv.value != nil {
+			if _, err := nv.setting.parse(*nv.value, true); err != nil {
+				return err
+			}
+		}
 	}
 	if t.Policy != nil {
 		p, err := cache.ParsePolicy(*t.Policy)
@@ -50,12 +79,8 @@ func (e *Engine) Tune(t Tuning) error {
 		e.mu.Unlock()
 	}
 	if t.GraphMisses != nil {
-		gm, err := graphMisses(*t.GraphMisses)
-		if err != nil {
-			return err
-		}
 		e.mu.Lock()
-		e.cfg.GraphMisses = gm
+		e.cfg.GraphMisses = *t.GraphMisses
 		e.plan.GraphMisses = e.resolveGraphMisses()
 		e.mu.Unlock()
 	}

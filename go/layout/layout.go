@@ -19,6 +19,7 @@ import (
 	"github.com/moe-infinity/moe_infinity/go/backend"
 	"github.com/moe-infinity/moe_infinity/go/dtype"
 	"github.com/moe-infinity/moe_infinity/go/store"
+	"github.com/moe-infinity/moe_infinity/go/strictjson"
 )
 
 // ErrCheckpoint marks errors about the checkpoint's expert tensors
@@ -50,12 +51,11 @@ type Spec struct {
 	Alignment int64 `json:"alignment,omitempty"`
 }
 
-// ParseSpec decodes a JSON spec.
+// ParseSpec decodes a JSON spec (one object, keys spelled exactly as the
+// json tags, nothing after it: strictjson.Decode).
 func ParseSpec(b []byte) (Spec, error) {
 	var s Spec
-	dec := json.NewDecoder(strings.NewReader(string(b)))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&s); err != nil {
+	if err := strictjson.Decode(b, &s); err != nil {
 		return Spec{}, fmt.Errorf("layout: bad spec JSON: %w", err)
 	}
 	return s, nil

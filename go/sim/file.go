@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+
+	"github.com/moe-infinity/moe_infinity/go/strictjson"
 )
 
 // traceFile is the on-disk form of a Trace (recorded or generated).
@@ -19,11 +21,15 @@ type traceFile struct {
 // ReadTrace reads a trace written by WriteTrace (or by any tool writing
 // the same JSON: {"label", "layers", "experts", "requests": [{"cluster",
 // "tokens": [[[expert ids of layer 0], ...], ...]}]}) and validates it.
+// The file must hold one JSON object, keys spelled exactly, and nothing
+// after it (strictjson.Decode).
 func ReadTrace(r io.Reader) (*Trace, error) {
+	b, err := io.ReadAll(r)
+	if err != nil {
+		return nil, fmt.Errorf("sim: reading trace: %w", err)
+	}
 	var f traceFile
-	dec := json.NewDecoder(r)
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&f); err != nil {
+	if err := strictjson.Decode(b, &f); err != nil {
 		return nil, fmt.Errorf("sim: reading trace: %w", err)
 	}
 	t := &Trace{Label: f.Label, Params: f.Params, Layers: f.Layers, Experts: f.Experts, Requests: f.Requests}

@@ -1,6 +1,7 @@
 package store
 
 import (
+	"bytes"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -33,6 +34,9 @@ func FuzzParseHeader(f *testing.F) {
 		size := int64(len(data))
 		if h.DataStart < 8 || h.DataStart > size {
 			t.Fatalf("DataStart %d outside file of %d bytes", h.DataStart, size)
+		}
+		if js := bytes.TrimRight(data[8:h.DataStart], " \t\r\n"); len(js) == 0 || js[len(js)-1] != '}' {
+			t.Fatalf("accepted a header with data after its JSON object: %q", data[8:h.DataStart])
 		}
 		var prevEnd int64
 		var prevName string
@@ -84,6 +88,11 @@ func FuzzParseIndex(f *testing.F) {
 		}
 		if idx.WeightMap == nil {
 			t.Fatal("nil WeightMap on success")
+		}
+		for _, tail := range []string{"x", "}", "{}", " 0", "\x00"} {
+			if _, err := ParseIndex(append(bytes.Clone(data), tail...)); err == nil {
+				t.Fatalf("accepted %q followed by %q", data, tail)
+			}
 		}
 		for name, shard := range idx.WeightMap {
 			if !filepath.IsLocal(shard) || filepath.Clean(shard) != shard || strings.Contains(shard, "..") ||

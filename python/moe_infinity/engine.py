@@ -394,7 +394,7 @@ class Engine:
             if graph_misses is not None:  # "auto" as the engine resolved it
                 self._plan["graph_misses"] = self.stats()["graph_misses"]
             if policy is not None:
-                self._plan["policy"] = policy.lower()
+                self._plan["policy"] = policy  # accepted names are exact
             if prefetch is not None:
                 self._plan["prefetch"] = bool(prefetch)
 

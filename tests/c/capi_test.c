@@ -51,6 +51,10 @@ int main(void) {
     CHECK(strstr(last_error(), "budget_bytes must be > 0") != NULL, "message: %s", last_error());
     CHECK(moe_engine_create(NULL, &h) == MOE_ERR_INVALID, "NULL config");
     CHECK(moe_engine_create("not json", &h) == MOE_ERR_INVALID, "bad json");
+    CHECK(moe_engine_create("{\"budget_bytes\": 1048576, \"policy\":\" \"}", &h) == MOE_ERR_INVALID, "blank policy");
+    CHECK(strstr(last_error(), "policy: unknown cache policy \" \"") != NULL, "message: %s", last_error());
+    CHECK(moe_engine_create("{\"budget_bytes\": 1048576} {\"policy\": \"lru\"}", &h) == MOE_ERR_INVALID, "trailing data");
+    CHECK(strstr(last_error(), "unexpected data after the JSON object") != NULL, "message: %s", last_error());
     CHECK(moe_engine_close(987654) == MOE_ERR_HANDLE, "unknown handle");
     CHECK(strstr(last_error(), "unknown engine handle") != NULL, "message: %s", last_error());
 

@@ -1,0 +1,63 @@
+"""Name options (cache_policy, graph_misses, backend) take exact lowercase
+names: a blank, empty, differently cased or padded name is an error that
+names the setting, from from_pretrained, moe_tune and Engine alike, never
+a silent default (the engine once took cache_policy=" " as "priority")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_infinity as mi
+from moe_infinity.builtin import builtin_model_dir
+
+NEAR_MISSES = [" ", "", "\t", "LRU", " lru", "lru ", "lru\n", "Lru", "lru\x00", "fifo"]
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return builtin_model_dir()
+
+
+@pytest.mark.parametrize("policy", NEAR_MISSES)
+def test_from_pretrained_rejects_a_policy_that_is_not_exactly_a_name(builtin, policy):
+    with pytest.raises(mi.MoEInfinityError, match=r"policy: unknown cache policy .*\(supported: priority, lru, lfu") as exc:
+        mi.from_pretrained(builtin, dtype=torch.float32, device="cpu", cache_policy=policy)
+    assert isinstance(exc.value, mi.InvalidArgumentError)
+
+
+def test_the_exact_failing_input_of_the_config_fuzzer(builtin):
+    with pytest.raises(mi.InvalidArgumentError, match=r'policy: unknown cache policy " "'):
+        mi.from_pretrained(builtin, dtype=torch.float32, device="cpu", cache_policy=" ")
+
+
+@pytest.mark.parametrize("value", [" ", "", "AUTO", " copy", "read\n"])
+def test_from_pretrained_rejects_a_graph_misses_that_is_not_exactly_a_name(builtin, value):
+    with pytest.raises(mi.InvalidArgumentError, match=r"graph_misses: unknown graph-miss mode .*\(supported: auto, read, copy"):
+        mi.from_pretrained(builtin, dtype=torch.float32, device="cpu", engine_options={"graph_misses": value})
+
+
+@pytest.mark.parametrize(("key", "value"), [("policy", " "), ("policy", None), ("backend", " cpu"), ("backend", "CPU"), ("backend", "")])
+def test_engine_rejects_names_that_are_not_exact(key, value):
+    with pytest.raises(mi.InvalidArgumentError, match=rf"{key}: unknown "):
+        mi.Engine(budget_bytes=1 << 20, **{key: value})
+
+
+def test_case_hint_says_names_are_exact():
+    with pytest.raises(mi.InvalidArgumentError, match="names are exact: lowercase, without spaces"):
+        mi.Engine(budget_bytes=1 << 20, policy="LRU")
+
+
+def test_moe_tune_rejects_near_misses_and_changes_nothing(builtin):
+    model = mi.from_pretrained(builtin, dtype=torch.float32, device="cpu", device_memory="3MiB", cache_policy="lfu")
+    try:
+        for policy in NEAR_MISSES:
+            with pytest.raises(mi.InvalidArgumentError, match="policy: unknown cache policy"):
+                model.moe_tune(cache_policy=policy)
+        with pytest.raises(mi.InvalidArgumentError, match="graph_misses: unknown graph-miss mode"):
+            model.moe_tune(cache_policy="lru", graph_misses="Copy")
+        assert model.moe_stats()["plan"]["policy"] == "lfu", "the reported plan is unchanged (the engine side: TestTuneRejectsBeforeChanging)"
+        model.moe_tune(cache_policy="lru")
+        assert model.moe_stats()["plan"]["policy"] == "lru"
+    finally:
+        model.close()
