@@ -61,3 +61,19 @@ def test_moe_tune_rejects_near_misses_and_changes_nothing(builtin):
         assert model.moe_stats()["plan"]["policy"] == "lru"
     finally:
         model.close()
+
+
+def test_unknown_engine_option_names_the_valid_keys():
+    with pytest.raises(mi.InvalidArgumentError, match=r'unknown key "eamc_capacty" \(valid keys: .*eamc_capacity.*max_slots') as err:
+        mi.from_pretrained(builtin_model_dir(), device_memory="2MiB", engine_options={"eamc_capacty": 10})
+    assert "graph_misses" in str(err.value)
+
+
+def test_engine_options_of_numpy_scalars_reach_the_engine():
+    import numpy as np
+
+    model = mi.from_pretrained(builtin_model_dir(), device_memory="2MiB", engine_options={"eamc_capacity": np.int64(7), "admit_margin": np.float32(0.5)})
+    try:
+        assert model.moe_runtime.engine.config["eamc_capacity"] == 7
+    finally:
+        model.close()

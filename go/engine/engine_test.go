@@ -245,7 +245,7 @@ func TestParseConfig(t *testing.T) {
 	for _, tc := range []struct{ in, msg string }{
 		{`{"budget_bytes": 0}`, "budget_bytes must be > 0"},
 		{`{"budget_bytes": 1, "policy": "fifo"}`, `unknown cache policy "fifo"`},
-		{`{"budget_bytes": 1, "bogus": 1}`, `unknown field "bogus"`},
+		{`{"budget_bytes": 1, "bogus": 1}`, `unknown key "bogus" (valid keys: admit_margin,`},
 		{`{"budget_bytes": 1, "eamc_capacity": -1}`, "eamc_capacity must be >= 1"},
 		{`{"budget_bytes": 1, "matches": -2}`, "matches must be >= 1"},
 		{`{"budget_bytes": 1, "prefetch_window": -1}`, "prefetch_window must be >= 1"},

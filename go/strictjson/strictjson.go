@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"reflect"
+	"sort"
 	"strings"
 )
 
@@ -35,6 +36,13 @@ func Decode(b []byte, v any) error {
 	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
+		if strings.HasPrefix(err.Error(), "json: unknown field") {
+			// b is valid JSON up to the key: the walk names the key, where
+			// it is, and the keys that are valid there.
+			if kerr := checkKeys(json.NewDecoder(bytes.NewReader(b)), t.Elem(), ""); kerr != nil {
+				return kerr
+			}
+		}
 		return eofErr(err)
 	}
 	if off := dec.InputOffset(); hasData(dec) {
@@ -160,7 +168,12 @@ func unknownKey(key string, fields map[string]reflect.Type, path string) error {
 			return fmt.Errorf("key %q%s must be spelled %q (keys are case-sensitive)", key, in(path), name)
 		}
 	}
-	return fmt.Errorf("unknown key %q%s", key, in(path))
+	names := make([]string, 0, len(fields))
+	for name := range fields {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	return fmt.Errorf("unknown key %q%s (valid keys: %s)", key, in(path), strings.Join(names, ", "))
 }
 
 func join(path, key string) string {

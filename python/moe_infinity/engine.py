@@ -28,6 +28,13 @@ _TORCH_DTYPES = {"torch.float32": "float32", "torch.float16": "float16", "torch.
 _NUMPY_DTYPES = {"float32": "float32", "float16": "float16"}
 
 
+def _json_scalar(v: Any) -> Any:
+    """numpy and torch scalars as plain numbers; anything else is a bad option."""
+    if hasattr(v, "item") and callable(v.item):
+        return v.item()
+    raise InvalidArgumentError(f"engine option value {v!r} ({type(v).__name__}) is not a number, string or bool")
+
+
 class Engine:
     """One offloading engine: a checkpoint index, an expert cache, a tracer
     and a prefetcher.
@@ -36,13 +43,16 @@ class Engine:
         budget_bytes: memory for the expert cache, in bytes.
         policy: eviction policy, ``"priority"`` (default), ``"lru"`` or ``"lfu"``.
         prefetch: trace-driven prefetching and router hints on (default) or off.
+        trace_path: trace file loaded at configure and written at close.
+        backend: ``"cpu"`` (default) or ``"cuda"``.
+        device: CUDA device ordinal for the ``"cuda"`` backend.
+        **options: further engine settings, passed to the engine as they are;
+            the engine checks them and names the valid keys when one is
+            unknown (``None`` means the default). They are:
         eamc_capacity: number of request activation matrices kept (default 1000).
         matches: most similar stored matrices used for a prediction (default 4).
         prefetch_window: prefetch loads in flight at most (default 2).
         workers: copy workers of the CPU backend (default min(4, cores)).
-        trace_path: trace file loaded at configure and written at close.
-        backend: ``"cpu"`` (default) or ``"cuda"``.
-        device: CUDA device ordinal for the ``"cuda"`` backend.
         max_slots: cap on cache slots (default: as many as the budget holds).
         admit_margin: mapped mode copies a missed expert in only when the
             eviction policy values it (1 + margin) times its best victim
@@ -65,19 +75,10 @@ class Engine:
         *,
         policy: str = "priority",
         prefetch: bool = True,
-        eamc_capacity: int | None = None,
-        matches: int | None = None,
-        prefetch_window: int | None = None,
-        workers: int | None = None,
         trace_path: str | os.PathLike[str] | None = None,
         backend: str = "cpu",
         device: int = 0,
-        max_slots: int | None = None,
-        admit_margin: float | None = None,
-        prefetch_confidence: float | None = None,
-        prefetch_min_evidence: float | None = None,
-        prefetch_min_token_share: float | None = None,
-        graph_misses: str | None = None,
+        **options: Any,
     ):
         cfg: dict[str, Any] = {
             "budget_bytes": int(budget_bytes),
@@ -86,29 +87,13 @@ class Engine:
             "backend": backend,
             "device": int(device),
         }
-        for key, val in (
-            ("eamc_capacity", eamc_capacity),
-            ("matches", matches),
-            ("prefetch_window", prefetch_window),
-            ("workers", workers),
-            ("max_slots", max_slots),
-        ):
-            if val is not None:
-                cfg[key] = int(val)
-        for key, fval in (
-            ("admit_margin", admit_margin),
-            ("prefetch_confidence", prefetch_confidence),
-            ("prefetch_min_evidence", prefetch_min_evidence),
-            ("prefetch_min_token_share", prefetch_min_token_share),
-        ):
-            if fval is not None:
-                cfg[key] = float(fval)
         if trace_path is not None:
             cfg["trace_path"] = os.fspath(trace_path)
-        if graph_misses is not None:
-            cfg["graph_misses"] = str(graph_misses)
+        # The engine validates every option (names, types, ranges) and names
+        # the valid keys when one is unknown: the list lives in Go only.
+        cfg.update({k: v for k, v in options.items() if v is not None})
         handle = ctypes.c_uint64(0)
-        _native.call("moe_engine_create", json.dumps(cfg).encode(), ctypes.byref(handle))
+        _native.call("moe_engine_create", json.dumps(cfg, default=_json_scalar).encode(), ctypes.byref(handle))
         self._handle: int | None = handle.value
         self._lock = threading.Lock()
         self._keep: list[Any] = []  # host tensors the engine reads
