@@ -7,16 +7,15 @@ from __future__ import annotations
 import builtins
 
 import matplotlib
+import matplotlib.pyplot as plt
 import pytest
 import torch
 from safetensors.torch import save_file
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from test_engine_abi import MIXTRAL_LAYOUT, per_expert_tensors  # noqa: E402
+import moe_infinity as mi
+from moe_infinity import plotting
 
-import moe_infinity as mi  # noqa: E402
-from moe_infinity import plotting  # noqa: E402
+matplotlib.use("Agg")
 
 
 @pytest.fixture(autouse=True)
@@ -53,10 +52,20 @@ def test_expert_activations_is_layers_by_experts():
 
 
 def test_expert_activations_from_an_engine_counts_observed_tokens(tmp_path):
-    save_file(per_expert_tensors(), str(tmp_path / "model.safetensors"))
+    # A Mixtral-style checkpoint of 2 layers × 4 experts.
+    ts = {"model.embed_tokens.weight": torch.zeros(4, 8)}
+    for lay in range(2):
+        for x in range(4):
+            p = f"model.layers.{lay}.block_sparse_moe.experts.{x}."
+            ts |= {p + "w1.weight": torch.ones(4, 8), p + "w2.weight": torch.ones(8, 4), p + "w3.weight": torch.ones(4, 8)}
+    save_file(ts, str(tmp_path / "model.safetensors"))
+    regions = [
+        {"name": "gate_up_proj", "parts": ["w1.weight", "w3.weight"], "dtype": "float32"},
+        {"name": "down_proj", "parts": ["w2.weight"], "dtype": "float32"},
+    ]
     with mi.Engine(budget_bytes=1 << 20) as eng:
         eng.add_checkpoint(tmp_path)
-        eng.configure(MIXTRAL_LAYOUT)
+        eng.configure({"regions": regions})
         a, b = eng.begin_request(), eng.begin_request()
         eng.observe(0, [a, b], torch.tensor([[0, 3, 0, 1], [2, 0, 0, 1]], dtype=torch.float32))
         eng.observe(1, [a], torch.tensor([[0, 0, 5, 0]], dtype=torch.float32))
@@ -77,7 +86,7 @@ def test_heatmap_has_one_cell_per_layer_and_expert():
 
 
 def test_heatmap_draws_on_a_given_axes():
-    fig, axes = plt.subplots(1, 2)
+    _, axes = plt.subplots(1, 2)
     assert plotting.plot_expert_activations(FakeModel(), ax=axes[1]) is axes[1]
     assert not axes[0].images and len(axes[1].images) == 1
 
