@@ -24,6 +24,16 @@ def test_the_trained_model_ships_in_the_package():
     assert size <= 25 * 2**20, f"{size} bytes"
 
 
+def test_builtin_model_path_is_public_and_loads():
+    assert "builtin_model_path" in mi.__all__
+    path = mi.builtin_model_path()
+    assert path == builtin_model_dir()
+    assert (path / "tokenizer.json").is_file()
+    tok = AutoTokenizer.from_pretrained(path)
+    text = "def read_config(path):"
+    assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == text
+
+
 def test_builtin_model_generates_offline_and_matches_transformers():
     path = builtin_model_dir()
     tok = AutoTokenizer.from_pretrained(path)

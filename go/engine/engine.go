@@ -72,6 +72,10 @@ type Engine struct {
 
 	bytesMoved []atomic.Int64 // per layer
 	stallNs    []atomic.Int64 // per layer
+
+	tokensMu     sync.Mutex
+	expertTokens []float64 // [layer*experts+expert] tokens observed since the last reset (under tokensMu)
+
 	acquires   atomic.Int64
 	phaseNs    [numPhases]atomic.Int64
 	opening    atomic.Pointer[backend.Backend] // the backend, from before Open (for Progress)
@@ -335,6 +339,7 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 	e.queue = prefetch.NewQueue()
 	e.bytesMoved = make([]atomic.Int64, L)
 	e.stallNs = make([]atomic.Int64, L)
+	e.expertTokens = make([]float64, L*e.experts)
 	e.stop = make(chan struct{})
 	e.prefSem = make(chan struct{}, e.cfg.PrefetchWindow)
 	e.prefetchOn.Store(*e.cfg.Prefetch)
@@ -459,12 +464,24 @@ func (e *Engine) observe(layer int, reqs []uint64, counts [][]float32, plan bool
 		if err := e.tracker.Observe(r, layer, counts[i]); err != nil {
 			return fmt.Errorf("%w: %v", ErrInvalid, err)
 		}
+		e.countTokens(layer, counts[i])
 	}
 	e.refreshPriority(layer)
 	if plan {
 		e.planAfter(layer, reqs)
 	}
 	return nil
+}
+
+// countTokens adds one request's observed routing of layer to the
+// per-expert token counters that Stats reports.
+func (e *Engine) countTokens(layer int, counts []float32) {
+	row := e.expertTokens[layer*e.experts : (layer+1)*e.experts]
+	e.tokensMu.Lock()
+	for x, v := range counts {
+		row[x] += float64(v)
+	}
+	e.tokensMu.Unlock()
 }
 
 // planAfter re-plans each request's prefetches from its partial EAM once

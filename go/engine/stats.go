@@ -40,6 +40,12 @@ type LayerStats struct {
 	// StallNs is the time Acquire spent waiting for copies, in
 	// nanoseconds.
 	StallNs int64 `json:"stall_ns"`
+	// ExpertTokens counts, per expert of the layer, the tokens routed to
+	// it (Observe and the routing of LayerMoE, mapped and replayed
+	// layers) since the last reset: a token counts once for each of its
+	// top-k experts, and a share of one when a layer's tokens could not be
+	// split between its requests. Per layer only; absent from the totals.
+	ExpertTokens []float64 `json:"expert_tokens,omitempty"`
 }
 
 // Stats are the engine's counters, totalled and per layer.
@@ -102,8 +108,12 @@ func (e *Engine) Stats() (Stats, error) {
 			out.PhaseNs["backend_"+name] = ns
 		}
 	}
+	e.tokensMu.Lock()
+	tokens := append([]float64(nil), e.expertTokens...)
+	e.tokensMu.Unlock()
 	for l, c := range cs {
 		ls := LayerStats{LayerStats: c, BytesMoved: e.bytesMoved[l].Load(), StallNs: e.stallNs[l].Load()}
+		ls.ExpertTokens = tokens[l*e.experts : (l+1)*e.experts : (l+1)*e.experts]
 		out.Layers[l] = ls
 		out.LayerStats.Add(c)
 		out.BytesMoved += ls.BytesMoved
@@ -123,6 +133,9 @@ func (e *Engine) ResetStats() error {
 		e.bytesMoved[l].Store(0)
 		e.stallNs[l].Store(0)
 	}
+	e.tokensMu.Lock()
+	clear(e.expertTokens)
+	e.tokensMu.Unlock()
 	e.acquires.Store(0)
 	e.mapped.late.Store(0)
 	for p := range e.phaseNs {

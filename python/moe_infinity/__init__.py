@@ -9,6 +9,8 @@ will need and evicts by activation-aware priority.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .engine import Engine
 from .errors import (
     BudgetError,
@@ -18,6 +20,7 @@ from .errors import (
     InternalError,
     InvalidArgumentError,
     LibraryLoadError,
+    MissingDependencyError,
     MoEInfinityError,
     NotFoundError,
     StateError,
@@ -39,7 +42,9 @@ __all__ = [
     "UnsupportedError",
     "InternalError",
     "LibraryLoadError",
+    "MissingDependencyError",
     "engine_version",
+    "builtin_model_path",
 ]
 
 
@@ -48,6 +53,23 @@ def engine_version() -> str:
     from . import _native
 
     return _native.version()
+
+
+def builtin_model_path() -> Path:
+    """Directory of the small built-in model shipped in the package (a
+    4-layer × 8-expert Mixtral-architecture model with its tokenizer; the
+    model ``python -m moe_infinity generate`` uses without ``--model``).
+
+    Load it like any checkpoint::
+
+        path = moe_infinity.builtin_model_path()
+        model = moe_infinity.from_pretrained(path)
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+
+    Raises NotFoundError when the package was installed without it."""
+    from .builtin import builtin_model_dir
+
+    return builtin_model_dir()
 
 from .families import supported_model_types  # noqa: E402
 from .loading import MoE, from_pretrained, offload  # noqa: E402

@@ -19,6 +19,7 @@ __all__ = [
     "UnsupportedError",
     "InternalError",
     "LibraryLoadError",
+    "MissingDependencyError",
     "error_for_status",
 ]
 
@@ -100,6 +101,12 @@ class InternalError(MoEInfinityError, RuntimeError):
 
 class LibraryLoadError(MoEInfinityError, ImportError):
     """The engine library could not be found or loaded."""
+
+
+class MissingDependencyError(MoEInfinityError, ImportError):
+    """An optional package that a feature needs is not installed (for
+    example matplotlib for ``moe_infinity.plotting``); the message names
+    the ``pip install`` that fixes it."""
 
 
 _BY_STATUS: dict[int, type[MoEInfinityError]] = {
