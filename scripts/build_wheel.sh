@@ -29,7 +29,12 @@ PYTHON=${PYTHON:-python3}
 # folder, which need not be on PATH.
 PATH="$("$PYTHON" -c 'import os, sysconfig; print(sysconfig.get_path("scripts") + os.pathsep + sysconfig.get_path("scripts", f"{os.name}_user"))'):$PATH"
 raw=build/wheel-raw
+# setuptools' staging folders, shared with `pip install .` from this
+# checkout: cleared before, so nothing stale enters the wheel, and after,
+# so the stripped CUDA engine does not enter a later source build that
+# skips CUDA.
 rm -rf "$raw" build/lib.* build/bdist.*
+trap 'rm -rf build/lib.* build/bdist.*' EXIT
 mkdir -p "$raw" dist
 
 # setup.py's Go build, stripped, with the CUDA engine (its header and link
