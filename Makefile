@@ -2,6 +2,8 @@
 #
 #   make            build the CPU engine library (build/libmoe_infinity.so)
 #   make cuda       build the CUDA engine library (build/libmoe_infinity_cuda.so)
+#   make wheel      binary wheel with both engines, installable without Go (dist/)
+#   make sdist      source distribution; installing it builds the engine with Go (dist/)
 #   make test       everything CI runs: vet, Go tests with -race, C ABI test, pytest
 #   make fuzz       fuzz every parser (FUZZTIME each, default 60s; scripts/fuzz.sh)
 #   make fuzz-ci    the same with FUZZTIME=10s
@@ -23,7 +25,7 @@ PTX       := go/backend/cuda/moe_ffn.ptx
 PTXFLAGS  := -x cuda --cuda-device-only -nocudainc -nocudalib --cuda-gpu-arch=sm_80 \
              -Xclang -target-feature -Xclang +ptx70 -O3 -S
 
-.PHONY: all lib cuda cuda-check ptx ptx-check cuda-sdk gpu-test replay test gotest testrace invariants vet ctest pytest fuzz fuzz-ci bench tidy-check clean install
+.PHONY: all lib wheel sdist cuda cuda-check ptx ptx-check cuda-sdk gpu-test replay test gotest testrace invariants vet ctest pytest fuzz fuzz-ci bench tidy-check clean install
 
 all: lib
 
@@ -111,6 +113,13 @@ tidy-check:
 
 install:
 	$(PYTHON) -m pip install .
+
+# Binary wheel: CPU and CUDA engines stripped, manylinux tag from auditwheel.
+wheel:
+	PYTHON=$(PYTHON) GO=$(GO) bash scripts/build_wheel.sh
+
+sdist:
+	$(PYTHON) -m build --sdist --no-isolation --outdir dist .
 
 clean:
 	rm -rf $(BUILD) python/moe_infinity/*.so python/moe_infinity/*.h

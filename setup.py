@@ -9,7 +9,11 @@ Switches (environment):
                              (CUDA_HOME, build/cuda from `make cuda-sdk`,
                              /usr/local/cuda); "1": fetch them with
                              cuda/fetch_sdk.sh (PyPI) and build it; "0": skip.
-    GO                       the go command (default "go").
+    MOE_INFINITY_GO_LDFLAGS  passed to `go build -ldflags` (unset: none);
+                             scripts/build_wheel.sh sets "-s -w" to strip
+                             the symbol table and DWARF from the libraries.
+    GO                       the go command (default "go"); CC, CGO_* are
+                             passed through to it.
 """
 
 from __future__ import annotations
@@ -75,6 +79,9 @@ class BuildGo(build_ext):
         out.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, CGO_ENABLED="1")
         cmd = [go, "build", "-trimpath", "-buildmode=c-shared"]
+        ldflags = os.environ.get("MOE_INFINITY_GO_LDFLAGS")
+        if ldflags:
+            cmd += ["-ldflags=" + ldflags]
         if ext.tags:
             cmd += ["-tags", ",".join(ext.tags)]
             if "cuda" in ext.tags:
