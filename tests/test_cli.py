@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import tiny_models as tm
 
 
@@ -60,7 +62,36 @@ def test_bench_runs_the_decode_harness_from_any_install(tmp_path):
     (row,) = json.loads(res.read_text())
     assert row["system"] == "moe_infinity" and row["preset"] == "tiny" and row["decoded_tokens"] == 3
     assert row["decode_s_per_token"] > 0 and 0 <= row["hit_rate"] <= 1 and row["host"]["cpus"] >= 1
+    # The default output is a table: a header, a rule, one line per row.
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].split()[:2] == ["system", "policy"] and "s/token" in lines[0] and "hit rate" in lines[0]
+    assert set(lines[1].replace(" ", "")) == {"-"} and len(lines) == 3
+    assert lines[2].startswith("moe_infinity") and f"{row['decode_s_per_token']:.4f}" in lines[2]
+    as_json = _run(["bench", "--preset", "tiny", "--device", "cpu", "--device-memory", "300KiB", "--prompt-len", "8",
+                    "--decode", "2", "--no-ablations", "--json"], tmp_path)
+    assert as_json.returncode == 0, as_json.stderr[-3000:]
+    (line,) = [ln for ln in as_json.stdout.splitlines() if ln.strip()]
+    assert json.loads(line)["decoded_tokens"] == 2
     usage = _run(["bench", "--preset", "no-such-shape"], tmp_path)
     assert usage.returncode == 2 and "invalid choice" in usage.stderr
     listed = _run(["--help"], tmp_path)
     assert "bench" in listed.stdout
+
+
+def test_bench_help_examples_run_from_an_installed_package(tmp_path):
+    """Every example in ``bench --help`` is a ``python -m moe_infinity bench``
+    command whose options the parser accepts (none needs a checkout)."""
+    import shlex
+
+    from moe_infinity.bench import main
+
+    out = _run(["bench", "--help"], tmp_path)
+    assert out.returncode == 0
+    examples = [ln.split("#")[0].strip() for ln in out.stdout.splitlines() if ln.strip().startswith("python ")]
+    assert len(examples) >= 3
+    for ex in examples:
+        words = shlex.split(ex)
+        assert words[:4] == ["python", "-m", "moe_infinity", "bench"], ex
+        with pytest.raises(SystemExit) as parsed:  # --help after the example's options: parses them, runs nothing
+            main(words[4:] + ["--help"])
+        assert parsed.value.code == 0, ex

@@ -10,9 +10,12 @@ JSON object per ablation (and one for accelerate with --accelerate, which
 runs in its own process).
 
     python -m moe_infinity bench --preset tiny --device cpu    # any install; the CI smoke configuration
-    python benchmarks/decode.py --preset mixtral-8x7b --device-memory 24GiB --out benchmarks/results/x.json
-    python benchmarks/decode.py --preset qwen3-30b-a3b --graph --pipeline --routing generated   # structured routing
-    python benchmarks/decode.py --preset mixtral-8x7b --graph --pipeline --graph-misses copy,read   # both miss paths
+    python -m moe_infinity bench --preset tiny --device cpu --json   # one JSON line per row instead of the table
+    python -m moe_infinity bench --preset mixtral-8x7b --device-memory 24GiB --out results.json
+    python -m moe_infinity bench --preset qwen3-30b-a3b --graph --pipeline --routing generated   # structured routing
+    python -m moe_infinity bench --preset mixtral-8x7b --graph --pipeline --graph-misses copy,read   # both miss paths
+
+(In a checkout, ``python benchmarks/decode.py`` takes the same options.)
 
 With --graph, --graph-misses picks how replayed layers get missed experts:
 "read" (the kernels read them in place over PCIe), "copy" (the copy engine
@@ -439,7 +442,7 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
                 "host": host_facts(),
             }
         )
-        print(json.dumps(rows[-1]), flush=True)
+        _emit(rows[-1], args)
     return rows
 
 
@@ -484,8 +487,54 @@ def run_accelerate(args: argparse.Namespace) -> dict[str, Any]:
         "modules": len(dmap),
         "host": host_facts(),
     }
-    print(json.dumps(row), flush=True)
+    _emit(row, args)
     return row
+
+
+#: The table's columns: (header, row key, format).
+_TABLE = (
+    ("system", "system", "{}"),
+    ("policy", "policy", "{}"),
+    ("prefetch", "prefetch", "{}"),
+    ("routing", "routing", "{}"),
+    ("device", "device", "{}"),
+    ("s/token", "decode_s_per_token", "{:.4f}"),
+    ("TTFT s", "ttft_s", "{:.3f}"),
+    ("hit rate", "hit_rate", "{:.1%}"),
+    ("misses/token", "misses_per_token", "{:.1f}"),
+    ("x floor", "ratio_to_floor", "{:.2f}"),
+)
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    v = row.get(key)
+    if v is None:
+        return "-"
+    if key == "routing":  # the label's first word: "model" or "generated"
+        v = str(v).split(":")[0].split(" (")[0]
+    try:
+        return fmt.format(v)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as an aligned text table (the default output of ``bench``;
+    ``--json`` prints the rows themselves)."""
+    cells = [[h for h, _, _ in _TABLE]] + [[_cell(r, k, f) for _, k, f in _TABLE] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(_TABLE))]
+    lines = ["  ".join(c[i].rjust(widths[i]) if i >= 5 else c[i].ljust(widths[i]) for i in range(len(_TABLE))).rstrip() for c in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _emit(row: dict[str, Any], args: argparse.Namespace) -> None:
+    """A finished row: its JSON line with --json, else a progress line on
+    stderr (the table comes at the end)."""
+    if args.json:
+        print(json.dumps(row), flush=True)
+    else:
+        print(f"bench: {row['system']} {row.get('policy', '')} done: {_cell(row, 'decode_s_per_token', '{:.4f}')} s/token", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -512,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--accelerate-tokens", type=int, default=3)
     ap.add_argument("--accelerate-cpu-memory", default="120GiB")
     ap.add_argument("--out", help="write the JSON list here")
+    ap.add_argument("--json", action="store_true", help="print each row as a JSON line as it finishes, instead of a table at the end")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}, but torch sees no usable GPU (use --device cpu)")
@@ -521,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows = run_moe_infinity(args)
         if args.accelerate:
-            cmd = [sys.executable, "-m", "moe_infinity", "bench", "--accelerate-only", "--preset", args.preset, "--device-memory", args.device_memory,
+            cmd = [sys.executable, "-m", "moe_infinity", "bench", "--json", "--accelerate-only", "--preset", args.preset, "--device-memory", args.device_memory,
                    "--prompt-len", str(args.prompt_len), "--accelerate-tokens", str(args.accelerate_tokens),
                    "--accelerate-cpu-memory", args.accelerate_cpu_memory]
             out = subprocess.run(cmd, capture_output=True, text=True)
@@ -530,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rows, indent=1))
+    if not args.json:
+        print(format_table(rows), flush=True)
     return 0
 
 
