@@ -1,7 +1,7 @@
 """The only ctypes code of moe_infinity: finds and loads the engine library,
 declares every export's signature and turns status codes into exceptions.
 
-Two builds of the engine exist (see DESIGN.md §4): ``libmoe_infinity.so``
+Two builds of the engine exist (see docs/ARCHITECTURE.md): ``libmoe_infinity.so``
 (CPU backend only) and ``libmoe_infinity_cuda.so`` (links the CUDA driver).
 The CUDA build is chosen only after checking, through ctypes, that
 ``libcuda.so.1`` loads, ``cuInit(0)`` succeeds and a device exists — a CUDA
