@@ -95,3 +95,16 @@ def test_bench_help_examples_run_from_an_installed_package(tmp_path):
         with pytest.raises(SystemExit) as parsed:  # --help after the example's options: parses them, runs nothing
             main(words[4:] + ["--help"])
         assert parsed.value.code == 0, ex
+
+
+def test_generate_takes_a_device(tmp_path):
+    import torch
+
+    out = _run(["generate", "--prompt", "Hi", "--max-new-tokens", "2", "--device", "cuda"], tmp_path)
+    if torch.cuda.is_available():
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "on cuda:0" in out.stderr
+    else:
+        assert out.returncode != 0 and "no usable GPU" in out.stderr and "Traceback" not in out.stderr
+    cpu = _run(["generate", "--prompt", "Hi", "--max-new-tokens", "2", "--device", "cpu"], tmp_path)
+    assert cpu.returncode == 0 and "on cpu" in cpu.stderr

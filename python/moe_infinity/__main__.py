@@ -86,26 +86,28 @@ def _generate(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer, TextStreamer
 
     from .builtin import builtin_model_dir
-    from .loading import from_pretrained
+    from .loading import _resolve_device, from_pretrained
     from .memory import format_bytes
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     path = args.model or str(builtin_model_dir())
     print(f"loading {path} ...", file=sys.stderr)
     start = time.perf_counter()
+    device = _resolve_device(args.device)
     model = from_pretrained(
         path,
+        device=device,
         device_memory=_memory_arg(args.device_memory),
         cache_policy=args.policy,
         prefetch=not args.no_prefetch,
         trace_path=args.trace,
         # The built-in model is stored in bfloat16; float32 is faster on CPUs.
-        dtype=None if args.model else torch.float32,
+        dtype=None if args.model or device.type != "cpu" else torch.float32,
     )
     loaded = time.perf_counter() - start
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        inputs = tok(args.prompt, return_tensors="pt")
+        inputs = tok(args.prompt, return_tensors="pt").to(model.device)
         streamer = TextStreamer(tok, skip_prompt=False, skip_special_tokens=True)
         if args.seed is not None:
             torch.manual_seed(args.seed)
@@ -122,7 +124,7 @@ def _generate(args: argparse.Namespace) -> int:
         st = model.moe_stats()
         plan = st["plan"]
         print(
-            f"\n[{new} tokens in {took:.2f} s ({new / max(took, 1e-9):.1f} tok/s); load {loaded:.2f} s; "
+            f"\n[{new} tokens in {took:.2f} s ({new / max(took, 1e-9):.1f} tok/s) on {model.device}; load {loaded:.2f} s; "
             f"cache {plan['slots']} slots x {format_bytes(plan['slot_bytes'])} ({plan['policy']}, prefetch "
             f"{'on' if plan['prefetch'] else 'off'}); hit rate {st['hit_rate']:.1%}, "
             f"{format_bytes(st['bytes_moved'])} moved, stall {st['stall_seconds'] * 1000:.1f} ms]",
@@ -153,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--prompt", required=True, help="text to continue")
     gen.add_argument("--model", help="model directory or Hub id in the local cache (default: built-in model)")
     gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--device", default="auto", help="auto (the GPU when the CUDA engine can use one), cpu, cuda or cuda:N")
     gen.add_argument("--device-memory", default="0.5", help="expert cache budget: '24GiB', '500MB', bytes, or a fraction (default 0.5)")
     gen.add_argument("--policy", default="priority", choices=["priority", "lru", "lfu"])
     gen.add_argument("--no-prefetch", action="store_true", help="turn trace-driven prefetching off")
