@@ -37,7 +37,7 @@ func TestReadTraceRejectsBadFiles(t *testing.T) {
 	for _, tc := range []struct{ in, msg string }{
 		{`{"label": "x", "layers": 1, "experts": 2, "requests": [{"cluster": 0, "tokens": [[[5]]]}]}`, "expert 5 outside"},
 		{`{"label": "x", "layers": 0, "experts": 2, "requests": []}`, "both must be >= 1"},
-		{`{"label": "x", "bogus": 1}`, "unknown field"},
+		{`{"label": "x", "bogus": 1}`, `unknown key "bogus" (valid keys: experts, label, layers, params, requests)`},
 		{`not json`, "reading trace"},
 	} {
 		_, err := ReadTrace(strings.NewReader(tc.in))
