@@ -16,7 +16,8 @@ import (
 var (
 	headerFunc = regexp.MustCompile(`(?s)\bint32_t\s+(moe_\w+)\s*\(([^)]*)\)\s*;`)
 	exportLine = regexp.MustCompile(`(?m)^//export (moe_\w+)\nfunc moe_\w+\(([^)]*)\)`)
-	defineLine = regexp.MustCompile(`(?m)^#define (MOE_\w+) (\d+)`)
+	defineLine = regexp.MustCompile(`(?m)^#define (MOE_(?:OK|ERR_\w+)) (\d+)`)
+	layerLine  = regexp.MustCompile(`(?m)^#define (MOE_(?:PATH|LAYER)_\w+) (\d+)`)
 )
 
 func countParams(list string) int {
@@ -68,6 +69,26 @@ func TestHeaderStatusCodes(t *testing.T) {
 		got[n] = m[1]
 	}
 	assert.Equal(t, statusNames, got)
+}
+
+// TestHeaderExecutorCodes checks the MOE_PATH_* and MOE_LAYER_* values of
+// the header against the engine's Path and LayerFlags.
+func TestHeaderExecutorCodes(t *testing.T) {
+	h, err := os.ReadFile("moe_infinity.h")
+	require.NoError(t, err)
+	got := map[string]int{}
+	for _, m := range layerLine.FindAllStringSubmatch(string(h), -1) {
+		n, _ := strconv.Atoi(m[2])
+		got[m[1]] = n
+	}
+	want := map[string]int{}
+	for name, p := range pathDefines {
+		want[name] = int(p)
+	}
+	for name, f := range flagDefines {
+		want[name] = int(f)
+	}
+	assert.Equal(t, want, got)
 }
 
 func keys(m map[string]int) []string {

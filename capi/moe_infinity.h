@@ -29,6 +29,46 @@
 extern "C" {
 #endif
 
+/* One MoE layer for moe_layer, the layer executor: the caller's tensors
+ * and what it can do; the engine chooses how the layer runs and writes
+ * which path it took. Addresses are device memory for the CUDA backend and
+ * host memory for the CPU backend. */
+typedef struct moe_layer_args {
+    int32_t layer;            /* MoE layer index */
+    int32_t nreq;             /* requests the tokens belong to (split evenly in row order) */
+    const uint64_t *reqs;     /* nreq request ids */
+    const int64_t *topk_host; /* [tokens, k] expert ids in host memory; NULL when only on the device */
+    uint64_t stream;          /* CUstream the computation is ordered on (0 for the CPU) */
+    uint64_t x;               /* [tokens, hidden] activations */
+    uint64_t out;             /* [tokens, hidden] output, written by the kernel paths */
+    uint64_t scratch;         /* [tokens * k, inter] float32, for the kernel paths */
+    uint64_t topk;            /* [tokens, k] int64 expert ids where the computation reads them */
+    uint64_t weights;         /* [tokens, k] routing weights of weights_dtype */
+    int64_t tokens;           /* T > 0 */
+    int64_t k;                /* experts per token > 0 */
+    int32_t dtype;            /* activations: 0 bfloat16, 1 float16, -1 other */
+    int32_t weights_dtype;    /* routing weights: 0 float32, 1 bfloat16, 2 float16, -1 other */
+    uint32_t flags;           /* MOE_LAYER_* */
+    int32_t path;             /* out: the MOE_PATH_* taken */
+    int32_t experts_cap;      /* capacity of experts (the model's experts per layer suffice) */
+    int32_t n_experts;        /* out: host paths: the number of distinct experts written */
+    int32_t *experts;         /* out: host paths: the layer's distinct experts, ascending */
+} moe_layer_args;
+
+/* moe_layer_args.flags: facts about the caller, never a choice of path. */
+#define MOE_LAYER_NO_MAPPED 1     /* mapped mode off, or every layer's host routing wanted */
+#define MOE_LAYER_NO_KERNELS 2    /* the caller's own expert code everywhere */
+#define MOE_LAYER_HOST_BATCHED 4  /* the caller's expert code is batched over stacked experts */
+
+/* moe_layer_args.path: what moe_layer did. */
+#define MOE_PATH_MAPPED 1       /* computed by the kernels reading experts in place; no host sync */
+#define MOE_PATH_KERNELS 2      /* routing traced, experts made resident, computed by the kernels */
+#define MOE_PATH_HOST_STREAM 3  /* routing traced; the caller computes, acquiring experts one at a time */
+#define MOE_PATH_HOST_STACKED 4 /* routing traced; the caller computes on the experts stacked */
+#define MOE_PATH_NEED_ROUTING 5 /* nothing ran: call again with topk_host */
+
+#ifndef MOE_INFINITY_TYPES_ONLY
+
 /* Status codes. */
 #define MOE_OK 0
 #define MOE_ERR_INVALID 1     /* bad argument or malformed JSON */
@@ -133,6 +173,16 @@ int32_t moe_layer_moe(uint64_t handle, int32_t layer, int32_t nreq, const uint64
                       uint64_t scratch, uint64_t topk, uint64_t weights, int64_t tokens, int64_t k,
                       int32_t dtype);
 
+/* The layer executor: one MoE layer in one call. The engine chooses how
+ * the layer runs — mapped (kernels reading experts in place), kernels
+ * (routing traced, experts copied into slots), or the caller's own code on
+ * slot views (streamed or stacked) — from the backend's capabilities, the
+ * model's experts, the call's shape and args->flags, runs it, and writes
+ * args->path. MOE_PATH_NEED_ROUTING: call again with topk_host set. The
+ * choice is the engine's alone: moe_engine_configure's plan ("executor")
+ * says what it can do, moe_stats ("paths") what it did. */
+int32_t moe_layer(uint64_t handle, moe_layer_args *args);
+
 /* Mapped mode: a whole MoE layer with no host synchronisation. The
  * kernels read each expert from its cache slot when resident and from its
  * pinned host memory otherwise (over PCIe on a GPU), so nothing is waited
@@ -201,6 +251,8 @@ int32_t moe_runtime_stats(char *buf, int64_t cap, int64_t *needed);
  * MOE_INFINITY_TEST_HOOKS=1, to check that panics become MOE_ERR_INTERNAL;
  * otherwise returns MOE_ERR_UNSUPPORTED. */
 int32_t moe_debug_panic(uint64_t handle);
+
+#endif /* MOE_INFINITY_TYPES_ONLY */
 
 #ifdef __cplusplus
 }

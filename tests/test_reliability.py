@@ -108,8 +108,16 @@ def test_corrupt_trace_file_is_reported_ignored_and_rewritten(ckpt, tmp_path):
 def test_unwritable_trace_path_is_an_error_not_a_corrupt_file(ckpt, tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where a directory should be")
+    # Unwritable when loading: an error at once, before any work.
+    with pytest.raises(mi.EngineIOError, match="trace_path.*not-a-dir"):
+        mi.from_pretrained(ckpt, trace_path=blocker / "trace.bin", device_memory=1 << 20)
+    # Unwritable only by the time of close(): an error then, and no file.
+    blocker.unlink()
+    blocker.mkdir()
     m = mi.from_pretrained(ckpt, trace_path=blocker / "trace.bin", device_memory=1 << 20)
     _greedy(m, PROMPTS[0])
+    blocker.rmdir()
+    blocker.write_text("a file where a directory should be")
     with pytest.raises(mi.EngineIOError, match="saving trace.*not-a-dir"):
         m.close()
     assert not (blocker / "trace.bin").exists()

@@ -76,6 +76,9 @@ type Progress interface {
 type Backend interface {
 	// Name identifies the backend ("cpu", "cuda").
 	Name() string
+	// Capabilities says which ways of running a MoE layer the backend
+	// offers the engine's executor.
+	Capabilities() Capabilities
 	// Open allocates slots×slotBytes bytes of device memory and keeps src
 	// as the origin of every copy. It is called once.
 	Open(slots int, slotBytes int64, src Source) error
@@ -138,4 +141,21 @@ func Failed(err error) Transfer {
 	t := NewPending()
 	t.Finish(err)
 	return t
+}
+
+// Capabilities is what a backend offers the engine's layer executor. The
+// executor's choice between execution paths rests on it (and on the layer
+// at hand), never on the backend's name or on type assertions.
+type Capabilities struct {
+	// ExpertKernels: the backend's fused expert FFN (Kernels) is the fast
+	// way to compute standard SwiGLU experts on it. The CPU backend's FFN
+	// is a reference for tests: on the CPU, transformers' own expert code
+	// stays the default, which keeps outputs bitwise identical to it.
+	ExpertKernels bool
+	// Mapped: the kernels can read experts that are not resident in place,
+	// from host memory (Mapped), so a layer never waits for the host.
+	Mapped bool
+	// MaxMappedPairs is the most (token, expert) pairs one mapped call
+	// takes (the backend's routing buffers); 0 when Mapped is false.
+	MaxMappedPairs int64
 }

@@ -155,6 +155,11 @@ func (c *CPU) Load(slot, layer, expert int, urgent bool) Transfer {
 	return t
 }
 
+// Capabilities: the CPU backend's expert FFN and mapped mode exist as
+// references for the CUDA ones (tests, the C ABI), not as the executor's
+// paths: on the CPU, transformers' own expert code computes the experts.
+func (c *CPU) Capabilities() Capabilities { return Capabilities{} }
+
 // SlotAddr returns the address of slot in the arena.
 func (c *CPU) SlotAddr(slot int) uintptr {
 	c.mu.Lock()

@@ -108,6 +108,10 @@ var GraphMissesModes = []string{"auto", "read", "copy"}
 // default. "cuda" works only in the CUDA build of the engine.
 var Backends = []string{"cpu", "cuda"}
 
+// FFNKinds lists the accepted Setup.FFN names; the first is the default
+// (the caller's code computes the experts).
+var FFNKinds = []string{"none", "swiglu"}
+
 // A nameSetting is a setting whose value is one name from a fixed list.
 // Every such setting follows one rule, applied by parse: a name is
 // accepted only spelled exactly as listed (lowercase, no surrounding
@@ -123,6 +127,7 @@ var (
 	policySetting      = nameSetting{"policy", "cache policy", cache.Policies}
 	graphMissesSetting = nameSetting{"graph_misses", "graph-miss mode", GraphMissesModes}
 	backendSetting     = nameSetting{"backend", "backend", Backends}
+	ffnSetting         = nameSetting{"ffn", "expert computation", FFNKinds}
 )
 
 // parse returns s if it is one of the names. set says whether the setting
@@ -267,6 +272,12 @@ type Setup struct {
 	// only know the budget left for experts once the dense weights are
 	// placed).
 	BudgetBytes int64 `json:"budget_bytes,omitempty"`
+	// FFN names the experts' computation when it is one the backend's
+	// kernels implement: "swiglu" (down · (silu(gate · x) ⊙ (up · x)), no
+	// biases, gate rows before up rows in gate_up_proj). "none" (the
+	// default, also when left out) means the caller's own expert code
+	// computes every layer.
+	FFN string `json:"ffn,omitempty"`
 }
 
 // ParseSetup decodes a JSON Setup (one object, keys spelled exactly as the
@@ -276,6 +287,11 @@ func ParseSetup(b []byte) (Setup, error) {
 	if err := strictjson.Decode(b, &s); err != nil {
 		return Setup{}, fmt.Errorf("%w: engine setup: %v", ErrInvalid, err)
 	}
+	ffn, err := ffnSetting.parse(s.FFN, false)
+	if err != nil {
+		return Setup{}, err
+	}
+	s.FFN = ffn
 	return s, nil
 }
 
@@ -304,6 +320,9 @@ type Plan struct {
 	GraphMisses string `json:"graph_misses"`
 	// TraceLoaded is the number of EAMs loaded from TracePath.
 	TraceLoaded int `json:"trace_loaded"`
+	// Executor is what the layer executor can do with this model on this
+	// backend (moe_layer chooses among these per call).
+	Executor ExecutorPlan `json:"executor"`
 	// Warnings are non-fatal problems (for example a trace file for
 	// another model, which was ignored).
 	Warnings []string `json:"warnings"`

@@ -120,7 +120,8 @@ func checkOneObject(t *testing.T, b []byte, parse func([]byte) error) {
 // FuzzParseSetup: the setup JSON (module list and slot layout) arrives
 // through the C ABI. ParseSetup never panics, errors wrap ErrInvalid, the
 // input is one object with nothing after it, what it accepts is what
-// encoding/json decodes, and an accepted setup round-trips.
+// encoding/json decodes (with the default ffn filled in), the ffn is one of
+// FFNKinds, and an accepted setup round-trips.
 func FuzzParseSetup(f *testing.F) {
 	for _, s := range []string{
 		`{"layers": ["model.layers.0.block_sparse_moe"], "budget_bytes": 10}`,
@@ -130,6 +131,7 @@ func FuzzParseSetup(f *testing.F) {
 		`{"layers": ["a"], "layers": ["b"]}`,
 		`{"layers": []} []`,
 		`{"layers": 3}`, `null`, `{`,
+		`{"ffn": "swiglu"}`, `{"ffn": " swiglu"}`, `{"ffn": "SwiGLU"}`, `{"ffn": ""}`, `{"ffn": "none"}`,
 	} {
 		f.Add([]byte(s))
 	}
@@ -144,6 +146,10 @@ func FuzzParseSetup(f *testing.F) {
 		checkOneObject(t, b, func(b []byte) error { _, err := ParseSetup(b); return err })
 		var ref Setup
 		require.NoError(t, json.Unmarshal(b, &ref))
+		require.Contains(t, FFNKinds, s.FFN, "accepted ffn %q", s.FFN)
+		if ref.FFN == "" {
+			ref.FFN = FFNKinds[0] // left out: the default, filled in
+		}
 		require.True(t, reflect.DeepEqual(ref, s), "ParseSetup %+v, encoding/json %+v", s, ref)
 		again, err := json.Marshal(s)
 		require.NoError(t, err)

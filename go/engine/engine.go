@@ -86,6 +86,12 @@ type Engine struct {
 	demandIdle chan struct{} // closed when demand drops to 0
 
 	mapped mappedState
+	// mappedOff: mapped mode failed to start for this model; the executor
+	// takes the other paths (the reason is in mappedOffWhy).
+	mappedOff    atomic.Bool
+	mappedOffWhy mappedOffNote
+	// pathCalls counts Layer calls by Path (index: the Path value).
+	pathCalls [numPaths]atomic.Int64
 }
 
 // New creates an engine with an empty checkpoint.
@@ -346,6 +352,7 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 	e.bg.Add(1)
 	go e.dispatch()
 	plan.GraphMisses = e.resolveGraphMisses()
+	plan.Executor = e.executorPlan(s.FFN)
 	e.plan = plan
 	e.configured = true
 	return plan, nil

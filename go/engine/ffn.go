@@ -33,6 +33,11 @@ func (e *Engine) FFNShape() (hidden, inter, dtypeCode int64, err error) {
 	if err := e.readyLocked(); err != nil {
 		return 0, 0, 0, err
 	}
+	return e.ffnShape()
+}
+
+// ffnShape is FFNShape for a configured (or configuring) engine.
+func (e *Engine) ffnShape() (hidden, inter, dtypeCode int64, err error) {
 	gu, ok1 := e.lay.Region("gate_up_proj")
 	dn, ok2 := e.lay.Region("down_proj")
 	if !ok1 || !ok2 || len(gu.Shape) != 2 || len(dn.Shape) != 2 {
@@ -116,6 +121,12 @@ func (e *Engine) LayerMoE(c FFNCall, reqs []uint64, topkHost []int64) error {
 		return err
 	}
 	c.Experts = experts
+	return e.layerKernels(c, reqs, counts)
+}
+
+// layerKernels traces counts (the per-request routing of c.Experts, from
+// routingCounts) and computes the layer with LayerFFN.
+func (e *Engine) layerKernels(c FFNCall, reqs []uint64, counts [][]float32) error {
 	// Trace and refresh priorities first (the eviction choices of this
 	// layer's loads use them), then issue the layer's copies and kernels,
 	// and plan prefetches for the later layers last: planning (EAMC

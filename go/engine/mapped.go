@@ -57,13 +57,13 @@ type mappedState struct {
 func (e *Engine) enableMapped() (backend.Mapped, error) {
 	mb, ok := e.be.(backend.Mapped)
 	if !ok {
-		return nil, fmt.Errorf("%w: backend %s has no mapped mode", ErrUnsupported, e.be.Name())
+		return nil, fmt.Errorf("%w: %w: backend %s has no mapped mode", ErrUnsupported, errMappedUnavailable, e.be.Name())
 	}
 	m := &e.mapped
 	m.once.Do(func() {
 		hidden, inter, _, err := e.FFNShape()
 		if err != nil {
-			m.err = err
+			m.err = fmt.Errorf("%w: %w", errMappedUnavailable, err)
 			return
 		}
 		gu, _ := e.lay.Region("gate_up_proj")
@@ -71,7 +71,7 @@ func (e *Engine) enableMapped() (backend.Mapped, error) {
 		rows := inter * hidden * 2
 		l := backend.MappedLayout{Gate: gu.Offset, Up: gu.Offset + rows, Down: dn.Offset, RowsBytes: rows, DownBytes: rows}
 		if err := mb.EnableMapped(l); err != nil {
-			m.err = fmt.Errorf("%w: %v", ErrUnsupported, err)
+			m.err = fmt.Errorf("%w: %w: %v", ErrUnsupported, errMappedUnavailable, err)
 			return
 		}
 		m.idle = sync.NewCond(&m.mu)

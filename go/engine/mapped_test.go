@@ -38,6 +38,20 @@ func mappedEngine(t *testing.T, L, E, slots int, before ...func(*Engine)) *Engin
 	t.Helper()
 	e, err := New(Config{BudgetBytes: int64(slots) * 4096, MaxSlots: slots})
 	require.NoError(t, err)
+	bf16Model(t, e, L, E)
+	for _, f := range before {
+		f(e)
+	}
+	_, err = e.Configure(Setup{Layout: mixtralSpec})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = e.Close() })
+	return e
+}
+
+// bf16Model registers a bf16 Mixtral-style model of L × E experts whose
+// weights differ per expert (the same weights for every engine).
+func bf16Model(t *testing.T, e *Engine, L, E int) {
+	t.Helper()
 	rng := rand.New(rand.NewPCG(1, 2))
 	for l := 0; l < L; l++ {
 		for x := 0; x < E; x++ {
@@ -54,13 +68,6 @@ func mappedEngine(t *testing.T, L, E, slots int, before ...func(*Engine)) *Engin
 			}
 		}
 	}
-	for _, f := range before {
-		f(e)
-	}
-	_, err = e.Configure(Setup{Layout: mixtralSpec})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = e.Close() })
-	return e
 }
 
 // ffnIO holds one call's buffers in Go memory (the CPU backend reads

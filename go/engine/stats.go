@@ -72,6 +72,12 @@ type Stats struct {
 	// CopyLate counts copy-mode layers that stopped waiting for the copy
 	// driver (the backend's timeout) and read their misses in place.
 	CopyLate int64 `json:"copy_late"`
+	// Paths counts the executor's layer calls by the path they took
+	// ("mapped", "kernels", "host-stream", "host-stacked", "need-routing").
+	Paths map[string]int64 `json:"paths"`
+	// MappedOff is why mapped mode could not start ("" when it could, or
+	// was never tried).
+	MappedOff string `json:"mapped_off,omitempty"`
 	// PhaseNs is host time by phase of LayerMoE/LayerFFN calls, in
 	// nanoseconds: where the engine's own overhead goes.
 	PhaseNs map[string]int64 `json:"phase_ns"`
@@ -102,6 +108,13 @@ func (e *Engine) Stats() (Stats, error) {
 	}
 	for p, name := range phaseNames {
 		out.PhaseNs[name] = e.phaseNs[p].Load()
+	}
+	out.Paths = make(map[string]int64, len(pathNames))
+	for p, name := range pathNames {
+		out.Paths[name] = e.pathCalls[p].Load()
+	}
+	if why := e.mappedOffWhy.reason.Load(); why != nil {
+		out.MappedOff = *why
 	}
 	if t, ok := e.be.(backend.Timed); ok {
 		for name, ns := range t.PhaseNs() {
@@ -140,6 +153,9 @@ func (e *Engine) ResetStats() error {
 	e.mapped.late.Store(0)
 	for p := range e.phaseNs {
 		e.phaseNs[p].Store(0)
+	}
+	for p := range e.pathCalls {
+		e.pathCalls[p].Store(0)
 	}
 	if t, ok := e.be.(backend.Timed); ok {
 		t.ResetPhases()

@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import LibraryLoadError, error_for_status
 
-__all__ = ["lib", "call", "call_json", "library_path", "variant", "cuda_usable"]
+__all__ = ["lib", "call", "call_json", "library_path", "variant", "cuda_usable", "LayerArgs"]
 
 _STATUS_BUFFER = 10
 
@@ -38,8 +38,48 @@ _p_int32 = ctypes.POINTER(ctypes.c_int32)
 _p_float = ctypes.POINTER(ctypes.c_float)
 _buf = ctypes.c_char_p  # output buffers are passed as create_string_buffer
 
+# moe_layer_args.flags and .path (MOE_LAYER_*, MOE_PATH_* of moe_infinity.h;
+# tests/test_native_abi.py checks them against the header).
+LAYER_NO_MAPPED = 1
+LAYER_NO_KERNELS = 2
+LAYER_HOST_BATCHED = 4
+PATH_MAPPED = 1
+PATH_KERNELS = 2
+PATH_HOST_STREAM = 3
+PATH_HOST_STACKED = 4
+PATH_NEED_ROUTING = 5
+
+
+class LayerArgs(ctypes.Structure):
+    """``moe_layer_args`` of moe_infinity.h (tests/test_native_abi.py checks
+    the fields against the header): one MoE layer for the executor."""
+
+    _fields_ = [
+        ("layer", ctypes.c_int32),
+        ("nreq", ctypes.c_int32),
+        ("reqs", _p_uint64),
+        ("topk_host", _p_int64),
+        ("stream", ctypes.c_uint64),
+        ("x", ctypes.c_uint64),
+        ("out", ctypes.c_uint64),
+        ("scratch", ctypes.c_uint64),
+        ("topk", ctypes.c_uint64),
+        ("weights", ctypes.c_uint64),
+        ("tokens", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("dtype", ctypes.c_int32),
+        ("weights_dtype", ctypes.c_int32),
+        ("flags", ctypes.c_uint32),
+        ("path", ctypes.c_int32),
+        ("experts_cap", ctypes.c_int32),
+        ("n_experts", ctypes.c_int32),
+        ("experts", _p_int32),
+    ]
+
+
 # name -> argtypes (every export returns int32 status)
 _SIGNATURES: dict[str, list[Any]] = {
+    "moe_layer": [_c_uint64, ctypes.POINTER(LayerArgs)],
     "moe_version": [_buf, _c_int64, _p_int64],
     "moe_last_error": [_buf, _c_int64, _p_int64],
     "moe_engine_create": [_p_char, _p_uint64],

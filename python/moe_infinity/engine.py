@@ -99,6 +99,7 @@ class Engine:
         self._keep: list[Any] = []  # host tensors the engine reads
         self._plan: dict[str, Any] | None = None
         self._mapped_fn: Any = None
+        self._layer_fn: Any = None
         self.config = cfg
 
     # -- lifecycle -----------------------------------------------------------
@@ -172,13 +173,17 @@ class Engine:
         """The MoE modules found: prefix, num_experts, fused, roles."""
         return _native.call_json("moe_engine_modules", ctypes.c_uint64(self._h()))
 
-    def configure(self, layout: dict[str, Any], layers: Sequence[str] | None = None, budget_bytes: int | None = None) -> dict[str, Any]:
+    def configure(self, layout: dict[str, Any], layers: Sequence[str] | None = None, budget_bytes: int | None = None, ffn: str | None = None) -> dict[str, Any]:
         """Fixes the slot layout and layer order, sizes the cache (from
         ``budget_bytes`` when given, else the engine's budget), and returns
-        the plan."""
+        the plan. ``ffn`` names the experts' computation when the engine's
+        kernels implement it (``"swiglu"``); the plan's ``executor`` says
+        what the layer executor can do with it."""
         setup: dict[str, Any] = {"layout": layout, "layers": list(layers or [])}
         if budget_bytes is not None:
             setup["budget_bytes"] = int(budget_bytes)
+        if ffn is not None:
+            setup["ffn"] = ffn
         self._plan = _native.call_json("moe_engine_configure", ctypes.c_uint64(self._h()), json.dumps(setup).encode())
         return self._plan
 
@@ -310,6 +315,20 @@ class Engine:
             "moe_layer_moe", ctypes.c_uint64(self._h()), layer, n, ids, ctypes.c_void_p(topk_host),
             *_ffn_args(stream, x, out, scratch, topk, weights, tokens, k, dtype),
         )
+
+    def layer(self, args: _native.LayerArgs) -> int:
+        """Runs one MoE layer through the engine's executor (``moe_layer``):
+        the engine chooses how the layer runs, writes the path it took to
+        ``args.path`` (and, for the caller's own code, the experts it needs
+        to ``args.experts``) and this returns it (``_native.PATH_*``). The
+        hot path: one foreign call on a reused argument struct."""
+        fn = self._layer_fn
+        if fn is None:
+            fn = self._layer_fn = _native.lib().moe_layer
+        st = fn(self._h(), ctypes.byref(args))
+        if st != 0:
+            _native.raise_status("moe_layer", st)
+        return args.path
 
     def layer_mapped(self, layer: int, reqs: Any, nreq: int, stream: int, x: int, out: int, scratch: int, topk: int, weights: int, tokens: int, k: int, dtype: int, wdtype: int) -> None:
         """Mapped mode (``moe_layer_mapped``): one MoE layer with no host

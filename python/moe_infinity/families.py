@@ -64,6 +64,11 @@ class Family:
             expert that hold weights.
         num_experts_attr: the config attribute giving the number of routed
             experts per MoE layer.
+        ffn: the experts' computation when it is a standard one the engine's
+            kernels implement: ``"swiglu"`` (``down(silu(gate(x)) * up(x))``,
+            gate rows before up rows, no biases); ``"none"`` otherwise. A
+            fact about the family: whether the kernels run is the engine's
+            choice.
     """
 
     model_type: str
@@ -73,6 +78,7 @@ class Family:
     seq2seq: bool = False
     linears: tuple[str, ...] = field(default=())
     num_experts_attr: str = "num_experts"
+    ffn: str = "none"
 
     def checkpoint_prefixes(self, module_path: str) -> list[str]:
         """Candidate checkpoint prefixes for the MoE module whose experts
@@ -97,11 +103,12 @@ FAMILIES: dict[str, Family] = {
         (Region("gate_up_proj", ("w1.weight", "w3.weight")), Region("down_proj", ("w2.weight",))),
         checkpoint_renames=((r"\.mlp$", ".block_sparse_moe"),),
         num_experts_attr="num_local_experts",
+        ffn="swiglu",
     ),
-    "qwen2_moe": Family("qwen2_moe", "fused", _GATE_UP),
-    "qwen3_moe": Family("qwen3_moe", "fused", _GATE_UP),
-    "olmoe": Family("olmoe", "fused", _GATE_UP),
-    "deepseek_v3": Family("deepseek_v3", "fused", _GATE_UP, num_experts_attr="n_routed_experts"),
+    "qwen2_moe": Family("qwen2_moe", "fused", _GATE_UP, ffn="swiglu"),
+    "qwen3_moe": Family("qwen3_moe", "fused", _GATE_UP, ffn="swiglu"),
+    "olmoe": Family("olmoe", "fused", _GATE_UP, ffn="swiglu"),
+    "deepseek_v3": Family("deepseek_v3", "fused", _GATE_UP, num_experts_attr="n_routed_experts", ffn="swiglu"),
     # GPT-OSS keeps experts fused on disk (transposed, gate/up interleaved,
     # with biases); transformers loads them without conversion.
     "gpt_oss": Family(

@@ -1,14 +1,20 @@
 """The per-model runtime: routes each MoE layer's experts through the engine.
 
-Data path of one MoE layer (the router stays in torch)::
+Data path of one fused MoE layer (the router stays in torch)::
 
     experts module forward(hidden, top_k_index, top_k_weights)
-      → observe: per-request token counts per expert → engine (tracing, prefetch re-plan)
-      → acquire: the layer's experts become resident and pinned (in chunks of
-        at most the number of slots, so a layer needing more experts than the
-        cache holds streams them through)
-      → compute with transformers' own expert code on views of the slots
-      → release the pins
+      → moe_layer (the engine's layer executor): the engine chooses how the
+        layer runs and runs it —
+          mapped / kernels: the engine's CUDA kernels computed the output;
+          host paths: the routing is traced and the needed experts come back
+      → host paths: transformers' own expert code on views of the slots,
+        acquiring experts one chunk of at most the number of slots at a time
+        (so a layer needing more experts than the cache holds streams them
+        through), releasing the pins after
+
+No choice between these paths is made here: this module passes tensors and
+the caller's wishes (``kernels``, ``mapped``) and follows the path the engine
+reports (docs/ARCHITECTURE.md, "One MoE layer").
 
 For exact parity with transformers the computation is transformers' own:
 
@@ -39,26 +45,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import _native
 from .engine import Engine
-from .errors import BudgetError, CheckpointFormatError, ClosedError, MoEInfinityError, StateError, UnsupportedError
+from .errors import CheckpointFormatError, ClosedError, MoEInfinityError, StateError
 from .families import Family
 
 log = logging.getLogger("moe_infinity")
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-#: The kernels are GEMVs over each (token, expert) pair, made for decode:
-#: they read an expert's weights once per pair, so they win while few tokens
-#: share an expert. Measured on an H200 (BENCHMARKS.md): 2.6x faster than
-#: torch for one token on Mixtral-sized experts but slower at 4 tokens, and
-#: 15-23x faster for fine-grained experts (<= 16 MiB) up to 4 tokens. Larger
-#: batches run transformers' grouped GEMMs on slot views.
-KERNEL_MAX_TOKENS = 16
-KERNEL_SMALL_EXPERT_BYTES = 16 << 20
-#: The most (token, expert) pairs one mapped-mode call takes (the engine's
-#: routing buffers).
-MAPPED_MAX_PAIRS = 4096
-#: Routing-weight type codes of moe_layer_mapped.
+#: Type codes of moe_layer_args: activations (0 bfloat16, 1 float16) and
+#: routing weights (0 float32, 1 bfloat16, 2 float16); -1 is any other type.
+_ACT_DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 _WDTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -72,19 +70,12 @@ def _raw_stream_getter(device: torch.device) -> Any:
     return lambda: torch.cuda.current_stream(device).cuda_stream
 
 
-def kernel_wins(tokens: int, expert_bytes: int) -> bool:
-    """Whether the engine's decode kernels beat torch for this step."""
-    if tokens <= 1:
-        return True
-    return tokens <= KERNEL_MAX_TOKENS and expert_bytes <= KERNEL_SMALL_EXPERT_BYTES
-
-
-def _configure_with_progress(engine: Engine, layout: dict[str, Any], layers: list[str], budget_bytes: int | None, progress: Any) -> dict[str, Any]:
+def _configure_with_progress(engine: Engine, layout: dict[str, Any], layers: list[str], budget_bytes: int | None, progress: Any, ffn: str) -> dict[str, Any]:
     """engine.configure, reporting the host tier's preparation (pinning
     experts for the GPU can take a while) through ``progress(done, total)``
     from a polling thread."""
     if progress is None:
-        return engine.configure(layout, layers=layers, budget_bytes=budget_bytes)
+        return engine.configure(layout, layers=layers, budget_bytes=budget_bytes, ffn=ffn)
     stop = threading.Event()
 
     def poll() -> None:
@@ -99,7 +90,7 @@ def _configure_with_progress(engine: Engine, layout: dict[str, Any], layers: lis
     t = threading.Thread(target=poll, name="moe_infinity-progress", daemon=True)
     t.start()
     try:
-        plan = engine.configure(layout, layers=layers, budget_bytes=budget_bytes)
+        plan = engine.configure(layout, layers=layers, budget_bytes=budget_bytes, ffn=ffn)
     finally:
         stop.set()
         t.join()
@@ -282,7 +273,7 @@ class OffloadRuntime:
                 for r in family.regions
             ]
         }
-        self.plan = _configure_with_progress(engine, layout, [layer.prefix for layer in layers], budget_bytes, progress)
+        self.plan = _configure_with_progress(engine, layout, [layer.prefix for layer in layers], budget_bytes, progress, family.ffn)
         for r in self.plan["layout"]["regions"]:
             want = tuple(region_meta[r["name"]][0])
             if tuple(r["shape"]) != want:
@@ -295,20 +286,19 @@ class OffloadRuntime:
         self.num_experts = int(self.plan["num_experts"])
         self.max_pin = int(self.plan["slots"])
         self.views = self._build_views()
-        # The engine's expert FFN kernels serve standard SwiGLU experts on the
-        # GPU (bfloat16/float16); everything else runs transformers' code.
-        self.kernels = False
-        if kernels and self.device.type == "cuda" and family.style == "fused" and family.model_type != "gpt_oss":
-            try:
-                self.ffn_hidden, self.ffn_inter, self.ffn_dtype = engine.ffn_shape()
-                self.kernels = True
-            except MoEInfinityError as exc:
-                log.info("moe_infinity: expert FFN kernels off: %s", exc)
-        # Mapped mode (with the kernels): decode layers run without any host
-        # synchronisation; experts that are not resident are read from
-        # pinned host memory by the kernels. False uses the synchronous
-        # path (routing to the host, copies, then the kernels).
-        self.mapped = self.kernels
+        # What the engine's layer executor can do for this model here (its
+        # plan): the engine chooses, per layer call, how experts run. These
+        # record what it may use: kernels=False and mapped = False (for
+        # instance to record every layer's host routing) are the caller's
+        # wishes, passed with each call as flags.
+        ex = self.plan["executor"]
+        if kernels and not ex["kernels"]:
+            log.info("moe_infinity: expert FFN kernels off: %s", ex.get("kernels_off", ""))
+        self.kernels = bool(kernels and ex["kernels"])
+        self.mapped = bool(self.kernels and ex["mapped"])
+        self.ffn_hidden, self.ffn_inter, self.ffn_dtype = int(ex["hidden"]), int(ex["inter"]), int(ex["dtype"])
+        # The executor's host paths may hand back every expert of a layer.
+        self._host_batched = family.style == "fused"
         self._scratch: dict[int, torch.Tensor] = {}
         self._raw_stream = _raw_stream_getter(self.device) if self.device.type == "cuda" else (lambda: 0)
         for layer in layers:
@@ -458,129 +448,103 @@ class OffloadRuntime:
         self.wait_ns += time.perf_counter_ns() - t0
         return idx if as_tensor else idx.numpy()
 
+    def _layer_args(self) -> Any:
+        """This thread's moe_layer argument struct and experts buffer."""
+        a = getattr(self._tls, "layer_args", None)
+        if a is None:
+            a = self._tls.layer_args = _native.LayerArgs()
+            buf = self._tls.layer_experts = (ctypes.c_int32 * self.num_experts)()
+            a.experts = ctypes.cast(buf, ctypes.POINTER(ctypes.c_int32))
+            a.experts_cap = self.num_experts
+        return a
+
     def _run_fused(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, original: Any) -> torch.Tensor:
-        module = layer.module
-        E = self.num_experts
-        if (
-            self.mapped
-            and self.routing_log is None
-            and top_k_index.dim() == 2
-            and top_k_index.numel() <= MAPPED_MAX_PAIRS
-            and kernel_wins(top_k_index.shape[0], self.plan["layout"]["source_bytes"])
-            and hidden.dtype == (torch.bfloat16 if self.ffn_dtype == 0 else torch.float16)
-            and top_k_weights.dtype in _WDTYPES
-        ):
-            try:
-                return self._run_mapped(layer, hidden, top_k_index, top_k_weights)
-            except UnsupportedError as exc:
-                log.info("moe_infinity: mapped mode off: %s", exc)
-                self.mapped = False
-        if (
-            self.kernels
-            and top_k_index.dim() == 2
-            and kernel_wins(top_k_index.shape[0], self.plan["layout"]["source_bytes"])
-            and hidden.dtype == (torch.bfloat16 if self.ffn_dtype == 0 else torch.float16)
-        ):
-            idx_host = self._routing_to_host(top_k_index, as_tensor=True)
-            self._log(layer, idx_host.numpy())
-            try:
-                return self._run_layer_moe(layer, hidden, top_k_index, top_k_weights, idx_host)
-            except BudgetError:
-                # More experts than slots: the engine has traced the routing
-                # already; stream the experts through the slots instead.
-                idx = idx_host.numpy()
-                needed = np.unique(idx[(idx >= 0) & (idx < E)]).tolist()
-                return self._run_torch(layer, module, hidden, top_k_index, top_k_weights, original, needed)
-        idx = self._routing_to_host(top_k_index)
-        self._log(layer, idx)
-        t = time.perf_counter_ns()
-        flat = idx.reshape(-1)
-        valid = (flat >= 0) & (flat < E)
-        k = idx.shape[-1] if idx.ndim > 1 else 1
-        tokens = np.arange(flat.size) // k
-        t = self._phase("routing", t)
-        self._observe_np(layer.index, tokens[valid], flat[valid], idx.shape[0])
-        t = self._phase("observe", t)
-        needed = np.unique(flat[valid]).tolist()
-        return self._run_torch(layer, module, hidden, top_k_index, top_k_weights, original, needed)
-
-    def _run_mapped(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """Mapped mode: one engine call, no host synchronisation. The
-        engine traces the routing asynchronously (routing_log needs the
-        synchronous path)."""
+        """One fused MoE layer through the engine's executor: the engine
+        chooses the path; this passes the tensors, supplies the host routing
+        when asked for it, and runs transformers' code when handed it."""
         t0 = time.perf_counter_ns()
-        T, k = top_k_index.shape
+        T = top_k_index.shape[0]
+        k = top_k_index.shape[-1] if top_k_index.dim() > 1 else 1
         topk = top_k_index if top_k_index.dtype == torch.int64 and top_k_index.is_contiguous() else top_k_index.to(torch.int64).contiguous()
-        weights = top_k_weights.contiguous()
-        x = hidden.contiguous()
-        out = torch.empty_like(x)
-        stream = self._raw_stream()
-        need = T * k * self.ffn_inter
-        scratch = self._scratch.get(stream)
-        if scratch is None or scratch.numel() < need:
-            # Reused by every layer on this stream: each call's kernels
-            # finish with it before the next call's start (stream order).
-            scratch = self._scratch[stream] = torch.empty(max(need, 16 * self.ffn_inter), dtype=torch.float32, device=x.device)
+        a = self._layer_args()
+        a.layer, a.tokens, a.k = layer.index, T, k
         reqs_c = getattr(self._tls, "reqs_c", None)
-        self.engine.layer_mapped(
-            layer.index, reqs_c, len(reqs_c) if reqs_c is not None else 0, stream, x.data_ptr(), out.data_ptr(),
-            scratch.data_ptr(), topk.data_ptr(), weights.data_ptr(), T, k, self.ffn_dtype, _WDTYPES[weights.dtype],
+        a.nreq = len(reqs_c) if reqs_c is not None else 0
+        a.reqs = ctypes.cast(reqs_c, ctypes.POINTER(ctypes.c_uint64)) if reqs_c is not None else None
+        a.flags = (
+            (0 if self.mapped and self.routing_log is None else _native.LAYER_NO_MAPPED)
+            | (0 if self.kernels else _native.LAYER_NO_KERNELS)
+            | (_native.LAYER_HOST_BATCHED if self._host_batched and self._impl(layer.module) != "eager" else 0)
         )
-        self._phase("engine_mapped_call", t0)
-        return out
+        a.topk = topk.data_ptr()
+        idx_host = topk if topk.device.type == "cpu" else None
+        a.topk_host = ctypes.cast(ctypes.c_void_p(topk.data_ptr()), ctypes.POINTER(ctypes.c_int64)) if idx_host is not None else None
+        out = x = weights = None
+        if self.kernels:
+            x = hidden.contiguous()
+            weights = top_k_weights.contiguous()
+            out = torch.empty_like(x)
+            stream = self._raw_stream()
+            need = T * k * self.ffn_inter
+            scratch = self._scratch.get(stream)
+            if scratch is None or scratch.numel() < need:
+                # Reused by every layer on this stream: each call's kernels
+                # finish with it before the next call's start (stream order).
+                scratch = self._scratch[stream] = torch.empty(max(need, 16 * self.ffn_inter), dtype=torch.float32, device=x.device)
+            a.stream, a.x, a.out, a.scratch, a.weights = stream, x.data_ptr(), out.data_ptr(), scratch.data_ptr(), weights.data_ptr()
+            a.dtype, a.weights_dtype = _ACT_DTYPES.get(x.dtype, -1), _WDTYPES.get(weights.dtype, -1)
+        else:
+            a.stream = a.x = a.out = a.scratch = a.weights = 0
+            a.dtype = a.weights_dtype = -1
+        t0 = self._phase("layer_args", t0)
+        path = self.engine.layer(a)
+        t0 = self._phase("engine_layer_call", t0)
+        if path == _native.PATH_NEED_ROUTING:
+            idx_host = self._routing_to_host(topk, as_tensor=True)
+            a.topk_host = ctypes.cast(ctypes.c_void_p(idx_host.data_ptr()), ctypes.POINTER(ctypes.c_int64))
+            t0 = time.perf_counter_ns()
+            path = self.engine.layer(a)
+            t0 = self._phase("engine_layer_call", t0)
+        if idx_host is not None:
+            self._log(layer, idx_host.numpy())
+        if path in (_native.PATH_MAPPED, _native.PATH_KERNELS):
+            return out
+        needed = list(self._tls.layer_experts[: a.n_experts])
+        return self._run_torch(layer, layer.module, hidden, top_k_index, top_k_weights, original, needed, stacked=path == _native.PATH_HOST_STACKED)
 
-    def _ffn_buffers(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The kernels' inputs in the layout they read (int64 ids, float32
-        weights, contiguous activations) and fresh output and scratch."""
-        T, k = top_k_index.shape
-        topk = top_k_index if top_k_index.dtype == torch.int64 and top_k_index.is_contiguous() else top_k_index.to(torch.int64).contiguous()
-        weights = top_k_weights if top_k_weights.dtype == torch.float32 and top_k_weights.is_contiguous() else top_k_weights.to(torch.float32).contiguous()
-        x = hidden.contiguous()
-        return topk, weights, x, torch.empty_like(x), torch.empty((T * k, self.ffn_inter), dtype=torch.float32, device=x.device)
-
-    def _run_layer_moe(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, idx_host: torch.Tensor) -> torch.Tensor:
-        """The GPU decode path: one engine call traces the routing, makes the
-        experts resident and launches the fused FFN over all of them."""
-        return self._launch(layer, hidden, top_k_index, top_k_weights, idx_host=idx_host)
+    @staticmethod
+    def _impl(module: torch.nn.Module) -> str:
+        """The experts implementation transformers would run for module."""
+        return getattr(getattr(module, "config", None), "_experts_implementation", None) or "eager"
 
     def _run_kernel(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, needed: list[int]) -> torch.Tensor:
-        """The engine's fused expert FFN over known experts, without tracing
-        (the benchmark times the GPU compute of a layer with it)."""
-        return self._launch(layer, hidden, top_k_index, top_k_weights, needed=needed)
-
-    def _launch(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *, idx_host: torch.Tensor | None = None, needed: list[int] | None = None) -> torch.Tensor:
-        """Calls moe_layer_moe (with the host routing) or moe_layer_ffn (with
-        the needed experts) on the kernels' buffers."""
-        t0 = time.perf_counter_ns()
+        """The engine's fused expert FFN over known experts (moe_layer_ffn),
+        without tracing and outside the executor: a probe the benchmark
+        and the GPU tests time and check the kernels with."""
         T, k = top_k_index.shape
-        topk, weights, x, out, scratch = self._ffn_buffers(hidden, top_k_index, top_k_weights)
-        t0 = self._phase("kernel_prep", t0)
-        kw = dict(
-            stream=self.stream(), x=x.data_ptr(), out=out.data_ptr(), scratch=scratch.data_ptr(),
+        topk = top_k_index.to(torch.int64).contiguous()
+        weights = top_k_weights.to(torch.float32).contiguous()
+        x = hidden.contiguous()
+        out = torch.empty_like(x)
+        scratch = torch.empty((T * k, self.ffn_inter), dtype=torch.float32, device=x.device)
+        self.engine.layer_ffn(
+            layer.index, needed, stream=self.stream(), x=x.data_ptr(), out=out.data_ptr(), scratch=scratch.data_ptr(),
             topk=topk.data_ptr(), weights=weights.data_ptr(), tokens=T, k=k, dtype=self.ffn_dtype,
         )
-        if idx_host is not None:
-            self.engine.layer_moe(layer.index, self.active_requests() or [], idx_host.data_ptr(), **kw)
-        else:
-            self.engine.layer_ffn(layer.index, needed or [], **kw)
-        self._phase("engine_layer_call", t0)
         return out
 
-    def _run_torch(self, layer: MoELayer, module: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, original: Any, needed: list[int]) -> torch.Tensor:
-        """transformers' own expert code on slot views."""
+    def _run_torch(self, layer: MoELayer, module: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, original: Any, needed: list[int], stacked: bool) -> torch.Tensor:
+        """transformers' own expert code on slot views: its per-expert code
+        streaming the needed experts through the slots, or (``stacked``, the
+        engine's MOE_PATH_HOST_STACKED) its batched code on them stacked."""
         E = self.num_experts
-        impl = getattr(getattr(module, "config", None), "_experts_implementation", None) or "eager"
-        if impl == "eager" or self.kernels:
-            # With the kernels on (the GPU fast path, where parity is not
-            # bitwise anyway) larger batches use the per-expert eager code on
-            # slot views rather than stacking the layer's experts into a copy
-            # that would not fit the memory budget.
+        if not stacked:
             with _Streamer(self, layer.index, needed) as st:
                 proxy = _ExpertsProxy(module, {name: _Indexer(st, name, (E, *shape), dtype, hidden.device) for name, (shape, dtype) in self.region_meta.items()})
                 return original(proxy, hidden, top_k_index, top_k_weights)
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-        fn = ALL_EXPERTS_FUNCTIONS[impl]
+        fn = ALL_EXPERTS_FUNCTIONS[self._impl(module)]
         stacked = self._stack(layer.index, needed, hidden.device)
         remap = torch.full((E + 1,), len(needed), dtype=top_k_index.dtype, device=top_k_index.device)
         if needed:

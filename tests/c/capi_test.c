@@ -140,6 +140,26 @@ int main(void) {
     CHECK(moe_layer_mapped(h, 0, 0, NULL, 0, A, B, S, T, W, 0, 2, 0, 0) == MOE_ERR_INVALID, "no tokens");
     CHECK(moe_layer_mapped(h, 0, 0, NULL, 0, A, B, S, T, W, 1, 2, 0, 7) == MOE_ERR_INVALID, "weights dtype");
     CHECK(moe_layer_mapped(987654, 0, 0, NULL, 0, A, B, S, T, W, 1, 2, 0, 0) == MOE_ERR_HANDLE, "mapped, unknown handle");
+    /* The layer executor: on the CPU backend every layer is the caller's
+     * code; without the host routing it asks for it. */
+    int32_t need[4] = {-1, -1, -1, -1};
+    moe_layer_args la = {0};
+    la.layer = 0; la.nreq = 1; la.reqs = &req; la.topk = T; la.tokens = 1; la.k = 2;
+    la.dtype = -1; la.weights_dtype = -1; la.experts_cap = 4; la.experts = need;
+    CHECK(moe_layer(h, &la) == MOE_OK && la.path == MOE_PATH_NEED_ROUTING && la.n_experts == 0, "no host routing: %s", last_error());
+    la.topk_host = ids;
+    CHECK(moe_layer(h, &la) == MOE_OK && la.path == MOE_PATH_HOST_STREAM, "host path: %s", last_error());
+    CHECK(la.n_experts == 2 && need[0] == 0 && need[1] == 1, "experts handed back: %d", la.n_experts);
+    la.flags = MOE_LAYER_HOST_BATCHED;
+    CHECK(moe_layer(h, &la) == MOE_OK && la.path == MOE_PATH_HOST_STACKED, "stacked: %s", last_error());
+    la.experts_cap = 1;
+    CHECK(moe_layer(h, &la) == MOE_ERR_INVALID, "experts_cap too small");
+    la.experts_cap = 4; la.flags = 64;
+    CHECK(moe_layer(h, &la) == MOE_ERR_INVALID && strstr(last_error(), "unknown flags") != NULL, "bad flags: %s", last_error());
+    la.flags = 0; la.tokens = 0;
+    CHECK(moe_layer(h, &la) == MOE_ERR_INVALID, "no tokens");
+    CHECK(moe_layer(h, NULL) == MOE_ERR_INVALID, "NULL args");
+    CHECK(moe_layer(987654, &la) == MOE_ERR_HANDLE, "layer, unknown handle");
     int32_t captured = -1;
     CHECK(moe_capture_begin(h) == MOE_ERR_UNSUPPORTED, "capture f32: %s", last_error());
     CHECK(moe_capture_end(h, &captured) == MOE_ERR_STATE, "end without begin: %s", last_error());

@@ -85,6 +85,12 @@ func New(cfg Config) *Backend { return &Backend{cfg: cfg, events: make(chan uint
 // Name returns "cuda".
 func (b *Backend) Name() string { return "cuda" }
 
+// Capabilities: the fused expert FFN kernels, and mapped mode for up to
+// routingIDs (token, expert) pairs a call.
+func (b *Backend) Capabilities() backend.Capabilities {
+	return backend.Capabilities{ExpertKernels: true, Mapped: true, MaxMappedPairs: routingIDs}
+}
+
 // DeviceMemory returns the total and free memory of device ordinal, in
 // bytes: NVML's numbers when NVML is available, the driver's otherwise.
 func DeviceMemory(ordinal int) (total, free int64, err error) {

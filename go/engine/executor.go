@@ -1,0 +1,307 @@
+package engine
+
+import (
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"github.com/moe-infinity/moe_infinity/go/backend"
+)
+
+// The layer executor: one MoE layer, from its routing to its output, is
+// planned here and nowhere else. The caller (the Python hook) hands over
+// the layer's tensors and what it can or wants (LayerFlags); ChoosePath
+// picks how the layer runs from the backend's capabilities, the model's
+// experts and the call's shape; Layer runs that path and says which it
+// was. A path that needs the caller's own expert code (transformers' code
+// on slot views) comes back to the caller with the experts it needs,
+// already traced.
+//
+// A new way for experts to run (CPU compute of misses, dequantizing
+// kernels) is a new Path, a capability in backend.Capabilities, a case in
+// ChoosePath and one in Layer: the caller needs no change unless the new
+// path hands work back to it.
+
+// Path is how the executor ran (or will run) one MoE layer. The values
+// cross the C ABI as MOE_PATH_* (capi/moe_infinity.h); they never change.
+type Path int32
+
+const (
+	// PathMapped: the backend's kernels computed the layer reading every
+	// expert where it is (its slot when resident, pinned host memory
+	// otherwise); the routing reaches the tracer asynchronously. Nothing
+	// waits for the host, so the layer can be captured in a CUDA graph.
+	PathMapped Path = 1
+	// PathKernels: the routing (on the host) was traced, the experts made
+	// resident in slots (copies), and the kernels computed the layer.
+	PathKernels Path = 2
+	// PathHostStream: the routing was traced; the caller computes the
+	// layer with its own expert code on slot views, acquiring the needed
+	// experts one at a time (any number of them fits one slot).
+	PathHostStream Path = 3
+	// PathHostStacked: the routing was traced; the caller computes the
+	// layer with its batched expert code on the needed experts stacked.
+	PathHostStacked Path = 4
+	// PathNeedRouting: nothing ran; call again with the routing in host
+	// memory (LayerArgs.TopKHost).
+	PathNeedRouting Path = 5
+)
+
+// numPaths bounds the Path values (for per-path counters).
+const numPaths = 6
+
+var pathNames = map[Path]string{
+	PathMapped: "mapped", PathKernels: "kernels", PathHostStream: "host-stream",
+	PathHostStacked: "host-stacked", PathNeedRouting: "need-routing",
+}
+
+// String names the path ("mapped", "kernels", ...).
+func (p Path) String() string {
+	if s, ok := pathNames[p]; ok {
+		return s
+	}
+	return fmt.Sprintf("Path(%d)", int32(p))
+}
+
+// LayerFlags say what the caller can do or asks for. They are facts about
+// the caller, never a choice between paths. Values cross the C ABI as
+// MOE_LAYER_*.
+type LayerFlags uint32
+
+const (
+	// LayerNoMapped: the caller turned mapped mode off, or records every
+	// layer's host routing (which mapped mode never brings to it).
+	LayerNoMapped LayerFlags = 1 << 0
+	// LayerNoKernels: the caller asked for its own expert code everywhere.
+	LayerNoKernels LayerFlags = 1 << 1
+	// LayerHostBatched: the caller's expert code is batched (grouped GEMMs
+	// over the needed experts stacked), not a loop over experts.
+	LayerHostBatched LayerFlags = 1 << 2
+)
+
+// Kernel crossover. The fused kernels are GEMVs over each (token, expert)
+// pair, made for decode: they read an expert's weights once per pair, so
+// they win while few tokens share an expert. Measured on an H200
+// (BENCHMARKS.md, "kernel vs torch"): 2.6× faster than torch for one token
+// on Mixtral-sized experts but slower at 4 tokens, and 15–23× faster for
+// fine-grained experts (≤ 16 MiB) up to 4 tokens. Larger batches run the
+// caller's code on slot views.
+const (
+	// KernelMaxTokens is the most tokens a kernel path takes.
+	KernelMaxTokens = 16
+	// KernelSmallExpertBytes is the expert size (bytes, as stored) up to
+	// which the kernels beat the caller's code for more than one token.
+	KernelSmallExpertBytes = 16 << 20
+)
+
+// KernelWins reports whether the fused kernels beat the caller's expert
+// code for a layer call of tokens tokens over experts of expertBytes.
+func KernelWins(tokens, expertBytes int64) bool {
+	if tokens <= 1 {
+		return true
+	}
+	return tokens <= KernelMaxTokens && expertBytes <= KernelSmallExpertBytes
+}
+
+// ExecutorPlan is what the executor can do for a configured model on its
+// backend, reported in the plan (Plan.Executor) and in moe_stats().
+type ExecutorPlan struct {
+	// Kernels: the backend's fused expert kernels serve this model's
+	// experts (a kernel backend, Setup.FFN "swiglu", bfloat16/float16
+	// gate_up_proj [2I, H] and down_proj [H, I]).
+	Kernels bool `json:"kernels"`
+	// KernelsOff says why Kernels is false ("" when true).
+	KernelsOff string `json:"kernels_off,omitempty"`
+	// Mapped: mapped mode is available (Kernels and a mapped backend).
+	Mapped bool `json:"mapped"`
+	// DType is the kernels' activation type code (0 bfloat16, 1 float16;
+	// -1 without kernels): the caller's activations must match it.
+	DType int64 `json:"dtype"`
+	// Hidden and Inter are the FFN sizes the kernels work with (0 without
+	// kernels); the caller sizes the scratch buffer as T·K·Inter float32.
+	Hidden int64 `json:"hidden"`
+	Inter  int64 `json:"inter"`
+	// MaxMappedPairs is the most (token, expert) pairs a mapped call takes.
+	MaxMappedPairs int64 `json:"max_mapped_pairs"`
+	// KernelMaxTokens and KernelSmallExpertBytes are the kernel crossover
+	// (see KernelWins).
+	KernelMaxTokens        int64 `json:"kernel_max_tokens"`
+	KernelSmallExpertBytes int64 `json:"kernel_small_expert_bytes"`
+}
+
+// executorPlan works out the ExecutorPlan at Configure.
+func (e *Engine) executorPlan(ffn string) ExecutorPlan {
+	caps := e.be.Capabilities()
+	p := ExecutorPlan{DType: -1, KernelMaxTokens: KernelMaxTokens, KernelSmallExpertBytes: KernelSmallExpertBytes}
+	switch {
+	case !caps.ExpertKernels:
+		p.KernelsOff = fmt.Sprintf("the %s backend computes experts with the caller's code", e.be.Name())
+	case ffn != "swiglu":
+		p.KernelsOff = "the model's experts are not standard SwiGLU experts (setup ffn)"
+	default:
+		hidden, inter, code, err := e.ffnShape()
+		if err != nil {
+			p.KernelsOff = err.Error()
+			break
+		}
+		if _, ok := e.be.(backend.Kernels); !ok {
+			p.KernelsOff = fmt.Sprintf("backend %s reports kernels but has none", e.be.Name())
+			break
+		}
+		p.Kernels, p.DType, p.Hidden, p.Inter = true, code, hidden, inter
+	}
+	if p.Kernels && caps.Mapped {
+		if _, ok := e.be.(backend.Mapped); ok {
+			p.Mapped, p.MaxMappedPairs = true, caps.MaxMappedPairs
+		}
+	}
+	return p
+}
+
+// PathInputs is everything ChoosePath looks at.
+type PathInputs struct {
+	// Exec is what the executor can do for the model (the plan's).
+	Exec ExecutorPlan
+	// MappedOff: mapped mode failed to start earlier (Exec.Mapped stays
+	// as planned; this is what was found since).
+	MappedOff bool
+	// Flags are the caller's.
+	Flags LayerFlags
+	// Tokens, K: the call's routing shape; ExpertBytes one expert's size
+	// as stored (the layout's source bytes).
+	Tokens, K, ExpertBytes int64
+	// DType is the activations' type code (0 bfloat16, 1 float16, -1
+	// anything else); WeightsOK whether the routing weights' type is one
+	// the kernels read.
+	DType     int64
+	WeightsOK bool
+	// HostRouting: the routing is in host memory. Needed and MaxPin (with
+	// it): the layer's distinct experts, and how many experts can be
+	// pinned at once.
+	HostRouting    bool
+	Needed, MaxPin int
+}
+
+// ChoosePath decides how one MoE layer runs. It is a pure function of its
+// inputs so that every branch is tested on any machine (executor_test.go)
+// with the capabilities of any backend.
+func ChoosePath(in PathInputs) Path {
+	kernels := in.Exec.Kernels && in.Flags&LayerNoKernels == 0
+	kernelCall := kernels && in.DType == in.Exec.DType && in.WeightsOK && KernelWins(in.Tokens, in.ExpertBytes)
+	if kernelCall && in.Exec.Mapped && !in.MappedOff && in.Flags&LayerNoMapped == 0 && in.Tokens*in.K <= in.Exec.MaxMappedPairs {
+		return PathMapped
+	}
+	if !in.HostRouting {
+		return PathNeedRouting
+	}
+	if kernelCall && in.Needed <= in.MaxPin {
+		return PathKernels
+	}
+	// With the kernels on (the GPU, where outputs are not bitwise those of
+	// the caller's code anyway) the caller's per-expert code runs on slot
+	// views rather than stacking the layer's experts into a copy the
+	// memory budget does not cover.
+	if in.Flags&LayerHostBatched != 0 && !kernels {
+		return PathHostStacked
+	}
+	return PathHostStream
+}
+
+// LayerArgs is one call of the executor.
+type LayerArgs struct {
+	// FFNCall holds the layer, stream, tensor addresses (X, Out, Scratch,
+	// TopK, Weights: device for the CUDA backend, host for the CPU one),
+	// T, K, DType (-1 when not a kernel type) and WDType (-1 when not one
+	// the kernels read).
+	FFNCall
+	// Reqs are the requests the tokens belong to (split evenly in row
+	// order).
+	Reqs []uint64
+	// TopKHost is the [T, K] routing in host memory, or nil when it is
+	// only on the device.
+	TopKHost []int64
+	// Flags are the caller's.
+	Flags LayerFlags
+}
+
+// LayerResult is what Layer did.
+type LayerResult struct {
+	// Path is the path taken.
+	Path Path
+	// Experts are the distinct experts of the layer, ascending (for the
+	// host paths; nil otherwise).
+	Experts []int32
+}
+
+// Layer runs one MoE layer on the path ChoosePath picks, and returns it.
+// Host paths come back traced, with the experts the caller's code needs.
+func (e *Engine) Layer(a LayerArgs) (LayerResult, error) {
+	if err := e.readyLocked(); err != nil {
+		return LayerResult{}, err
+	}
+	if a.T <= 0 || a.K <= 0 {
+		return LayerResult{}, fmt.Errorf("%w: tokens %d, k %d: both must be > 0", ErrInvalid, a.T, a.K)
+	}
+	if a.TopKHost != nil && int64(len(a.TopKHost)) != a.T*a.K {
+		return LayerResult{}, fmt.Errorf("%w: routing of %d ids for %d tokens × %d experts", ErrInvalid, len(a.TopKHost), a.T, a.K)
+	}
+	in := PathInputs{
+		Exec: e.plan.Executor, MappedOff: e.mappedOff.Load(), Flags: a.Flags,
+		Tokens: a.T, K: a.K, ExpertBytes: e.lay.SourceBytes,
+		DType: a.DType, WeightsOK: a.WDType >= backend.WeightsF32 && a.WDType <= backend.WeightsF16,
+		HostRouting: a.TopKHost != nil, MaxPin: e.MaxPin(),
+	}
+	var experts []int32
+	var counts [][]float32
+	if a.TopKHost != nil {
+		var err error
+		if experts, counts, err = e.routingCounts(a.Layer, a.TopKHost, a.K, a.Reqs); err != nil {
+			return LayerResult{}, err
+		}
+		in.Needed = len(experts)
+	}
+	path := ChoosePath(in)
+	if path != PathMapped {
+		e.pathCalls[path].Add(1)
+	}
+	switch path {
+	case PathMapped:
+		err := e.LayerMapped(a.FFNCall, a.Reqs)
+		if err == nil || !errors.Is(err, errMappedUnavailable) {
+			e.pathCalls[path].Add(1)
+			return LayerResult{Path: path}, err
+		}
+		// Mapped mode cannot start for this model (some expert is not
+		// readable in place): the other paths serve every later call.
+		e.mappedOff.Store(true)
+		e.noteMappedOff(err)
+		return e.Layer(a)
+	case PathKernels:
+		a.FFNCall.Experts = experts
+		return LayerResult{Path: path}, e.layerKernels(a.FFNCall, a.Reqs, counts)
+	case PathHostStream, PathHostStacked:
+		if len(a.Reqs) > 0 {
+			t0 := time.Now()
+			if err := e.observe(a.Layer, a.Reqs, counts, true); err != nil {
+				return LayerResult{}, err
+			}
+			e.phase(phaseObserve, t0)
+		}
+		return LayerResult{Path: path, Experts: experts}, nil
+	}
+	return LayerResult{Path: path}, nil
+}
+
+// errMappedUnavailable marks LayerMapped's failure to start mapped mode
+// (as opposed to a failure of the call).
+var errMappedUnavailable = errors.New("mapped mode unavailable")
+
+// mappedOffNote is the first reason mapped mode could not start, for
+// moe_stats().
+type mappedOffNote struct{ reason atomic.Pointer[string] }
+
+func (e *Engine) noteMappedOff(err error) {
+	s := err.Error()
+	e.mappedOffWhy.reason.CompareAndSwap(nil, &s)
+}
