@@ -30,10 +30,10 @@ func TestChoosePath(t *testing.T) {
 		want Path
 	}{
 		{"decode on a mapped backend", decode(nil), PathMapped},
-		{"fine-grained experts, 16 tokens: still the kernels", decode(func(in *PathInputs) { in.Tokens, in.ExpertBytes = 16, 9 << 20 }), PathMapped},
+		{"fine-grained experts, 16 tokens: still the kernels", decode(func(in *PathInputs) { in.Tokens, in.ExpertBytes = 16, 9<<20 }), PathMapped},
 		{"big experts, 4 tokens: torch wins, routing needed", decode(func(in *PathInputs) { in.Tokens = 4 }), PathNeedRouting},
 		{"big experts, 4 tokens, routing given: caller's code, streamed", decode(func(in *PathInputs) { in.Tokens = 4; withRouting(3)(in) }), PathHostStream},
-		{"17 tokens: past the kernel crossover", decode(func(in *PathInputs) { in.Tokens, in.ExpertBytes = 17, 1 << 20; withRouting(3)(in) }), PathHostStream},
+		{"17 tokens: past the kernel crossover", decode(func(in *PathInputs) { in.Tokens, in.ExpertBytes = 17, 1<<20; withRouting(3)(in) }), PathHostStream},
 		{"more pairs than the mapped buffers: kernels after routing", decode(func(in *PathInputs) { in.K = 4097 }), PathNeedRouting},
 		{"more pairs than the mapped buffers, routing given", decode(func(in *PathInputs) { in.K = 4097; withRouting(4)(in) }), PathKernels},
 		{"mapped off by the caller", decode(func(in *PathInputs) { in.Flags = LayerNoMapped }), PathNeedRouting},
