@@ -12,6 +12,7 @@ from __future__ import annotations
 from .engine import Engine
 from .errors import (
     BudgetError,
+    CheckpointChangedError,
     CheckpointFormatError,
     ClosedError,
     EngineIOError,
@@ -33,6 +34,7 @@ __all__ = [
     "NotFoundError",
     "EngineIOError",
     "CheckpointFormatError",
+    "CheckpointChangedError",
     "BudgetError",
     "ClosedError",
     "StateError",
