@@ -38,6 +38,9 @@ type Tensor struct {
 // Bytes returns the tensor's data (little-endian, row-major): a view into the
 // read-only file mapping or into the registered host memory. Do not modify it
 // (writing into a mapping faults) and do not use it after Checkpoint.Close.
+// Read a file view under Checkpoint.Guard: if the file shrinks on disk, a
+// read past its new end faults (SIGBUS), which only a guard turns into an
+// error.
 func (t *Tensor) Bytes() []byte { return t.data }
 
 // NumBytes returns the size of the tensor's data in bytes.
