@@ -82,6 +82,7 @@ typedef struct moe_layer_args {
 #define MOE_ERR_INTERNAL 9    /* a bug: an internal panic was caught */
 #define MOE_ERR_BUFFER 10     /* output buffer too small; see *needed */
 #define MOE_ERR_HANDLE 11     /* unknown engine handle */
+#define MOE_ERR_CHECKPOINT_CHANGED 12 /* a mapped checkpoint file changed on disk; reload */
 
 /* Library version string, e.g. "0.1.0 (cpu)". */
 int32_t moe_version(char *buf, int64_t cap, int64_t *needed);

@@ -30,6 +30,7 @@ const (
 	statusInternal    = 9
 	statusBuffer      = 10
 	statusHandle      = 11
+	statusChanged     = 12
 )
 
 // statusNames maps codes to the names used in moe_infinity.h.
@@ -38,6 +39,7 @@ var statusNames = map[int]string{
 	statusIO: "MOE_ERR_IO", statusFormat: "MOE_ERR_FORMAT", statusBudget: "MOE_ERR_BUDGET",
 	statusClosed: "MOE_ERR_CLOSED", statusState: "MOE_ERR_STATE", statusUnsupported: "MOE_ERR_UNSUPPORTED",
 	statusInternal: "MOE_ERR_INTERNAL", statusBuffer: "MOE_ERR_BUFFER", statusHandle: "MOE_ERR_HANDLE",
+	statusChanged: "MOE_ERR_CHECKPOINT_CHANGED",
 }
 
 // errUnsupported marks features missing from this build.
@@ -52,9 +54,15 @@ var errBuffer = errors.New("output buffer too small")
 // statusOf maps an error to its status code.
 func statusOf(err error) int {
 	var fe *store.FormatError
+	var fault *store.FaultError
 	switch {
 	case err == nil:
 		return statusOK
+	case errors.Is(err, store.ErrCheckpointChanged):
+		return statusChanged
+	case errors.As(err, &fault):
+		// A fault no checkpoint file explains is a bug.
+		return statusInternal
 	case errors.Is(err, errBuffer):
 		return statusBuffer
 	case errors.Is(err, errHandle):

@@ -19,8 +19,16 @@ type Source interface {
 	// SlotBytes is the size of one slot image in bytes.
 	SlotBytes() int64
 	// Fill writes the image of expert (layer, expert) into dst, which is
-	// at least SlotBytes long.
+	// at least SlotBytes long. A source whose bytes are a file mapping
+	// reads them under its own Guard.
 	Fill(layer, expert int, dst []byte) error
+	// Guard runs read, which reads the source's host memory (the bytes of
+	// Segments, or mapped mode's host rows) on the calling goroutine, and
+	// returns a memory fault there as an error instead of letting it kill
+	// the process (a checkpoint file truncated under its mapping faults
+	// with SIGBUS; see store.Guard). Faults are per goroutine: a backend
+	// that reads source memory on several goroutines guards each one.
+	Guard(read func() error) error
 }
 
 // Transfer is an asynchronous copy of one expert into one slot.

@@ -8,6 +8,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/moe-infinity/moe_infinity/go/store"
 )
 
 // patternSource fills a slot with bytes derived from (layer, expert) and
@@ -20,9 +22,19 @@ type patternSource struct {
 	order [][2]int
 	fail  map[[2]int]error
 	boom  bool
+
+	guards int // Guard calls
 }
 
 func (p *patternSource) SlotBytes() int64 { return p.size }
+
+// Guard is store.Guard, counting its calls.
+func (p *patternSource) Guard(read func() error) error {
+	p.mu.Lock()
+	p.guards++
+	p.mu.Unlock()
+	return store.Guard(read)
+}
 func (p *patternSource) Fill(layer, expert int, dst []byte) error {
 	if p.gate != nil {
 		<-p.gate

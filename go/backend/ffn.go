@@ -140,7 +140,10 @@ func (c *CPU) FFN(a FFNArgs) error {
 			return fmt.Errorf("backend cpu: pair %d routes to expert %d, which is not resident", p, exps[p])
 		}
 	}
-	parallel(P*I, func(lo, hi int64) {
+	// Every goroutine that reads expert rows runs under the source's guard:
+	// in mapped mode they are the checkpoint's file mapping.
+	guard := c.guard()
+	err := parallel(P*I, guard, func(lo, hi int64) {
 		for idx := lo; idx < hi; idx++ {
 			p, i := idx/I, idx%I
 			if !valid(p) {
@@ -157,8 +160,11 @@ func (c *CPU) FFN(a FFNArgs) error {
 			h[idx] = round(act*u, dt)
 		}
 	})
+	if err != nil {
+		return fmt.Errorf("backend cpu: %w", err)
+	}
 	out := hostSlice(a.Out, a.T*H*2)
-	parallel(a.T*H, func(lo, hi int64) {
+	err = parallel(a.T*H, guard, func(lo, hi int64) {
 		for idx := lo; idx < hi; idx++ {
 			t, r := idx/H, idx%H
 			var acc float32
@@ -175,7 +181,21 @@ func (c *CPU) FFN(a FFNArgs) error {
 			_ = dtype.Convert(out[idx*2:idx*2+2], dt, b[:], dtype.F32)
 		}
 	})
+	if err != nil {
+		return fmt.Errorf("backend cpu: %w", err)
+	}
 	return nil
+}
+
+// guard returns the source's Guard, or a plain call before Open.
+func (c *CPU) guard() func(read func() error) error {
+	c.mu.Lock()
+	src := c.src
+	c.mu.Unlock()
+	if src == nil {
+		return func(read func() error) error { return read() }
+	}
+	return src.Guard
 }
 
 // routingWeights reads a's P routing weights as float32.
@@ -219,21 +239,29 @@ func dotRow(row []byte, v []float32, dt dtype.DType) float32 {
 	return acc
 }
 
-// parallel runs f over [0, n) split across GOMAXPROCS goroutines.
-func parallel(n int64, f func(lo, hi int64)) {
+// parallel runs f over [0, n) split across GOMAXPROCS goroutines, each
+// under guard, and returns the first error a guard returned.
+func parallel(n int64, guard func(read func() error) error, f func(lo, hi int64)) error {
+	run := func(lo, hi int64) error { return guard(func() error { f(lo, hi); return nil }) }
 	workers := int64(runtime.GOMAXPROCS(0))
 	if n < 1024 || workers < 2 {
-		f(0, n)
-		return
+		return run(0, n)
 	}
 	step := (n + workers - 1) / workers
 	var wg sync.WaitGroup
-	for lo := int64(0); lo < n; lo += step {
+	errs := make([]error, (n+step-1)/step)
+	for i, lo := 0, int64(0); lo < n; i, lo = i+1, lo+step {
 		wg.Add(1)
-		go func(lo, hi int64) {
+		go func(i int, lo, hi int64) {
 			defer wg.Done()
-			f(lo, hi)
-		}(lo, min(lo+step, n))
+			errs[i] = run(lo, hi)
+		}(i, lo, min(lo+step, n))
 	}
 	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }

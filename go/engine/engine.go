@@ -56,6 +56,8 @@ type Engine struct {
 	queue      *prefetch.Queue
 	layers     int
 	experts    int
+	files      [][]string // per layer: the mapped files its experts live in (checkLayer)
+	allFiles   []string   // the distinct files of every layer (GraphStep)
 
 	stop     chan struct{}
 	ops      sync.WaitGroup // Acquire calls in progress
@@ -198,10 +200,14 @@ func (e *Engine) Modules() ([]ModuleInfo, error) {
 	return out, nil
 }
 
-// source adapts the layout and modules to backend.SegmentSource.
+// source adapts the layout and modules to backend.SegmentSource. Every
+// read of the checkpoint's mapping runs under ckpt's guard, so a shard
+// truncated under the mapping gives store.ErrCheckpointChanged, not SIGBUS.
 type source struct {
-	lay  *layout.Layout
-	mods []*store.MoEModule
+	lay   *layout.Layout
+	mods  []*store.MoEModule
+	ckpt  *store.Checkpoint
+	files [][]string // per layer: the mapped files its experts live in
 }
 
 func (s source) SlotBytes() int64 { return s.lay.SlotBytes }
@@ -214,11 +220,64 @@ func (s source) Segments(l, x int) ([]backend.Segment, bool) {
 	}
 	return s.lay.Segments(s.mods[l], x)
 }
+
+// Fill copies (and converts) the expert under the checkpoint's guard, then
+// checks that the layer's files are unchanged: bytes read from a file
+// rewritten in place with its size unchanged (no fault) are never served.
 func (s source) Fill(l, x int, dst []byte) error {
 	if l < 0 || l >= len(s.mods) {
 		return fmt.Errorf("%w: layer %d out of range", ErrInvalid, l)
 	}
-	return s.lay.Fill(s.mods[l], x, dst)
+	if err := s.ckpt.Guard(func() error { return s.lay.Fill(s.mods[l], x, dst) }); err != nil {
+		return err
+	}
+	return s.ckpt.CheckFiles(s.files[l])
+}
+
+// Guard is the checkpoint's Guard: a fault names the file that changed.
+func (s source) Guard(read func() error) error { return s.ckpt.Guard(read) }
+
+// layerFiles lists, per module, the distinct mapped files its experts'
+// parts live in (host tensors are left out).
+func layerFiles(mods []*store.MoEModule) [][]string {
+	out := make([][]string, len(mods))
+	for l, m := range mods {
+		seen := map[string]bool{}
+		for x := 0; x < m.NumExperts; x++ {
+			for _, r := range m.Roles {
+				p, err := m.Part(x, r)
+				if err != nil || p.Source == store.HostSource || seen[p.Source] {
+					continue
+				}
+				seen[p.Source] = true
+				out[l] = append(out[l], p.Source)
+			}
+		}
+	}
+	return out
+}
+
+func distinct(lists [][]string) []string {
+	seen := map[string]bool{}
+	var out []string
+	for _, l := range lists {
+		for _, f := range l {
+			if !seen[f] {
+				seen[f] = true
+				out = append(out, f)
+			}
+		}
+	}
+	return out
+}
+
+// checkLayer checks, with one fstat per shard, that the files layer's
+// experts live in have not changed on disk since they were loaded
+// (store.ErrCheckpointChanged). Run before each layer's experts are used:
+// a backend that reads them in place (mapped mode, or pages the GPU copies
+// from) would otherwise serve bytes of another model, or fault.
+func (e *Engine) checkLayer(layer int) error {
+	return e.ckpt.CheckFiles(e.files[layer])
 }
 
 // Configure fixes the layer order and slot image, sizes the cache from the
@@ -333,9 +392,14 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 		return Plan{}, err
 	}
 	e.opening.Store(&be)
-	if err := be.Open(slots, lay.SlotBytes, source{lay: lay, mods: mods}); err != nil {
+	files := layerFiles(mods)
+	if err := be.Open(slots, lay.SlotBytes, source{lay: lay, mods: mods, ckpt: e.ckpt, files: files}); err != nil {
+		if errors.Is(err, store.ErrCheckpointChanged) {
+			return Plan{}, err
+		}
 		return Plan{}, fmt.Errorf("%w: %v", ErrBudget, err)
 	}
+	e.files, e.allFiles = files, distinct(files)
 	plan.Backend = be.Name()
 	e.mods, e.lay, e.be, e.cache = mods, lay, be, c
 	e.tracker = trace.NewTracker(coll)
@@ -593,6 +657,9 @@ func (e *Engine) Acquire(layer int, experts []int32, slots []int32, stream uintp
 	}
 	defer e.ops.Done()
 	if err := e.checkExperts(layer, experts); err != nil {
+		return 0, err
+	}
+	if err := e.checkLayer(layer); err != nil {
 		return 0, err
 	}
 	e.mapped.mu.Lock()

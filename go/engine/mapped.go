@@ -119,6 +119,9 @@ func (e *Engine) LayerMapped(c FFNCall, reqs []uint64) error {
 	if c.DType != code {
 		return fmt.Errorf("%w: activations have dtype code %d but the experts have %d", ErrInvalid, c.DType, code)
 	}
+	if err := e.checkLayer(c.Layer); err != nil {
+		return err
+	}
 	t0 := time.Now()
 	r, err := mb.MappedFFN(c.Layer, backend.FFNArgs{
 		Stream: c.Stream, X: c.X, Out: c.Out, Scratch: c.Scratch, TopK: c.TopK, Weights: c.Weights,
@@ -242,6 +245,11 @@ func (e *Engine) GraphStep(stream uintptr, reqs []uint64) error {
 	m.mu.Unlock()
 	if !ok || len(layers) == 0 || capturing {
 		return fmt.Errorf("%w: no captured step to trace", ErrState)
+	}
+	// A replay has no per-layer host call: the checkpoint's files are
+	// checked once per step, here.
+	if err := e.ckpt.CheckFiles(e.allFiles); err != nil {
+		return err
 	}
 	r, err := g.ReplayRouting(stream, layers)
 	if err != nil {

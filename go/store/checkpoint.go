@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"unsafe"
 
 	"github.com/moe-infinity/moe_infinity/go/dtype"
 )
@@ -37,6 +38,9 @@ type Tensor struct {
 // Bytes returns the tensor's data (little-endian, row-major): a view into the
 // read-only file mapping or into the registered host memory. Do not modify it
 // (writing into a mapping faults) and do not use it after Checkpoint.Close.
+// Read a file view under Checkpoint.Guard: if the file shrinks on disk, a
+// read past its new end faults (SIGBUS), which only a guard turns into an
+// error.
 func (t *Tensor) Bytes() []byte { return t.data }
 
 // NumBytes returns the size of the tensor's data in bytes.
@@ -45,6 +49,8 @@ func (t *Tensor) NumBytes() int64 { return int64(len(t.data)) }
 type mappedFile struct {
 	path string
 	data []byte
+	fd   *os.File // kept open for the identity checks (check)
+	id   FileID   // identity at load
 }
 
 // indexRef is the index a checkpoint was opened through, used to check that
@@ -63,13 +69,14 @@ type Checkpoint struct {
 	mu      sync.RWMutex
 	tensors map[string]*Tensor
 	files   []mappedFile
+	byPath  map[string]int // files index by path
 	index   *indexRef
 	closed  bool
 }
 
 // New returns an empty checkpoint.
 func New() *Checkpoint {
-	return &Checkpoint{tensors: make(map[string]*Tensor)}
+	return &Checkpoint{tensors: make(map[string]*Tensor), byPath: make(map[string]int)}
 }
 
 // Open opens path, which may be:
@@ -206,19 +213,21 @@ func (c *Checkpoint) AddFile(path string) error {
 	if c.closed {
 		return ErrClosed
 	}
-	data, h, err := mapFile(path)
+	mf, h, err := mapFile(path)
 	if err != nil {
 		return err
 	}
+	data := mf.data
 	if err := c.checkNewFile(path, h); err != nil {
-		syscall.Munmap(data)
+		mf.release()
 		return err
 	}
 	for _, ti := range h.Tensors {
 		b, e := h.DataStart+ti.Begin, h.DataStart+ti.End
 		c.tensors[ti.Name] = &Tensor{Name: ti.Name, DType: ti.DType, Shape: ti.Shape, Source: path, data: data[b:e:e]}
 	}
-	c.files = append(c.files, mappedFile{path: path, data: data})
+	c.byPath[path] = len(c.files)
+	c.files = append(c.files, mf)
 	return nil
 }
 
@@ -254,42 +263,80 @@ func samePath(a, b string) bool {
 	return err1 == nil && err2 == nil && os.SameFile(sa, sb)
 }
 
-// mapFile maps path read-only and parses its header. On error nothing stays
-// mapped.
-func mapFile(path string) ([]byte, *Header, error) {
-	f, err := os.Open(path)
+// mapFile maps path read-only, records its identity and parses its
+// header. The file stays open (for the identity checks) until release. On
+// error nothing stays mapped or open.
+func mapFile(path string) (mappedFile, *Header, error) {
+	f, id, err := openForMap(path)
 	if err != nil {
-		return nil, nil, fmt.Errorf("store: %w", err)
+		return mappedFile{}, nil, err
 	}
-	defer f.Close()
 	st, err := f.Stat()
 	if err != nil {
-		return nil, nil, fmt.Errorf("store: %w", err) // unreachable in practice
+		f.Close()
+		return mappedFile{}, nil, fmt.Errorf("store: %w", err) // unreachable in practice
+	}
+	fail := func(err error) (mappedFile, *Header, error) {
+		f.Close()
+		return mappedFile{}, nil, err
 	}
 	if st.IsDir() {
-		return nil, nil, fmt.Errorf("store: %s: is a directory, not a safetensors file", path)
+		return fail(fmt.Errorf("store: %s: is a directory, not a safetensors file", path))
 	}
 	if !st.Mode().IsRegular() {
-		return nil, nil, fmt.Errorf("store: %s: not a regular file (mode %v)", path, st.Mode())
+		return fail(fmt.Errorf("store: %s: not a regular file (mode %v)", path, st.Mode()))
 	}
-	size := st.Size()
+	size := id.Size
 	if size < 8 {
-		return nil, nil, &FormatError{File: path, Msg: fmt.Sprintf("file is %d bytes, too small for a safetensors header (not a safetensors file?)", size)}
+		return fail(&FormatError{File: path, Msg: fmt.Sprintf("file is %d bytes, too small for a safetensors header (not a safetensors file?)", size)})
 	}
 	if uint64(size) > math.MaxInt {
-		return nil, nil, fmt.Errorf("store: %s: %d bytes is too large to map on this platform", path, size)
+		return fail(fmt.Errorf("store: %s: %d bytes is too large to map on this platform", path, size))
 	}
 	data, err := syscall.Mmap(int(f.Fd()), 0, int(size), syscall.PROT_READ, syscall.MAP_SHARED)
 	if err != nil {
-		return nil, nil, fmt.Errorf("store: mmap %s: %w", path, err)
+		return fail(fmt.Errorf("store: mmap %s: %w", path, err))
 	}
-	h, err := ParseHeader(data, size)
+	mf := mappedFile{path: path, data: data, fd: f, id: id}
+	// The header is read from the mapping: a file truncated between the
+	// fstat and here faults, which Guard turns into an error.
+	var h *Header
+	err = Guard(func() (err error) {
+		h, err = ParseHeader(data, size)
+		return err
+	})
+	var fe *FaultError
+	if errors.As(err, &fe) {
+		if cerr := mf.check(); cerr != nil {
+			err = cerr
+		}
+	}
 	if err != nil {
-		syscall.Munmap(data)
-		return nil, nil, withFile(err, path)
+		mf.release()
+		return mappedFile{}, nil, withFile(err, path)
 	}
-	return data, h, nil
+	return mf, h, nil
 }
+
+// release unmaps the file and closes it.
+func (f *mappedFile) release() error {
+	var errs []error
+	if f.data != nil {
+		if err := syscall.Munmap(f.data); err != nil {
+			errs = append(errs, fmt.Errorf("store: munmap %s: %w", f.path, err))
+		}
+		f.data = nil
+	}
+	if f.fd != nil {
+		if err := f.fd.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("store: close %s: %w", f.path, err))
+		}
+		f.fd = nil
+	}
+	return errors.Join(errs...)
+}
+
+func addrOf(b []byte) uintptr { return uintptr(unsafe.Pointer(unsafe.SliceData(b))) }
 
 // AddHost registers a tensor whose bytes live in caller-owned host memory.
 // data is not copied and must stay valid and unmodified until Close.
@@ -379,12 +426,11 @@ func (c *Checkpoint) Close() error {
 	}
 	c.closed = true
 	var errs []error
-	for _, f := range c.files {
-		if err := syscall.Munmap(f.data); err != nil {
-			errs = append(errs, fmt.Errorf("store: munmap %s: %w", f.path, err))
-		}
+	for i := range c.files {
+		errs = append(errs, c.files[i].release())
 	}
 	c.files = nil
+	c.byPath = map[string]int{}
 	c.tensors = map[string]*Tensor{}
 	c.index = nil
 	return errors.Join(errs...)

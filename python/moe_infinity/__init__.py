@@ -14,6 +14,7 @@ from pathlib import Path
 from .engine import Engine
 from .errors import (
     BudgetError,
+    CheckpointChangedError,
     CheckpointFormatError,
     ClosedError,
     EngineIOError,
@@ -36,6 +37,7 @@ __all__ = [
     "NotFoundError",
     "EngineIOError",
     "CheckpointFormatError",
+    "CheckpointChangedError",
     "BudgetError",
     "ClosedError",
     "StateError",

@@ -18,6 +18,7 @@ __all__ = [
     "StateError",
     "UnsupportedError",
     "InternalError",
+    "CheckpointChangedError",
     "LibraryLoadError",
     "MissingDependencyError",
     "error_for_status",
@@ -99,6 +100,14 @@ class InternalError(MoEInfinityError, RuntimeError):
     status = 9
 
 
+class CheckpointChangedError(MoEInfinityError, RuntimeError):
+    """A checkpoint file changed on disk after the model was loaded
+    (truncated or rewritten in place); the message names the file and what
+    changed. The model cannot be used any more: load it again (status 12)."""
+
+    status = 12
+
+
 class LibraryLoadError(MoEInfinityError, ImportError):
     """The engine library could not be found or loaded."""
 
@@ -121,6 +130,7 @@ _BY_STATUS: dict[int, type[MoEInfinityError]] = {
         StateError,
         UnsupportedError,
         InternalError,
+        CheckpointChangedError,
     )
 }
 # MOE_ERR_BUFFER (10) is handled inside _native; MOE_ERR_HANDLE (11) means

@@ -509,6 +509,60 @@ def _finish(model: torch.nn.Module, engine: Engine, family: Family, base_prefix:
     return model
 
 
+def _file_mapped_ranges(files: list[Path]) -> list[tuple[int, int]]:
+    """The address ranges of this process mapped from ``files`` (matched by
+    device and inode in /proc/self/maps; empty where that is unavailable)."""
+    ids = set()
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        ids.add((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
+    out = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) < 5 or parts[4] == "0":
+                    continue
+                major, _, minor = parts[3].partition(":")
+                if (int(major, 16), int(minor, 16), int(parts[4])) in ids:
+                    lo, _, hi = parts[0].partition("-")
+                    out.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return []
+    return out
+
+
+def _copy_out_of_files(model: torch.nn.Module, files: list[Path]) -> int:
+    """Gives every CPU parameter and buffer that transformers left as a view
+    of a checkpoint file's memory mapping (safetensors maps the file and
+    torch reads it in place) its own copy; returns how many were copied.
+
+    Torch reading such a view after the file is truncated on disk (``cp
+    new.safetensors old.safetensors``, ``rsync --inplace``, a full disk)
+    dies with SIGBUS, which no Python code can catch; a copy never faults.
+    The experts are the engine's: it reads the file under a guard and
+    checks the file's identity, raising CheckpointChangedError instead.
+    The copy costs the dense (non-expert) weights once in anonymous memory
+    on a CPU model; a GPU model's weights are already on the device."""
+    ranges = _file_mapped_ranges(files)
+    if not ranges:
+        return 0
+    copied = 0
+    with torch.no_grad():
+        tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+        for _, t in tensors:
+            if t.device.type != "cpu" or t.numel() == 0:
+                continue
+            ptr = t.data_ptr()
+            if any(lo <= ptr < hi for lo, hi in ranges):
+                t.data = t.data.clone()
+                copied += 1
+    return copied
+
+
 def by_prefix_fused(modules: list[dict[str, Any]], layers: list[MoELayer]) -> bool:
     """Whether the checkpoint keeps the layers' experts fused (3D tensors)."""
     by_prefix = {m["prefix"]: m for m in modules}
@@ -619,6 +673,7 @@ def from_pretrained(
             kwargs["device_map"] = {"": dev.index}
         model = cls.from_pretrained(path, config=config, **kwargs)
         model.eval()
+        _copy_out_of_files(model, sorted(path.glob("*.safetensors")))
         return _finish(model, engine, family, getattr(model, "base_model_prefix", ""), dev, budget, kernels)
     except BaseException:
         engine.close()

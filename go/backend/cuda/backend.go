@@ -203,6 +203,15 @@ func (b *Backend) Open(slots int, slotBytes int64, src backend.Source) (err erro
 // pinHostTier makes every expert copyable from pinned host memory: source
 // bytes already in slot format are registered in place (cuMemHostRegister);
 // the rest are converted into cuMemHostAlloc'ed buffers. Runs inside do.
+//
+// A checkpoint file changed on disk under the model cannot crash this
+// backend: the staging copies go through src.Fill, which reads the mapping
+// under the source's guard, and every other read of a checkpoint page is
+// the GPU's (DMA copies, mapped-mode kernels) from pages that registration
+// pinned, which stay in memory even when the file is truncated (they keep
+// their old bytes, or take a same-size in-place rewrite's new ones). What
+// the GPU would then read silently is caught by the engine instead, which
+// checks the shards' identity before each layer (and each graph replay).
 func (b *Backend) pinHostTier(src backend.SegmentSource, slotBytes int64) error {
 	layers, experts := src.Shape()
 	b.experts = experts
