@@ -247,7 +247,12 @@ func (c *Collection) SaveFile(path string) (err error) {
 			if !existed {
 				kept = "no trace file was written (there was none before)"
 			}
-			err = fmt.Errorf("%w: cannot save the trace to %s; %s: %w", ErrNoSpace, path, kept, err)
+			cause := err // the system error itself reads best: "write FILE: no space left on device"
+			var pe *fs.PathError
+			if errors.As(err, &pe) {
+				cause = pe
+			}
+			err = fmt.Errorf("%w: cannot save the trace to %s; %s (%w)", ErrNoSpace, path, kept, cause)
 		}
 	}()
 	if _, serr := os.Lstat(path); serr == nil {
