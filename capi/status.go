@@ -67,6 +67,8 @@ func statusOf(err error) int {
 		return statusBuffer
 	case errors.Is(err, errHandle):
 		return statusHandle
+	case errors.Is(err, trace.ErrNoSpace):
+		return statusIO // a full disk is an I/O error, whatever else it was joined with
 	case errors.Is(err, errUnsupported), errors.Is(err, engine.ErrUnsupported):
 		return statusUnsupported
 	case errors.Is(err, engine.ErrClosed), errors.Is(err, backend.ErrClosed), errors.Is(err, store.ErrClosed):

@@ -442,9 +442,11 @@ func loadTrace(cfg Config, L, E int) (*trace.Collection, int, string) {
 	if err := coll.CheckShape(L, E); err != nil {
 		return empty(), 0, fmt.Sprintf("trace file %s ignored: it was recorded for another model: %v", cfg.TracePath, err)
 	}
-	out := empty()
-	for _, m := range coll.Snapshot() {
-		_ = out.Add(m)
+	// WithCapacity keeps the record of which EAMs came from the file, so
+	// that saving at Close merges instead of counting them twice.
+	out, err := coll.WithCapacity(cfg.EAMCCapacity)
+	if err != nil {
+		return empty(), 0, fmt.Sprintf("trace file %s ignored: %v", cfg.TracePath, err)
 	}
 	return out, out.Len(), ""
 }

@@ -364,6 +364,23 @@ func TestTraceFilePersistsAcrossEngines(t *testing.T) {
 	assert.Contains(t, p3.Warnings[0], "recorded for another model")
 }
 
+func TestEnginesSharingATraceFileKeepEachOthersEAMs(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "trace.bin")
+	cfg := Config{BudgetBytes: 4 * slotBytes, TracePath: path}
+	a, _ := newEngine(t, cfg, 2, 4)
+	b, _ := newEngine(t, cfg, 2, 4)
+	runRequest(t, a, [][]int32{{0, 1}, {2, 3}}, false)
+	runRequest(t, b, [][]int32{{1, 2}, {3, 0}}, false)
+	require.NoError(t, a.Close())
+	require.NoError(t, b.Close(), "the second close merges instead of replacing")
+
+	c, p := newEngine(t, cfg, 2, 4)
+	assert.Equal(t, 2, p.TraceLoaded)
+	require.NoError(t, c.Close(), "saving back what was loaded")
+	_, p = newEngine(t, cfg, 2, 4)
+	assert.Equal(t, 2, p.TraceLoaded, "loaded EAMs saved back are not counted twice")
+}
+
 func TestCorruptTraceFileIsReportedAndIgnored(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "trace.bin")
 	require.NoError(t, writeFile(path, []byte("MOEITRC1 garbage")))

@@ -51,6 +51,12 @@ type Collection struct {
 	experts  int
 	capacity int
 	entries  []entry
+	// synced maps a trace file (absolute path) to the multiset of EAM ids
+	// (eamID) this collection last loaded from or saved to it; SaveFile
+	// uses it to tell this collection's new EAMs from the file's (see
+	// merge.go). Stored EAMs are never mutated, only replaced, so
+	// entries may be shared read-only with the collections SaveFile builds.
+	synced map[string]map[uint64]int
 }
 
 // NewCollection returns an empty collection for EAMs of layers x experts
@@ -115,14 +121,20 @@ func (c *Collection) Add(m *EAM) error {
 	if m.isZero() {
 		return nil
 	}
-	e := entry{m: m.Clone()}
-	e.pn = prefixSqNorms(e.m)
-
+	m = m.Clone()
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.insertLocked(entry{m: m, pn: prefixSqNorms(m)})
+	return nil
+}
+
+// insertLocked stores e (a valid, non-zero EAM of the collection's shape,
+// owned by the collection from now on) under Add's replacement rule. The
+// caller holds c.mu for writing.
+func (c *Collection) insertLocked(e entry) {
 	if len(c.entries) < c.capacity {
 		c.entries = append(c.entries, e)
-		return nil
+		return
 	}
 	sims := c.similarities(newQuery(e.m, c.layers-1), c.layers-1)
 	best := 0
@@ -132,7 +144,6 @@ func (c *Collection) Add(m *EAM) error {
 		}
 	}
 	c.entries[best] = e
-	return nil
 }
 
 // Snapshot returns deep copies of the stored EAMs in index order.

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"io/fs"
 	"math"
 	"os"
 	"path/filepath"
@@ -200,19 +201,117 @@ func Load(r io.Reader) (*Collection, error) {
 	return c, nil
 }
 
-// createTemp and syncFile are indirections so tests can simulate failures
-// of the individual steps of SaveFile.
+// ErrNoSpace is returned (wrapped, together with the underlying system
+// error) by SaveFile when the filesystem holding the trace file is full (no
+// space left on the device, or the disk quota is exhausted). The previous
+// trace file is then left as it was.
+var ErrNoSpace = errors.New("trace: disk full (no space left on device)")
+
+// createTemp, tempWriter and syncFile are indirections so tests can
+// simulate failures of the individual steps of SaveFile (tempWriter: the
+// writer that the file's bytes go through, for instance one that runs out
+// of space partway).
 var (
 	createTemp = os.CreateTemp
+	tempWriter = func(f *os.File) io.Writer { return f }
 	syncFile   = (*os.File).Sync
 )
 
-// SaveFile writes the collection to path atomically: it writes a temporary
-// file in the same directory, fsyncs it, renames it over path and then
-// fsyncs the directory (best effort). On any error the original file at path
-// is untouched and the temporary file is removed. The new file has mode
-// 0644.
+// SaveFile writes the collection to the trace file at path, merged with
+// what the file holds now, so that processes sharing one trace file lose no
+// EAMs (up to capacity):
+//
+//  1. It takes an exclusive advisory lock on path + ".lock" (created if
+//     needed, mode 0644, never removed), waiting for other savers.
+//  2. It loads the trace file at path, if any. A file that is corrupt, of
+//     an unsupported version or of another shape is replaced; another read
+//     error fails the save.
+//  3. It builds the merged collection (see merge.go): the file's EAMs, then
+//     this collection's EAMs that are new since it last loaded or saved
+//     this file, each added under Add's replacement rule, with this
+//     collection's capacity.
+//  4. It writes the result to a temporary file in the same directory,
+//     fsyncs it, renames it over path, fsyncs the directory (best effort)
+//     and releases the lock.
+//
+// The collection in memory is not changed, except that it records which
+// EAMs the file now holds. On any error the file at path is untouched and
+// the temporary file is removed; a full filesystem gives an error wrapping
+// ErrNoSpace that names path. The new file has mode 0644. Without flock
+// (platforms other than Linux, macOS and the BSDs) step 1 is skipped.
 func (c *Collection) SaveFile(path string) (err error) {
+	existed := false
+	defer func() {
+		if err != nil && isNoSpace(err) {
+			kept := "the previous trace file was kept unchanged"
+			if !existed {
+				kept = "no trace file was written (there was none before)"
+			}
+			cause := err // the system error itself reads best: "write FILE: no space left on device"
+			var pe *fs.PathError
+			if errors.As(err, &pe) {
+				cause = pe
+			}
+			err = fmt.Errorf("%w: cannot save the trace to %s; %s (%w)", ErrNoSpace, path, kept, cause)
+		}
+	}()
+	if _, serr := os.Lstat(path); serr == nil {
+		existed = true
+	}
+	unlock, err := lockFile(path + ".lock")
+	if err != nil {
+		return fmt.Errorf("trace: save %s: %w", path, err)
+	}
+	defer unlock()
+
+	disk, existed, err := c.readCurrent(path)
+	if err != nil {
+		return fmt.Errorf("trace: save %s: read the current trace file: %w", path, err)
+	}
+	key := syncKey(path)
+	mine, synced := c.snapshotForSave(key)
+	out, err := merge(disk, mine, synced, c.layers, c.experts, c.capacity)
+	if err != nil {
+		return fmt.Errorf("trace: save %s: %w", path, err)
+	}
+	if err = out.writeFile(path); err != nil {
+		return err
+	}
+	c.markSynced(key, idCounts(mine))
+	return nil
+}
+
+// readCurrent returns the entries of the trace file at path that SaveFile
+// merges with: nil when there is no file or it cannot be used (corrupt, of
+// an unsupported version or of another shape than c). exists reports
+// whether a file was there. Other errors (the file cannot be read) are
+// returned.
+func (c *Collection) readCurrent(path string) (es []entry, exists bool, err error) {
+	f, err := os.Open(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, false, nil
+	}
+	if err != nil {
+		return nil, true, err
+	}
+	defer f.Close()
+	disk, err := Load(bufio.NewReaderSize(f, readChunk))
+	switch {
+	case errors.Is(err, ErrCorrupt), errors.Is(err, ErrUnsupportedVersion):
+		return nil, true, nil
+	case err != nil:
+		return nil, true, err
+	case disk.CheckShape(c.layers, c.experts) != nil:
+		return nil, true, nil
+	}
+	return disk.entries, true, nil
+}
+
+// writeFile writes c to path atomically: a temporary file in the same
+// directory, fsynced, renamed over path, then the directory fsynced (best
+// effort). On error the file at path is untouched and the temporary file is
+// removed.
+func (c *Collection) writeFile(path string) (err error) {
 	dir, base := filepath.Split(path)
 	if dir == "" {
 		dir = "."
@@ -228,7 +327,7 @@ func (c *Collection) SaveFile(path string) (err error) {
 			_ = os.Remove(tmp)
 		}
 	}()
-	if err = c.Save(f); err != nil {
+	if err = c.Save(tempWriter(f)); err != nil {
 		return fmt.Errorf("trace: save %s: %w", path, err)
 	}
 	if err = f.Chmod(0o644); err != nil {
@@ -250,7 +349,9 @@ func (c *Collection) SaveFile(path string) (err error) {
 	return nil
 }
 
-// LoadFile reads a collection from the trace file at path (see Load).
+// LoadFile reads a collection from the trace file at path (see Load). The
+// collection records that its EAMs came from path, so that SaveFile to the
+// same path does not count them twice (see SaveFile).
 func LoadFile(path string) (*Collection, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -261,5 +362,6 @@ func LoadFile(path string) (*Collection, error) {
 	if err != nil {
 		return nil, fmt.Errorf("trace: load %s: %w", path, err)
 	}
+	c.markSynced(syncKey(path), idCounts(c.entries))
 	return c, nil
 }

@@ -11,6 +11,8 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 	"testing/iotest"
 
@@ -256,6 +258,12 @@ func TestSave_PropagatesWriterErrors(t *testing.T) {
 	}
 }
 
+// withoutLocks returns names without the lock files SaveFile leaves
+// beside trace files (by design: see lockFile).
+func withoutLocks(names []string) []string {
+	return slices.DeleteFunc(slices.Clone(names), func(n string) bool { return strings.HasSuffix(n, ".lock") })
+}
+
 // dirEntries returns the names in dir.
 func dirEntries(t *testing.T, dir string) []string {
 	t.Helper()
@@ -273,20 +281,27 @@ func TestSaveFile_WritesAtomicallyAndLoads(t *testing.T) {
 	path := filepath.Join(dir, "eamc.trace")
 	c1 := randomColl(t, 11, 8, 4, 5, 9)
 	require.NoError(t, c1.SaveFile(path))
-	c2 := randomColl(t, 12, 8, 4, 5, 3)
-	require.NoError(t, c2.SaveFile(path), "overwriting an existing file")
+	raw, err := os.ReadFile(path)
+	require.NoError(t, err)
+	assert.Equal(t, saved(t, c1), raw, "a new file holds exactly the collection")
 
-	assert.Equal(t, []string{"eamc.trace"}, dirEntries(t, dir), "no temp files left")
+	// A second collection saved to the same file merges with it: the
+	// file's EAMs first, then its own, under the replacement rule.
+	c2 := randomColl(t, 12, 8, 4, 5, 3)
+	require.NoError(t, c2.SaveFile(path), "saving over an existing file")
+	want := collOf(t, 5, append(c1.Snapshot(), c2.Snapshot()...)...)
+
+	assert.Equal(t, []string{"eamc.trace", "eamc.trace.lock"}, dirEntries(t, dir), "no temp files left")
 	info, err := os.Stat(path)
 	require.NoError(t, err)
 	assert.Equal(t, fs.FileMode(0o644), info.Mode().Perm())
 
 	got, err := LoadFile(path)
 	require.NoError(t, err)
-	assert.Equal(t, c2.Snapshot(), got.Snapshot())
-	raw, err := os.ReadFile(path)
+	assert.Equal(t, want.Snapshot(), got.Snapshot())
+	raw, err = os.ReadFile(path)
 	require.NoError(t, err)
-	assert.Equal(t, saved(t, c2), raw)
+	assert.Equal(t, saved(t, want), raw)
 }
 
 func TestSaveFile_RelativePathUsesWorkingDirectory(t *testing.T) {
@@ -367,7 +382,7 @@ func TestSaveFile_FailureLeavesOriginalUntouched(t *testing.T) {
 
 			require.Error(t, next.SaveFile(path))
 
-			assert.Equal(t, before, dirEntries(t, dir), "temp file must be removed")
+			assert.Equal(t, withoutLocks(before), withoutLocks(dirEntries(t, dir)), "temp file must be removed")
 			if tc.path == nil {
 				raw, err := os.ReadFile(path)
 				require.NoError(t, err)
@@ -394,7 +409,7 @@ func TestSaveFile_ReadOnlyDirectoryFailsCleanly(t *testing.T) {
 
 	err = randomColl(t, 32, 3, 3, 2, 2).SaveFile(path)
 	require.ErrorIs(t, err, fs.ErrPermission)
-	assert.Equal(t, []string{"eamc.trace"}, dirEntries(t, dir))
+	assert.Equal(t, []string{"eamc.trace", "eamc.trace.lock"}, dirEntries(t, dir))
 	raw, err := os.ReadFile(path)
 	require.NoError(t, err)
 	assert.Equal(t, origBytes, raw)
