@@ -80,9 +80,10 @@ WORDS = (
 
 
 def _status(key: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
     raise AssertionError(f"no {key} in /proc/self/status")
 
 
@@ -284,6 +285,50 @@ def test_soak_is_flat(tmp_path):
     print(summary)
     fails = check(r)
     assert not fails, summary + "\n" + "\n".join(fails)
+
+
+def _synthetic(**per_call: float) -> dict[str, Any]:
+    """A flat soak report, plus ``per_call`` growth of the named metrics."""
+    base = {"rss_mib": 840.0, "fds": 9, "py_threads": 2, "os_threads": 11, "py_objects": 438000, "goroutines": 4, "go_heap_mib": 2.0, "engines": 1}
+    samples = [{"calls": c, **{k: v + per_call.get(k, 0) * (c - WARMUP) for k, v in base.items()}} for c in range(WARMUP, CALLS + 1, EVERY)]
+    xs = [x["calls"] for x in samples]
+    slopes = {k: slope_per_1000(xs, [x[k] for x in samples]) for k in base if k != "engines"}
+    return {
+        "samples": samples,
+        "slopes_per_1000_calls": slopes,
+        "same_greedy_output": True,
+        "before_load": {"goroutines": 1, "engines": 0, "fds": 5},
+        "after_close": {"goroutines": 1, "engines": 0, "fds": 9},
+        "fds_left_open": {"3": "/sys/fs/cgroup/cpu.max", "6": "anon_inode:[eventpoll]", "7": "anon_inode:[eventfd]"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("leak", "message"),
+    [
+        ({"rss_mib": 110 / 1000}, "RSS slope"),  # one KV cache per call
+        ({"rss_mib": 8 / 1000}, "RSS slope"),  # 8 KiB per call
+        ({"go_heap_mib": 1.125 / 100}, "Go heap slope"),  # an expert per 100 calls
+        ({"goroutines": 1 / 100}, "goroutines"),
+        ({"fds": 1 / 1000}, "open descriptors changed"),
+        ({"py_objects": 1 / 5}, "Python objects"),
+        ({"py_threads": 1 / 1000}, "Python threads grew"),
+        ({"os_threads": 1 / 200}, "OS threads grew"),
+    ],
+)
+def test_check_flags_leaks(leak, message):
+    assert check(_synthetic()) == []
+    fails = check(_synthetic(**leak))
+    assert any(message in f for f in fails), fails
+
+
+def test_check_flags_teardown_leftovers():
+    r = _synthetic()
+    r["after_close"]["goroutines"] = 3
+    r["fds_left_open"]["12"] = "/x/model.safetensors"
+    r["same_greedy_output"] = False
+    fails = check(r)
+    assert any("after close" in f for f in fails) and any("model.safetensors" in f for f in fails) and any("greedy output" in f for f in fails), fails
 
 
 def main(argv: list[str] | None = None) -> int:
