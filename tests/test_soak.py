@@ -333,7 +333,7 @@ def test_check_flags_teardown_leftovers():
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--calls", type=int, default=CALLS)
+    ap.add_argument("--calls", type=int, default=CALLS, help=f"generate calls (default {CALLS}; fewer give noisier slopes, and at least {WARMUP + 2 * EVERY + 1})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the report here")
     args = ap.parse_args(argv)
