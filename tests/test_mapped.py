@@ -21,24 +21,14 @@ from moe_infinity._compat import cache_kwargs, output_cache
 FAMILIES = ["mixtral", "qwen3_moe", "olmoe"]
 
 
-def _with_cpu_kernels(model) -> None:
-    """Turns on the engine's kernels (CPU reference FFN) for a CPU model."""
-    rt = model.moe_runtime
-    rt.ffn_hidden, rt.ffn_inter, rt.ffn_dtype = rt.engine.ffn_shape()
-    rt.kernels = True
+#: The CPU backend offers its reference FFN and mapped mode to the engine's
+#: executor, as the CUDA backend offers its kernels.
+CPU_KERNELS = {"reference_kernels": True}
 
 
-def _count_mapped_calls(rt) -> list[int]:
-    """Counts the runtime's moe_layer_mapped calls in the returned cell."""
-    calls = [0]
-    original = rt.engine.layer_mapped
-
-    def counting(*a, **kw):
-        calls[0] += 1
-        return original(*a, **kw)
-
-    rt.engine.layer_mapped = counting
-    return calls
+def _mapped_calls(model) -> int:
+    """How many layer calls the engine's executor ran mapped so far."""
+    return model.moe_stats()["paths"]["mapped"]
 
 
 def _decode(model, prompt: torch.Tensor, new: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,10 +59,10 @@ def test_mapped_layers_match_the_synchronous_kernel_path(family, tmp_path):
     probe.close()
     # LRU admits every miss, so slots change hands while layers compute.
     model = mi.from_pretrained(path, dtype=torch.bfloat16, device_memory=max(E, E * tm.moe_layers(family) // 2) * slot,
-                               cache_policy="lru")
+                               cache_policy="lru", engine_options=CPU_KERNELS)
     try:
-        _with_cpu_kernels(model)
         rt = model.moe_runtime
+        assert rt.kernels and rt.mapped
         prompt = torch.randint(3, tm.VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
 
         rt.mapped = False
@@ -80,13 +70,13 @@ def test_mapped_layers_match_the_synchronous_kernel_path(family, tmp_path):
         want_ids, want_logits = _decode(model, prompt, 12)
         sync = model.moe_stats()
 
+        assert sync["paths"]["mapped"] == 0
         rt.mapped = True
         model.moe_tune(flush=True, reset_stats=True)
-        calls = _count_mapped_calls(rt)
         got_ids, got_logits = _decode(model, prompt, 12)
         mapped = model.moe_stats()
 
-        assert calls[0] >= 13 * tm.moe_layers(family), "prefill and every decode step ran mapped"
+        assert mapped["paths"]["mapped"] >= 13 * tm.moe_layers(family), "prefill and every decode step ran mapped"
         assert torch.equal(got_ids, want_ids)
         assert torch.equal(got_logits, want_logits), "the same reference FFN, whether experts come from slots or host memory"
         assert mapped["hits"] + mapped["misses"] == sync["hits"] + sync["misses"], "every expert use traced once"
@@ -98,15 +88,15 @@ def test_mapped_layers_match_the_synchronous_kernel_path(family, tmp_path):
 
 
 def test_mapped_errors_reach_the_caller(tmp_path):
-    """A routing id out of range is skipped by the computation and reported
-    with the engine's message once the tracer has read it — by a later
-    layer's call, at the latest when the request ends (the routing reaches
-    the host after the launch, on a GPU and, to match, on the CPU
-    backend); the model keeps working."""
+    """A routing id out of range is reported with the engine's message and
+    the model keeps working. On the CPU the routing is in host memory, so
+    the executor rejects it at once; on a GPU, where mapped layers read
+    the routing only on the device, the computation skips the pair and the
+    tracer reports it by a later call, at the latest when the request
+    ends (tests/test_gpu.py)."""
     path = tm.save(tm.build("mixtral", seed=2, dtype=torch.bfloat16), tmp_path / "m")
-    model = mi.from_pretrained(path, dtype=torch.bfloat16)
+    model = mi.from_pretrained(path, dtype=torch.bfloat16, engine_options=CPU_KERNELS)
     try:
-        _with_cpu_kernels(model)
         rt = model.moe_runtime
         layer = rt.layers[0]
         x = torch.randn(1, model.config.hidden_size).to(torch.bfloat16)
@@ -114,12 +104,13 @@ def test_mapped_errors_reach_the_caller(tmp_path):
         w = torch.full((1, 2), 0.5, dtype=torch.bfloat16)
         ok = torch.tensor([[0, 1]])
         with pytest.raises(mi.InvalidArgumentError, match=f"routes to expert {rt.num_experts + 3}, out of range"), rt.requests(1):
-            rt._run_mapped(layer, x, bad, w)
+            rt.run_fused(layer, x, bad, w, None)
         with pytest.raises(mi.InvalidArgumentError), rt.requests(3):
-            rt._run_mapped(layer, x, bad, w)
+            rt.run_fused(layer, x, bad, w, None)
         assert model.moe_stats()["active_requests"] == 0, "every request of the batch was ended"
         with rt.requests(1):
-            good = rt._run_mapped(layer, x, ok, w)
+            good = rt.run_fused(layer, x, ok, w, None)
+        assert model.moe_stats()["paths"]["mapped"] == 1, "the good routing ran mapped"
         assert good.shape == x.shape and torch.isfinite(good.float()).all()
     finally:
         model.close()
@@ -130,9 +121,8 @@ def test_mapped_generation_modes_match_the_synchronous_kernel_path(tmp_path):
     sampling gives the same sequences through mapped layers as through
     the synchronous kernel path."""
     path = tm.save(tm.build("qwen3_moe", seed=8, dtype=torch.bfloat16), tmp_path / "q")
-    model = mi.from_pretrained(path, dtype=torch.bfloat16)
+    model = mi.from_pretrained(path, dtype=torch.bfloat16, engine_options=CPU_KERNELS)
     try:
-        _with_cpu_kernels(model)
         rt = model.moe_runtime
         ids = torch.randint(3, tm.VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
         mask = torch.ones_like(ids)
@@ -142,15 +132,15 @@ def test_mapped_generation_modes_match_the_synchronous_kernel_path(tmp_path):
             "beams": dict(do_sample=False, num_beams=2),
             "sampling": dict(do_sample=True, top_k=20),
         }
-        calls = _count_mapped_calls(rt)
         for name, kw in modes.items():
             outs = []
             for mapped in (False, True):
                 rt.mapped = mapped
-                calls[0] = 0
+                before = _mapped_calls(model)
                 torch.manual_seed(11)
                 outs.append(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, **kw))
-                assert (calls[0] >= 9 * tm.moe_layers("qwen3_moe")) == mapped, f"{name}: {calls[0]} mapped calls"
+                calls = _mapped_calls(model) - before
+                assert (calls >= 9 * tm.moe_layers("qwen3_moe")) == mapped, f"{name}: {calls} mapped calls"
             assert torch.equal(outs[0], outs[1]), name
     finally:
         model.close()
@@ -167,15 +157,13 @@ def test_experts_a_prefill_loaded_are_read_from_their_slots(family, tmp_path):
     were counted — and, on a GPU, read over the link — as misses for as
     long as they stayed cached.)"""
     path = tm.save(tm.build(family, seed=4, dtype=torch.bfloat16), tmp_path / family)
-    model = mi.from_pretrained(path, dtype=torch.bfloat16, device_memory="1GiB")
+    model = mi.from_pretrained(path, dtype=torch.bfloat16, device_memory="1GiB", engine_options=CPU_KERNELS)
     try:
-        _with_cpu_kernels(model)
         rt = model.moe_runtime
         rt.mapped = True
-        calls = _count_mapped_calls(rt)
         prompt = torch.randint(3, tm.VOCAB, (1, 24), generator=torch.Generator().manual_seed(2))
         first, _ = _decode(model, prompt, 6)
-        assert calls[0] == 6 * tm.moe_layers(family), "the prefill ran synchronously, every decode step mapped"
+        assert _mapped_calls(model) == 6 * tm.moe_layers(family), "the prefill ran synchronously, every decode step mapped"
         model.reset_moe_stats()
         again, _ = _decode(model, prompt, 6)
         st = model.moe_stats()

@@ -18,6 +18,10 @@ type job struct {
 // (never Go heap, so Python may wrap it) and copies run on worker
 // goroutines that serve urgent loads before prefetches.
 type CPU struct {
+	// ReferenceKernels: Capabilities offers the reference FFN and mapped
+	// mode to the engine's executor (set before Open).
+	ReferenceKernels bool
+
 	workers int
 
 	mu        sync.Mutex
@@ -157,8 +161,20 @@ func (c *CPU) Load(slot, layer, expert int, urgent bool) Transfer {
 
 // Capabilities: the CPU backend's expert FFN and mapped mode exist as
 // references for the CUDA ones (tests, the C ABI), not as the executor's
-// paths: on the CPU, transformers' own expert code computes the experts.
-func (c *CPU) Capabilities() Capabilities { return Capabilities{} }
+// paths: on the CPU, transformers' own expert code computes the experts,
+// unless ReferenceKernels asks for them (then with the CUDA backend's pair
+// limit, so that the executor makes the choices it makes on a GPU).
+func (c *CPU) Capabilities() Capabilities {
+	if !c.ReferenceKernels {
+		return Capabilities{}
+	}
+	return Capabilities{ExpertKernels: true, Mapped: true, MaxMappedPairs: CPUMappedPairs}
+}
+
+// CPUMappedPairs is the pair limit the CPU backend reports with
+// ReferenceKernels: the CUDA backend's (its routing buffers hold 4096
+// ids), so that a CPU test sees the executor's GPU choices.
+const CPUMappedPairs = 4096
 
 // SlotAddr returns the address of slot in the arena.
 func (c *CPU) SlotAddr(slot int) uintptr {

@@ -90,6 +90,11 @@ type Config struct {
 	// "auto" (default: "copy" when an expert is at least CopyMissesFrom
 	// bytes, "read" otherwise). It takes effect at the next capture.
 	GraphMisses string `json:"graph_misses"`
+	// ReferenceKernels makes the CPU backend offer its reference expert FFN
+	// and mapped mode to the layer executor, as a GPU backend offers its
+	// kernels: the CPU oracle of the GPU paths, for tests. Off by default,
+	// where transformers' code computes every layer (bitwise parity).
+	ReferenceKernels bool `json:"reference_kernels"`
 }
 
 // CopyMissesFrom is the expert size, in bytes, from which GraphMisses

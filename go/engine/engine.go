@@ -110,7 +110,9 @@ func New(cfg Config) (*Engine, error) {
 func defaultBackend(cfg Config) (backend.Backend, error) {
 	switch cfg.Backend {
 	case "cpu":
-		return backend.NewCPU(cfg.Workers), nil
+		c := backend.NewCPU(cfg.Workers)
+		c.ReferenceKernels = cfg.ReferenceKernels
+		return c, nil
 	}
 	return newAcceleratorBackend(cfg)
 }

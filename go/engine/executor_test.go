@@ -228,3 +228,19 @@ func TestLayerRejectsBadArguments(t *testing.T) {
 		assert.ErrorIs(t, err, ErrInvalid, tc.name)
 	}
 }
+
+func TestReferenceKernelsOfferTheCPUBackendsFFNToTheExecutor(t *testing.T) {
+	for _, on := range []bool{false, true} {
+		e, err := New(Config{BudgetBytes: 4 * 4096, ReferenceKernels: on})
+		require.NoError(t, err)
+		bf16Model(t, e, 1, 4)
+		p, err := e.Configure(Setup{Layout: mixtralSpec, FFN: "swiglu"})
+		require.NoError(t, err)
+		assert.Equal(t, on, p.Executor.Kernels)
+		assert.Equal(t, on, p.Executor.Mapped)
+		if on {
+			assert.Equal(t, int64(backend.CPUMappedPairs), p.Executor.MaxMappedPairs)
+		}
+		require.NoError(t, e.Close())
+	}
+}
