@@ -51,7 +51,7 @@ run() {  # name, command...
     [ "$rc" = 0 ] || status=1
 }
 if [ "$what" = gpu ] || [ "$what" = all ]; then
-    run gpu_tests python3 -m pytest -p no:cacheprovider -q -m gpu -rA tests/test_gpu.py tests/test_backend_ops.py
+    run gpu_tests python3 -m pytest -p no:cacheprovider -q -m gpu -rA tests/test_gpu.py tests/test_backend_ops.py tests/test_gpu_memory.py
 fi
 if [ "$what" = parity ] || [ "$what" = all ]; then
     MOE_INFINITY_TEST_DEVICE=cuda run parity_cuda python3 -m pytest -p no:cacheprovider -q -x tests/test_parity.py tests/test_generation_modes.py
@@ -61,14 +61,14 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     run zero_copy python3 benchmarks/zero_copy.py --out "$OUT/zero_copy.json"
 fi
 if [ "$what" = headline ]; then
-    run gpu_tests python3 -m pytest -p no:cacheprovider -q -m gpu -rA tests/test_gpu.py tests/test_backend_ops.py
+    run gpu_tests python3 -m pytest -p no:cacheprovider -q -m gpu -rA tests/test_gpu.py tests/test_backend_ops.py tests/test_gpu_memory.py
     D="python3 benchmarks/decode.py --device-memory 24GiB --decode 32 --graph"
     run qwen3_pipelined timeout 240 $D --pipeline --preset qwen3-30b-a3b --out "$OUT/decode_qwen3_pipelined.json"
     run qwen3_stepwise timeout 120 $D --no-ablations --preset qwen3-30b-a3b --out "$OUT/decode_qwen3_stepwise.json"
     run mixtral_pipelined timeout 170 $D --pipeline --no-ablations --preset mixtral-8x7b --out "$OUT/decode_mixtral_pipelined.json"
 fi
 if [ "$what" = copy ] || [ "$what" = defaults ]; then  # copy-mode misses: Mixtral with both miss paths
-    [ "$what" = copy ] && run gpu_tests python3 -m pytest -p no:cacheprovider -q -m gpu -rA tests/test_gpu.py tests/test_backend_ops.py
+    [ "$what" = copy ] && run gpu_tests python3 -m pytest -p no:cacheprovider -q -m gpu -rA tests/test_gpu.py tests/test_backend_ops.py tests/test_gpu_memory.py
     D="python3 benchmarks/decode.py --device-memory 24GiB --decode 32 --graph --pipeline --no-ablations"
     run mixtral_auto_read timeout 330 $D --graph-misses auto,read --preset mixtral-8x7b --out "$OUT/decode_mixtral_auto_read.json"
     [ "$what" = defaults ] && run qwen3_auto timeout 150 $D --preset qwen3-30b-a3b --out "$OUT/decode_qwen3_auto.json"

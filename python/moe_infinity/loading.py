@@ -458,8 +458,21 @@ def _rows(args: tuple, kwargs: dict) -> int:
 
 
 def _budget(device_memory: Any, device: torch.device) -> int:
-    total = _device_total(device)
-    return parse_memory(device_memory, total)
+    """device_memory in bytes. On a GPU it must fit the memory free now:
+    asking for more is an error at once, naming both numbers, not an
+    out-of-memory failure after the dense weights were loaded."""
+    if device.type == "cpu":
+        return parse_memory(device_memory, _device_total(device))
+    from . import _native
+
+    total, free = _native.device_memory(device.index or 0)
+    budget = parse_memory(device_memory, total)
+    if budget > free:
+        raise BudgetError(
+            f"device_memory={format_bytes(budget)} ({budget} bytes) but only {format_bytes(free)} ({free} bytes) of the "
+            f"{format_bytes(total)} on {device} are free; lower device_memory to at most {free} bytes or free GPU memory"
+        )
+    return budget
 
 
 def _engine(budget: int, cache_policy: str, prefetch: bool, trace_path: Path | None, engine_options: dict[str, Any], device: torch.device) -> Engine:
