@@ -487,29 +487,6 @@ func (b *Backend) Arena() (uintptr, int64) {
 	return uintptr(b.arena), int64(b.slots) * b.slotSize
 }
 
-// ReadSlot copies n bytes at offset off of slot to the host (for tests;
-// synchronous).
-func (b *Backend) ReadSlot(slot int, off, n int64) ([]byte, error) {
-	addr := b.SlotAddr(slot)
-	if addr == 0 || off < 0 || off+n > b.slotSize {
-		return nil, fmt.Errorf("backend cuda: bad slot read")
-	}
-	out := make([]byte, n)
-	buf := cmalloc(int(n))
-	defer cfree(buf)
-	err := b.dev.do(func() error {
-		if err := streamSync(b.demand); err != nil {
-			return err
-		}
-		if err := streamSync(b.prefetch); err != nil {
-			return err
-		}
-		return copyDtoH(buf, uint64(addr)+uint64(off), n)
-	})
-	copy(out, unsafe.Slice((*byte)(buf), n))
-	return out, err
-}
-
 // Close waits for copies in flight and frees every device and pinned
 // resource. Idempotent.
 func (b *Backend) Close() error {

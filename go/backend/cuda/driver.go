@@ -119,12 +119,6 @@ func (e *Error) Error() string {
 	return fmt.Sprintf("cuda: %s failed: %s (%d): %s", e.Call, e.Name, e.Code, e.Msg)
 }
 
-// IsOutOfMemory reports whether err is CUDA_ERROR_OUT_OF_MEMORY.
-func IsOutOfMemory(err error) bool {
-	e, ok := err.(*Error)
-	return ok && e.Code == int(C.CUDA_ERROR_OUT_OF_MEMORY)
-}
-
 func check(call string, r C.CUresult) error {
 	if r == C.CUDA_SUCCESS {
 		return nil
@@ -355,17 +349,4 @@ func launch(f cu.Function, gx, gy, bx int, s uintptr, vals ...uint64) error {
 
 func copyDtoH(dst unsafe.Pointer, src uint64, n int64) error {
 	return check("cuMemcpyDtoH", C.moe_copy_dtoh(dst, C.uint64_t(src), C.size_t(n)))
-}
-
-// cmalloc allocates n bytes of C (pageable) memory.
-func cmalloc(n int) unsafe.Pointer { return C.malloc(C.size_t(n)) }
-
-func cfree(p unsafe.Pointer) { C.free(p) }
-
-// asStream views a raw CUstream handle (for example PyTorch's
-// torch.cuda.current_stream().cuda_stream) as a cu.Stream.
-func asStream(raw uintptr) cu.Stream {
-	var s cu.Stream
-	*(*uintptr)(unsafe.Pointer(&s)) = raw
-	return s
 }
