@@ -11,6 +11,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/moe-infinity/moe_infinity/go/engine"
 )
 
 var (
@@ -68,7 +70,11 @@ func TestHeaderStatusCodes(t *testing.T) {
 		n, _ := strconv.Atoi(m[2])
 		got[n] = m[1]
 	}
-	assert.Equal(t, statusNames, got)
+	want := map[int]string{}
+	for s, name := range engine.StatusNames {
+		want[int(s)] = name
+	}
+	assert.Equal(t, want, got)
 }
 
 // TestHeaderExecutorCodes checks the MOE_PATH_* and MOE_LAYER_* values of

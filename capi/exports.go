@@ -28,7 +28,7 @@ func writeOut(s []byte, buf *C.char, capacity C.int64_t, needed *C.int64_t) erro
 		*needed = C.int64_t(len(s))
 	}
 	if buf == nil || int64(capacity) <= int64(len(s)) {
-		return fmt.Errorf("%w: %d bytes needed, buffer holds %d", errBuffer, len(s)+1, int64(capacity))
+		return fmt.Errorf("%w: %d bytes needed, buffer holds %d", engine.ErrBuffer, len(s)+1, int64(capacity))
 	}
 	dst := unsafe.Slice((*byte)(unsafe.Pointer(buf)), int(capacity))
 	copy(dst, s)
@@ -61,7 +61,7 @@ func moe_version(buf *C.char, capacity C.int64_t, needed *C.int64_t) C.int32_t {
 //export moe_last_error
 func moe_last_error(buf *C.char, capacity C.int64_t, needed *C.int64_t) C.int32_t {
 	// Not guard(): reading the last error must not overwrite it.
-	return C.int32_t(statusOf(writeOut([]byte(lastError()), buf, capacity, needed)))
+	return C.int32_t(engine.Code(writeOut([]byte(lastError()), buf, capacity, needed)))
 }
 
 //export moe_engine_create
@@ -551,7 +551,7 @@ func moe_runtime_stats(buf *C.char, capacity C.int64_t, needed *C.int64_t) C.int
 func moe_debug_panic(handle C.uint64_t) C.int32_t {
 	return withEngine(handle, func(e *engine.Engine) error {
 		if os.Getenv("MOE_INFINITY_TEST_HOOKS") != "1" {
-			return fmt.Errorf("%w: moe_debug_panic needs MOE_INFINITY_TEST_HOOKS=1", errUnsupported)
+			return fmt.Errorf("%w: moe_debug_panic needs MOE_INFINITY_TEST_HOOKS=1", engine.ErrUnsupported)
 		}
 		e.DebugPanic()
 		return nil

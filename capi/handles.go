@@ -28,7 +28,7 @@ func lookup(h uint64) (*engine.Engine, error) {
 	defer handles.RUnlock()
 	e, ok := handles.m[h]
 	if !ok {
-		return nil, fmt.Errorf("%w %d (closed or never created)", errHandle, h)
+		return nil, fmt.Errorf("%w %d (closed or never created)", engine.ErrHandle, h)
 	}
 	return e, nil
 }
@@ -38,7 +38,7 @@ func unregister(h uint64) (*engine.Engine, error) {
 	defer handles.Unlock()
 	e, ok := handles.m[h]
 	if !ok {
-		return nil, fmt.Errorf("%w %d (closed or never created)", errHandle, h)
+		return nil, fmt.Errorf("%w %d (closed or never created)", engine.ErrHandle, h)
 	}
 	delete(handles.m, h)
 	return e, nil
