@@ -8,6 +8,8 @@ package backend
 import (
 	"errors"
 	"sync"
+
+	"github.com/moe-infinity/moe_infinity/go/layout"
 )
 
 // ErrClosed is returned by loads issued after Close.
@@ -54,13 +56,8 @@ type Ordered interface {
 	Release(slots []int, stream uintptr) error
 }
 
-// Segment is a run of host bytes that is already in the slot's format.
-type Segment struct {
-	// Offset in the slot, in bytes.
-	Offset int64
-	// Data is the host memory to copy (a view; the source owns it).
-	Data []byte
-}
+// Segment is one byte range of an expert's slot image (layout.Segment).
+type Segment = layout.Segment
 
 // SegmentSource is a Source that can also describe an expert's slot image
 // as host byte ranges, when no conversion is needed, so that a device

@@ -16,7 +16,6 @@ import (
 	"fmt"
 	"strings"
 
-	"github.com/moe-infinity/moe_infinity/go/backend"
 	"github.com/moe-infinity/moe_infinity/go/dtype"
 	"github.com/moe-infinity/moe_infinity/go/store"
 	"github.com/moe-infinity/moe_infinity/go/strictjson"
@@ -261,7 +260,7 @@ func (l *Layout) Fill(m *store.MoEModule, expert int, dst []byte) error {
 // Segments describes expert e of module m as byte runs of the checkpoint
 // (or host memory) to copy to the given slot offsets, when every part
 // already has its region's dtype; ok is false when a conversion is needed.
-func (l *Layout) Segments(m *store.MoEModule, expert int) (segs []backend.Segment, ok bool) {
+func (l *Layout) Segments(m *store.MoEModule, expert int) (segs []Segment, ok bool) {
 	if expert < 0 || expert >= m.NumExperts {
 		return nil, false
 	}
@@ -272,7 +271,7 @@ func (l *Layout) Segments(m *store.MoEModule, expert int) (segs []backend.Segmen
 			if err != nil || p.DType != r.dt {
 				return nil, false
 			}
-			segs = append(segs, backend.Segment{Offset: off, Data: p.Data})
+			segs = append(segs, Segment{Offset: off, Data: p.Data})
 			off += p.NumBytes()
 		}
 	}
@@ -293,4 +292,13 @@ func (l *Layout) Region(name string) (Region, bool) {
 func (l *Layout) JSON() []byte {
 	b, _ := json.Marshal(l)
 	return b
+}
+
+// Segment is one byte range of an expert's slot image: Data (host memory,
+// a view the source owns) goes at Offset bytes into the slot.
+type Segment struct {
+	// Offset in the slot, in bytes.
+	Offset int64
+	// Data is the host memory to copy (a view; the source owns it).
+	Data []byte
 }
