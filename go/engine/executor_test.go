@@ -92,17 +92,10 @@ func (g gpuCaps) Capabilities() backend.Capabilities { return g.caps }
 
 func execEngine(t *testing.T, caps backend.Capabilities, ffn string, L, E, slots int, before ...func(*Engine)) (*Engine, Plan) {
 	t.Helper()
-	e, err := New(Config{BudgetBytes: int64(slots) * 4096, MaxSlots: slots})
-	require.NoError(t, err)
-	bf16Model(t, e, L, E)
-	for _, f := range before {
-		f(e)
+	withCaps := func(e *Engine) {
+		e.NewBackend = func(cfg Config) (backend.Backend, error) { return gpuCaps{backend.NewCPU(cfg.Workers), caps}, nil }
 	}
-	e.NewBackend = func(cfg Config) (backend.Backend, error) { return gpuCaps{backend.NewCPU(cfg.Workers), caps}, nil }
-	p, err := e.Configure(Setup{Layout: mixtralSpec, FFN: ffn})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = e.Close() })
-	return e, p
+	return bf16Engine(t, Setup{Layout: mixtralSpec, FFN: ffn}, L, E, slots, append(before, withCaps)...)
 }
 
 var kernelCaps = backend.Capabilities{ExpertKernels: true, Mapped: true, MaxMappedPairs: 64}

@@ -36,16 +36,24 @@ func bf16Bytes(vals []float32) []byte {
 // weights differ per expert, with a cache of `slots` slots.
 func mappedEngine(t *testing.T, L, E, slots int, before ...func(*Engine)) *Engine {
 	t.Helper()
+	e, _ := bf16Engine(t, Setup{Layout: mixtralSpec}, L, E, slots, before...)
+	return e
+}
+
+// bf16Engine configures bf16Model with setup and a cache of `slots` slots,
+// after the before hooks (which may replace the backend).
+func bf16Engine(t *testing.T, setup Setup, L, E, slots int, before ...func(*Engine)) (*Engine, Plan) {
+	t.Helper()
 	e, err := New(Config{BudgetBytes: int64(slots) * 4096, MaxSlots: slots})
 	require.NoError(t, err)
 	bf16Model(t, e, L, E)
 	for _, f := range before {
 		f(e)
 	}
-	_, err = e.Configure(Setup{Layout: mixtralSpec})
+	p, err := e.Configure(setup)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = e.Close() })
-	return e
+	return e, p
 }
 
 // bf16Model registers a bf16 Mixtral-style model of L × E experts whose
