@@ -42,9 +42,12 @@ def wheel() -> Path:
         path = Path(prebuilt).resolve()
         assert path.is_file(), f"MOE_INFINITY_WHEEL={prebuilt} is not a file"
         return path
-    out = _run(["make", "wheel", f"PYTHON={sys.executable}"], cwd=ROOT)
-    # The script's last line: "dist/<name>.whl (<size>)".
-    path = ROOT / out.stdout.strip().splitlines()[-1].split()[0]
+    out = _run(["make", "--no-print-directory", "wheel", f"PYTHON={sys.executable}"], cwd=ROOT)
+    # The script says "dist/<name>.whl (<size>)" (make, when nested,
+    # adds lines of its own around it).
+    built = [ln.split()[0] for ln in out.stdout.splitlines() if ln.startswith("dist/") and ln.split()[0].endswith(".whl")]
+    assert len(built) == 1, out.stdout
+    path = ROOT / built[0]
     assert path.is_file(), out.stdout
     return path
 
