@@ -95,10 +95,65 @@ type Config struct {
 	// kernels: the CPU oracle of the GPU paths, for tests. Off by default,
 	// where transformers' code computes every layer (bitwise parity).
 	ReferenceKernels bool `json:"reference_kernels"`
+	// LinkRates are measured rates of this machine's host→device link;
+	// GraphMisses "auto" chooses from them (ChooseGraphMisses). nil: not
+	// measured, and "auto" falls back to the expert size (CopyMissesFrom).
+	LinkRates *LinkRates `json:"link_rates,omitempty"`
+}
+
+// LinkRates are the measured rates of the host→device link that the choice
+// between copying missed experts into slots and reading them in place
+// rests on. Zero-copy reads ran at 33 GB/s on one H100 host against 52 by
+// DMA, and at 49–51 against 53 on others: a constant cannot serve both.
+type LinkRates struct {
+	// DMAGBps is the copy engine's bandwidth from pinned host memory, in
+	// GB/s (1e9 bytes a second).
+	DMAGBps float64 `json:"dma_gbps"`
+	// ZeroCopyGBps is the kernels' bandwidth reading pinned host memory in
+	// place, in GB/s.
+	ZeroCopyGBps float64 `json:"zero_copy_gbps"`
+	// ReactionUs is how long a captured layer waits, in µs, for the engine
+	// to react to its routing and issue its first copy (copy mode's fixed
+	// cost per layer).
+	ReactionUs float64 `json:"reaction_us"`
+}
+
+// check validates measured rates.
+func (r *LinkRates) check() error {
+	ok := func(v float64) bool { return !math.IsNaN(v) && !math.IsInf(v, 0) }
+	if r.DMAGBps <= 0 || r.ZeroCopyGBps <= 0 || r.ReactionUs < 0 || !ok(r.DMAGBps) || !ok(r.ZeroCopyGBps) || !ok(r.ReactionUs) {
+		return fmt.Errorf("%w: link_rates needs dma_gbps > 0, zero_copy_gbps > 0 and reaction_us >= 0, all finite (got %+v)", ErrInvalid, *r)
+	}
+	return nil
+}
+
+// ChooseGraphMisses is GraphMisses "auto" for experts of expertBytes
+// bytes: "copy" when bringing a missed expert in by the copy engine
+// (reaction + bytes at the DMA rate) takes less time than the kernels
+// reading it in place (bytes at the zero-copy rate), "read" otherwise, or
+// when the backend has no copy mode. Without measured rates it copies
+// from CopyMissesFrom bytes.
+func ChooseGraphMisses(expertBytes int64, rates *LinkRates, copyMode bool) string {
+	if !copyMode {
+		return "read"
+	}
+	if rates == nil {
+		if expertBytes >= CopyMissesFrom {
+			return "copy"
+		}
+		return "read"
+	}
+	b := float64(expertBytes)
+	read := b / (rates.ZeroCopyGBps * 1e9)
+	cp := rates.ReactionUs*1e-6 + b/(rates.DMAGBps*1e9)
+	if cp < read {
+		return "copy"
+	}
+	return "read"
 }
 
 // CopyMissesFrom is the expert size, in bytes, from which GraphMisses
-// "auto" copies misses: from there on a copy's fixed cost (the layer
+// "auto" copies misses when the link was not measured: from there on a copy's fixed cost (the layer
 // waits ~10-30 µs for the engine to react to its routing and issue the
 // copies) is below the ~8% that in-place reads lose to the copy engine
 // (H100: 50.6 against 54.7 GB/s), while smaller experts, which a token
@@ -261,6 +316,11 @@ func (c Config) withDefaults() (Config, error) {
 	case c.MaxSlots < 0:
 		return c, fmt.Errorf("%w: max_slots must be >= 0 (got %d)", ErrInvalid, c.MaxSlots)
 	}
+	if c.LinkRates != nil {
+		if err := c.LinkRates.check(); err != nil {
+			return c, err
+		}
+	}
 	return c, nil
 }
 
@@ -328,6 +388,9 @@ type Plan struct {
 	// Executor is what the layer executor can do with this model on this
 	// backend (moe_layer chooses among these per call).
 	Executor ExecutorPlan `json:"executor"`
+	// LinkRates are the measured link rates GraphMisses "auto" chose from
+	// (nil: not measured; the expert size decided).
+	LinkRates *LinkRates `json:"link_rates,omitempty"`
 	// Warnings are non-fatal problems (for example a trace file for
 	// another model, which was ignored).
 	Warnings []string `json:"warnings"`

@@ -52,6 +52,8 @@ func FuzzParseConfig(f *testing.F) {
 		`{"budget_bytes": -1}`,
 		`{"budget_bytes": 1, "admit_margin": -2}`,
 		`{"budget_bytes": 1, "unknown": 1}`,
+		`{"budget_bytes": 1, "link_rates": {"dma_gbps": 52, "zero_copy_gbps": 33, "reaction_us": 20}}`,
+		`{"budget_bytes": 1, "link_rates": {"dma_gbps": 0, "zero_copy_gbps": 33}}`,
 		`{"budget_bytes": 1, "Policy": "lru"}`,
 		`{"budget_bytes": 1, "policy": "lru", "policy": "lfu"}`,
 		`{"budget_bytes": 1} {"budget_bytes": 2}`,
@@ -73,6 +75,8 @@ func FuzzParseConfig(f *testing.F) {
 			t.Fatalf("accepted out-of-range config %+v", c)
 		case c.AdmitMargin == nil || *c.AdmitMargin < 0 || math.IsInf(*c.AdmitMargin, 0) || math.IsNaN(*c.AdmitMargin):
 			t.Fatalf("accepted admit_margin %v", c.AdmitMargin)
+		case c.LinkRates != nil && (c.LinkRates.DMAGBps <= 0 || c.LinkRates.ZeroCopyGBps <= 0 || c.LinkRates.ReactionUs < 0):
+			t.Fatalf("accepted link_rates %+v", *c.LinkRates)
 		case c.Prefetch == nil:
 			t.Fatal("prefetch default not filled in")
 		}

@@ -30,18 +30,17 @@ import (
 // waits (a layer waiting inside a replay must not wait on other pins).
 var closedStop = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
 
-// resolveGraphMisses is Config.GraphMisses with "auto" decided by the
-// expert size.
+// resolveGraphMisses is Config.GraphMisses with "auto" decided by
+// ChooseGraphMisses from the measured link rates and the expert size.
 func (e *Engine) resolveGraphMisses() string {
 	if e.cfg.GraphMisses != "auto" {
 		return e.cfg.GraphMisses
 	}
-	if e.lay != nil && e.lay.SlotBytes >= CopyMissesFrom {
-		if _, ok := e.be.(backend.CopyGraphs); ok {
-			return "copy"
-		}
+	if e.lay == nil {
+		return "read"
 	}
-	return "read"
+	_, copyMode := e.be.(backend.CopyGraphs)
+	return ChooseGraphMisses(e.lay.SlotBytes, e.cfg.LinkRates, copyMode)
 }
 
 // graphMissesNow is resolveGraphMisses under the engine's lock.

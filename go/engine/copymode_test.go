@@ -229,3 +229,64 @@ func TestCloseAnswersEveryLayerOfPendingCopyModeReplays(t *testing.T) {
 	assert.Equal(t, want, be.answers, "each pending replay's layers, answered in order")
 	runtime.KeepAlive(ios)
 }
+
+func TestChooseGraphMissesRestsOnTheMeasuredRates(t *testing.T) {
+	const qwen3, mixtral = 9_437_184, 352 << 20                             // expert bytes
+	slowZC := &LinkRates{DMAGBps: 52, ZeroCopyGBps: 33, ReactionUs: 20}     // the 2026-12-06 H100 host
+	fastZC := &LinkRates{DMAGBps: 54.7, ZeroCopyGBps: 50.6, ReactionUs: 20} // earlier H100 hosts
+	for _, tc := range []struct {
+		name     string
+		bytes    int64
+		rates    *LinkRates
+		copyMode bool
+		want     string
+	}{
+		{"fine-grained experts, zero-copy well below DMA: copy", qwen3, slowZC, true, "copy"},
+		{"fine-grained experts, zero-copy near DMA: read in place", qwen3, fastZC, true, "read"},
+		{"big experts, zero-copy near DMA: copy", mixtral, fastZC, true, "copy"},
+		{"zero-copy faster than DMA: never copy", mixtral, &LinkRates{DMAGBps: 30, ZeroCopyGBps: 50, ReactionUs: 0}, true, "read"},
+		{"slow reaction: reading in place wins for small experts", 1 << 20, &LinkRates{DMAGBps: 52, ZeroCopyGBps: 33, ReactionUs: 500}, true, "read"},
+		{"not measured: by size, small", qwen3, nil, true, "read"},
+		{"not measured: by size, big", CopyMissesFrom, nil, true, "copy"},
+		{"no copy mode", mixtral, slowZC, false, "read"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			assert.Equal(t, tc.want, ChooseGraphMisses(tc.bytes, tc.rates, tc.copyMode))
+		})
+	}
+}
+
+func TestLinkRatesReachThePlanAndAutoUsesThem(t *testing.T) {
+	for _, tc := range []struct {
+		rates *LinkRates
+		want  string
+	}{
+		{nil, "read"}, // 4 KiB experts, not measured: read in place
+		{&LinkRates{DMAGBps: 52, ZeroCopyGBps: 1, ReactionUs: 0}, "copy"},
+	} {
+		e, err := New(Config{BudgetBytes: 8 * 4096, MaxSlots: 8, LinkRates: tc.rates})
+		require.NoError(t, err)
+		bf16Model(t, e, 2, 4)
+		e.NewBackend = func(Config) (backend.Backend, error) { return &silentCopies{CPU: backend.NewCPU(1)}, nil }
+		p, err := e.Configure(Setup{Layout: mixtralSpec})
+		require.NoError(t, err)
+		assert.Equal(t, tc.want, p.GraphMisses)
+		assert.Equal(t, tc.rates, p.LinkRates)
+		require.NoError(t, e.Close())
+	}
+}
+
+func TestLinkRatesAreValidated(t *testing.T) {
+	for _, bad := range []string{
+		`{"budget_bytes": 1, "link_rates": {"dma_gbps": 0, "zero_copy_gbps": 33}}`,
+		`{"budget_bytes": 1, "link_rates": {"dma_gbps": 52, "zero_copy_gbps": -1}}`,
+		`{"budget_bytes": 1, "link_rates": {"dma_gbps": 52, "zero_copy_gbps": 33, "reaction_us": -5}}`,
+		`{"budget_bytes": 1, "link_rates": {"dma_gbps": 52, "zero_copy": 33}}`,
+	} {
+		_, err := ParseConfig([]byte(bad))
+		assert.ErrorIs(t, err, ErrInvalid, bad)
+	}
+	c, err := ParseConfig([]byte(`{"budget_bytes": 1, "link_rates": {"dma_gbps": 52, "zero_copy_gbps": 33, "reaction_us": 20}}`))
+	require.NoError(t, err)
+	assert.Equal(t, &LinkRates{DMAGBps: 52, ZeroCopyGBps: 33, ReactionUs: 20}, c.LinkRates)
+}

@@ -419,6 +419,7 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 	go e.dispatch()
 	plan.GraphMisses = e.resolveGraphMisses()
 	plan.Executor = e.executorPlan(s.FFN)
+	plan.LinkRates = e.cfg.LinkRates
 	e.plan = plan
 	e.configured = true
 	return plan, nil

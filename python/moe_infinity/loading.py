@@ -650,8 +650,12 @@ def from_pretrained(
             policy must value a missed expert than its victim to copy it
             in, default 1.0; ``graph_misses``: how CUDA-graph decode
             steps get missed experts, ``"read"`` in place, ``"copy"`` by
-            the copy engine, default ``"auto"``: copy from 32 MiB per
-            expert; ``prefetch_confidence``,
+            the copy engine, default ``"auto"``: the engine compares
+            copying (its reaction plus the bytes at the DMA rate) with reading
+            in place (the bytes at the zero-copy rate) using ``link_rates``
+            (``{"dma_gbps", "zero_copy_gbps", "reaction_us"}`` measured on
+            this machine, e.g. by benchmarks/zero_copy.py), and without them
+            copies from 32 MiB per expert; ``prefetch_confidence``,
             ``prefetch_min_evidence``, ``prefetch_min_token_share``: the
             prefetch planner's filters, 0 = default, negative = off).
         **hf_kwargs: passed to transformers' ``from_pretrained``.
