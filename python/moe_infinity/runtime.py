@@ -297,8 +297,6 @@ class OffloadRuntime:
         self.kernels = bool(kernels and ex["kernels"])
         self.mapped = bool(self.kernels and ex["mapped"])
         self.ffn_hidden, self.ffn_inter, self.ffn_dtype = int(ex["hidden"]), int(ex["inter"]), int(ex["dtype"])
-        # The executor's host paths may hand back every expert of a layer.
-        self._host_batched = family.style == "fused"
         self._scratch: dict[int, torch.Tensor] = {}
         self._raw_stream = _raw_stream_getter(self.device) if self.device.type == "cuda" else (lambda: 0)
         for layer in layers:
@@ -474,7 +472,7 @@ class OffloadRuntime:
         a.flags = (
             (0 if self.mapped and self.routing_log is None else _native.LAYER_NO_MAPPED)
             | (0 if self.kernels else _native.LAYER_NO_KERNELS)
-            | (_native.LAYER_HOST_BATCHED if self._host_batched and self._impl(layer.module) != "eager" else 0)
+            | (_native.LAYER_HOST_BATCHED if self._impl(layer.module) != "eager" else 0)
         )
         a.topk = topk.data_ptr()
         idx_host = topk if topk.device.type == "cpu" else None
