@@ -1,6 +1,8 @@
 // Package dtype describes tensor element types as they appear in Hugging Face
 // safetensors checkpoints and in PyTorch, and converts between the floating
-// point types used for expert weights (F32, F16, BF16).
+// point types used for expert weights (F32, F16, BF16). It also decodes the
+// narrow formats of quantized checkpoints (float8_e4m3fn, float8_e5m2, e2m1
+// and e8m0) to float32.
 package dtype
 
 import (

@@ -47,9 +47,13 @@ type MoEModule struct {
 	// Fused reports the fused layout: one tensor per role whose dimension 0
 	// is the expert index. Otherwise every expert has its own tensors.
 	Fused bool
+	// Quant lists the quantized weights (FP8 block-scaled or MXFP4), each
+	// pairing two of Roles, sorted by Name; empty for an unquantized module.
+	Quant []QuantWeight
 
-	fused   []*Tensor   // Fused: tensor per role, aligned with Roles
-	experts [][]*Tensor // !Fused: [expert][role index]
+	quantIssues map[string]string // weight name -> why its roles are not a QuantWeight
+	fused       []*Tensor         // Fused: tensor per role, aligned with Roles
+	experts     [][]*Tensor       // !Fused: [expert][role index]
 }
 
 // Part is one expert's piece of one role.
@@ -118,6 +122,11 @@ func (m *MoEModule) Part(expert int, role string) (Part, error) {
 // lacking a role that other experts have; a role whose shape or dtype
 // differs across experts; a fused tensor with ndim < 2 or dimension 0 of 0;
 // fused roles with different dimension 0. Returns ErrClosed after Close.
+//
+// Roles holding a quantized weight and its scales (FP8 block-scaled or
+// MXFP4, see QuantFormat) are also paired into MoEModule.Quant; a role that
+// looks quantized but does not fit is left plain and never fails Experts
+// (MoEModule.QuantPart says why it is missing).
 func (c *Checkpoint) Experts() (*ExpertIndex, error) {
 	c.mu.RLock()
 	if c.closed {
@@ -188,6 +197,7 @@ func buildExpertIndex(ts []*Tensor) (*ExpertIndex, error) {
 		if err != nil {
 			return nil, err
 		}
+		m.indexQuant()
 		x.Modules = append(x.Modules, m)
 	}
 	sort.Slice(x.Modules, func(i, j int) bool { return naturalLess(x.Modules[i].Prefix, x.Modules[j].Prefix) })

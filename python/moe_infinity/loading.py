@@ -598,6 +598,48 @@ def _check_expert_count(config: Any, family: Family, modules: list[dict[str, Any
             )
 
 
+# -- quantization --------------------------------------------------------------------------
+
+#: quant_method values of checkpoints whose experts the engine can index (FP8 block-scaled,
+#: MXFP4); serving them is not wired yet.
+RECOGNISED_QUANT_METHODS = ("fp8", "mxfp4")
+
+#: transformers keyword arguments that quantize a model at load time.
+_QUANTIZING_KWARGS = ("quantization_config", "load_in_8bit", "load_in_4bit")
+
+
+def _quant_method(qc: Any) -> str:
+    """The quant_method of a quantization_config (a dict or a transformers config object)."""
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    method = getattr(method, "value", method)  # transformers' QuantizationMethod enum
+    return str(method) if method is not None else "unknown"
+
+
+def _check_quantization(config: Any, hf_kwargs: dict[str, Any] | None = None) -> None:
+    """UnsupportedError for a quantized checkpoint or a request to quantize at load time.
+
+    moe_infinity serves unquantized experts (float32, float16, bfloat16); the message says so
+    and names the quantization found.
+    """
+    supported = "moe_infinity serves unquantized checkpoints (float32, float16 or bfloat16 experts)"
+    for key in _QUANTIZING_KWARGS:
+        if hf_kwargs and hf_kwargs.get(key) not in (None, False):
+            raise UnsupportedError(f"{key}= quantizes the model at load time, which is not supported: {supported}")
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return
+    method = _quant_method(qc)
+    if method in RECOGNISED_QUANT_METHODS:
+        raise UnsupportedError(
+            f"the checkpoint is quantized (quantization_config.quant_method={method!r}); {method} experts are "
+            f"recognised but not served yet: {supported}"
+        )
+    raise UnsupportedError(
+        f"the checkpoint is quantized with quant_method={method!r}, which is not supported: {supported}; "
+        f"quantized formats planned: {', '.join(RECOGNISED_QUANT_METHODS)}"
+    )
+
+
 # -- public API --------------------------------------------------------------------------
 
 
@@ -666,6 +708,7 @@ def from_pretrained(
     config_kwargs = {k: hf_kwargs[k] for k in ("trust_remote_code", "revision") if k in hf_kwargs}
     config = AutoConfig.from_pretrained(path, **config_kwargs)
     family = family_for(getattr(config, "model_type", ""))
+    _check_quantization(config, hf_kwargs)
     if "device_map" in hf_kwargs:
         raise InvalidArgumentError("device_map is managed by moe_infinity; choose the device with device='cpu' or 'cuda'")
     dev = _resolve_device(device)
@@ -716,6 +759,7 @@ def offload(
     expert parameters. With a GPU the rest of the model moves to it.
     """
     family = family_for(getattr(model.config, "model_type", ""))
+    _check_quantization(model.config)
     dev = _resolve_device(device)
     budget = _budget(device_memory, dev)
     trace = Path(trace_path) if trace_path else None
