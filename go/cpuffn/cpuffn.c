@@ -251,7 +251,7 @@ void cpuffn_prepare(const cpuffn_job *j) {
 	for (int64_t c = 0; c < j->T * j->H; c++) xf[c] = of_dt(x[c], (int)j->f16);
 }
 
-void cpuffn_gateup(const cpuffn_job *j, int64_t i0, int64_t i1) {
+static void gateup_rows(const cpuffn_job *j, int64_t i0, int64_t i1) {
 	const int f16 = (int)j->f16, bvec = bf16vecs(j);
 	const int64_t H = j->H, I = j->I, K = j->K;
 	const int32_t *order = (const int32_t *)(uintptr_t)j->order;
@@ -286,7 +286,7 @@ void cpuffn_gateup(const cpuffn_job *j, int64_t i0, int64_t i1) {
 	}
 }
 
-void cpuffn_down(const cpuffn_job *j, int64_t r0, int64_t r1, int64_t worker) {
+static void down_rows(const cpuffn_job *j, int64_t r0, int64_t r1, int64_t worker) {
 	const int f16 = (int)j->f16, bvec = bf16vecs(j);
 	const int64_t H = j->H, I = j->I, K = j->K, P = j->P;
 	const int32_t *order = (const int32_t *)(uintptr_t)j->order;
@@ -327,6 +327,22 @@ void cpuffn_down(const cpuffn_job *j, int64_t r0, int64_t r1, int64_t worker) {
 				out[t * H + rb + rr] = to_dt(acc, f16);
 			}
 		}
+	}
+}
+
+void cpuffn_gateup(cpuffn_job *j) {
+	for (;;) {
+		int64_t lo = __atomic_fetch_add(&j->next, j->chunk, __ATOMIC_RELAXED);
+		if (lo >= j->I) return;
+		gateup_rows(j, lo, lo + j->chunk < j->I ? lo + j->chunk : j->I);
+	}
+}
+
+void cpuffn_down(cpuffn_job *j, int64_t worker) {
+	for (;;) {
+		int64_t lo = __atomic_fetch_add(&j->next, j->chunk, __ATOMIC_RELAXED);
+		if (lo >= j->H) return;
+		down_rows(j, lo, lo + j->chunk < j->H ? lo + j->chunk : j->H, worker);
 	}
 }
 

@@ -298,37 +298,29 @@ func (k *Kernel) Run(p Problem) error {
 	if !bf16 {
 		C.cpuffn_prepare(j)
 	}
-	k.split(p.Inter, func(lo, hi int64, _ int) { C.cpuffn_gateup(j, C.int64_t(lo), C.int64_t(hi)) })
-	k.split(p.Hidden, func(lo, hi int64, w int) { C.cpuffn_down(j, C.int64_t(lo), C.int64_t(hi), C.int64_t(w)) })
+	k.phase(j, p.Inter, func(w int) { C.cpuffn_gateup(j) })
+	k.phase(j, p.Hidden, func(w int) { C.cpuffn_down(j, C.int64_t(w)) })
 	return nil
 }
 
-// split runs f over [0, n) cut into at most k.threads chunks of whole
-// CPUFFN_RB-row blocks, one goroutine (one cgo call) per chunk, and waits.
-func (k *Kernel) split(n int64, f func(lo, hi int64, worker int)) {
+// phase runs one phase over n rows: min(threads, chunks) workers, one
+// goroutine (one cgo call) each, the caller's goroutine being the last,
+// take chunks of rows from the job's counter until none are left. Chunks
+// are about an eighth of a worker's even share, whole CPUFFN_RB blocks.
+func (k *Kernel) phase(j *C.cpuffn_job, n int64, f func(worker int)) {
 	const rb = C.CPUFFN_RB
-	blocks := (n + rb - 1) / rb
-	chunks := min(int64(k.threads), blocks)
-	if chunks <= 1 {
-		f(0, n, 0)
-		return
-	}
+	chunk := max((n/int64(8*k.threads)+rb-1)/rb*rb, rb)
+	j.next, j.chunk = 0, C.int64_t(chunk)
+	workers := int(min(int64(k.threads), (n+chunk-1)/chunk))
 	var wg sync.WaitGroup
-	for w := int64(0); w < chunks; w++ {
-		lo, hi := blocks*w/chunks*rb, min(blocks*(w+1)/chunks*rb, n)
-		if lo >= hi {
-			continue
-		}
-		if w == chunks-1 {
-			f(lo, hi, int(w)) // the calling goroutine takes the last chunk
-			continue
-		}
+	for w := range workers - 1 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			f(lo, hi, int(w))
+			f(w)
 		}()
 	}
+	f(workers - 1)
 	wg.Wait()
 }
 

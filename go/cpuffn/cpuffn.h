@@ -27,12 +27,18 @@ typedef struct {
 	uint64_t gstart;          // [G + 1] int64: group g is order[gstart[g]:gstart[g+1]]
 	uint64_t ggate, gup, gdown; // [G] uint64: each group's gate [I, H], up [I, H], down [H, I] rows
 	uint64_t y;               // [workers][P * CPUFFN_RB] float32 down-projection scratch
+	int64_t next;             // the next row a worker of the running phase takes (atomic)
+	int64_t chunk;            // rows a worker takes at a time (a multiple of CPUFFN_RB)
 } cpuffn_job;
 
 int cpuffn_supported(int isa);
 void cpuffn_prepare(const cpuffn_job *j);
-void cpuffn_gateup(const cpuffn_job *j, int64_t i0, int64_t i1);
-void cpuffn_down(const cpuffn_job *j, int64_t r0, int64_t r1, int64_t worker);
+// The two phases. Each worker of a phase makes one call, which takes
+// chunks of rows (j->chunk at a time, from j->next, which the caller sets
+// to 0 before the phase) until none are left: a worker slowed down by a
+// busy core takes fewer rows instead of holding the others up.
+void cpuffn_gateup(cpuffn_job *j);
+void cpuffn_down(cpuffn_job *j, int64_t worker);
 double cpuffn_sum(uint64_t buf, int64_t nbytes, int isa);
 
 #endif
