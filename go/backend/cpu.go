@@ -2,6 +2,8 @@ package backend
 
 import (
 	"fmt"
+
+	"github.com/moe-infinity/moe_infinity/go/cpuffn"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -21,6 +23,10 @@ type CPU struct {
 	// ReferenceKernels: Capabilities offers the reference FFN and mapped
 	// mode to the engine's executor (set before Open).
 	ReferenceKernels bool
+	// ExpertThreads, when > 0, makes FFN run the SIMD expert kernels
+	// (package cpuffn) on that many threads, and Capabilities offer them to
+	// the engine's executor (set before Open). 0: FFN is ReferenceFFN.
+	ExpertThreads int
 
 	workers int
 
@@ -37,6 +43,7 @@ type CPU struct {
 	wg        sync.WaitGroup
 	mapped    atomic.Pointer[MapTable] // set by EnableMapped
 	capture   cpuCapture
+	simd      *cpuffn.Kernel // ExpertThreads' kernel, made at the first FFN
 }
 
 // NewCPU returns a CPU backend with the given number of copy workers
@@ -164,11 +171,17 @@ func (c *CPU) Load(slot, layer, expert int, urgent bool) Transfer {
 // paths: on the CPU, transformers' own expert code computes the experts,
 // unless ReferenceKernels asks for them (then with the CUDA backend's pair
 // limit, so that the executor makes the choices it makes on a GPU).
+//
+// ExpertThreads offers the SIMD expert kernels (ExpertKernels) without
+// mapped mode: they read experts in slots only.
 func (c *CPU) Capabilities() Capabilities {
-	if !c.ReferenceKernels {
-		return Capabilities{}
+	if c.ReferenceKernels {
+		return Capabilities{ExpertKernels: true, Mapped: true, MaxMappedPairs: CPUMappedPairs}
 	}
-	return Capabilities{ExpertKernels: true, Mapped: true, MaxMappedPairs: CPUMappedPairs}
+	if c.ExpertThreads > 0 {
+		return Capabilities{ExpertKernels: true}
+	}
+	return Capabilities{}
 }
 
 // CPUMappedPairs is the pair limit the CPU backend reports with
@@ -227,6 +240,9 @@ func (c *CPU) Close() error {
 	c.wg.Wait()
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.simd != nil {
+		c.simd.Close()
+	}
 	if c.arena != nil {
 		err := syscall.Munmap(c.arena)
 		c.arena = nil

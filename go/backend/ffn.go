@@ -114,11 +114,33 @@ func ptrOf(addr uint64) unsafe.Pointer { return *(*unsafe.Pointer)(unsafe.Pointe
 // hostSlice views host memory at addr as n bytes.
 func hostSlice(addr uint64, n int64) []byte { return unsafe.Slice((*byte)(ptrOf(addr)), n) }
 
-// FFN computes the expert FFN on the CPU: the reference for every other
-// backend's kernels (same formula, float32 accumulation, and the same
-// rounding to the activation dtype after each projection and the gate as
-// transformers' bfloat16/float16 expert code).
+// FFN computes the expert FFN on the CPU. With ExpertThreads set and
+// every expert the call reads in the slots, the SIMD kernels of package
+// cpuffn compute it (see there for how their sums differ from the
+// reference's); otherwise, and always for rows outside the slots (mapped
+// mode's checkpoint pages, which can fault and are read only under the
+// source's guard), ReferenceFFN does.
 func (c *CPU) FFN(a FFNArgs) error {
+	if k := c.expertKernel(); k != nil {
+		if p, ok, err := c.simdProblem(a); err != nil {
+			return fmt.Errorf("backend cpu: %w", err)
+		} else if ok {
+			if err := k.Run(p); err != nil {
+				return fmt.Errorf("backend cpu: %w", err)
+			}
+			return nil
+		}
+	}
+	return c.ReferenceFFN(a)
+}
+
+// ReferenceFFN computes the expert FFN in plain Go: the reference for
+// every backend's kernels, the SIMD ones included (same formula, float32
+// accumulation in index order, and the same rounding to the activation
+// dtype after each projection and the gate as transformers'
+// bfloat16/float16 expert code). Expert rows are read under the source's
+// guard.
+func (c *CPU) ReferenceFFN(a FFNArgs) error {
 	if err := a.Validate(); err != nil {
 		return fmt.Errorf("backend cpu: %w", err)
 	}

@@ -28,16 +28,21 @@ func TestCPUFFNFaultOnExpertRowsIsAnError(t *testing.T) {
 		name            string
 		procs           int
 		faultyGU, fDown bool
+		simdThreads     int
 	}{
-		{"gate/up rows fault, one goroutine", 1, true, false},
-		{"gate/up rows fault, several goroutines", 2, true, false},
-		{"down rows fault, several goroutines", 2, false, true},
+		{"gate/up rows fault, one goroutine", 1, true, false, 0},
+		{"gate/up rows fault, several goroutines", 2, true, false, 0},
+		{"down rows fault, several goroutines", 2, false, true, 0},
+		// Rows outside the slots never reach the unguarded SIMD kernels.
+		{"SIMD kernels on, gate/up rows outside the slots fault", 2, true, false, 2},
+		{"SIMD kernels on, down rows outside the slots fault", 2, false, true, 2},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(tc.procs))
 			src := &patternSource{size: 64}
 			c := NewCPU(1)
+			c.ExpertThreads = tc.simdThreads
 			require.NoError(t, c.Open(1, 64, src))
 			defer c.Close()
 			good := make([]byte, 2*I*H*2)

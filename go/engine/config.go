@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"runtime"
 	"strconv"
 	"strings"
 
@@ -95,10 +96,83 @@ type Config struct {
 	// kernels: the CPU oracle of the GPU paths, for tests. Off by default,
 	// where transformers' code computes every layer (bitwise parity).
 	ReferenceKernels bool `json:"reference_kernels"`
+	// CPUExperts makes the CPU backend compute standard SwiGLU experts
+	// (bfloat16/float16, Setup.FFN "swiglu") with its SIMD kernels
+	// (package cpuffn) from the slots, as a GPU backend's kernels do: the
+	// executor then runs decode layers on PathKernels. JSON: "off" (the
+	// default), "auto" (one thread per core) or a thread count from 1 to
+	// MaxCPUExpertThreads. Mapped mode stays off unless ReferenceKernels.
+	CPUExperts CPUExperts `json:"cpu_experts"`
 	// LinkRates are measured rates of this machine's host→device link;
 	// GraphMisses "auto" chooses from them (ChooseGraphMisses). nil: not
 	// measured, and "auto" falls back to the expert size (CopyMissesFrom).
 	LinkRates *LinkRates `json:"link_rates,omitempty"`
+}
+
+// CPUExperts is Config.CPUExperts: CPUExpertsOff (the zero value),
+// CPUExpertsAuto, or a thread count > 0.
+type CPUExperts int
+
+const (
+	// CPUExpertsOff: transformers' code computes the experts on the CPU.
+	CPUExpertsOff CPUExperts = 0
+	// CPUExpertsAuto: the SIMD kernels on one thread per core.
+	CPUExpertsAuto CPUExperts = -1
+	// MaxCPUExpertThreads bounds a thread count given as a number.
+	MaxCPUExpertThreads = 1024
+)
+
+// cpuExpertsSetting lists CPUExperts' names; a number is the other form.
+var cpuExpertsSetting = nameSetting{"cpu_experts", "CPU expert mode (or a thread count)", []string{"off", "auto"}}
+
+// UnmarshalJSON takes "off", "auto" (exact names, see nameSetting) or an
+// integer thread count from 1 to MaxCPUExpertThreads.
+func (c *CPUExperts) UnmarshalJSON(b []byte) error {
+	s := strings.TrimSpace(string(b))
+	switch {
+	case s == "null":
+		return cpuExpertsSetting.invalid(nil)
+	case strings.HasPrefix(s, `"`):
+		var name string
+		if err := json.Unmarshal(b, &name); err != nil {
+			return fmt.Errorf("%w: cpu_experts: %v", ErrInvalid, err)
+		}
+		name, err := cpuExpertsSetting.parse(name, true)
+		if err != nil {
+			return err
+		}
+		*c = CPUExpertsOff
+		if name == "auto" {
+			*c = CPUExpertsAuto
+		}
+		return nil
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n < 1 || n > MaxCPUExpertThreads {
+		return fmt.Errorf("%w: cpu_experts: %s is neither \"off\", \"auto\" nor a thread count from 1 to %d", ErrInvalid, s, MaxCPUExpertThreads)
+	}
+	*c = CPUExperts(n)
+	return nil
+}
+
+// MarshalJSON writes the form UnmarshalJSON reads.
+func (c CPUExperts) MarshalJSON() ([]byte, error) {
+	switch {
+	case c == CPUExpertsAuto:
+		return []byte(`"auto"`), nil
+	case c <= 0:
+		return []byte(`"off"`), nil
+	}
+	return []byte(strconv.Itoa(int(c))), nil
+}
+
+// Threads is the CPU backend's ExpertThreads for c: 0 (off), the number
+// of cores (auto), or the count.
+func (c CPUExperts) Threads() int {
+	if c == CPUExpertsAuto {
+		return runtime.NumCPU()
+	}
+	return max(int(c), 0)
 }
 
 // LinkRates are the measured rates of the host→device link that the choice
@@ -313,6 +387,8 @@ func (c Config) withDefaults() (Config, error) {
 		return c, fmt.Errorf("%w: workers must be >= 0 (got %d)", ErrInvalid, c.Workers)
 	case *c.AdmitMargin < 0 || math.IsNaN(*c.AdmitMargin) || math.IsInf(*c.AdmitMargin, 0):
 		return c, fmt.Errorf("%w: admit_margin must be a finite number >= 0 (got %v)", ErrInvalid, *c.AdmitMargin)
+	case c.CPUExperts < CPUExpertsAuto || c.CPUExperts > MaxCPUExpertThreads:
+		return c, fmt.Errorf("%w: cpu_experts must be off (0), auto (-1) or a thread count from 1 to %d (got %d)", ErrInvalid, MaxCPUExpertThreads, int(c.CPUExperts))
 	case c.MaxSlots < 0:
 		return c, fmt.Errorf("%w: max_slots must be >= 0 (got %d)", ErrInvalid, c.MaxSlots)
 	}

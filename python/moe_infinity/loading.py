@@ -688,6 +688,11 @@ def from_pretrained(
             transformers' own expert code everywhere.
         engine_options: advanced engine settings (``eamc_capacity``,
             ``matches``, ``prefetch_window``, ``workers``, ``max_slots``,
+            ``cpu_experts``: on the CPU backend, ``"off"`` (default),
+            ``"auto"`` or a thread count: bfloat16/float16 SwiGLU decode
+            layers run the engine's SIMD expert kernels from the cache's
+            slots instead of transformers' code (outputs then match it
+            within bfloat16/float16 rounding, not bitwise);
             ``admit_margin``: in mapped mode, how much more the eviction
             policy must value a missed expert than its victim to copy it
             in, default 1.0; ``graph_misses``: how CUDA-graph decode
