@@ -3,7 +3,6 @@ package backend
 import (
 	"fmt"
 
-	"github.com/moe-infinity/moe_infinity/go/cpuffn"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -43,7 +42,7 @@ type CPU struct {
 	wg        sync.WaitGroup
 	mapped    atomic.Pointer[MapTable] // set by EnableMapped
 	capture   cpuCapture
-	simd      *cpuffn.Kernel // ExpertThreads' kernel, made at the first FFN
+	simd      ffnKernel // ExpertThreads' kernel, made at the first FFN (nil without cgo)
 }
 
 // NewCPU returns a CPU backend with the given number of copy workers
@@ -251,4 +250,14 @@ func (c *CPU) Close() error {
 		}
 	}
 	return nil
+}
+
+// ffnKernel is a faster expert FFN for the CPU backend: the SIMD kernels of
+// package cpuffn in cgo builds (cpu_simd.go); none without cgo, where
+// ReferenceFFN computes every call.
+type ffnKernel interface {
+	// ffn computes a when it can (done), or leaves it to ReferenceFFN.
+	ffn(c *CPU, a FFNArgs) (done bool, err error)
+	// Close frees the kernel's memory.
+	Close()
 }

@@ -1,3 +1,5 @@
+//go:build cgo
+
 package backend
 
 import (
@@ -9,17 +11,32 @@ import (
 
 // expertKernel returns the SIMD expert kernel when ExpertThreads asks for
 // one (created at the first call), else nil.
-func (c *CPU) expertKernel() *cpuffn.Kernel {
+func (c *CPU) expertKernel() ffnKernel {
 	if c.ExpertThreads == 0 {
 		return nil
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.simd == nil {
-		c.simd = cpuffn.New(c.ExpertThreads)
+		c.simd = simdKernel{cpuffn.New(c.ExpertThreads)}
 	}
 	return c.simd
 }
+
+// simdKernel is package cpuffn's kernel as the backend's ffnKernel.
+type simdKernel struct{ k *cpuffn.Kernel }
+
+// ffn runs a on the SIMD kernels when every row it reads is in the slots.
+func (s simdKernel) ffn(c *CPU, a FFNArgs) (bool, error) {
+	p, ok, err := c.simdProblem(a)
+	if err != nil || !ok {
+		return false, err
+	}
+	return true, s.k.Run(p)
+}
+
+// Close frees the kernel's workspace.
+func (s simdKernel) Close() { s.k.Close() }
 
 // simdProblem turns a into the SIMD kernels' problem. ok is false when some
 // expert row the call reads lies outside the slots (the kernels read

@@ -122,12 +122,11 @@ func hostSlice(addr uint64, n int64) []byte { return unsafe.Slice((*byte)(ptrOf(
 // source's guard), ReferenceFFN does.
 func (c *CPU) FFN(a FFNArgs) error {
 	if k := c.expertKernel(); k != nil {
-		if p, ok, err := c.simdProblem(a); err != nil {
+		done, err := k.ffn(c, a)
+		if err != nil {
 			return fmt.Errorf("backend cpu: %w", err)
-		} else if ok {
-			if err := k.Run(p); err != nil {
-				return fmt.Errorf("backend cpu: %w", err)
-			}
+		}
+		if done {
 			return nil
 		}
 	}
