@@ -197,3 +197,47 @@ func TestTrackerMatch_Errors(t *testing.T) {
 	require.NoError(t, err)
 	assert.Nil(t, raw, "layer out of range: no prediction")
 }
+
+// TestTrackerMatch_Concurrent runs requests that observe and match while
+// others end into the collection (replacing stored EAMs); under -race it
+// checks the locking, and every match is checked against the full scan.
+func TestTrackerMatch_Concurrent(t *testing.T) {
+	const L, E = 4, 8
+	c, err := NewCollection(L, E, 6)
+	require.NoError(t, err)
+	tr := NewTracker(c)
+	errs := make(chan error, 4)
+	for w := range 4 {
+		go func() {
+			rng := rand.New(rand.NewPCG(uint64(w), 1))
+			for range 30 {
+				id := tr.Begin()
+				for l := range 2 * L {
+					if err := tr.Observe(id, l%L, randRow(rng, E, 2, 3)); err != nil {
+						errs <- err
+						return
+					}
+					if _, err := tr.Match(id, l%L, 3); err != nil {
+						errs <- err
+						return
+					}
+				}
+				if err := tr.End(id); err != nil {
+					errs <- err
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	for range 4 {
+		require.NoError(t, <-errs)
+	}
+	id := tr.Begin()
+	require.NoError(t, tr.Observe(id, 0, []float32{1, 2, 0, 0, 0, 0, 0, 1}))
+	p, _ := tr.Partial(id)
+	got, err := tr.Match(id, 0, 6)
+	require.NoError(t, err)
+	assert.Equal(t, c.Match(p, 0, 6), got)
+	assert.Equal(t, 6, c.Len())
+}
