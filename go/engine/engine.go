@@ -568,8 +568,8 @@ func (e *Engine) planAfter(layer int, reqs []uint64) {
 		return
 	}
 	for _, r := range reqs {
-		if p, ok := e.tracker.Partial(r); ok {
-			e.queue.Update(r, e.planner.Plan(p, layer))
+		if plan, ok := e.planner.PlanRequest(e.tracker, r, layer); ok {
+			e.queue.Update(r, plan)
 		}
 	}
 }

@@ -380,8 +380,8 @@ func (e *Engine) traceMapped(it mappedItem) error {
 	}
 	if len(it.layers) > 1 && e.prefetchOn.Load() && !it.served {
 		for _, r := range it.reqs {
-			if p, ok := e.tracker.Partial(r); ok {
-				e.queue.Update(r, e.planner.PlanNext(p))
+			if plan, ok := e.planner.PlanNextRequest(e.tracker, r); ok {
+				e.queue.Update(r, plan)
 			}
 		}
 	}

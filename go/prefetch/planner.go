@@ -117,6 +117,34 @@ func (p *Planner) PlanNext(partial *trace.EAM) []Candidate {
 	return p.candidates(p.coll.PredictRawAll(partial, max(1, p.Matches)), -1, 0)
 }
 
+// PlanRequest is Plan for request req of tr, whose partial EAM tr matches
+// incrementally (trace.Tracker.PredictRaw) instead of rescanning the
+// collection; tr must retire into the planner's collection (else no
+// plan). ok is false when req is unknown to tr or has ended.
+func (p *Planner) PlanRequest(tr *trace.Tracker, req uint64, layer int) (plan []Candidate, ok bool) {
+	if p == nil || p.coll == nil || tr == nil || tr.Collection() != p.coll {
+		return nil, true
+	}
+	raw, err := tr.PredictRaw(req, layer, max(1, p.Matches))
+	if err != nil {
+		return nil, false
+	}
+	return p.candidates(raw, layer, layer), true
+}
+
+// PlanNextRequest is PlanNext for request req of tr, matched
+// incrementally like PlanRequest.
+func (p *Planner) PlanNextRequest(tr *trace.Tracker, req uint64) (plan []Candidate, ok bool) {
+	if p == nil || p.coll == nil || tr == nil || tr.Collection() != p.coll {
+		return nil, true
+	}
+	raw, err := tr.PredictRawAll(req, max(1, p.Matches))
+	if err != nil {
+		return nil, false
+	}
+	return p.candidates(raw, -1, 0), true
+}
+
 // candidates filters and scores raw's rows after layer; a row's
 // proximity weight is 1 − (row − at)/L, at being the layer the request is
 // at (the next pass starts at 0 with weight 1).

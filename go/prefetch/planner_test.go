@@ -170,3 +170,40 @@ func TestMinTokenShareNeedsTopKAndDropsExpertsFewTokensUse(t *testing.T) {
 	assert.Equal(t, 3.0, p.Confidence)
 	assert.Equal(t, 0.7, p.MinTokenShare)
 }
+
+// TestPlanRequest_EqualsPlan checks that planning from a tracked request
+// (incremental matching) gives the plans Plan and PlanNext give for a copy
+// of its partial EAM, layer by layer, and reports unknown requests.
+func TestPlanRequest_EqualsPlan(t *testing.T) {
+	p := twoRequestPlanner(t)
+	tr := trace.NewTracker(p.coll)
+	id := tr.Begin()
+	routes := []int{3, 2, 0, 1}
+	for l, x := range routes {
+		row := make([]float32, 4)
+		row[x] = 1
+		require.NoError(t, tr.Observe(id, l, row))
+		partial, ok := tr.Partial(id)
+		require.True(t, ok)
+		got, ok := p.PlanRequest(tr, id, l)
+		require.True(t, ok)
+		assert.Equal(t, p.Plan(partial, l), got, "layer %d", l)
+		next, ok := p.PlanNextRequest(tr, id)
+		require.True(t, ok)
+		assert.Equal(t, p.PlanNext(partial), next, "next pass after layer %d", l)
+	}
+	assert.NotEmpty(t, p.PlanNext(func() *trace.EAM { m, _ := tr.Partial(id); return m }()), "the comparison is not vacuous")
+
+	require.NoError(t, tr.End(id))
+	_, ok := p.PlanRequest(tr, id, 0)
+	assert.False(t, ok, "ended request")
+	_, ok = p.PlanNextRequest(tr, id)
+	assert.False(t, ok, "ended request")
+
+	other, err := trace.NewCollection(4, 4, 10)
+	require.NoError(t, err)
+	otr := trace.NewTracker(other)
+	plan, ok := p.PlanRequest(otr, otr.Begin(), 0)
+	assert.True(t, ok)
+	assert.Nil(t, plan, "a tracker of another collection gives no plan")
+}

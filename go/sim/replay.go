@@ -338,8 +338,7 @@ func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
 
 				// (c) prefetch for later layers.
 				if cfg.Prefetch {
-					partial, _ := tr.Partial(id)
-					plan := planner.Plan(partial, l)
+					plan, _ := planner.PlanRequest(tr, id, l)
 					sc.setPlan(plan)
 					issue(c, plan, cfg.PrefetchPerLayer)
 				}

@@ -114,3 +114,83 @@ func BenchmarkTrackerObserve(b *testing.B) {
 		}
 	})
 }
+
+// qwenColl fills a collection of the Qwen3-30B-A3B shape (48 layers x 128
+// experts) to capacity with EAMs of finished requests: ~64 tokens, each
+// routed to top-8 experts per layer.
+func qwenColl(b *testing.B, capacity int, rng *rand.Rand) *Collection {
+	b.Helper()
+	c, err := NewCollection(48, 128, capacity)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for range capacity {
+		m := NewEAM(48, 128)
+		for range 64 {
+			for l := range 48 {
+				addTopK(m.Row(l), rng, 8)
+			}
+		}
+		if err := c.Add(m); err != nil {
+			b.Fatal(err)
+		}
+	}
+	return c
+}
+
+// addTopK adds one token routed to k distinct random experts to row.
+func addTopK(row []float32, rng *rand.Rand, k int) {
+	for _, x := range rng.Perm(len(row))[:k] {
+		row[x]++
+	}
+}
+
+// BenchmarkMatchStep measures one layer's step of a decoding request at
+// the Qwen3-30B-A3B shape with 1000 stored EAMs: observe the layer's
+// routing of one token (top-8) and match the partial EAM over layers
+// [0, layer] (k = 4, the planner's default). "incremental" is
+// Tracker.Observe + Tracker.Match; "fullscan" is Tracker.Observe +
+// Partial + Collection.Match, the rescan it replaces. The request has
+// already decoded 32 tokens, and layers advance 0..47 and wrap.
+func BenchmarkMatchStep(b *testing.B) {
+	rng := rand.New(rand.NewPCG(11, 13))
+	c := qwenColl(b, 1000, rng)
+	rows := make([][]float32, 48*16)
+	for i := range rows {
+		rows[i] = make([]float32, 128)
+		addTopK(rows[i], rng, 8)
+	}
+	for _, mode := range []string{"incremental", "fullscan"} {
+		b.Run("L48xE128/cap1000/"+mode, func(b *testing.B) {
+			tr := NewTracker(c)
+			id := tr.Begin()
+			for i := range 32 * 48 {
+				if err := tr.Observe(id, i%48, rows[i%len(rows)]); err != nil {
+					b.Fatal(err)
+				}
+			}
+			if _, err := tr.Match(id, 47, 4); err != nil { // warm: build the matcher
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			i := 0
+			for b.Loop() {
+				l := i % 48
+				if err := tr.Observe(id, l, rows[i%len(rows)]); err != nil {
+					b.Fatal(err)
+				}
+				var ms []Match
+				if mode == "incremental" {
+					ms, _ = tr.Match(id, l, 4)
+				} else {
+					p, _ := tr.Partial(id)
+					ms = c.Match(p, l, 4)
+				}
+				if len(ms) != 4 {
+					b.Fatal("no matches")
+				}
+				i++
+			}
+		})
+	}
+}

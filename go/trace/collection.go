@@ -57,6 +57,18 @@ type Collection struct {
 	// merge.go). Stored EAMs are never mutated, only replaced, so
 	// entries may be shared read-only with the collections SaveFile builds.
 	synced map[string]map[uint64]int
+
+	// version counts the changes of entries (appends and replacements);
+	// changed[(v-1)%changeLogLen] is the index that change v stored, so a
+	// Matcher can catch up on the last changeLogLen changes one entry at
+	// a time (matcher.go).
+	version uint64
+	changed [changeLogLen]int
+	// cols is the transpose of the stored counts, built on first use by a
+	// Matcher: cols[(l*Experts+x)*capacity+i] = entries[i] count of
+	// (layer l, expert x), so one query count meets every stored EAM in
+	// one contiguous run. nil until then; never reset.
+	cols []float32
 }
 
 // NewCollection returns an empty collection for EAMs of layers x experts
@@ -132,18 +144,24 @@ func (c *Collection) Add(m *EAM) error {
 // owned by the collection from now on) under Add's replacement rule. The
 // caller holds c.mu for writing.
 func (c *Collection) insertLocked(e entry) {
-	if len(c.entries) < c.capacity {
+	at := len(c.entries)
+	if at < c.capacity {
 		c.entries = append(c.entries, e)
-		return
-	}
-	sims := c.similarities(newQuery(e.m, c.layers-1), c.layers-1)
-	best := 0
-	for i, s := range sims {
-		if s > sims[best] {
-			best = i
+	} else {
+		sims := c.similarities(newQuery(e.m, c.layers-1), c.layers-1)
+		at = 0
+		for i, s := range sims {
+			if s > sims[at] {
+				at = i
+			}
 		}
+		c.entries[at] = e
 	}
-	c.entries[best] = e
+	c.version++
+	c.changed[(c.version-1)%changeLogLen] = at
+	if c.cols != nil {
+		c.setColLocked(at)
+	}
 }
 
 // Snapshot returns deep copies of the stored EAMs in index order.
@@ -214,9 +232,13 @@ func (c *Collection) matchLocked(partial *EAM, upto int, k int) []Match {
 	if upto < 0 {
 		return nil
 	}
-	k = min(k, len(c.entries))
-	sims := c.similarities(newQuery(partial, upto), upto)
+	return topMatches(c.similarities(newQuery(partial, upto), upto), k)
+}
 
+// topMatches returns the min(k, len(sims)) best (index, similarity) pairs
+// of sims, best first (ties: lower index first); k >= 1.
+func topMatches(sims []float64, k int) []Match {
+	k = min(k, len(sims))
 	// Bounded heap of the k best so far; the root is the worst of them.
 	h := make([]Match, 0, k)
 	for i, s := range sims {
@@ -343,7 +365,13 @@ func (c *Collection) PredictRawAll(partial *EAM, k int) *EAM {
 func (c *Collection) predictRows(partial *EAM, layer, from int, k int) *EAM {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
-	ms := c.matchLocked(partial, layer, k)
+	return c.sumRowsLocked(c.matchLocked(partial, layer, k), from)
+}
+
+// sumRowsLocked sums rows from..L-1 of the matched EAMs of ms (sorted best
+// first) that have positive similarity; nil when none has. The caller holds
+// c.mu and computed ms under the same lock.
+func (c *Collection) sumRowsLocked(ms []Match, from int) *EAM {
 	for len(ms) > 0 && ms[len(ms)-1].Similarity <= 0 {
 		ms = ms[:len(ms)-1] // sorted best first: non-positive ones are at the tail
 	}

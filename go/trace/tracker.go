@@ -16,7 +16,8 @@ var ErrUnknownRequest = errors.New("trace: unknown request")
 type live struct {
 	mu   sync.Mutex
 	m    *EAM
-	done bool // set by End/Abort; later Observe calls fail
+	done bool    // set by End/Abort; later Observe calls fail
+	mt   matcher // incremental match state of m (matcher.go)
 }
 
 // Tracker holds the live EAMs of in-flight requests and the collection they
@@ -93,9 +94,71 @@ func (t *Tracker) Observe(req uint64, layer int, counts []float32) error {
 		return fmt.Errorf("%w: %d (ended)", ErrUnknownRequest, req)
 	}
 	row := l.m.Row(layer)
+	base := layer * t.coll.experts
+	limit := maxPendingFactor * len(l.m.Counts)
 	for e, v := range counts {
+		if v == 0 {
+			continue
+		}
+		old := row[e]
 		row[e] += v
+		if row[e] != old {
+			l.mt.observe(base+e, old, row[e], limit)
+		}
 	}
+	return nil
+}
+
+// Match is Collection().Match of req's live EAM over layers [0, upto],
+// computed incrementally: each call only accounts for the counts observed
+// since the previous one and for the stored EAMs added or replaced since
+// (see matcher.go; for integer counts the result is exactly Match's). It
+// returns an error wrapping ErrUnknownRequest for an unknown or ended req.
+func (t *Tracker) Match(req uint64, upto, k int) ([]Match, error) {
+	var out []Match
+	err := t.withMatches(req, upto, k, func(ms []Match) { out = ms })
+	return out, err
+}
+
+// PredictRaw is Collection().PredictRaw of req's live EAM, matched
+// incrementally like Match. A nil matrix with a nil error means nothing
+// matches.
+func (t *Tracker) PredictRaw(req uint64, layer, k int) (*EAM, error) {
+	if layer < 0 || layer >= t.coll.layers {
+		if _, err := t.lookup(req); err != nil {
+			return nil, err
+		}
+		return nil, nil
+	}
+	var out *EAM
+	err := t.withMatches(req, layer, k, func(ms []Match) { out = t.coll.sumRowsLocked(ms, layer+1) })
+	return out, err
+}
+
+// PredictRawAll is Collection().PredictRawAll of req's live EAM (the
+// prediction of its next pass), matched incrementally like Match.
+func (t *Tracker) PredictRawAll(req uint64, k int) (*EAM, error) {
+	var out *EAM
+	err := t.withMatches(req, t.coll.layers-1, k, func(ms []Match) { out = t.coll.sumRowsLocked(ms, 0) })
+	return out, err
+}
+
+// withMatches matches req's live EAM over [0, upto] and calls use with
+// the result while still holding the collection's read lock, so that the
+// indices stay valid.
+func (t *Tracker) withMatches(req uint64, upto, k int, use func([]Match)) error {
+	l, err := t.lookup(req)
+	if err != nil {
+		return err
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.done {
+		return fmt.Errorf("%w: %d (ended)", ErrUnknownRequest, req)
+	}
+	t.coll.rlockCols()
+	defer t.coll.mu.RUnlock()
+	use(t.coll.matchIncLocked(&l.mt, l.m, upto, k))
 	return nil
 }
 
