@@ -65,6 +65,21 @@ func (t *Tracker) lookup(req uint64) (*live, error) {
 	return l, nil
 }
 
+// lockLive returns req's entry locked (the caller unlocks l.mu), or an
+// error wrapping ErrUnknownRequest when req is unknown or has ended.
+func (t *Tracker) lockLive(req uint64) (*live, error) {
+	l, err := t.lookup(req)
+	if err != nil {
+		return nil, err
+	}
+	l.mu.Lock()
+	if l.done {
+		l.mu.Unlock()
+		return nil, fmt.Errorf("%w: %d (ended)", ErrUnknownRequest, req)
+	}
+	return l, nil
+}
+
 // Observe adds counts (one entry per expert: the number of tokens routed to
 // that expert, finite and >= 0) to row layer of req's EAM. Calls accumulate,
 // so prefill and every decode step are all counted. It returns an error
@@ -84,15 +99,11 @@ func (t *Tracker) Observe(req uint64, layer int, counts []float32) error {
 			return fmt.Errorf("%w: %v tokens at (layer %d, expert %d)", ErrInvalidCount, v, layer, e)
 		}
 	}
-	l, err := t.lookup(req)
+	l, err := t.lockLive(req)
 	if err != nil {
 		return err
 	}
-	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.done {
-		return fmt.Errorf("%w: %d (ended)", ErrUnknownRequest, req)
-	}
 	row := l.m.Row(layer)
 	base := layer * t.coll.experts
 	limit := maxPendingFactor * len(l.m.Counts)
@@ -147,15 +158,11 @@ func (t *Tracker) PredictRawAll(req uint64, k int) (*EAM, error) {
 // the result while still holding the collection's read lock, so that the
 // indices stay valid.
 func (t *Tracker) withMatches(req uint64, upto, k int, use func([]Match)) error {
-	l, err := t.lookup(req)
+	l, err := t.lockLive(req)
 	if err != nil {
 		return err
 	}
-	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.done {
-		return fmt.Errorf("%w: %d (ended)", ErrUnknownRequest, req)
-	}
 	t.coll.rlockCols()
 	defer t.coll.mu.RUnlock()
 	use(t.coll.matchIncLocked(&l.mt, l.m, upto, k))
@@ -165,15 +172,11 @@ func (t *Tracker) withMatches(req uint64, upto, k int, use func([]Match)) error 
 // Partial returns a copy of req's live EAM and true, or nil and false if req
 // is unknown or has ended.
 func (t *Tracker) Partial(req uint64) (*EAM, bool) {
-	l, err := t.lookup(req)
+	l, err := t.lockLive(req)
 	if err != nil {
 		return nil, false
 	}
-	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.done {
-		return nil, false
-	}
 	return l.m.Clone(), true
 }
 
