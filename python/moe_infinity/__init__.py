@@ -24,6 +24,7 @@ from .errors import (
     MissingDependencyError,
     MoEInfinityError,
     NotFoundError,
+    OverloadedError,
     StateError,
     UnsupportedError,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "InternalError",
     "LibraryLoadError",
     "MissingDependencyError",
+    "OverloadedError",
     "engine_version",
     "builtin_model_path",
 ]

@@ -21,6 +21,7 @@ __all__ = [
     "CheckpointChangedError",
     "LibraryLoadError",
     "MissingDependencyError",
+    "OverloadedError",
     "error_for_status",
 ]
 
@@ -116,6 +117,10 @@ class MissingDependencyError(MoEInfinityError, ImportError):
     """An optional package that a feature needs is not installed (for
     example matplotlib for ``moe_infinity.plotting``); the message names
     the ``pip install`` that fixes it."""
+
+
+class OverloadedError(MoEInfinityError, RuntimeError):
+    """A server's request queue is full: try again later (HTTP 429)."""
 
 
 _BY_STATUS: dict[int, type[MoEInfinityError]] = {

@@ -369,8 +369,14 @@ def _install(model: torch.nn.Module, rt: OffloadRuntime, family: Family) -> None
             stack.append(ctx)
         else:
             rt._tls.__dict__.setdefault("forward_ctx", []).append(None)
+        ls = rt.lockstep
+        if ls is not None and ls.enrolled():
+            ls.begin_forward()
 
     def post_hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        ls = rt.lockstep
+        if ls is not None and ls.enrolled():
+            ls.end_forward()
         stack = rt._tls.__dict__.get("forward_ctx") or []
         ctx = stack.pop() if stack else None
         if ctx is not None:

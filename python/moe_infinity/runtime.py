@@ -49,6 +49,7 @@ from . import _native
 from .engine import Engine
 from .errors import CheckpointFormatError, ClosedError, MoEInfinityError, StateError
 from .families import Family
+from .lockstep import Lockstep
 
 log = logging.getLogger("moe_infinity")
 
@@ -263,6 +264,9 @@ class OffloadRuntime:
         self._tls = threading.local()
         self._lock = threading.Lock()
         self._closed = False
+        # Set by a server running requests in threads: their MoE layers
+        # meet there (lockstep.py), so each expert crosses once per step.
+        self.lockstep: Lockstep | None = None
         layout = {
             "regions": [
                 {
@@ -464,6 +468,8 @@ class OffloadRuntime:
         T = top_k_index.shape[0]
         k = top_k_index.shape[-1] if top_k_index.dim() > 1 else 1
         topk = top_k_index if top_k_index.dtype == torch.int64 and top_k_index.is_contiguous() else top_k_index.to(torch.int64).contiguous()
+        self._meet(layer, topk)
+        t0 = time.perf_counter_ns()
         a = self._layer_args()
         a.layer, a.tokens, a.k = layer.index, T, k
         reqs_c = getattr(self._tls, "reqs_c", None)
@@ -509,6 +515,18 @@ class OffloadRuntime:
             return out
         needed = list(self._tls.layer_experts[: a.n_experts])
         return self._run_torch(layer, layer.module, hidden, top_k_index, top_k_weights, original, needed, stacked=path == _native.PATH_HOST_STACKED)
+
+    def _meet(self, layer: MoELayer, experts: Any) -> None:
+        """In a lockstep batch, waits for the batch's other members to reach
+        this layer (the union of their experts is then fetched together)."""
+        ls = self.lockstep
+        if ls is None or not ls.enrolled():
+            return
+        if isinstance(experts, torch.Tensor):
+            experts = np.unique(self._routing_to_host(experts)).tolist()
+        t0 = time.perf_counter_ns()
+        ls.at_layer(layer.index, experts)
+        self._phase("lockstep_wait", t0)
 
     @staticmethod
     def _impl(module: torch.nn.Module) -> str:
@@ -577,6 +595,7 @@ class OffloadRuntime:
             tokens, experts = pairs[:, 0], pairs[:, 2]
             self._observe_np(layer.index, tokens, experts, int(onehot.shape[0]))
             needed = np.unique(experts).tolist()
+            self._meet(layer, needed)
         self._account(t0)
         streamers = self._tls.__dict__.setdefault("streamers", {})
         with _Streamer(self, layer.index, needed) as st:

@@ -1,0 +1,249 @@
+"""Continuous batching (moe_infinity.serving.Scheduler) and the lockstep
+that lets concurrently decoding threads share each MoE layer's experts."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import moe_infinity as mi
+from moe_infinity.errors import ClosedError, InvalidArgumentError, OverloadedError, StateError
+from moe_infinity.lockstep import Lockstep
+from moe_infinity.serving import SamplingParams, Scheduler
+
+PROMPTS = ["Hello", "The cat sat on the", "Once upon a time there was", "In 1900,", "She said that", "The river", "A good", "Tomorrow we will"]
+
+
+# -- lockstep ------------------------------------------------------------------
+
+
+def _member(ls: Lockstep, steps: int, layers: int, experts: dict[int, list[int]], log: list, fail_at: tuple[int, int] | None = None, start: threading.Barrier | None = None) -> None:
+    ls.enroll()
+    if start is not None:
+        start.wait(10)
+    try:
+        for s in range(steps):
+            ls.begin_forward()
+            try:
+                for layer in range(layers):
+                    if fail_at == (s, layer):
+                        raise RuntimeError("boom")
+                    ls.at_layer(layer, experts[layer])
+                    log.append((threading.get_ident(), s, layer))
+            finally:
+                ls.end_forward()
+    except RuntimeError:
+        pass
+    finally:
+        ls.leave()
+
+
+def test_lockstep_hints_each_layer_once_per_step_with_the_union():
+    hints: list[tuple[int, list[int]]] = []
+    ls = Lockstep(hint=lambda layer, xs: hints.append((layer, xs)), stall_timeout=30)
+    log: list = []
+    routes = [{0: [1], 1: [2]}, {0: [3], 1: [2]}, {0: [1, 5], 1: [7]}]
+    start = threading.Barrier(len(routes))
+    ts = [threading.Thread(target=_member, args=(ls, 4, 2, r, log, None, start)) for r in routes]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    assert not any(t.is_alive() for t in ts)
+    st = ls.stats()
+    # All three enrolled before the first step: every step holds all three,
+    # and each (step, layer) hint carries every member's experts of it.
+    assert st == {"steps": 4, "mean_batch": 3.0, "max_batch": 3, "members": 0}
+    assert hints == [(0, [1, 3, 5]), (1, [2, 7])] * 4
+
+
+def test_lockstep_no_member_computes_layer_until_all_reached_it():
+    ls = Lockstep(stall_timeout=30)
+    order: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    start = threading.Barrier(2)
+
+    def member(name: str, delay: float) -> None:
+        ls.enroll()
+        start.wait(10)
+        try:
+            ls.begin_forward()
+            for layer in range(3):
+                time.sleep(delay)
+                with lock:
+                    order.append(("arrive", layer))
+                ls.at_layer(layer, [layer])
+                with lock:
+                    order.append(("go", layer))
+            ls.end_forward()
+        finally:
+            ls.leave()
+
+    ts = [threading.Thread(target=member, args=(n, d)) for n, d in (("a", 0.0), ("b", 0.05))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    for layer in range(3):
+        last_arrive = max(i for i, e in enumerate(order) if e == ("arrive", layer))
+        first_go = min(i for i, e in enumerate(order) if e == ("go", layer))
+        assert last_arrive < first_go, order
+
+
+def test_lockstep_survives_a_member_failing_mid_forward():
+    ls = Lockstep(stall_timeout=30)
+    log: list = []
+    start = threading.Barrier(2)
+    ok = threading.Thread(target=_member, args=(ls, 3, 4, {i: [i] for i in range(4)}, log, None, start))
+    bad = threading.Thread(target=_member, args=(ls, 3, 4, {i: [i] for i in range(4)}, log, (1, 2), start))
+    ok.start()
+    bad.start()
+    ok.join(30)
+    bad.join(30)
+    assert not ok.is_alive() and not bad.is_alive()
+    assert sum(1 for e in log if e[0] == ok.ident) == 12
+
+
+def test_lockstep_stalled_member_times_out_with_a_clear_error():
+    ls = Lockstep(stall_timeout=0.3)
+    ready = threading.Event()
+
+    def stuck() -> None:
+        ls.enroll()
+        ls.begin_forward()
+        ready.set()
+        time.sleep(2)  # never reaches a layer
+        ls.leave()
+
+    t = threading.Thread(target=stuck)
+    ls.enroll()
+    t.start()
+    ls.begin_forward()
+    ready.wait(5)
+    with pytest.raises(StateError, match="stopped responding"):
+        ls.at_layer(0, [1])
+    ls.leave()
+    t.join(5)
+
+
+# -- scheduler -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(mi.builtin_model_path())
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = mi.from_pretrained(mi.builtin_model_path(), device="cpu", device_memory="6MiB")
+    yield m
+    m.close()
+
+
+def _alone(model, ids: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    toks = out[0, len(ids) :].tolist()
+    eos = model.generation_config.eos_token_id
+    if eos in toks:
+        toks = toks[: toks.index(eos) + 1]
+    return toks
+
+
+def test_concurrent_requests_get_their_alone_tokens_and_share_steps(model, tok):
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    alone = [_alone(model, i, 20) for i in ids]
+    eams = model.moe_stats()["eamc_size"]
+    with Scheduler(model, max_batch=8) as s:
+        reqs = [s.submit(i, SamplingParams(max_tokens=20, temperature=0)) for i in ids]
+        for r in reqs:
+            assert r.wait(300)
+        st = s.stats()
+    for r, a in zip(reqs, alone):
+        assert r.tokens == a
+        assert r.finish_reason == ("stop" if a[-1] == model.generation_config.eos_token_id else "length")
+    assert st["finished"] == {"length": sum(r.finish_reason == "length" for r in reqs), "stop": sum(r.finish_reason == "stop" for r in reqs)} or sum(st["finished"].values()) == 8
+    # The requests decoded together: far fewer steps than tokens.
+    assert st["lockstep"]["max_batch"] >= 2
+    assert st["lockstep"]["steps"] < sum(len(r.tokens) for r in reqs)
+    # Each request kept its own activation matrix.
+    assert model.moe_stats()["eamc_size"] >= min(eams + len(PROMPTS), 1000)
+    assert model.moe_runtime.lockstep is None
+
+
+def test_seeded_sampling_is_reproducible_whatever_runs_beside(model, tok):
+    ids = tok("Once upon a time")["input_ids"]
+    sp = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=1234)
+    with Scheduler(model, max_batch=4) as s:
+        a = s.generate(ids, sp, timeout=120)
+        crowd = [s.submit(tok(p)["input_ids"], SamplingParams(max_tokens=12, temperature=1.0, seed=i)) for i, p in enumerate(PROMPTS[:3])]
+        b = s.generate(ids, sp, timeout=120)
+        for r in crowd:
+            r.wait(120)
+    assert a.tokens == b.tokens and len(a.tokens) > 0
+
+
+def test_cancel_frees_the_slot_and_others_continue(model, tok):
+    ids = [tok(p)["input_ids"] for p in PROMPTS[:3]]
+    with Scheduler(model, max_batch=3) as s:
+        first = threading.Event()
+        victim = s.submit(ids[0], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True), on_event=lambda ev: first.set())
+        others = [s.submit(i, SamplingParams(max_tokens=10, temperature=0)) for i in ids[1:]]
+        assert first.wait(60)
+        victim.cancel()
+        assert victim.wait(60)
+        for r in others:
+            assert r.wait(120)
+    assert victim.finish_reason == "cancelled" and len(victim.tokens) < 200
+    assert [r.tokens for r in others] == [_alone(model, i, 10) for i in ids[1:]]
+
+
+def test_queue_bound_refuses_with_overloaded(model, tok):
+    ids = tok("Hello")["input_ids"]
+    with Scheduler(model, max_batch=1, max_queue=1) as s:
+        long = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+        a = s.submit(ids, long)
+        b = s.submit(ids, long)
+        deadline = time.monotonic() + 30
+        while s.running < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(OverloadedError, match="max_queue=1"):
+            s.submit(ids, long)
+            s.submit(ids, long)
+        assert s.stats()["rejected"] >= 1
+        a.cancel()
+        b.cancel()
+
+
+def test_bad_requests_are_refused_at_submit(model, tok):
+    with Scheduler(model, max_batch=1) as s:
+        ctx = s.context_length
+        with pytest.raises(InvalidArgumentError, match=r"context is 1024 tokens.*: 6 too many"):
+            s.submit([5] * (ctx - 4), SamplingParams(max_tokens=10))
+        with pytest.raises(InvalidArgumentError, match="empty"):
+            s.submit([], SamplingParams())
+        with pytest.raises(InvalidArgumentError, match="max_tokens"):
+            SamplingParams(max_tokens=0)
+        with pytest.raises(InvalidArgumentError, match="top_p"):
+            SamplingParams(top_p=0)
+
+
+def test_close_cancels_queued_and_refuses_new(model, tok):
+    ids = tok("Hello")["input_ids"]
+    s = Scheduler(model, max_batch=1, max_queue=4)
+    running = s.submit(ids, SamplingParams(max_tokens=8, temperature=0))
+    queued = [s.submit(ids, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)) for _ in range(3)]
+    s.close(timeout=60)
+    assert running.finish_reason in ("length", "stop", "cancelled")
+    assert all(q.finish_reason in ("cancelled", "length") for q in queued)
+    assert any(q.finish_reason == "cancelled" for q in queued)
+    with pytest.raises(ClosedError):
+        s.submit(ids, SamplingParams())
+    assert model.moe_runtime.lockstep is None
+    # The model still works alone afterwards.
+    assert len(_alone(model, ids, 3)) >= 1
