@@ -154,3 +154,26 @@ def test_driver_calls_benchmark_times_every_call_or_refuses_without_gpu(tmp_path
         for k, v in d[mode].items():
             assert 0 < v["median_us"] <= v["p90_us"], (mode, k, v)
     assert d["host"]["cpus"] >= 1
+
+
+def test_serve_load_harness_tiny_cpu(tmp_path):
+    """The serving load benchmark runs closed-loop and Poisson loads through
+    the scheduler, and each row states its settings."""
+    out = tmp_path / "s.jsonl"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--preset", "tiny", "--device-memory", "300KiB",
+           "--concurrency", "1,3", "--per-client", "1", "--rates", "50", "--poisson-requests", "3", "--max-tokens", "5",
+           "--configs", "priority:on,lru:off", "--warmup", "1", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["policy"], r["prefetch"], r["load"], r.get("concurrency", r.get("rate_rps"))) for r in rows] == [
+        ("priority", True, "closed", 1), ("priority", True, "closed", 3), ("priority", True, "poisson", 50.0),
+        ("lru", False, "closed", 1), ("lru", False, "closed", 3), ("lru", False, "poisson", 50.0),
+    ]
+    for r in rows:
+        assert r["errors"] == 0 and r["completed"] == r["requests"]
+        assert r["output_tokens"] == 5 * r["requests"]
+        assert r["routing"].startswith("generated: L=4 E=8 k=2 clusters=4")
+        assert {"preset", "device", "device_memory", "max_batch", "tpot_p99_ms", "hit_rate", "steps"} <= set(r)
+    closed3 = [r for r in rows if r.get("concurrency") == 3]
+    assert all(r["steps"] < r["output_tokens"] for r in closed3), "three clients decode in shared steps"

@@ -119,8 +119,12 @@ class Lockstep:
                 return
             self._pos[tid] = layer
             self._union.setdefault(layer, set()).update(int(e) for e in experts)
-            self._cv.notify_all()
-            self._wait_locked(lambda: all(p >= layer for p in self._pos.values()), f"MoE layer {layer}")
+            # Only the last to arrive wakes the others (one wake-up per
+            # member per layer, not one per arrival).
+            if self._all_reached(layer):
+                self._cv.notify_all()
+            else:
+                self._wait_locked(lambda: self._all_reached(layer), f"MoE layer {layer}")
             if layer in self._hinted:
                 return
             self._hinted.add(layer)
@@ -129,6 +133,9 @@ class Lockstep:
             self._hint(layer, union)
 
     # -- internals --------------------------------------------------------------
+
+    def _all_reached(self, layer: int) -> bool:
+        return all(p >= layer for p in self._pos.values())
 
     def _end_locked(self, tid: int) -> None:
         if tid in self._running:

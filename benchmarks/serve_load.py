@@ -1,0 +1,241 @@
+"""Serving load benchmark: continuous batching under concurrent clients and
+Poisson arrivals, in one process (the scheduler the HTTP server runs, without
+HTTP in the measurement).
+
+    python benchmarks/serve_load.py --preset qwen3-30b-a3b --device cuda --device-memory 24GiB \
+        --routing generated --clusters 4 --concurrency 1,4,16,32 --out results.json
+
+Routing: ``model`` keeps the router's choice (random weights: near-uniform);
+``generated`` replaces it per request, like go/sim's generator with several
+request clusters: requests of cluster c draw each token's k experts by rank
+from c's own per-layer ranking of the experts, with probability ∝
+(rank+1)^-skew. Requests are assigned to clusters in turn. This is where
+request-level tracing can pay: a request's first layers tell the EAMC which
+cluster it is in.
+
+Rows (JSON lines with --out) state every setting: preset, device,
+device_memory, routing, clusters, skew, policy, prefetch, concurrency or
+arrival rate, prompt and output lengths. Each configuration is measured after
+a warm-up phase of the same load (not recorded); the EAMC keeps what it
+learned across configurations of one run, in the order they are listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+try:
+    import moe_infinity  # noqa: F401
+except ImportError:  # a checkout without the package installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+import moe_infinity as mi  # noqa: E402
+from moe_infinity.bench import PRESETS, build  # noqa: E402
+from moe_infinity.serving import SamplingParams, Scheduler  # noqa: E402
+
+
+class ClusterRouting:
+    """Per-request generated routing (see the module doc). Installed in
+    place of the runtime's fused-layer entry; each engine request (one per
+    generate call, one per worker thread) gets its own token stream."""
+
+    def __init__(self, rt: Any, k: int, clusters: int, skew: float, seed: int, max_tokens: int):
+        self.rt, self.original = rt, rt.run_fused
+        self.L, self.E, self.k = len(rt.layers), rt.num_experts, k
+        self.skew, self.max_tokens = skew, max_tokens
+        rng = np.random.default_rng(seed)
+        self.perms = np.stack([np.stack([rng.permutation(self.E) for _ in range(self.L)]) for _ in range(clusters)])  # [C, L, E]
+        self.seed = seed
+        self.lock = threading.Lock()
+        self.next = 0
+        self.streams: dict[int, list] = {}  # engine request id → [ids [n, L, k] tensor, cursor]
+        rt.run_fused = self
+
+    def _stream(self, req: int) -> list:
+        s = self.streams.get(req)
+        if s is None:
+            with self.lock:
+                n = self.next
+                self.next += 1
+            c = n % len(self.perms)
+            rng = np.random.default_rng((self.seed, n))
+            inv_w = np.arange(1, self.E + 1, dtype=np.float64) ** self.skew
+            keys = rng.exponential(size=(self.max_tokens, self.L, self.E)) * inv_w
+            ranks = np.argsort(keys, axis=-1)[..., : self.k]
+            ids = np.take_along_axis(np.broadcast_to(self.perms[c], (self.max_tokens, self.L, self.E)), ranks, axis=-1)
+            s = self.streams[req] = [torch.as_tensor(ids, dtype=torch.int64), 0]
+        return s
+
+    def __call__(self, layer: Any, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, original: Any) -> torch.Tensor:
+        reqs = self.rt.active_requests() or [0]
+        s = self._stream(reqs[0])
+        T = top_k_index.shape[0]
+        rows = (torch.arange(T) + s[1]) % s[0].shape[0]
+        forced = s[0][rows, layer.index].to(top_k_index.device)
+        if layer.index == self.L - 1:
+            s[1] += T
+        return self.original(layer, hidden, forced, top_k_weights, original)
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def _summary(reqs: list, wall: float) -> dict[str, Any]:
+    done = [r for r in reqs if r.finish_reason in ("length", "stop")]
+    errors = [r for r in reqs if r.finish_reason == "error"]
+    toks = sum(len(r.tokens) for r in done)
+    tpot = [(r.finished - r.first_token) / (len(r.tokens) - 1) for r in done if len(r.tokens) > 1 and r.first_token]
+    ttft = [r.first_token - r.submitted for r in done if r.first_token]
+    return {
+        "requests": len(reqs),
+        "completed": len(done),
+        "errors": len(errors),
+        "wall_s": wall,
+        "output_tokens": toks,
+        "tokens_per_s": toks / wall if wall > 0 else None,
+        "tpot_p50_ms": _pct([t * 1e3 for t in tpot], 50),
+        "tpot_p99_ms": _pct([t * 1e3 for t in tpot], 99),
+        "ttft_p50_ms": _pct([t * 1e3 for t in ttft], 50),
+        "ttft_p99_ms": _pct([t * 1e3 for t in ttft], 99),
+    }
+
+
+def closed_loop(s: Scheduler, prompts: list[list[int]], concurrency: int, per_client: int, max_tokens: int) -> tuple[list, float]:
+    """``concurrency`` clients, each sending ``per_client`` requests one after
+    another."""
+    reqs: list = []
+    lock = threading.Lock()
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+
+    def client(c: int) -> None:
+        for i in range(per_client):
+            r = s.submit(prompts[(c * per_client + i) % len(prompts)], sp)
+            with lock:
+                reqs.append(r)
+            r.wait()
+
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=client, args=(c,)) for c in range(concurrency)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return reqs, time.perf_counter() - t0
+
+
+def poisson(s: Scheduler, prompts: list[list[int]], rate: float, n: int, max_tokens: int, seed: int) -> tuple[list, float]:
+    """``n`` requests arriving as a Poisson process of ``rate`` requests/s
+    (open loop: arrivals do not wait for answers)."""
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1.0 / rate, size=n)
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    reqs = []
+    t0 = time.perf_counter()
+    at = t0
+    for i in range(n):
+        at += gaps[i]
+        time.sleep(max(0.0, at - time.perf_counter()))
+        reqs.append(s.submit(prompts[i % len(prompts)], sp))
+    for r in reqs:
+        r.wait()
+    return reqs, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device-memory", default="24GiB")
+    ap.add_argument("--routing", choices=["model", "generated"], default="generated")
+    ap.add_argument("--clusters", type=int, default=4)
+    ap.add_argument("--skew", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--concurrency", default="1,4,16,32", help="closed-loop client counts")
+    ap.add_argument("--per-client", type=int, default=2, help="requests each closed-loop client sends")
+    ap.add_argument("--rates", default="", help="Poisson arrival rates (requests/s), comma-separated")
+    ap.add_argument("--poisson-requests", type=int, default=32)
+    ap.add_argument("--configs", default="priority:on", help="policy:prefetch pairs, e.g. priority:on,priority:off,lru:on")
+    ap.add_argument("--warmup", type=int, default=4, help="requests run (not recorded) before each configuration")
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--out", help="append JSON rows here")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    model, cfg = build(args.preset, "cuda" if device.type == "cuda" else "cpu")
+    model = mi.offload(model, device=device, device_memory=args.device_memory)
+    rt = model.moe_runtime
+    k = int(getattr(cfg, "num_experts_per_tok", 2))
+    routing = f"model (random weights)"
+    if args.routing == "generated":
+        ClusterRouting(rt, k, args.clusters, args.skew, args.seed, args.prompt_len + args.max_tokens + 8)
+        routing = f"generated: L={len(rt.layers)} E={rt.num_experts} k={k} clusters={args.clusters} skew={args.skew} seed={args.seed} (serve_load.py)"
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, cfg.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(64)]
+    conc = [int(c) for c in args.concurrency.split(",") if c]
+    rates = [float(r) for r in args.rates.split(",") if r]
+    base = {
+        "bench": "serve_load", "preset": args.preset, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device_memory": args.device_memory, "routing": routing, "prompt_len": args.prompt_len,
+        "max_tokens": args.max_tokens, "max_batch": args.max_batch, "engine": mi.engine_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    rows = []
+    out = open(args.out, "a") if args.out else None  # noqa: SIM115
+    with Scheduler(model, max_batch=args.max_batch, max_queue=4096) as s:
+        for pair in args.configs.split(","):
+            policy, pf = pair.split(":")
+            model.moe_tune(cache_policy=policy, prefetch=pf == "on", flush=True, reset_stats=True)
+            closed_loop(s, prompts, min(4, args.warmup) or 1, max(1, args.warmup // 4), args.max_tokens)
+            for mode, values in (("closed", conc), ("poisson", rates)):
+                for v in values:
+                    model.moe_tune(reset_stats=True)
+                    before = s.lockstep.stats()
+                    if mode == "closed":
+                        reqs, wall = closed_loop(s, prompts, v, args.per_client, args.max_tokens)
+                    else:
+                        reqs, wall = poisson(s, prompts, v, args.poisson_requests, args.max_tokens, args.seed)
+                    after = s.lockstep.stats()
+                    st = model.moe_stats()
+                    steps = after["steps"] - before["steps"]
+                    row = {
+                        **base, "policy": policy, "prefetch": pf == "on", "load": mode,
+                        ("concurrency" if mode == "closed" else "rate_rps"): v,
+                        **_summary(reqs, wall),
+                        "steps": steps,
+                        "hit_rate": st["hit_rate"], "bytes_moved": st["bytes_moved"], "stall_s": st["stall_seconds"],
+                    }
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    if out:
+                        out.write(json.dumps(row) + "\n")
+    if out:
+        out.close()
+    for pair in {(r["policy"], r["prefetch"]) for r in rows}:
+        one = [r for r in rows if (r["policy"], r["prefetch"]) == pair and r.get("concurrency") == 1]
+        if one and one[0]["tokens_per_s"]:
+            for r in rows:
+                if (r["policy"], r["prefetch"]) == pair and r.get("concurrency"):
+                    print(f"{pair[0]:>8} prefetch={pair[1]!s:5} x{r['concurrency']:<3} {r['tokens_per_s']:.1f} tok/s = {r['tokens_per_s'] / one[0]['tokens_per_s']:.2f}x batch-1, "
+                          f"TPOT p50 {r['tpot_p50_ms']:.1f} ms p99 {r['tpot_p99_ms']:.1f} ms, hit rate {r['hit_rate']:.3f}")
+    model.close()
+    return 0 if all(r["errors"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
