@@ -112,7 +112,7 @@ func defaultBackend(cfg Config) (backend.Backend, error) {
 	case "cpu":
 		c := backend.NewCPU(cfg.Workers)
 		c.ReferenceKernels = cfg.ReferenceKernels
-		c.ExpertThreads = cfg.CPUExperts.Threads()
+		c.ExpertThreads = cfg.CPUExperts.Threads(cfg.Backend)
 		return c, nil
 	}
 	return newAcceleratorBackend(cfg)
