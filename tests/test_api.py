@@ -230,10 +230,28 @@ def test_stats_per_layer(mixtral):
         _greedy(m, 4)
         st = m.moe_stats()
         assert [layer["module"] for layer in st["layers"]] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
-        for key in ("hits", "misses", "prefetch_hits", "bytes_moved", "stall_ns", "wasted_prefetches"):
+        for key in ("hits", "misses", "prefetch_hits", "bytes_moved", "stall_ns", "wasted_prefetches", "cpu_computed", "cpu_ns", "cpu_seconds"):
             assert key in st and all(key in layer for layer in st["layers"])
         assert 0.0 <= st["hit_rate"] <= 1.0
         assert st["stall_seconds"] == st["stall_ns"] / 1e9
+        assert st["cpu_computed"] == 0 and st["cpu_seconds"] == 0.0, "cpu_experts \"auto\" is off on the CPU"
+        assert "is off on the CPU backend" in st["plan"]["executor"]["hybrid_off"]
+    finally:
+        m.close()
+
+
+def test_cpu_experts_threads_turn_hybrid_execution_on(mixtral):
+    m = mi.from_pretrained(mixtral, dtype=torch.bfloat16, device_memory=1 << 20, engine_options={"cpu_experts": 2})
+    try:
+        _greedy(m, 4)
+        st = m.moe_stats()
+        ex = st["plan"]["executor"]
+        assert ex["hybrid"], ex.get("hybrid_off")
+        assert ex["hybrid_costs"]["cpu_gbps"] > 0
+        assert 0 <= st["cpu_computed"] <= st["misses"]
+        assert st["cpu_computed"] == sum(layer["cpu_computed"] for layer in st["layers"])
+        assert st["cpu_seconds"] == st["cpu_ns"] / 1e9
+        assert all(layer["cpu_seconds"] == layer["cpu_ns"] / 1e9 for layer in st["layers"])
     finally:
         m.close()
 

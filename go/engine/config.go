@@ -96,12 +96,22 @@ type Config struct {
 	// kernels: the CPU oracle of the GPU paths, for tests. Off by default,
 	// where transformers' code computes every layer (bitwise parity).
 	ReferenceKernels bool `json:"reference_kernels"`
-	// CPUExperts makes the CPU backend compute standard SwiGLU experts
-	// (bfloat16/float16, Setup.FFN "swiglu") with its SIMD kernels
-	// (package cpuffn) from the slots, as a GPU backend's kernels do: the
-	// executor then runs decode layers on PathKernels. JSON: "off" (the
-	// default), "auto" (one thread per core) or a thread count from 1 to
-	// MaxCPUExpertThreads. Mapped mode stays off unless ReferenceKernels.
+	// CPUExperts turns on the CPU's part in computing experts. JSON:
+	// "auto" (the default, also when left out), "off" or a thread count
+	// from 1 to MaxCPUExpertThreads.
+	//
+	// With a GPU backend, "auto" is on with one thread per core: the layer
+	// executor may compute a missed expert on the CPU where it lies
+	// instead of bringing it over the link (ChooseMisses). On the CPU
+	// backend "auto" is off, so that transformers' code computes every
+	// layer and outputs stay bitwise those of transformers; a thread count
+	// turns it on there: the CPU backend computes standard SwiGLU experts
+	// (bfloat16/float16, Setup.FFN "swiglu") with its SIMD kernels (package
+	// cpuffn), the executor runs decode layers on PathKernels, and
+	// ChooseMisses decides per missed expert between copying it into a
+	// slot and computing it from host memory without admitting it (the CPU
+	// backend standing in for a device, so that CPU tests exercise every
+	// decision). Mapped mode stays off unless ReferenceKernels.
 	CPUExperts CPUExperts `json:"cpu_experts"`
 	// LinkRates are measured rates of this machine's host→device link;
 	// GraphMisses "auto" chooses from them (ChooseGraphMisses). nil: not
@@ -109,21 +119,24 @@ type Config struct {
 	LinkRates *LinkRates `json:"link_rates,omitempty"`
 }
 
-// CPUExperts is Config.CPUExperts: CPUExpertsOff (the zero value),
-// CPUExpertsAuto, or a thread count > 0.
+// CPUExperts is Config.CPUExperts: CPUExpertsAuto (the zero value, the
+// default), CPUExpertsOff, or a thread count > 0.
 type CPUExperts int
 
 const (
-	// CPUExpertsOff: transformers' code computes the experts on the CPU.
-	CPUExpertsOff CPUExperts = 0
-	// CPUExpertsAuto: the SIMD kernels on one thread per core.
-	CPUExpertsAuto CPUExperts = -1
+	// CPUExpertsAuto: on with a GPU backend (one thread per core), off on
+	// the CPU backend (see Config.CPUExperts).
+	CPUExpertsAuto CPUExperts = 0
+	// CPUExpertsOff: the CPU computes no expert (on the CPU backend,
+	// transformers' code computes them).
+	CPUExpertsOff CPUExperts = -1
 	// MaxCPUExpertThreads bounds a thread count given as a number.
 	MaxCPUExpertThreads = 1024
 )
 
-// cpuExpertsSetting lists CPUExperts' names; a number is the other form.
-var cpuExpertsSetting = nameSetting{"cpu_experts", "CPU expert mode (or a thread count)", []string{"off", "auto"}}
+// cpuExpertsSetting lists CPUExperts' names (the first is the default); a
+// number is the other form.
+var cpuExpertsSetting = nameSetting{"cpu_experts", "CPU expert mode (or a thread count)", []string{"auto", "off"}}
 
 // UnmarshalJSON takes "off", "auto" (exact names, see nameSetting) or an
 // integer thread count from 1 to MaxCPUExpertThreads.
@@ -141,9 +154,9 @@ func (c *CPUExperts) UnmarshalJSON(b []byte) error {
 		if err != nil {
 			return err
 		}
-		*c = CPUExpertsOff
-		if name == "auto" {
-			*c = CPUExpertsAuto
+		*c = CPUExpertsAuto
+		if name == "off" {
+			*c = CPUExpertsOff
 		}
 		return nil
 	}
@@ -160,17 +173,21 @@ func (c CPUExperts) MarshalJSON() ([]byte, error) {
 	switch {
 	case c == CPUExpertsAuto:
 		return []byte(`"auto"`), nil
-	case c <= 0:
+	case c < 0:
 		return []byte(`"off"`), nil
 	}
 	return []byte(strconv.Itoa(int(c))), nil
 }
 
-// Threads is the CPU backend's ExpertThreads for c: 0 (off), the number
-// of cores (auto), or the count.
-func (c CPUExperts) Threads() int {
-	if c == CPUExpertsAuto {
+// Threads is the number of threads c gives the CPU's expert computation
+// with the named backend (Config.Backend): 0 (off), the number of cores
+// ("auto" with a GPU backend), 0 ("auto" on the CPU backend) or the count.
+func (c CPUExperts) Threads(backend string) int {
+	switch {
+	case c == CPUExpertsAuto && backend != "cpu":
 		return runtime.NumCPU()
+	case c == CPUExpertsAuto:
+		return 0
 	}
 	return max(int(c), 0)
 }
@@ -387,8 +404,8 @@ func (c Config) withDefaults() (Config, error) {
 		return c, fmt.Errorf("%w: workers must be >= 0 (got %d)", ErrInvalid, c.Workers)
 	case *c.AdmitMargin < 0 || math.IsNaN(*c.AdmitMargin) || math.IsInf(*c.AdmitMargin, 0):
 		return c, fmt.Errorf("%w: admit_margin must be a finite number >= 0 (got %v)", ErrInvalid, *c.AdmitMargin)
-	case c.CPUExperts < CPUExpertsAuto || c.CPUExperts > MaxCPUExpertThreads:
-		return c, fmt.Errorf("%w: cpu_experts must be off (0), auto (-1) or a thread count from 1 to %d (got %d)", ErrInvalid, MaxCPUExpertThreads, int(c.CPUExperts))
+	case c.CPUExperts < CPUExpertsOff || c.CPUExperts > MaxCPUExpertThreads:
+		return c, fmt.Errorf("%w: cpu_experts must be auto (0), off (-1) or a thread count from 1 to %d (got %d)", ErrInvalid, MaxCPUExpertThreads, int(c.CPUExperts))
 	case c.MaxSlots < 0:
 		return c, fmt.Errorf("%w: max_slots must be >= 0 (got %d)", ErrInvalid, c.MaxSlots)
 	}

@@ -20,13 +20,14 @@ func TestParseConfigCPUExperts(t *testing.T) {
 		want       CPUExperts
 		err        string
 	}{
-		{"left out: off", ``, CPUExpertsOff, ""},
+		{"left out: auto", ``, CPUExpertsAuto, ""},
 		{"off", `"off"`, CPUExpertsOff, ""},
 		{"auto", `"auto"`, CPUExpertsAuto, ""},
 		{"a thread count", `3`, 3, ""},
 		{"the most threads", `1024`, MaxCPUExpertThreads, ""},
 		{"zero threads", `0`, 0, "thread count from 1 to 1024"},
 		{"negative", `-1`, 0, "thread count from 1 to 1024"},
+		{"minus two", `-2`, 0, "thread count from 1 to 1024"},
 		{"too many", `1025`, 0, "thread count from 1 to 1024"},
 		{"a fraction", `1.5`, 0, "thread count"},
 		{"an exponent", `1e1`, 0, "thread count"},
@@ -61,11 +62,17 @@ func TestParseConfigCPUExperts(t *testing.T) {
 }
 
 func TestCPUExpertsThreads(t *testing.T) {
-	assert.Equal(t, 0, CPUExpertsOff.Threads())
-	assert.Equal(t, runtime.NumCPU(), CPUExpertsAuto.Threads())
-	assert.Equal(t, 5, CPUExperts(5).Threads())
+	for _, b := range []string{"cpu", "cuda"} {
+		assert.Equal(t, 0, CPUExpertsOff.Threads(b), b)
+		assert.Equal(t, 5, CPUExperts(5).Threads(b), b)
+	}
+	assert.Equal(t, runtime.NumCPU(), CPUExpertsAuto.Threads("cuda"), "auto: on with a GPU backend")
+	assert.Equal(t, 0, CPUExpertsAuto.Threads("cpu"), "auto: off on the CPU backend (transformers' code, bitwise)")
 	_, err := New(Config{BudgetBytes: 1, CPUExperts: -2})
 	assert.ErrorIs(t, err, ErrInvalid)
+	c, err := New(Config{BudgetBytes: 1})
+	require.NoError(t, err)
+	assert.Equal(t, CPUExpertsAuto, c.Config().CPUExperts, "the zero value is the default, auto")
 }
 
 // cpuExpertsEngine is the bf16 test model on the CPU backend with
@@ -83,10 +90,12 @@ func cpuExpertsEngine(t *testing.T, mode CPUExperts, L, E, slots int) (*Engine, 
 
 func TestCPUExpertsRunDecodeLayersOnTheKernels(t *testing.T) {
 	const L, E, K = 2, 4, 2
-	_, off := cpuExpertsEngine(t, CPUExpertsOff, L, E, 4)
-	assert.False(t, off.Executor.Kernels, "off by default: transformers' code computes the experts")
+	for _, mode := range []CPUExperts{CPUExpertsOff, CPUExpertsAuto} {
+		_, off := cpuExpertsEngine(t, mode, L, E, 4)
+		assert.False(t, off.Executor.Kernels, "%d: transformers' code computes the experts on the CPU backend", mode)
+	}
 
-	for _, mode := range []CPUExperts{CPUExpertsAuto, 1, 3} {
+	for _, mode := range []CPUExperts{CPUExperts(runtime.NumCPU()), 1, 3} {
 		e, p := cpuExpertsEngine(t, mode, L, E, 4)
 		assert.True(t, p.Executor.Kernels, "%d: %s", mode, p.Executor.KernelsOff)
 		assert.False(t, p.Executor.Mapped, "the SIMD kernels read slots only: no mapped mode")

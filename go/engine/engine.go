@@ -94,6 +94,14 @@ type Engine struct {
 	mappedOffWhy mappedOffNote
 	// pathCalls counts Layer calls by Path (index: the Path value).
 	pathCalls [numPaths]atomic.Int64
+
+	// MeasureHybrid, when set before Configure, replaces the measurement
+	// of the hybrid cost model (tests inject one; link_rates still
+	// replace its link figures).
+	MeasureHybrid func(hidden, inter int64, f16 bool) (HybridCosts, error)
+	hybrid        hybridState
+	cpuComputed   []atomic.Int64 // per layer: experts the CPU computed (layerHybrid)
+	cpuNs         []atomic.Int64 // per layer: the CPU's time for them, ns
 }
 
 // New creates an engine with an empty checkpoint.
@@ -112,7 +120,7 @@ func defaultBackend(cfg Config) (backend.Backend, error) {
 	case "cpu":
 		c := backend.NewCPU(cfg.Workers)
 		c.ReferenceKernels = cfg.ReferenceKernels
-		c.ExpertThreads = cfg.CPUExperts.Threads()
+		c.ExpertThreads = cfg.CPUExperts.Threads(cfg.Backend)
 		return c, nil
 	}
 	return newAcceleratorBackend(cfg)
@@ -405,6 +413,11 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 	e.files, e.allFiles = files, distinct(files)
 	plan.Backend = be.Name()
 	e.mods, e.lay, e.be, e.cache = mods, lay, be, c
+	plan.Executor = e.executorPlan(s.FFN)
+	if err := e.setupHybrid(&plan.Executor); err != nil {
+		_ = be.Close()
+		return Plan{}, err
+	}
 	e.tracker = trace.NewTracker(coll)
 	e.planner = prefetch.NewPlanner(coll)
 	e.planner.Matches = e.cfg.Matches
@@ -412,6 +425,8 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 	e.queue = prefetch.NewQueue()
 	e.bytesMoved = make([]atomic.Int64, L)
 	e.stallNs = make([]atomic.Int64, L)
+	e.cpuComputed = make([]atomic.Int64, L)
+	e.cpuNs = make([]atomic.Int64, L)
 	e.expertTokens = make([]float64, L*e.experts)
 	e.stop = make(chan struct{})
 	e.prefSem = make(chan struct{}, e.cfg.PrefetchWindow)
@@ -419,7 +434,6 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 	e.bg.Add(1)
 	go e.dispatch()
 	plan.GraphMisses = e.resolveGraphMisses()
-	plan.Executor = e.executorPlan(s.FFN)
 	plan.LinkRates = e.cfg.LinkRates
 	e.plan = plan
 	e.configured = true
@@ -970,6 +984,9 @@ func (e *Engine) Close() error {
 
 // free releases the device tier and the checkpoint mappings.
 func (e *Engine) free() error {
+	if e.hybrid.k != nil {
+		e.hybrid.k.close()
+	}
 	return errors.Join(e.be.Close(), e.ckpt.Close())
 }
 

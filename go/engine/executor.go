@@ -128,6 +128,14 @@ type ExecutorPlan struct {
 	// (see KernelWins).
 	KernelMaxTokens        int64 `json:"kernel_max_tokens"`
 	KernelSmallExpertBytes int64 `json:"kernel_small_expert_bytes"`
+	// Hybrid: on the kernels' path, the executor chooses per missed
+	// expert between a slot and the CPU (ChooseMisses; cpu_experts).
+	Hybrid bool `json:"hybrid"`
+	// HybridOff says why Hybrid is false ("" when true).
+	HybridOff string `json:"hybrid_off,omitempty"`
+	// HybridCosts is the cost model the choices rest on (nil without
+	// Hybrid).
+	HybridCosts *HybridCosts `json:"hybrid_costs,omitempty"`
 }
 
 // executorPlan works out the ExecutorPlan at Configure.
@@ -279,7 +287,7 @@ func (e *Engine) Layer(a LayerArgs) (LayerResult, error) {
 		return e.Layer(a)
 	case PathKernels:
 		a.FFNCall.Experts = experts
-		return LayerResult{Path: path}, e.layerKernels(a.FFNCall, a.Reqs, counts)
+		return LayerResult{Path: path}, e.layerKernels(a.FFNCall, a.Reqs, a.TopKHost, counts)
 	case PathHostStream, PathHostStacked:
 		if len(a.Reqs) > 0 {
 			t0 := time.Now()

@@ -103,7 +103,8 @@ var kernelCaps = backend.Capabilities{ExpertKernels: true, Mapped: true, MaxMapp
 func TestExecutorPlanReportsWhatTheBackendAndModelAllow(t *testing.T) {
 	_, p := execEngine(t, kernelCaps, "swiglu", 1, 4, 2)
 	assert.Equal(t, ExecutorPlan{Kernels: true, Mapped: true, DType: 0, Hidden: mH, Inter: mI, MaxMappedPairs: 64,
-		KernelMaxTokens: KernelMaxTokens, KernelSmallExpertBytes: KernelSmallExpertBytes}, p.Executor)
+		KernelMaxTokens: KernelMaxTokens, KernelSmallExpertBytes: KernelSmallExpertBytes,
+		HybridOff: `cpu_experts "auto" is off on the CPU backend (a thread count turns it on)`}, p.Executor)
 
 	_, p = execEngine(t, kernelCaps, "none", 1, 4, 2)
 	assert.False(t, p.Executor.Kernels)

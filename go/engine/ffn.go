@@ -121,12 +121,14 @@ func (e *Engine) LayerMoE(c FFNCall, reqs []uint64, topkHost []int64) error {
 		return err
 	}
 	c.Experts = experts
-	return e.layerKernels(c, reqs, counts)
+	return e.layerKernels(c, reqs, topkHost, counts)
 }
 
 // layerKernels traces counts (the per-request routing of c.Experts, from
-// routingCounts) and computes the layer with LayerFFN.
-func (e *Engine) layerKernels(c FFNCall, reqs []uint64, counts [][]float32) error {
+// routingCounts, topk being the [T, K] routing on the host) and computes
+// the layer with LayerFFN, or with layerHybrid when ChooseMisses sends
+// some of its misses to the CPU.
+func (e *Engine) layerKernels(c FFNCall, reqs []uint64, topk []int64, counts [][]float32) error {
 	// Trace and refresh priorities first (the eviction choices of this
 	// layer's loads use them), then issue the layer's copies and kernels,
 	// and plan prefetches for the later layers last: planning (EAMC
@@ -139,7 +141,12 @@ func (e *Engine) layerKernels(c FFNCall, reqs []uint64, counts [][]float32) erro
 		}
 	}
 	e.phase(phaseObserve, t0)
-	ffnErr := e.LayerFFN(c)
+	var ffnErr error
+	if cpuX := e.chooseCPU(c, reqs, topk); len(cpuX) > 0 {
+		ffnErr = e.layerHybrid(c, cpuX, topk)
+	} else {
+		ffnErr = e.LayerFFN(c)
+	}
 	if len(reqs) > 0 {
 		t0 = time.Now()
 		e.planAfter(c.Layer, reqs)

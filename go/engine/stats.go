@@ -40,6 +40,15 @@ type LayerStats struct {
 	// StallNs is the time Acquire spent waiting for copies, in
 	// nanoseconds.
 	StallNs int64 `json:"stall_ns"`
+	// CPUComputed counts experts the CPU computed from host memory
+	// instead of a slot (hybrid execution, ChooseMisses: one per expert
+	// per layer call); they are among Misses but never loaded or admitted.
+	CPUComputed int64 `json:"cpu_computed"`
+	// CPUNs is the CPU's time for them, in nanoseconds: staging them from
+	// mapped files and their share of the layer's FFN call (on the CPU
+	// backend one call computes the slot experts and the CPU's together;
+	// each expert's weights are read once, so each counts an equal share).
+	CPUNs int64 `json:"cpu_ns"`
 	// ExpertTokens counts, per expert of the layer, the tokens routed to
 	// it (Observe and the routing of LayerMoE, mapped and replayed
 	// layers) since the last reset: a token counts once for each of its
@@ -125,12 +134,15 @@ func (e *Engine) Stats() (Stats, error) {
 	tokens := append([]float64(nil), e.expertTokens...)
 	e.tokensMu.Unlock()
 	for l, c := range cs {
-		ls := LayerStats{LayerStats: c, BytesMoved: e.bytesMoved[l].Load(), StallNs: e.stallNs[l].Load()}
+		ls := LayerStats{LayerStats: c, BytesMoved: e.bytesMoved[l].Load(), StallNs: e.stallNs[l].Load(),
+			CPUComputed: e.cpuComputed[l].Load(), CPUNs: e.cpuNs[l].Load()}
 		ls.ExpertTokens = tokens[l*e.experts : (l+1)*e.experts : (l+1)*e.experts]
 		out.Layers[l] = ls
 		out.LayerStats.Add(c)
 		out.BytesMoved += ls.BytesMoved
 		out.StallNs += ls.StallNs
+		out.CPUComputed += ls.CPUComputed
+		out.CPUNs += ls.CPUNs
 	}
 	return out, nil
 }
@@ -145,6 +157,8 @@ func (e *Engine) ResetStats() error {
 	for l := range e.bytesMoved {
 		e.bytesMoved[l].Store(0)
 		e.stallNs[l].Store(0)
+		e.cpuComputed[l].Store(0)
+		e.cpuNs[l].Store(0)
 	}
 	e.tokensMu.Lock()
 	clear(e.expertTokens)

@@ -694,11 +694,17 @@ def from_pretrained(
             transformers' own expert code everywhere.
         engine_options: advanced engine settings (``eamc_capacity``,
             ``matches``, ``prefetch_window``, ``workers``, ``max_slots``,
-            ``cpu_experts``: on the CPU backend, ``"off"`` (default),
-            ``"auto"`` or a thread count: bfloat16/float16 SwiGLU decode
-            layers run the engine's SIMD expert kernels from the cache's
-            slots instead of transformers' code (outputs then match it
-            within bfloat16/float16 rounding, not bitwise);
+            ``cpu_experts``: ``"auto"`` (default), ``"off"`` or a thread
+            count. With a GPU, ``"auto"`` lets the engine compute missed
+            experts on the CPU where they lie (not built for the CUDA
+            backend yet: ``moe_stats()["plan"]["executor"]["hybrid_off"]``
+            says why it is off). On the CPU, ``"auto"`` is off
+            (transformers' code, bitwise); a thread count makes
+            bfloat16/float16 SwiGLU decode layers run the engine's SIMD
+            expert kernels (outputs then match transformers within
+            bfloat16/float16 rounding, not bitwise), and each missed expert
+            predicted cold is computed from host memory without entering
+            the cache (``moe_stats()``: ``cpu_computed``, ``cpu_seconds``);
             ``admit_margin``: in mapped mode, how much more the eviction
             policy must value a missed expert than its victim to copy it
             in, default 1.0; ``graph_misses``: how CUDA-graph decode

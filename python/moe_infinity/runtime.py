@@ -616,6 +616,9 @@ class OffloadRuntime:
         uses = st["hits"] + st["misses"]
         st["hit_rate"] = st["hits"] / uses if uses else 0.0
         st["stall_seconds"] = st["stall_ns"] / 1e9
+        st["cpu_seconds"] = st["cpu_ns"] / 1e9
+        for info in st["layers"]:
+            info["cpu_seconds"] = info["cpu_ns"] / 1e9
         st["plan"] = {k: self.plan.get(k) for k in ("slots", "slot_bytes", "arena_bytes", "policy", "prefetch", "backend", "graph_misses", "link_rates", "executor")}
         st["hook_seconds"] = self.hook_ns / 1e9
         st["hook_wait_seconds"] = self.wait_ns / 1e9
