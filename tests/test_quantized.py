@@ -259,3 +259,71 @@ def test_fp8_without_block_size_is_refused(tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(mi.UnsupportedError, match="weight_block_size"):
         mi.from_pretrained(path, device="cpu")
+
+
+def test_a_transformers_without_the_dequantize_option_stops_the_load(monkeypatch):
+    import transformers
+
+    from moe_infinity import _compat
+
+    class OldConfig:  # takes unknown keywords silently, as releases before the option did
+        def __init__(self, **kwargs):
+            pass
+
+    assert _compat.dequantizing_config("fp8", [128, 128]).dequantize is True
+    assert _compat.dequantizing_config("mxfp4").dequantize is True
+    monkeypatch.setattr(transformers, "Mxfp4Config", OldConfig)
+    with pytest.raises(mi.UnsupportedError, match="Mxfp4Config of transformers"):
+        _compat.dequantizing_config("mxfp4")
+
+
+def _padded_dequantize_one(orig):
+    """transformers' FP8 dequantization applied to the weight zero-padded to
+    whole weight_block_size blocks, then cropped: the format's meaning (and
+    what transformers' FP8 kernels and DeepSeek's reference compute) for a
+    shape with a partial block."""
+
+    def dequantize_one(self, quantized, scales, output_dtype=None):
+        rows, cols = quantized.shape[-2:]
+        sr, sc = scales.shape[-2:]
+        pad = torch.zeros(sr * FP8_BLOCK[0], sc * FP8_BLOCK[1], dtype=torch.uint8)
+        pad[:rows, :cols] = quantized.view(torch.uint8)
+        return orig(self, pad.view(torch.float8_e4m3fn), scales, output_dtype)[:rows, :cols]
+
+    return dequantize_one
+
+
+def test_partial_blocks_past_the_first_follow_weight_block_size(tmp_path, monkeypatch):
+    """transformers 5.25's dequantizing load derives the block from the
+    scale grid (rows // grid rows), so for a dimension with a partial block
+    after a full one (160 = 128 + 32) it scales rows 80-127 with the second
+    block's scale. The engine follows weight_block_size, as the format and
+    transformers' own FP8 kernels do: its output is transformers' loading
+    with the padded dequantization, and not transformers' as shipped."""
+    from transformers.integrations import finegrained_fp8
+
+    model = tm.build(
+        "qwen3_moe", dtype=torch.bfloat16, hidden_size=256, moe_intermediate_size=160, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2, num_hidden_layers=1,
+    )
+    path = tmp_path / "m"
+    sd = _saved_state(model, path)
+    _write(path, _fp8_all(sd, lambda k: k.endswith("proj.weight")), QWEN3_FP8_QC)
+    prompt = torch.randint(3, tm.VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+
+    def ref_logits():
+        ref = AutoModelForCausalLM.from_pretrained(path, quantization_config=FineGrainedFP8Config(dequantize=True)).eval()
+        with torch.no_grad():
+            return ref(input_ids=prompt).logits
+
+    as_shipped = ref_logits()
+    monkeypatch.setattr(finegrained_fp8.Fp8Dequantize, "_dequantize_one", _padded_dequantize_one(finegrained_fp8.Fp8Dequantize._dequantize_one))
+    padded = ref_logits()
+    ours = mi.from_pretrained(path, device="cpu", device_memory="64MiB")
+    try:
+        with torch.no_grad():
+            got = ours(input_ids=prompt).logits
+    finally:
+        ours.close()
+    assert torch.equal(got, padded)
+    assert not torch.equal(got, as_shipped), "transformers fixed its partial-block dequantization: the parity tests can use such shapes"

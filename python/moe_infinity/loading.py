@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ._compat import check_experts_forward
+from ._compat import check_experts_forward, dequantizing_config
 from .engine import Engine
 from .errors import BudgetError, CheckpointFormatError, EngineIOError, InvalidArgumentError, MoEInfinityError, NotFoundError, StateError, UnsupportedError
 from .families import Family, family_for
@@ -654,16 +654,6 @@ def _check_quantization(config: Any, hf_kwargs: dict[str, Any] | None = None, de
     return {"quant_method": method, "weight_block_size": [int(b) for b in block]}
 
 
-def _dequantizing_config(quant: dict[str, Any]) -> Any:
-    """The quantization_config that makes transformers load the dense (non-expert) weights of a
-    quantized checkpoint dequantized, as the engine dequantizes the experts."""
-    from transformers import FineGrainedFP8Config, Mxfp4Config
-
-    if quant["quant_method"] == "fp8":
-        return FineGrainedFP8Config(dequantize=True, weight_block_size=tuple(quant["weight_block_size"]))
-    return Mxfp4Config(dequantize=True)
-
-
 # -- public API --------------------------------------------------------------------------
 
 
@@ -759,7 +749,7 @@ def from_pretrained(
         if dtype is not None:
             kwargs["dtype"] = dtype
         if quant is not None:
-            kwargs["quantization_config"] = _dequantizing_config(quant)
+            kwargs["quantization_config"] = dequantizing_config(quant["quant_method"], quant.get("weight_block_size"))
         if dev.type == "cuda":
             kwargs["device_map"] = {"": dev.index}
         model = cls.from_pretrained(path, config=config, **kwargs)
