@@ -52,10 +52,10 @@ func quantFor(m *store.MoEModule, role string) (store.QuantWeight, bool) {
 
 // viewPart is how one part of a view region is made from the slot image.
 type viewPart struct {
-	off, bytes int64             // in the view image
+	off, bytes int64              // in the view image
 	q          *store.QuantWeight // nil: a plain part, converted
-	src        int               // slot region of the values (plain part or quantized weight)
-	scales     int               // slot region of the scales (quantized)
+	src        int                // slot region of the values (plain part or quantized weight)
+	scales     int                // slot region of the scales (quantized)
 }
 
 // Views is the image the caller's expert code reads for quantized experts
