@@ -467,8 +467,15 @@ type Plan struct {
 	SlotBytes int64 `json:"slot_bytes"`
 	// ArenaBytes is Slots × SlotBytes.
 	ArenaBytes int64 `json:"arena_bytes"`
-	// Layout is the slot image.
+	// Layout is the image the caller's expert code reads: the slot image,
+	// or for quantized experts the dequantized views' (Views).
 	Layout *layout.Layout `json:"layout"`
+	// Stored is the slot image when it differs from Layout: quantized
+	// experts as the checkpoint stores them (nil otherwise).
+	Stored *layout.Layout `json:"stored,omitempty"`
+	// Views are the buffers Acquire's indices name (the slots themselves
+	// for unquantized experts).
+	Views ViewsPlan `json:"views"`
 	// Policy is the eviction policy in use.
 	Policy string `json:"policy"`
 	// Prefetch reports whether prefetching is on.

@@ -49,6 +49,7 @@ type Engine struct {
 	plan       Plan
 	mods       []*store.MoEModule
 	lay        *layout.Layout
+	views      *viewPool // the dequantized views of quantized experts (nil otherwise)
 	be         backend.Backend
 	cache      *cache.Cache
 	tracker    *trace.Tracker
@@ -352,12 +353,9 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 		}
 		mods[i] = m
 	}
-	lay, err := layout.Build(s.Layout, mods)
-	if errors.Is(err, layout.ErrCheckpoint) {
-		return Plan{}, err
-	}
+	lay, vw, err := buildLayout(s.Layout, mods)
 	if err != nil {
-		return Plan{}, fmt.Errorf("%w: %v", ErrInvalid, err)
+		return Plan{}, err
 	}
 	L, E := len(mods), mods[0].NumExperts
 	if s.BudgetBytes < 0 {
@@ -366,7 +364,11 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 	if s.BudgetBytes > 0 {
 		e.cfg.BudgetBytes = s.BudgetBytes
 	}
-	slots64 := e.cfg.BudgetBytes / lay.SlotBytes
+	nViews, slotBudget, err := viewBudget(e.cfg, vw, lay.SlotBytes, e.cfg.BudgetBytes, L*E)
+	if err != nil {
+		return Plan{}, err
+	}
+	slots64 := slotBudget / lay.SlotBytes
 	if slots64 < 1 {
 		return Plan{}, fmt.Errorf("%w: a device-memory budget of %s (%d bytes) holds no expert: one expert slot needs %s (%d bytes); raise device_memory to at least %d bytes",
 			ErrBudget, FormatBytes(e.cfg.BudgetBytes), e.cfg.BudgetBytes, FormatBytes(lay.SlotBytes), lay.SlotBytes, lay.SlotBytes)
@@ -380,6 +382,11 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 		Layers: names, NumExperts: E, Slots: slots, SlotBytes: lay.SlotBytes,
 		ArenaBytes: int64(slots) * lay.SlotBytes, Layout: lay, Policy: e.cfg.Policy,
 		Prefetch: *e.cfg.Prefetch, Warnings: []string{},
+		Views: ViewsPlan{Count: slots, Bytes: lay.SlotBytes},
+	}
+	if vw != nil {
+		plan.Layout, plan.Stored = vw.Layout, lay
+		plan.Views = ViewsPlan{Count: min(nViews, slots), Bytes: vw.Layout.SlotBytes, Dequant: vw.Method}
 	}
 	coll, loaded, warn := loadTrace(e.cfg, L, E)
 	if warn != "" {
@@ -409,6 +416,12 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 			return Plan{}, err
 		}
 		return Plan{}, fmt.Errorf("%w: %v", ErrBudget, err)
+	}
+	if vw != nil {
+		if e.views, err = newViewPool(vw, plan.Views.Count, be); err != nil {
+			_ = be.Close()
+			return Plan{}, err
+		}
 	}
 	e.files, e.allFiles = files, distinct(files)
 	plan.Backend = be.Name()
@@ -662,6 +675,9 @@ func (e *Engine) MaxPin() int {
 	if e.readyLocked() != nil {
 		return 0
 	}
+	if e.views != nil {
+		return min(e.cache.Slots(), e.views.count())
+	}
 	return e.cache.Slots()
 }
 
@@ -751,6 +767,12 @@ func (e *Engine) Acquire(layer int, experts []int32, slots []int32, stream uintp
 		slots[i] = int32(grants[pos[x]].Slot)
 	}
 	id := e.nextLeas.Add(1)
+	if e.views != nil {
+		if err := e.takeViews(id, experts, grants, pos, slots); err != nil {
+			e.cache.Unpin(grants)
+			return 0, err
+		}
+	}
 	e.leaseMu.Lock()
 	e.leases[id] = grants
 	e.leaseMu.Unlock()
@@ -793,6 +815,9 @@ func (e *Engine) Release(lease uint64, stream uintptr) error {
 	if !ok {
 		return fmt.Errorf("%w: unknown or already released lease %d", ErrInvalid, lease)
 	}
+	if e.views != nil {
+		e.views.give(lease)
+	}
 	var relErr error
 	if ob, isOrdered := e.be.(backend.Ordered); isOrdered {
 		relErr = ob.Release(grantSlots(grants), stream)
@@ -819,8 +844,11 @@ func (e *Engine) SlotAddr(slot int) (uintptr, error) {
 	if err := e.readyLocked(); err != nil {
 		return 0, err
 	}
-	if slot < 0 || slot >= e.plan.Slots {
-		return 0, fmt.Errorf("%w: slot %d out of range [0, %d)", ErrInvalid, slot, e.plan.Slots)
+	if slot < 0 || slot >= e.plan.Views.Count {
+		return 0, fmt.Errorf("%w: slot %d out of range [0, %d)", ErrInvalid, slot, e.plan.Views.Count)
+	}
+	if e.views != nil {
+		return e.views.addr(slot), nil
 	}
 	return e.be.SlotAddr(slot), nil
 }
@@ -829,6 +857,9 @@ func (e *Engine) SlotAddr(slot int) (uintptr, error) {
 func (e *Engine) Arena() (uintptr, int64, error) {
 	if err := e.readyLocked(); err != nil {
 		return 0, 0, err
+	}
+	if e.views != nil {
+		return e.views.addr(0), int64(len(e.views.mem)), nil
 	}
 	a, n := e.be.Arena()
 	return a, n, nil
@@ -964,6 +995,9 @@ func (e *Engine) Close() error {
 	close(e.stop)
 	e.queue.Close()
 	e.cache.Close()
+	if e.views != nil {
+		e.views.close()
+	}
 	e.ops.Wait()
 	e.bg.Wait()
 	var errs []error
@@ -987,7 +1021,7 @@ func (e *Engine) free() error {
 	if e.hybrid.k != nil {
 		e.hybrid.k.close()
 	}
-	return errors.Join(e.be.Close(), e.ckpt.Close())
+	return errors.Join(e.be.Close(), e.views.free(), e.ckpt.Close())
 }
 
 // Closed reports whether Close has been called.

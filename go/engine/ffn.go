@@ -38,6 +38,10 @@ func (e *Engine) FFNShape() (hidden, inter, dtypeCode int64, err error) {
 
 // ffnShape is FFNShape for a configured (or configuring) engine.
 func (e *Engine) ffnShape() (hidden, inter, dtypeCode int64, err error) {
+	if e.views != nil {
+		return 0, 0, 0, fmt.Errorf("%w: the experts are quantized (%s): the caller's code computes them on dequantized views; the expert FFN kernels take bfloat16 or float16 slots",
+			ErrUnsupported, e.views.vw.Method)
+	}
 	gu, ok1 := e.lay.Region("gate_up_proj")
 	dn, ok2 := e.lay.Region("down_proj")
 	if !ok1 || !ok2 || len(gu.Shape) != 2 || len(dn.Shape) != 2 {

@@ -87,6 +87,9 @@ func (e *Engine) Tune(t Tuning) error {
 	if t.Flush {
 		e.drainMapped()
 		e.cache.Flush()
+		if e.views != nil {
+			e.views.forget()
+		}
 		if mb, ok := e.be.(backend.Mapped); ok && e.mapped.idle != nil {
 			if err := mb.UnmapAll(); err != nil {
 				return err

@@ -48,6 +48,14 @@ type Spec struct {
 	// Alignment of every region offset and of the slot size, in bytes
 	// (a power of two; 0 means DefaultAlignment).
 	Alignment int64 `json:"alignment,omitempty"`
+	// QuantMethod is the checkpoint's quantization_config.quant_method
+	// ("fp8", "mxfp4"; QuantMethods) when its experts are quantized
+	// (BuildQuantized); Build ignores it.
+	QuantMethod string `json:"quant_method,omitempty"`
+	// WeightBlockSize is quantization_config.weight_block_size, the
+	// [rows, cols] in elements that share one FP8 scale (quant_method
+	// "fp8").
+	WeightBlockSize []int64 `json:"weight_block_size,omitempty"`
 }
 
 // ParseSpec decodes a JSON spec (one object, keys spelled exactly as the
@@ -243,7 +251,9 @@ func (l *Layout) Fill(m *store.MoEModule, expert int, dst []byte) error {
 			if off+n > r.Offset+r.Bytes {
 				return fmt.Errorf("layout: module %q expert %d: %s overflows region %q", m.Prefix, expert, p.Tensor, r.Name)
 			}
-			if err := dtype.Convert(dst[off:off+n], r.dt, p.Data, p.DType); err != nil {
+			if p.DType == r.dt {
+				copy(dst[off:off+n], p.Data) // as stored (also quantized bytes)
+			} else if err := dtype.Convert(dst[off:off+n], r.dt, p.Data, p.DType); err != nil {
 				return fmt.Errorf("layout: module %q expert %d: %s: %w", m.Prefix, expert, p.Tensor, err)
 			}
 			off += n

@@ -9,7 +9,11 @@ on which release is installed lives in this module:
   a deprecation warning);
 * the calling convention of the experts code the engine's hooks replace
   (:func:`check_experts_forward`). A release that changes it must stop the
-  load with an error naming the version, never compute something else.
+  load with an error naming the version, never compute something else;
+* the ``dequantize`` option of transformers' FP8 and MXFP4 configs, with which
+  it loads a quantized checkpoint's dense weights as the engine dequantizes
+  its experts (:func:`dequantizing_config`). A config class that does not keep
+  it (it takes unknown keywords silently) stops the load.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ __all__ = [
     "transformers_version",
     "supported_range",
     "check_experts_forward",
+    "dequantizing_config",
 ]
 
 #: The parameter names (after ``self``) under which the fused experts'
@@ -107,3 +112,21 @@ def check_experts_forward(module: Any, forward: Any) -> None:
             f"{type(module).__name__}.forward takes ({', '.join(names)}), not {known}: "
             f"the experts' calling convention changed in {_versions()}"
         )
+
+
+def dequantizing_config(quant_method: str, weight_block_size: list[int] | None = None) -> Any:
+    """transformers' quantization config that loads a pre-quantized ``quant_method``
+    checkpoint dequantized (``FineGrainedFP8Config`` / ``Mxfp4Config`` with
+    ``dequantize=True``), or :class:`UnsupportedError` naming the version when the
+    installed release has no such option."""
+    import transformers
+
+    name = {"fp8": "FineGrainedFP8Config", "mxfp4": "Mxfp4Config"}[quant_method]
+    cls = getattr(transformers, name, None)
+    kw: dict[str, Any] = {"dequantize": True}
+    if quant_method == "fp8":
+        kw["weight_block_size"] = tuple(weight_block_size or ())
+    cfg = cls(**kw) if cls is not None else None
+    if cfg is None or getattr(cfg, "dequantize", None) is not True:
+        raise UnsupportedError(f"{name} of {_versions()} cannot load {quant_method} checkpoints dequantized (no dequantize option)")
+    return cfg

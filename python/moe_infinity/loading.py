@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ._compat import check_experts_forward
+from ._compat import check_experts_forward, dequantizing_config
 from .engine import Engine
 from .errors import BudgetError, CheckpointFormatError, EngineIOError, InvalidArgumentError, MoEInfinityError, NotFoundError, StateError, UnsupportedError
 from .families import Family, family_for
@@ -486,7 +486,7 @@ def _engine(budget: int, cache_policy: str, prefetch: bool, trace_path: Path | N
     return Engine(budget_bytes=budget, policy=cache_policy, prefetch=prefetch, trace_path=trace_path, backend=backend, device=device.index or 0, **engine_options)
 
 
-def _finish(model: torch.nn.Module, engine: Engine, family: Family, base_prefix: str, device: torch.device, device_memory: int, kernels: bool) -> torch.nn.Module:
+def _finish(model: torch.nn.Module, engine: Engine, family: Family, base_prefix: str, device: torch.device, device_memory: int, kernels: bool, quant: dict[str, Any] | None = None) -> torch.nn.Module:
     modules = engine.modules()
     if not modules:
         raise UnsupportedError("no routed expert tensors found in the checkpoint")
@@ -506,7 +506,7 @@ def _finish(model: torch.nn.Module, engine: Engine, family: Family, base_prefix:
     try:
         rt = OffloadRuntime(
             engine, family, layers, meta, fused_on_disk,
-            device=device, budget_bytes=budget, kernels=kernels, progress=progress if device.type == "cuda" else None,
+            device=device, budget_bytes=budget, kernels=kernels, progress=progress if device.type == "cuda" else None, quant=quant,
         )
     finally:
         if bar is not None:
@@ -606,12 +606,17 @@ def _check_expert_count(config: Any, family: Family, modules: list[dict[str, Any
 
 # -- quantization --------------------------------------------------------------------------
 
-#: quant_method values of checkpoints whose experts the engine can index (FP8 block-scaled,
-#: MXFP4); serving them is not wired yet.
-RECOGNISED_QUANT_METHODS = ("fp8", "mxfp4")
+#: quant_method values of checkpoints served as they ship (on the CPU): the engine keeps
+#: their experts compressed and dequantizes them bit for bit as transformers does.
+SERVED_QUANT_METHODS = ("fp8", "mxfp4")
 
 #: transformers keyword arguments that quantize a model at load time.
 _QUANTIZING_KWARGS = ("quantization_config", "load_in_8bit", "load_in_4bit")
+
+_SERVED = (
+    "moe_infinity serves unquantized checkpoints (float32, float16 or bfloat16 experts) and, on the CPU "
+    "(device='cpu'), fp8 (block-scaled, with weight_block_size) and mxfp4 checkpoints as they ship"
+)
 
 
 def _quant_method(qc: Any) -> str:
@@ -621,29 +626,38 @@ def _quant_method(qc: Any) -> str:
     return str(method) if method is not None else "unknown"
 
 
-def _check_quantization(config: Any, hf_kwargs: dict[str, Any] | None = None) -> None:
-    """UnsupportedError for a quantized checkpoint or a request to quantize at load time.
+def _check_quantization(config: Any, hf_kwargs: dict[str, Any] | None = None, device: torch.device | None = None) -> dict[str, Any] | None:
+    """The layout facts of a checkpoint quantized in a format moe_infinity serves
+    (``{"quant_method": "fp8", "weight_block_size": [128, 128]}``, ``{"quant_method": "mxfp4"}``),
+    None for an unquantized one; UnsupportedError naming what is found and what is served for
+    any other quantization, for a request to quantize at load time, and off the CPU.
 
-    moe_infinity serves unquantized experts (float32, float16, bfloat16); the message says so
-    and names the quantization found.
+    ``device`` is None for a model already in memory (``offload``), whose quantized weights are
+    not the checkpoint's: every quantization is refused there.
     """
-    supported = "moe_infinity serves unquantized checkpoints (float32, float16 or bfloat16 experts)"
     for key in _QUANTIZING_KWARGS:
         if hf_kwargs and hf_kwargs.get(key) not in (None, False):
-            raise UnsupportedError(f"{key}= quantizes the model at load time, which is not supported: {supported}")
+            raise UnsupportedError(f"{key}= quantizes the model at load time, which is not supported: {_SERVED}")
     qc = getattr(config, "quantization_config", None)
     if qc is None:
-        return
+        return None
     method = _quant_method(qc)
-    if method in RECOGNISED_QUANT_METHODS:
+    if method not in SERVED_QUANT_METHODS:
+        raise UnsupportedError(f"the checkpoint is quantized with quant_method={method!r}, which is not supported: {_SERVED}")
+    if device is None:
+        raise UnsupportedError(f"offload() takes a model whose experts are unquantized; this one is quantized (quant_method={method!r}): load the checkpoint with moe_infinity.from_pretrained instead")
+    if device.type != "cpu":
+        raise UnsupportedError(f"the checkpoint is quantized (quant_method={method!r}); {_SERVED}, not on {device} yet")
+    get = qc.get if isinstance(qc, dict) else (lambda k, d=None: getattr(qc, k, d))
+    if method == "mxfp4":
+        return {"quant_method": method}
+    block = get("weight_block_size")
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
         raise UnsupportedError(
-            f"the checkpoint is quantized (quantization_config.quant_method={method!r}); {method} experts are "
-            f"recognised but not served yet: {supported}"
+            f"the checkpoint is quantized with quant_method='fp8' but quantization_config.weight_block_size is {block!r}: "
+            f"only block-scaled FP8 (weight_block_size [rows, cols], as DeepSeek-V3 and Qwen3-FP8 ship) is served"
         )
-    raise UnsupportedError(
-        f"the checkpoint is quantized with quant_method={method!r}, which is not supported: {supported}; "
-        f"quantized formats planned: {', '.join(RECOGNISED_QUANT_METHODS)}"
-    )
+    return {"quant_method": method, "weight_block_size": [int(b) for b in block]}
 
 
 # -- public API --------------------------------------------------------------------------
@@ -725,10 +739,10 @@ def from_pretrained(
     config_kwargs = {k: hf_kwargs[k] for k in ("trust_remote_code", "revision") if k in hf_kwargs}
     config = AutoConfig.from_pretrained(path, **config_kwargs)
     family = family_for(getattr(config, "model_type", ""))
-    _check_quantization(config, hf_kwargs)
     if "device_map" in hf_kwargs:
         raise InvalidArgumentError("device_map is managed by moe_infinity; choose the device with device='cpu' or 'cuda'")
     dev = _resolve_device(device)
+    quant = _check_quantization(config, hf_kwargs, dev)
     budget = _budget(device_memory, dev)
     if not any(path.glob("*.safetensors")):
         raise NotFoundError(f"{path} has no .safetensors files; moe_infinity reads experts from safetensors checkpoints")
@@ -746,12 +760,14 @@ def from_pretrained(
         kwargs.pop("local_files_only", None)
         if dtype is not None:
             kwargs["dtype"] = dtype
+        if quant is not None:
+            kwargs["quantization_config"] = dequantizing_config(quant["quant_method"], quant.get("weight_block_size"))
         if dev.type == "cuda":
             kwargs["device_map"] = {"": dev.index}
         model = cls.from_pretrained(path, config=config, **kwargs)
         model.eval()
         _copy_out_of_files(model, sorted(path.glob("*.safetensors")))
-        return _finish(model, engine, family, getattr(model, "base_model_prefix", ""), dev, budget, kernels)
+        return _finish(model, engine, family, getattr(model, "base_model_prefix", ""), dev, budget, kernels, quant)
     except BaseException:
         engine.close()
         raise

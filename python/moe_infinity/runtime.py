@@ -245,6 +245,7 @@ class OffloadRuntime:
         budget_bytes: int | None = None,
         kernels: bool = False,
         progress: Any = None,
+        quant: dict[str, Any] | None = None,
     ):
         self.engine = engine
         self.family = family
@@ -275,7 +276,11 @@ class OffloadRuntime:
                     "dtype": str(region_meta[r.name][1]).removeprefix("torch."),
                 }
                 for r in family.regions
-            ]
+            ],
+            # A quantized checkpoint's quant_method (and FP8 weight_block_size):
+            # the engine keeps its experts compressed and dequantizes them into
+            # the views this runtime reads (plan["views"]).
+            **(quant or {}),
         }
         self.plan = _configure_with_progress(engine, layout, [layer.prefix for layer in layers], budget_bytes, progress, family.ffn)
         for r in self.plan["layout"]["regions"]:
@@ -288,7 +293,7 @@ class OffloadRuntime:
                     f"expert {r['name']} is {tuple(r['shape'])} in the checkpoint but the config makes it {want}"
                 )
         self.num_experts = int(self.plan["num_experts"])
-        self.max_pin = int(self.plan["slots"])
+        self.max_pin = int(self.plan["views"]["count"])
         self.views = self._build_views()
         # What the engine's layer executor can do for this model here (its
         # plan): the engine chooses, per layer call, how experts run. These
@@ -318,9 +323,11 @@ class OffloadRuntime:
             arena = torch.frombuffer(raw, dtype=torch.uint8)
         self._arena = arena
         views = []
-        slot_bytes = self.plan["slot_bytes"]
-        for s in range(self.plan["slots"]):
-            base = s * slot_bytes
+        # The views the engine hands out: its slots, or for quantized experts
+        # the buffers it dequantizes them into.
+        view_bytes = self.plan["views"]["bytes"]
+        for s in range(self.plan["views"]["count"]):
+            base = s * view_bytes
             regs = {}
             for r in self.plan["layout"]["regions"]:
                 off = base + r["offset"]
