@@ -2,7 +2,7 @@
 # One call on the GPU machine: runs the GPU suite against the CUDA build of
 # the engine made on the CPU machine (`make cuda`), and prints a summary.
 #
-#   bash scripts/gpu_check.sh [gpu|parity|bench|headline|copy|defaults|margin|profile|variants|all]     (default: all)
+#   bash scripts/gpu_check.sh [gpu|parity|bench|headline|copy|defaults|margin|serve|profile|variants|all]     (default: all)
 #
 # profile: Mixtral's replayed steps under the torch profiler, with copy
 # mode's waits split into copying and idle (benchmarks/profile_step.py).
@@ -51,7 +51,7 @@ run() {  # name, command...
     [ "$rc" = 0 ] || status=1
 }
 if [ "$what" = gpu ] || [ "$what" = all ]; then
-    run gpu_tests python3 -m pytest -p no:cacheprovider -q -m gpu -rA tests/test_gpu.py tests/test_backend_ops.py tests/test_gpu_memory.py
+    run gpu_tests python3 -m pytest -p no:cacheprovider -q -m gpu -rA tests/test_gpu.py tests/test_backend_ops.py tests/test_gpu_memory.py tests/test_scheduler.py
 fi
 if [ "$what" = parity ] || [ "$what" = all ]; then
     MOE_INFINITY_TEST_DEVICE=cuda run parity_cuda python3 -m pytest -p no:cacheprovider -q -x tests/test_parity.py tests/test_generation_modes.py
@@ -61,7 +61,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     run zero_copy python3 benchmarks/zero_copy.py --out "$OUT/zero_copy.json"
 fi
 if [ "$what" = headline ]; then
-    run gpu_tests python3 -m pytest -p no:cacheprovider -q -m gpu -rA tests/test_gpu.py tests/test_backend_ops.py tests/test_gpu_memory.py
+    run gpu_tests python3 -m pytest -p no:cacheprovider -q -m gpu -rA tests/test_gpu.py tests/test_backend_ops.py tests/test_gpu_memory.py tests/test_scheduler.py
     D="python3 benchmarks/decode.py --device-memory 24GiB --decode 32 --graph"
     run qwen3_pipelined timeout 240 $D --pipeline --preset qwen3-30b-a3b --out "$OUT/decode_qwen3_pipelined.json"
     run qwen3_stepwise timeout 120 $D --no-ablations --preset qwen3-30b-a3b --out "$OUT/decode_qwen3_stepwise.json"
@@ -72,6 +72,12 @@ if [ "$what" = copy ] || [ "$what" = defaults ]; then  # copy-mode misses: Mixtr
     D="python3 benchmarks/decode.py --device-memory 24GiB --decode 32 --graph --pipeline --no-ablations"
     run mixtral_auto_read timeout 330 $D --graph-misses auto,read --preset mixtral-8x7b --out "$OUT/decode_mixtral_auto_read.json"
     [ "$what" = defaults ] && run qwen3_auto timeout 150 $D --preset qwen3-30b-a3b --out "$OUT/decode_qwen3_auto.json"
+fi
+if [ "$what" = serve ]; then  # continuous batching: aggregate tokens/s against concurrency (issue: serving)
+    S="python3 benchmarks/serve_load.py --device cuda --device-memory 24GiB --routing generated --clusters 4 --prompt-len 16 --max-tokens 32 --per-client 2 --warmup 4"
+    run serve_qwen3 timeout 300 $S --preset qwen3-30b-a3b --concurrency 1,4,16,32 --configs priority:on --out "$OUT/serve.jsonl"
+    run serve_qwen3_ablations timeout 200 $S --preset qwen3-30b-a3b --concurrency 16 --configs priority:off,lru:on --out "$OUT/serve.jsonl"
+    run serve_mixtral timeout 240 $S --preset mixtral-8x7b --concurrency 1,4,8 --configs priority:on --out "$OUT/serve.jsonl"
 fi
 if [ "$what" = margin ]; then  # admission margin 4 against the default, both shapes
     D="python3 benchmarks/decode.py --device-memory 24GiB --decode 32 --graph --pipeline --no-ablations"

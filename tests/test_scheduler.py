@@ -11,6 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 import moe_infinity as mi
+from moe_infinity import _native
 from moe_infinity.errors import ClosedError, InvalidArgumentError, OverloadedError, StateError
 from moe_infinity.lockstep import Lockstep
 from moe_infinity.serving import SamplingParams, Scheduler
@@ -247,3 +248,26 @@ def test_close_cancels_queued_and_refuses_new(model, tok):
     assert model.moe_runtime.lockstep is None
     # The model still works alone afterwards.
     assert len(_alone(model, ids, 3)) >= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not _native.cuda_usable(),
+    reason="needs a CUDA GPU (runs on the H100 machine through scripts/gpu_check.sh)",
+)
+def test_lockstep_batch_on_gpu_gives_each_request_its_alone_tokens(tok):
+    """On the GPU each member runs the engine's kernels for its own tokens
+    while the batch shares the fetches: tokens equal generate alone."""
+    m = mi.from_pretrained(mi.builtin_model_path(), device="cuda", device_memory="64MiB")
+    try:
+        ids = [tok(p)["input_ids"] for p in PROMPTS]
+        alone = [_alone(m, i, 16) for i in ids]
+        with Scheduler(m, max_batch=8) as s:
+            reqs = [s.submit(i, SamplingParams(max_tokens=16, temperature=0)) for i in ids]
+            for r in reqs:
+                assert r.wait(300)
+            st = s.stats()
+        assert [r.tokens for r in reqs] == alone
+        assert st["lockstep"]["max_batch"] >= 2
+    finally:
+        m.close()
