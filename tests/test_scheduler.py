@@ -245,6 +245,9 @@ def test_close_cancels_queued_and_refuses_new(model, tok):
     assert any(q.finish_reason == "cancelled" for q in queued)
     with pytest.raises(ClosedError):
         s.submit(ids, SamplingParams())
+    with Scheduler(model, max_batch=1):
+        with pytest.raises(StateError, match="already has a running Scheduler"):
+            Scheduler(model)
     assert model.moe_runtime.lockstep is None
     # The model still works alone afterwards.
     assert len(_alone(model, ids, 3)) >= 1

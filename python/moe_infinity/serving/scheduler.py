@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ClosedError, InvalidArgumentError, OverloadedError
+from ..errors import ClosedError, InvalidArgumentError, OverloadedError, StateError
 from ..lockstep import Lockstep
 
 __all__ = ["SamplingParams", "Event", "Request", "Scheduler"]
@@ -237,6 +237,8 @@ class Scheduler:
         eos = gc.eos_token_id
         self.eos_ids: tuple[int, ...] = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         self.pad_id = gc.pad_token_id if gc.pad_token_id is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        if rt.lockstep is not None:
+            raise StateError("this model already has a running Scheduler; close it first (one scheduler per model)")
         self.lockstep = Lockstep(hint=rt.engine.hint)
         rt.lockstep = self.lockstep
         self._queue: queue.Queue[Request | None] = queue.Queue()
