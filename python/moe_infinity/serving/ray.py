@@ -67,8 +67,8 @@ def deployment(
             directory's name, or "builtin").
         chat_template: a Jinja chat template (the text, not a path).
         shutdown_timeout: seconds a replica's running requests may take to
-            finish when it stops (keep it under Ray's
-            ``graceful_shutdown_timeout_s``, 20 s by default).
+            finish when it stops (Ray's ``graceful_shutdown_timeout_s`` is
+            set 10 s longer, for closing the model and saving the trace).
         torch_threads: torch CPU threads in each replica.
         name: the deployment's name.
         max_ongoing_requests: requests Ray sends one replica at once
@@ -113,6 +113,7 @@ def deployment(
         name=name,
         num_replicas=num_replicas,
         max_ongoing_requests=max_ongoing_requests or (max_batch + max_queue),
+        graceful_shutdown_timeout_s=shutdown_timeout + 10.0,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
     )
     return dep.bind()
