@@ -87,7 +87,7 @@ def render(sched_stats: dict[str, Any], moe_stats: dict[str, Any] | None, http: 
     fam(
         "requests_finished_total",
         "counter",
-        "Requests finished, by finish reason (stop, length, cancelled, error).",
+        "Requests finished, by the scheduler's finish reason: stop (end of sequence), length, cancelled (stop strings, clients that left, shutdown), error.",
         [(f'{{finish_reason="{_esc(k)}"}}', v) for k, v in sorted(s["finished"].items())],
     )
     fam("prompt_tokens_total", "counter", "Prompt tokens of accepted requests.", [("", s["prompt_tokens"])])

@@ -114,11 +114,16 @@ class Lifecycle:
         self.scheduler.close(self.shutdown_timeout)
 
     def close(self) -> None:
-        """drain(), then closes the model when the server owns it."""
+        """drain(), then closes the model when the server owns it. A model
+        that requests still run on (a forced exit cut the drain short) is
+        left open: closing it would pull its memory from under them."""
         with self._lock:
             if self.closed:
                 return
             self.drain()
+            if self.scheduler.running:
+                log.warning("moe-infinity: %d requests still running: the model is left open and its trace not saved", self.scheduler.running)
+                return
             if self.owns_model:
                 self.model.close()
             self.closed = True
