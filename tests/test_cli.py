@@ -108,3 +108,15 @@ def test_generate_takes_a_device(tmp_path):
         assert out.returncode != 0 and "no usable GPU" in out.stderr and "Traceback" not in out.stderr
     cpu = _run(["generate", "--prompt", "Hi", "--max-new-tokens", "2", "--device", "cpu"], tmp_path)
     assert cpu.returncode == 0 and "on cpu" in cpu.stderr
+
+
+def test_serve_is_a_command_and_reports_errors_cleanly(tmp_path):
+    listed = _run(["--help"], tmp_path)
+    assert "serve" in listed.stdout
+    usage = _run(["serve", "--help"], tmp_path)
+    assert usage.returncode == 0
+    for opt in ("--host", "--port", "--max-batch", "--max-queue", "--shutdown-timeout", "--device-memory", "--policy", "--trace"):
+        assert opt in usage.stdout, opt
+    out = _run(["serve", "--model", str(tmp_path / "missing" / "x"), "--port", "0"], tmp_path)
+    assert out.returncode == 2 and "moe-infinity: error: model directory" in out.stderr
+    assert "Traceback" not in out.stderr

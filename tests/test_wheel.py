@@ -74,6 +74,9 @@ def test_wheel_carries_both_engines_stripped_and_the_builtin_model(wheel, tmp_pa
             assert f"{PKG}/{lib}" in names
         for f in BUILTIN:
             assert f"{PKG}/builtin_model/{f}" in names
+        # Subpackages are listed in pyproject's packages, or left out.
+        for mod in ("serving/__init__.py", "serving/scheduler.py", "serving/server.py", "serving/ray.py"):
+            assert f"{PKG}/{mod}" in names
         assert not [n for n in names if n.endswith(".h") or ".libs/" in n], "no headers, nothing vendored"
         z.extractall(tmp_path, members=[f"{PKG}/{lib}" for lib in ENGINES])
     for lib in ENGINES:

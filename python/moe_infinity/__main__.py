@@ -3,6 +3,8 @@
 Commands:
     generate   generate text with a model whose experts moe_infinity serves
                (default: a small built-in model, no download)
+    serve      an OpenAI-compatible HTTP server with continuous batching
+               (``serve --help``; default model: the built-in one)
     version    print the package and engine versions and the loaded build
     selftest   write a small random MoE checkpoint, stream every expert through
                a two-slot cache and check the bytes (no download, a few seconds)
@@ -135,6 +137,59 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    from .serving import Scheduler
+    from .serving.server import Lifecycle, build_app, load_model, serve
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    print(f"loading {args.model or 'the built-in model'} ...", file=sys.stderr)
+    model, tok = load_model(
+        args.model,
+        device=args.device,
+        device_memory=_memory_arg(args.device_memory),
+        cache_policy=args.policy,
+        prefetch=not args.no_prefetch,
+        trace_path=args.trace,
+    )
+    try:
+        template = Path(args.chat_template).read_text() if args.chat_template else None
+        sched = Scheduler(model, max_batch=args.max_batch, max_queue=args.max_queue)
+    except BaseException:
+        model.close()
+        raise
+    name = args.served_model_name or (Path(args.model).name if args.model else "builtin")
+    life = Lifecycle(model, sched, shutdown_timeout=args.shutdown_timeout, owns_model=True)
+    app = build_app(model, tok, sched, name, chat_template=template, lifecycle=life)
+
+    def ready(url: str) -> None:
+        print(f"moe-infinity: serving {name} on {url} (OpenAI API at {url}/v1; max batch {args.max_batch}, queue {args.max_queue})", file=sys.stderr, flush=True)
+
+    serve(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning", on_ready=ready)
+    st = sched.stats()
+    done = ", ".join(f"{v} {k}" for k, v in sorted(st["finished"].items())) or "none"
+    trace = f"; trace saved to {args.trace}" if args.trace else ""
+    print(f"moe-infinity: shut down: {st['requests']} requests ({done}), {st['completion_tokens']} tokens generated{trace}", file=sys.stderr, flush=True)
+    return 0
+
+
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    """The model and engine options that generate and serve share."""
+    p.add_argument("--model", help="model directory or Hub id in the local cache (default: built-in model)")
+    p.add_argument("--device", default="auto", help="auto (the GPU when the CUDA engine can use one), cpu, cuda or cuda:N")
+    p.add_argument("--device-memory", default="0.5", help="expert cache budget: '24GiB', '500MB', bytes, or a fraction (default 0.5)")
+    p.add_argument("--policy", default="priority", choices=["priority", "lru", "lfu"])
+    p.add_argument("--no-prefetch", action="store_true", help="turn trace-driven prefetching off")
+    p.add_argument("--trace", help="trace file to load and update")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what the engine decided")
+
+
 def _memory_arg(value: str) -> int | float | str:
     try:
         return float(value) if "." in value and value.replace(".", "", 1).isdigit() else int(value)
@@ -153,17 +208,28 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text (default model: the built-in one)")
     gen.add_argument("--prompt", required=True, help="text to continue")
-    gen.add_argument("--model", help="model directory or Hub id in the local cache (default: built-in model)")
     gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--device", default="auto", help="auto (the GPU when the CUDA engine can use one), cpu, cuda or cuda:N")
-    gen.add_argument("--device-memory", default="0.5", help="expert cache budget: '24GiB', '500MB', bytes, or a fraction (default 0.5)")
-    gen.add_argument("--policy", default="priority", choices=["priority", "lru", "lfu"])
-    gen.add_argument("--no-prefetch", action="store_true", help="turn trace-driven prefetching off")
-    gen.add_argument("--trace", help="trace file to load and update")
+    _engine_options(gen)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--seed", type=int, help="random seed for --sample")
-    gen.add_argument("-v", "--verbose", action="store_true", help="log what the engine decided")
     gen.set_defaults(func=_generate)
+    srv = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server with continuous batching (default model: the built-in one)",
+        description="Serves /v1/models, /v1/completions, /v1/chat/completions (streaming with stream: true), /health and "
+        "/metrics. SIGTERM or Ctrl-C stops accepting requests, lets running ones finish (up to --shutdown-timeout), saves the "
+        "trace and exits; a second signal exits at once.",
+    )
+    _engine_options(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one, printed at start)")
+    srv.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
+    srv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a place in the batch; more get HTTP 429 (default 64)")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests may take to finish at shutdown (default 30)")
+    srv.add_argument("--served-model-name", help="the model name clients send (default: the model directory's name, or 'builtin')")
+    srv.add_argument("--chat-template", help="a Jinja chat template file (default: the tokenizer's, else 'role: content' lines)")
+    srv.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    srv.set_defaults(func=_serve)
     sub.add_parser("version", help="print versions").set_defaults(func=_version)
     st = sub.add_parser("selftest", help="round-trip a random checkpoint through the engine")
     st.add_argument("--layers", type=int, default=4)
