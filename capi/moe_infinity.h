@@ -233,9 +233,10 @@ int32_t moe_graph_step(uint64_t handle, uint64_t stream, int32_t nreq, const uin
  * MOE_ERR_UNSUPPORTED when the layout does not fit the kernels. */
 int32_t moe_ffn_shape(uint64_t handle, int64_t *hidden, int64_t *inter, int32_t *dtype);
 
-/* Progress of preparing the host tier during configure (bytes done of
- * total; both 0 when the backend reports none). Safe to call from another
- * thread while moe_engine_configure runs. */
+/* Progress of the long work of loading, in bytes done of total: preparing
+ * the host tier during configure, or before it the source expert bytes
+ * moe_engine_add_compressed has compressed (both 0 when there is none).
+ * Safe to call from another thread while either runs. */
 int32_t moe_engine_progress(uint64_t handle, int64_t *done, int64_t *total);
 
 /* Total and free memory of CUDA device `device` in bytes (NVML's numbers

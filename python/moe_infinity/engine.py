@@ -372,7 +372,8 @@ class Engine:
             _native.raise_status("moe_graph_step", st)
 
     def progress(self) -> tuple[int, int]:
-        """(done, total) bytes of the host tier prepared during configure()."""
+        """(done, total) bytes of the long loading work in progress: the host tier
+        prepared during configure(), or before it the experts add_compressed() compressed."""
         d, t = ctypes.c_int64(0), ctypes.c_int64(0)
         _native.call("moe_engine_progress", ctypes.c_uint64(self._h()), ctypes.byref(d), ctypes.byref(t))
         return d.value, t.value
