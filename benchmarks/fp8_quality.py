@@ -116,7 +116,7 @@ def main() -> int:
         "first_load_with_compression_s": round(load_s, 2),
         "all": compare([x for d in ref for x in ref[d]], [x for d in got for x in got[d]], [x for d in text for x in text[d]]),
         "by_domain": {d: compare(ref[d], got[d], text[d]) for d in text},
-        "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip(),
         "torch": torch.__version__,
     }
     print(json.dumps(result, indent=1))
