@@ -103,6 +103,20 @@ int32_t moe_engine_close(uint64_t handle);
  * model.safetensors.index.json. */
 int32_t moe_engine_add_checkpoint(uint64_t handle, const char *path);
 
+/* Compresses the routed experts of a float checkpoint to block FP8 once,
+ * into a directory, and maps that copy as the checkpoint of the experts
+ * (configure with quant_method "fp8" and the answer's weight_block_size).
+ * request_json: {"source": checkpoint path, "dir": directory of the copy,
+ * "key": the source's version; a copy made under another key, for other
+ * source files or cut short is rewritten, a valid one reused}. Answers
+ * {"reused", "dir", "quant_method", "weight_block_size", "files",
+ * "tensors", "quantized", "bytes", "source_bytes"}; moe_engine_progress
+ * reports the source bytes done meanwhile. A retry after MOE_ERR_BUFFER
+ * finds the copy made and reuses it. MOE_ERR_UNSUPPORTED: experts that are
+ * not float (already quantized). */
+int32_t moe_engine_add_compressed(uint64_t handle, const char *request_json, char *buf,
+                                  int64_t cap, int64_t *needed);
+
 /* Registers a tensor living in caller-owned host memory (valid until
  * close). dtype: "float32", "bfloat16", "F16", ... */
 int32_t moe_engine_add_host_tensor(uint64_t handle, const char *name, const char *dtype,
@@ -219,9 +233,10 @@ int32_t moe_graph_step(uint64_t handle, uint64_t stream, int32_t nreq, const uin
  * MOE_ERR_UNSUPPORTED when the layout does not fit the kernels. */
 int32_t moe_ffn_shape(uint64_t handle, int64_t *hidden, int64_t *inter, int32_t *dtype);
 
-/* Progress of preparing the host tier during configure (bytes done of
- * total; both 0 when the backend reports none). Safe to call from another
- * thread while moe_engine_configure runs. */
+/* Progress of the long work of loading, in bytes done of total: preparing
+ * the host tier during configure, or before it the source expert bytes
+ * moe_engine_add_compressed has compressed (both 0 when there is none).
+ * Safe to call from another thread while either runs. */
 int32_t moe_engine_progress(uint64_t handle, int64_t *done, int64_t *total);
 
 /* Total and free memory of CUDA device `device` in bytes (NVML's numbers

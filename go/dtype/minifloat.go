@@ -75,3 +75,33 @@ func E8M0ToF32(s uint8) float32 {
 		return math.Float32frombits(uint32(s) << 23)
 	}
 }
+
+// F8E4M3Max is the largest finite float8_e4m3fn magnitude (S.1111.110).
+const F8E4M3Max = 448
+
+// F32ToF8E4M3Sat rounds v to float8_e4m3fn, round to nearest, ties to even,
+// saturating: magnitudes above 448 (Inf included) give ±448, as
+// torch's v.clamp(-448, 448).to(torch.float8_e4m3fn) does. Results below
+// 2^-6 round to the subnormals (multiples of 2^-9); -0 keeps its sign. NaN
+// gives 0x7F with v's sign.
+func F32ToF8E4M3Sat(v float32) uint8 {
+	b := math.Float32bits(v)
+	sign := uint8(b>>24) & 0x80
+	a := b & 0x7fffffff
+	switch {
+	case a > 0x7f800000: // NaN
+		return sign | 0x7f
+	case a >= 0x43e00000: // >= 448, Inf included
+		return sign | 0x7e
+	case a < 0x3c800000: // < 2^-6: a multiple of 2^-9 (×512 is exact)
+		return sign | uint8(math.RoundToEven(float64(math.Float32frombits(a))*512))
+	}
+	// Normal: keep 3 of the 23 mantissa bits, round to nearest even (a carry
+	// into the exponent is the right result), rebias the exponent 127 → 7.
+	r := (a + 0x7ffff + (a>>20)&1) >> 20
+	code := r - (127-7)<<3
+	if code > 0x7e { // 448 < |v| < 464 rounds down; from 464 it would be 480
+		code = 0x7e
+	}
+	return sign | uint8(code)
+}

@@ -3,6 +3,7 @@ package dtype
 import (
 	"encoding/binary"
 	"math"
+	"math/rand/v2"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -108,5 +109,61 @@ func TestNarrowFloatsAgainstTorch(t *testing.T) {
 					i, got, math.Float32bits(got), want, math.Float32bits(want))
 			}
 		})
+	}
+}
+
+// nearestF8E4M3 is the definition F32ToF8E4M3Sat implements, by search: the
+// finite code nearest to v, the even code on a tie, 448 beyond.
+func nearestF8E4M3(v float32) uint8 {
+	sign := uint8(0)
+	if math.Signbit(float64(v)) {
+		sign = 0x80
+	}
+	a := math.Abs(float64(v))
+	best := uint8(0)
+	for c := uint8(1); c <= 0x7e; c++ {
+		d, db := math.Abs(a-float64(F8E4M3ToF32(c))), math.Abs(a-float64(F8E4M3ToF32(best)))
+		if d < db || (d == db && c&1 == 0) {
+			best = c
+		}
+	}
+	return sign | best
+}
+
+func TestF32ToF8E4M3Sat(t *testing.T) {
+	// Every finite code round-trips; midpoints go to the even neighbour.
+	for c := 0; c < 256; c++ {
+		b := uint8(c)
+		if b&0x7f == 0x7f {
+			continue
+		}
+		require.Equal(t, b, F32ToF8E4M3Sat(F8E4M3ToF32(b)), "code 0x%02X", b)
+		if b&0x7f < 0x7e {
+			lo, hi := F8E4M3ToF32(b), F8E4M3ToF32(b+1)
+			mid := (lo + hi) / 2 // exact: at most 5 significant bits
+			want := b
+			if b&1 == 1 {
+				want = b + 1
+			}
+			require.Equal(t, want, F32ToF8E4M3Sat(mid), "midpoint after 0x%02X (%g)", b, mid)
+			require.Equal(t, b, F32ToF8E4M3Sat(math.Nextafter32(mid, lo)), "below the midpoint after 0x%02X", b)
+			require.Equal(t, b+1, F32ToF8E4M3Sat(math.Nextafter32(mid, 2*hi)), "above the midpoint after 0x%02X", b)
+		}
+	}
+	for _, tc := range []struct {
+		v    float32
+		want uint8
+	}{
+		{448, 0x7e}, {463.99, 0x7e}, {464, 0x7e}, {1e30, 0x7e}, {float32(math.Inf(1)), 0x7e}, {float32(math.Inf(-1)), 0xfe},
+		{-500, 0xfe}, {float32(math.Copysign(0, -1)), 0x80}, {0, 0}, {1.0 / 1024, 0}, {3.0 / 1024, 0x02}, {1e-30, 0},
+		{float32(math.NaN()), 0x7f}, {0.015625, 0x08}, {0.0146484375, 0x08}, // 2^-6, and 7.5×2^-9 → 8×2^-9 (even)
+	} {
+		assert.Equal(t, tc.want, F32ToF8E4M3Sat(tc.v), "%g", tc.v)
+	}
+	// Random values over the whole range against the search.
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := 0; i < 20000; i++ {
+		v := float32(math.Ldexp(rng.Float64()*2-1, rng.IntN(24)-14))
+		require.Equal(t, nearestF8E4M3(v), F32ToF8E4M3Sat(v), "%g", v)
 	}
 }

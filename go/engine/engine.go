@@ -26,6 +26,7 @@ import (
 	"github.com/moe-infinity/moe_infinity/go/dtype"
 	"github.com/moe-infinity/moe_infinity/go/layout"
 	"github.com/moe-infinity/moe_infinity/go/prefetch"
+	"github.com/moe-infinity/moe_infinity/go/requant"
 	"github.com/moe-infinity/moe_infinity/go/store"
 	"github.com/moe-infinity/moe_infinity/go/trace"
 )
@@ -79,10 +80,14 @@ type Engine struct {
 	tokensMu     sync.Mutex
 	expertTokens []float64 // [layer*experts+expert] tokens observed since the last reset (under tokensMu)
 
-	acquires   atomic.Int64
-	phaseNs    [numPhases]atomic.Int64
-	opening    atomic.Pointer[backend.Backend] // the backend, from before Open (for Progress)
-	prefetchOn atomic.Bool
+	acquires atomic.Int64
+	phaseNs  [numPhases]atomic.Int64
+	opening  atomic.Pointer[backend.Backend] // the backend, from before Open (for Progress)
+	// compressDone and compressTotal: AddCompressed's progress in source
+	// bytes (for Progress).
+	compressDone, compressTotal atomic.Int64
+	compressed                  map[CompressRequest]requant.Result // AddCompressed's copies added (under mu)
+	prefetchOn                  atomic.Bool
 
 	demandMu   sync.Mutex
 	demand     int           // on-demand copies in flight
@@ -865,15 +870,18 @@ func (e *Engine) Arena() (uintptr, int64, error) {
 	return a, n, nil
 }
 
-// Progress reports the backend's progress in preparing the host tier
-// (bytes done of total); zeros when it reports none.
+// Progress reports the long work of loading, in bytes done of total: the
+// backend's preparation of the host tier once Configure has started it,
+// before that AddCompressed's compression of experts; zeros when there is
+// none.
 func (e *Engine) Progress() (done, total int64) {
 	if p := e.opening.Load(); p != nil {
 		if pr, ok := (*p).(backend.Progress); ok {
 			return pr.Progress()
 		}
+		return 0, 0
 	}
-	return 0, 0
+	return e.compressDone.Load(), e.compressTotal.Load()
 }
 
 // trackDemand counts an on-demand load until its copy physically ends, so

@@ -7,6 +7,7 @@ import (
 
 	"github.com/moe-infinity/moe_infinity/go/backend"
 	"github.com/moe-infinity/moe_infinity/go/layout"
+	"github.com/moe-infinity/moe_infinity/go/requant"
 	"github.com/moe-infinity/moe_infinity/go/store"
 	"github.com/moe-infinity/moe_infinity/go/trace"
 )
@@ -78,7 +79,7 @@ func Code(err error) Status {
 		return StatusHandle
 	case errors.Is(err, trace.ErrNoSpace):
 		return StatusIO // a full disk is an I/O error, whatever else it was joined with
-	case errors.Is(err, ErrUnsupported):
+	case errors.Is(err, ErrUnsupported), errors.Is(err, requant.ErrSource):
 		return StatusUnsupported
 	case errors.Is(err, ErrClosed), errors.Is(err, backend.ErrClosed), errors.Is(err, store.ErrClosed):
 		return StatusClosed

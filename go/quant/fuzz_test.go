@@ -27,5 +27,12 @@ func FuzzDequant(f *testing.F) {
 			t.Fatalf("accepted %d block bytes for [%d, %d]", len(w), rows, cols)
 		}
 		_ = DequantMXFP4Transposed(dst, dtype.BF16, w, s, rows, cols)
+		sr, sc := 0, 0
+		if br > 0 && bc > 0 && rows >= 0 && cols >= 0 {
+			sr, sc = Block{br, bc}.ScaleGrid(rows, cols)
+		}
+		if err := QuantFP8Block(dst[:min(len(dst), max(rows*cols, 0))], make([]byte, 4*sr*sc), w, dtype.BF16, rows, cols, Block{br, bc}); err == nil && len(w) != 2*rows*cols {
+			t.Fatalf("quantized %d source bytes as [%d, %d] of BF16", len(w), rows, cols)
+		}
 	})
 }

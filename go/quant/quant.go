@@ -14,6 +14,9 @@
 //
 // Outputs are little-endian F32, BF16 or F16 bytes. Rounding to BF16 and F16
 // is round to nearest, ties to even (dtype.F32BitsToBF16, dtype.F32BitsToF16).
+//
+// QuantFP8Block is the inverse: it compresses a float weight into the FP8
+// block-scaled form DequantFP8Block reads, as DeepSeek's conversion does.
 package quant
 
 import (
@@ -199,4 +202,89 @@ func dequantMXFP4(dst []byte, dstT dtype.DType, blocks, scales []byte, rows, col
 		}
 	}
 	return nil
+}
+
+// MinFP8Scale is the smallest weight_scale_inv QuantFP8Block writes: a block
+// whose largest magnitude is below 448 × MinFP8Scale (all zeros, say) gets
+// this scale instead of amax/448, so that no block divides by zero.
+const MinFP8Scale = float32(1e-12)
+
+// QuantFP8Block quantizes one weight of shape [rows, cols] (row-major, src
+// holding little-endian srcT elements: F32, BF16 or F16) to block-scaled
+// float8_e4m3fn, the exact inverse convention of DequantFP8Block. For each
+// block of block.Rows × block.Cols elements (partial at the right and
+// bottom edges) the scale is amax/448 in float32 (amax the block's largest
+// magnitude; at least MinFP8Scale); every element becomes
+// float32(x) / scale rounded to float8_e4m3fn, nearest even, saturating at
+// ±448 (dtype.F32ToF8E4M3Sat): torch's
+// (x / scale).clamp(-448, 448).to(torch.float8_e4m3fn).
+//
+// w receives rows*cols bytes; scaleInv the F32 grid
+// [ceil(rows/block.Rows), ceil(cols/block.Cols)], row-major, little-endian.
+// A non-finite element (NaN, ±Inf) or sizes that do not match give an
+// error naming it; w and scaleInv are then unspecified.
+func QuantFP8Block(w, scaleInv []byte, src []byte, srcT dtype.DType, rows, cols int, block Block) error {
+	if rows < 0 || cols < 0 {
+		return fmt.Errorf("quant: weight shape [%d, %d] is negative", rows, cols)
+	}
+	if block.Rows <= 0 || block.Cols <= 0 {
+		return fmt.Errorf("quant: FP8 weight_block_size [%d, %d] must be positive", block.Rows, block.Cols)
+	}
+	if !srcT.IsFloat() {
+		return fmt.Errorf("quant: cannot quantize a %s weight to FP8 (want F32, BF16 or F16)", srcT)
+	}
+	n := rows * cols
+	if len(src) != n*srcT.Size() {
+		return fmt.Errorf("quant: weight is %d bytes, shape [%d, %d] of %s needs %d", len(src), rows, cols, srcT, n*srcT.Size())
+	}
+	if len(w) != n {
+		return fmt.Errorf("quant: FP8 output is %d bytes, shape [%d, %d] needs %d", len(w), rows, cols, n)
+	}
+	sr, sc := block.ScaleGrid(rows, cols)
+	if len(scaleInv) != sr*sc*4 {
+		return fmt.Errorf("quant: weight_scale_inv output is %d bytes, the F32 [%d, %d] grid needs %d", len(scaleInv), sr, sc, sr*sc*4)
+	}
+	load := loaderFor(srcT)
+	amax := make([]float32, sc)
+	scale := make([]float32, sc)
+	for r0 := 0; r0 < rows; r0 += block.Rows {
+		r1 := min(r0+block.Rows, rows)
+		clear(amax)
+		for r := r0; r < r1; r++ {
+			for c := 0; c < cols; c++ {
+				v := load(src, r*cols+c)
+				a := float32(math.Abs(float64(v)))
+				if !(a <= math.MaxFloat32) {
+					return fmt.Errorf("quant: element [%d, %d] is %v; only finite weights can be quantized", r, c, v)
+				}
+				if a > amax[c/block.Cols] {
+					amax[c/block.Cols] = a
+				}
+			}
+		}
+		for j, a := range amax {
+			s := max(a/dtype.F8E4M3Max, MinFP8Scale)
+			scale[j] = s
+			binary.LittleEndian.PutUint32(scaleInv[4*((r0/block.Rows)*sc+j):], math.Float32bits(s))
+		}
+		for r := r0; r < r1; r++ {
+			for c := 0; c < cols; c++ {
+				w[r*cols+c] = dtype.F32ToF8E4M3Sat(load(src, r*cols+c) / scale[c/block.Cols])
+			}
+		}
+	}
+	return nil
+}
+
+// loaderFor returns a reader of element i of little-endian srcT bytes as
+// float32 (srcT one of F32, BF16, F16).
+func loaderFor(srcT dtype.DType) func(b []byte, i int) float32 {
+	le := binary.LittleEndian
+	switch srcT {
+	case dtype.BF16:
+		return func(b []byte, i int) float32 { return math.Float32frombits(dtype.BF16ToF32Bits(le.Uint16(b[2*i:]))) }
+	case dtype.F16:
+		return func(b []byte, i int) float32 { return math.Float32frombits(dtype.F16ToF32Bits(le.Uint16(b[2*i:]))) }
+	}
+	return func(b []byte, i int) float32 { return math.Float32frombits(le.Uint32(b[4*i:])) }
 }

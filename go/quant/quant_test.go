@@ -26,6 +26,8 @@ type goldenCase struct {
 	OutDType string `json:"out_dtype"`
 	Weight   string `json:"weight"`
 	ScaleInv string `json:"scale_inv"`
+	SrcDType string `json:"src_dtype"`
+	Src      string `json:"src"`
 	Blocks   string `json:"blocks"`
 	Scales   string `json:"scales"`
 	Want     string `json:"want"`
@@ -69,6 +71,36 @@ func requireSameBits(t *testing.T, dt dtype.DType, got, want []byte) {
 	require.Zero(t, bad, "%d of %d elements differ", bad, len(want)/sz)
 }
 
+// checkQuantGolden checks QuantFP8Block against torch's quantization of
+// the same weight (gen_golden.py's fp8_quant_case).
+func checkQuantGolden(t *testing.T, c goldenCase) {
+	require.Len(t, c.Block, 2)
+	srcT, err := dtype.ParseSafetensors(c.SrcDType)
+	require.NoError(t, err)
+	block := Block{Rows: c.Block[0], Cols: c.Block[1]}
+	sr, sc := block.ScaleGrid(c.Rows, c.Cols)
+	w, s := make([]byte, c.Rows*c.Cols), make([]byte, 4*sr*sc)
+	require.NoError(t, QuantFP8Block(w, s, readGolden(t, c.Src), srcT, c.Rows, c.Cols, block))
+	requireSameBits(t, dtype.F32, s, readGolden(t, c.ScaleInv))
+	requireSameBytes(t, w, readGolden(t, c.Weight))
+}
+
+// requireSameBytes compares FP8 codes byte by byte.
+func requireSameBytes(t *testing.T, got, want []byte) {
+	t.Helper()
+	require.Equal(t, len(want), len(got))
+	bad := 0
+	for i := range want {
+		if got[i] != want[i] {
+			if bad < 10 {
+				t.Errorf("element %d: got 0x%02X (%g), torch 0x%02X (%g)", i, got[i], dtype.F8E4M3ToF32(got[i]), want[i], dtype.F8E4M3ToF32(want[i]))
+			}
+			bad++
+		}
+	}
+	require.Zero(t, bad, "%d of %d FP8 codes differ", bad, len(want))
+}
+
 func TestAgainstTransformers(t *testing.T) {
 	var doc struct {
 		Cases []goldenCase `json:"cases"`
@@ -77,6 +109,10 @@ func TestAgainstTransformers(t *testing.T) {
 	kinds := map[string]int{}
 	for _, c := range doc.Cases {
 		t.Run(c.Name, func(t *testing.T) {
+			if c.Kind == "fp8quant" {
+				checkQuantGolden(t, c)
+				return
+			}
 			out, err := dtype.ParseSafetensors(c.OutDType)
 			require.NoError(t, err)
 			want := readGolden(t, c.Want)
@@ -105,6 +141,7 @@ func TestAgainstTransformers(t *testing.T) {
 	}
 	assert.Positive(t, kinds["fp8"], "golden file has no FP8 case")
 	assert.Positive(t, kinds["mxfp4"], "golden file has no MXFP4 case")
+	assert.Positive(t, kinds["fp8quant"], "golden file has no FP8 quantization case")
 }
 
 func f32s(vs ...float32) []byte {
@@ -198,4 +235,57 @@ func TestErrors(t *testing.T) {
 	out := make([]byte, 4*4)
 	require.NoError(t, DequantFP8Block(out, dtype.F32, []byte{0x38, 0x38, 0x38, 0x40}, []byte{0x00, 0x40}, dtype.BF16, 2, 2, Block{128, 128}))
 	assert.Equal(t, []float32{2, 2, 2, 4}, readF32s(out))
+}
+
+// TestQuantFP8RoundTrip: quantizing then dequantizing (DequantFP8Block)
+// returns every element within half an FP8 step of its block: |x - x'| <=
+// 2^-4 |x| for normal results, and within 2^-10 × scale near zero.
+func TestQuantFP8RoundTrip(t *testing.T) {
+	rows, cols := 150, 260
+	block := Block{128, 128}
+	src := make([]float32, rows*cols)
+	for i := range src {
+		src[i] = float32(math.Sin(float64(i)*0.37)) * float32(1+i%97) * 0.01
+	}
+	sr, sc := block.ScaleGrid(rows, cols)
+	w, s := make([]byte, rows*cols), make([]byte, 4*sr*sc)
+	require.NoError(t, QuantFP8Block(w, s, f32s(src...), dtype.F32, rows, cols, block))
+	back := make([]byte, 4*rows*cols)
+	require.NoError(t, DequantFP8Block(back, dtype.F32, w, s, dtype.F32, rows, cols, block))
+	got, scales := readF32s(back), readF32s(s)
+	for i, x := range src {
+		scale := scales[(i/cols/block.Rows)*sc+(i%cols)/block.Cols]
+		tol := max(float32(math.Abs(float64(x)))/16, scale/1024)
+		require.InDelta(t, x, got[i], float64(tol)*1.0001, "element %d (scale %g)", i, scale)
+	}
+	// The largest magnitude of block (0, 0) maps to ±448 exactly.
+	best, bi := float32(0), 0
+	for r := 0; r < block.Rows; r++ {
+		for c := 0; c < block.Cols; c++ {
+			if a := float32(math.Abs(float64(src[r*cols+c]))); a > best {
+				best, bi = a, r*cols+c
+			}
+		}
+	}
+	assert.Equal(t, byte(0x7e), w[bi]&0x7f)
+}
+
+func TestQuantFP8Errors(t *testing.T) {
+	w, s := make([]byte, 4), make([]byte, 4)
+	src := f32s(1, 2, 3, 4)
+	for name, err := range map[string]error{
+		"short src":   QuantFP8Block(w, s, src[:15], dtype.F32, 2, 2, Block{128, 128}),
+		"short w":     QuantFP8Block(w[:3], s, src, dtype.F32, 2, 2, Block{128, 128}),
+		"long scales": QuantFP8Block(w, make([]byte, 8), src, dtype.F32, 2, 2, Block{128, 128}),
+		"zero block":  QuantFP8Block(w, s, src, dtype.F32, 2, 2, Block{128, 0}),
+		"int source":  QuantFP8Block(w, s, src, dtype.I32, 2, 2, Block{128, 128}),
+		"fp8 source":  QuantFP8Block(w, s, make([]byte, 4), dtype.F8E4M3, 2, 2, Block{128, 128}),
+		"negative":    QuantFP8Block(nil, nil, nil, dtype.F32, -1, 2, Block{128, 128}),
+		"nan":         QuantFP8Block(w, s, f32s(1, float32(math.NaN()), 3, 4), dtype.F32, 2, 2, Block{128, 128}),
+		"inf":         QuantFP8Block(w, s, f32s(1, 2, float32(math.Inf(-1)), 4), dtype.F32, 2, 2, Block{128, 128}),
+	} {
+		assert.Error(t, err, name)
+	}
+	err := QuantFP8Block(w, s, f32s(1, 2, float32(math.Inf(1)), 4), dtype.F32, 2, 2, Block{128, 128})
+	assert.ErrorContains(t, err, "[1, 0]")
 }

@@ -148,6 +148,16 @@ class Engine:
         """Maps a safetensors checkpoint (directory, file or index JSON)."""
         _native.call("moe_engine_add_checkpoint", ctypes.c_uint64(self._h()), os.fsencode(path))
 
+    def add_compressed(self, source: str | os.PathLike[str], directory: str | os.PathLike[str], key: str) -> dict[str, Any]:
+        """Compresses the routed experts of the float checkpoint at ``source``
+        to block FP8 once, into ``directory`` (reused while ``key``, the
+        source's files and the block size match), and maps that copy as the
+        experts' checkpoint (``moe_engine_add_compressed``). Returns what was
+        done: ``reused``, ``quant_method``, ``weight_block_size``, ``bytes``,
+        ``source_bytes``, ... ; ``progress()`` reports it meanwhile."""
+        req = {"source": os.fspath(source), "dir": os.fspath(directory), "key": key}
+        return _native.call_json("moe_engine_add_compressed", ctypes.c_uint64(self._h()), json.dumps(req).encode())
+
     def add_host_tensor(self, name: str, tensor: Any) -> None:
         """Registers an expert tensor that lives in host memory.
 
@@ -362,7 +372,8 @@ class Engine:
             _native.raise_status("moe_graph_step", st)
 
     def progress(self) -> tuple[int, int]:
-        """(done, total) bytes of the host tier prepared during configure()."""
+        """(done, total) bytes of the long loading work in progress: the host tier
+        prepared during configure(), or before it the experts add_compressed() compressed."""
         d, t = ctypes.c_int64(0), ctypes.c_int64(0)
         _native.call("moe_engine_progress", ctypes.c_uint64(self._h()), ctypes.byref(d), ctypes.byref(t))
         return d.value, t.value

@@ -31,7 +31,7 @@ from .engine import Engine
 from .errors import BudgetError, CheckpointFormatError, EngineIOError, InvalidArgumentError, MoEInfinityError, NotFoundError, StateError, UnsupportedError
 from .families import Family, family_for
 from .memory import format_bytes, host_memory_bytes, parse_memory
-from .runtime import MoELayer, OffloadRuntime, SlotLinear
+from .runtime import MoELayer, OffloadRuntime, SlotLinear, with_progress
 
 log = logging.getLogger("moe_infinity")
 
@@ -660,6 +660,71 @@ def _check_quantization(config: Any, hf_kwargs: dict[str, Any] | None = None, de
     return {"quant_method": method, "weight_block_size": [int(b) for b in block]}
 
 
+#: expert_dtype values: None or "auto" serve the experts in the checkpoint's own dtype; "fp8"
+#: compresses a float checkpoint's routed experts to block FP8 once, into offload_dir.
+EXPERT_DTYPES = (None, "auto", "fp8")
+
+#: The subdirectory of offload_dir holding the FP8 copy of the experts.
+FP8_EXPERTS_DIR = "experts-fp8"
+
+
+def _check_expert_dtype(expert_dtype: Any) -> bool:
+    """Whether ``expert_dtype`` asks for compression to FP8; InvalidArgumentError
+    naming the valid values for anything else."""
+    if not (expert_dtype is None or isinstance(expert_dtype, str)) or expert_dtype not in EXPERT_DTYPES:
+        raise InvalidArgumentError(
+            f"expert_dtype={expert_dtype!r} is not supported; valid values: None or 'auto' (the checkpoint's own dtype), "
+            "'fp8' (compress the routed experts to block FP8 once, into offload_dir)"
+        )
+    return expert_dtype == "fp8"
+
+
+def _check_compressible(config: Any, device: torch.device, offload_dir: Any) -> None:
+    """The conditions of expert_dtype='fp8': an unquantized checkpoint, the CPU and an offload_dir."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is not None:
+        raise InvalidArgumentError(
+            f"expert_dtype='fp8' compresses an unquantized (float) checkpoint, but this one is already quantized "
+            f"(quant_method={_quant_method(qc)!r}); leave expert_dtype unset to serve it as it ships"
+        )
+    if device.type != "cpu":
+        raise UnsupportedError(
+            f"expert_dtype='fp8' is served on the CPU only for now (device='cpu'), not on {device}: "
+            "the GPU kernels for FP8 experts are not built yet"
+        )
+    if offload_dir is None:
+        raise InvalidArgumentError(
+            "expert_dtype='fp8' writes the compressed experts once, into offload_dir (reused by later loads); pass offload_dir=..."
+        )
+
+
+def _compress_experts(engine: Engine, path: Path, offload_dir: Path, fingerprint: str) -> dict[str, Any]:
+    """Has the engine make (or reuse) the FP8 copy of the checkpoint's experts in offload_dir
+    and map it; returns the quantization the engine then serves."""
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="Compressing experts to FP8", unit="B", unit_scale=True, unit_divisor=1024, disable=None)
+        bar.n = done
+        bar.refresh()
+
+    try:
+        res = with_progress(engine, lambda: engine.add_compressed(path, offload_dir / FP8_EXPERTS_DIR, fingerprint), progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    log.info(
+        "moe_infinity: FP8 experts %s %s (%s from %s)",
+        "reused from" if res["reused"] else "written to",
+        res["dir"],
+        format_bytes(res["bytes"]),
+        format_bytes(res["source_bytes"]),
+    )
+    return {"quant_method": res["quant_method"], "weight_block_size": list(res["weight_block_size"])}
+
+
 # -- public API --------------------------------------------------------------------------
 
 
@@ -675,6 +740,7 @@ def from_pretrained(
     device: str | torch.device | None = "auto",
     kernels: bool = True,
     engine_options: dict[str, Any] | None = None,
+    expert_dtype: str | None = None,
     **hf_kwargs: Any,
 ) -> Any:
     """Loads a Mixture-of-Experts model with its routed experts served by moe_infinity.
@@ -691,8 +757,9 @@ def from_pretrained(
             such as ``"24GiB"`` / ``"500MB"``, or a fraction of the device's
             memory (float in (0, 1]; on CPU, of the host's RAM).
         offload_dir: directory for moe_infinity's files about this model
-            (the trace file unless ``trace_path`` is given, and a
-            fingerprint that detects a directory made for another model).
+            (the trace file unless ``trace_path`` is given, a fingerprint
+            that detects a directory made for another model, and with
+            ``expert_dtype="fp8"`` the compressed experts in ``experts-fp8/``).
         trace_path: expert-activation trace file, loaded at start and written
             at ``close()``.
         cache_policy: ``"priority"`` (activation-aware, default), ``"lru"``, ``"lfu"``.
@@ -735,6 +802,7 @@ def from_pretrained(
     """
     from transformers import AutoConfig
 
+    compress = _check_expert_dtype(expert_dtype)
     path = _resolve(name_or_path, hf_kwargs)
     config_kwargs = {k: hf_kwargs[k] for k in ("trust_remote_code", "revision") if k in hf_kwargs}
     config = AutoConfig.from_pretrained(path, **config_kwargs)
@@ -742,18 +810,27 @@ def from_pretrained(
     if "device_map" in hf_kwargs:
         raise InvalidArgumentError("device_map is managed by moe_infinity; choose the device with device='cpu' or 'cuda'")
     dev = _resolve_device(device)
+    if compress:
+        _check_compressible(config, dev, offload_dir)
     quant = _check_quantization(config, hf_kwargs, dev)
     budget = _budget(device_memory, dev)
     if not any(path.glob("*.safetensors")):
         raise NotFoundError(f"{path} has no .safetensors files; moe_infinity reads experts from safetensors checkpoints")
     trace = Path(trace_path) if trace_path else None
+    fingerprint = None
     if offload_dir is not None:
-        trace = _prepare_offload_dir(Path(offload_dir), _fingerprint(path, config), trace)
+        fingerprint = _fingerprint(path, config)
+        trace = _prepare_offload_dir(Path(offload_dir), fingerprint, trace)
     else:
         _check_trace_path(trace)
     engine = _engine(budget, cache_policy, prefetch, trace, dict(engine_options or {}), dev)
     try:
-        engine.add_checkpoint(path)
+        if compress:
+            # The experts come from their FP8 copy; transformers loads the dense weights as they are.
+            served = _compress_experts(engine, path, Path(offload_dir), fingerprint)
+        else:
+            engine.add_checkpoint(path)
+            served = quant
         _check_expert_count(config, family, engine.modules())
         cls = _stripped_class(_model_class(config, family), family)
         kwargs = dict(hf_kwargs)
@@ -767,7 +844,7 @@ def from_pretrained(
         model = cls.from_pretrained(path, config=config, **kwargs)
         model.eval()
         _copy_out_of_files(model, sorted(path.glob("*.safetensors")))
-        return _finish(model, engine, family, getattr(model, "base_model_prefix", ""), dev, budget, kernels, quant)
+        return _finish(model, engine, family, getattr(model, "base_model_prefix", ""), dev, budget, kernels, served)
     except BaseException:
         engine.close()
         raise
@@ -830,11 +907,11 @@ class MoE:
 
     Recognised keys: ``offload_path``, ``device_memory_ratio``,
     ``device_memory``, ``trace_path``, ``cache_policy``, ``prefetch``,
-    ``eamc_capacity`` (also ``trace_capacity``), ``dtype``. Other keys are
-    rejected with an error listing these.
+    ``eamc_capacity`` (also ``trace_capacity``), ``dtype``, ``expert_dtype``.
+    Other keys are rejected with an error listing these.
     """
 
-    _KEYS = {"offload_path", "device_memory_ratio", "device_memory", "trace_path", "cache_policy", "prefetch", "eamc_capacity", "trace_capacity", "dtype"}
+    _KEYS = {"offload_path", "device_memory_ratio", "device_memory", "trace_path", "cache_policy", "prefetch", "eamc_capacity", "trace_capacity", "dtype", "expert_dtype"}
 
     def __init__(self, checkpoint: str | os.PathLike[str], config: dict[str, Any] | None = None, **hf_kwargs: Any):
         config = dict(config or {})
@@ -851,6 +928,7 @@ class MoE:
             cache_policy=config.get("cache_policy", "priority"),
             prefetch=config.get("prefetch", True),
             dtype=config.get("dtype"),
+            expert_dtype=config.get("expert_dtype"),
             engine_options={"eamc_capacity": capacity} if capacity else None,
             **hf_kwargs,
         )

@@ -71,12 +71,13 @@ def _raw_stream_getter(device: torch.device) -> Any:
     return lambda: torch.cuda.current_stream(device).cuda_stream
 
 
-def _configure_with_progress(engine: Engine, layout: dict[str, Any], layers: list[str], budget_bytes: int | None, progress: Any, ffn: str) -> dict[str, Any]:
-    """engine.configure, reporting the host tier's preparation (pinning
-    experts for the GPU can take a while) through ``progress(done, total)``
-    from a polling thread."""
+def with_progress(engine: Engine, call: Any, progress: Any) -> Any:
+    """Runs ``call()`` (a long engine call: preparing the host tier,
+    compressing experts), reporting ``engine.progress()`` through
+    ``progress(done, total)`` from a polling thread meanwhile; returns what
+    ``call`` returns."""
     if progress is None:
-        return engine.configure(layout, layers=layers, budget_bytes=budget_bytes, ffn=ffn)
+        return call()
     stop = threading.Event()
 
     def poll() -> None:
@@ -91,14 +92,20 @@ def _configure_with_progress(engine: Engine, layout: dict[str, Any], layers: lis
     t = threading.Thread(target=poll, name="moe_infinity-progress", daemon=True)
     t.start()
     try:
-        plan = engine.configure(layout, layers=layers, budget_bytes=budget_bytes, ffn=ffn)
+        out = call()
     finally:
         stop.set()
         t.join()
     done, total = engine.progress()
     if total:
         progress(done, total)
-    return plan
+    return out
+
+
+def _configure_with_progress(engine: Engine, layout: dict[str, Any], layers: list[str], budget_bytes: int | None, progress: Any, ffn: str) -> dict[str, Any]:
+    """engine.configure, reporting the host tier's preparation (pinning
+    experts for the GPU can take a while) through ``progress(done, total)``."""
+    return with_progress(engine, lambda: engine.configure(layout, layers=layers, budget_bytes=budget_bytes, ffn=ffn), progress)
 
 
 @dataclass
