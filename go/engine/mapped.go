@@ -94,7 +94,7 @@ func (e *Engine) enableMapped() (backend.Mapped, error) {
 // backend's kernels read resident experts from their slots and the others
 // from host memory, and the routing (c.TopK, on the device) reaches the
 // tracer asynchronously. reqs are the requests the layer's tokens belong
-// to (split evenly in row order, as in LayerMoE). An error the tracer met
+// to (split evenly in row order, as in Layer). An error the tracer met
 // on an earlier call (an out-of-range expert id, whose pairs the
 // computation skipped) is returned here, or at the latest by EndRequest.
 func (e *Engine) LayerMapped(c FFNCall, reqs []uint64) error {
