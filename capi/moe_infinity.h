@@ -59,6 +59,10 @@ typedef struct moe_layer_args {
 #define MOE_LAYER_NO_MAPPED 1     /* mapped mode off, or every layer's host routing wanted */
 #define MOE_LAYER_NO_KERNELS 2    /* the caller's own expert code everywhere */
 #define MOE_LAYER_HOST_BATCHED 4  /* the caller's expert code is batched over stacked experts */
+#define MOE_LAYER_ROUTING_GAPS 8  /* topk_host holds MOE_ROUTING_GAP where the router dropped a token's expert */
+
+/* The id of an empty place in topk_host, with MOE_LAYER_ROUTING_GAPS. */
+#define MOE_ROUTING_GAP -1
 
 /* moe_layer_args.path: what moe_layer did. */
 #define MOE_PATH_MAPPED 1       /* computed by the kernels reading experts in place; no host sync */

@@ -38,11 +38,14 @@ _p_int32 = ctypes.POINTER(ctypes.c_int32)
 _p_float = ctypes.POINTER(ctypes.c_float)
 _buf = ctypes.c_char_p  # output buffers are passed as create_string_buffer
 
-# moe_layer_args.flags and .path (MOE_LAYER_*, MOE_PATH_* of moe_infinity.h;
+# moe_layer_args.flags and .path, and the empty place of a routing
+# (MOE_LAYER_*, MOE_PATH_*, MOE_ROUTING_GAP of moe_infinity.h;
 # tests/test_native_abi.py checks them against the header).
 LAYER_NO_MAPPED = 1
 LAYER_NO_KERNELS = 2
 LAYER_HOST_BATCHED = 4
+LAYER_ROUTING_GAPS = 8
+ROUTING_GAP = -1  # MOE_ROUTING_GAP: an empty place of a routing with LAYER_ROUTING_GAPS
 PATH_MAPPED = 1
 PATH_KERNELS = 2
 PATH_HOST_STREAM = 3

@@ -148,6 +148,12 @@ int main(void) {
     CHECK(la.n_experts == 2 && need[0] == 0 && need[1] == 1, "experts handed back: %d", la.n_experts);
     la.flags = MOE_LAYER_HOST_BATCHED;
     CHECK(moe_layer(h, &la) == MOE_OK && la.path == MOE_PATH_HOST_STACKED, "stacked: %s", last_error());
+    int64_t gapped[2] = {1, MOE_ROUTING_GAP};
+    la.topk_host = gapped;
+    CHECK(moe_layer(h, &la) == MOE_ERR_INVALID, "a gap without MOE_LAYER_ROUTING_GAPS");
+    la.flags = MOE_LAYER_ROUTING_GAPS;
+    CHECK(moe_layer(h, &la) == MOE_OK && la.path == MOE_PATH_HOST_STREAM && la.n_experts == 1 && need[0] == 1, "gaps: %s", last_error());
+    la.topk_host = ids; la.flags = MOE_LAYER_HOST_BATCHED;
     la.experts_cap = 1;
     CHECK(moe_layer(h, &la) == MOE_ERR_INVALID, "experts_cap too small");
     la.experts_cap = 4; la.flags = 64;
