@@ -202,6 +202,24 @@ func moe_engine_configure(handle C.uint64_t, setup *C.char, buf *C.char, capacit
 	})
 }
 
+//export moe_engine_slot_plan
+func moe_engine_slot_plan(handle C.uint64_t, setup *C.char, buf *C.char, capacity C.int64_t, needed *C.int64_t) C.int32_t {
+	return withEngine(handle, func(e *engine.Engine) error {
+		if err := nonNil("setup_json", unsafe.Pointer(setup)); err != nil {
+			return err
+		}
+		su, err := engine.ParseSetup([]byte(C.GoString(setup)))
+		if err != nil {
+			return err
+		}
+		p, err := e.SlotPlan(su)
+		if err != nil {
+			return err
+		}
+		return writeJSON(p, buf, capacity, needed)
+	})
+}
+
 //export moe_engine_arena
 func moe_engine_arena(handle C.uint64_t, addr *C.uint64_t, nbytes *C.int64_t) C.int32_t {
 	return withEngine(handle, func(e *engine.Engine) error {

@@ -122,6 +122,13 @@ int32_t moe_engine_modules(uint64_t handle, char *buf, int64_t cap, int64_t *nee
 int32_t moe_engine_configure(uint64_t handle, const char *setup_json, char *buf, int64_t cap,
                              int64_t *needed);
 
+/* The slot layout moe_engine_configure would make for setup_json (the
+ * same JSON; its budget is not looked at), as JSON, without configuring:
+ * slot_bytes (one expert's slot), layout, and for quantized experts
+ * view_bytes (one dequantized view). For sizing a budget beforehand. */
+int32_t moe_engine_slot_plan(uint64_t handle, const char *setup_json, char *buf, int64_t cap,
+                             int64_t *needed);
+
 /* Base address and size in bytes of the slot arena. */
 int32_t moe_engine_arena(uint64_t handle, uint64_t *addr, int64_t *bytes);
 

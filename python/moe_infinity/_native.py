@@ -91,6 +91,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "moe_engine_add_host_tensor": [_c_uint64, _p_char, _p_char, _c_int32, _p_int64, ctypes.c_void_p, _c_int64],
     "moe_engine_modules": [_c_uint64, _buf, _c_int64, _p_int64],
     "moe_engine_configure": [_c_uint64, _p_char, _buf, _c_int64, _p_int64],
+    "moe_engine_slot_plan": [_c_uint64, _p_char, _buf, _c_int64, _p_int64],
     "moe_engine_arena": [_c_uint64, _p_uint64, _p_int64],
     "moe_engine_slot_addr": [_c_uint64, _c_int32, _p_uint64],
     "moe_engine_max_pin": [_c_uint64, _p_int32],

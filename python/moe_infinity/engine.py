@@ -186,6 +186,14 @@ class Engine:
         self._plan = _native.call_json("moe_engine_configure", ctypes.c_uint64(self._h()), json.dumps(setup).encode())
         return self._plan
 
+    def slot_plan(self, layout: dict[str, Any], layers: Sequence[str] | None = None) -> dict[str, Any]:
+        """The slot layout configure() would make for ``layout`` and
+        ``layers``, without configuring: ``slot_bytes`` (one expert's
+        slot), ``layout``, and for quantized experts ``view_bytes``. For
+        sizing a memory budget before configure()."""
+        setup = {"layout": layout, "layers": list(layers or [])}
+        return _native.call_json("moe_engine_slot_plan", ctypes.c_uint64(self._h()), json.dumps(setup).encode())
+
     @property
     def plan(self) -> dict[str, Any]:
         """The plan returned by configure()."""

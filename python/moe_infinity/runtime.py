@@ -101,6 +101,26 @@ def _configure_with_progress(engine: Engine, layout: dict[str, Any], layers: lis
     return plan
 
 
+def layout_spec(family: Family, region_meta: dict[str, tuple[tuple[int, ...], torch.dtype]], fused_on_disk: bool, quant: dict[str, Any] | None) -> dict[str, Any]:
+    """The slot layout the engine is asked for (moe_engine_configure's
+    ``layout``): the family's regions, from which checkpoint tensors, in
+    which dtype. The engine lays it out (offsets, alignment, slot size)."""
+    return {
+        "regions": [
+            {
+                "name": r.name,
+                "parts": r.parts(fused_on_disk),
+                "dtype": str(region_meta[r.name][1]).removeprefix("torch."),
+            }
+            for r in family.regions
+        ],
+        # A quantized checkpoint's quant_method (and FP8 weight_block_size):
+        # the engine keeps its experts compressed and dequantizes them into
+        # the views this runtime reads (plan["views"]).
+        **(quant or {}),
+    }
+
+
 @dataclass
 class MoELayer:
     """One offloaded MoE layer."""
@@ -268,20 +288,7 @@ class OffloadRuntime:
         # Set by a server running requests in threads: their MoE layers
         # meet there (lockstep.py), so each expert crosses once per step.
         self.lockstep: Lockstep | None = None
-        layout = {
-            "regions": [
-                {
-                    "name": r.name,
-                    "parts": r.parts(fused_on_disk),
-                    "dtype": str(region_meta[r.name][1]).removeprefix("torch."),
-                }
-                for r in family.regions
-            ],
-            # A quantized checkpoint's quant_method (and FP8 weight_block_size):
-            # the engine keeps its experts compressed and dequantizes them into
-            # the views this runtime reads (plan["views"]).
-            **(quant or {}),
-        }
+        layout = layout_spec(family, region_meta, fused_on_disk, quant)
         self.plan = _configure_with_progress(engine, layout, [layer.prefix for layer in layers], budget_bytes, progress, family.ffn)
         for r in self.plan["layout"]["regions"]:
             want = tuple(region_meta[r["name"]][0])

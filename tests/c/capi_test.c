@@ -90,6 +90,9 @@ int main(void) {
         "{\"layout\": {\"regions\": ["
         "{\"name\": \"gate_up_proj\", \"parts\": [\"w1.weight\", \"w3.weight\"]},"
         "{\"name\": \"down_proj\", \"parts\": [\"w2.weight\"]}]}}";
+    CHECK(moe_engine_slot_plan(h, setup, buf, sizeof buf, &needed) == MOE_OK, "slot plan: %s", last_error());
+    CHECK(strstr(buf, "\"slot_bytes\":512") != NULL && strstr(buf, "\"alignment\":256") != NULL, "slot plan %s", buf);
+    CHECK(moe_engine_slot_plan(h, NULL, buf, sizeof buf, &needed) == MOE_ERR_INVALID, "slot plan, NULL setup");
     CHECK(moe_engine_configure(h, setup, buf, 8, &needed) == MOE_ERR_BUFFER, "configure small buffer");
     CHECK(moe_engine_configure(h, setup, buf, sizeof buf, &needed) == MOE_OK, "configure: %s", last_error());
     CHECK(strstr(buf, "\"slots\":2") != NULL, "plan %s", buf);
