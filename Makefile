@@ -57,7 +57,7 @@ ptx-check:
 
 # Builds the CUDA variant (no GPU needed) and checks its exports.
 cuda-check: $(CUDA_LIB) ptx-check
-	nm -D $(CUDA_LIB) | grep -c ' T moe_' | xargs test 32 -le
+	test $$(nm -D $(CUDA_LIB) | grep -c ' T moe_') -eq $$(grep -c '^int32_t moe_' capi/moe_infinity.h)
 	readelf -d $(CUDA_LIB) | grep -q 'NEEDED.*libcuda.so.1'
 
 # On the GPU machine (no Go there): the GPU suite against a carried CUDA build.
@@ -85,7 +85,7 @@ ctest: $(LIB)
 	$(GO) test ./capi/
 	$(CC) -std=c11 -Wall -Wextra -Werror -o $(BUILD)/capi_test tests/c/capi_test.c -Icapi -L$(BUILD) -lmoe_infinity -Wl,-rpath,'$$ORIGIN'
 	cd $(BUILD) && ./capi_test && MOE_INFINITY_TEST_HOOKS=1 ./capi_test
-	nm -D $(LIB) | grep -c ' T moe_' | xargs test 32 -le
+	test $$(nm -D $(LIB) | grep -c ' T moe_') -eq $$(grep -c '^int32_t moe_' capi/moe_infinity.h)
 
 pytest: $(LIB)
 	MOE_INFINITY_LIB=$(abspath $(LIB)) $(PYTHON) -m pytest -q tests

@@ -20,6 +20,7 @@ var (
 	exportLine = regexp.MustCompile(`(?m)^//export (moe_\w+)\nfunc moe_\w+\(([^)]*)\)`)
 	defineLine = regexp.MustCompile(`(?m)^#define (MOE_(?:OK|ERR_\w+)) (\d+)`)
 	layerLine  = regexp.MustCompile(`(?m)^#define (MOE_(?:PATH|LAYER)_\w+) (\d+)`)
+	gapLine    = regexp.MustCompile(`(?m)^#define MOE_ROUTING_GAP (-?\d+)$`)
 )
 
 func countParams(list string) int {
@@ -77,8 +78,9 @@ func TestHeaderStatusCodes(t *testing.T) {
 	assert.Equal(t, want, got)
 }
 
-// TestHeaderExecutorCodes checks the MOE_PATH_* and MOE_LAYER_* values of
-// the header against the engine's Path and LayerFlags.
+// TestHeaderExecutorCodes checks the MOE_PATH_* and MOE_LAYER_* values and
+// MOE_ROUTING_GAP of the header against the engine's Path, LayerFlags and
+// RoutingGap.
 func TestHeaderExecutorCodes(t *testing.T) {
 	h, err := os.ReadFile("moe_infinity.h")
 	require.NoError(t, err)
@@ -95,6 +97,10 @@ func TestHeaderExecutorCodes(t *testing.T) {
 		want[name] = int(f)
 	}
 	assert.Equal(t, want, got)
+	m := gapLine.FindStringSubmatch(string(h))
+	require.NotNil(t, m, "MOE_ROUTING_GAP")
+	gap, _ := strconv.Atoi(m[1])
+	assert.Equal(t, engine.RoutingGap, gap)
 }
 
 func keys(m map[string]int) []string {

@@ -220,6 +220,24 @@ func moe_engine_configure(handle C.uint64_t, setup *C.char, buf *C.char, capacit
 	})
 }
 
+//export moe_engine_slot_plan
+func moe_engine_slot_plan(handle C.uint64_t, setup *C.char, buf *C.char, capacity C.int64_t, needed *C.int64_t) C.int32_t {
+	return withEngine(handle, func(e *engine.Engine) error {
+		if err := nonNil("setup_json", unsafe.Pointer(setup)); err != nil {
+			return err
+		}
+		su, err := engine.ParseSetup([]byte(C.GoString(setup)))
+		if err != nil {
+			return err
+		}
+		p, err := e.SlotPlan(su)
+		if err != nil {
+			return err
+		}
+		return writeJSON(p, buf, capacity, needed)
+	})
+}
+
 //export moe_engine_arena
 func moe_engine_arena(handle C.uint64_t, addr *C.uint64_t, nbytes *C.int64_t) C.int32_t {
 	return withEngine(handle, func(e *engine.Engine) error {
@@ -374,56 +392,6 @@ func moe_layer_ffn(handle C.uint64_t, layer C.int32_t, n C.int32_t, experts *C.i
 			X: uint64(x), Out: uint64(out), Scratch: uint64(scratch), TopK: uint64(topk), Weights: uint64(weights),
 			T: int64(tokens), K: int64(k), DType: int64(dtype),
 		})
-	})
-}
-
-//export moe_layer_moe
-func moe_layer_moe(handle C.uint64_t, layer C.int32_t, nreq C.int32_t, reqs *C.uint64_t, topkHost *C.int64_t,
-	stream C.uint64_t, x C.uint64_t, out C.uint64_t, scratch C.uint64_t, topk C.uint64_t, weights C.uint64_t,
-	tokens C.int64_t, k C.int64_t, dtype C.int32_t) C.int32_t {
-	return withEngine(handle, func(e *engine.Engine) error {
-		if nreq < 0 || nreq > 1<<20 || tokens <= 0 || tokens > 1<<24 || k <= 0 || k > 1<<10 {
-			return fmt.Errorf("%w: nreq %d, tokens %d, k %d out of range", engine.ErrInvalid, nreq, tokens, k)
-		}
-		if topkHost == nil || (nreq > 0 && reqs == nil) {
-			return fmt.Errorf("%w: topk_host and reqs must not be NULL", engine.ErrInvalid)
-		}
-		var ids []uint64
-		if nreq > 0 {
-			ids = append([]uint64(nil), unsafe.Slice((*uint64)(unsafe.Pointer(reqs)), int(nreq))...)
-		}
-		routing := unsafe.Slice((*int64)(unsafe.Pointer(topkHost)), int(tokens*k))
-		return e.LayerMoE(engine.FFNCall{
-			Layer: int(layer), Stream: uintptr(stream),
-			X: uint64(x), Out: uint64(out), Scratch: uint64(scratch), TopK: uint64(topk), Weights: uint64(weights),
-			T: int64(tokens), K: int64(k), DType: int64(dtype),
-		}, ids, routing)
-	})
-}
-
-//export moe_layer_mapped
-func moe_layer_mapped(handle C.uint64_t, layer C.int32_t, nreq C.int32_t, reqs *C.uint64_t,
-	stream C.uint64_t, x C.uint64_t, out C.uint64_t, scratch C.uint64_t, topk C.uint64_t, weights C.uint64_t,
-	tokens C.int64_t, k C.int64_t, dtype C.int32_t, wdtype C.int32_t) C.int32_t {
-	return withEngine(handle, func(e *engine.Engine) error {
-		if nreq < 0 || nreq > 1<<20 || tokens <= 0 || tokens > 1<<24 || k <= 0 || k > 1<<10 {
-			return fmt.Errorf("%w: nreq %d, tokens %d, k %d out of range", engine.ErrInvalid, nreq, tokens, k)
-		}
-		if wdtype < 0 || wdtype > 2 {
-			return fmt.Errorf("%w: weights_dtype %d (0 float32, 1 bfloat16, 2 float16)", engine.ErrInvalid, wdtype)
-		}
-		if nreq > 0 && reqs == nil {
-			return fmt.Errorf("%w: reqs must not be NULL", engine.ErrInvalid)
-		}
-		var ids []uint64
-		if nreq > 0 {
-			ids = unsafe.Slice((*uint64)(unsafe.Pointer(reqs)), int(nreq)) // LayerMapped copies
-		}
-		return e.LayerMapped(engine.FFNCall{
-			Layer: int(layer), Stream: uintptr(stream),
-			X: uint64(x), Out: uint64(out), Scratch: uint64(scratch), TopK: uint64(topk), Weights: uint64(weights),
-			T: int64(tokens), K: int64(k), DType: int64(dtype), WDType: int64(wdtype),
-		}, ids)
 	})
 }
 

@@ -59,6 +59,10 @@ typedef struct moe_layer_args {
 #define MOE_LAYER_NO_MAPPED 1     /* mapped mode off, or every layer's host routing wanted */
 #define MOE_LAYER_NO_KERNELS 2    /* the caller's own expert code everywhere */
 #define MOE_LAYER_HOST_BATCHED 4  /* the caller's expert code is batched over stacked experts */
+#define MOE_LAYER_ROUTING_GAPS 8  /* topk_host holds MOE_ROUTING_GAP where the router dropped a token's expert */
+
+/* The id of an empty place in topk_host, with MOE_LAYER_ROUTING_GAPS. */
+#define MOE_ROUTING_GAP -1
 
 /* moe_layer_args.path: what moe_layer did. */
 #define MOE_PATH_MAPPED 1       /* computed by the kernels reading experts in place; no host sync */
@@ -132,6 +136,13 @@ int32_t moe_engine_modules(uint64_t handle, char *buf, int64_t cap, int64_t *nee
 int32_t moe_engine_configure(uint64_t handle, const char *setup_json, char *buf, int64_t cap,
                              int64_t *needed);
 
+/* The slot layout moe_engine_configure would make for setup_json (the
+ * same JSON; its budget is not looked at), as JSON, without configuring:
+ * slot_bytes (one expert's slot), layout, and for quantized experts
+ * view_bytes (one dequantized view). For sizing a budget beforehand. */
+int32_t moe_engine_slot_plan(uint64_t handle, const char *setup_json, char *buf, int64_t cap,
+                             int64_t *needed);
+
 /* Base address and size in bytes of the slot arena. */
 int32_t moe_engine_arena(uint64_t handle, uint64_t *addr, int64_t *bytes);
 
@@ -172,21 +183,11 @@ int32_t moe_release(uint64_t handle, uint64_t lease, uint64_t stream);
  * out [T, H] in the experts' dtype (0 = bfloat16, 1 = float16), scratch
  * [T*k, I] float32, topk [T, k] int64 expert ids (the router's
  * top_k_index), weights [T, k] float32. Needs gate_up_proj [2I, H] and
- * down_proj [H, I] regions. */
+ * down_proj [H, I] regions. Outside the executor (no tracing, no choice of
+ * path): the kernels' probe for tests and benchmarks. */
 int32_t moe_layer_ffn(uint64_t handle, int32_t layer, int32_t n, const int32_t *experts,
                       uint64_t stream, uint64_t x, uint64_t out, uint64_t scratch, uint64_t topk,
                       uint64_t weights, int64_t tokens, int64_t k, int32_t dtype);
-
-/* A whole MoE layer in one call: records the routing of the nreq requests
- * (topk_host: the router's [T, k] int64 expert ids in host memory; tokens
- * split evenly between the requests in row order) as moe_observe does,
- * then computes the layer as moe_layer_ffn does over the distinct experts.
- * topk is the same routing where the computation reads it (device memory
- * for CUDA; may equal topk_host for the CPU backend). */
-int32_t moe_layer_moe(uint64_t handle, int32_t layer, int32_t nreq, const uint64_t *reqs,
-                      const int64_t *topk_host, uint64_t stream, uint64_t x, uint64_t out,
-                      uint64_t scratch, uint64_t topk, uint64_t weights, int64_t tokens, int64_t k,
-                      int32_t dtype);
 
 /* The layer executor: one MoE layer in one call. The engine chooses how
  * the layer runs — mapped (kernels reading experts in place), kernels
@@ -195,29 +196,15 @@ int32_t moe_layer_moe(uint64_t handle, int32_t layer, int32_t nreq, const uint64
  * model's experts, the call's shape and args->flags, runs it, and writes
  * args->path. MOE_PATH_NEED_ROUTING: call again with topk_host set. The
  * choice is the engine's alone: moe_engine_configure's plan ("executor")
- * says what it can do, moe_stats ("paths") what it did. */
+ * says what it can do, moe_stats ("paths") what it did.
+ * On MOE_PATH_MAPPED nothing waited for the host: the routing (topk) is
+ * copied to the host and traced asynchronously, and an error found in it
+ * (an id out of range: its expert was skipped) is returned by a later call
+ * once traced, and at the latest by moe_request_end. */
 int32_t moe_layer(uint64_t handle, moe_layer_args *args);
 
-/* Mapped mode: a whole MoE layer with no host synchronisation. The
- * kernels read each expert from its cache slot when resident and from its
- * pinned host memory otherwise (over PCIe on a GPU), so nothing is waited
- * for; topk (the router's [T, k] int64 ids where the computation reads
- * them) is copied to the host asynchronously and traced for the nreq
- * requests as moe_layer_moe does; missed experts the eviction policy ranks
- * above its best victim are copied in for later tokens. Errors found in
- * the routing after the launch (an id out of range: its expert is skipped)
- * are returned by a later call once traced, and at the latest by
- * moe_request_end. MOE_ERR_UNSUPPORTED when the backend or
- * the host layout cannot be read in place (use moe_layer_moe). At most 4096
- * (token, expert) pairs per call. weights are [T, k] routing weights of
- * weights_dtype: 0 float32, 1 bfloat16, 2 float16 (the router's output as
- * it is). */
-int32_t moe_layer_mapped(uint64_t handle, int32_t layer, int32_t nreq, const uint64_t *reqs,
-                         uint64_t stream, uint64_t x, uint64_t out, uint64_t scratch, uint64_t topk,
-                         uint64_t weights, int64_t tokens, int64_t k, int32_t dtype, int32_t weights_dtype);
-
 /* CUDA graphs of mapped layers. moe_capture_begin precedes capturing a
- * decode step (every MoE layer through moe_layer_mapped, on one stream):
+ * decode step (every MoE layer through moe_layer on MOE_PATH_MAPPED, on one stream):
  * copies wait until moe_capture_end (their table updates must not join the
  * graph), moe_acquire fails, and each layer's routing is staged on the
  * device. moe_capture_end writes the number of MoE layers captured. After

@@ -83,6 +83,33 @@ def test_budget_below_one_expert_says_how_much_is_needed(mixtral):
         mi.from_pretrained(mixtral, device_memory=100)
 
 
+def test_budget_check_sizes_slots_with_the_engines_layout(mixtral, monkeypatch):
+    """Before configuring, the budget check asks the engine how big a slot
+    is (its layout, alignment included: stated once, in Go): the size the
+    plan then has. On a GPU, device_memory must also hold the dense
+    weights and a workspace, and the error says how much in all."""
+    from moe_infinity import loading
+
+    seen = []
+    real = loading._cache_budget
+
+    def spy(device_memory, model, device, slot_bytes):
+        seen.append(slot_bytes())
+        return real(device_memory, model, device, slot_bytes)
+
+    monkeypatch.setattr(loading, "_cache_budget", spy)
+    model = mi.from_pretrained(mixtral, device_memory=1 << 20)
+    try:
+        assert seen == [model.moe_stats()["plan"]["slot_bytes"]]
+    finally:
+        model.close()
+    dense = torch.nn.Linear(4, 4)
+    need = 20 * 4 + loading.WORKSPACE_MIN + seen[0]
+    with pytest.raises(mi.BudgetError, match=rf"at least one expert slot .*raise device_memory to at least {need} bytes"):
+        real(need - 1, dense, torch.device("cuda"), lambda: seen[0])
+    assert real(need, dense, torch.device("cuda"), lambda: seen[0]) == seen[0]
+
+
 def test_unknown_cache_policy(mixtral):
     with pytest.raises(mi.InvalidArgumentError, match=r'unknown cache policy "fifo" \(supported: priority, lru, lfu\)'):
         mi.from_pretrained(mixtral, cache_policy="fifo")

@@ -1,7 +1,8 @@
-"""Backend ops, ggml-style: every backend's expert FFN (moe_layer_ffn)
-against the reference. The CPU backend is checked against a float64 torch
-computation; the CUDA backend against the CPU backend on the same random
-inputs, at several token counts, top-k and shapes.
+"""Backend ops, ggml-style: every backend's expert FFN (moe_layer_ffn, and
+the layer executor's kernel and mapped paths) against the reference. The
+CPU backend is checked against a float64 torch computation; the CUDA
+backend against the CPU backend on the same random inputs, at several token
+counts, top-k and shapes.
 
 Tolerance: outputs are bfloat16/float16 computed with float32 accumulation,
 so each is within a few units in the last place of the exact value; we allow
@@ -26,12 +27,19 @@ def _experts(E: int, H: int, I: int, dtype: torch.dtype, seed: int):
     return gate_up, down
 
 
-def _engine(backend: str, gate_up: torch.Tensor, down: torch.Tensor) -> mi.Engine:
-    eng = mi.Engine(budget_bytes=1 << 34, backend=backend, prefetch=False)
+def _engine(backend: str, gate_up: torch.Tensor, down: torch.Tensor, executor: bool = False) -> mi.Engine:
+    """An engine over one layer of experts. ``executor``: its layer executor
+    may run the kernel paths (SwiGLU experts; on the CPU backend its
+    reference FFN and mapped mode stand in for the CUDA ones)."""
+    opts = {"reference_kernels": True} if executor and backend == "cpu" else {}
+    eng = mi.Engine(budget_bytes=1 << 34, backend=backend, prefetch=False, **opts)
     eng.add_host_tensor("model.layers.0.mlp.experts.gate_up_proj", gate_up)
     eng.add_host_tensor("model.layers.0.mlp.experts.down_proj", down)
     dt = str(gate_up.dtype).removeprefix("torch.")
-    eng.configure({"regions": [{"name": "gate_up_proj", "parts": ["gate_up_proj"], "dtype": dt}, {"name": "down_proj", "parts": ["down_proj"], "dtype": dt}]})
+    eng.configure(
+        {"regions": [{"name": "gate_up_proj", "parts": ["gate_up_proj"], "dtype": dt}, {"name": "down_proj", "parts": ["down_proj"], "dtype": dt}]},
+        ffn="swiglu" if executor else None,
+    )
     return eng
 
 
@@ -128,47 +136,68 @@ def test_cuda_ffn_matches_cpu_reference(dtype, T, K, E, H, I):
         _close(got, _reference(x, idx, w, gate_up, down))
 
 
-def test_layer_moe_traces_and_computes_like_layer_ffn():
-    dtype, T, K, E, H, I = torch.bfloat16, 4, 2, 8, 64, 32
-    gate_up, down = _experts(E, H, I, dtype, seed=3)
-    idx, w = _routing(T, K, E, seed=9)
-    x = torch.randn(T, H, generator=torch.Generator().manual_seed(1)).to(dtype)
-    with _engine("cpu", gate_up, down) as eng:
-        want = _run(eng, x, idx, w)
-        reqs = [eng.begin_request(), eng.begin_request()]
-        topk = idx.to(torch.int64).contiguous()
-        weights = w.to(torch.float32).contiguous()
-        out = torch.empty_like(x)
-        scratch = torch.empty((T * K, I), dtype=torch.float32)
-        eng.layer_moe(0, reqs, topk.data_ptr(), stream=0, x=x.data_ptr(), out=out.data_ptr(), scratch=scratch.data_ptr(),
-                      topk=topk.data_ptr(), weights=weights.data_ptr(), tokens=T, k=K, dtype=eng.ffn_shape()[2])
-        assert torch.equal(out, want)
-        for r in reqs:
-            eng.end_request(r)
-        st = eng.stats()
-        assert st["eamc_size"] == 2, "both requests' routing was traced"
-        bad = torch.full((T, K), E, dtype=torch.int64)
-        with pytest.raises(mi.InvalidArgumentError, match="routes to expert 8, out of range"):
-            eng.layer_moe(0, [], bad.data_ptr(), stream=0, x=x.data_ptr(), out=out.data_ptr(), scratch=scratch.data_ptr(),
-                          topk=bad.data_ptr(), weights=weights.data_ptr(), tokens=T, k=K, dtype=0)
+_WCODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def _run_mapped(eng: mi.Engine, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, reqs: list[int], stream: int = 0) -> torch.Tensor:
-    """One mapped-mode call (no host synchronisation inside)."""
+def _run_layer(eng: mi.Engine, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, reqs: list[int], *, flags: int, host_routing: bool, stream: int = 0) -> tuple[torch.Tensor, int]:
+    """One call of the engine's layer executor (moe_layer); returns the
+    output and the path the engine took. ``host_routing``: the routing is
+    handed over in host memory too (without it only the kernels' copy, on
+    the device for CUDA, is passed: the mapped path or MOE_PATH_NEED_ROUTING)."""
     import ctypes
 
     T, K = idx.shape
     dev = x.device
     topk = idx.to(torch.int64).contiguous().to(dev)
+    topk_host = idx.to(torch.int64).contiguous()
     weights = w.contiguous().to(dev)
-    wcode = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[weights.dtype]
     _, inter, code = eng.ffn_shape()
     out = torch.empty_like(x)
     scratch = torch.empty((T * K, inter), dtype=torch.float32, device=dev)
-    arr = (ctypes.c_uint64 * max(1, len(reqs)))(*reqs)
-    eng.layer_mapped(0, arr, len(reqs), stream, x.data_ptr(), out.data_ptr(), scratch.data_ptr(), topk.data_ptr(), weights.data_ptr(), T, K, code, wcode)
+    ids = (ctypes.c_uint64 * max(1, len(reqs)))(*reqs)
+    experts = (ctypes.c_int32 * eng.plan["num_experts"])()
+    a = _native.LayerArgs(
+        layer=0, nreq=len(reqs), reqs=ctypes.cast(ids, ctypes.POINTER(ctypes.c_uint64)), stream=stream,
+        x=x.data_ptr(), out=out.data_ptr(), scratch=scratch.data_ptr(), topk=topk.data_ptr(), weights=weights.data_ptr(),
+        tokens=T, k=K, dtype=code, weights_dtype=_WCODES[weights.dtype], flags=flags,
+        experts_cap=len(experts), experts=ctypes.cast(experts, ctypes.POINTER(ctypes.c_int32)),
+    )
+    if host_routing:
+        a.topk_host = ctypes.cast(ctypes.c_void_p(topk_host.data_ptr()), ctypes.POINTER(ctypes.c_int64))
+    path = eng.layer(a)
     if dev.type == "cuda":
         torch.cuda.synchronize()
+    return out, path
+
+
+def test_executor_kernel_path_traces_and_computes_like_layer_ffn():
+    """The executor's kernel path (host routing, mapped mode off): the
+    routing of both requests is traced and the output is moe_layer_ffn's."""
+    dtype, T, K, E, H, I = torch.bfloat16, 4, 2, 8, 64, 32
+    gate_up, down = _experts(E, H, I, dtype, seed=3)
+    idx, w = _routing(T, K, E, seed=9)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with _engine("cpu", gate_up, down, executor=True) as eng:
+        want = _run(eng, x, idx, w)
+        reqs = [eng.begin_request(), eng.begin_request()]
+        out, path = _run_layer(eng, x, idx, w.to(torch.float32), reqs, flags=_native.LAYER_NO_MAPPED, host_routing=True)
+        assert path == _native.PATH_KERNELS
+        assert torch.equal(out, want)
+        for r in reqs:
+            eng.end_request(r)
+        st = eng.stats()
+        assert st["eamc_size"] == 2, "both requests' routing was traced"
+        assert st["paths"]["kernels"] == 1
+        bad = torch.full((T, K), E, dtype=torch.int64)
+        with pytest.raises(mi.InvalidArgumentError, match="routes to expert 8, out of range"):
+            _run_layer(eng, x, bad, w.to(torch.float32), [], flags=_native.LAYER_NO_MAPPED, host_routing=True)
+
+
+def _run_mapped(eng: mi.Engine, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, reqs: list[int], stream: int = 0) -> torch.Tensor:
+    """One executor call that the engine runs mapped (no host
+    synchronisation inside: the routing is not handed over on the host)."""
+    out, path = _run_layer(eng, x, idx, w, reqs, flags=0, host_routing=False, stream=stream)
+    assert path == _native.PATH_MAPPED, f"the executor took path {path}, not mapped"
     return out
 
 
@@ -192,7 +221,7 @@ def test_mapped_mode_matches_layer_ffn_cold_and_warm(backend, T, K, E, H, I):
     stream = torch.cuda.current_stream().cuda_stream if backend == "cuda" else 0
     with _engine(backend, gate_up, down) as ref:
         want = _run(ref, x, idx, w.float(), stream=stream)
-    with _engine(backend, gate_up, down) as eng:
+    with _engine(backend, gate_up, down, executor=True) as eng:
         req = eng.begin_request()
         cold = _run_mapped(eng, x, idx, w, [req], stream=stream)
         assert torch.equal(cold, want), "experts read from host memory"
@@ -215,7 +244,7 @@ def test_mapped_mode_matches_layer_ffn_cold_and_warm(backend, T, K, E, H, I):
 def test_mapped_mode_reports_bad_routing():
     gate_up, down = _experts(4, 64, 32, torch.bfloat16, seed=1)
     x = torch.randn(1, 64).to(torch.bfloat16)
-    with _engine("cpu", gate_up, down) as eng:
+    with _engine("cpu", gate_up, down, executor=True) as eng:
         bad = torch.tensor([[1, 7]])
         req = eng.begin_request()
         out = _run_mapped(eng, x, bad, torch.full((1, 2), 0.5), [req])  # expert 7 skipped, as on a GPU

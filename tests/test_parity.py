@@ -110,3 +110,83 @@ def test_hits_plus_misses_equal_expert_uses_and_warm_cache_has_no_misses(ref: Re
         assert st["bytes_moved"] == 0
     finally:
         model.close()
+
+
+def test_the_engine_counts_every_routed_pair(ref: Ref):
+    """The engine traces each MoE layer's routing as the hooks receive it
+    (fused layers: top_k_index; ModuleDict layers: the router's selection,
+    tokens dropped by capacity counting for nothing): its per-expert token
+    counts are the routed (token, expert) pairs."""
+    import torch.nn.functional as F
+
+    model = tm.load(ref.path)
+    rt = model.moe_runtime
+    E = tm.num_experts(ref.family)
+    want = torch.zeros(tm.moe_layers(ref.family), E, dtype=torch.float64)
+    fused, moduledict = rt.run_fused, rt.run_moduledict
+
+    def run_fused(layer, hidden, top_k_index, top_k_weights, original):
+        want[layer.index] += torch.bincount(top_k_index.reshape(-1).cpu(), minlength=E).double()
+        return fused(layer, hidden, top_k_index, top_k_weights, original)
+
+    def run_moduledict(layer, original, hidden, mask, *rest):
+        onehot = mask if mask.dim() == 3 and mask.shape[-1] == E else F.one_hot(mask.long(), num_classes=E)
+        want[layer.index] += onehot.reshape(-1, E).sum(0).double().cpu()
+        return moduledict(layer, original, hidden, mask, *rest)
+
+    rt.run_fused, rt.run_moduledict = run_fused, run_moduledict
+    try:
+        model.generate(**_gen_kwargs(ref.family, ref.prompt))
+        got = torch.tensor([layer["expert_tokens"] for layer in model.moe_stats()["layers"]], dtype=torch.float64)
+    finally:
+        model.close()
+    assert want.sum() > 0
+    assert torch.equal(got, want)
+
+
+def test_switch_dropping_tokens_at_capacity_matches_and_traces_only_routed_pairs(tmp_path):
+    """SwitchTransformers with an expert capacity of one token: the router
+    drops most tokens (their routing has empty places, MOE_ROUTING_GAP), so
+    a layer's tokens have fewer experts than k. Tokens and logits match
+    transformers as in the parity tests above, and the engine counts only
+    the pairs routed."""
+    import torch.nn.functional as F
+
+    from moe_infinity import _native
+
+    family = "switch_transformers"
+    path = tm.save(tm.build(family, expert_capacity=1), tmp_path / family)
+    prompt = tm.to_device(torch.randint(3, tm.VOCAB, (1, 7), generator=torch.Generator().manual_seed(1)))
+    plain = tm.plain(path)
+    want_tokens = plain.generate(**_gen_kwargs(family, prompt))
+    want_logits = _forward(plain, family, prompt)
+    del plain
+    model = tm.load(path)
+    rt, E = model.moe_runtime, tm.num_experts(family)
+    want = torch.zeros(tm.moe_layers(family), E, dtype=torch.float64)
+    gaps = 0
+    moduledict, layer_call = rt.run_moduledict, rt.engine.layer
+
+    def run_moduledict(layer, original, hidden, mask, *rest):
+        onehot = mask if mask.dim() == 3 and mask.shape[-1] == E else F.one_hot(mask.long(), num_classes=E)
+        want[layer.index] += onehot.reshape(-1, E).sum(0).double().cpu()
+        return moduledict(layer, original, hidden, mask, *rest)
+
+    def counting_layer(a):
+        nonlocal gaps
+        gaps += sum(a.topk_host[i] == _native.ROUTING_GAP for i in range(a.tokens * a.k))
+        return layer_call(a)
+
+    rt.run_moduledict, rt.engine.layer = run_moduledict, counting_layer
+    try:
+        tokens = model.generate(**_gen_kwargs(family, prompt))
+        got = torch.tensor([layer["expert_tokens"] for layer in model.moe_stats()["layers"]], dtype=torch.float64)
+        routed = want.clone()  # the generation's pairs
+        logits = _forward(model, family, prompt)
+    finally:
+        model.close()
+    assert gaps > 0, "the capacity dropped tokens"
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(logits, want_logits, rtol=0, atol=1e-5)
+    assert routed.sum() > 0
+    assert torch.equal(got, routed)

@@ -88,7 +88,7 @@ def test_wheel_carries_both_engines_stripped_and_the_builtin_model(wheel, tmp_pa
             dyn = next(s for s in elf.iter_sections() if isinstance(s, DynamicSection))
             needed = sorted(t.needed for t in dyn.iter_tags() if t.entry.d_tag == "DT_NEEDED")
             exports = {s.name for s in elf.get_section_by_name(".dynsym").iter_symbols()}
-        assert {"moe_version", "moe_engine_create", "moe_layer_moe"} <= exports
+        assert {"moe_version", "moe_engine_create", "moe_layer"} <= exports
         # The CUDA engine links the driver dynamically (the machine's
         # libcuda.so.1); otherwise the engines need only glibc's own
         # libraries (libm for the CPU expert kernels), which every manylinux

@@ -319,23 +319,18 @@ func (e *Engine) Configure(s Setup) (Plan, error) {
 	return plan, nil
 }
 
-func (e *Engine) configure(s Setup) (Plan, error) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if err := e.checkOpen(); err != nil {
-		return Plan{}, err
-	}
-	if e.configured {
-		return Plan{}, fmt.Errorf("%w: engine already configured", ErrState)
-	}
+// moduleList resolves a setup's layer names (all of the checkpoint's MoE
+// modules when empty) to their modules, checking that each exists once
+// and that all have the same number of experts.
+func (e *Engine) moduleList(layers []string) ([]string, []*store.MoEModule, error) {
 	idx, err := e.ckpt.Experts()
 	if err != nil {
-		return Plan{}, err
+		return nil, nil, err
 	}
 	if len(idx.Modules) == 0 {
-		return Plan{}, fmt.Errorf("%w: no routed experts found (no tensor names match \"<prefix>.experts.<index>.<name>\" or fused \"<prefix>.experts.<name>\")", ErrInvalid)
+		return nil, nil, fmt.Errorf("%w: no routed experts found (no tensor names match \"<prefix>.experts.<index>.<name>\" or fused \"<prefix>.experts.<name>\")", ErrInvalid)
 	}
-	names := s.Layers
+	names := layers
 	if len(names) == 0 {
 		for _, m := range idx.Modules {
 			names = append(names, m.Prefix)
@@ -346,17 +341,69 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 	for i, n := range names {
 		m, ok := idx.Module(n)
 		if !ok {
-			return Plan{}, fmt.Errorf("%w: layer %d: no MoE module %q in the checkpoint", ErrInvalid, i, n)
+			return nil, nil, fmt.Errorf("%w: layer %d: no MoE module %q in the checkpoint", ErrInvalid, i, n)
 		}
 		if seen[n] {
-			return Plan{}, fmt.Errorf("%w: MoE module %q listed twice", ErrInvalid, n)
+			return nil, nil, fmt.Errorf("%w: MoE module %q listed twice", ErrInvalid, n)
 		}
 		seen[n] = true
 		if i > 0 && m.NumExperts != mods[0].NumExperts {
-			return Plan{}, fmt.Errorf("%w: module %q has %d experts but %q has %d; all MoE layers must have the same number",
+			return nil, nil, fmt.Errorf("%w: module %q has %d experts but %q has %d; all MoE layers must have the same number",
 				ErrInvalid, n, m.NumExperts, mods[0].Prefix, mods[0].NumExperts)
 		}
 		mods[i] = m
+	}
+	return names, mods, nil
+}
+
+// SlotPlan is the memory one expert takes in the cache, as Configure lays
+// it out for a setup: what a caller sizes a memory budget with before
+// configuring.
+type SlotPlan struct {
+	// SlotBytes is one slot's size in bytes (its regions aligned).
+	SlotBytes int64 `json:"slot_bytes"`
+	// Layout is the slot layout (for quantized experts, as stored).
+	Layout *layout.Layout `json:"layout"`
+	// ViewBytes is one dequantized view's size in bytes for quantized
+	// experts (a budget holds at least one slot and one view), else 0.
+	ViewBytes int64 `json:"view_bytes,omitempty"`
+}
+
+// SlotPlan returns the slot layout Configure would make for s (its
+// layers and layout; the budget is not looked at), without configuring.
+func (e *Engine) SlotPlan(s Setup) (SlotPlan, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if err := e.checkOpen(); err != nil {
+		return SlotPlan{}, err
+	}
+	_, mods, err := e.moduleList(s.Layers)
+	if err != nil {
+		return SlotPlan{}, err
+	}
+	lay, vw, err := buildLayout(s.Layout, mods)
+	if err != nil {
+		return SlotPlan{}, err
+	}
+	p := SlotPlan{SlotBytes: lay.SlotBytes, Layout: lay}
+	if vw != nil {
+		p.ViewBytes = vw.Layout.SlotBytes
+	}
+	return p, nil
+}
+
+func (e *Engine) configure(s Setup) (Plan, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if err := e.checkOpen(); err != nil {
+		return Plan{}, err
+	}
+	if e.configured {
+		return Plan{}, fmt.Errorf("%w: engine already configured", ErrState)
+	}
+	names, mods, err := e.moduleList(s.Layers)
+	if err != nil {
+		return Plan{}, err
 	}
 	lay, vw, err := buildLayout(s.Layout, mods)
 	if err != nil {

@@ -78,7 +78,16 @@ const (
 	// LayerHostBatched: the caller's expert code is batched (grouped GEMMs
 	// over the needed experts stacked), not a loop over experts.
 	LayerHostBatched LayerFlags = 1 << 2
+	// LayerRoutingGaps: the host routing has empty places, RoutingGap,
+	// where the router sent a token to fewer than k experts (capacity
+	// dropping, as in SwitchTransformers and NLLB-MoE). The kernels read
+	// every place as an expert, so such a layer runs the caller's code.
+	LayerRoutingGaps LayerFlags = 1 << 3
 )
+
+// RoutingGap is the id of an empty place in a routing passed with
+// LayerRoutingGaps.
+const RoutingGap = -1
 
 // Kernel crossover. The fused kernels are GEMVs over each (token, expert)
 // pair, made for decode: they read an expert's weights once per pair, so
@@ -195,7 +204,7 @@ type PathInputs struct {
 // inputs so that every branch is tested on any machine (executor_test.go)
 // with the capabilities of any backend.
 func ChoosePath(in PathInputs) Path {
-	kernels := in.Exec.Kernels && in.Flags&LayerNoKernels == 0
+	kernels := in.Exec.Kernels && in.Flags&(LayerNoKernels|LayerRoutingGaps) == 0
 	kernelCall := kernels && in.DType == in.Exec.DType && in.WeightsOK && KernelWins(in.Tokens, in.ExpertBytes)
 	if kernelCall && in.Exec.Mapped && !in.MappedOff && in.Flags&LayerNoMapped == 0 && in.Tokens*in.K <= in.Exec.MaxMappedPairs {
 		return PathMapped
@@ -264,7 +273,7 @@ func (e *Engine) Layer(a LayerArgs) (LayerResult, error) {
 	var counts [][]float32
 	if a.TopKHost != nil {
 		var err error
-		if experts, counts, err = e.routingCounts(a.Layer, a.TopKHost, a.K, a.Reqs); err != nil {
+		if experts, counts, err = e.routingCounts(a.Layer, a.TopKHost, a.K, a.Reqs, a.Flags&LayerRoutingGaps != 0); err != nil {
 			return LayerResult{}, err
 		}
 		in.Needed = len(experts)

@@ -49,6 +49,8 @@ func TestChoosePath(t *testing.T) {
 			in.Flags, in.Tokens = LayerHostBatched, 64
 			withRouting(8)(in)
 		}), PathHostStream},
+		{"routing with gaps: the caller's code", decode(func(in *PathInputs) { in.Flags = LayerRoutingGaps; withRouting(2)(in) }), PathHostStream},
+		{"routing with gaps, no host copy yet: asked for", decode(func(in *PathInputs) { in.Flags = LayerRoutingGaps }), PathNeedRouting},
 		{"CPU backend", PathInputs{Exec: ExecutorPlan{DType: -1}, Tokens: 1, K: 2, DType: -1, WeightsOK: true, HostRouting: true, Needed: 2, MaxPin: 1}, PathHostStream},
 		{"CPU backend, batched caller code", PathInputs{Exec: ExecutorPlan{DType: -1}, Tokens: 5, K: 2, Flags: LayerHostBatched, DType: -1, HostRouting: true, Needed: 2, MaxPin: 4}, PathHostStacked},
 		{"CPU backend, routing on the device only", PathInputs{Exec: ExecutorPlan{DType: -1}, Tokens: 1, K: 2, DType: -1}, PathNeedRouting},
@@ -221,6 +223,31 @@ func TestLayerRejectsBadArguments(t *testing.T) {
 		_, err := e.Layer(tc.a)
 		assert.ErrorIs(t, err, ErrInvalid, tc.name)
 	}
+}
+
+func TestLayerTracesRoutingWithGaps(t *testing.T) {
+	// Capacity-dropping routers (Switch, NLLB-MoE) leave tokens with fewer
+	// than k experts: -1 places count for nothing, and only with the flag.
+	const L, E = 1, 4
+	e, _ := execEngine(t, kernelCaps, "swiglu", L, E, 4)
+	a, err := e.BeginRequest()
+	require.NoError(t, err)
+	b, err := e.BeginRequest()
+	require.NoError(t, err)
+	// Four tokens, k = 2: tokens 0-1 are request a's, 2-3 request b's.
+	topk := []int64{2, RoutingGap, RoutingGap, RoutingGap, 0, 2, 3, RoutingGap}
+	io := newFFNIO(rand.New(rand.NewPCG(1, 1)), 4, 2, E)
+	_, err = e.Layer(LayerArgs{FFNCall: io.call(0, 4, 2), Reqs: []uint64{a, b}, TopKHost: topk})
+	require.ErrorIs(t, err, ErrInvalid, "without the flag -1 is an expert out of range")
+	r, err := e.Layer(LayerArgs{FFNCall: io.call(0, 4, 2), Reqs: []uint64{a, b}, TopKHost: topk, Flags: LayerRoutingGaps})
+	require.NoError(t, err)
+	assert.Equal(t, PathHostStream, r.Path, "the kernels would read -1 as an expert")
+	assert.Equal(t, []int32{0, 2, 3}, r.Experts)
+	st, err := e.Stats()
+	require.NoError(t, err)
+	assert.Equal(t, []float64{1, 0, 2, 1}, st.Layers[0].ExpertTokens)
+	_, err = e.Layer(LayerArgs{FFNCall: io.call(0, 4, 2), TopKHost: []int64{0, -2, 1, 1, 0, 0, 1, 1}, Flags: LayerRoutingGaps})
+	assert.ErrorIs(t, err, ErrInvalid, "only -1 is a gap")
 }
 
 func TestReferenceKernelsOfferTheCPUBackendsFFNToTheExecutor(t *testing.T) {

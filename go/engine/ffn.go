@@ -108,26 +108,6 @@ func (e *Engine) LayerFFN(c FFNCall) error {
 	return nil
 }
 
-// LayerMoE is one MoE layer in one call: it records the routing of reqs
-// (topkHost is the router's [T, K] expert ids in host memory; tokens are
-// split evenly between the requests in row order) like Observe, finds the
-// distinct experts, and computes the layer with LayerFFN. c.Experts is
-// filled in.
-func (e *Engine) LayerMoE(c FFNCall, reqs []uint64, topkHost []int64) error {
-	if err := e.readyLocked(); err != nil {
-		return err
-	}
-	if c.T <= 0 || c.K <= 0 || int64(len(topkHost)) != c.T*c.K {
-		return fmt.Errorf("%w: routing of %d ids for %d tokens × %d experts", ErrInvalid, len(topkHost), c.T, c.K)
-	}
-	experts, counts, err := e.routingCounts(c.Layer, topkHost, c.K, reqs)
-	if err != nil {
-		return err
-	}
-	c.Experts = experts
-	return e.layerKernels(c, reqs, topkHost, counts)
-}
-
 // layerKernels traces counts (the per-request routing of c.Experts, from
 // routingCounts, topk being the [T, K] routing on the host) and computes
 // the layer with LayerFFN, or with layerHybrid when ChooseMisses sends

@@ -94,7 +94,7 @@ func (e *Engine) enableMapped() (backend.Mapped, error) {
 // backend's kernels read resident experts from their slots and the others
 // from host memory, and the routing (c.TopK, on the device) reaches the
 // tracer asynchronously. reqs are the requests the layer's tokens belong
-// to (split evenly in row order, as in LayerMoE). An error the tracer met
+// to (split evenly in row order, as in Layer). An error the tracer met
 // on an earlier call (an out-of-range expert id, whose pairs the
 // computation skipped) is returned here, or at the latest by EndRequest.
 func (e *Engine) LayerMapped(c FFNCall, reqs []uint64) error {
@@ -345,7 +345,7 @@ func (e *Engine) traceMapped(it mappedItem) error {
 	for li, l := range it.layers {
 		ids := all[off : off+l.Pairs]
 		off += l.Pairs
-		experts, counts, err := e.routingCounts(l.Layer, ids, l.K, it.reqs)
+		experts, counts, err := e.routingCounts(l.Layer, ids, l.K, it.reqs, false)
 		if err != nil {
 			return err
 		}
@@ -424,8 +424,9 @@ func (e *Engine) admit(k cache.Key) (waited time.Duration) {
 // routingCounts validates a layer's routing (T·K ids) and returns its
 // distinct experts in ascending order and, per request, the tokens routed
 // to each expert (tokens split evenly between reqs in row order, or
-// shared equally when they do not divide).
-func (e *Engine) routingCounts(layer int, ids []int64, K int64, reqs []uint64) ([]int32, [][]float32, error) {
+// shared equally when they do not divide). With gaps, an id of
+// RoutingGap is an empty place (no expert) and counts for nothing.
+func (e *Engine) routingCounts(layer int, ids []int64, K int64, reqs []uint64, gaps bool) ([]int32, [][]float32, error) {
 	E := e.experts
 	e.planner.SetTopK(int(K)) // the routing tells the planner k
 	seen := make([]bool, E)
@@ -444,6 +445,9 @@ func (e *Engine) routingCounts(layer int, ids []int64, K int64, reqs []uint64) (
 	}
 	n := 0
 	for p, x := range ids {
+		if gaps && x == RoutingGap {
+			continue
+		}
 		if x < 0 || x >= int64(E) {
 			return nil, nil, fmt.Errorf("%w: layer %d: token %d routes to expert %d, out of range [0, %d)", ErrInvalid, layer, int64(p)/K, x, E)
 		}

@@ -50,10 +50,11 @@ type LayerStats struct {
 	// each expert's weights are read once, so each counts an equal share).
 	CPUNs int64 `json:"cpu_ns"`
 	// ExpertTokens counts, per expert of the layer, the tokens routed to
-	// it (Observe and the routing of LayerMoE, mapped and replayed
-	// layers) since the last reset: a token counts once for each of its
-	// top-k experts, and a share of one when a layer's tokens could not be
-	// split between its requests. Per layer only; absent from the totals.
+	// it (Observe and the routing of Layer's calls on every path, mapped
+	// and replayed layers included) since the last reset: a token counts
+	// once for each of its top-k experts, and a share of one when a
+	// layer's tokens could not be split between its requests. Per layer
+	// only; absent from the totals.
 	ExpertTokens []float64 `json:"expert_tokens,omitempty"`
 }
 
@@ -87,7 +88,7 @@ type Stats struct {
 	// MappedOff is why mapped mode could not start ("" when it could, or
 	// was never tried).
 	MappedOff string `json:"mapped_off,omitempty"`
-	// PhaseNs is host time by phase of LayerMoE/LayerFFN calls, in
+	// PhaseNs is host time by phase of Layer/LayerFFN calls, in
 	// nanoseconds: where the engine's own overhead goes.
 	PhaseNs map[string]int64 `json:"phase_ns"`
 	// Layers holds the per-layer counters in execution order.

@@ -30,7 +30,7 @@ func TestStatsCountTokensPerExpert(t *testing.T) {
 			require.NoError(t, e.EndRequest(b))
 			return [L][E]float64{{}, {2, 4, 0, 6}}
 		}},
-		{"layer_moe, tokens split between requests", func(t *testing.T, e *Engine) [L][E]float64 {
+		{"layer on the kernel path, tokens split between requests", func(t *testing.T, e *Engine) [L][E]float64 {
 			const T, K = 4, 2
 			io := newFFNIO(rand.New(rand.NewPCG(3, 4)), T, K, E)
 			var want [L][E]float64
@@ -41,10 +41,10 @@ func TestStatsCountTokensPerExpert(t *testing.T) {
 			require.NoError(t, err)
 			b, err := e.BeginRequest()
 			require.NoError(t, err)
-			require.NoError(t, e.LayerMoE(io.call(0, T, K), []uint64{a, b}, io.topk))
+			kernelLayer(t, e, io.call(0, T, K), []uint64{a, b}, io.topk)
 			return want
 		}},
-		{"layer_moe, three requests share four tokens", func(t *testing.T, e *Engine) [L][E]float64 {
+		{"layer on the kernel path, three requests share four tokens", func(t *testing.T, e *Engine) [L][E]float64 {
 			const T, K = 4, 1
 			io := newFFNIO(rand.New(rand.NewPCG(5, 6)), T, K, E)
 			var want [L][E]float64
@@ -57,12 +57,12 @@ func TestStatsCountTokensPerExpert(t *testing.T) {
 				require.NoError(t, err)
 				reqs = append(reqs, r)
 			}
-			require.NoError(t, e.LayerMoE(io.call(0, T, K), reqs, io.topk))
+			kernelLayer(t, e, io.call(0, T, K), reqs, io.topk)
 			return want
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			e := mappedEngine(t, L, E, 8)
+			e, _ := execEngine(t, kernelCaps, "swiglu", L, E, 8)
 			want := tc.run(t, e)
 			st, err := e.Stats()
 			require.NoError(t, err)
@@ -87,4 +87,14 @@ func TestStatsCountTokensPerExpert(t *testing.T) {
 			}
 		})
 	}
+}
+
+// kernelLayer runs one layer through the executor on the kernel path
+// (the routing in host memory, mapped mode off), as the hook does for a
+// prefill or a graph-free decode step.
+func kernelLayer(t *testing.T, e *Engine, c FFNCall, reqs []uint64, topk []int64) {
+	t.Helper()
+	r, err := e.Layer(LayerArgs{FFNCall: c, Reqs: reqs, TopKHost: topk, Flags: LayerNoMapped})
+	require.NoError(t, err)
+	require.Equal(t, PathKernels, r.Path)
 }

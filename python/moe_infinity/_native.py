@@ -38,11 +38,14 @@ _p_int32 = ctypes.POINTER(ctypes.c_int32)
 _p_float = ctypes.POINTER(ctypes.c_float)
 _buf = ctypes.c_char_p  # output buffers are passed as create_string_buffer
 
-# moe_layer_args.flags and .path (MOE_LAYER_*, MOE_PATH_* of moe_infinity.h;
+# moe_layer_args.flags and .path, and the empty place of a routing
+# (MOE_LAYER_*, MOE_PATH_*, MOE_ROUTING_GAP of moe_infinity.h;
 # tests/test_native_abi.py checks them against the header).
 LAYER_NO_MAPPED = 1
 LAYER_NO_KERNELS = 2
 LAYER_HOST_BATCHED = 4
+LAYER_ROUTING_GAPS = 8
+ROUTING_GAP = -1  # MOE_ROUTING_GAP: an empty place of a routing with LAYER_ROUTING_GAPS
 PATH_MAPPED = 1
 PATH_KERNELS = 2
 PATH_HOST_STREAM = 3
@@ -89,6 +92,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "moe_engine_add_host_tensor": [_c_uint64, _p_char, _p_char, _c_int32, _p_int64, ctypes.c_void_p, _c_int64],
     "moe_engine_modules": [_c_uint64, _buf, _c_int64, _p_int64],
     "moe_engine_configure": [_c_uint64, _p_char, _buf, _c_int64, _p_int64],
+    "moe_engine_slot_plan": [_c_uint64, _p_char, _buf, _c_int64, _p_int64],
     "moe_engine_arena": [_c_uint64, _p_uint64, _p_int64],
     "moe_engine_slot_addr": [_c_uint64, _c_int32, _p_uint64],
     "moe_engine_max_pin": [_c_uint64, _p_int32],
@@ -99,11 +103,9 @@ _SIGNATURES: dict[str, list[Any]] = {
     "moe_release": [_c_uint64, _c_uint64, _c_uint64],
     "moe_layer_ffn": [_c_uint64, _c_int32, _c_int32, _p_int32, _c_uint64] + [_c_uint64] * 5 + [_c_int64, _c_int64, _c_int32],
     "moe_ffn_shape": [_c_uint64, _p_int64, _p_int64, _p_int32],
-    "moe_layer_moe": [_c_uint64, _c_int32, _c_int32, _p_uint64, ctypes.c_void_p, _c_uint64] + [_c_uint64] * 5 + [_c_int64, _c_int64, _c_int32],
     "moe_capture_begin": [_c_uint64],
     "moe_capture_end": [_c_uint64, _p_int32],
     "moe_graph_step": [_c_uint64, _c_uint64, _c_int32, _p_uint64],
-    "moe_layer_mapped": [_c_uint64, _c_int32, _c_int32, _p_uint64, _c_uint64] + [_c_uint64] * 5 + [_c_int64, _c_int64, _c_int32, _c_int32],
     "moe_engine_progress": [_c_uint64, _p_int64, _p_int64],
     "moe_device_memory": [_c_int32, _p_int64, _p_int64],
     "moe_hint": [_c_uint64, _c_int32, _c_int32, _p_int32],

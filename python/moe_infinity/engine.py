@@ -98,7 +98,6 @@ class Engine:
         self._lock = threading.Lock()
         self._keep: list[Any] = []  # host tensors the engine reads
         self._plan: dict[str, Any] | None = None
-        self._mapped_fn: Any = None
         self._layer_fn: Any = None
         self.config = cfg
 
@@ -196,6 +195,14 @@ class Engine:
             setup["ffn"] = ffn
         self._plan = _native.call_json("moe_engine_configure", ctypes.c_uint64(self._h()), json.dumps(setup).encode())
         return self._plan
+
+    def slot_plan(self, layout: dict[str, Any], layers: Sequence[str] | None = None) -> dict[str, Any]:
+        """The slot layout configure() would make for ``layout`` and
+        ``layers``, without configuring: ``slot_bytes`` (one expert's
+        slot), ``layout``, and for quantized experts ``view_bytes``. For
+        sizing a memory budget before configure()."""
+        setup = {"layout": layout, "layers": list(layers or [])}
+        return _native.call_json("moe_engine_slot_plan", ctypes.c_uint64(self._h()), json.dumps(setup).encode())
 
     @property
     def plan(self) -> dict[str, Any]:
@@ -300,32 +307,6 @@ class Engine:
         arr = (ctypes.c_int32 * max(1, n))(*experts)
         _native.call("moe_layer_ffn", ctypes.c_uint64(self._h()), layer, n, arr, *_ffn_args(stream, x, out, scratch, topk, weights, tokens, k, dtype))
 
-    def layer_moe(
-        self,
-        layer: int,
-        reqs: Sequence[int],
-        topk_host: int,
-        *,
-        stream: int,
-        x: int,
-        out: int,
-        scratch: int,
-        topk: int,
-        weights: int,
-        tokens: int,
-        k: int,
-        dtype: int,
-    ) -> None:
-        """A whole MoE layer in one call (``moe_layer_moe``): traces the
-        routing of ``reqs`` (``topk_host`` points at the [T, k] int64 ids in
-        host memory) and computes the layer's experts."""
-        n = len(reqs)
-        ids = (ctypes.c_uint64 * max(1, n))(*reqs)
-        _native.call(
-            "moe_layer_moe", ctypes.c_uint64(self._h()), layer, n, ids, ctypes.c_void_p(topk_host),
-            *_ffn_args(stream, x, out, scratch, topk, weights, tokens, k, dtype),
-        )
-
     def layer(self, args: _native.LayerArgs) -> int:
         """Runs one MoE layer through the engine's executor (``moe_layer``):
         the engine chooses how the layer runs, writes the path it took to
@@ -339,19 +320,6 @@ class Engine:
         if st != 0:
             _native.raise_status("moe_layer", st)
         return args.path
-
-    def layer_mapped(self, layer: int, reqs: Any, nreq: int, stream: int, x: int, out: int, scratch: int, topk: int, weights: int, tokens: int, k: int, dtype: int, wdtype: int) -> None:
-        """Mapped mode (``moe_layer_mapped``): one MoE layer with no host
-        synchronisation; ``topk`` is the device routing, ``reqs`` a ctypes
-        uint64 array of ``nreq`` request ids (or None), ``wdtype`` the
-        routing weights' type (0 float32, 1 bfloat16, 2 float16). The hot
-        path: positional arguments, one foreign call."""
-        fn = self._mapped_fn
-        if fn is None:
-            fn = self._mapped_fn = _native.lib().moe_layer_mapped
-        st = fn(self._h(), layer, nreq, reqs, stream, x, out, scratch, topk, weights, tokens, k, dtype, wdtype)
-        if st != 0:
-            _native.raise_status("moe_layer_mapped", st)
 
     def capture_begin(self) -> None:
         """Before capturing a decode step of mapped layers in a CUDA graph
@@ -434,7 +402,7 @@ class Engine:
 
 
 def _ffn_args(stream: int, x: int, out: int, scratch: int, topk: int, weights: int, tokens: int, k: int, dtype: int) -> tuple:
-    """The trailing arguments shared by moe_layer_ffn and moe_layer_moe."""
+    """The trailing arguments of moe_layer_ffn."""
     return (*(ctypes.c_uint64(v) for v in (stream, x, out, scratch, topk, weights)), tokens, k, dtype)
 
 

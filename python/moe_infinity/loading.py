@@ -20,6 +20,7 @@ import tempfile
 import types
 import warnings
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from .engine import Engine
 from .errors import BudgetError, CheckpointFormatError, EngineIOError, InvalidArgumentError, MoEInfinityError, NotFoundError, StateError, UnsupportedError
 from .families import Family, family_for
 from .memory import format_bytes, host_memory_bytes, parse_memory
-from .runtime import MoELayer, OffloadRuntime, SlotLinear, with_progress
+from .runtime import MoELayer, OffloadRuntime, SlotLinear, layout_spec, with_progress
 
 log = logging.getLogger("moe_infinity")
 
@@ -196,27 +197,16 @@ def _model_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
 
 
-def _slot_bytes(meta: dict[str, tuple[tuple[int, ...], torch.dtype]], align: int = 256) -> int:
-    """One expert slot's size, as the engine lays it out (regions aligned)."""
-    off = 0
-    for shape, dt in meta.values():
-        off = (off + align - 1) // align * align
-        n = 1
-        for d in shape:
-            n *= d
-        off += n * torch.empty((), dtype=dt).element_size()
-    return (off + align - 1) // align * align
-
-
-def _cache_budget(device_memory: int, model: torch.nn.Module, device: torch.device, meta: dict[str, Any]) -> int:
+def _cache_budget(device_memory: int, model: torch.nn.Module, device: torch.device, slot_bytes: Callable[[], int]) -> int:
     """Bytes left for the expert cache. On a GPU, device_memory covers the
-    dense weights and a workspace too; on the CPU it is all cache."""
+    dense weights and a workspace too; on the CPU it is all cache.
+    ``slot_bytes`` asks the engine for one expert slot's size."""
     if device.type == "cpu":
         return device_memory
     dense = _model_bytes(model)
     workspace = max(WORKSPACE_MIN, int(WORKSPACE_FRACTION * device_memory))
     left = device_memory - dense - workspace
-    slot = _slot_bytes(meta)
+    slot = slot_bytes()
     if left < slot:
         raise BudgetError(
             f"device_memory={format_bytes(device_memory)} ({device_memory} bytes) must hold the dense weights "
@@ -493,7 +483,8 @@ def _finish(model: torch.nn.Module, engine: Engine, family: Family, base_prefix:
     layers = _layers_for(model, family, modules, base_prefix)
     fused_on_disk = by_prefix_fused(modules, layers)
     meta = _region_meta(layers)
-    budget = _cache_budget(device_memory, model, device, meta)
+    layer_names = [layer.prefix for layer in layers]
+    budget = _cache_budget(device_memory, model, device, lambda: engine.slot_plan(layout_spec(family, meta, fused_on_disk, quant), layer_names)["slot_bytes"])
     bar = None
 
     def progress(done: int, total: int) -> None:

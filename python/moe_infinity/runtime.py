@@ -108,6 +108,26 @@ def _configure_with_progress(engine: Engine, layout: dict[str, Any], layers: lis
     return with_progress(engine, lambda: engine.configure(layout, layers=layers, budget_bytes=budget_bytes, ffn=ffn), progress)
 
 
+def layout_spec(family: Family, region_meta: dict[str, tuple[tuple[int, ...], torch.dtype]], fused_on_disk: bool, quant: dict[str, Any] | None) -> dict[str, Any]:
+    """The slot layout the engine is asked for (moe_engine_configure's
+    ``layout``): the family's regions, from which checkpoint tensors, in
+    which dtype. The engine lays it out (offsets, alignment, slot size)."""
+    return {
+        "regions": [
+            {
+                "name": r.name,
+                "parts": r.parts(fused_on_disk),
+                "dtype": str(region_meta[r.name][1]).removeprefix("torch."),
+            }
+            for r in family.regions
+        ],
+        # A quantized checkpoint's quant_method (and FP8 weight_block_size):
+        # the engine keeps its experts compressed and dequantizes them into
+        # the views this runtime reads (plan["views"]).
+        **(quant or {}),
+    }
+
+
 @dataclass
 class MoELayer:
     """One offloaded MoE layer."""
@@ -275,20 +295,7 @@ class OffloadRuntime:
         # Set by a server running requests in threads: their MoE layers
         # meet there (lockstep.py), so each expert crosses once per step.
         self.lockstep: Lockstep | None = None
-        layout = {
-            "regions": [
-                {
-                    "name": r.name,
-                    "parts": r.parts(fused_on_disk),
-                    "dtype": str(region_meta[r.name][1]).removeprefix("torch."),
-                }
-                for r in family.regions
-            ],
-            # A quantized checkpoint's quant_method (and FP8 weight_block_size):
-            # the engine keeps its experts compressed and dequantizes them into
-            # the views this runtime reads (plan["views"]).
-            **(quant or {}),
-        }
+        layout = layout_spec(family, region_meta, fused_on_disk, quant)
         self.plan = _configure_with_progress(engine, layout, [layer.prefix for layer in layers], budget_bytes, progress, family.ffn)
         for r in self.plan["layout"]["regions"]:
             want = tuple(region_meta[r["name"]][0])
@@ -412,24 +419,6 @@ class OffloadRuntime:
             raise StateError(f"expert weights of MoE layer {layer} are only available while that layer computes")
         return st
 
-    # -- tracing ----------------------------------------------------------------
-
-    def _observe_np(self, layer: int, tokens: np.ndarray, experts: np.ndarray, n_tokens: int) -> None:
-        """Sends per-request counts of (token, expert) routing pairs. Tokens
-        are split evenly between the active requests in row order (batch rows,
-        beams of one request adjacent, as generate lays them out)."""
-        reqs = self.active_requests()
-        if not reqs:
-            return
-        E = self.num_experts
-        R = len(reqs)
-        if R > 1 and n_tokens % R == 0 and n_tokens > 0:
-            row = tokens // (n_tokens // R)
-            counts = np.bincount(row * E + experts, minlength=R * E).reshape(R, E)
-        else:
-            counts = np.broadcast_to(np.bincount(experts, minlength=E).reshape(1, E) / R, (R, E))
-        self.engine.observe(layer, reqs, np.ascontiguousarray(counts, dtype=np.float32))
-
     # -- compute ----------------------------------------------------------------
 
     def run_fused(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, original: Any) -> torch.Tensor:
@@ -474,6 +463,12 @@ class OffloadRuntime:
             a.experts_cap = self.num_experts
         return a
 
+    def _set_requests(self, a: Any) -> None:
+        """Points a moe_layer argument struct at this thread's requests."""
+        reqs_c = getattr(self._tls, "reqs_c", None)
+        a.nreq = len(reqs_c) if reqs_c is not None else 0
+        a.reqs = ctypes.cast(reqs_c, ctypes.POINTER(ctypes.c_uint64)) if reqs_c is not None else None
+
     def _run_fused(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, original: Any) -> torch.Tensor:
         """One fused MoE layer through the engine's executor: the engine
         chooses the path; this passes the tensors, supplies the host routing
@@ -486,9 +481,7 @@ class OffloadRuntime:
         t0 = time.perf_counter_ns()
         a = self._layer_args()
         a.layer, a.tokens, a.k = layer.index, T, k
-        reqs_c = getattr(self._tls, "reqs_c", None)
-        a.nreq = len(reqs_c) if reqs_c is not None else 0
-        a.reqs = ctypes.cast(reqs_c, ctypes.POINTER(ctypes.c_uint64)) if reqs_c is not None else None
+        self._set_requests(a)
         a.flags = (
             (0 if self.mapped and self.routing_log is None else _native.LAYER_NO_MAPPED)
             | (0 if self.kernels else _native.LAYER_NO_KERNELS)
@@ -599,16 +592,13 @@ class OffloadRuntime:
         return out
 
     def run_moduledict(self, layer: MoELayer, original: Any, hidden: torch.Tensor, mask: torch.Tensor, *rest: Any) -> torch.Tensor:
-        """The experts forward of a ModuleDict MoE layer (Switch, NLLB)."""
+        """The experts forward of a ModuleDict MoE layer (Switch, NLLB): the
+        engine's executor traces the routing and names the needed experts;
+        the module's own forward then runs on their slot views, streamed."""
         self.check_open()
-        E = self.num_experts
         t0 = time.perf_counter_ns()
         with torch.no_grad():
-            onehot = mask if (mask.dim() >= 2 and mask.shape[-1] == E and mask.dim() == 3) else F.one_hot(mask.long(), num_classes=E)
-            pairs = self._routing_to_host(onehot.reshape(onehot.shape[0], -1, E).nonzero())
-            tokens, experts = pairs[:, 0], pairs[:, 2]
-            self._observe_np(layer.index, tokens, experts, int(onehot.shape[0]))
-            needed = np.unique(experts).tolist()
+            needed = self._route_moduledict(layer, mask)
             self._meet(layer, needed)
         self._account(t0)
         streamers = self._tls.__dict__.setdefault("streamers", {})
@@ -618,6 +608,39 @@ class OffloadRuntime:
                 return original(layer.module, hidden, mask, *rest)
             finally:
                 streamers.pop(layer.index, None)
+
+    def _route_moduledict(self, layer: MoELayer, mask: torch.Tensor) -> list[int]:
+        """Hands a ModuleDict layer's routing to the engine's executor (which
+        traces it) and returns the experts it needs, ascending.
+
+        ``mask`` is the router's one-hot [T, k, E] selection or its [T, k]
+        expert ids; every (token, expert) pair it selects becomes a place of
+        a [T, k'] routing, k' the most experts a token has, with
+        MOE_ROUTING_GAP filling the places of tokens the router sent to
+        fewer (capacity dropping)."""
+        E = self.num_experts
+        onehot = mask if (mask.dim() == 3 and mask.shape[-1] == E) else F.one_hot(mask.long(), num_classes=E)
+        T = int(onehot.shape[0])
+        if T == 0:
+            return []
+        pairs = self._routing_to_host(onehot.reshape(T, -1, E).nonzero())
+        tokens, experts = pairs[:, 0], pairs[:, 2]  # row-major: by token
+        per = np.bincount(tokens, minlength=T)
+        topk = np.full((T, max(1, int(per.max()))), _native.ROUTING_GAP, dtype=np.int64)
+        topk[tokens, np.arange(len(tokens)) - (np.cumsum(per) - per)[tokens]] = experts
+        a = self._layer_args()
+        a.layer, a.tokens, a.k = layer.index, T, topk.shape[1]
+        self._set_requests(a)
+        # The module's own code, one expert at a time: never the kernels.
+        a.flags = _native.LAYER_NO_MAPPED | _native.LAYER_NO_KERNELS | _native.LAYER_ROUTING_GAPS
+        a.topk = topk.ctypes.data
+        a.topk_host = topk.ctypes.data_as(ctypes.POINTER(ctypes.c_int64))
+        a.stream = a.x = a.out = a.scratch = a.weights = 0
+        a.dtype = a.weights_dtype = -1
+        path = self.engine.layer(a)
+        if path != _native.PATH_HOST_STREAM:
+            raise StateError(f"the engine ran ModuleDict MoE layer {layer.index} on path {path}, which its own expert code cannot follow")
+        return list(self._tls.layer_experts[: a.n_experts])
 
     # -- statistics ---------------------------------------------------------------
 

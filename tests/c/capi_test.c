@@ -90,6 +90,9 @@ int main(void) {
         "{\"layout\": {\"regions\": ["
         "{\"name\": \"gate_up_proj\", \"parts\": [\"w1.weight\", \"w3.weight\"]},"
         "{\"name\": \"down_proj\", \"parts\": [\"w2.weight\"]}]}}";
+    CHECK(moe_engine_slot_plan(h, setup, buf, sizeof buf, &needed) == MOE_OK, "slot plan: %s", last_error());
+    CHECK(strstr(buf, "\"slot_bytes\":512") != NULL && strstr(buf, "\"alignment\":256") != NULL, "slot plan %s", buf);
+    CHECK(moe_engine_slot_plan(h, NULL, buf, sizeof buf, &needed) == MOE_ERR_INVALID, "slot plan, NULL setup");
     CHECK(moe_engine_configure(h, setup, buf, 8, &needed) == MOE_ERR_BUFFER, "configure small buffer");
     CHECK(moe_engine_configure(h, setup, buf, sizeof buf, &needed) == MOE_OK, "configure: %s", last_error());
     CHECK(strstr(buf, "\"slots\":2") != NULL, "plan %s", buf);
@@ -129,22 +132,18 @@ int main(void) {
     int32_t code = -1;
     CHECK(moe_ffn_shape(h, &hid, &inter, &code) == MOE_ERR_UNSUPPORTED, "f32 experts do not fit the kernels: %s", last_error());
     CHECK(moe_engine_progress(h, &done, &total) == MOE_OK && done == 0 && total == 0, "cpu progress");
-    /* Mapped mode and graphs need kernel-shaped (bf16/f16) experts: clear
-     * errors, never a crash, for these f32 ones and for bad arguments. */
+    /* The executor and graphs with f32 experts (no kernels, no mapped
+     * mode): clear errors, never a crash, for bad arguments. */
     int64_t ids[2] = {0, 1};
     float xs[H], ys[H], hs[2 * I], ws[2] = {0.5f, 0.5f};
     uint64_t A = (uint64_t)(uintptr_t)xs, B = (uint64_t)(uintptr_t)ys, S = (uint64_t)(uintptr_t)hs;
     uint64_t T = (uint64_t)(uintptr_t)ids, W = (uint64_t)(uintptr_t)ws;
-    CHECK(moe_layer_mapped(h, 0, 1, &req, 0, A, B, S, T, W, 1, 2, 0, 0) == MOE_ERR_UNSUPPORTED, "mapped f32: %s", last_error());
-    CHECK(moe_layer_mapped(h, 0, 1, NULL, 0, A, B, S, T, W, 1, 2, 0, 0) == MOE_ERR_INVALID, "NULL reqs");
-    CHECK(moe_layer_mapped(h, 0, 0, NULL, 0, A, B, S, T, W, 0, 2, 0, 0) == MOE_ERR_INVALID, "no tokens");
-    CHECK(moe_layer_mapped(h, 0, 0, NULL, 0, A, B, S, T, W, 1, 2, 0, 7) == MOE_ERR_INVALID, "weights dtype");
-    CHECK(moe_layer_mapped(987654, 0, 0, NULL, 0, A, B, S, T, W, 1, 2, 0, 0) == MOE_ERR_HANDLE, "mapped, unknown handle");
     /* The layer executor: on the CPU backend every layer is the caller's
      * code; without the host routing it asks for it. */
     int32_t need[4] = {-1, -1, -1, -1};
     moe_layer_args la = {0};
     la.layer = 0; la.nreq = 1; la.reqs = &req; la.topk = T; la.tokens = 1; la.k = 2;
+    la.x = A; la.out = B; la.scratch = S; la.weights = W;
     la.dtype = -1; la.weights_dtype = -1; la.experts_cap = 4; la.experts = need;
     CHECK(moe_layer(h, &la) == MOE_OK && la.path == MOE_PATH_NEED_ROUTING && la.n_experts == 0, "no host routing: %s", last_error());
     la.topk_host = ids;
@@ -152,12 +151,23 @@ int main(void) {
     CHECK(la.n_experts == 2 && need[0] == 0 && need[1] == 1, "experts handed back: %d", la.n_experts);
     la.flags = MOE_LAYER_HOST_BATCHED;
     CHECK(moe_layer(h, &la) == MOE_OK && la.path == MOE_PATH_HOST_STACKED, "stacked: %s", last_error());
+    int64_t gapped[2] = {1, MOE_ROUTING_GAP};
+    la.topk_host = gapped;
+    CHECK(moe_layer(h, &la) == MOE_ERR_INVALID, "a gap without MOE_LAYER_ROUTING_GAPS");
+    la.flags = MOE_LAYER_ROUTING_GAPS;
+    CHECK(moe_layer(h, &la) == MOE_OK && la.path == MOE_PATH_HOST_STREAM && la.n_experts == 1 && need[0] == 1, "gaps: %s", last_error());
+    la.topk_host = ids; la.flags = MOE_LAYER_HOST_BATCHED;
     la.experts_cap = 1;
     CHECK(moe_layer(h, &la) == MOE_ERR_INVALID, "experts_cap too small");
     la.experts_cap = 4; la.flags = 64;
     CHECK(moe_layer(h, &la) == MOE_ERR_INVALID && strstr(last_error(), "unknown flags") != NULL, "bad flags: %s", last_error());
     la.flags = 0; la.tokens = 0;
     CHECK(moe_layer(h, &la) == MOE_ERR_INVALID, "no tokens");
+    la.tokens = 1; la.reqs = NULL;
+    CHECK(moe_layer(h, &la) == MOE_ERR_INVALID, "NULL reqs");
+    la.reqs = &req; la.weights_dtype = 7;
+    CHECK(moe_layer(h, &la) == MOE_ERR_INVALID && strstr(last_error(), "weights_dtype") != NULL, "weights dtype: %s", last_error());
+    la.weights_dtype = -1;
     CHECK(moe_layer(h, NULL) == MOE_ERR_INVALID, "NULL args");
     CHECK(moe_layer(987654, &la) == MOE_ERR_HANDLE, "layer, unknown handle");
     int32_t captured = -1;
