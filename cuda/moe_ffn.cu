@@ -151,6 +151,100 @@ extern "C" __global__ void moe_down(const float *h, const long *topk, const unsi
     if (lane == 0) out[t * H + r] = dtype == 0 ? moe_f32_to_bf16(acc) : moe_f32_to_f16(acc);
 }
 
+// FP8 block-scaled experts (DeepSeek-V3/R1, Qwen3-*-FP8), read straight
+// from their compressed slots: the tables point at float8_e4m3fn rows (one
+// byte per element, row-major as stored: gate and up [I, H], down [H, I]),
+// and each matrix's float32 weight_scale_inv grid [ceil(rows/br),
+// ceil(cols/bc)] lies at a fixed byte offset (gs, us, ds) from the
+// matrix's table entry: every slot has one layout. urow0 is up's first row
+// in its grid (I when gate and up are the halves of one fused weight with
+// one grid, else 0). Each weight element is dequantized as transformers
+// dequantizes the checkpoint: fp8 value × its block's scale in f32, rounded
+// to the activation dtype; from there the kernels are the bf16/f16 ones
+// (same pairs, warps, reductions and rounding), so they compute what the
+// bf16 kernels compute on the dequantized experts, moving half the bytes.
+// The engine's CPU reference (go/backend, FP8Args) does the same
+// arithmetic.
+
+// Exact float8_e4m3fn decode (no infinities; 0x7f/0xff are NaN); sm_80 has
+// no fp8 conversion instruction.
+__device__ __forceinline__ float moe_fp8_to_f32(unsigned int b) {
+    unsigned int sign = (b & 0x80u) << 24, e = (b >> 3) & 15u, m = b & 7u;
+    if (e == 15u && m == 7u) return __builtin_bit_cast(float, 0x7fc00000u | sign);
+    if (e == 0u) return __builtin_bit_cast(float, __builtin_bit_cast(unsigned int, (float)m * 0.001953125f) | sign);
+    return __builtin_bit_cast(float, sign | ((e + 120u) << 23) | (m << 20));
+}
+
+// dot of row `row` of an FP8 matrix (n columns, scales at w + soff, rows of
+// the grid counted from row0) with a f32 vector. Lanes take 16 columns at
+// a time with one 16-byte load when the row allows it.
+__device__ __forceinline__ float moe_fp8_row_dot(const unsigned char *w, long soff, long row0, long row, const float *vec,
+                                                 long n, long br, long bc, long dtype, unsigned int lane) {
+    const unsigned char *r = w + row * n;
+    const float *s = (const float *)(w + soff) + ((row0 + row) / br) * ((n + bc - 1) / bc);
+    float acc = 0.f;
+    if ((n & 15) == 0 && (bc & 15) == 0 && (((unsigned long)r) & 15) == 0) {
+        const uint4 *r4 = (const uint4 *)r;
+        for (long c = lane; c < n / 16; c += 32) {
+            uint4 v = r4[c];
+            unsigned int q[4] = {v.x, v.y, v.z, v.w};
+            float sc = s[(c * 16) / bc];
+            const float *x = vec + c * 16;
+#pragma unroll
+            for (int k = 0; k < 16; k++) acc += moe_round(moe_fp8_to_f32((q[k >> 2] >> (8 * (k & 3))) & 0xffu) * sc, dtype) * x[k];
+        }
+    } else {
+        for (long c = lane; c < n; c += 32) acc += moe_round(moe_fp8_to_f32(r[c]) * s[c / bc], dtype) * vec[c];
+    }
+    return moe_warp_sum(acc);
+}
+
+extern "C" __global__ void moe_gate_up_swiglu_fp8(const moe_bf16 *x, const long *topk, const unsigned long *gtab,
+                                                  const unsigned long *utab, float *h, long P, long K, long H, long I,
+                                                  long dtype, long E, long br, long bc, long gs, long us, long urow0) {
+    __shared__ float xs[MOE_MAX_SMEM_FLOATS];
+    long p = MOE_CTAID_Y;
+    if (p >= P || H > MOE_MAX_SMEM_FLOATS) return;  // the host refuses such H
+    long t = p / K;
+    const moe_bf16 *xt = x + t * H;
+    for (long c = MOE_TID_X; c < H; c += MOE_NTID_X) xs[c] = moe_load(xt, c, dtype);
+    __syncthreads();
+    unsigned int lane = MOE_TID_X & 31u, warp = MOE_TID_X >> 5;
+    long i = (long)MOE_CTAID_X * MOE_WARPS + warp;
+    if (i >= I) return;
+    long e = topk[p];
+    if (e < 0 || e >= E) {
+        if (lane == 0) h[p * I + i] = 0.f;
+        return;
+    }
+    float g = moe_fp8_row_dot((const unsigned char *)gtab[e], gs, 0, i, xs, H, br, bc, dtype, lane);
+    float u = moe_fp8_row_dot((const unsigned char *)utab[e], us, urow0, i, xs, H, br, bc, dtype, lane);
+    if (lane == 0) {
+        g = moe_round(g, dtype);
+        u = moe_round(u, dtype);
+        float act = moe_round(g / (1.f + MOE_EXPF(-g)), dtype);
+        h[p * I + i] = moe_round(act * u, dtype);
+    }
+}
+
+extern "C" __global__ void moe_down_fp8(const float *h, const long *topk, const unsigned long *wtab, const void *weight,
+                                        moe_bf16 *out, long T, long K, long H, long I, long dtype, long E, long wdtype,
+                                        long br, long bc, long ds) {
+    long t = MOE_CTAID_Y;
+    unsigned int lane = MOE_TID_X & 31u, warp = MOE_TID_X >> 5;
+    long r = (long)MOE_CTAID_X * MOE_WARPS + warp;
+    if (t >= T || r >= H) return;
+    float acc = 0.f;
+    for (long j = 0; j < K; j++) {
+        long p = t * K + j;
+        long e = topk[p];
+        if (e < 0 || e >= E) continue;
+        float wp = wdtype == 2 ? ((const float *)weight)[p] : moe_load((const moe_bf16 *)weight, p, wdtype);
+        acc += wp * moe_round(moe_fp8_row_dot((const unsigned char *)wtab[e], ds, 0, r, h + p * I, I, br, bc, dtype, lane), dtype);
+    }
+    if (lane == 0) out[t * H + r] = dtype == 0 ? moe_f32_to_bf16(acc) : moe_f32_to_f16(acc);
+}
+
 // Points one expert at new memory in stream order: three table entries
 // (gate, up and down rows), written by one thread. An eviction runs it on
 // the compute stream (kernels before it read the old slot, kernels after

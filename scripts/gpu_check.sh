@@ -51,6 +51,7 @@ run() {  # name, command...
     [ "$rc" = 0 ] || status=1
 }
 if [ "$what" = gpu ] || [ "$what" = all ]; then
+    # tests/test_gpu.py includes the FP8 kernels' tests (engine option quantized_kernels).
     run gpu_tests python3 -m pytest -p no:cacheprovider -q -m gpu -rA tests/test_gpu.py tests/test_backend_ops.py tests/test_gpu_memory.py tests/test_scheduler.py
 fi
 if [ "$what" = parity ] || [ "$what" = all ]; then

@@ -361,3 +361,50 @@ def test_graph_decoder_in_copy_mode_matches_eager_while_every_layer_evicts(famil
         assert ours.moe_stats()["graph_misses"] == "read"
     finally:
         ours.close()
+
+
+def _trained_fp8(family: str, directory):
+    """A briefly trained tiny model saved as its FP8 release ships (block-scaled
+    experts and projections, test_quantized's builders' layout)."""
+    import test_quantized as tq
+
+    model = tm.train_briefly(tm.build(family, seed=21, **_big(family))).to(torch.bfloat16)
+    sd = tq._saved_state(model, directory)
+    qc = tq.QWEN3_FP8_QC if family == "qwen3_moe" else tq.DEEPSEEK_V3_QC
+    quantize = (lambda k: k.endswith("proj.weight")) if family == "qwen3_moe" else (lambda k: "proj" in k and not k.endswith(("embed_tokens.weight", "head.weight")))
+    return tq._write(directory, tq._fp8_all(sd, quantize), qc)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_fp8_kernel_teacher_forced_agreement(family, tmp_path):
+    """The CUDA FP8 kernels (engine option quantized_kernels) against
+    transformers' dequantizing load on the GPU: teacher-forced top-1
+    agreement >= 99%, as the bf16 kernels; and against the engine's CPU
+    reference of the same kernels on the same checkpoint."""
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+
+    path = _trained_fp8(family, tmp_path / family)
+    plain = AutoModelForCausalLM.from_pretrained(path, quantization_config=FineGrainedFP8Config(dequantize=True), device_map="cuda").eval()
+    prompt = torch.randint(3, tm.VOCAB, (2, 8), generator=torch.Generator().manual_seed(2)).cuda()
+    seq = plain.generate(input_ids=prompt, max_new_tokens=48, min_new_tokens=48, do_sample=False)
+    want = _teacher_forced(plain, seq)
+    del plain
+    ours = mi.from_pretrained(path, device="cuda", device_memory="2GiB", engine_options={"quantized_kernels": True})
+    try:
+        ex = ours.moe_runtime.plan["executor"]
+        assert ex["kernels"] and ex["kernels_only"] and ex["quant"] == "fp8", ex
+        got = _teacher_forced(ours, seq)
+        paths = ours.moe_stats()["paths"]
+        assert paths["kernels"] >= tm.moe_layers(family) * 48, paths
+    finally:
+        ours.close()
+    cpu = mi.from_pretrained(path, device="cpu", device_memory="1GiB", engine_options={"reference_kernels": True})
+    try:
+        ref = _teacher_forced(cpu, seq.cpu())
+    finally:
+        cpu.close()
+    agree, rel = _agreement(got, want)
+    ref_agree, ref_rel = _agreement(got.cpu(), ref)
+    print(f"{family} FP8: kernel vs transformers dequantized: top-1 {agree:.4f}, rel {rel:.2e}; vs the CPU reference: top-1 {ref_agree:.4f}, rel {ref_rel:.2e}")
+    assert agree >= 0.99 and rel <= 1e-2
+    assert ref_agree >= 0.99 and ref_rel <= 1e-2

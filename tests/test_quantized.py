@@ -248,8 +248,44 @@ def test_quantized_checkpoint_off_the_cpu_is_refused_naming_what_is_served(ckpt,
 
     _, path, *_ = ckpt
     monkeypatch.setattr(loading, "_resolve_device", lambda device: torch.device("cuda", 0))
-    with pytest.raises(mi.UnsupportedError, match="device='cpu'"):
+    with pytest.raises(mi.UnsupportedError, match=r"device='cpu'.*not yet validated on a GPU.*quantized_kernels"):
         mi.from_pretrained(path, device="cuda")
+    # The engine option lets the load through to the engine, which decides.
+    cfg = json.loads((path / "config.json").read_text())
+    got = loading._check_quantization(type("C", (), {"quantization_config": cfg["quantization_config"]})(), {}, torch.device("cuda", 0), True)
+    assert got["quant_method"] == cfg["quantization_config"]["quant_method"]
+
+
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def test_reference_kernels_compute_fp8_experts_from_the_compressed_slots(ckpt):
+    """With the CPU reference of the GPU kernels on, FP8 SwiGLU experts run on
+    the kernel path straight from the FP8 slots (each weight dequantized as
+    transformers does, so only the sums' order differs from transformers'
+    code): logits within the tolerance of the bf16 kernel tests, the same
+    greedy tokens. gpt-oss's MXFP4 experts (clamped, biased SwiGLU with
+    interleaved gate/up) stay on transformers' code, which says why."""
+    name, path, prompt, logits, tokens = ckpt
+    model = mi.from_pretrained(path, device="cpu", device_memory="256MiB", engine_options={"reference_kernels": True})
+    try:
+        ex = model.moe_runtime.plan["executor"]
+        if name.endswith("mxfp4"):
+            assert not ex["kernels"] and "not standard SwiGLU" in ex["kernels_off"]
+            _check(model, prompt, logits, tokens)
+            return
+        assert ex["kernels"] and ex["quant"] == "fp8" and not ex["mapped"], ex
+        with torch.no_grad():
+            got = model(input_ids=prompt).logits
+            gen = model.generate(input_ids=prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        paths = model.moe_stats()["paths"]
+        assert paths["kernels"] >= (NEW_TOKENS + 1) * len(model.moe_runtime.layers), paths
+        agree = (got.argmax(-1) == logits.argmax(-1)).float().mean().item()
+        assert agree >= 0.99 and _relative(got, logits) <= 1e-2, (agree, _relative(got, logits))
+        assert torch.equal(gen, tokens)
+    finally:
+        model.close()
 
 
 def test_fp8_without_block_size_is_refused(tmp_path):

@@ -7,6 +7,7 @@ package backend
 
 import (
 	"errors"
+	"slices"
 	"sync"
 
 	"github.com/moe-infinity/moe_infinity/go/layout"
@@ -163,4 +164,15 @@ type Capabilities struct {
 	// MaxMappedPairs is the most (token, expert) pairs one mapped call
 	// takes (the backend's routing buffers); 0 when Mapped is false.
 	MaxMappedPairs int64
+	// QuantFormats lists the quantized expert formats (quant_method names,
+	// layout.QuantMethods) the kernels compute straight from compressed
+	// slots (FFNArgs.FP8 for "fp8"). Mapped mode never reads quantized
+	// experts: their scales are not beside their rows in host memory.
+	QuantFormats []string
+}
+
+// ReadsQuant reports whether the kernels compute experts quantized with
+// method (a quant_method name) from their compressed slots.
+func (c Capabilities) ReadsQuant(method string) bool {
+	return slices.Contains(c.QuantFormats, method)
 }

@@ -45,6 +45,9 @@ func (c *CPU) simdProblem(a FFNArgs) (p cpuffn.Problem, ok bool, err error) {
 	if err := a.Validate(); err != nil {
 		return p, false, err
 	}
+	if a.FP8 != nil { // the SIMD kernels read bfloat16/float16 rows only
+		return p, false, nil
+	}
 	c.mu.Lock()
 	var lo, hi uint64
 	if c.arena != nil {

@@ -46,6 +46,9 @@ type FFNArgs struct {
 	// Up[e], when set, is the address of expert e's up rows [Inter,
 	// Hidden]; otherwise they follow the gate rows at GateUp[e].
 	Up []uint64
+	// FP8, when set, says the experts' weights are FP8 block-scaled (see
+	// FP8Args): the tables point at their float8_e4m3fn rows in the slots.
+	FP8 *FP8Args
 	// SkipInvalid makes a (token, expert) pair whose id is outside the
 	// tables contribute nothing instead of failing the call, as the GPU
 	// kernels do (mapped mode reports such ids once the routing reaches the
@@ -80,7 +83,16 @@ func (a FFNArgs) UpAddr(e int64) uint64 {
 	if a.GateUp[e] == 0 {
 		return 0
 	}
-	return a.GateUp[e] + uint64(a.Inter*a.Hidden*2)
+	return a.GateUp[e] + uint64(a.Inter*a.Hidden*a.WeightSize())
+}
+
+// WeightSize is the size in bytes of one weight element: 1 for FP8
+// experts, 2 for bfloat16/float16 ones.
+func (a FFNArgs) WeightSize() int64 {
+	if a.FP8 != nil {
+		return 1
+	}
+	return 2
 }
 
 // Kernels is implemented by backends that compute the expert FFN
@@ -103,6 +115,8 @@ func (a FFNArgs) Validate() error {
 		return fmt.Errorf("expert FFN routing-weight type %d (0 = float32, 1 = bfloat16, 2 = float16)", a.WDType)
 	case a.X == 0 || a.Out == 0 || a.Scratch == 0 || a.TopK == 0 || a.Weights == 0:
 		return fmt.Errorf("expert FFN: a tensor address is null")
+	case a.FP8 != nil:
+		return a.FP8.validate(a.Inter)
 	}
 	return nil
 }
@@ -137,8 +151,10 @@ func (c *CPU) FFN(a FFNArgs) error {
 // every backend's kernels, the SIMD ones included (same formula, float32
 // accumulation in index order, and the same rounding to the activation
 // dtype after each projection and the gate as transformers'
-// bfloat16/float16 expert code). Expert rows are read under the source's
-// guard.
+// bfloat16/float16 expert code). FP8 experts (a.FP8) are read compressed,
+// each weight dequantized on the fly as transformers dequantizes it, so the
+// result is bit for bit that of bfloat16/float16 experts dequantized first.
+// Expert rows are read under the source's guard.
 func (c *CPU) ReferenceFFN(a FFNArgs) error {
 	if err := a.Validate(); err != nil {
 		return fmt.Errorf("backend cpu: %w", err)
@@ -171,12 +187,18 @@ func (c *CPU) ReferenceFFN(a FFNArgs) error {
 				h[idx] = 0
 				continue
 			}
-			wg := hostSlice(a.GateUp[exps[p]], I*H*2)
-			wu := hostSlice(a.UpAddr(exps[p]), I*H*2)
 			t := p / a.K
 			xt := x[t*H : (t+1)*H]
-			g := round(dotRow(wg[i*H*2:(i+1)*H*2], xt, dt), dt)
-			u := round(dotRow(wu[i*H*2:(i+1)*H*2], xt, dt), dt)
+			var g, u float32
+			if q := a.FP8; q != nil {
+				g = round(fp8Dot(q, a.GateUp[exps[p]], q.GateScale, 0, i, xt, dt), dt)
+				u = round(fp8Dot(q, a.UpAddr(exps[p]), q.UpScale, q.UpRow0, i, xt, dt), dt)
+			} else {
+				wg := hostSlice(a.GateUp[exps[p]], I*H*2)
+				wu := hostSlice(a.UpAddr(exps[p]), I*H*2)
+				g = round(dotRow(wg[i*H*2:(i+1)*H*2], xt, dt), dt)
+				u = round(dotRow(wu[i*H*2:(i+1)*H*2], xt, dt), dt)
+			}
 			act := round(g/(1+float32(math.Exp(float64(-g)))), dt)
 			h[idx] = round(act*u, dt)
 		}
@@ -194,8 +216,13 @@ func (c *CPU) ReferenceFFN(a FFNArgs) error {
 				if !valid(p) {
 					continue
 				}
+				hp := h[p*I : (p+1)*I]
+				if q := a.FP8; q != nil {
+					acc += wts[p] * round(fp8Dot(q, a.Down[exps[p]], q.DownScale, 0, r, hp, dt), dt)
+					continue
+				}
 				w := hostSlice(a.Down[exps[p]], H*I*2)
-				acc += wts[p] * round(dotRow(w[r*I*2:(r+1)*I*2], h[p*I:(p+1)*I], dt), dt)
+				acc += wts[p] * round(dotRow(w[r*I*2:(r+1)*I*2], hp, dt), dt)
 			}
 			var b [4]byte
 			binary.LittleEndian.PutUint32(b[:], math.Float32bits(acc))

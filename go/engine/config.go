@@ -96,6 +96,15 @@ type Config struct {
 	// kernels: the CPU oracle of the GPU paths, for tests. Off by default,
 	// where transformers' code computes every layer (bitwise parity).
 	ReferenceKernels bool `json:"reference_kernels"`
+	// QuantizedKernels lets a GPU backend serve a checkpoint whose experts
+	// are quantized (FP8 block-scaled) by computing them with its expert
+	// kernels straight from the compressed slots. Off by default: those
+	// CUDA kernels are built and checked against the CPU reference's
+	// arithmetic, but not yet validated on a GPU, so such checkpoints are
+	// refused off the CPU unless this is set (the GPU test suite sets it).
+	// On the CPU backend the reference kernels read FP8 slots whenever
+	// ReferenceKernels is on; this setting does not matter there.
+	QuantizedKernels bool `json:"quantized_kernels"`
 	// CPUExperts turns on the CPU's part in computing experts. JSON:
 	// "auto" (the default, also when left out), "off" or a thread count
 	// from 1 to MaxCPUExpertThreads.

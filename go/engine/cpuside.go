@@ -85,6 +85,9 @@ func (e *Engine) setupHybrid(p *ExecutorPlan) error {
 	case !p.Kernels:
 		p.HybridOff = "the expert kernels do not serve this model: " + p.KernelsOff
 		return nil
+	case p.Quant != "":
+		p.HybridOff = fmt.Sprintf("the CPU hand-off computes bfloat16/float16 experts; these are quantized (%s)", p.Quant)
+		return nil
 	case e.be.Name() != "cpu":
 		p.HybridOff = fmt.Sprintf("the %s backend's CPU hand-off is not built yet", e.be.Name())
 		return nil

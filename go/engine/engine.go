@@ -50,7 +50,9 @@ type Engine struct {
 	plan       Plan
 	mods       []*store.MoEModule
 	lay        *layout.Layout
-	views      *viewPool // the dequantized views of quantized experts (nil otherwise)
+	views      *viewPool         // the dequantized views of quantized experts (nil otherwise)
+	vw         *layout.Views     // quantized experts: the slot and view images (nil otherwise)
+	fp8        *layout.FP8Kernel // FP8 experts the kernels read from the slots (nil otherwise)
 	be         backend.Backend
 	cache      *cache.Cache
 	tracker    *trace.Tracker
@@ -469,7 +471,7 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 		}
 		return Plan{}, fmt.Errorf("%w: %v", ErrBudget, err)
 	}
-	if vw != nil {
+	if vw != nil && plan.Views.Count > 0 {
 		if e.views, err = newViewPool(vw, plan.Views.Count, be); err != nil {
 			_ = be.Close()
 			return Plan{}, err
@@ -477,11 +479,16 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 	}
 	e.files, e.allFiles = files, distinct(files)
 	plan.Backend = be.Name()
-	e.mods, e.lay, e.be, e.cache = mods, lay, be, c
+	e.mods, e.lay, e.be, e.cache, e.vw = mods, lay, be, c, vw
 	plan.Executor = e.executorPlan(s.FFN)
 	if err := e.setupHybrid(&plan.Executor); err != nil {
 		_ = be.Close()
 		return Plan{}, err
+	}
+	if ex := plan.Executor; ex.KernelsOnly && !ex.Kernels {
+		_ = be.Close()
+		return Plan{}, fmt.Errorf("%w: quantized experts on the %s backend are computed by its expert kernels only, which do not serve this model: %s",
+			ErrUnsupported, be.Name(), ex.KernelsOff)
 	}
 	e.tracker = trace.NewTracker(coll)
 	e.planner = prefetch.NewPlanner(coll)
@@ -740,6 +747,12 @@ func (e *Engine) MaxPin() int {
 // The returned lease must be passed to Release once the computation that
 // reads the slots has been submitted. Duplicate experts share one slot.
 func (e *Engine) Acquire(layer int, experts []int32, slots []int32, stream uintptr) (uint64, error) {
+	return e.acquire(layer, experts, slots, stream, true)
+}
+
+// acquire is Acquire; views=false hands out the slots themselves even for
+// quantized experts (for kernels that read them compressed).
+func (e *Engine) acquire(layer int, experts []int32, slots []int32, stream uintptr, views bool) (uint64, error) {
 	if err := e.enter(); err != nil {
 		return 0, err
 	}
@@ -819,7 +832,7 @@ func (e *Engine) Acquire(layer int, experts []int32, slots []int32, stream uintp
 		slots[i] = int32(grants[pos[x]].Slot)
 	}
 	id := e.nextLeas.Add(1)
-	if e.views != nil {
+	if e.views != nil && views {
 		if err := e.takeViews(id, experts, grants, pos, slots); err != nil {
 			e.cache.Unpin(grants)
 			return 0, err

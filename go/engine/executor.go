@@ -145,6 +145,15 @@ type ExecutorPlan struct {
 	// HybridCosts is the cost model the choices rest on (nil without
 	// Hybrid).
 	HybridCosts *HybridCosts `json:"hybrid_costs,omitempty"`
+	// Quant is the quant_method of experts the kernels compute straight
+	// from their compressed slots ("fp8"), "" for bfloat16/float16 ones.
+	// Mapped mode and the hybrid CPU hand-off do not read quantized
+	// experts (off with it).
+	Quant string `json:"quant,omitempty"`
+	// KernelsOnly: the caller's expert code cannot compute this model here
+	// (quantized experts on a GPU have no dequantized views), so every
+	// layer runs on the kernels, whatever its size or the caller's flags.
+	KernelsOnly bool `json:"kernels_only,omitempty"`
 }
 
 // executorPlan works out the ExecutorPlan at Configure.
@@ -166,9 +175,20 @@ func (e *Engine) executorPlan(ffn string) ExecutorPlan {
 			p.KernelsOff = fmt.Sprintf("backend %s reports kernels but has none", e.be.Name())
 			break
 		}
+		if e.vw != nil {
+			if !caps.ReadsQuant(e.vw.Method) {
+				p.KernelsOff = fmt.Sprintf("the experts are quantized (%s) and the %s backend's kernels do not read that format", e.vw.Method, e.be.Name())
+				break
+			}
+			// Where the kernels find the FP8 matrices in a slot (ffnShape
+			// checked that they can).
+			k, _ := e.vw.FP8Kernel("gate_up_proj", "down_proj")
+			e.fp8, p.Quant = &k, e.vw.Method
+		}
 		p.Kernels, p.DType, p.Hidden, p.Inter = true, code, hidden, inter
 	}
-	if p.Kernels && caps.Mapped {
+	p.KernelsOnly = e.vw != nil && e.views == nil
+	if p.Kernels && caps.Mapped && p.Quant == "" {
 		if _, ok := e.be.(backend.Mapped); ok {
 			p.Mapped, p.MaxMappedPairs = true, caps.MaxMappedPairs
 		}
@@ -204,6 +224,14 @@ type PathInputs struct {
 // inputs so that every branch is tested on any machine (executor_test.go)
 // with the capabilities of any backend.
 func ChoosePath(in PathInputs) Path {
+	if in.Exec.KernelsOnly {
+		// Nothing else can compute the layer: the kernels take it (and
+		// say so when its shape or types do not fit).
+		if !in.HostRouting {
+			return PathNeedRouting
+		}
+		return PathKernels
+	}
 	kernels := in.Exec.Kernels && in.Flags&(LayerNoKernels|LayerRoutingGaps) == 0
 	kernelCall := kernels && in.DType == in.Exec.DType && in.WeightsOK && KernelWins(in.Tokens, in.ExpertBytes)
 	if kernelCall && in.Exec.Mapped && !in.MappedOff && in.Flags&LayerNoMapped == 0 && in.Tokens*in.K <= in.Exec.MaxMappedPairs {

@@ -36,14 +36,20 @@ func (e *Engine) FFNShape() (hidden, inter, dtypeCode int64, err error) {
 	return e.ffnShape()
 }
 
-// ffnShape is FFNShape for a configured (or configuring) engine.
+// ffnShape is FFNShape for a configured (or configuring) engine. For
+// quantized experts the sizes and the activation type are those of the
+// dequantized views (the kernels dequantize to it), and the experts must
+// be FP8 ones the kernels can read in place (layout.Views.FP8Kernel).
 func (e *Engine) ffnShape() (hidden, inter, dtypeCode int64, err error) {
-	if e.views != nil {
-		return 0, 0, 0, fmt.Errorf("%w: the experts are quantized (%s): the caller's code computes them on dequantized views; the expert FFN kernels take bfloat16 or float16 slots",
-			ErrUnsupported, e.views.vw.Method)
+	lay := e.lay
+	if e.vw != nil {
+		if _, err := e.vw.FP8Kernel("gate_up_proj", "down_proj"); err != nil {
+			return 0, 0, 0, fmt.Errorf("%w: the experts are quantized (%s): %v", ErrUnsupported, e.vw.Method, err)
+		}
+		lay = e.vw.Layout
 	}
-	gu, ok1 := e.lay.Region("gate_up_proj")
-	dn, ok2 := e.lay.Region("down_proj")
+	gu, ok1 := lay.Region("gate_up_proj")
+	dn, ok2 := lay.Region("down_proj")
 	if !ok1 || !ok2 || len(gu.Shape) != 2 || len(dn.Shape) != 2 {
 		return 0, 0, 0, fmt.Errorf("%w: the expert FFN kernels need 2D gate_up_proj and down_proj regions", ErrUnsupported)
 	}
@@ -81,7 +87,8 @@ func (e *Engine) LayerFFN(c FFNCall) error {
 	dn, _ := e.lay.Region("down_proj")
 	slots := make([]int32, len(c.Experts))
 	t0 := time.Now()
-	lease, err := e.Acquire(c.Layer, c.Experts, slots, c.Stream)
+	// The kernels read the slots, also when they hold quantized experts.
+	lease, err := e.acquire(c.Layer, c.Experts, slots, c.Stream, false)
 	if err != nil {
 		return err
 	}
@@ -91,10 +98,24 @@ func (e *Engine) LayerFFN(c FFNCall) error {
 		T: c.T, K: c.K, Hidden: hidden, Inter: inter, DType: code, WDType: c.WDType,
 		GateUp: make([]uint64, e.experts), Down: make([]uint64, e.experts),
 	}
-	for i, s := range slots {
-		base := uint64(e.be.SlotAddr(int(s)))
-		args.GateUp[c.Experts[i]] = base + uint64(gu.Offset)
-		args.Down[c.Experts[i]] = base + uint64(dn.Offset)
+	if k := e.fp8; k != nil {
+		args.FP8 = &backend.FP8Args{
+			BlockRows: int64(k.Block.Rows), BlockCols: int64(k.Block.Cols),
+			GateScale: k.Gate.Scale - k.Gate.Weight, UpScale: k.Up.Scale - k.Up.Weight, DownScale: k.Down.Scale - k.Down.Weight,
+			UpRow0: k.Up.Row0,
+		}
+		args.Up = make([]uint64, e.experts)
+		for i, s := range slots {
+			base := uint64(e.be.SlotAddr(int(s)))
+			x := c.Experts[i]
+			args.GateUp[x], args.Up[x], args.Down[x] = base+uint64(k.Gate.Weight), base+uint64(k.Up.Weight), base+uint64(k.Down.Weight)
+		}
+	} else {
+		for i, s := range slots {
+			base := uint64(e.be.SlotAddr(int(s)))
+			args.GateUp[c.Experts[i]] = base + uint64(gu.Offset)
+			args.Down[c.Experts[i]] = base + uint64(dn.Offset)
+		}
 	}
 	ffnErr := kern.FFN(args)
 	t0 = e.phase(phaseKernels, t0)

@@ -83,8 +83,13 @@ func viewBudget(cfg Config, vw *layout.Views, slotBytes, budget int64, experts i
 		return 0, budget, nil
 	}
 	if cfg.Backend != "cpu" {
-		return 0, 0, fmt.Errorf("%w: the checkpoint's experts are quantized (%s); they are served on the cpu backend only so far, not %s",
-			ErrUnsupported, vw.Method, cfg.Backend)
+		// Off the CPU the kernels compute the experts from the slots (no
+		// views): see Config.QuantizedKernels.
+		if !cfg.QuantizedKernels {
+			return 0, 0, fmt.Errorf("%w: the checkpoint's experts are quantized (%s); on the %s backend its FP8 expert kernels would compute them from the compressed cache, and they exist but are not yet validated on a GPU: set the engine option quantized_kernels to true to use them anyway, or serve the checkpoint on the cpu backend",
+				ErrUnsupported, vw.Method, cfg.Backend)
+		}
+		return 0, budget, nil
 	}
 	vb := vw.Layout.SlotBytes
 	if budget < slotBytes+vb {

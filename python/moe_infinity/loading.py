@@ -617,11 +617,15 @@ def _quant_method(qc: Any) -> str:
     return str(method) if method is not None else "unknown"
 
 
-def _check_quantization(config: Any, hf_kwargs: dict[str, Any] | None = None, device: torch.device | None = None) -> dict[str, Any] | None:
+def _check_quantization(
+    config: Any, hf_kwargs: dict[str, Any] | None = None, device: torch.device | None = None, quantized_kernels: bool = False
+) -> dict[str, Any] | None:
     """The layout facts of a checkpoint quantized in a format moe_infinity serves
     (``{"quant_method": "fp8", "weight_block_size": [128, 128]}``, ``{"quant_method": "mxfp4"}``),
     None for an unquantized one; UnsupportedError naming what is found and what is served for
-    any other quantization, for a request to quantize at load time, and off the CPU.
+    any other quantization, for a request to quantize at load time, and off the CPU unless
+    ``quantized_kernels`` (the engine option that lets a GPU compute FP8 experts with its
+    kernels, which exist but are not yet validated on a GPU; the engine decides what it serves).
 
     ``device`` is None for a model already in memory (``offload``), whose quantized weights are
     not the checkpoint's: every quantization is refused there.
@@ -637,8 +641,11 @@ def _check_quantization(config: Any, hf_kwargs: dict[str, Any] | None = None, de
         raise UnsupportedError(f"the checkpoint is quantized with quant_method={method!r}, which is not supported: {_SERVED}")
     if device is None:
         raise UnsupportedError(f"offload() takes a model whose experts are unquantized; this one is quantized (quant_method={method!r}): load the checkpoint with moe_infinity.from_pretrained instead")
-    if device.type != "cpu":
-        raise UnsupportedError(f"the checkpoint is quantized (quant_method={method!r}); {_SERVED}, not on {device} yet")
+    if device.type != "cpu" and not quantized_kernels:
+        raise UnsupportedError(
+            f"the checkpoint is quantized (quant_method={method!r}); {_SERVED}, not on {device} yet: the engine's FP8 "
+            "expert kernels for the GPU exist but are not yet validated on a GPU (engine_options={'quantized_kernels': True} turns them on)"
+        )
     get = qc.get if isinstance(qc, dict) else (lambda k, d=None: getattr(qc, k, d))
     if method == "mxfp4":
         return {"quant_method": method}
@@ -803,7 +810,7 @@ def from_pretrained(
     dev = _resolve_device(device)
     if compress:
         _check_compressible(config, dev, offload_dir)
-    quant = _check_quantization(config, hf_kwargs, dev)
+    quant = _check_quantization(config, hf_kwargs, dev, bool((engine_options or {}).get("quantized_kernels")))
     budget = _budget(device_memory, dev)
     if not any(path.glob("*.safetensors")):
         raise NotFoundError(f"{path} has no .safetensors files; moe_infinity reads experts from safetensors checkpoints")

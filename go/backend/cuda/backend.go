@@ -62,6 +62,8 @@ type Backend struct {
 	mod     cu.Module
 	gateUp  cu.Function
 	down    cu.Function
+	gateUp8 cu.Function // FP8 block-scaled experts (FFNArgs.FP8)
+	down8   cu.Function
 	tables  [tableRing]uint64
 	tableEv [tableRing]uintptr
 	tableH  unsafe.Pointer // pinned host staging of the tables (tableRing × 3 × tableN pointers)
@@ -85,10 +87,11 @@ func New(cfg Config) *Backend { return &Backend{cfg: cfg, events: make(chan uint
 // Name returns "cuda".
 func (b *Backend) Name() string { return "cuda" }
 
-// Capabilities: the fused expert FFN kernels, and mapped mode for up to
-// routingIDs (token, expert) pairs a call.
+// Capabilities: the fused expert FFN kernels (bfloat16/float16 experts,
+// and FP8 block-scaled ones read from their compressed slots), and mapped
+// mode for up to routingIDs (token, expert) pairs a call.
 func (b *Backend) Capabilities() backend.Capabilities {
-	return backend.Capabilities{ExpertKernels: true, Mapped: true, MaxMappedPairs: routingIDs}
+	return backend.Capabilities{ExpertKernels: true, Mapped: true, MaxMappedPairs: routingIDs, QuantFormats: []string{"fp8"}}
 }
 
 // DeviceMemory returns the total and free memory of device ordinal, in
@@ -176,6 +179,12 @@ func (b *Backend) Open(slots int, slotBytes int64, src backend.Source) (err erro
 			return err
 		}
 		if b.down, err = b.mod.Function("moe_down"); err != nil {
+			return err
+		}
+		if b.gateUp8, err = b.mod.Function("moe_gate_up_swiglu_fp8"); err != nil {
+			return err
+		}
+		if b.down8, err = b.mod.Function("moe_down_fp8"); err != nil {
 			return err
 		}
 		_, perLayer := ss.Shape()

@@ -11,13 +11,32 @@ import (
 
 const warpsPerBlock = 8
 
-// launchFFN launches moe_gate_up_swiglu and moe_down on a.Stream with the
+// fp8MaxHidden is the largest hidden size moe_gate_up_swiglu_fp8 takes: it
+// stages x in shared memory (MOE_MAX_SMEM_FLOATS in cuda/moe_ffn.cu).
+const fp8MaxHidden = 12288
+
+// launchFFN launches moe_gate_up_swiglu and moe_down (their _fp8 variants
+// for FP8 experts, with the scale grids' offsets) on a.Stream with the
 // gate, up and down pointer tables at tab (3 × n entries, n experts).
 func (b *Backend) launchFFN(a backend.FFNArgs, tab uint64, n int) error {
 	P := a.T * a.K
 	E := uint64(n)
 	gt, ut, dt := tab, tab+uint64(8*n), tab+uint64(16*n)
 	grid := int((a.Inter + warpsPerBlock - 1) / warpsPerBlock)
+	if q := a.FP8; q != nil {
+		if err := launch(b.gateUp8, grid, int(P), 32*warpsPerBlock, a.Stream,
+			a.X, a.TopK, gt, ut, a.Scratch, uint64(P), uint64(a.K), uint64(a.Hidden), uint64(a.Inter), uint64(a.DType), E,
+			uint64(q.BlockRows), uint64(q.BlockCols), uint64(q.GateScale), uint64(q.UpScale), uint64(q.UpRow0)); err != nil {
+			return fmt.Errorf("launching moe_gate_up_swiglu_fp8: %w", err)
+		}
+		grid = int((a.Hidden + warpsPerBlock - 1) / warpsPerBlock)
+		if err := launch(b.down8, grid, int(a.T), 32*warpsPerBlock, a.Stream,
+			a.Scratch, a.TopK, dt, a.Weights, a.Out, uint64(a.T), uint64(a.K), uint64(a.Hidden), uint64(a.Inter), uint64(a.DType), E,
+			a.KernelWDType(), uint64(q.BlockRows), uint64(q.BlockCols), uint64(q.DownScale)); err != nil {
+			return fmt.Errorf("launching moe_down_fp8: %w", err)
+		}
+		return nil
+	}
 	if err := launch(b.gateUp, grid, int(P), 32*warpsPerBlock, a.Stream,
 		a.X, a.TopK, gt, ut, a.Scratch, uint64(P), uint64(a.K), uint64(a.Hidden), uint64(a.Inter), uint64(a.DType), E); err != nil {
 		return fmt.Errorf("launching moe_gate_up_swiglu: %w", err)
@@ -36,6 +55,9 @@ func (b *Backend) launchFFN(a backend.FFNArgs, tab uint64, n int) error {
 func (b *Backend) FFN(a backend.FFNArgs) error {
 	if err := a.Validate(); err != nil {
 		return fmt.Errorf("backend cuda: %w", err)
+	}
+	if a.FP8 != nil && a.Hidden > fp8MaxHidden {
+		return fmt.Errorf("backend cuda: the FP8 expert kernels take hidden sizes up to %d, not %d", fp8MaxHidden, a.Hidden)
 	}
 	n := len(a.GateUp)
 	if n > b.tableN {
