@@ -58,8 +58,8 @@ esac
 GGUF=build/peers/$PRESET-q8_0.gguf
 BIN=build/peers/llama.cpp/build/bin/llama-bench
 if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "${SITE:-/tmp/site}" .whl/*.whl
+    export PYTHONPATH=${SITE:-/tmp/site}
 fi
 export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
 export MOE_INFINITY_LIB=$LIB PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -123,10 +123,11 @@ def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
 Entry = tuple[str, tuple[int, ...], QT, Callable[[], torch.Tensor]]
 
 
-def tensor_plan(model, cfg) -> list[Entry]:
+def tensor_plan(model, cfg, outtype: QT = QT.Q8_0) -> list[Entry]:
     """(GGUF name, numpy-order shape, type, getter) for every tensor, named
     as gguf's TENSOR_NAMES spell them; every model parameter is used exactly
-    once (a RuntimeError names any left over)."""
+    once (a RuntimeError names any left over). Matrices get outtype (Q8_0,
+    or F32 for parity checks), norms and the router F32."""
     params = dict(model.named_parameters())
     used: set[str] = set()
     arch = cfg.model_type
@@ -146,7 +147,7 @@ def tensor_plan(model, cfg) -> list[Entry]:
 
     def dense(t: T, bid: int | None, hf: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         w = p(hf)
-        qtype = QT.F32 if w.dim() == 1 or t == T.FFN_GATE_INP else QT.Q8_0
+        qtype = QT.F32 if w.dim() == 1 or t == T.FFN_GATE_INP else outtype
         get = (lambda w=w: transform(w)) if transform else (lambda w=w: w)
         add(t, bid, get, tuple(w.shape), qtype)
 
@@ -170,9 +171,9 @@ def tensor_plan(model, cfg) -> list[Entry]:
         E, two_i, H = gu.shape
         inter = two_i // 2
         # transformers: gate, up = linear(x, gate_up_proj[e]).chunk(2) -> rows [:I] gate, [I:] up
-        add(T.FFN_GATE_EXP, i, lambda gu=gu, inter=inter: gu[:, :inter], (E, inter, H), QT.Q8_0)
-        add(T.FFN_UP_EXP, i, lambda gu=gu, inter=inter: gu[:, inter:], (E, inter, H), QT.Q8_0)
-        add(T.FFN_DOWN_EXP, i, lambda down=down: down, tuple(down.shape), QT.Q8_0)
+        add(T.FFN_GATE_EXP, i, lambda gu=gu, inter=inter: gu[:, :inter], (E, inter, H), outtype)
+        add(T.FFN_UP_EXP, i, lambda gu=gu, inter=inter: gu[:, inter:], (E, inter, H), outtype)
+        add(T.FFN_DOWN_EXP, i, lambda down=down: down, tuple(down.shape), outtype)
     dense(T.OUTPUT_NORM, None, "model.norm.weight")
     dense(T.OUTPUT, None, "lm_head.weight")
     left = sorted(set(params) - used)
@@ -203,9 +204,9 @@ def synthetic_vocab(n: int) -> tuple[list[str], list[float], list[int]]:
     return toks, scores, [int(t) for t in types]
 
 
-def write_metadata(w: gguf.GGUFWriter, cfg, preset: str) -> None:
+def write_metadata(w: gguf.GGUFWriter, cfg, preset: str, outtype: QT = QT.Q8_0) -> None:
     w.add_name(f"moe_infinity bench {preset} (random weights)")
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if outtype == QT.Q8_0 else gguf.LlamaFileType.ALL_F32)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w.add_context_length(cfg.max_position_embeddings)
@@ -238,9 +239,9 @@ def write_metadata(w: gguf.GGUFWriter, cfg, preset: str) -> None:
     w.add_add_eos_token(False)
 
 
-def write_gguf(model, cfg, preset: str, out: Path, device: torch.device, quantizer: str) -> dict:
+def write_gguf(model, cfg, preset: str, out: Path, device: torch.device, quantizer: str, outtype: QT = QT.Q8_0) -> dict:
     arch_name, arch = ARCHES[cfg.model_type]
-    plan = tensor_plan(model, cfg)
+    plan = tensor_plan(model, cfg, outtype)
     known = {gguf.TENSOR_NAMES[t].format(bid=i) + ".weight" for t in gguf.MODEL_TENSORS[arch] for i in range(cfg.num_hidden_layers)}
     unknown = [n for n, *_ in plan if n not in known]
     if unknown:  # gguf's constants list the tensors each architecture has
@@ -251,7 +252,7 @@ def write_gguf(model, cfg, preset: str, out: Path, device: torch.device, quantiz
     if total + (64 << 20) > free:
         raise SystemExit(f"write_gguf: {out} needs {total / 1e9:.1f} GB, {out.parent} has {free / 1e9:.1f} GB free")
     w = gguf.GGUFWriter(out, arch_name)
-    write_metadata(w, cfg, preset)
+    write_metadata(w, cfg, preset, outtype)
     for n, shape, qtype, _ in plan:
         w.add_tensor_info(n, shape, np.dtype(np.float32), nbytes(shape, qtype), raw_dtype=qtype)
     w.write_header_to_file()
@@ -340,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="build()'s seed (decode.py uses 0)")
     ap.add_argument("--quantizer", choices=["torch", "gguf"], default="torch",
                     help="torch: fast, spot-checked against gguf.quants; gguf: gguf.quants for every tensor (numpy, slow)")
+    ap.add_argument("--outtype", choices=["q8_0", "f32"], default="q8_0",
+                    help="the matrices' type: q8_0 (the benchmark), or f32 (to check llama.cpp's output against transformers')")
     ap.add_argument("--safetensors", help="also write the weights as a bf16 Hugging Face checkpoint in this folder")
     ap.add_argument("--info", help="write a JSON summary here")
     args = ap.parse_args(argv)
@@ -350,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     model, cfg = build(args.preset, args.device, seed=args.seed)
     info = {"preset": args.preset, "device": args.device, "seed": args.seed, "build_s": time.perf_counter() - t0,
             "gguf_package": getattr(gguf, "__version__", None) or _dist_version("gguf")}
-    info.update(write_gguf(model, cfg, args.preset, Path(args.out), torch.device(args.device), args.quantizer))
+    info.update(write_gguf(model, cfg, args.preset, Path(args.out), torch.device(args.device), args.quantizer,
+                               QT.Q8_0 if args.outtype == "q8_0" else QT.F32))
     if args.safetensors:
         info.update(write_safetensors(model, cfg, Path(args.safetensors)))
     print(json.dumps(info), flush=True)
