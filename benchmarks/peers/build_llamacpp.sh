@@ -45,6 +45,11 @@ opts=(
 )
 if [ "$CUDA" = ON ]; then
     opts+=(-DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DGGML_CUDA_NCCL=OFF)
+    if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
+        export PATH=/usr/local/cuda/bin:$PATH
+    fi
+    command -v nvcc >/dev/null || { echo "build_llamacpp: no nvcc on PATH (or /usr/local/cuda/bin); LLAMACPP_CUDA=OFF builds for the CPU" >&2; exit 2; }
+    nvcc --version | tail -2
 fi
 generator=()
 command -v ninja >/dev/null && generator=(-G Ninja)

@@ -74,6 +74,7 @@ status=0
     python3 -c "import torch, transformers, numpy, yaml, tqdm, gguf; print('torch', torch.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__, 'gguf ok')"
     [ -f build/peers/llama.cpp/PEERS_VERSION ] && cat build/peers/llama.cpp/PEERS_VERSION
 } 2>&1 | tee -a "$R/env.txt"
+python3 -c "import gguf, numpy, yaml, tqdm" || { echo "run_peers: gguf or its dependencies missing: carry .whl/ (prepare_llamacpp.sh puts gguf there)" >&2; exit 2; }
 
 # gpu_peak FILE CMD...: runs CMD; writes FILE.gpu_peak_mib, the peak of
 # nvidia-smi's memory.used while it ran minus the reading before it.
@@ -86,13 +87,14 @@ gpu_peak() {
     fi
     local base
     base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0)
-    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 -lms 100 > "$file.samples" &
+    : > "$file.samples"
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 -lms 100 >> "$file.samples" &
     local sampler=$!
     "$@"
     local rc=$?
     kill "$sampler" 2>/dev/null
     wait "$sampler" 2>/dev/null
-    sort -n "$file.samples" | tail -1 | awk -v b="$base" '{print $1 - b}' > "${file%.json}.gpu_peak_mib"
+    { echo "$base"; cat "$file.samples"; } | sort -n | tail -1 | awk -v b="$base" '{print $1 - b}' > "${file%.json}.gpu_peak_mib"
     rm -f "$file.samples"
     return $rc
 }
