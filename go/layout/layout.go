@@ -14,6 +14,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/moe-infinity/moe_infinity/go/dtype"
@@ -138,15 +139,8 @@ func place(spec Spec, align int64, m *store.MoEModule) (*Layout, error) {
 	seen := map[string]bool{}
 	var off int64
 	for _, rs := range spec.Regions {
-		if rs.Name == "" {
-			return nil, fmt.Errorf("layout: region with empty name")
-		}
-		if seen[rs.Name] {
-			return nil, fmt.Errorf("layout: region %q listed twice", rs.Name)
-		}
-		seen[rs.Name] = true
-		if len(rs.Parts) == 0 {
-			return nil, fmt.Errorf("layout: region %q has no parts", rs.Name)
+		if err := checkRegionSpec(rs, seen); err != nil {
+			return nil, err
 		}
 		r := Region{Name: rs.Name, Parts: append([]string(nil), rs.Parts...)}
 		for i, role := range rs.Parts {
@@ -167,7 +161,7 @@ func place(spec Spec, align int64, m *store.MoEModule) (*Layout, error) {
 				r.dt = p.DType
 				continue
 			}
-			if len(p.Shape) != len(r.Shape) || !equal(p.Shape[1:], r.Shape[1:]) {
+			if len(p.Shape) != len(r.Shape) || !slices.Equal(p.Shape[1:], r.Shape[1:]) {
 				return nil, fmt.Errorf("%w: %s: region %q: cannot concatenate tensor %q %v after shape %v along dim 0",
 					ErrCheckpoint, p.Source, rs.Name, p.Tensor, p.Shape, r.Shape)
 			}
@@ -204,16 +198,20 @@ func place(spec Spec, align int64, m *store.MoEModule) (*Layout, error) {
 	return l, nil
 }
 
-func equal(a, b []int64) bool {
-	if len(a) != len(b) {
-		return false
+// checkRegionSpec checks one region of a spec: named, not listed before
+// (seen records the names so far) and with parts.
+func checkRegionSpec(rs RegionSpec, seen map[string]bool) error {
+	if rs.Name == "" {
+		return fmt.Errorf("layout: region with empty name")
 	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
+	if seen[rs.Name] {
+		return fmt.Errorf("layout: region %q listed twice", rs.Name)
 	}
-	return true
+	seen[rs.Name] = true
+	if len(rs.Parts) == 0 {
+		return fmt.Errorf("layout: region %q has no parts", rs.Name)
+	}
+	return nil
 }
 
 func (l *Layout) sameAs(o *Layout) error {
@@ -222,7 +220,7 @@ func (l *Layout) sameAs(o *Layout) error {
 	}
 	for i := range l.Regions {
 		a, b := l.Regions[i], o.Regions[i]
-		if a.dt != b.dt || !equal(a.Shape, b.Shape) {
+		if a.dt != b.dt || !slices.Equal(a.Shape, b.Shape) {
 			return fmt.Errorf("region %q is %s%v vs %s%v", a.Name, b.DType, b.Shape, a.DType, a.Shape)
 		}
 	}

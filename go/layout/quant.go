@@ -2,6 +2,7 @@ package layout
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/moe-infinity/moe_infinity/go/dtype"
@@ -149,15 +150,8 @@ func placeQuantized(spec Spec, align int64, block quant.Block, m *store.MoEModul
 	seen := map[string]bool{}
 	var viewOff int64
 	for _, rs := range spec.Regions {
-		if rs.Name == "" {
-			return nil, fmt.Errorf("layout: region with empty name")
-		}
-		if seen[rs.Name] {
-			return nil, fmt.Errorf("layout: region %q listed twice", rs.Name)
-		}
-		seen[rs.Name] = true
-		if len(rs.Parts) == 0 {
-			return nil, fmt.Errorf("layout: region %q has no parts", rs.Name)
+		if err := checkRegionSpec(rs, seen); err != nil {
+			return nil, err
 		}
 		if rs.DType == "" {
 			return nil, fmt.Errorf("layout: region %q: a region of quantized experts needs a dtype (the one transformers dequantizes to)", rs.Name)
@@ -210,7 +204,7 @@ func placeQuantized(spec Spec, align int64, block quant.Block, m *store.MoEModul
 			if i == 0 {
 				r.Shape = append([]int64(nil), shape...)
 			} else {
-				if len(shape) != len(r.Shape) || !equal(shape[1:], r.Shape[1:]) {
+				if len(shape) != len(r.Shape) || !slices.Equal(shape[1:], r.Shape[1:]) {
 					return nil, fmt.Errorf("%w: module %q: region %q: cannot concatenate part %q %v after shape %v along dim 0",
 						ErrCheckpoint, m.Prefix, rs.Name, role, shape, r.Shape)
 				}

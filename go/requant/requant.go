@@ -31,6 +31,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -228,7 +229,7 @@ func reusable(opts Options, sources []fileStamp) (Result, bool) {
 	}
 	var m manifest
 	if json.Unmarshal(b, &m) != nil || m.Format != FormatVersion || m.Key != opts.Key ||
-		m.Result.WeightBlockSize != [2]int{opts.Block.Rows, opts.Block.Cols} || !sameStamps(m.Sources, sources) {
+		m.Result.WeightBlockSize != [2]int{opts.Block.Rows, opts.Block.Cols} || !slices.Equal(m.Sources, sources) {
 		return Result{}, false
 	}
 	for _, f := range append(m.Files, fileStamp{Name: store.IndexFileName}) {
@@ -240,18 +241,6 @@ func reusable(opts Options, sources []fileStamp) (Result, bool) {
 	r := m.Result
 	r.Reused, r.Dir = true, opts.Dir
 	return r, true
-}
-
-func sameStamps(a, b []fileStamp) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 // clean removes what a previous copy or an interrupted run left: the

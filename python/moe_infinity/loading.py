@@ -10,6 +10,7 @@ already in memory, registering its expert tensors with the engine.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -20,7 +21,7 @@ import tempfile
 import types
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -485,23 +486,11 @@ def _finish(model: torch.nn.Module, engine: Engine, family: Family, base_prefix:
     meta = _region_meta(layers)
     layer_names = [layer.prefix for layer in layers]
     budget = _cache_budget(device_memory, model, device, lambda: engine.slot_plan(layout_spec(family, meta, fused_on_disk, quant), layer_names)["slot_bytes"])
-    bar = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, desc="Pinning experts", unit="B", unit_scale=True, unit_divisor=1024, disable=None)
-        bar.n = done
-        bar.refresh()
-
-    try:
+    with _byte_progress("Pinning experts") as progress:
         rt = OffloadRuntime(
             engine, family, layers, meta, fused_on_disk,
             device=device, budget_bytes=budget, kernels=kernels, progress=progress if device.type == "cuda" else None, quant=quant,
         )
-    finally:
-        if bar is not None:
-            bar.close()
     _install(model, rt, family)
     plan = rt.plan
     log.info(
@@ -696,23 +685,31 @@ def _check_compressible(config: Any, device: torch.device, offload_dir: Any) -> 
         )
 
 
-def _compress_experts(engine: Engine, path: Path, offload_dir: Path, fingerprint: str) -> dict[str, Any]:
-    """Has the engine make (or reuse) the FP8 copy of the checkpoint's experts in offload_dir
-    and map it; returns the quantization the engine then serves."""
+@contextlib.contextmanager
+def _byte_progress(desc: str) -> Iterator[Callable[[int, int], None]]:
+    """A ``progress(done, total)`` callback (bytes) drawing a tqdm bar from
+    its first report on; the bar is closed when the block ends."""
     bar = None
 
     def progress(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, desc="Compressing experts to FP8", unit="B", unit_scale=True, unit_divisor=1024, disable=None)
+            bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=None)
         bar.n = done
         bar.refresh()
 
     try:
-        res = with_progress(engine, lambda: engine.add_compressed(path, offload_dir / FP8_EXPERTS_DIR, fingerprint), progress)
+        yield progress
     finally:
         if bar is not None:
             bar.close()
+
+
+def _compress_experts(engine: Engine, path: Path, offload_dir: Path, fingerprint: str) -> dict[str, Any]:
+    """Has the engine make (or reuse) the FP8 copy of the checkpoint's experts in offload_dir
+    and map it; returns the quantization the engine then serves."""
+    with _byte_progress("Compressing experts to FP8") as progress:
+        res = with_progress(engine, lambda: engine.add_compressed(path, offload_dir / FP8_EXPERTS_DIR, fingerprint), progress)
     log.info(
         "moe_infinity: FP8 experts %s %s (%s from %s)",
         "reused from" if res["reused"] else "written to",
