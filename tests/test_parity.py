@@ -28,6 +28,11 @@ class Ref:
     slot_bytes: int
     total_experts: int
     layout: str = "per_expert"
+    # Plain transformers' logits with every expert weight moved to freshly
+    # allocated (64-byte-aligned) memory, as the cache slots are (NOT_BITWISE).
+    logits_aligned: torch.Tensor | None = None
+    # Plain transformers' expert parameters whose data is not 16-byte aligned.
+    unaligned: tuple[str, ...] = ()
 
 
 def _gen_kwargs(family: str, prompt: torch.Tensor) -> dict:
@@ -55,11 +60,17 @@ def ref(request, tmp_path_factory) -> Ref:
     prompt = tm.to_device(torch.randint(3, tm.VOCAB, (1, 7), generator=torch.Generator().manual_seed(1)))
     tokens = plain.generate(**_gen_kwargs(family, prompt))
     logits = _forward(plain, family, prompt)
+    experts = [(n, p) for n, p in plain.named_parameters() if ".experts." in n]
+    unaligned = tuple(n for n, p in experts if p.data_ptr() % 16)
+    with torch.no_grad():
+        for _, p in experts:
+            p.data = p.data.clone()
+    logits_aligned = _forward(plain, family, prompt)
     del plain
     probe = tm.load(path)
     slot_bytes = probe.moe_stats()["plan"]["slot_bytes"]
     probe.close()
-    return Ref(path, family, prompt, tokens, logits, slot_bytes, tm.num_experts(family) * tm.moe_layers(family), layout)
+    return Ref(path, family, prompt, tokens, logits, slot_bytes, tm.num_experts(family) * tm.moe_layers(family), layout, logits_aligned, unaligned)
 
 
 BUDGETS = ["one_slot", "half", "all"]
@@ -70,9 +81,40 @@ def _slots(r: Ref, which: str) -> int:
 
 
 #: Family/layout pairs whose offloaded logits are not bit-identical to plain
-#: transformers (they agree to 1e-5; greedy tokens are identical), measured
-#: with every expert resident on the CPU. Every other pair must stay bitwise
-#: there (on a GPU, run by scripts/gpu_check.sh, the bound is 1e-5).
+#: transformers on the CPU (they agree to 1e-5; greedy tokens are identical),
+#: also with every expert resident. Every other pair must stay bitwise there
+#: (on a GPU, run by scripts/gpu_check.sh, the bound is 1e-5).
+#:
+#: The difference is in plain transformers' memory, not in our computation:
+#:
+#: * transformers keeps a checkpoint tensor that needs no conversion as a
+#:   zero-copy view of the memory-mapped safetensors file (ModuleDict experts
+#:   in either layout; fused 3D expert tensors in the fused layout; the
+#:   per-expert tensors of fused families are stacked into fresh memory).
+#:   safetensors aligns tensor data to 8 bytes only, so such a weight can
+#:   start at an address that is 8 mod 16.
+#: * MKL's SGEMM, torch's float32 matmul on the CPU, rounds a one-row product
+#:   x·Wᵀ (an expert computing a single token, in transformers' eager loop or
+#:   in one group of grouped_mm) differently depending on W's address mod 16
+#:   (MKL's conditional numerical reproducibility is off by default; with
+#:   MKL_CBWR=COMPATIBLE the product is the same at every address and all
+#:   pairs here are bitwise). Products of several rows did not depend on it
+#:   in our measurements.
+#: * The cache slots' regions are 256-byte aligned (the stacked copies of the
+#:   grouped_mm path 64), so an expert that computes one token in a layer and
+#:   whose plain weight is 8 mod 16 differs in the last bits. Here: Switch's
+#:   per-expert tensors all lie 8 mod 16 and its top-1 routing leaves experts
+#:   with one token; the fused Qwen3-MoE tensors lie 8 mod 16 and 3 of its 12
+#:   (layer, expert) pairs get one token of the 7. (Fused Mixtral and
+#:   Qwen2-MoE, and GPT-OSS, have unaligned expert weights too, but no expert
+#:   with a single token on this prompt.)
+#:
+#: Matching plain transformers would mean placing every expert in its slot at
+#: its file offset mod 16 (and knowing which tensors transformers happens to
+#: keep zero-copy), i.e. copying an accident of the file layout into the
+#: cache; we do not. The test checks the explanation instead: every pair's
+#: logits are bit for bit plain transformers' once its expert weights are in
+#: freshly allocated memory, and each pair listed here has unaligned ones.
 NOT_BITWISE = {("switch_transformers", "per_expert"), ("qwen3_moe", "fused")}
 
 
@@ -82,10 +124,16 @@ def test_logits_bitwise_where_stated(ref: Ref):
         logits = _forward(model, ref.family, ref.prompt)
     finally:
         model.close()
-    if (ref.family, ref.layout) in NOT_BITWISE or tm.DEVICE != "cpu":
+    if tm.DEVICE != "cpu":
+        torch.testing.assert_close(logits, ref.logits, rtol=0, atol=1e-5)
+        return
+    diff = f"max |diff| {(logits - ref.logits).abs().max().item():.3g}"
+    assert torch.equal(logits, ref.logits_aligned), f"not bitwise even with plain's expert weights aligned: max |diff| {(logits - ref.logits_aligned).abs().max().item():.3g}"
+    if (ref.family, ref.layout) in NOT_BITWISE:
+        assert ref.unaligned, f"{ref.family}/{ref.layout}: plain transformers' expert weights are all 16-byte aligned, so NOT_BITWISE's explanation no longer applies ({diff})"
         torch.testing.assert_close(logits, ref.logits, rtol=0, atol=1e-5)
     else:
-        assert torch.equal(logits, ref.logits), f"max |diff| {(logits - ref.logits).abs().max().item():.3g}"
+        assert torch.equal(logits, ref.logits), diff
 
 
 @pytest.mark.parametrize("budget,prefetch,policy", list(itertools.product(BUDGETS, [True, False], ["priority", "lru", "lfu"])))
