@@ -152,6 +152,24 @@ func moe_engine_add_compressed(handle C.uint64_t, request *C.char, buf *C.char, 
 	})
 }
 
+//export moe_engine_compress_host
+func moe_engine_compress_host(handle C.uint64_t, request *C.char, buf *C.char, capacity C.int64_t, needed *C.int64_t) C.int32_t {
+	return withEngine(handle, func(e *engine.Engine) error {
+		if err := nonNil("request_json", unsafe.Pointer(request)); err != nil {
+			return err
+		}
+		req, err := engine.ParseHostCompressRequest([]byte(C.GoString(request)))
+		if err != nil {
+			return err
+		}
+		res, err := e.CompressHost(req)
+		if err != nil {
+			return err
+		}
+		return writeJSON(res, buf, capacity, needed)
+	})
+}
+
 //export moe_engine_add_host_tensor
 func moe_engine_add_host_tensor(handle C.uint64_t, name *C.char, dtype *C.char, ndim C.int32_t,
 	shape *C.int64_t, data unsafe.Pointer, nbytes C.int64_t) C.int32_t {

@@ -127,6 +127,20 @@ int32_t moe_engine_add_host_tensor(uint64_t handle, const char *name, const char
                                    int32_t ndim, const int64_t *shape, const void *data,
                                    int64_t nbytes);
 
+/* Replaces the float experts of one MoE module, added with
+ * moe_engine_add_host_tensor, by their block-FP8 copy (128 x 128 blocks,
+ * the bytes moe_engine_add_compressed writes) in host memory the engine
+ * owns until close; the engine no longer reads the tensors added for the
+ * module when it returns (the caller may free them). Configure with
+ * quant_method "fp8" and the answer's weight_block_size. request_json:
+ * {"prefix": the module, everything before ".experts." in its names}.
+ * Answers {"prefix", "quant_method", "weight_block_size", "released",
+ * "tensors", "bytes", "source_bytes"}; a retry after MOE_ERR_BUFFER gets
+ * the same answer. MOE_ERR_INVALID: no such module, or tensors not added
+ * from host memory; MOE_ERR_UNSUPPORTED: experts that are not float. */
+int32_t moe_engine_compress_host(uint64_t handle, const char *request_json, char *buf,
+                                 int64_t cap, int64_t *needed);
+
 /* JSON list of discovered MoE modules: prefix, num_experts, fused, roles. */
 int32_t moe_engine_modules(uint64_t handle, char *buf, int64_t cap, int64_t *needed);
 

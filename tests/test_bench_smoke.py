@@ -47,6 +47,36 @@ def test_decode_harness_generated_routing_tiny_cpu(tmp_path):
     assert FIELDS <= set(row)
 
 
+def test_decode_harness_bf16_and_fp8_in_one_run_tiny_cpu(tmp_path):
+    """--expert-dtype bf16,fp8: both measured in one process on the same
+    routing; the fp8 row stores (and moves) about half the bytes per expert
+    and states its s/token against the bf16 row's."""
+    out = tmp_path / "f.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--preset", "tiny", "--device", "cpu", "--no-ablations",
+           "--device-memory", "300KiB", "--prompt-len", "12", "--decode", "4", "--routing", "generated", "--expert-dtype", "bf16,fp8",
+           "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    bf16, fp8 = json.loads(out.read_text())
+    assert (bf16["expert_dtype"], fp8["expert_dtype"]) == ("bf16", "fp8")
+    for r in (bf16, fp8):
+        assert FIELDS <= set(r), FIELDS - set(r)
+        assert r["decoded_tokens"] == 4
+    assert bf16["routing"] == fp8["routing"] and fp8["routing"].startswith("generated:")
+    assert 0.45 * bf16["expert_bytes"] <= fp8["expert_bytes"] <= 0.55 * bf16["expert_bytes"]
+    assert fp8["bytes_moved_per_token"] == fp8["misses_per_token"] * fp8["expert_bytes"] or fp8["prefetch"]
+    assert bf16["s_per_token_vs_bf16"] is None
+    assert fp8["s_per_token_vs_bf16"] == fp8["decode_s_per_token"] / bf16["decode_s_per_token"]
+    assert fp8["slots"] > bf16["slots"], "the same budget holds more FP8 experts"
+
+
+def test_decode_harness_refuses_fp8_with_graph_and_unknown_dtypes():
+    for extra, msg in ((["--expert-dtype", "fp8", "--graph"], "FP8 experts do not have"), (["--expert-dtype", "bf16,int4"], "--expert-dtype")):
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--device", "cpu", *extra]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and msg in res.stderr, res.stderr[-2000:]
+
+
 def test_generated_routing_draws_distinct_skewed_experts():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import decode

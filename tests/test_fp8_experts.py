@@ -214,6 +214,76 @@ def test_expert_dtype_values_and_refusals(builtin, tmp_path, monkeypatch):
         mi.from_pretrained(fp8, device="cpu", expert_dtype="fp8", offload_dir=tmp_path / "o2")
     # A GPU.
     monkeypatch.setattr(loading, "_resolve_device", lambda device: torch.device("cuda", 0))
-    with pytest.raises(mi.UnsupportedError, match="CPU only.*GPU kernels for FP8 experts are not built"):
+    with pytest.raises(mi.UnsupportedError, match=r"expert_dtype='fp8'.*device='cpu'.*not yet validated on a GPU.*quantized_kernels"):
         mi.from_pretrained(builtin, device="cuda", expert_dtype="fp8", offload_dir=tmp_path / "o3")
     assert not (tmp_path / "o3").exists(), "nothing is written before the refusal"
+
+
+# -- offload(model, expert_dtype="fp8"): the same compression, in memory --------------------
+
+
+def _bench_model():
+    """The decode benchmark's tiny preset (random bfloat16 weights, seeded):
+    Mixtral-shaped with intermediate 128, so the fused gate_up_proj's 128-row
+    blocks are w1's and w3's blocks on disk."""
+    from moe_infinity.bench import build
+
+    model, _ = build("tiny", "cpu")
+    return model
+
+
+@pytest.mark.parametrize("engine_options", [{}, {"reference_kernels": True}], ids=["views", "reference-kernels"])
+def test_offload_fp8_equals_from_pretrained_fp8_of_the_same_weights(tmp_path, engine_options):
+    """offload(expert_dtype="fp8") quantizes the in-memory experts with the
+    quantizer from_pretrained(expert_dtype="fp8") runs on the checkpoint:
+    the same FP8 codes and scales, so the same logits and greedy tokens, bit
+    for bit, through transformers' code on dequantized views and through the
+    CPU reference of the FP8 kernels."""
+    ckpt = tmp_path / "ckpt"
+    _bench_model().save_pretrained(ckpt)
+    disk = mi.from_pretrained(ckpt, device="cpu", device_memory="300KiB", expert_dtype="fp8", offload_dir=tmp_path / "off", engine_options=engine_options)
+    mem = mi.offload(_bench_model(), device="cpu", device_memory="300KiB", expert_dtype="fp8", engine_options=dict(engine_options))
+    try:
+        for m in (disk, mem):
+            assert m.moe_runtime.plan["views"]["dequant"] == "fp8"
+            assert m.moe_runtime.plan["executor"].get("quant") == ("fp8" if engine_options else None)
+        prompt = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
+        kw = dict(input_ids=prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        with torch.no_grad():
+            want, got = disk(input_ids=prompt).logits, mem(input_ids=prompt).logits
+            want_tokens, got_tokens = disk.generate(**kw), mem.generate(**kw)
+        assert torch.equal(got, want), float((got.float() - want.float()).abs().max())
+        assert torch.equal(got_tokens, want_tokens)
+        assert mem.moe_stats()["misses"] > 0, "the experts came through the cache"
+    finally:
+        disk.close()
+        mem.close()
+
+
+def test_offload_fp8_holds_half_the_bytes_and_releases_the_bf16_experts():
+    bf16 = mi.offload(_bench_model(), device="cpu", device_memory="300KiB")
+    model = _bench_model()
+    fp8 = mi.offload(model, device="cpu", device_memory="300KiB", expert_dtype="fp8")
+    try:
+        a, b = bf16.moe_stats()["plan"]["slot_bytes"], fp8.moe_stats()["plan"]["slot_bytes"]
+        assert 0.45 * a <= b <= 0.55 * a, (a, b)
+        stored = fp8.moe_runtime.plan["stored"]
+        assert {r["dtype"] for r in stored["regions"]} >= {"float8_e4m3fn", "float32"}
+        assert fp8.moe_engine._host == {}, "every bfloat16 expert was released once its layer was compressed"
+        assert not any(".experts." in n for n, _ in model.named_parameters()), "the model keeps no expert parameters"
+        prompt = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            want, got = bf16(input_ids=prompt).logits.float(), fp8(input_ids=prompt).logits.float()
+        assert not torch.equal(got, want), "the experts really are FP8"
+        assert ((got - want).norm() / want.norm()).item() < 0.1, "and close to bfloat16"
+    finally:
+        bf16.close()
+        fp8.close()
+
+
+def test_offload_fp8_refusals(monkeypatch):
+    with pytest.raises(mi.InvalidArgumentError, match="valid values"):
+        mi.offload(_bench_model(), device="cpu", expert_dtype="fp4")
+    monkeypatch.setattr(loading, "_resolve_device", lambda device: torch.device("cuda", 0))
+    with pytest.raises(mi.UnsupportedError, match=r"expert_dtype='fp8'.*not yet validated on a GPU.*quantized_kernels"):
+        mi.offload(_bench_model(), device="cuda", expert_dtype="fp8")

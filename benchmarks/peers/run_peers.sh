@@ -12,14 +12,17 @@
 # prepare_llamacpp.sh), build/libmoe_infinity_cuda.so (make cuda). A second
 # call on the same warm machine finds the llama.cpp build and the GGUF under
 # build/peers/ and skips making them again; a stage cut off by the deadline
-# resumes where it stopped (ninja; the GGUF is written to .part first).
+# resumes where it stopped (ninja; the GGUF is written to .part first), and
+# so does bench: a setting or decode.py run whose JSON is there is not run
+# again, so a second "bench" call finishes a sweep the deadline cut short.
 #
 # Environment (defaults): PRESET (qwen3-30b-a3b; tiny and mixtral-8x7b too),
 # DEVICE_MEMORY (24GiB: moe_infinity's budget, and the GPU peak a llama.cpp
 # setting must stay within to count), NCMOE (the --n-cpu-moe values, one
 # llama-bench process each), THREADS (the host's cores), PROMPT (512), GEN
-# (128), REPS (3), MI_ARGS (extra decode.py options, e.g. for FP8 or CPU
-# experts once they exist), DEADLINE (540 s for this call), OUT (results:
+# (128), REPS (3), MI_DTYPES (the decode.py runs, in order: "fp8 bf16";
+# fp8 pairs with Q8_0, bf16 is the second row), MI_ARGS (extra decode.py
+# options, e.g. for CPU experts), DEADLINE (540 s for this call), OUT (results:
 # $OUT/peers; build/peers/out without the device tool). On a host without
 # nvidia-smi it builds and runs on the CPU (how the tiny preset is checked).
 #
@@ -50,6 +53,7 @@ MEM=${DEVICE_MEMORY:-24GiB}
 PROMPT=${PROMPT:-512}
 GEN=${GEN:-128}
 REPS=${REPS:-3}
+MI_DTYPES=${MI_DTYPES:-fp8 bf16}
 case "$PRESET" in
     qwen3-30b-a3b) NCMOE=${NCMOE:-"12 14 16 20 24 32 48 0"} ;;  # 48 MoE layers, ~0.64 GB of Q8_0 experts each
     mixtral-8x7b) NCMOE=${NCMOE:-"16 18 20 24 32 0"} ;;         # 32 MoE layers, ~1.5 GB each
@@ -134,14 +138,22 @@ prepare() {
 
 bench() {
     [ -x "$BIN" ] && [ -f "$GGUF" ] || { echo "bench: needs $BIN and $GGUF: run prepare first"; status=1; return; }
-    local reserve=${MI_RESERVE:-150}  # seconds kept for decode.py (build ~20 s, load, capture, runs)
-    [ "$DEV" = cpu ] && reserve=${MI_RESERVE:-60}
+    local n_mi=0 dt
+    for dt in $MI_DTYPES; do [ -s "$R/moe_infinity_${PRESET}_$dt.json" ] || n_mi=$((n_mi + 1)); done
+    # seconds kept for each decode.py still to run (build ~20 s, load, FP8 compression, capture, runs)
+    local reserve=$((n_mi * ${MI_RESERVE:-150}))
+    [ "$DEV" = cpu ] && reserve=$((n_mi * ${MI_RESERVE:-60}))
     for n in $NCMOE; do
+        local f="$R/llamacpp_${PRESET}_ncmoe$n.json"
+        if grep -q avg_ts "$f" 2>/dev/null; then
+            echo "bench: $f exists: --n-cpu-moe $n already measured (delete it to measure again)"
+            continue
+        fi
         if [ "$(left)" -lt $((reserve + 45)) ]; then
-            echo "bench: skipping --n-cpu-moe $n and later: $(left) s left, $reserve kept for moe_infinity"
+            echo "bench: skipping --n-cpu-moe $n and later: $(left) s left, $reserve kept for moe_infinity; run 'run_peers.sh bench' again (measured settings are kept)"
+            status=1
             break
         fi
-        local f="$R/llamacpp_${PRESET}_ncmoe$n.json"
         echo "== llama-bench --n-cpu-moe $n"
         # -ngl 99: every layer on the GPU except the experts --n-cpu-moe keeps
         # on the CPU; -fa 1: flash attention, as llama.cpp advises for MoE offload.
@@ -149,14 +161,34 @@ bench() {
             -p "$PROMPT" -n "$GEN" -r "$REPS" -o json > "$f" 2> "${f%.json}.log" || { echo "llama-bench -ncmoe $n failed:"; tail -5 "${f%.json}.log"; status=1; }
         [ -f "${f%.json}.gpu_peak_mib" ] && echo "   GPU peak $(cat "${f%.json}.gpu_peak_mib") MiB"
     done
-    local m="$R/moe_infinity_${PRESET}.json"
-    local graph=()
-    [ "$DEV" = cuda ] && graph=(--graph --pipeline)
-    echo "== moe_infinity decode.py --device-memory $MEM ${graph[*]} ${MI_ARGS:-}"
-    # shellcheck disable=SC2086
-    gpu_peak "$m" timeout $(limit 10) python3 benchmarks/decode.py --preset "$PRESET" --device "$DEV" --device-memory "$MEM" \
-        --prompt-len "$PROMPT" --decode "$GEN" --no-ablations "${graph[@]}" ${MI_ARGS:-} --json --out "$m" > "${m%.json}.log" 2>&1 \
-        || { echo "decode.py failed:"; tail -15 "${m%.json}.log"; status=1; }
+    # moe_infinity: FP8 experts first (the pairing with Q8_0: both 8-bit;
+    # eager steps, since FP8 experts have no mapped mode for CUDA graphs to
+    # replay, with the GPU's FP8 kernels), then bf16 experts at their best
+    # (CUDA-graph replays, pipelined) as a second row.
+    local dt
+    for dt in $MI_DTYPES; do
+        local m="$R/moe_infinity_${PRESET}_$dt.json"
+        if [ -s "$m" ]; then
+            echo "bench: $m exists: moe_infinity $dt already measured (delete it to measure again)"
+            continue
+        fi
+        if [ "$(left)" -lt 60 ]; then
+            echo "bench: skipping moe_infinity $dt: $(left) s left; run 'run_peers.sh bench' again (measured settings are kept)"
+            status=1
+            continue
+        fi
+        local opts=(--expert-dtype "$dt")
+        if [ "$dt" = fp8 ]; then
+            [ "$DEV" = cuda ] && opts+=(--quantized-kernels)
+        elif [ "$DEV" = cuda ]; then
+            opts+=(--graph --pipeline)
+        fi
+        echo "== moe_infinity decode.py --device-memory $MEM ${opts[*]} ${MI_ARGS:-}"
+        # shellcheck disable=SC2086
+        gpu_peak "$m" timeout $(limit 10) python3 benchmarks/decode.py --preset "$PRESET" --device "$DEV" --device-memory "$MEM" \
+            --prompt-len "$PROMPT" --decode "$GEN" --no-ablations "${opts[@]}" ${MI_ARGS:-} --json --out "$m" > "${m%.json}.log" 2>&1 \
+            || { echo "decode.py ($dt) failed:"; tail -15 "${m%.json}.log"; rm -f "$m"; status=1; }
+    done
     python3 benchmarks/peers/summarize.py "$R" --budget-gib "${MEM%GiB}" | tee "$R/summary.txt"
 }
 

@@ -66,7 +66,9 @@ def moe_infinity_rows(d: Path) -> list[dict[str, Any]]:
             rows.append({
                 "system": "moe_infinity",
                 "file": f.name,
-                "setting": f"{r.get('policy')} prefetch={r.get('prefetch')} graph={r.get('cuda_graph')} routing={routing} mem={r.get('device_memory')}",
+                "setting": f"{r.get('expert_dtype', 'bf16')} experts {r.get('policy')} prefetch={r.get('prefetch')} graph={r.get('cuda_graph')} "
+                           f"routing={routing} mem={r.get('device_memory')}",
+                "expert_dtype": r.get("expert_dtype", "bf16"),
                 "gpu_peak_gib": _peak_gib(f),
                 "prompt_len": r.get("prompt_len"),
                 "prompt_tok_s": r["prompt_len"] / r["ttft_s"] if r.get("ttft_s") else None,

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"encoding/binary"
+	"fmt"
 	"math"
 	"os"
 	"path/filepath"
@@ -93,4 +94,134 @@ func TestCompressingAQuantizedCheckpointIsUnsupported(t *testing.T) {
 	assert.Equal(t, StatusInvalid, Code(err))
 	_, err = ParseCompressRequest([]byte(`{"source": "x", "dir": "y", "block": 3}`))
 	assert.Equal(t, StatusInvalid, Code(err))
+}
+
+// hostModel adds the test model's experts as host tensors (model's) and
+// returns their buffers, which the test may scribble on.
+func hostModel(t *testing.T, e *Engine, L, E int) [][]byte {
+	t.Helper()
+	roles := []struct {
+		name  string
+		shape []int64
+	}{{"w1.weight", []int64{tI, tH}}, {"w2.weight", []int64{tH, tI}}, {"w3.weight", []int64{tI, tH}}}
+	var bufs [][]byte
+	for l := 0; l < L; l++ {
+		for x := 0; x < E; x++ {
+			for r, ro := range roles {
+				n := int(ro.shape[0] * ro.shape[1])
+				b := make([]byte, 4*n)
+				for i := 0; i < n; i++ {
+					binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(value(l, x, r, i)))
+				}
+				name := fmt.Sprintf("model.layers.%d.block_sparse_moe.experts.%d.%s", l, x, ro.name)
+				require.NoError(t, e.AddHostTensor(name, "F32", ro.shape, b))
+				bufs = append(bufs, b)
+			}
+		}
+	}
+	return bufs
+}
+
+// TestCompressHostServesWhatAddCompressedServes: host experts compressed
+// layer by layer are served exactly as the same experts compressed from a
+// checkpoint (the same views, byte for byte), and the engine no longer
+// reads the host tensors once a layer is compressed.
+func TestCompressHostServesWhatAddCompressedServes(t *testing.T) {
+	const L, E = 2, 3
+	dir := t.TempDir()
+	src := filepath.Join(dir, "model.safetensors")
+	writeModelFile(t, src, L, E)
+	disk, err := New(Config{BudgetBytes: 1 << 20, Prefetch: noPrefetch()})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = disk.Close() })
+	res, err := disk.AddCompressed(CompressRequest{Source: src, Dir: filepath.Join(dir, "fp8"), Key: "v1"})
+	require.NoError(t, err)
+
+	host, err := New(Config{BudgetBytes: 1 << 20, Prefetch: noPrefetch()})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = host.Close() })
+	bufs := hostModel(t, host, L, E)
+	var bytes, source int64
+	for l := 0; l < L; l++ {
+		hr, err := host.CompressHost(HostCompressRequest{Prefix: fmt.Sprintf("model.layers.%d.block_sparse_moe", l)})
+		require.NoError(t, err)
+		assert.Equal(t, E*3, hr.Released)
+		assert.Equal(t, E*3*2, hr.Tensors, "a weight and its scales per source tensor")
+		assert.Equal(t, "fp8", hr.QuantMethod)
+		assert.Equal(t, res.WeightBlockSize, hr.WeightBlockSize)
+		bytes, source = bytes+hr.Bytes, source+hr.SourceBytes
+	}
+	assert.Equal(t, res.Bytes, bytes)
+	assert.Equal(t, res.SourceBytes, source)
+	for _, b := range bufs { // the caller frees (here: scribbles on) what it added
+		for i := range b {
+			b[i] = 0xff
+		}
+	}
+
+	spec := layout.Spec{QuantMethod: "fp8", WeightBlockSize: []int64{128, 128}, Regions: []layout.RegionSpec{
+		{Name: "gate_up_proj", Parts: []string{"w1.weight", "w3.weight"}, DType: "float32"},
+		{Name: "down_proj", Parts: []string{"w2.weight"}, DType: "float32"},
+	}}
+	pd, err := disk.Configure(Setup{Layout: spec})
+	require.NoError(t, err)
+	ph, err := host.Configure(Setup{Layout: spec})
+	require.NoError(t, err)
+	assert.Equal(t, pd.SlotBytes, ph.SlotBytes)
+	assert.Equal(t, pd.Stored, ph.Stored, "the same stored slot image")
+	assert.Equal(t, "fp8", ph.Views.Dequant)
+	view := func(e *Engine, l, x int) []byte {
+		slots := make([]int32, 1)
+		lease, err := e.Acquire(l, []int32{int32(x)}, slots, 0)
+		require.NoError(t, err)
+		defer e.Release(lease, 0)
+		return append([]byte(nil), e.views.view(int(slots[0]))[:pd.Views.Bytes]...)
+	}
+	for l := 0; l < L; l++ {
+		for x := 0; x < E; x++ {
+			want := view(disk, l, x)
+			require.Equal(t, want, view(host, l, x), "expert (%d, %d)", l, x)
+			v := math.Float32frombits(binary.LittleEndian.Uint32(want))
+			require.InDelta(t, value(l, x, 0, 0), v, float64(value(l, x, 0, 0))/16+1e-6)
+		}
+	}
+	_, err = host.CompressHost(HostCompressRequest{Prefix: "model.layers.5.block_sparse_moe"})
+	assert.Equal(t, StatusState, Code(err), "after configure: %v", err)
+}
+
+func TestCompressHostErrors(t *testing.T) {
+	dir := t.TempDir()
+	src := filepath.Join(dir, "model.safetensors")
+	writeModelFile(t, src, 1, 2)
+	e, err := New(Config{BudgetBytes: 1 << 20, Prefetch: noPrefetch()})
+	require.NoError(t, err)
+	defer e.Close()
+	require.NoError(t, e.AddCheckpoint(src))
+	require.NoError(t, e.AddHostTensor("model.layers.7.mlp.experts.0.w1.weight", "F32", []int64{2, 2}, make([]byte, 16)))
+	require.NoError(t, e.AddHostTensor("model.layers.8.mlp.experts.0.w1.weight", "I32", []int64{2, 2}, make([]byte, 16)))
+
+	_, err = e.CompressHost(HostCompressRequest{Prefix: "model.layers.9.mlp"})
+	assert.Equal(t, StatusInvalid, Code(err))
+	assert.ErrorContains(t, err, "model.layers.7.mlp", "names the modules there are")
+	_, err = e.CompressHost(HostCompressRequest{Prefix: "model.layers.0.block_sparse_moe"})
+	assert.Equal(t, StatusInvalid, Code(err))
+	assert.ErrorContains(t, err, "add_compressed", "a checkpoint's experts are not host tensors")
+	_, err = e.CompressHost(HostCompressRequest{Prefix: "model.layers.8.mlp"})
+	assert.Equal(t, StatusUnsupported, Code(err), "integer experts: %v", err)
+	first, err := e.CompressHost(HostCompressRequest{Prefix: "model.layers.7.mlp"})
+	require.NoError(t, err)
+	again, err := e.CompressHost(HostCompressRequest{Prefix: "model.layers.7.mlp"})
+	require.NoError(t, err, "a retry after MOE_ERR_BUFFER")
+	assert.Equal(t, first, again)
+
+	_, err = ParseHostCompressRequest([]byte(`{}`))
+	assert.Equal(t, StatusInvalid, Code(err))
+	_, err = ParseHostCompressRequest([]byte(`{"prefix": "a", "block": 2}`))
+	assert.Equal(t, StatusInvalid, Code(err))
+	r, err := ParseHostCompressRequest([]byte(`{"prefix": "a"}`))
+	require.NoError(t, err)
+	assert.Equal(t, "a", r.Prefix)
+	require.NoError(t, e.Close())
+	_, err = e.CompressHost(HostCompressRequest{Prefix: "model.layers.7.mlp"})
+	assert.Equal(t, StatusClosed, Code(err))
 }

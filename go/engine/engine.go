@@ -89,6 +89,7 @@ type Engine struct {
 	// bytes (for Progress).
 	compressDone, compressTotal atomic.Int64
 	compressed                  map[CompressRequest]requant.Result // AddCompressed's copies added (under mu)
+	hostCompressed              map[string]HostCompressResult      // CompressHost's modules, by prefix (under mu)
 	prefetchOn                  atomic.Bool
 
 	demandMu   sync.Mutex

@@ -244,47 +244,54 @@ func QuantFP8Block(w, scaleInv []byte, src []byte, srcT dtype.DType, rows, cols 
 	if len(scaleInv) != sr*sc*4 {
 		return fmt.Errorf("quant: weight_scale_inv output is %d bytes, the F32 [%d, %d] grid needs %d", len(scaleInv), sr, sc, sr*sc*4)
 	}
-	load := loaderFor(srcT)
-	amax := make([]float32, sc)
-	scale := make([]float32, sc)
+	// One block row at a time, decoded to float32 once for both passes;
+	// loops run per block column, so that no element pays a division.
+	buf := make([]float32, min(block.Rows, rows)*cols)
 	for r0 := 0; r0 < rows; r0 += block.Rows {
 		r1 := min(r0+block.Rows, rows)
-		clear(amax)
-		for r := r0; r < r1; r++ {
-			for c := 0; c < cols; c++ {
-				v := load(src, r*cols+c)
-				a := float32(math.Abs(float64(v)))
-				if !(a <= math.MaxFloat32) {
-					return fmt.Errorf("quant: element [%d, %d] is %v; only finite weights can be quantized", r, c, v)
-				}
-				if a > amax[c/block.Cols] {
-					amax[c/block.Cols] = a
+		vals := buf[:(r1-r0)*cols]
+		decodeFloats(vals, src[r0*cols*srcT.Size():r1*cols*srcT.Size()], srcT)
+		for j := 0; j < sc; j++ {
+			c0, c1 := j*block.Cols, min((j+1)*block.Cols, cols)
+			var amax float32
+			for r := 0; r < r1-r0; r++ {
+				for c, v := range vals[r*cols+c0 : r*cols+c1] {
+					a := math.Float32frombits(math.Float32bits(v) &^ (1 << 31))
+					if !(a <= math.MaxFloat32) {
+						return fmt.Errorf("quant: element [%d, %d] is %v; only finite weights can be quantized", r0+r, c0+c, v)
+					}
+					amax = max(amax, a)
 				}
 			}
-		}
-		for j, a := range amax {
-			s := max(a/dtype.F8E4M3Max, MinFP8Scale)
-			scale[j] = s
+			s := max(amax/dtype.F8E4M3Max, MinFP8Scale)
 			binary.LittleEndian.PutUint32(scaleInv[4*((r0/block.Rows)*sc+j):], math.Float32bits(s))
-		}
-		for r := r0; r < r1; r++ {
-			for c := 0; c < cols; c++ {
-				w[r*cols+c] = dtype.F32ToF8E4M3Sat(load(src, r*cols+c) / scale[c/block.Cols])
+			for r := 0; r < r1-r0; r++ {
+				out := w[(r0+r)*cols+c0 : (r0+r)*cols+c1]
+				for c, v := range vals[r*cols+c0 : r*cols+c1] {
+					out[c] = dtype.F32ToF8E4M3Sat(v / s)
+				}
 			}
 		}
 	}
 	return nil
 }
 
-// loaderFor returns a reader of element i of little-endian srcT bytes as
-// float32 (srcT one of F32, BF16, F16).
-func loaderFor(srcT dtype.DType) func(b []byte, i int) float32 {
+// decodeFloats reads len(dst) little-endian srcT elements (F32, BF16 or
+// F16) of src into dst as float32.
+func decodeFloats(dst []float32, src []byte, srcT dtype.DType) {
 	le := binary.LittleEndian
 	switch srcT {
 	case dtype.BF16:
-		return func(b []byte, i int) float32 { return math.Float32frombits(dtype.BF16ToF32Bits(le.Uint16(b[2*i:]))) }
+		for i := range dst {
+			dst[i] = math.Float32frombits(dtype.BF16ToF32Bits(le.Uint16(src[2*i:])))
+		}
 	case dtype.F16:
-		return func(b []byte, i int) float32 { return math.Float32frombits(dtype.F16ToF32Bits(le.Uint16(b[2*i:]))) }
+		for i := range dst {
+			dst[i] = math.Float32frombits(dtype.F16ToF32Bits(le.Uint16(src[2*i:])))
+		}
+	default:
+		for i := range dst {
+			dst[i] = math.Float32frombits(le.Uint32(src[4*i:]))
+		}
 	}
-	return func(b []byte, i int) float32 { return math.Float32frombits(le.Uint32(b[4*i:])) }
 }

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"math"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"testing"
@@ -288,4 +289,80 @@ func TestQuantFP8Errors(t *testing.T) {
 	}
 	err := QuantFP8Block(w, s, f32s(1, 2, float32(math.Inf(1)), 4), dtype.F32, 2, 2, Block{128, 128})
 	assert.ErrorContains(t, err, "[1, 0]")
+}
+
+// quantFP8BlockReference is QuantFP8Block as first written (element by
+// element, in row-major order): the optimised one must match it bit for bit.
+func quantFP8BlockReference(w, scaleInv []byte, src []byte, srcT dtype.DType, rows, cols int, block Block) {
+	load := loaderFor(srcT)
+	sr, sc := block.ScaleGrid(rows, cols)
+	_ = sr
+	amax := make([]float32, sc)
+	scale := make([]float32, sc)
+	for r0 := 0; r0 < rows; r0 += block.Rows {
+		r1 := min(r0+block.Rows, rows)
+		clear(amax)
+		for r := r0; r < r1; r++ {
+			for c := 0; c < cols; c++ {
+				a := float32(math.Abs(float64(load(src, r*cols+c))))
+				if a > amax[c/block.Cols] {
+					amax[c/block.Cols] = a
+				}
+			}
+		}
+		for j, a := range amax {
+			s := max(a/dtype.F8E4M3Max, MinFP8Scale)
+			scale[j] = s
+			binary.LittleEndian.PutUint32(scaleInv[4*((r0/block.Rows)*sc+j):], math.Float32bits(s))
+		}
+		for r := r0; r < r1; r++ {
+			for c := 0; c < cols; c++ {
+				w[r*cols+c] = dtype.F32ToF8E4M3Sat(load(src, r*cols+c) / scale[c/block.Cols])
+			}
+		}
+	}
+}
+
+// loaderFor returns a reader of element i of little-endian srcT bytes as
+// float32 (srcT one of F32, BF16, F16).
+func loaderFor(srcT dtype.DType) func(b []byte, i int) float32 {
+	le := binary.LittleEndian
+	switch srcT {
+	case dtype.BF16:
+		return func(b []byte, i int) float32 { return math.Float32frombits(dtype.BF16ToF32Bits(le.Uint16(b[2*i:]))) }
+	case dtype.F16:
+		return func(b []byte, i int) float32 { return math.Float32frombits(dtype.F16ToF32Bits(le.Uint16(b[2*i:]))) }
+	}
+	return func(b []byte, i int) float32 { return math.Float32frombits(le.Uint32(b[4*i:])) }
+}
+
+func TestQuantFP8BlockMatchesTheElementwiseReference(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for _, srcT := range []dtype.DType{dtype.F32, dtype.BF16, dtype.F16} {
+		for _, tc := range []struct{ rows, cols, br, bc int }{{1, 1, 128, 128}, {130, 200, 128, 128}, {256, 64, 128, 128}, {37, 53, 16, 8}, {5, 300, 2, 128}} {
+			src := make([]byte, tc.rows*tc.cols*srcT.Size())
+			for i := 0; i < tc.rows*tc.cols; i++ {
+				v := float32(rng.NormFloat64() * math.Pow(10, float64(rng.IntN(9)-6)))
+				if rng.IntN(50) == 0 {
+					v = 0
+				}
+				switch srcT {
+				case dtype.BF16:
+					binary.LittleEndian.PutUint16(src[2*i:], dtype.F32BitsToBF16(math.Float32bits(v)))
+				case dtype.F16:
+					binary.LittleEndian.PutUint16(src[2*i:], dtype.F32BitsToF16(math.Float32bits(v)))
+				default:
+					binary.LittleEndian.PutUint32(src[4*i:], math.Float32bits(v))
+				}
+			}
+			b := Block{tc.br, tc.bc}
+			sr, sc := b.ScaleGrid(tc.rows, tc.cols)
+			w, s := make([]byte, tc.rows*tc.cols), make([]byte, 4*sr*sc)
+			ww, ws := make([]byte, len(w)), make([]byte, len(s))
+			require.NoError(t, QuantFP8Block(w, s, src, srcT, tc.rows, tc.cols, b))
+			quantFP8BlockReference(ww, ws, src, srcT, tc.rows, tc.cols, b)
+			require.Equal(t, ww, w, "%s %+v codes", srcT, tc)
+			require.Equal(t, ws, s, "%s %+v scales", srcT, tc)
+		}
+	}
 }

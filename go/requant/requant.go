@@ -28,6 +28,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -434,27 +435,7 @@ func (p *shardPlan) write(src *store.Checkpoint, opts Options, prog *progress) (
 	if _, err := f.WriteAt(hdr, 0); err != nil {
 		return err
 	}
-	base := int64(len(hdr))
-	next := make(chan int)
-	errs := make([]error, opts.Workers)
-	var wg sync.WaitGroup
-	for w := 0; w < opts.Workers; w++ {
-		wg.Add(1)
-		go func(w int) {
-			defer wg.Done()
-			for e := range next {
-				if errs[w] == nil {
-					errs[w] = src.Guard(func() error { return p.writeExpert(f, base, e, prog) })
-				}
-			}
-		}(w)
-	}
-	for e := 0; e < p.mod.NumExperts; e++ {
-		next <- e
-	}
-	close(next)
-	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
+	if err := p.fill(f, int64(len(hdr)), opts.Workers, src.Guard, prog); err != nil {
 		return err
 	}
 	if err := f.Sync(); err != nil {
@@ -466,8 +447,34 @@ func (p *shardPlan) write(src *store.Checkpoint, opts Options, prog *progress) (
 	return os.Rename(f.Name(), filepath.Join(opts.Dir, p.file))
 }
 
+// fill writes every expert's pieces into w, the data section starting at
+// base, with workers goroutines; each expert's reads of the source run
+// under guard (the checkpoint's, for mapped files).
+func (p *shardPlan) fill(w io.WriterAt, base int64, workers int, guard func(func() error) error, prog *progress) error {
+	next := make(chan int)
+	errs := make([]error, workers)
+	var wg sync.WaitGroup
+	for k := 0; k < workers; k++ {
+		wg.Add(1)
+		go func(k int) {
+			defer wg.Done()
+			for e := range next {
+				if errs[k] == nil {
+					errs[k] = guard(func() error { return p.writeExpert(w, base, e, prog) })
+				}
+			}
+		}(k)
+	}
+	for e := 0; e < p.mod.NumExperts; e++ {
+		next <- e
+	}
+	close(next)
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
 // writeExpert writes expert e's pieces at their offsets.
-func (p *shardPlan) writeExpert(f *os.File, base int64, e int, prog *progress) error {
+func (p *shardPlan) writeExpert(f io.WriterAt, base int64, e int, prog *progress) error {
 	var done int64
 	for _, pc := range p.pieces[e] {
 		part, err := p.mod.Part(e, pc.role)

@@ -71,6 +71,7 @@ type Checkpoint struct {
 	files   []mappedFile
 	byPath  map[string]int // files index by path
 	index   *indexRef
+	owned   [][]byte // AllocHost memory given to ReplaceHost, unmapped at Close
 	closed  bool
 }
 
@@ -344,6 +345,30 @@ func addrOf(b []byte) uintptr { return uintptr(unsafe.Pointer(unsafe.SliceData(b
 // non-negative; the name must be non-empty and not yet registered (else an
 // error wrapping ErrDuplicate). The tensor's Source is HostSource.
 func (c *Checkpoint) AddHost(name string, dt dtype.DType, shape []int64, data []byte) error {
+	if err := checkHost(name, dt, shape, data); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return ErrClosed
+	}
+	if old, ok := c.tensors[name]; ok {
+		return &FormatError{File: HostSource, Tensor: name, err: ErrDuplicate,
+			Msg: fmt.Sprintf("duplicate tensor: already loaded from %s", old.Source)}
+	}
+	c.tensors[name] = &Tensor{
+		Name:   name,
+		DType:  dt,
+		Shape:  append([]int64{}, shape...),
+		Source: HostSource,
+		data:   data[:len(data):len(data)],
+	}
+	return nil
+}
+
+// checkHost checks a host tensor's name, dtype, shape and byte count.
+func checkHost(name string, dt dtype.DType, shape []int64, data []byte) error {
 	if name == "" {
 		return &FormatError{File: HostSource, Msg: "empty tensor name"}
 	}
@@ -362,22 +387,6 @@ func (c *Checkpoint) AddHost(name string, dt dtype.DType, shape []int64, data []
 	if int64(len(data)) != want {
 		return &FormatError{File: HostSource, Tensor: name,
 			Msg: fmt.Sprintf("data is %d bytes but shape %v of %s needs %d", len(data), shape, dt, want)}
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closed {
-		return ErrClosed
-	}
-	if old, ok := c.tensors[name]; ok {
-		return &FormatError{File: HostSource, Tensor: name, err: ErrDuplicate,
-			Msg: fmt.Sprintf("duplicate tensor: already loaded from %s", old.Source)}
-	}
-	c.tensors[name] = &Tensor{
-		Name:   name,
-		DType:  dt,
-		Shape:  append([]int64{}, shape...),
-		Source: HostSource,
-		data:   data[:len(data):len(data)],
 	}
 	return nil
 }
@@ -414,10 +423,11 @@ func (c *Checkpoint) Files() []string {
 	return out
 }
 
-// Close unmaps every file and forgets all tensors; byte slices obtained
-// earlier become invalid (touching a file view faults). Host memory is not
-// touched. The first call returns nil or the munmap errors; every later call
-// (and any AddFile, AddHost or Experts call) returns ErrClosed.
+// Close unmaps every file and the memory ReplaceHost took, and forgets
+// all tensors; byte slices obtained earlier become invalid (touching a
+// file view faults). Caller-owned host memory (AddHost) is not touched.
+// The first call returns nil or the munmap errors; every later call (and
+// any AddFile, AddHost, ReplaceHost or Experts call) returns ErrClosed.
 func (c *Checkpoint) Close() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -430,6 +440,10 @@ func (c *Checkpoint) Close() error {
 		errs = append(errs, c.files[i].release())
 	}
 	c.files = nil
+	for _, m := range c.owned {
+		errs = append(errs, FreeHost(m))
+	}
+	c.owned = nil
 	c.byPath = map[string]int{}
 	c.tensors = map[string]*Tensor{}
 	c.index = nil

@@ -89,6 +89,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "moe_engine_close": [_c_uint64],
     "moe_engine_add_checkpoint": [_c_uint64, _p_char],
     "moe_engine_add_compressed": [_c_uint64, _p_char, _buf, _c_int64, _p_int64],
+    "moe_engine_compress_host": [_c_uint64, _p_char, _buf, _c_int64, _p_int64],
     "moe_engine_add_host_tensor": [_c_uint64, _p_char, _p_char, _c_int32, _p_int64, ctypes.c_void_p, _c_int64],
     "moe_engine_modules": [_c_uint64, _buf, _c_int64, _p_int64],
     "moe_engine_configure": [_c_uint64, _p_char, _buf, _c_int64, _p_int64],

@@ -23,6 +23,13 @@ brings them into slots while the layer waits inside the replay) or "auto"
 (the engine's default: copy from 32 MiB per expert); a comma list measures
 each, capturing the step again for each.
 
+--expert-dtype fp8 serves the experts compressed to block FP8 in host
+memory (offload(expert_dtype="fp8"); on a GPU with --quantized-kernels);
+--expert-dtype bf16,fp8 measures both, one after the other in this process,
+on the same seeded weights, the same routing and the same measured link
+rate, and each fp8 row carries s_per_token_vs_bf16 (its s/token over the
+bf16 row's). Each row's floor counts the bytes its experts are stored in.
+
 Random weights route decode tokens narrowly (the Qwen3 shape hits 99% once
 warm), so --routing generated replaces every MoE layer's choice with a
 labelled generated trace (skewed per-layer popularity, --skew, seed
@@ -32,7 +39,8 @@ Fields: decode_s_per_token (median over decoded tokens), ttft_s, hit_rate,
 bytes_moved_per_token, stall_s_per_token (host waits in the engine; 0 on the
 GPU, where copies are ordered by events instead), misses_per_token,
 pinned_h2d_GBps (measured in the same process), compute_s_per_token,
-floor_s_per_token = misses × expert bytes ÷ bandwidth + compute, ratio =
+floor_s_per_token = misses × expert bytes (expert_bytes: one expert's slot
+as stored, FP8 codes and scales for fp8) ÷ bandwidth + compute, ratio =
 measured ÷ floor, overhead_ms_per_token (host time in the engine and the
 Python hook not spent waiting for the GPU; with --graph: the engine's call
 per step plus its copy driver's and tracer's host time for the step, with
@@ -150,6 +158,8 @@ def pinned_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 5)
         dst.copy_(src, non_blocking=True)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+    del src, dst
+    torch.cuda.empty_cache()  # measured before the model loads: leave its memory free
     return nbytes / statistics.median(times[1:]) / 1e9
 
 
@@ -302,6 +312,37 @@ def compute_time(model, device: torch.device, reps: int = 8) -> tuple[float, flo
 
 
 def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every --expert-dtype in turn, in this process: each builds the same
+    seeded model, offloads it with its experts in that dtype, and measures
+    on the same routing and at the same measured link rate. The fp8 rows
+    carry their s/token as a fraction of the bf16 row's measured beside
+    them (same policy, prefetch and miss path)."""
+    import gc
+
+    device = torch.device(args.device)
+    bw = pinned_bandwidth(device) if device.type == "cuda" else None
+    rows: list[dict[str, Any]] = []
+    for expert_dtype in expert_dtypes(args.expert_dtype):
+        rows += _run_one(args, expert_dtype, bw, rows)
+        gc.collect()  # the previous model's host experts go before the next is built
+    return rows
+
+
+def expert_dtypes(value: str) -> list[str]:
+    """The --expert-dtype list: "bf16", "fp8" or a comma list of them."""
+    out = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in out if v not in EXPERT_DTYPES]
+    if not out or bad or len(set(out)) != len(out):
+        raise ValueError(f"--expert-dtype {value!r}: give bf16, fp8 or a comma list of them, each once")
+    return out
+
+
+#: --expert-dtype values: bf16 serves the random bfloat16 experts as built; fp8 compresses them
+#: to block FP8 in host memory (offload(expert_dtype="fp8")).
+EXPERT_DTYPES = ("bf16", "fp8")
+
+
+def _run_one(args: argparse.Namespace, expert_dtype: str, bw: float | None, earlier: list[dict[str, Any]]) -> list[dict[str, Any]]:
     import moe_infinity as mi
 
     device = torch.device(args.device)
@@ -309,14 +350,16 @@ def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
     model, cfg = build(args.preset, "cuda" if device.type == "cuda" else "cpu")
     built = time.perf_counter() - t0
     t0 = time.perf_counter()
-    opts = {} if args.admit_margin is None else {"admit_margin": args.admit_margin}
-    model = mi.offload(model, device=device, device_memory=args.device_memory, kernels=not args.no_kernels, engine_options=opts)
+    opts: dict[str, Any] = {} if args.admit_margin is None else {"admit_margin": args.admit_margin}
+    if args.quantized_kernels:
+        opts["quantized_kernels"] = True
+    model = mi.offload(model, device=device, device_memory=args.device_memory, kernels=not args.no_kernels, engine_options=opts,
+                       expert_dtype="fp8" if expert_dtype == "fp8" else None)
     offloaded = time.perf_counter() - t0
     rt = model.moe_runtime
     if args.no_mapped:
         rt.mapped = False
     plan = model.moe_stats()["plan"]
-    bw = pinned_bandwidth(device) if device.type == "cuda" else None
     compute, dense_wall = compute_time(model, device)
     forced = None
     if args.routing == "generated":
@@ -333,17 +376,22 @@ def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
     # costs (lazy initialisation, per-shape kernel selection for every KV
     # length) must not land on the first ablation.
     decode_run(model, prompt, args.decode, device)
-    rows = []
+    rows: list[dict[str, Any]] = []
     modes = [m.strip() for m in args.graph_misses.split(",")] if args.graph else [None]
-    for mode in modes:
-        rows += measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, dense_wall, built, offloaded, mode)
-    model.close()
+    try:
+        for mode in modes:
+            rows += measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, dense_wall, built, offloaded, mode,
+                            expert_dtype, earlier + rows)
+    finally:
+        model.close()
     return rows
 
 
-def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, dense_wall, built, offloaded, mode) -> list[dict[str, Any]]:
+def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, dense_wall, built, offloaded, mode,
+            expert_dtype: str = "bf16", earlier: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The ablations of one configuration (graph_misses ``mode`` for CUDA
-    graphs: the step is captured again under it)."""
+    graphs: the step is captured again under it). ``earlier``: rows of
+    this run already measured, where an fp8 row finds its bf16 twin."""
     from moe_infinity import _native
 
     rt = model.moe_runtime
@@ -365,6 +413,8 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
         st = model.moe_stats()
         n = len(r["step_s"])
         misses = st["misses"] / n
+        # The bytes one miss moves: the expert as the cache stores it (for
+        # fp8 the FP8 codes and their scales, about half of bf16's).
         slot = plan["slot_bytes"]
         floor = (misses * slot / (bw * 1e9) + compute) if bw else None
         med = statistics.median(r["step_s"])
@@ -384,6 +434,7 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
             {
                 "system": "moe_infinity",
                 "preset": args.preset,
+                "expert_dtype": expert_dtype,
                 "policy": policy,
                 "prefetch": prefetch,
                 "admit_margin": args.admit_margin,
@@ -442,6 +493,9 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
                 "host": host_facts(),
             }
         )
+        twin = next((r for r in earlier or [] if r.get("expert_dtype") == "bf16" and expert_dtype != "bf16"
+                     and all(r.get(k) == rows[-1][k] for k in ("policy", "prefetch", "graph_misses", "cuda_graph", "routing"))), None)
+        rows[-1]["s_per_token_vs_bf16"] = med / twin["decode_s_per_token"] if twin else None
         _emit(rows[-1], args)
     return rows
 
@@ -494,6 +548,7 @@ def run_accelerate(args: argparse.Namespace) -> dict[str, Any]:
 #: The table's columns: (header, row key, format).
 _TABLE = (
     ("system", "system", "{}"),
+    ("experts", "expert_dtype", "{}"),
     ("policy", "policy", "{}"),
     ("prefetch", "prefetch", "{}"),
     ("routing", "routing", "{}"),
@@ -503,6 +558,7 @@ _TABLE = (
     ("hit rate", "hit_rate", "{:.1%}"),
     ("misses/token", "misses_per_token", "{:.1f}"),
     ("x floor", "ratio_to_floor", "{:.2f}"),
+    ("x bf16", "s_per_token_vs_bf16", "{:.2f}"),
 )
 
 
@@ -523,7 +579,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     ``--json`` prints the rows themselves)."""
     cells = [[h for h, _, _ in _TABLE]] + [[_cell(r, k, f) for _, k, f in _TABLE] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(_TABLE))]
-    lines = ["  ".join(c[i].rjust(widths[i]) if i >= 5 else c[i].ljust(widths[i]) for i in range(len(_TABLE))).rstrip() for c in cells]
+    lines = ["  ".join(c[i].rjust(widths[i]) if i >= 6 else c[i].ljust(widths[i]) for i in range(len(_TABLE))).rstrip() for c in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -534,7 +590,7 @@ def _emit(row: dict[str, Any], args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(row), flush=True)
     else:
-        print(f"bench: {row['system']} {row.get('policy', '')} done: {_cell(row, 'decode_s_per_token', '{:.4f}')} s/token", file=sys.stderr, flush=True)
+        print(f"bench: {row['system']} {row.get('expert_dtype', '')} {row.get('policy', '')} done: {_cell(row, 'decode_s_per_token', '{:.4f}')} s/token", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -551,6 +607,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --graph: how replayed layers get missed experts, auto|read|copy, or a comma list to measure each (recaptured)")
     ap.add_argument("--pipeline", action="store_true", help="with --graph: queue each replay before reading the previous token")
     ap.add_argument("--admit-margin", type=float, help="engine admission margin (default: the engine's)")
+    ap.add_argument("--expert-dtype", default="bf16",
+                    help="experts as served: bf16 (as built), fp8 (compressed to block FP8 in host memory), or a comma list "
+                         "(bf16,fp8) measured one after the other in this process on the same weights and routing")
+    ap.add_argument("--quantized-kernels", action="store_true",
+                    help="engine option quantized_kernels: the GPU computes FP8 experts with its FP8 kernels (needed for fp8 on a GPU)")
     ap.add_argument("--routing", choices=["model", "generated"], default="model",
                     help="model: the router's choice (random weights route narrowly); generated: a labelled generated trace (skewed popularity)")
     ap.add_argument("--skew", type=float, default=1.0, help="with --routing generated: popularity exponent (0 = uniform)")
@@ -563,6 +624,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="write the JSON list here")
     ap.add_argument("--json", action="store_true", help="print each row as a JSON line as it finishes, instead of a table at the end")
     args = ap.parse_args(argv)
+    try:
+        dtypes = expert_dtypes(args.expert_dtype)
+    except ValueError as e:
+        ap.error(str(e))
+    if "fp8" in dtypes and args.graph:
+        ap.error("--graph replays need mapped mode, which FP8 experts do not have (the kernels read them from slots): measure fp8 without --graph")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}, but torch sees no usable GPU (use --device cpu)")
     torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from . import _native
-from .errors import ClosedError, InvalidArgumentError
+from .errors import ClosedError, InvalidArgumentError, StateError
 
 __all__ = ["Engine"]
 
@@ -96,7 +96,7 @@ class Engine:
         _native.call("moe_engine_create", json.dumps(cfg, default=_json_scalar).encode(), ctypes.byref(handle))
         self._handle: int | None = handle.value
         self._lock = threading.Lock()
-        self._keep: list[Any] = []  # host tensors the engine reads
+        self._host: dict[str, Any] = {}  # name -> host tensor the engine reads
         self._plan: dict[str, Any] | None = None
         self._layer_fn: Any = None
         self.config = cfg
@@ -123,7 +123,7 @@ class Engine:
             h, self._handle = self._handle, None
         if h is not None:
             _native.call("moe_engine_close", ctypes.c_uint64(h))
-        self._keep.clear()
+        self._host.clear()
 
     def __enter__(self) -> Engine:
         return self
@@ -176,7 +176,25 @@ class Engine:
             ctypes.c_void_p(ptr),
             nbytes,
         )
-        self._keep.append(tensor)
+        self._host[name] = tensor
+
+    def compress_host(self, prefix: str) -> dict[str, Any]:
+        """Replaces the float experts of MoE module ``prefix`` (everything
+        before ``.experts.`` in their names), added with add_host_tensor, by
+        their block-FP8 copy in memory the engine owns
+        (``moe_engine_compress_host``: the bytes add_compressed writes), and
+        drops this engine's references to the tensors added for it, which
+        it no longer reads. Returns ``quant_method``, ``weight_block_size``,
+        ``released`` (host tensors no longer read), ``tensors``, ``bytes``,
+        ``source_bytes``."""
+        res = _native.call_json("moe_engine_compress_host", ctypes.c_uint64(self._h()), json.dumps({"prefix": prefix}).encode())
+        mark = prefix + ".experts."
+        gone = [name for name in self._host if name.startswith(mark)]
+        if len(gone) != res["released"]:
+            raise StateError(f"compress_host({prefix!r}): the engine released {res['released']} tensors but {len(gone)} were added for the module")
+        for name in gone:
+            del self._host[name]
+        return res
 
     def modules(self) -> list[dict[str, Any]]:
         """The MoE modules found: prefix, num_experts, fused, roles."""

@@ -71,31 +71,36 @@ def _strip(model: torch.nn.Module, family: Family) -> None:
     """Removes every routed expert parameter, recording shapes and dtypes in
     ``module._moe_meta`` (region -> (per-expert shape, dtype))."""
     for name, mod in _experts_modules(model, family):
-        meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        if family.style == "fused":
-            for r in family.regions:
-                p = mod._parameters.pop(r.name, None)
-                if p is None:
-                    raise UnsupportedError(f"{type(mod).__name__} has no parameter {r.name!r}; this transformers version is not supported")
-                meta[r.name] = (tuple(p.shape[1:]), p.dtype)
-        else:
-            for key, expert in _moduledict_experts(mod):
-                expert._is_hf_initialized = True
-                for lin_name in family.linears:
-                    lin = getattr(expert, lin_name)
-                    lin._is_hf_initialized = True  # nothing left for transformers to initialise
-                    for pname in ("weight", "bias"):
-                        p = lin._parameters.pop(pname, None)
-                        if p is not None and key == "expert_0":
-                            meta[f"{lin_name}.{pname}"] = (tuple(p.shape), p.dtype)
-        mod._moe_meta = meta
-        # transformers initialises modules whose weights were not loaded;
-        # these have none left, and must not be given any. Some models (Switch)
-        # initialise experts from the MoE block that owns them: skip it too (its
-        # router weights are loaded from the checkpoint anyway).
-        mod._is_hf_initialized = True
-        if family.style == "moduledict" and "." in name:
-            model.get_submodule(name.rsplit(".", 1)[0])._is_hf_initialized = True
+        _strip_module(model, name, mod, family)
+
+
+def _strip_module(model: torch.nn.Module, name: str, mod: torch.nn.Module, family: Family) -> None:
+    """_strip for one experts module ``mod`` (called ``name`` in ``model``)."""
+    meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    if family.style == "fused":
+        for r in family.regions:
+            p = mod._parameters.pop(r.name, None)
+            if p is None:
+                raise UnsupportedError(f"{type(mod).__name__} has no parameter {r.name!r}; this transformers version is not supported")
+            meta[r.name] = (tuple(p.shape[1:]), p.dtype)
+    else:
+        for key, expert in _moduledict_experts(mod):
+            expert._is_hf_initialized = True
+            for lin_name in family.linears:
+                lin = getattr(expert, lin_name)
+                lin._is_hf_initialized = True  # nothing left for transformers to initialise
+                for pname in ("weight", "bias"):
+                    p = lin._parameters.pop(pname, None)
+                    if p is not None and key == "expert_0":
+                        meta[f"{lin_name}.{pname}"] = (tuple(p.shape), p.dtype)
+    mod._moe_meta = meta
+    # transformers initialises modules whose weights were not loaded;
+    # these have none left, and must not be given any. Some models (Switch)
+    # initialise experts from the MoE block that owns them: skip it too (its
+    # router weights are loaded from the checkpoint anyway).
+    mod._is_hf_initialized = True
+    if family.style == "moduledict" and "." in name:
+        model.get_submodule(name.rsplit(".", 1)[0])._is_hf_initialized = True
 
 
 def _model_class(config: Any, family: Family) -> type:
@@ -648,7 +653,8 @@ def _check_quantization(
 
 
 #: expert_dtype values: None or "auto" serve the experts in the checkpoint's own dtype; "fp8"
-#: compresses a float checkpoint's routed experts to block FP8 once, into offload_dir.
+#: compresses float routed experts to block FP8 (from_pretrained: once, into offload_dir;
+#: offload: in host memory).
 EXPERT_DTYPES = (None, "auto", "fp8")
 
 #: The subdirectory of offload_dir holding the FP8 copy of the experts.
@@ -661,24 +667,31 @@ def _check_expert_dtype(expert_dtype: Any) -> bool:
     if not (expert_dtype is None or isinstance(expert_dtype, str)) or expert_dtype not in EXPERT_DTYPES:
         raise InvalidArgumentError(
             f"expert_dtype={expert_dtype!r} is not supported; valid values: None or 'auto' (the checkpoint's own dtype), "
-            "'fp8' (compress the routed experts to block FP8 once, into offload_dir)"
+            "'fp8' (compress the routed experts to block FP8: from_pretrained once into offload_dir, offload in memory)"
         )
     return expert_dtype == "fp8"
 
 
-def _check_compressible(config: Any, device: torch.device, offload_dir: Any) -> None:
-    """The conditions of expert_dtype='fp8': an unquantized checkpoint, the CPU and an offload_dir."""
+def _check_fp8_device(device: torch.device, quantized_kernels: bool) -> None:
+    """expert_dtype='fp8' off the CPU: only with the engine option quantized_kernels, as for
+    FP8 checkpoints (the GPU's FP8 expert kernels exist but are not yet validated on a GPU)."""
+    if device.type != "cpu" and not quantized_kernels:
+        raise UnsupportedError(
+            f"expert_dtype='fp8' serves the experts compressed; {_SERVED}, not on {device} yet: the engine's FP8 "
+            "expert kernels for the GPU exist but are not yet validated on a GPU (engine_options={'quantized_kernels': True} turns them on)"
+        )
+
+
+def _check_compressible(config: Any, device: torch.device, offload_dir: Any, quantized_kernels: bool) -> None:
+    """The conditions of expert_dtype='fp8' in from_pretrained: an unquantized checkpoint, the CPU
+    (or quantized_kernels) and an offload_dir."""
     qc = getattr(config, "quantization_config", None)
     if qc is not None:
         raise InvalidArgumentError(
             f"expert_dtype='fp8' compresses an unquantized (float) checkpoint, but this one is already quantized "
             f"(quant_method={_quant_method(qc)!r}); leave expert_dtype unset to serve it as it ships"
         )
-    if device.type != "cpu":
-        raise UnsupportedError(
-            f"expert_dtype='fp8' is served on the CPU only for now (device='cpu'), not on {device}: "
-            "the GPU kernels for FP8 experts are not built yet"
-        )
+    _check_fp8_device(device, quantized_kernels)
     if offload_dir is None:
         raise InvalidArgumentError(
             "expert_dtype='fp8' writes the compressed experts once, into offload_dir (reused by later loads); pass offload_dir=..."
@@ -805,9 +818,10 @@ def from_pretrained(
     if "device_map" in hf_kwargs:
         raise InvalidArgumentError("device_map is managed by moe_infinity; choose the device with device='cpu' or 'cuda'")
     dev = _resolve_device(device)
+    quantized_kernels = bool((engine_options or {}).get("quantized_kernels"))
     if compress:
-        _check_compressible(config, dev, offload_dir)
-    quant = _check_quantization(config, hf_kwargs, dev, bool((engine_options or {}).get("quantized_kernels")))
+        _check_compressible(config, dev, offload_dir, quantized_kernels)
+    quant = _check_quantization(config, hf_kwargs, dev, quantized_kernels)
     budget = _budget(device_memory, dev)
     if not any(path.glob("*.safetensors")):
         raise NotFoundError(f"{path} has no .safetensors files; moe_infinity reads experts from safetensors checkpoints")
@@ -855,6 +869,7 @@ def offload(
     device: str | torch.device | None = "auto",
     kernels: bool = True,
     engine_options: dict[str, Any] | None = None,
+    expert_dtype: str | None = None,
 ) -> torch.nn.Module:
     """Hands the routed experts of a model already in memory (for example
     built with ``from_config``) to moe_infinity, in place, and returns it.
@@ -862,10 +877,21 @@ def offload(
     The expert tensors move to (or stay in) host memory, which becomes the
     engine's host tier (pinned in place for the GPU); the model keeps no
     expert parameters. With a GPU the rest of the model moves to it.
+
+    ``expert_dtype="fp8"`` compresses the experts to block FP8 (128 × 128
+    blocks, the bytes ``from_pretrained(..., expert_dtype="fp8")`` writes for
+    a checkpoint) in host memory the engine owns, layer by layer: each
+    layer's float experts are released as soon as it is compressed, so the
+    host holds the model's float experts once at most, and afterwards half
+    their bytes (bf16). No offload_dir is needed. On a GPU this takes
+    ``engine_options={"quantized_kernels": True}``, as FP8 checkpoints do.
     """
+    compress = _check_expert_dtype(expert_dtype)
     family = family_for(getattr(model.config, "model_type", ""))
     _check_quantization(model.config)
     dev = _resolve_device(device)
+    if compress:
+        _check_fp8_device(dev, bool((engine_options or {}).get("quantized_kernels")))
     budget = _budget(device_memory, dev)
     trace = Path(trace_path) if trace_path else None
     _check_trace_path(trace)
@@ -874,7 +900,9 @@ def offload(
         mods = _experts_modules(model, family)
         if not mods:
             raise UnsupportedError("the model has no routed experts modules to offload")
-        for path, mod in tqdm(mods, desc="Registering experts", unit="layer", disable=None):
+        served = None
+        desc = "Compressing experts to FP8" if compress else "Registering experts"
+        for path, mod in tqdm(mods, desc=desc, unit="layer", disable=None):
             if family.style == "fused":
                 for r in family.regions:
                     p = mod._parameters[r.name]
@@ -885,11 +913,19 @@ def offload(
                         lin = getattr(expert, lin_name)
                         for pname, p in lin.named_parameters(recurse=False):
                             engine.add_host_tensor(f"{path}.{key}.{lin_name}.{pname}", p.detach().to("cpu").contiguous())
-        _strip(model, family)
+            p = None
+            if compress:
+                # The engine holds this layer's FP8 copy now: the float experts go at once.
+                owner = path[: -len(_EXPERTS_SUFFIX)] if path.endswith(_EXPERTS_SUFFIX) else path
+                res = engine.compress_host(owner)
+                served = {"quant_method": res["quant_method"], "weight_block_size": list(res["weight_block_size"])}
+                _strip_module(model, path, mod, family)
+        if not compress:
+            _strip(model, family)
         model.eval()
         if dev.type == "cuda":
             model.to(dev)
-        return _finish(model, engine, family, "", dev, budget, kernels)
+        return _finish(model, engine, family, "", dev, budget, kernels, served)
     except BaseException:
         engine.close()
         raise
