@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                         **_summary(reqs, wall),
                         "steps": steps,
                         "hit_rate": st["hit_rate"], "bytes_moved": st["bytes_moved"], "stall_s": st["stall_seconds"],
+                        "skew": args.skew, "clusters": args.clusters,
+                        "hook_phase_s": {k: round(v, 3) for k, v in st["hook_phase_seconds"].items()},
                     }
                     rows.append(row)
                     print(json.dumps(row), flush=True)

@@ -19,6 +19,7 @@ which request, so request-level tracing is lost.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
@@ -247,6 +248,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._closed = False
         self._ids = itertools.count()
+        self._streams: dict[int, Any] = {}
         self.counters = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "rejected": 0}
         self.finished: dict[str, int] = {}
         self._workers = [threading.Thread(target=self._work, name=f"moe_infinity-batch-{i}", daemon=True) for i in range(max_batch)]
@@ -332,6 +334,23 @@ class Scheduler:
             self.finished[req.finish_reason or "error"] = self.finished.get(req.finish_reason or "error", 0) + 1
 
     def _run(self, req: Request) -> None:
+        with self._stream():
+            self._generate(req)
+
+    def _stream(self) -> Any:
+        """On a GPU, this worker's own CUDA stream: members enqueue their
+        kernels concurrently, and work on one stream must not interleave
+        between members (a layer's kernels share per-stream scratch)."""
+        dev = self.model.device
+        if dev.type != "cuda":
+            return contextlib.nullcontext()
+        tid = threading.get_ident()
+        st = self._streams.get(tid)
+        if st is None:
+            st = self._streams[tid] = torch.cuda.Stream(device=dev)
+        return torch.cuda.stream(st)
+
+    def _generate(self, req: Request) -> None:
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         p = req.params
