@@ -261,7 +261,7 @@ def test_close_cancels_queued_and_refuses_new(model, tok):
 def test_lockstep_batch_on_gpu_gives_each_request_its_alone_tokens(tok):
     """On the GPU each member runs the engine's kernels for its own tokens
     while the batch shares the fetches: tokens equal generate alone."""
-    m = mi.from_pretrained(mi.builtin_model_path(), device="cuda", device_memory="64MiB")
+    m = mi.from_pretrained(mi.builtin_model_path(), device="cuda", device_memory="1GiB")
     try:
         ids = [tok(p)["input_ids"] for p in PROMPTS]
         alone = [_alone(m, i, 16) for i in ids]
