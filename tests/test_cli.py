@@ -64,7 +64,7 @@ def test_bench_runs_the_decode_harness_from_any_install(tmp_path):
     assert row["decode_s_per_token"] > 0 and 0 <= row["hit_rate"] <= 1 and row["host"]["cpus"] >= 1
     # The default output is a table: a header, a rule, one line per row.
     lines = out.stdout.strip().splitlines()
-    assert lines[0].split()[:2] == ["system", "policy"] and "s/token" in lines[0] and "hit rate" in lines[0]
+    assert lines[0].split()[:3] == ["system", "experts", "policy"] and "s/token" in lines[0] and "hit rate" in lines[0]
     assert set(lines[1].replace(" ", "")) == {"-"} and len(lines) == 3
     assert lines[2].startswith("moe_infinity") and f"{row['decode_s_per_token']:.4f}" in lines[2]
     as_json = _run(["bench", "--preset", "tiny", "--device", "cpu", "--device-memory", "300KiB", "--prompt-len", "8",
