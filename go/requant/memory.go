@@ -3,7 +3,6 @@ package requant
 import (
 	"errors"
 	"fmt"
-	"runtime"
 
 	"github.com/moe-infinity/moe_infinity/go/quant"
 	"github.com/moe-infinity/moe_infinity/go/store"
@@ -46,14 +45,8 @@ type ModuleCopy struct {
 // error of Alloc, or of reading the source, after which the memory from
 // Alloc is freed when Alloc is nil (else it is the caller's).
 func Module(m *store.MoEModule, opts MemoryOptions) (ModuleCopy, error) {
-	if opts.Block == (quant.Block{}) {
-		opts.Block = DefaultBlock
-	}
-	if opts.Block.Rows <= 0 || opts.Block.Cols <= 0 {
-		return ModuleCopy{}, fmt.Errorf("requant: weight_block_size [%d, %d] must be positive", opts.Block.Rows, opts.Block.Cols)
-	}
-	if opts.Workers <= 0 {
-		opts.Workers = runtime.GOMAXPROCS(0)
+	if err := settle(&opts.Block, &opts.Workers); err != nil {
+		return ModuleCopy{}, err
 	}
 	guard := opts.Guard
 	if guard == nil {

@@ -116,19 +116,28 @@ type manifest struct {
 	Result  Result      `json:"result"`
 }
 
+// settle fills a zero block with DefaultBlock and a non-positive worker
+// count with GOMAXPROCS, and refuses a block with a non-positive side.
+func settle(block *quant.Block, workers *int) error {
+	if *block == (quant.Block{}) {
+		*block = DefaultBlock
+	}
+	if block.Rows <= 0 || block.Cols <= 0 {
+		return fmt.Errorf("requant: weight_block_size [%d, %d] must be positive", block.Rows, block.Cols)
+	}
+	if *workers <= 0 {
+		*workers = runtime.GOMAXPROCS(0)
+	}
+	return nil
+}
+
 // FP8 makes (or finds) the block-FP8 copy of opts.Source's routed experts
 // in opts.Dir. Errors: ErrSource for a source without float experts,
 // store's errors for an unreadable source, *fs.PathError for a directory
 // that cannot be written.
 func FP8(opts Options) (Result, error) {
-	if opts.Block == (quant.Block{}) {
-		opts.Block = DefaultBlock
-	}
-	if opts.Block.Rows <= 0 || opts.Block.Cols <= 0 {
-		return Result{}, fmt.Errorf("requant: weight_block_size [%d, %d] must be positive", opts.Block.Rows, opts.Block.Cols)
-	}
-	if opts.Workers <= 0 {
-		opts.Workers = runtime.GOMAXPROCS(0)
+	if err := settle(&opts.Block, &opts.Workers); err != nil {
+		return Result{}, err
 	}
 	if sameDir(opts.Dir, opts.Source) {
 		return Result{}, fmt.Errorf("requant: the output directory %s is the checkpoint's own; give a directory of its own", opts.Dir)
