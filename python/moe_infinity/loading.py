@@ -250,14 +250,16 @@ def _writable_dir(directory: Path, setting: str) -> None:
         raise EngineIOError(f"{setting}: cannot write in {directory} ({e.strerror or e}); choose a writable directory") from e
 
 
-def _check_trace_path(trace_path: Path | None) -> None:
+def _check_trace_path(trace_path: Path | None, dir_checked: bool = False) -> None:
     """A trace file that exists must be a file; its directory must be writable
-    (the trace is written there at ``close()``, by atomic rename)."""
+    (the trace is written there at ``close()``, by atomic rename), which is
+    probed unless the caller just did (``dir_checked``)."""
     if trace_path is None:
         return
     if trace_path.is_dir():
         raise EngineIOError(f"trace_path: {trace_path} is a directory; give a file path such as {trace_path / 'trace.bin'}")
-    _writable_dir(trace_path.parent, "trace_path")
+    if not dir_checked:
+        _writable_dir(trace_path.parent, "trace_path")
 
 
 def _prepare_offload_dir(offload_dir: Path, fingerprint: str, trace_path: Path | None) -> Path:
@@ -287,7 +289,7 @@ def _prepare_offload_dir(offload_dir: Path, fingerprint: str, trace_path: Path |
         os.replace(tmp, stamp)
     except OSError as e:
         raise EngineIOError(f"offload_dir: cannot write {stamp} ({e.strerror or e})") from e
-    _check_trace_path(trace)
+    _check_trace_path(trace, dir_checked=trace.parent == offload_dir)
     return trace
 
 
