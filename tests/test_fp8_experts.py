@@ -214,7 +214,7 @@ def test_expert_dtype_values_and_refusals(builtin, tmp_path, monkeypatch):
         mi.from_pretrained(fp8, device="cpu", expert_dtype="fp8", offload_dir=tmp_path / "o2")
     # A GPU.
     monkeypatch.setattr(loading, "_resolve_device", lambda device: torch.device("cuda", 0))
-    with pytest.raises(mi.UnsupportedError, match=r"expert_dtype='fp8'.*device='cpu'.*not yet validated on a GPU.*quantized_kernels"):
+    with pytest.raises(mi.UnsupportedError, match=r"expert_dtype='fp8'.*device='cpu'.*opt-in while they run slower.*quantized_kernels"):
         mi.from_pretrained(builtin, device="cuda", expert_dtype="fp8", offload_dir=tmp_path / "o3")
     assert not (tmp_path / "o3").exists(), "nothing is written before the refusal"
 
@@ -285,5 +285,5 @@ def test_offload_fp8_refusals(monkeypatch):
     with pytest.raises(mi.InvalidArgumentError, match="valid values"):
         mi.offload(_bench_model(), device="cpu", expert_dtype="fp4")
     monkeypatch.setattr(loading, "_resolve_device", lambda device: torch.device("cuda", 0))
-    with pytest.raises(mi.UnsupportedError, match=r"expert_dtype='fp8'.*not yet validated on a GPU.*quantized_kernels"):
+    with pytest.raises(mi.UnsupportedError, match=r"expert_dtype='fp8'.*opt-in while they run slower.*quantized_kernels"):
         mi.offload(_bench_model(), device="cuda", expert_dtype="fp8")

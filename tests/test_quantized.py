@@ -248,7 +248,7 @@ def test_quantized_checkpoint_off_the_cpu_is_refused_naming_what_is_served(ckpt,
 
     _, path, *_ = ckpt
     monkeypatch.setattr(loading, "_resolve_device", lambda device: torch.device("cuda", 0))
-    with pytest.raises(mi.UnsupportedError, match=r"device='cpu'.*not yet validated on a GPU.*quantized_kernels"):
+    with pytest.raises(mi.UnsupportedError, match=r"device='cpu'.*opt-in while they run slower.*quantized_kernels"):
         mi.from_pretrained(path, device="cuda")
     # The engine option lets the load through to the engine, which decides.
     cfg = json.loads((path / "config.json").read_text())

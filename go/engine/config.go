@@ -99,9 +99,10 @@ type Config struct {
 	// QuantizedKernels lets a GPU backend serve a checkpoint whose experts
 	// are quantized (FP8 block-scaled) by computing them with its expert
 	// kernels straight from the compressed slots. Off by default: those
-	// CUDA kernels are built and checked against the CPU reference's
-	// arithmetic, but not yet validated on a GPU, so such checkpoints are
-	// refused off the CPU unless this is set (the GPU test suite sets it).
+	// CUDA kernels agree with transformers' dequantizing load (GPU tests,
+	// H100, 2026-12-07) but decode slower per token than bfloat16 experts
+	// (no mapped mode; software e4m3 decoding), so such checkpoints are
+	// refused off the CPU unless this is set.
 	// On the CPU backend the reference kernels read FP8 slots whenever
 	// ReferenceKernels is on; this setting does not matter there.
 	QuantizedKernels bool `json:"quantized_kernels"`

@@ -202,7 +202,7 @@ func TestQuantizedBudgetAndBackendErrors(t *testing.T) {
 	quantModel(t, e, 1, 2)
 	_, err = e.Configure(Setup{Layout: fp8Spec})
 	require.ErrorIs(t, err, ErrUnsupported)
-	assert.Contains(t, err.Error(), "not yet validated on a GPU")
+	assert.Contains(t, err.Error(), "opt-in while they run slower")
 
 	e, err = New(Config{BudgetBytes: 1 << 20})
 	require.NoError(t, err)

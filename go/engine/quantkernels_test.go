@@ -140,7 +140,7 @@ var gpuFP8Caps = backend.Capabilities{ExpertKernels: true, Mapped: true, MaxMapp
 func TestQuantizedExpertsOnAGPUNeedTheQuantizedKernelsOption(t *testing.T) {
 	_, _, err := gpuQuantEngine(t, Config{}, gpuFP8Caps, 1, 2)
 	require.ErrorIs(t, err, ErrUnsupported)
-	assert.Contains(t, err.Error(), "not yet validated on a GPU")
+	assert.Contains(t, err.Error(), "opt-in while they run slower")
 	assert.Contains(t, err.Error(), "quantized_kernels")
 
 	_, _, err = gpuQuantEngine(t, Config{QuantizedKernels: true}, kernelCaps, 1, 2)
