@@ -5,7 +5,6 @@ package engine
 import (
 	"encoding/binary"
 	"encoding/json"
-	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -203,24 +202,11 @@ func writeBF16ModelFile(t *testing.T, path string, L, E int) {
 	}
 	hdr := map[string]entry{}
 	var data []byte
-	rng := rand.New(rand.NewPCG(1, 2))
-	for l := 0; l < L; l++ {
-		for x := 0; x < E; x++ {
-			for _, ro := range []struct {
-				name string
-				r, c int64
-			}{{"w1.weight", mI, mH}, {"w2.weight", mH, mI}, {"w3.weight", mI, mH}} {
-				vals := make([]float32, ro.r*ro.c)
-				for i := range vals {
-					vals[i] = float32(rng.NormFloat64()) * 0.5
-				}
-				begin := int64(len(data))
-				data = append(data, bf16Bytes(vals)...)
-				name := fmt.Sprintf("model.layers.%d.block_sparse_moe.experts.%d.%s", l, x, ro.name)
-				hdr[name] = entry{"BF16", []int64{ro.r, ro.c}, [2]int64{begin, int64(len(data))}}
-			}
-		}
-	}
+	eachBF16Tensor(L, E, func(name string, shape []int64, b []byte) {
+		begin := int64(len(data))
+		data = append(data, b...)
+		hdr[name] = entry{"BF16", shape, [2]int64{begin, int64(len(data))}}
+	})
 	h, err := json.Marshal(hdr)
 	require.NoError(t, err)
 	out := binary.LittleEndian.AppendUint64(nil, uint64(len(h)))

@@ -2,7 +2,6 @@ package engine
 
 import (
 	"encoding/binary"
-	"fmt"
 	"math"
 	"os"
 	"path/filepath"
@@ -28,27 +27,10 @@ const (
 func value(l, x, r, i int) float32 { return float32(l*1000 + x*100 + r*10 + i) }
 
 // model registers a Mixtral-style per-expert model of L layers × E experts
-// (w1, w2, w3 in f32) as host tensors.
+// (w1, w2, w3 in f32) as host tensors (hostModel, its buffers not kept).
 func model(t *testing.T, e *Engine, L, E int) {
 	t.Helper()
-	roles := []struct {
-		name  string
-		shape []int64
-	}{{"w1.weight", []int64{tI, tH}}, {"w2.weight", []int64{tH, tI}}, {"w3.weight", []int64{tI, tH}}}
-	for l := 0; l < L; l++ {
-		for x := 0; x < E; x++ {
-			for r, ro := range roles {
-				n := int(ro.shape[0] * ro.shape[1])
-				b := make([]byte, 4*n)
-				for i := 0; i < n; i++ {
-					binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(value(l, x, r, i)))
-				}
-				name := fmt.Sprintf("model.layers.%d.block_sparse_moe.experts.%d.%s", l, x, ro.name)
-				require.NoError(t, e.AddHostTensor(name, "F32", ro.shape, b))
-			}
-		}
-	}
-	require.NoError(t, e.AddHostTensor("model.embed_tokens.weight", "F32", []int64{2, tH}, make([]byte, 2*tH*4)))
+	hostModel(t, e, L, E)
 }
 
 var mixtralSpec = layout.Spec{Regions: []layout.RegionSpec{

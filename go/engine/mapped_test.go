@@ -56,10 +56,10 @@ func bf16Engine(t *testing.T, setup Setup, L, E, slots int, before ...func(*Engi
 	return e, p
 }
 
-// bf16Model registers a bf16 Mixtral-style model of L × E experts whose
-// weights differ per expert (the same weights for every engine).
-func bf16Model(t *testing.T, e *Engine, L, E int) {
-	t.Helper()
+// eachBF16Tensor calls fn with every tensor of a bf16 Mixtral-style model
+// of L × E experts whose weights differ per expert (the same values on
+// every call): its name, shape and bfloat16 bytes.
+func eachBF16Tensor(L, E int, fn func(name string, shape []int64, data []byte)) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	for l := 0; l < L; l++ {
 		for x := 0; x < E; x++ {
@@ -71,11 +71,18 @@ func bf16Model(t *testing.T, e *Engine, L, E int) {
 				for i := range vals {
 					vals[i] = float32(rng.NormFloat64()) * 0.5
 				}
-				name := fmt.Sprintf("model.layers.%d.block_sparse_moe.experts.%d.%s", l, x, ro.name)
-				require.NoError(t, e.AddHostTensor(name, "BF16", []int64{ro.r, ro.c}, bf16Bytes(vals)))
+				fn(fmt.Sprintf("model.layers.%d.block_sparse_moe.experts.%d.%s", l, x, ro.name), []int64{ro.r, ro.c}, bf16Bytes(vals))
 			}
 		}
 	}
+}
+
+// bf16Model registers eachBF16Tensor's model as host tensors.
+func bf16Model(t *testing.T, e *Engine, L, E int) {
+	t.Helper()
+	eachBF16Tensor(L, E, func(name string, shape []int64, data []byte) {
+		require.NoError(t, e.AddHostTensor(name, "BF16", shape, data))
+	})
 }
 
 // ffnIO holds one call's buffers in Go memory (the CPU backend reads
@@ -87,9 +94,18 @@ type ffnIO struct {
 	weights []float32
 }
 
+// newFFNIO is one call's buffers at the bf16 test model's sizes, each
+// token's experts weighted equally.
 func newFFNIO(rng *rand.Rand, T, K, E int) *ffnIO {
-	io := &ffnIO{out: make([]byte, 2*T*mH), scratch: make([]float32, T*K*mI), topk: make([]int64, T*K), weights: make([]float32, T*K)}
-	xs := make([]float32, T*mH)
+	return ffnIOOf(rng, T, K, E, mH, mI, func() float32 { return 1 / float32(K) })
+}
+
+// ffnIOOf is one call's buffers for experts of hidden × inter: random
+// activations, each token routed to K distinct experts (a random
+// permutation's first K) with the weights weight draws, in order.
+func ffnIOOf(rng *rand.Rand, T, K, E, hidden, inter int, weight func() float32) *ffnIO {
+	io := &ffnIO{out: make([]byte, 2*T*hidden), scratch: make([]float32, T*K*inter), topk: make([]int64, T*K), weights: make([]float32, T*K)}
+	xs := make([]float32, T*hidden)
 	for i := range xs {
 		xs[i] = float32(rng.NormFloat64())
 	}
@@ -97,8 +113,7 @@ func newFFNIO(rng *rand.Rand, T, K, E int) *ffnIO {
 	for t := 0; t < T; t++ {
 		perm := rng.Perm(E)
 		for j := 0; j < K; j++ {
-			io.topk[t*K+j] = int64(perm[j])
-			io.weights[t*K+j] = 1 / float32(K)
+			io.topk[t*K+j], io.weights[t*K+j] = int64(perm[j]), weight()
 		}
 	}
 	return io

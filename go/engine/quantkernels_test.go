@@ -12,19 +12,7 @@ import (
 
 // qIO is one layer call's tensors at the quantized test model's sizes.
 func qIO(rng *rand.Rand, T, K, E int) *ffnIO {
-	io := &ffnIO{out: make([]byte, 2*T*qH), scratch: make([]float32, T*K*qI), topk: make([]int64, T*K), weights: make([]float32, T*K)}
-	xs := make([]float32, T*qH)
-	for i := range xs {
-		xs[i] = float32(rng.NormFloat64())
-	}
-	io.x = bf16Bytes(xs)
-	for t := 0; t < T; t++ {
-		perm := rng.Perm(E)
-		for j := 0; j < K; j++ {
-			io.topk[t*K+j], io.weights[t*K+j] = int64(perm[j]), float32(rng.Float64())
-		}
-	}
-	return io
+	return ffnIOOf(rng, T, K, E, qH, qI, func() float32 { return float32(rng.Float64()) })
 }
 
 // onViews computes io's layer with the CPU reference FFN over the experts
