@@ -274,3 +274,25 @@ def test_lockstep_batch_on_gpu_gives_each_request_its_alone_tokens(tok):
         assert st["lockstep"]["max_batch"] >= 2
     finally:
         m.close()
+
+
+def test_lockstep_on_the_kernel_paths_gives_each_request_its_alone_tokens(tok):
+    """The CPU stand-in for the GPU test above: with the reference kernels
+    the engine's kernel and mapped paths run, and members hand it the
+    routing the lockstep already brought to the host."""
+    m = mi.from_pretrained(mi.builtin_model_path(), device="cpu", device_memory="6MiB", engine_options={"reference_kernels": True})
+    try:
+        ids = [tok(p)["input_ids"] for p in PROMPTS[:4]]
+        alone = [_alone(m, i, 12) for i in ids]
+        m.reset_moe_stats()
+        with Scheduler(m, max_batch=4) as s:
+            reqs = [s.submit(i, SamplingParams(max_tokens=12, temperature=0)) for i in ids]
+            for r in reqs:
+                assert r.wait(300)
+            st = s.stats()
+        assert [r.tokens for r in reqs] == alone
+        assert st["lockstep"]["max_batch"] >= 2
+        paths = m.moe_stats()["paths"]
+        assert paths.get("kernels", 0) + paths.get("mapped", 0) > 0, paths
+    finally:
+        m.close()

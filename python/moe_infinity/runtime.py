@@ -322,7 +322,6 @@ class OffloadRuntime:
         self.kernels = bool(kernels and ex["kernels"])
         self.mapped = bool(self.kernels and ex["mapped"])
         self.ffn_hidden, self.ffn_inter, self.ffn_dtype = int(ex["hidden"]), int(ex["inter"]), int(ex["dtype"])
-        self._scratch: dict[int, torch.Tensor] = {}
         self._raw_stream = _raw_stream_getter(self.device) if self.device.type == "cuda" else (lambda: 0)
         for layer in layers:
             if layer.num_experts != self.num_experts:
@@ -499,11 +498,15 @@ class OffloadRuntime:
             out = torch.empty_like(x)
             stream = self._raw_stream()
             need = T * k * self.ffn_inter
-            scratch = self._scratch.get(stream)
+            # This thread's scratch for this stream, reused by every layer:
+            # each call's kernels finish with it before the next call's
+            # start (stream order). Per thread too: threads computing at once
+            # (a lockstep batch; on the CPU every thread's stream is 0) must
+            # not share it.
+            scratches = self._tls.__dict__.setdefault("scratch", {})
+            scratch = scratches.get(stream)
             if scratch is None or scratch.numel() < need:
-                # Reused by every layer on this stream: each call's kernels
-                # finish with it before the next call's start (stream order).
-                scratch = self._scratch[stream] = torch.empty(max(need, 16 * self.ffn_inter), dtype=torch.float32, device=x.device)
+                scratch = scratches[stream] = torch.empty(max(need, 16 * self.ffn_inter), dtype=torch.float32, device=x.device)
             a.stream, a.x, a.out, a.scratch, a.weights = stream, x.data_ptr(), out.data_ptr(), scratch.data_ptr(), weights.data_ptr()
             a.dtype, a.weights_dtype = _ACT_DTYPES.get(x.dtype, -1), _WDTYPES.get(weights.dtype, -1)
         else:
