@@ -478,7 +478,7 @@ class OffloadRuntime:
         T = top_k_index.shape[0]
         k = top_k_index.shape[-1] if top_k_index.dim() > 1 else 1
         topk = top_k_index if top_k_index.dtype == torch.int64 and top_k_index.is_contiguous() else top_k_index.to(torch.int64).contiguous()
-        self._meet(layer, topk)
+        met = self._meet(layer, topk)
         t0 = time.perf_counter_ns()
         a = self._layer_args()
         a.layer, a.tokens, a.k = layer.index, T, k
@@ -489,8 +489,10 @@ class OffloadRuntime:
             | (_native.LAYER_HOST_BATCHED if self._impl(layer.module) != "eager" else 0)
         )
         a.topk = topk.data_ptr()
-        idx_host = topk if topk.device.type == "cpu" else None
-        a.topk_host = ctypes.cast(ctypes.c_void_p(topk.data_ptr()), ctypes.POINTER(ctypes.c_int64)) if idx_host is not None else None
+        # The host routing, when the lockstep already brought it over or it
+        # lives there: otherwise the engine asks for it only if it needs it.
+        idx_host = met if met is not None else (topk if topk.device.type == "cpu" else None)
+        a.topk_host = ctypes.cast(ctypes.c_void_p(idx_host.data_ptr()), ctypes.POINTER(ctypes.c_int64)) if idx_host is not None else None
         out = x = weights = None
         if self.kernels:
             x = hidden.contiguous()
@@ -528,17 +530,23 @@ class OffloadRuntime:
         needed = list(self._tls.layer_experts[: a.n_experts])
         return self._run_torch(layer, layer.module, hidden, top_k_index, top_k_weights, original, needed, stacked=path == _native.PATH_HOST_STACKED)
 
-    def _meet(self, layer: MoELayer, experts: Any) -> None:
+    def _meet(self, layer: MoELayer, experts: Any) -> torch.Tensor | None:
         """In a lockstep batch, waits for the batch's other members to reach
-        this layer (the union of their experts is then fetched together)."""
+        this layer (the union of their experts is then fetched together).
+        Given the routing as a tensor, returns it in host memory (the caller
+        hands it to the engine rather than copying it over again); None
+        outside a lockstep batch or for a list of experts."""
         ls = self.lockstep
         if ls is None or not ls.enrolled():
-            return
+            return None
+        host = None
         if isinstance(experts, torch.Tensor):
-            experts = np.unique(self._routing_to_host(experts)).tolist()
+            host = self._routing_to_host(experts, as_tensor=True)
+            experts = np.unique(host.numpy()).tolist()
         t0 = time.perf_counter_ns()
         ls.at_layer(layer.index, experts)
         self._phase("lockstep_wait", t0)
+        return host
 
     @staticmethod
     def _impl(module: torch.nn.Module) -> str:
