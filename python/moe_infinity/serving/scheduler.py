@@ -338,9 +338,9 @@ class Scheduler:
             self._generate(req)
 
     def _stream(self) -> Any:
-        """On a GPU, this worker's own CUDA stream: members enqueue their
-        kernels concurrently, and work on one stream must not interleave
-        between members (a layer's kernels share per-stream scratch)."""
+        """On a GPU, this worker's own CUDA stream, so that members' kernels
+        run concurrently instead of queueing on one stream (each thread has
+        its own kernel scratch either way)."""
         dev = self.model.device
         if dev.type != "cuda":
             return contextlib.nullcontext()
