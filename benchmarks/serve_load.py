@@ -13,7 +13,9 @@ from c's own per-layer ranking of the experts, with probability ∝
 request-level tracing can pay: a request's first layers tell the EAMC which
 cluster it is in.
 
-Rows (JSON lines with --out) state every setting: preset, device,
+Rows (JSON lines with --out) state every setting: preset, device, batching
+(stacked, stacked-fast or threads, the scheduler modes; --batching runs
+several in one process),
 device_memory, routing, clusters, skew, policy, prefetch, concurrency or
 arrival rate, prompt and output lengths. Each configuration is measured after
 a warm-up phase of the same load (not recorded); the EAMC keeps what it
@@ -78,12 +80,14 @@ class ClusterRouting:
 
     def __call__(self, layer: Any, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, original: Any) -> torch.Tensor:
         reqs = self.rt.active_requests() or [0]
-        s = self._stream(reqs[0])
-        T = top_k_index.shape[0]
-        rows = (torch.arange(T) + s[1]) % s[0].shape[0]
-        forced = s[0][rows, layer.index].to(top_k_index.device)
-        if layer.index == self.L - 1:
-            s[1] += T
+        per = top_k_index.shape[0] // len(reqs)  # tokens of each request (row) in this forward
+        parts = []
+        for r in reqs:
+            s = self._stream(r)
+            parts.append(s[0][(torch.arange(per) + s[1]) % s[0].shape[0], layer.index])
+            if layer.index == self.L - 1:
+                s[1] += per
+        forced = torch.cat(parts).to(top_k_index.device)
         return self.original(layer, hidden, forced, top_k_weights, original)
 
 
@@ -172,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default="priority:on", help="policy:prefetch pairs, e.g. priority:on,priority:off,lru:on")
     ap.add_argument("--warmup", type=int, default=4, help="requests run (not recorded) before each configuration")
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--batching", default="stacked", help="scheduler modes to run, comma-separated: stacked (exact), stacked-fast (exact=False), threads")
     ap.add_argument("--out", help="append JSON rows here")
     args = ap.parse_args(argv)
 
@@ -197,46 +202,64 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows = []
     out = open(args.out, "a") if args.out else None  # noqa: SIM115
-    with Scheduler(model, max_batch=args.max_batch, max_queue=4096) as s:
-        for pair in args.configs.split(","):
-            policy, pf = pair.split(":")
-            model.moe_tune(cache_policy=policy, prefetch=pf == "on", flush=True, reset_stats=True)
-            closed_loop(s, prompts, min(4, args.warmup) or 1, max(1, args.warmup // 4), args.max_tokens)
-            for mode, values in (("closed", conc), ("poisson", rates)):
-                for v in values:
-                    model.moe_tune(reset_stats=True)
-                    before = s.lockstep.stats()
-                    if mode == "closed":
-                        reqs, wall = closed_loop(s, prompts, v, args.per_client, args.max_tokens)
-                    else:
-                        reqs, wall = poisson(s, prompts, v, args.poisson_requests, args.max_tokens, args.seed)
-                    after = s.lockstep.stats()
-                    st = model.moe_stats()
-                    steps = after["steps"] - before["steps"]
-                    row = {
-                        **base, "policy": policy, "prefetch": pf == "on", "load": mode,
-                        ("concurrency" if mode == "closed" else "rate_rps"): v,
-                        **_summary(reqs, wall),
-                        "steps": steps,
-                        "hit_rate": st["hit_rate"], "bytes_moved": st["bytes_moved"], "stall_s": st["stall_seconds"],
-                        "skew": args.skew, "clusters": args.clusters,
-                        "hook_phase_s": {k: round(v, 3) for k, v in st["hook_phase_seconds"].items()},
-                    }
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-                    if out:
-                        out.write(json.dumps(row) + "\n")
+    for batching in args.batching.split(","):
+        with Scheduler(model, max_batch=args.max_batch, max_queue=4096, batching=batching.removesuffix("-fast"), exact=not batching.endswith("-fast")) as s:
+            rows += _run_configs(s, model, args, base, prompts, conc, rates, out)
     if out:
         out.close()
-    for pair in {(r["policy"], r["prefetch"]) for r in rows}:
-        one = [r for r in rows if (r["policy"], r["prefetch"]) == pair and r.get("concurrency") == 1]
-        if one and one[0]["tokens_per_s"]:
-            for r in rows:
-                if (r["policy"], r["prefetch"]) == pair and r.get("concurrency"):
-                    print(f"{pair[0]:>8} prefetch={pair[1]!s:5} x{r['concurrency']:<3} {r['tokens_per_s']:.1f} tok/s = {r['tokens_per_s'] / one[0]['tokens_per_s']:.2f}x batch-1, "
-                          f"TPOT p50 {r['tpot_p50_ms']:.1f} ms p99 {r['tpot_p99_ms']:.1f} ms, hit rate {r['hit_rate']:.3f}")
+    _print_ratios(rows)
     model.close()
     return 0 if all(r["errors"] == 0 for r in rows) else 1
+
+
+def _run_configs(s: Scheduler, model: Any, args: Any, base: dict, prompts: list, conc: list[int], rates: list[float], out: Any) -> list[dict]:
+    """Every policy:prefetch configuration's closed-loop and Poisson rows
+    with one scheduler."""
+    rows = []
+    for pair in args.configs.split(","):
+        policy, pf = pair.split(":")
+        model.moe_tune(cache_policy=policy, prefetch=pf == "on", flush=True, reset_stats=True)
+        closed_loop(s, prompts, min(4, args.warmup) or 1, max(1, args.warmup // 4), args.max_tokens)
+        for mode, values in (("closed", conc), ("poisson", rates)):
+            for v in values:
+                model.moe_tune(reset_stats=True)
+                before = s.stats()["batch"]
+                if mode == "closed":
+                    reqs, wall = closed_loop(s, prompts, v, args.per_client, args.max_tokens)
+                else:
+                    reqs, wall = poisson(s, prompts, v, args.poisson_requests, args.max_tokens, args.seed)
+                after = s.stats()["batch"]
+                st = model.moe_stats()
+                steps = after["steps"] - before["steps"]
+                row = {
+                    **base, "batching": s.batching, "exact": s.exact, "policy": policy, "prefetch": pf == "on", "load": mode,
+                    ("concurrency" if mode == "closed" else "rate_rps"): v,
+                    **_summary(reqs, wall),
+                    "steps": steps,
+                    "hit_rate": st["hit_rate"], "bytes_moved": st["bytes_moved"], "stall_s": st["stall_seconds"],
+                    "skew": args.skew, "clusters": args.clusters,
+                    "hook_phase_s": {k: round(v, 3) for k, v in st["hook_phase_seconds"].items()},
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if out:
+                    out.write(json.dumps(row) + "\n")
+                    out.flush()
+    return rows
+
+
+def _print_ratios(rows: list[dict]) -> None:
+    """Each closed-loop row's throughput against batch 1 of its own
+    configuration (same process)."""
+    key = lambda r: (r["batching"], r["exact"], r["policy"], r["prefetch"])  # noqa: E731
+    for cfg in sorted({key(r) for r in rows}, key=str):
+        one = [r for r in rows if key(r) == cfg and r.get("concurrency") == 1]
+        if one and one[0]["tokens_per_s"]:
+            for r in rows:
+                if key(r) == cfg and r.get("concurrency"):
+                    name = cfg[0] + ("" if cfg[1] else "-fast")
+                    print(f"{name:>12} {cfg[2]:>8} prefetch={cfg[3]!s:5} x{r['concurrency']:<3} {r['tokens_per_s']:.1f} tok/s = {r['tokens_per_s'] / one[0]['tokens_per_s']:.2f}x batch-1, "
+                          f"TPOT p50 {r['tpot_p50_ms']:.1f} ms p99 {r['tpot_p99_ms']:.1f} ms, hit rate {r['hit_rate']:.3f}")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ run() {  # name, command...
 }
 if [ "$what" = gpu ] || [ "$what" = all ]; then
     # tests/test_gpu.py includes the FP8 kernels' tests (engine option quantized_kernels).
-    run gpu_tests python3 -m pytest -p no:cacheprovider -q -m gpu -rA tests/test_gpu.py tests/test_backend_ops.py tests/test_gpu_memory.py tests/test_scheduler.py
+    run gpu_tests python3 -m pytest -p no:cacheprovider -q -m gpu -rA tests/test_gpu.py tests/test_backend_ops.py tests/test_gpu_memory.py tests/test_scheduler.py tests/test_checkpoint_changed.py
 fi
 if [ "$what" = parity ] || [ "$what" = all ]; then
     MOE_INFINITY_TEST_DEVICE=cuda run parity_cuda python3 -m pytest -p no:cacheprovider -q -x tests/test_parity.py tests/test_generation_modes.py
@@ -70,7 +70,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     run zero_copy python3 benchmarks/zero_copy.py --out "$OUT/zero_copy.json"
 fi
 if [ "$what" = headline ]; then
-    run gpu_tests python3 -m pytest -p no:cacheprovider -q -m gpu -rA tests/test_gpu.py tests/test_backend_ops.py tests/test_gpu_memory.py tests/test_scheduler.py
+    run gpu_tests python3 -m pytest -p no:cacheprovider -q -m gpu -rA tests/test_gpu.py tests/test_backend_ops.py tests/test_gpu_memory.py tests/test_scheduler.py tests/test_checkpoint_changed.py
     D="python3 benchmarks/decode.py --device-memory 24GiB --decode 32 --graph"
     run qwen3_pipelined timeout 240 $D --pipeline --preset qwen3-30b-a3b --out "$OUT/decode_qwen3_pipelined.json"
     run qwen3_stepwise timeout 120 $D --no-ablations --preset qwen3-30b-a3b --out "$OUT/decode_qwen3_stepwise.json"
@@ -83,10 +83,11 @@ if [ "$what" = copy ] || [ "$what" = defaults ]; then  # copy-mode misses: Mixtr
     [ "$what" = defaults ] && run qwen3_auto timeout 150 $D --preset qwen3-30b-a3b --out "$OUT/decode_qwen3_auto.json"
 fi
 if [ "$what" = serve ]; then  # continuous batching: aggregate tokens/s against concurrency (issue: serving)
+    run serve_gpu_tests timeout 150 python3 -m pytest -p no:cacheprovider -q -m gpu -rA tests/test_scheduler.py tests/test_checkpoint_changed.py
     S="python3 benchmarks/serve_load.py --device cuda --device-memory 24GiB --routing generated --clusters 4 --prompt-len 16 --max-tokens 32 --per-client 2 --warmup 4"
-    run serve_qwen3 timeout 300 $S --preset qwen3-30b-a3b --concurrency 1,4,16,32 --configs priority:on --out "$OUT/serve.jsonl"
+    run serve_qwen3 timeout 360 $S --preset qwen3-30b-a3b --batching ${BATCHING:-stacked,stacked-fast} --concurrency ${CONCURRENCY:-1,4,16,32} --configs priority:on --out "$OUT/serve.jsonl"
     run serve_qwen3_ablations timeout 200 $S --preset qwen3-30b-a3b --concurrency 16 --configs priority:off,lru:on --out "$OUT/serve.jsonl"
-    run serve_mixtral timeout 240 $S --preset mixtral-8x7b --concurrency 1,4,8 --configs priority:on --out "$OUT/serve.jsonl"
+    run serve_mixtral timeout 240 $S --preset mixtral-8x7b --batching ${BATCHING:-stacked,stacked-fast} --concurrency 1,4,8 --configs priority:on --out "$OUT/serve.jsonl"
 fi
 if [ "$what" = fp8 ]; then  # quantized experts: FP8 against bf16 on the same routing, same run
     run fp8_gpu_tests timeout 120 python3 -m pytest -p no:cacheprovider -q -m gpu -rA -k "fp8" tests/test_gpu.py

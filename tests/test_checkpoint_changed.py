@@ -26,8 +26,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import moe_infinity as mi
+from moe_infinity import _native
 from moe_infinity.builtin import builtin_model_dir
 from moe_infinity.errors import error_for_status
 
@@ -40,7 +42,7 @@ import torch
 import moe_infinity as mi
 from moe_infinity.builtin import builtin_model_dir
 
-mode, work = sys.argv[1], Path(sys.argv[2])
+mode, work, device = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 a, b = work / "a", work / "b"
 for d in (a, b):
     shutil.copytree(builtin_model_dir(), d)
@@ -52,8 +54,8 @@ prompt = torch.tensor([[1, 40, 50, 60, 70, 80]])
 def gen(m):
     return m.generate(input_ids=prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0].tolist()
 
-ma = mi.from_pretrained(a, device_memory="2MiB")
-mb = mi.from_pretrained(b, device_memory="2MiB")
+ma = mi.from_pretrained(a, device=device, device_memory="2MiB")
+mb = mi.from_pretrained(b, device=device, device_memory="2MiB")
 out = {"a_before": gen(ma), "b_before": gen(mb)}
 
 if mode == "truncate":
@@ -86,11 +88,11 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def _run(mode: str, tmp_path: Path) -> dict:
+def _run(mode: str, tmp_path: Path, device: str = "cpu") -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TQDM_DISABLE", "1")
-    proc = subprocess.run([sys.executable, "-c", SCENARIO, mode, str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", SCENARIO, mode, str(tmp_path), device], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"exit {proc.returncode} (-7, or 135 from a shell: SIGBUS)\n{proc.stderr[-3000:]}"
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     assert line, proc.stdout[-2000:]
@@ -106,7 +108,10 @@ def _run(mode: str, tmp_path: Path) -> dict:
     ],
 )
 def test_changed_shard_raises_and_the_process_keeps_working(tmp_path, mode, what):
-    out = _run(mode, tmp_path)
+    _check_changed(_run(mode, tmp_path), tmp_path, what)
+
+
+def _check_changed(out: dict, tmp_path: Path, what: str) -> None:
     shard = tmp_path / "a" / "model.safetensors"
     for key in ("a_after", "a_again"):  # the model stays unusable, and says so each time
         err = out[key]
@@ -119,6 +124,33 @@ def test_changed_shard_raises_and_the_process_keeps_working(tmp_path, mode, what
     # Another model in the same process, on an untouched copy, is unaffected.
     assert out["b_after"] == out["b_before"]
     assert out["a_before"] == out["b_before"]
+
+
+_CUDA = pytest.mark.skipif(not (torch.cuda.is_available() and _native.cuda_usable()), reason="needs a CUDA GPU (runs on the H100 machine through scripts/gpu_check.sh)")
+
+
+@pytest.mark.gpu
+@_CUDA
+@pytest.mark.parametrize(
+    "mode, what",
+    [
+        ("truncate", r"\(size (\d+) -> (\d+) bytes\)"),
+        ("rewrite_same_size", r"\(same size, modified \S+ -> \S+\)"),
+    ],
+)
+def test_changed_shard_on_cuda_raises_and_the_process_keeps_working(tmp_path, mode, what):
+    """On a GPU the experts reach the device from pinned or registered host
+    pages, which cannot fault: the per-layer identity check is what catches
+    the change, before a kernel reads stale or foreign bytes."""
+    _check_changed(_run(mode, tmp_path, "cuda"), tmp_path, what)
+
+
+@pytest.mark.gpu
+@_CUDA
+def test_unlinked_shard_on_cuda_keeps_generating_the_same_tokens(tmp_path):
+    out = _run("unlink", tmp_path, "cuda")
+    assert out["a_after"] == out["a_before"] == out["a_again"]
+    assert out["b_after"] == out["b_before"] == out["a_before"]
 
 
 def test_unlinked_shard_keeps_generating_the_same_tokens(tmp_path):

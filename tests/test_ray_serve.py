@@ -104,3 +104,10 @@ def test_two_replicas_behind_rays_proxy_answer_and_shut_down_cleanly(tmp_path, m
         assert m.moe_stats()["eamc_size"] > 0
     finally:
         m.close()
+
+
+def test_a_bad_batching_mode_is_refused_before_ray_starts():
+    from moe_infinity.serving.ray import deployment
+
+    with pytest.raises(mi.InvalidArgumentError, match=r"batching must be 'auto', 'stacked' or 'threads' \(got 'stack'\)"):
+        deployment(batching="stack")

@@ -1,5 +1,6 @@
-"""Continuous batching (moe_infinity.serving.Scheduler) and the lockstep
-that lets concurrently decoding threads share each MoE layer's experts."""
+"""Continuous batching (moe_infinity.serving.Scheduler): stacked steps (one
+forward for the batch, rows kept apart) and the lockstep that lets
+concurrently decoding threads share each MoE layer's experts."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 import moe_infinity as mi
@@ -15,6 +17,7 @@ from moe_infinity import _native
 from moe_infinity.errors import ClosedError, InvalidArgumentError, OverloadedError, StateError
 from moe_infinity.lockstep import Lockstep
 from moe_infinity.serving import SamplingParams, Scheduler
+from moe_infinity.serving.stacked import RowwiseMode
 
 PROMPTS = ["Hello", "The cat sat on the", "Once upon a time there was", "In 1900,", "She said that", "The river", "A good", "Tomorrow we will"]
 
@@ -156,11 +159,17 @@ def _alone(model, ids: list[int], n: int) -> list[int]:
     return toks
 
 
-def test_concurrent_requests_get_their_alone_tokens_and_share_steps(model, tok):
+@pytest.fixture(params=["stacked", "threads"])
+def batching(request):
+    return request.param
+
+
+def test_concurrent_requests_get_their_alone_tokens_and_share_steps(model, tok, batching):
     ids = [tok(p)["input_ids"] for p in PROMPTS]
     alone = [_alone(model, i, 20) for i in ids]
     eams = model.moe_stats()["eamc_size"]
-    with Scheduler(model, max_batch=8) as s:
+    with Scheduler(model, max_batch=8, batching=batching) as s:
+        assert s.batching == batching
         reqs = [s.submit(i, SamplingParams(max_tokens=20, temperature=0)) for i in ids]
         for r in reqs:
             assert r.wait(300)
@@ -170,17 +179,18 @@ def test_concurrent_requests_get_their_alone_tokens_and_share_steps(model, tok):
         assert r.finish_reason == ("stop" if a[-1] == model.generation_config.eos_token_id else "length")
     assert st["finished"] == {"length": sum(r.finish_reason == "length" for r in reqs), "stop": sum(r.finish_reason == "stop" for r in reqs)} or sum(st["finished"].values()) == 8
     # The requests decoded together: far fewer steps than tokens.
-    assert st["lockstep"]["max_batch"] >= 2
-    assert st["lockstep"]["steps"] < sum(len(r.tokens) for r in reqs)
+    assert st["batch"]["max_batch"] >= 2
+    assert st["batch"]["steps"] < sum(len(r.tokens) for r in reqs)
     # Each request kept its own activation matrix.
     assert model.moe_stats()["eamc_size"] >= min(eams + len(PROMPTS), 1000)
-    assert model.moe_runtime.lockstep is None
+    assert st["batch"]["mode"] == batching
+    assert model.moe_runtime.lockstep is None and model.moe_runtime.scheduler is None
 
 
-def test_seeded_sampling_is_reproducible_whatever_runs_beside(model, tok):
+def test_seeded_sampling_is_reproducible_whatever_runs_beside(model, tok, batching):
     ids = tok("Once upon a time")["input_ids"]
     sp = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=1234)
-    with Scheduler(model, max_batch=4) as s:
+    with Scheduler(model, max_batch=4, batching=batching) as s:
         a = s.generate(ids, sp, timeout=120)
         crowd = [s.submit(tok(p)["input_ids"], SamplingParams(max_tokens=12, temperature=1.0, seed=i)) for i, p in enumerate(PROMPTS[:3])]
         b = s.generate(ids, sp, timeout=120)
@@ -189,9 +199,9 @@ def test_seeded_sampling_is_reproducible_whatever_runs_beside(model, tok):
     assert a.tokens == b.tokens and len(a.tokens) > 0
 
 
-def test_cancel_frees_the_slot_and_others_continue(model, tok):
+def test_cancel_frees_the_slot_and_others_continue(model, tok, batching):
     ids = [tok(p)["input_ids"] for p in PROMPTS[:3]]
-    with Scheduler(model, max_batch=3) as s:
+    with Scheduler(model, max_batch=3, batching=batching) as s:
         first = threading.Event()
         victim = s.submit(ids[0], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True), on_event=lambda ev: first.set())
         others = [s.submit(i, SamplingParams(max_tokens=10, temperature=0)) for i in ids[1:]]
@@ -258,25 +268,25 @@ def test_close_cancels_queued_and_refuses_new(model, tok):
     not torch.cuda.is_available() or not _native.cuda_usable(),
     reason="needs a CUDA GPU (runs on the H100 machine through scripts/gpu_check.sh)",
 )
-def test_lockstep_batch_on_gpu_gives_each_request_its_alone_tokens(tok):
+def test_batch_on_gpu_gives_each_request_its_alone_tokens(tok, batching):
     """On the GPU each member runs the engine's kernels for its own tokens
     while the batch shares the fetches: tokens equal generate alone."""
     m = mi.from_pretrained(mi.builtin_model_path(), device="cuda", device_memory="1GiB")
     try:
         ids = [tok(p)["input_ids"] for p in PROMPTS]
         alone = [_alone(m, i, 16) for i in ids]
-        with Scheduler(m, max_batch=8) as s:
+        with Scheduler(m, max_batch=8, batching=batching) as s:
             reqs = [s.submit(i, SamplingParams(max_tokens=16, temperature=0)) for i in ids]
             for r in reqs:
                 assert r.wait(300)
             st = s.stats()
         assert [r.tokens for r in reqs] == alone
-        assert st["lockstep"]["max_batch"] >= 2
+        assert st["batch"]["max_batch"] >= 2
     finally:
         m.close()
 
 
-def test_lockstep_on_the_kernel_paths_gives_each_request_its_alone_tokens(tok):
+def test_batch_on_the_kernel_paths_gives_each_request_its_alone_tokens(tok, batching):
     """The CPU stand-in for the GPU test above: with the reference kernels
     the engine's kernel and mapped paths run, and members hand it the
     routing the lockstep already brought to the host."""
@@ -285,14 +295,95 @@ def test_lockstep_on_the_kernel_paths_gives_each_request_its_alone_tokens(tok):
         ids = [tok(p)["input_ids"] for p in PROMPTS[:4]]
         alone = [_alone(m, i, 12) for i in ids]
         m.reset_moe_stats()
-        with Scheduler(m, max_batch=4) as s:
+        with Scheduler(m, max_batch=4, batching=batching) as s:
             reqs = [s.submit(i, SamplingParams(max_tokens=12, temperature=0)) for i in ids]
             for r in reqs:
                 assert r.wait(300)
             st = s.stats()
         assert [r.tokens for r in reqs] == alone
-        assert st["lockstep"]["max_batch"] >= 2
+        assert st["batch"]["max_batch"] >= 2
         paths = m.moe_stats()["paths"]
         assert paths.get("kernels", 0) + paths.get("mapped", 0) > 0, paths
     finally:
         m.close()
+
+
+# -- stacked steps ----------------------------------------------------------------
+
+
+def test_rowwise_mode_computes_each_row_as_alone():
+    """A stacked linear is each row's own M = 1 product; attention of row i
+    reads only its own (left-padded) cache positions."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(96, 64, generator=g)
+    x = torch.randn(5, 1, 64, generator=g)
+    with RowwiseMode():
+        stacked = F.linear(x, w)
+    for i in range(5):
+        assert torch.equal(stacked[i], F.linear(x[i].clone(), w))
+    q = torch.randn(3, 2, 1, 16, generator=g)
+    lengths = [7, 3, 5]
+    kv = [(torch.randn(1, 2, n, 16, generator=g), torch.randn(1, 2, n, 16, generator=g)) for n in lengths]
+    width = max(lengths)
+    k = torch.cat([F.pad(a, (0, 0, width - n, 0), value=float("nan")) for (a, _), n in zip(kv, lengths)])
+    v = torch.cat([F.pad(b, (0, 0, width - n, 0), value=float("nan")) for (_, b), n in zip(kv, lengths)])
+    mode = RowwiseMode([width - n for n in lengths])
+    with mode:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(3, 1, 1, width, dtype=torch.bool))
+    assert mode.attention_calls == 1
+    for i, (a, b) in enumerate(kv):
+        assert torch.equal(out[i : i + 1], F.scaled_dot_product_attention(q[i : i + 1].clone(), a, b))
+
+
+def test_requests_joining_and_leaving_a_running_stacked_batch_get_their_alone_tokens(model, tok):
+    """Rows join a batch that is already decoding (prompts shorter and
+    longer than its cache, so the padding grows and shrinks) and leave it at
+    different steps; every request still gets its alone tokens, and the
+    engine traced each as its own request."""
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    lengths = [24, 6, 17, 3, 30, 9, 12, 20]
+    alone = [_alone(model, i, n) for i, n in zip(ids, lengths)]
+    with Scheduler(model, max_batch=4, batching="stacked") as s:
+        started = threading.Event()
+        first = [s.submit(ids[j], SamplingParams(max_tokens=lengths[j], temperature=0), on_event=lambda ev: started.set()) for j in range(2)]
+        assert started.wait(60)
+        rest = [s.submit(ids[j], SamplingParams(max_tokens=lengths[j], temperature=0)) for j in range(2, 8)]
+        reqs = first + rest
+        for r in reqs:
+            assert r.wait(300)
+        st = s.stats()
+    assert [r.tokens for r in reqs] == alone
+    assert st["batch"]["mode"] == "stacked" and st["batch"]["max_batch"] == 4
+    assert st["batch"]["steps"] < sum(len(a) for a in alone) - len(alone)
+    assert model.moe_stats()["active_requests"] == 0
+
+
+def test_batching_mode_follows_what_the_model_supports(model):
+    with Scheduler(model, max_batch=2) as s:
+        assert s.batching == "stacked" and s.batching_reason is None and s.exact
+    eager = mi.from_pretrained(mi.builtin_model_path(), device="cpu", device_memory="6MiB", attn_implementation="eager")
+    try:
+        with Scheduler(eager, max_batch=2) as s:
+            assert s.batching == "threads"
+            assert "attention is 'eager'" in s.batching_reason
+        with pytest.raises(InvalidArgumentError, match=r"batching='stacked' cannot serve this model: its attention is 'eager'.*batching='threads'"):
+            Scheduler(eager, batching="stacked")
+        assert eager.moe_runtime.scheduler is None
+    finally:
+        eager.close()
+    with pytest.raises(InvalidArgumentError, match="batching must be"):
+        Scheduler(model, batching="stack")
+
+
+def test_stacked_without_exactness_decodes_every_request(model, tok):
+    """exact=False stacks the rows' products plainly (faster on a GPU): each
+    request still decodes to its length, only the last bits may differ."""
+    ids = [tok(p)["input_ids"] for p in PROMPTS[:4]]
+    with Scheduler(model, max_batch=4, batching="stacked", exact=False) as s:
+        reqs = [s.submit(i, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)) for i in ids]
+        for r in reqs:
+            assert r.wait(120)
+        st = s.stats()
+    assert [len(r.tokens) for r in reqs] == [10] * 4
+    assert all(r.finish_reason == "length" for r in reqs)
+    assert st["batch"]["exact"] is False and st["batch"]["max_batch"] >= 2

@@ -160,7 +160,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     try:
         template = Path(args.chat_template).read_text() if args.chat_template else None
-        sched = Scheduler(model, max_batch=args.max_batch, max_queue=args.max_queue)
+        sched = Scheduler(model, max_batch=args.max_batch, max_queue=args.max_queue, batching=args.batching)
     except BaseException:
         model.close()
         raise
@@ -169,7 +169,8 @@ def _serve(args: argparse.Namespace) -> int:
     app = build_app(model, tok, sched, name, chat_template=template, lifecycle=life)
 
     def ready(url: str) -> None:
-        print(f"moe-infinity: serving {name} on {url} (OpenAI API at {url}/v1; max batch {args.max_batch}, queue {args.max_queue})", file=sys.stderr, flush=True)
+        why = f": {sched.batching_reason}" if sched.batching_reason else ""
+        print(f"moe-infinity: serving {name} on {url} (OpenAI API at {url}/v1; max batch {args.max_batch} {sched.batching}{why}, queue {args.max_queue})", file=sys.stderr, flush=True)
 
     serve(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning", on_ready=ready)
     st = sched.stats()
@@ -225,6 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one, printed at start)")
     srv.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
     srv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a place in the batch; more get HTTP 429 (default 64)")
+    srv.add_argument(
+        "--batching",
+        choices=["auto", "stacked", "threads"],
+        default="auto",
+        help="stacked: one forward per step for the whole batch; threads: a thread per request, meeting at each MoE layer; "
+        "auto (default): stacked where the model supports it (sdpa attention, full-length caches). Both give each request its alone tokens",
+    )
     srv.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests may take to finish at shutdown (default 30)")
     srv.add_argument("--served-model-name", help="the model name clients send (default: the model directory's name, or 'builtin')")
     srv.add_argument("--chat-template", help="a Jinja chat template file (default: the tokenizer's, else 'role: content' lines)")

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from . import _native
 from .engine import Engine
-from .errors import CheckpointFormatError, ClosedError, MoEInfinityError, StateError, UnsupportedError
+from .errors import CheckpointFormatError, ClosedError, InvalidArgumentError, MoEInfinityError, StateError, UnsupportedError
 from .families import Family
 from .lockstep import Lockstep
 
@@ -295,6 +295,8 @@ class OffloadRuntime:
         # Set by a server running requests in threads: their MoE layers
         # meet there (lockstep.py), so each expert crosses once per step.
         self.lockstep: Lockstep | None = None
+        # The serving Scheduler running on this model, if any (one at most).
+        self.scheduler: Any = None
         layout = layout_spec(family, region_meta, fused_on_disk, quant)
         self.plan = _configure_with_progress(engine, layout, [layer.prefix for layer in layers], budget_bytes, progress, family.ffn)
         for r in self.plan["layout"]["regions"]:
@@ -408,6 +410,30 @@ class OffloadRuntime:
                         first = first or exc
             if first is not None:
                 raise first
+
+    @contextlib.contextmanager
+    def rows(self, reqs: Sequence[int], rowwise: bool = False) -> Iterator[None]:
+        """Traces the calling thread's forwards inside the block as the given
+        requests, one per batch row (handles from ``engine.begin_request``,
+        which the caller ends): for a server whose requests outlive one
+        forward and change rows between forwards.
+
+        ``rowwise``: the rows are separate requests stacked for one step, one
+        token each: where transformers' expert code computes the experts,
+        it runs once per token, so each token's numbers are those of its
+        request computed alone (its grouped products do not round a token
+        the same way beside others). The engine still sees, fetches for and
+        traces the whole step at once."""
+        if not reqs:
+            raise InvalidArgumentError("rows() needs at least one request")
+        prev = (getattr(self._tls, "reqs", None), getattr(self._tls, "reqs_c", None), getattr(self._tls, "rowwise", False))
+        self._tls.reqs = list(reqs)
+        self._tls.reqs_c = (ctypes.c_uint64 * len(reqs))(*reqs)
+        self._tls.rowwise = rowwise
+        try:
+            yield
+        finally:
+            self._tls.reqs, self._tls.reqs_c, self._tls.rowwise = prev
 
     def active_requests(self) -> list[int] | None:
         """The calling thread's current requests, if inside requests()."""
@@ -528,7 +554,22 @@ class OffloadRuntime:
         if path in (_native.PATH_MAPPED, _native.PATH_KERNELS):
             return out
         needed = list(self._tls.layer_experts[: a.n_experts])
-        return self._run_torch(layer, layer.module, hidden, top_k_index, top_k_weights, original, needed, stacked=path == _native.PATH_HOST_STACKED)
+        stacked = path == _native.PATH_HOST_STACKED
+        if T > 1 and getattr(self._tls, "rowwise", False):
+            return self._run_torch_rows(layer, hidden, top_k_index, top_k_weights, original, needed, stacked)
+        return self._run_torch(layer, layer.module, hidden, top_k_index, top_k_weights, original, needed, stacked=stacked)
+
+    def _run_torch_rows(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, original: Any, needed: list[int], stacked: bool) -> torch.Tensor:
+        """transformers' expert code once per token (see rows(rowwise=True)),
+        each call given that token's experts in the engine's order, as the
+        engine hands them for the token alone."""
+        idx = top_k_index.detach().to("cpu")
+        out = []
+        for t in range(hidden.shape[0]):
+            mine = set(idx[t].tolist())
+            experts = [e for e in needed if e in mine]
+            out.append(self._run_torch(layer, layer.module, hidden[t : t + 1].clone(), top_k_index[t : t + 1].clone(), top_k_weights[t : t + 1].clone(), original, experts, stacked=stacked))
+        return torch.cat(out)
 
     def _meet(self, layer: MoELayer, experts: Any) -> torch.Tensor | None:
         """In a lockstep batch, waits for the batch's other members to reach

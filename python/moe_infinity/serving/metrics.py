@@ -79,7 +79,7 @@ def render(sched_stats: dict[str, Any], moe_stats: dict[str, Any] | None, http: 
     """The exposition text. ``moe_stats`` is None once the model closed."""
     p = "moe_infinity_"
     s = sched_stats
-    ls = s["lockstep"]
+    ls = s["batch"]
     out: list[str] = []
     fam = lambda n, k, h, v: out.extend(_family(p + n, k, h, v))  # noqa: E731
     fam("requests_total", "counter", "Requests accepted into the queue.", [("", s["requests"])])

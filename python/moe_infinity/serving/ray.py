@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import MissingDependencyError
+from ..errors import InvalidArgumentError, MissingDependencyError
 
 __all__ = ["deployment", "app_builder"]
 
@@ -43,6 +43,7 @@ def deployment(
     trace_path: str | None = None,
     max_batch: int = 16,
     max_queue: int = 64,
+    batching: str = "auto",
     served_model_name: str | None = None,
     chat_template: str | None = None,
     shutdown_timeout: float = 15.0,
@@ -61,8 +62,9 @@ def deployment(
             ``CUDA_VISIBLE_DEVICES``, so each sees its own as ``cuda:0``).
         device, device_memory, cache_policy, prefetch, trace_path: as in
             ``moe_infinity.from_pretrained``.
-        max_batch, max_queue: each replica's scheduler (requests decoded
-            together; requests queued before HTTP 429).
+        max_batch, max_queue, batching: each replica's scheduler (requests
+            decoded together; requests queued before HTTP 429; "auto",
+            "stacked" or "threads", see ``Scheduler``).
         served_model_name: the name clients send (default: the model
             directory's name, or "builtin").
         chat_template: a Jinja chat template (the text, not a path).
@@ -75,6 +77,8 @@ def deployment(
             (default: ``max_batch + max_queue``, so the replica's own queue,
             not Ray's, says when it is full).
     """
+    if batching not in ("auto", "stacked", "threads"):
+        raise InvalidArgumentError(f"batching must be 'auto', 'stacked' or 'threads' (got {batching!r})")
     try:
         from ray import serve
     except ImportError as e:
@@ -95,7 +99,7 @@ def deployment(
             torch.set_num_threads(torch_threads)
         m, tok = load_model(model, device=device, device_memory=device_memory, cache_policy=cache_policy, prefetch=prefetch, trace_path=trace_path)
         try:
-            sched = Scheduler(m, max_batch=max_batch, max_queue=max_queue)
+            sched = Scheduler(m, max_batch=max_batch, max_queue=max_queue, batching=batching)
         except BaseException:
             m.close()
             raise

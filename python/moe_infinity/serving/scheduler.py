@@ -1,7 +1,17 @@
 """Continuous batching for an offloaded model: requests join the running
 batch at the next step and leave it when they finish.
 
-Each admitted request is decoded by a worker thread running transformers'
+Two ways to run a batch, both giving each request exactly the tokens
+``model.generate`` gives it alone, whoever else is in the batch:
+
+- ``"stacked"`` (the default where the model supports it,
+  :mod:`moe_infinity.serving.stacked`): one forward per decode step for the
+  whole batch, its products and attention computed row by row;
+- ``"threads"``: every request runs ``generate`` in its own worker thread
+  and the threads meet at each MoE layer (below). Any model; each request's
+  Python runs separately (one at a time, under the GIL).
+
+In threads mode each admitted request is decoded by a worker thread running transformers'
 ``generate`` for it alone (batch 1); the worker threads meet at every MoE
 layer (:mod:`moe_infinity.lockstep`), so one step fetches each expert once
 for every request routed to it, and the engine's prefetcher and cache see the
@@ -33,6 +43,7 @@ import torch
 
 from ..errors import ClosedError, InvalidArgumentError, OverloadedError, StateError
 from ..lockstep import Lockstep
+from .stacked import StackedBatch, stacked_support
 
 __all__ = ["SamplingParams", "Event", "Request", "Scheduler"]
 
@@ -206,6 +217,37 @@ class _SeededSampler:
         return out.scatter(-1, token, 0.0)
 
 
+class _Row:
+    """A request in a stacked batch: its trace handle, sampler and the token
+    it feeds the next step."""
+
+    def __init__(self, req: Request, handle: int, stops: tuple[int, ...]):
+        self.req = req
+        self.handle = handle
+        self.stops = stops
+        self.sampler = None if req.params.greedy else _SeededSampler(req.params)
+        self.next = -1
+
+    def take(self, logits: torch.Tensor) -> bool:
+        """Picks the next token from this row's logits ([1, vocab], float32)
+        as ``generate`` would, emits it, and says whether the request is
+        done (finishing it)."""
+        req = self.req
+        scores = logits if self.sampler is None else self.sampler(None, logits)
+        tok = int(scores.argmax(-1)[0])
+        req._emit(Event(token=tok))
+        self.next = tok
+        if req.cancelled:
+            req._finish("cancelled")
+        elif tok in self.stops:
+            req._finish("stop")
+        elif len(req.tokens) >= req.params.max_tokens:
+            req._finish("length")
+        else:
+            return False
+        return True
+
+
 class Scheduler:
     """Runs requests against one offloaded model with continuous batching.
 
@@ -217,9 +259,20 @@ class Scheduler:
             bounded under any load.
         context_length: the model's context in tokens (default: the config's
             ``max_position_embeddings``).
+        batching: ``"stacked"`` (one forward per step for the whole batch),
+            ``"threads"`` (a thread per request, meeting at each MoE layer)
+            or ``"auto"``: stacked where the model supports it
+            (:func:`~moe_infinity.serving.stacked.stacked_support`), else
+            threads; ``batching_reason`` says why threads were chosen.
+        exact: stacked steps compute every row as it would be computed
+            alone, so each request gets its alone tokens. False stacks the
+            rows' products plainly: faster on a GPU, but a request's last
+            bits (and sometimes tokens) then depend on the batch.
     """
 
-    def __init__(self, model: Any, *, max_batch: int = 16, max_queue: int = 64, context_length: int | None = None):
+    def __init__(self, model: Any, *, max_batch: int = 16, max_queue: int = 64, context_length: int | None = None, batching: str = "auto", exact: bool = True):
+        if batching not in ("auto", "stacked", "threads"):
+            raise InvalidArgumentError(f"batching must be 'auto', 'stacked' or 'threads' (got {batching!r})")
         if max_batch < 1:
             raise InvalidArgumentError(f"max_batch must be at least 1 (got {max_batch})")
         if max_queue < 0:
@@ -238,10 +291,24 @@ class Scheduler:
         eos = gc.eos_token_id
         self.eos_ids: tuple[int, ...] = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         self.pad_id = gc.pad_token_id if gc.pad_token_id is not None else (self.eos_ids[0] if self.eos_ids else 0)
-        if rt.lockstep is not None:
+        if rt.scheduler is not None:
             raise StateError("this model already has a running Scheduler; close it first (one scheduler per model)")
-        self.lockstep = Lockstep(hint=rt.engine.hint)
-        rt.lockstep = self.lockstep
+        why = stacked_support(model)
+        if batching == "stacked" and why is not None:
+            raise InvalidArgumentError(f"batching='stacked' cannot serve this model: {why}; use batching='threads'")
+        self.batching = "stacked" if batching != "threads" and why is None else "threads"
+        self.batching_reason = why if batching == "auto" and why is not None else None
+        if self.batching_reason:
+            log.info("moe_infinity: batching with threads: %s", why)
+        self.exact = bool(exact)
+        self.lockstep: Lockstep | None = None
+        if self.batching == "threads":
+            self.lockstep = Lockstep(hint=rt.engine.hint)
+            rt.lockstep = self.lockstep
+        rt.scheduler = self
+        self._steps = 0
+        self._step_rows = 0
+        self._max_rows = 0
         self._queue: queue.Queue[Request | None] = queue.Queue()
         self._waiting = 0  # requests in the queue
         self._running: set[Request] = set()
@@ -251,7 +318,10 @@ class Scheduler:
         self._streams: dict[int, Any] = {}
         self.counters = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "rejected": 0}
         self.finished: dict[str, int] = {}
-        self._workers = [threading.Thread(target=self._work, name=f"moe_infinity-batch-{i}", daemon=True) for i in range(max_batch)]
+        if self.batching == "stacked":
+            self._workers = [threading.Thread(target=self._drive, name="moe_infinity-batch", daemon=True)]
+        else:
+            self._workers = [threading.Thread(target=self._work, name=f"moe_infinity-batch-{i}", daemon=True) for i in range(max_batch)]
         for w in self._workers:
             w.start()
 
@@ -325,6 +395,112 @@ class Scheduler:
                 with self._lock:
                     self._running.discard(req)
 
+    def _drive(self) -> None:
+        """Stacked batching: the one thread that runs the batch. Between
+        steps it admits queued requests (each prefilled alone, then added as
+        a row) and drops finished ones; each step is one forward of every
+        row."""
+        batch = StackedBatch(self.model, exact=self.exact)
+        rows: list[_Row] = []
+        stopping = False
+        with self._stream():
+            while True:
+                while not stopping and len(rows) < self.max_batch:
+                    try:
+                        req = self._queue.get(block=not rows)
+                    except queue.Empty:
+                        break
+                    if req is None:
+                        stopping = True
+                        break
+                    with self._lock:
+                        self._waiting -= 1
+                        self._running.add(req)
+                    row = self._admit(batch, req)
+                    if row is not None:
+                        rows.append(row)
+                if not rows:
+                    if stopping:
+                        return
+                    continue
+                try:
+                    logits = self._in_rows([r.handle for r in rows], batch.step, [r.next for r in rows], rowwise=self.exact)
+                except BaseException as e:  # noqa: BLE001 — every row fails; the driver lives on
+                    log.warning("moe_infinity: a batch step of %d requests failed: %s", len(rows), e)
+                    self._leave(batch, rows, range(len(rows)), "error", e)
+                    rows = []
+                    continue
+                self._steps += 1
+                self._step_rows += len(rows)
+                self._max_rows = max(self._max_rows, len(rows))
+                done: list[int] = []
+                for i, r in enumerate(rows):
+                    if r.take(logits[i : i + 1]):
+                        done.append(i)
+                if done:
+                    rows = self._leave(batch, rows, done)
+
+    def _in_rows(self, handles: list[int], fn: Callable[..., Any], *args: Any, rowwise: bool = False) -> Any:
+        with self.rt.rows(handles, rowwise=rowwise):
+            return fn(*args)
+
+    def _admit(self, batch: StackedBatch, req: Request) -> _Row | None:
+        """Prefills a request alone and adds it to the batch; None when it
+        already finished (cancelled, failed, or done after one token)."""
+        if req.cancelled:
+            with self._lock:
+                self._running.discard(req)
+            req._finish("cancelled")
+            return None
+        handle = None
+        try:
+            req.started = time.monotonic()
+            handle = self.rt.engine.begin_request()
+            cache, logits = self._in_rows([handle], batch.prefill, req.prompt_ids)
+            row = _Row(req, handle, self._stops(req.params))
+            if row.take(logits):
+                self._end(handle)
+                return None
+            batch.add(cache, len(req.prompt_ids))
+            return row
+        except BaseException as e:  # noqa: BLE001 — reported to the request
+            log.warning("moe_infinity: request %s failed: %s", req.id, e)
+            if handle is not None:
+                self._end(handle)
+            req._finish("error", e)
+            return None
+        finally:
+            if req.finished is not None:
+                with self._lock:
+                    self._running.discard(req)
+
+    def _leave(self, batch: StackedBatch, rows: list[_Row], which: Any, reason: str | None = None, error: BaseException | None = None) -> list[_Row]:
+        """Removes rows from the batch (finishing them with ``reason`` when
+        given); returns the rows left."""
+        which = set(which)
+        for i in sorted(which):
+            r = rows[i]
+            self._end(r.handle)
+            if reason is not None:
+                r.req._finish(reason, error)
+            with self._lock:
+                self._running.discard(r.req)
+        if len(which) == len(rows):
+            batch.remove(range(len(rows)))
+            return []
+        batch.remove(sorted(which))
+        return [r for i, r in enumerate(rows) if i not in which]
+
+    def _end(self, handle: int) -> None:
+        try:
+            self.rt.engine.end_request(handle)
+        except Exception as e:  # noqa: BLE001 — the request's tokens are out already
+            log.warning("moe_infinity: ending a request's trace failed: %s", e)
+
+    def _stops(self, p: SamplingParams) -> tuple[int, ...]:
+        eos = () if p.ignore_eos else self.eos_ids
+        return tuple(dict.fromkeys((*eos, *p.stop_token_ids)))
+
     def _account(self, req: Request) -> None:
         """Counts a finished request (before its final event is delivered,
         so that a client who saw it finish sees it counted)."""
@@ -356,8 +532,7 @@ class Scheduler:
         p = req.params
         req.started = time.monotonic()
         ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.model.device)
-        eos = () if p.ignore_eos else self.eos_ids
-        stops = tuple(dict.fromkeys((*eos, *p.stop_token_ids)))
+        stops = self._stops(p)
         kwargs: dict[str, Any] = {
             "attention_mask": torch.ones_like(ids),
             "max_new_tokens": p.max_tokens,
@@ -397,7 +572,17 @@ class Scheduler:
             out["finished"] = dict(self.finished)
             out["running"] = len(self._running)
             out["queued"] = self._waiting
-        out["lockstep"] = self.lockstep.stats()
+        if self.lockstep is not None:
+            out["batch"] = {"mode": "threads", **self.lockstep.stats()}
+        else:
+            out["batch"] = {
+                "mode": "stacked",
+                "exact": self.exact,
+                "steps": self._steps,
+                "mean_batch": self._step_rows / self._steps if self._steps else 0.0,
+                "max_batch": self._max_rows,
+                "members": len(self._running),
+            }
         return out
 
     def close(self, timeout: float = 30.0) -> None:
@@ -430,8 +615,10 @@ class Scheduler:
             self._queue.put(None)
         for w in self._workers:
             w.join(timeout=max(1.0, deadline - time.monotonic() + 30.0))
-        if self.rt.lockstep is self.lockstep:
+        if self.lockstep is not None and self.rt.lockstep is self.lockstep:
             self.rt.lockstep = None
+        if self.rt.scheduler is self:
+            self.rt.scheduler = None
 
     def __enter__(self) -> Scheduler:
         return self
