@@ -211,7 +211,7 @@ class StackedBatch:
             "position_ids": torch.tensor(self.lengths, dtype=torch.long, device=self.device)[:, None],
             "cache_position": torch.tensor([width], dtype=torch.long, device=self.device),
         }
-        if self.exact:
+        if self.exact and (rows > 1 or starts[0] > 0):  # one unpadded row is a forward of that request alone
             mode = RowwiseMode(starts)
             with mode:
                 logits = self._forward(self.cache, **kw)
