@@ -25,8 +25,9 @@ var (
 	flagDefines = map[string]engine.LayerFlags{
 		"MOE_LAYER_NO_MAPPED": engine.LayerNoMapped, "MOE_LAYER_NO_KERNELS": engine.LayerNoKernels,
 		"MOE_LAYER_HOST_BATCHED": engine.LayerHostBatched, "MOE_LAYER_ROUTING_GAPS": engine.LayerRoutingGaps,
+		"MOE_LAYER_ROWWISE": engine.LayerRowwise,
 	}
-	allFlags = engine.LayerNoMapped | engine.LayerNoKernels | engine.LayerHostBatched | engine.LayerRoutingGaps
+	allFlags = engine.LayerNoMapped | engine.LayerNoKernels | engine.LayerHostBatched | engine.LayerRoutingGaps | engine.LayerRowwise
 )
 
 //export moe_layer

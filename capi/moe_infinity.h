@@ -60,6 +60,7 @@ typedef struct moe_layer_args {
 #define MOE_LAYER_NO_KERNELS 2    /* the caller's own expert code everywhere */
 #define MOE_LAYER_HOST_BATCHED 4  /* the caller's expert code is batched over stacked experts */
 #define MOE_LAYER_ROUTING_GAPS 8  /* topk_host holds MOE_ROUTING_GAP where the router dropped a token's expert */
+#define MOE_LAYER_ROWWISE 16      /* each token is another request's row: choose the path as for one token */
 
 /* The id of an empty place in topk_host, with MOE_LAYER_ROUTING_GAPS. */
 #define MOE_ROUTING_GAP -1

@@ -97,7 +97,7 @@ def test_executor_flags_and_paths_are_the_headers():
         assert getattr(_native, name.removeprefix("MOE_")) == value, name
     for name, value in _defines("MOE_PATH_").items():
         assert getattr(_native, name.removeprefix("MOE_")) == value, name
-    assert len(_defines("MOE_PATH_")) == 5 and len(_defines("MOE_LAYER_")) == 4
+    assert len(_defines("MOE_PATH_")) == 5 and len(_defines("MOE_LAYER_")) == 5
     gap = re.search(r"(?m)^#define MOE_ROUTING_GAP (-?\d+)$", HEADER.read_text())
     assert gap is not None and _native.ROUTING_GAP == int(gap.group(1))
 

@@ -83,6 +83,13 @@ const (
 	// dropping, as in SwitchTransformers and NLLB-MoE). The kernels read
 	// every place as an expert, so such a layer runs the caller's code.
 	LayerRoutingGaps LayerFlags = 1 << 3
+	// LayerRowwise: each token is a different request's row, stacked into
+	// one call, and must come out as that request's token alone would (a
+	// serving batch that keeps every request exact). The path is chosen
+	// as for one token: the kernels compute each (token, expert) pair on
+	// its own, so a row's numbers do not depend on its neighbours, while
+	// the caller's grouped code, chosen for more tokens, would group them.
+	LayerRowwise LayerFlags = 1 << 4
 )
 
 // RoutingGap is the id of an empty place in a routing passed with
@@ -233,7 +240,11 @@ func ChoosePath(in PathInputs) Path {
 		return PathKernels
 	}
 	kernels := in.Exec.Kernels && in.Flags&(LayerNoKernels|LayerRoutingGaps) == 0
-	kernelCall := kernels && in.DType == in.Exec.DType && in.WeightsOK && KernelWins(in.Tokens, in.ExpertBytes)
+	tokens := in.Tokens
+	if in.Flags&LayerRowwise != 0 {
+		tokens = 1 // each row as alone
+	}
+	kernelCall := kernels && in.DType == in.Exec.DType && in.WeightsOK && KernelWins(tokens, in.ExpertBytes)
 	if kernelCall && in.Exec.Mapped && !in.MappedOff && in.Flags&LayerNoMapped == 0 && in.Tokens*in.K <= in.Exec.MaxMappedPairs {
 		return PathMapped
 	}

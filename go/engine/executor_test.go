@@ -34,6 +34,17 @@ func TestChoosePath(t *testing.T) {
 		{"big experts, 4 tokens: torch wins, routing needed", decode(func(in *PathInputs) { in.Tokens = 4 }), PathNeedRouting},
 		{"big experts, 4 tokens, routing given: caller's code, streamed", decode(func(in *PathInputs) { in.Tokens = 4; withRouting(3)(in) }), PathHostStream},
 		{"17 tokens: past the kernel crossover", decode(func(in *PathInputs) { in.Tokens, in.ExpertBytes = 17, 1<<20; withRouting(3)(in) }), PathHostStream},
+		{"big experts, 4 requests' rows: as one token each, the kernels", decode(func(in *PathInputs) { in.Tokens, in.Flags = 4, LayerRowwise }), PathMapped},
+		{"32 rows of fine-grained experts: still the kernels", decode(func(in *PathInputs) {
+			in.Tokens, in.ExpertBytes, in.Flags = 32, 1<<20, LayerRowwise
+			withRouting(3)(in)
+		}), PathMapped},
+		{"rows without mapped mode: kernels after routing", decode(func(in *PathInputs) { in.Tokens, in.Flags = 4, LayerRowwise|LayerNoMapped; withRouting(3)(in) }), PathKernels},
+		{"rows on the CPU backend: the caller's code (per row in the caller)", decode(func(in *PathInputs) {
+			in.Exec.Kernels = false
+			in.Tokens, in.Flags = 4, LayerRowwise
+			withRouting(3)(in)
+		}), PathHostStream},
 		{"more pairs than the mapped buffers: kernels after routing", decode(func(in *PathInputs) { in.K = 4097 }), PathNeedRouting},
 		{"more pairs than the mapped buffers, routing given", decode(func(in *PathInputs) { in.K = 4097; withRouting(4)(in) }), PathKernels},
 		{"mapped off by the caller", decode(func(in *PathInputs) { in.Flags = LayerNoMapped }), PathNeedRouting},

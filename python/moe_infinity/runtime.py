@@ -513,6 +513,7 @@ class OffloadRuntime:
             (0 if self.mapped and self.routing_log is None else _native.LAYER_NO_MAPPED)
             | (0 if self.kernels else _native.LAYER_NO_KERNELS)
             | (_native.LAYER_HOST_BATCHED if self._impl(layer.module) != "eager" else 0)
+            | (_native.LAYER_ROWWISE if getattr(self._tls, "rowwise", False) else 0)
         )
         a.topk = topk.data_ptr()
         # The host routing, when the lockstep already brought it over or it
