@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 import moe_infinity as mi
-from moe_infinity import _native
 
 SHAPES = {
     # name: (experts, hidden, intermediate, top_k)
@@ -122,7 +121,7 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--tokens", default="1,4")
     args = ap.parse_args()
-    if not torch.cuda.is_available() or _native.variant() != "cuda":
+    if not torch.cuda.is_available() or not mi.engine_version().endswith("(cuda)"):
         print("needs a GPU and the CUDA build of the engine", file=sys.stderr)
         return 2
     torch.cuda.init()

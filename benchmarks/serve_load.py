@@ -47,12 +47,13 @@ from moe_infinity.serving import SamplingParams, Scheduler  # noqa: E402
 
 
 class ClusterRouting:
-    """Per-request generated routing (see the module doc). Installed in
-    place of the runtime's fused-layer entry; each engine request (one per
-    generate call, one per worker thread) gets its own token stream."""
+    """Per-request generated routing (see the module doc), installed as the
+    runtime's routing override: each engine request (each batch row of a
+    forward: a request's prefill, or its token in a stacked decode step;
+    one per worker thread with threads batching) gets its own token stream."""
 
     def __init__(self, rt: Any, k: int, clusters: int, skew: float, seed: int, max_tokens: int):
-        self.rt, self.original = rt, rt.run_fused
+        self.rt = rt
         self.L, self.E, self.k = len(rt.layers), rt.num_experts, k
         self.skew, self.max_tokens = skew, max_tokens
         rng = np.random.default_rng(seed)
@@ -61,7 +62,7 @@ class ClusterRouting:
         self.lock = threading.Lock()
         self.next = 0
         self.streams: dict[int, list] = {}  # engine request id → [ids [n, L, k] tensor, cursor]
-        rt.run_fused = self
+        rt.set_routing_override(self)
 
     def _stream(self, req: int) -> list:
         s = self.streams.get(req)
@@ -78,17 +79,16 @@ class ClusterRouting:
             s = self.streams[req] = [torch.as_tensor(ids, dtype=torch.int64), 0]
         return s
 
-    def __call__(self, layer: Any, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, original: Any) -> torch.Tensor:
-        reqs = self.rt.active_requests() or [0]
+    def __call__(self, layer_index: int, top_k_index: torch.Tensor, requests: list[int]) -> torch.Tensor:
+        reqs = requests or [0]
         per = top_k_index.shape[0] // len(reqs)  # tokens of each request (row) in this forward
         parts = []
         for r in reqs:
             s = self._stream(r)
-            parts.append(s[0][(torch.arange(per) + s[1]) % s[0].shape[0], layer.index])
-            if layer.index == self.L - 1:
+            parts.append(s[0][(torch.arange(per) + s[1]) % s[0].shape[0], layer_index])
+            if layer_index == self.L - 1:
                 s[1] += per
-        forced = torch.cat(parts).to(top_k_index.device)
-        return self.original(layer, hidden, forced, top_k_weights, original)
+        return torch.cat(parts).to(top_k_index.device)
 
 
 def _pct(xs: list[float], q: float) -> float | None:

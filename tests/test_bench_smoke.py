@@ -97,6 +97,7 @@ def test_generated_routing_draws_distinct_skewed_experts():
 def test_forced_routing_follows_the_trace_through_prefill_and_decode():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import decode
+    import numpy as np
     import torch
     import moe_infinity as mi
 
@@ -104,16 +105,10 @@ def test_forced_routing_follows_the_trace_through_prefill_and_decode():
     model = mi.offload(model, device="cpu", device_memory="300KiB")
     try:
         rt = model.moe_runtime
-        seen = []
-        inner = rt.run_fused
-
-        def recording(layer, hidden, top_k_index, top_k_weights, original):
-            seen.append((layer.index, top_k_index.clone()))
-            return inner(layer, hidden, top_k_index, top_k_weights, original)
-
-        rt.run_fused = recording
         ids = decode.generated_routing(len(rt.layers), rt.num_experts, cfg.num_experts_per_tok, 16, 1.0, 5)
         forced = decode.ForcedRouting(rt, ids, torch.device("cpu"))
+        assert rt.routing_override is forced
+        rt.routing_log = seen = []  # what the engine was handed, per layer call
         prompt = torch.randint(0, cfg.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             out = model(input_ids=prompt, use_cache=True)
@@ -122,9 +117,11 @@ def test_forced_routing_follows_the_trace_through_prefill_and_decode():
         assert len(seen) == 2 * L
         for i, (layer, got) in enumerate(seen):
             rows = range(0, 5) if i < L else range(5, 6)
-            assert torch.equal(got, torch.as_tensor(ids[list(rows), layer])), (i, layer)
+            assert np.array_equal(got, ids[list(rows), layer]), (i, layer)
         forced.reset()
         assert int(forced.cursor) == 0
+        forced.remove()
+        assert rt.routing_override is None
     finally:
         model.close()
 

@@ -65,13 +65,13 @@ def test_mapped_layers_match_the_synchronous_kernel_path(family, tmp_path):
         assert rt.kernels and rt.mapped
         prompt = torch.randint(3, tm.VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
 
-        rt.mapped = False
+        rt.set_mapped(False)
         model.reset_moe_stats()
         want_ids, want_logits = _decode(model, prompt, 12)
         sync = model.moe_stats()
 
         assert sync["paths"]["mapped"] == 0
-        rt.mapped = True
+        rt.set_mapped(True)
         model.moe_tune(flush=True, reset_stats=True)
         got_ids, got_logits = _decode(model, prompt, 12)
         mapped = model.moe_stats()
@@ -135,7 +135,7 @@ def test_mapped_generation_modes_match_the_synchronous_kernel_path(tmp_path):
         for name, kw in modes.items():
             outs = []
             for mapped in (False, True):
-                rt.mapped = mapped
+                rt.set_mapped(mapped)
                 before = _mapped_calls(model)
                 torch.manual_seed(11)
                 outs.append(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, **kw))
@@ -160,7 +160,7 @@ def test_experts_a_prefill_loaded_are_read_from_their_slots(family, tmp_path):
     model = mi.from_pretrained(path, dtype=torch.bfloat16, device_memory="1GiB", engine_options=CPU_KERNELS)
     try:
         rt = model.moe_runtime
-        rt.mapped = True
+        rt.set_mapped(True)
         prompt = torch.randint(3, tm.VOCAB, (1, 24), generator=torch.Generator().manual_seed(2))
         first, _ = _decode(model, prompt, 6)
         assert _mapped_calls(model) == 6 * tm.moe_layers(family), "the prefill ran synchronously, every decode step mapped"

@@ -178,29 +178,37 @@ def generated_routing(L: int, E: int, k: int, tokens: int, skew: float, seed: in
 
 class ForcedRouting:
     """Replaces the router's choice in every MoE layer with a generated
-    trace: token t of a run (prompt and decoded tokens in order) uses
-    ids[t % len(ids), layer]. The position is a device counter advanced
-    after the last MoE layer, so CUDA-graph replays follow the trace too.
-    The routing weights stay the router's (they only mix the outputs)."""
+    trace, through the runtime's routing override: token t of a run (prompt
+    and decoded tokens in order) uses ids[t % len(ids), layer]. The position
+    is a device counter advanced after the last MoE layer, so CUDA-graph
+    replays (which replay the override's captured operations) follow the
+    trace too. The routing weights stay the router's (they only mix the
+    outputs)."""
 
     def __init__(self, rt, ids: np.ndarray, device: torch.device):
-        self.rt, self.original = rt, rt.run_fused
+        self.rt = rt
         self.ids = torch.as_tensor(ids, dtype=torch.int64, device=device).contiguous()
         self.cursor = torch.zeros(1, dtype=torch.int64, device=device)
         self.last = len(rt.layers) - 1
         self.steps = torch.arange(4096, dtype=torch.int64, device=device)
-        rt.run_fused = self
+        rt.set_routing_override(self)
 
     def reset(self) -> None:
+        """Starts the trace again from its first token."""
         self.cursor.zero_()
 
-    def __call__(self, layer, hidden, top_k_index, top_k_weights, original):
+    def remove(self) -> None:
+        """Gives the layers the router's choice back."""
+        if self.rt.routing_override is self:
+            self.rt.set_routing_override(None)
+
+    def __call__(self, layer_index: int, top_k_index: torch.Tensor, requests: list[int]) -> torch.Tensor:
         T = top_k_index.shape[0]
         rows = (self.cursor + self.steps[:T]) % self.ids.shape[0]
-        forced = self.ids[rows, layer.index].contiguous()
-        if layer.index == self.last:
+        forced = self.ids[rows, layer_index].contiguous()
+        if layer_index == self.last:
             self.cursor.add_(T)
-        return self.original(layer, hidden, forced, top_k_weights, original)
+        return forced
 
 
 def _sync(device: torch.device) -> None:
@@ -268,7 +276,7 @@ def gpu_seconds(fn, reps: int = 3) -> float:
 def compute_time(model, device: torch.device, reps: int = 8) -> tuple[float, float]:
     """(GPU compute, host-bound wall time) of one decode step with the
     experts resident. GPU compute is what the floor adds to the copies: the
-    kernels of the dense part (MoE hooks return zeros) plus L × one layer's
+    kernels of the dense part (the experts skipped: rt.experts_skipped()) plus L × one layer's
     expert FFN on resident experts, summed from the profiler. The wall time
     of the dense part alone shows how much of an eager step is host-bound
     (Python and kernel launches), which CUDA graphs remove."""
@@ -276,38 +284,29 @@ def compute_time(model, device: torch.device, reps: int = 8) -> tuple[float, flo
     from transformers import DynamicCache
 
     ids = torch.tensor([[1]], device=device)
-    orig = rt.run_fused
-
-    def zeros(layer, hidden, top_k_index, top_k_weights, original):
-        return torch.zeros_like(hidden)
 
     def dense_step():
         model(input_ids=ids, **cache_kwargs(model, DynamicCache(config=model.config)), use_cache=True)
 
-    rt.run_fused = zeros
-    try:
-        with torch.no_grad():
-            times = []
-            for _ in range(reps + 2):
-                _sync(device)
-                t0 = time.perf_counter()
-                dense_step()
-                _sync(device)
-                times.append(time.perf_counter() - t0)
-            wall = statistics.median(times[2:])
-            if device.type != "cuda":
-                return wall, wall
-            dense_gpu = gpu_seconds(dense_step)
-    finally:
-        rt.run_fused = orig
+    with rt.experts_skipped(), torch.no_grad():
+        times = []
+        for _ in range(reps + 2):
+            _sync(device)
+            t0 = time.perf_counter()
+            dense_step()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        wall = statistics.median(times[2:])
+        if device.type != "cuda":
+            return wall, wall
+        dense_gpu = gpu_seconds(dense_step)
     if not rt.kernels:
         return dense_gpu, wall
     k = model.config.num_experts_per_tok
     hidden = torch.randn(1, model.config.hidden_size, device=device, dtype=torch.bfloat16)
     idx = torch.arange(k, device=device).view(1, k)
     w = torch.full((1, k), 1.0 / k, device=device)
-    layer = rt.layers[0]
-    per_layer = gpu_seconds(lambda: rt._run_kernel(layer, hidden, idx, w, list(range(k))))
+    per_layer = gpu_seconds(lambda: rt.run_experts(0, hidden, idx, w, list(range(k))))
     return dense_gpu + per_layer * len(rt.layers), wall
 
 
@@ -358,7 +357,7 @@ def _run_one(args: argparse.Namespace, expert_dtype: str, bw: float | None, earl
     offloaded = time.perf_counter() - t0
     rt = model.moe_runtime
     if args.no_mapped:
-        rt.mapped = False
+        rt.set_mapped(False)
     plan = model.moe_stats()["plan"]
     compute, dense_wall = compute_time(model, device)
     forced = None
@@ -392,7 +391,7 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
     """The ablations of one configuration (graph_misses ``mode`` for CUDA
     graphs: the step is captured again under it). ``earlier``: rows of
     this run already measured, where an fp8 row finds its bf16 twin."""
-    from moe_infinity import _native
+    import moe_infinity as mi
 
     rt = model.moe_runtime
     device = torch.device(args.device)
@@ -489,7 +488,7 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
                 "ratio_to_floor": (med / floor) if floor else None,
                 "build_s": built,
                 "offload_s": offloaded,
-                "engine": _native.version(),
+                "engine": mi.engine_version(),
                 "host": host_facts(),
             }
         )

@@ -37,7 +37,7 @@ import ctypes
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -257,6 +257,13 @@ class _DeviceBuffer:
         self.__cuda_array_interface__ = {"shape": (size,), "typestr": "|u1", "data": (ptr, False), "version": 3, "strides": None, "stream": None}
 
 
+#: A routing override (OffloadRuntime.set_routing_override): called as
+#: ``fn(layer_index, top_k_index, requests)`` with the router's [T, k] expert
+#: ids and the engine requests of the calling thread's batch rows; returns the
+#: [T, k] int64 expert ids the layer uses instead, on the same device.
+RoutingOverride = Callable[[int, torch.Tensor, list[int]], torch.Tensor]
+
+
 class OffloadRuntime:
     """Connects one transformers model to one engine."""
 
@@ -313,16 +320,26 @@ class OffloadRuntime:
         self.views = self._build_views()
         # What the engine's layer executor can do for this model here (its
         # plan): the engine chooses, per layer call, how experts run. These
-        # record what it may use: kernels=False and mapped = False (for
-        # instance to record every layer's host routing) are the caller's
-        # wishes, passed with each call as flags.
+        # record what it may use: kernels=False and set_mapped(False) (or a
+        # routing_log, which needs every layer's host routing) are the
+        # caller's wishes, passed with each call as flags.
         ex = self.plan["executor"]
         if ex.get("kernels_only") and not kernels:
             raise UnsupportedError("the experts are quantized and on this device only the engine's kernels compute them (no dequantized views): load with kernels=True")
         if kernels and not ex["kernels"]:
             log.info("moe_infinity: expert FFN kernels off: %s", ex.get("kernels_off", ""))
         self.kernels = bool(kernels and ex["kernels"])
-        self.mapped = bool(self.kernels and ex["mapped"])
+        # Whether the plan offers mapped mode here, and whether the caller
+        # wants it (set_mapped; on by default where offered).
+        self._mapped_off = "" if ex["mapped"] else "the engine does not offer mapped mode on this device"
+        if not self.kernels:
+            self._mapped_off = "the engine's expert kernels are off (" + (ex.get("kernels_off") or "kernels=False") + ")"
+        self._mapped = not self._mapped_off
+        # Measurement hooks (set_routing_override, experts_skipped): the
+        # layer hot path checks _detour alone, true while either is on.
+        self._routing_override: RoutingOverride | None = None
+        self._experts_skipped = 0
+        self._detour = False
         self.ffn_hidden, self.ffn_inter, self.ffn_dtype = int(ex["hidden"]), int(ex["inter"]), int(ex["dtype"])
         self._raw_stream = _raw_stream_getter(self.device) if self.device.type == "cuda" else (lambda: 0)
         for layer in layers:
@@ -446,11 +463,172 @@ class OffloadRuntime:
             raise StateError(f"expert weights of MoE layer {layer} are only available while that layer computes")
         return st
 
+    # -- modes --------------------------------------------------------------------
+
+    @property
+    def mapped(self) -> bool:
+        """Whether decode layers may run in mapped mode (the engine's kernels
+        read each expert from its slot or, missing, from host memory, and the
+        routing is traced asynchronously; docs/ARCHITECTURE.md). On by
+        default wherever the engine offers it (GPU kernels, or the CPU's
+        reference kernels); change it with set_mapped()."""
+        return self._mapped
+
+    def set_mapped(self, enabled: bool) -> None:
+        """Turns mapped mode on or off for the layer calls that start after
+        it (the engine still chooses each call's path; off, decode layers
+        bring the routing to the host and run synchronously). For
+        benchmarks and tests comparing the two paths; not while a CUDA
+        graph of mapped layers is captured (moe_infinity.graphs needs it on).
+
+        Raises InvalidArgumentError for a non-bool, UnsupportedError when
+        turning it on where the engine does not offer it (saying why)."""
+        if not isinstance(enabled, bool):
+            raise InvalidArgumentError(f"set_mapped(enabled): enabled must be True or False, got {enabled!r}")
+        if enabled and self._mapped_off:
+            raise UnsupportedError(f"mapped mode is not available: {self._mapped_off}")
+        self._mapped = enabled
+
+    # -- measurement hooks -------------------------------------------------------
+    #
+    # For benchmarks (moe_infinity.bench, benchmarks/): they change what the
+    # layers compute, never what the engine decides. Runtime-wide (every
+    # thread's forwards): change them between forwards, not during one.
+
+    @property
+    def routing_override(self) -> RoutingOverride | None:
+        """The routing override set by set_routing_override(), or None."""
+        return self._routing_override
+
+    def set_routing_override(self, fn: RoutingOverride | None) -> None:
+        """Replaces the router's choice of experts in every fused MoE layer
+        (None clears it).
+
+        Each layer call runs ``fn(layer_index, top_k_index, requests)``
+        before anything else — before a lockstep batch meets and before the
+        engine sees the routing — so the engine's executor, tracer,
+        prefetcher, statistics, ``routing_log`` and a serving scheduler all
+        see the routing ``fn`` returns:
+
+        * ``layer_index``: the MoE layer's position in execution order (0-based);
+        * ``top_k_index``: the router's expert ids, [T, k] (T tokens of the
+          forward, all batch rows together, row-major);
+        * ``requests``: the engine requests of the calling thread's batch
+          rows (``active_requests()``; one per row, so T // len(requests)
+          tokens each; in a stacked serving step every row is another
+          request), empty outside a traced forward.
+
+        ``fn`` returns the [T, k] torch.int64 expert ids to use, on the same
+        device as ``top_k_index``; shape, dtype and device are checked on
+        every call (InvalidArgumentError naming what was expected), the ids
+        by the engine. The routing weights stay the router's. ``fn`` runs
+        while a CUDA graph is captured, too, and its tensor operations are
+        captured: to follow a trace across replays, keep the position in a
+        device tensor (as moe_infinity.bench.ForcedRouting does).
+
+        Raises UnsupportedError for ModuleDict experts (SwitchTransformers,
+        NLLB-MoE), whose routing is a capacity-limited one-hot mask, and
+        InvalidArgumentError when ``fn`` is neither callable nor None."""
+        if fn is not None:
+            if not callable(fn):
+                raise InvalidArgumentError(f"set_routing_override(fn): fn must be callable or None, got {type(fn).__name__}")
+            if self.family.style != "fused":
+                raise UnsupportedError(f"a routing override needs fused experts; {self.family.model_type} experts are a ModuleDict routed by a one-hot mask")
+        with self._lock:
+            self._routing_override = fn
+            self._detour = fn is not None or self._experts_skipped > 0
+
+    @contextlib.contextmanager
+    def experts_skipped(self) -> Iterator[None]:
+        """Within the block, every MoE layer's experts return zeros at once
+        (a tensor shaped like the layer's hidden states) without calling the
+        engine: nothing is traced, fetched, counted in moe_stats() or hook
+        time, or logged. For timing the dense part of a step (attention,
+        router, norms) alone; the model's outputs inside the block are
+        meaningless. Nests; restored on leaving, also on an exception."""
+        with self._lock:
+            self._experts_skipped += 1
+            self._detour = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._experts_skipped -= 1
+                self._detour = self._routing_override is not None or self._experts_skipped > 0
+
+    def _overridden(self, layer: MoELayer, top_k_index: torch.Tensor) -> torch.Tensor:
+        """The routing override's ids for one layer call, checked."""
+        fn = self._routing_override
+        if fn is None:
+            return top_k_index
+        reqs = self.active_requests()
+        got = fn(layer.index, top_k_index, list(reqs) if reqs else [])
+        if not isinstance(got, torch.Tensor) or got.dtype != torch.int64 or got.shape != top_k_index.shape or got.device != top_k_index.device:
+            what = f"a {got.dtype} tensor of shape {tuple(got.shape)} on {got.device}" if isinstance(got, torch.Tensor) else f"a {type(got).__name__}"
+            raise InvalidArgumentError(
+                f"the routing override returned {what} for MoE layer {layer.index}; it must return a torch.int64 tensor "
+                f"of shape {tuple(top_k_index.shape)} (the router's top_k_index: tokens × k expert ids) on {top_k_index.device}"
+            )
+        return got
+
+    def run_experts(self, layer_index: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, experts: Sequence[int]) -> torch.Tensor:
+        """A measurement probe outside the layer executor: one MoE layer's
+        expert FFN computed by the engine's kernels (moe_layer_ffn) over the
+        given experts, as the kernels path computes it, without tracing,
+        statistics or the executor's choice of path. The benchmark times
+        one layer's expert compute with it on resident experts; tests check
+        the kernels with it.
+
+        Args:
+            layer_index: the MoE layer, 0-based in execution order.
+            hidden: [T, hidden_size] activations in the kernels' dtype
+                (bfloat16 or float16, as the model), on this runtime's device.
+            top_k_index: [T, k] expert ids (any integer dtype).
+            top_k_weights: [T, k] routing weights (any float dtype; computed
+                in float32).
+            experts: the distinct ids in ``top_k_index``.
+
+        Returns the [T, hidden_size] output (the weighted sum over each
+        token's experts), in hidden's dtype; on a GPU it is ready once the
+        current stream reaches it. Experts not cached are brought in first.
+        Raises UnsupportedError where the engine's kernels are off, and
+        InvalidArgumentError for a bad layer, shape or dtype."""
+        self.check_open()
+        if not self.kernels:
+            raise UnsupportedError("run_experts needs the engine's expert kernels, which are off here (load with kernels=True on a GPU, or engine_options={'reference_kernels': True} on the CPU)")
+        if not 0 <= int(layer_index) < len(self.layers):
+            raise InvalidArgumentError(f"run_experts: layer_index {layer_index} is not a MoE layer (0..{len(self.layers) - 1})")
+        if hidden.dim() != 2 or top_k_index.dim() != 2 or top_k_weights.shape != top_k_index.shape or top_k_index.shape[0] != hidden.shape[0]:
+            raise InvalidArgumentError(
+                f"run_experts: hidden must be [T, hidden_size], top_k_index and top_k_weights [T, k]; got {tuple(hidden.shape)}, "
+                f"{tuple(top_k_index.shape)}, {tuple(top_k_weights.shape)}"
+            )
+        if hidden.shape[1] != self.ffn_hidden or _ACT_DTYPES.get(hidden.dtype, -1) != self.ffn_dtype:
+            want = next((d for d, c in _ACT_DTYPES.items() if c == self.ffn_dtype), None)
+            raise InvalidArgumentError(f"run_experts: hidden must be [T, {self.ffn_hidden}] {want}, got {tuple(hidden.shape)} {hidden.dtype}")
+        if hidden.device.type != self.device.type:
+            raise InvalidArgumentError(f"run_experts: the tensors must be on {self.device}, hidden is on {hidden.device}")
+        T, k = top_k_index.shape
+        topk = top_k_index.to(torch.int64).contiguous()
+        weights = top_k_weights.to(torch.float32).contiguous()
+        x = hidden.contiguous()
+        out = torch.empty_like(x)
+        scratch = torch.empty((T * k, self.ffn_inter), dtype=torch.float32, device=x.device)
+        self.engine.layer_ffn(
+            self.layers[int(layer_index)].index, [int(e) for e in experts], stream=self.stream(), x=x.data_ptr(), out=out.data_ptr(),
+            scratch=scratch.data_ptr(), topk=topk.data_ptr(), weights=weights.data_ptr(), tokens=T, k=k, dtype=self.ffn_dtype,
+        )
+        return out
+
     # -- compute ----------------------------------------------------------------
 
     def run_fused(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, original: Any) -> torch.Tensor:
         """The experts forward of a fused MoE layer."""
         self.check_open()
+        if self._detour:  # a measurement hook is on (one check when none is)
+            if self._experts_skipped:
+                return torch.zeros_like(hidden)
+            top_k_index = self._overridden(layer, top_k_index)
         t0 = time.perf_counter_ns()
         try:
             return self._run_fused(layer, hidden, top_k_index, top_k_weights, original)
@@ -510,7 +688,7 @@ class OffloadRuntime:
         a.layer, a.tokens, a.k = layer.index, T, k
         self._set_requests(a)
         a.flags = (
-            (0 if self.mapped and self.routing_log is None else _native.LAYER_NO_MAPPED)
+            (0 if self._mapped and self.routing_log is None else _native.LAYER_NO_MAPPED)
             | (0 if self.kernels else _native.LAYER_NO_KERNELS)
             | (_native.LAYER_HOST_BATCHED if self._impl(layer.module) != "eager" else 0)
             | (_native.LAYER_ROWWISE if getattr(self._tls, "rowwise", False) else 0)
@@ -595,22 +773,6 @@ class OffloadRuntime:
         """The experts implementation transformers would run for module."""
         return getattr(getattr(module, "config", None), "_experts_implementation", None) or "eager"
 
-    def _run_kernel(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, needed: list[int]) -> torch.Tensor:
-        """The engine's fused expert FFN over known experts (moe_layer_ffn),
-        without tracing and outside the executor: a probe the benchmark
-        and the GPU tests time and check the kernels with."""
-        T, k = top_k_index.shape
-        topk = top_k_index.to(torch.int64).contiguous()
-        weights = top_k_weights.to(torch.float32).contiguous()
-        x = hidden.contiguous()
-        out = torch.empty_like(x)
-        scratch = torch.empty((T * k, self.ffn_inter), dtype=torch.float32, device=x.device)
-        self.engine.layer_ffn(
-            layer.index, needed, stream=self.stream(), x=x.data_ptr(), out=out.data_ptr(), scratch=scratch.data_ptr(),
-            topk=topk.data_ptr(), weights=weights.data_ptr(), tokens=T, k=k, dtype=self.ffn_dtype,
-        )
-        return out
-
     def _run_torch(self, layer: MoELayer, module: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, original: Any, needed: list[int], stacked: bool) -> torch.Tensor:
         """transformers' own expert code on slot views: its per-expert code
         streaming the needed experts through the slots, or (``stacked``, the
@@ -651,6 +813,8 @@ class OffloadRuntime:
         engine's executor traces the routing and names the needed experts;
         the module's own forward then runs on their slot views, streamed."""
         self.check_open()
+        if self._experts_skipped:
+            return torch.zeros_like(hidden)
         t0 = time.perf_counter_ns()
         with torch.no_grad():
             needed = self._route_moduledict(layer, mask)
