@@ -313,3 +313,23 @@ extern "C" __global__ void moe_answer(const unsigned long *pairs, long n, volati
     __syncthreads();
     if (MOE_TID_X == 0) *ready = (unsigned int)seq;
 }
+
+// moe_link_read is the engine's measure of how fast kernels read pinned
+// host memory in place (zero copy), for the choice between reading missed
+// experts in place and copying them (Go: the CUDA backend's MeasureLink).
+// It reads the way moe_row_dot reads a weight row: warp w of block b reads
+// row b·(ntid/32)+w of src (row16 16-byte words), its lanes striding by 32
+// words with 16-byte loads. What it reads is folded into a value written to
+// *out only when it equals a magic number, so that no load is dropped.
+extern "C" __global__ void moe_link_read(const uint4 *src, long rows, long row16, unsigned int *out) {
+    unsigned int lane = MOE_TID_X & 31u, warp = MOE_TID_X >> 5;
+    long r = (long)MOE_CTAID_X * (MOE_NTID_X >> 5) + warp;
+    if (r >= rows) return;
+    const uint4 *p = src + r * row16;
+    unsigned int acc = 0;
+    for (long c = lane; c < row16; c += 32) {
+        uint4 v = p[c];
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (acc == 0x9e3779b9u) out[0] = acc;
+}

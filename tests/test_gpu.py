@@ -375,6 +375,43 @@ def _trained_fp8(family: str, directory):
     return tq._write(directory, tq._fp8_all(sd, quantize), qc)
 
 
+def test_link_rates_are_measured_at_start_up_and_decide_graph_misses(tmp_path):
+    """Without link_rates the engine measures this machine's link when it
+    loads (DMA and zero-copy bandwidth, copy mode's reaction) and chooses
+    graph_misses "auto" from those figures (engine.ChooseGraphMisses: copy
+    when reaction + bytes/DMA < bytes/zero-copy); given rates win and are
+    not measured."""
+    path = tm.save(tm.build("mixtral", dtype=torch.bfloat16, **_big("mixtral")), tmp_path / "m")
+    model = mi.from_pretrained(path, device="cuda", device_memory="1GiB")
+    try:
+        plan = model.moe_stats()["plan"]
+    finally:
+        model.close()
+    rates, b = plan["link_rates"], plan["slot_bytes"]
+    print(f"link rates measured: {rates}, expert {b} bytes, graph_misses {plan['graph_misses']}")
+    assert plan["link_rates_source"] == "measured", plan
+    assert rates["dma_gbps"] > 0 and rates["zero_copy_gbps"] > 0 and rates["reaction_us"] > 0, rates
+    copy = rates["reaction_us"] * 1e-6 + b / (rates["dma_gbps"] * 1e9) < b / (rates["zero_copy_gbps"] * 1e9)
+    assert plan["graph_misses"] == ("copy" if copy else "read")
+
+    given = {"dma_gbps": 50.0, "zero_copy_gbps": 0.001, "reaction_us": 0.0}
+    model = mi.from_pretrained(path, device="cuda", device_memory="1GiB", engine_options={"link_rates": given})
+    try:
+        plan = model.moe_stats()["plan"]
+        assert plan["link_rates_source"] == "given"
+        assert plan["link_rates"] == given
+        assert plan["graph_misses"] == "copy", "reading at 1 MB/s loses to any copy"
+    finally:
+        model.close()
+    model = mi.from_pretrained(path, device="cuda", device_memory="1GiB", engine_options={"measure_link": False})
+    try:
+        plan = model.moe_stats()["plan"]
+        assert plan["link_rates_source"] == "none" and plan["link_rates"] is None
+        assert plan["graph_misses"] == ("copy" if b >= 32 << 20 else "read"), "by expert size"
+    finally:
+        model.close()
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
 def test_fp8_kernel_teacher_forced_agreement(family, tmp_path):
     """The CUDA FP8 kernels (engine option quantized_kernels) against

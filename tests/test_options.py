@@ -79,15 +79,28 @@ def test_engine_options_of_numpy_scalars_reach_the_engine():
         model.close()
 
 
-def test_measured_link_rates_reach_the_plan_and_are_validated():
+def test_given_link_rates_reach_the_plan_and_are_validated():
     rates = {"dma_gbps": 52.0, "zero_copy_gbps": 33.0, "reaction_us": 20.0}
     model = mi.from_pretrained(builtin_model_dir(), device_memory="2MiB", engine_options={"link_rates": rates})
     try:
         plan = model.moe_stats()["plan"]
         assert plan["link_rates"] == rates
+        assert plan["link_rates_source"] == "given"
         assert plan["graph_misses"] == "read", "the CPU backend has no copy mode"
         assert plan["executor"]["kernels"] is False
     finally:
         model.close()
     with pytest.raises(mi.InvalidArgumentError, match="link_rates needs dma_gbps > 0"):
         mi.from_pretrained(builtin_model_dir(), device_memory="2MiB", engine_options={"link_rates": {"dma_gbps": 0, "zero_copy_gbps": 33}})
+
+
+def test_the_cpu_backend_measures_no_link_and_measure_link_is_checked():
+    model = mi.from_pretrained(builtin_model_dir(), device_memory="2MiB")
+    try:
+        plan = model.moe_stats()["plan"]
+        assert plan["link_rates_source"] == "none", "the CPU backend has no host→device link to measure"
+        assert plan["link_rates"] is None
+    finally:
+        model.close()
+    with pytest.raises(mi.InvalidArgumentError, match="measure_link"):
+        mi.from_pretrained(builtin_model_dir(), device_memory="2MiB", engine_options={"measure_link": "off"})

@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/moe-infinity/moe_infinity/go/backend"
 	"github.com/moe-infinity/moe_infinity/go/cache"
 	"github.com/moe-infinity/moe_infinity/go/layout"
 	"github.com/moe-infinity/moe_infinity/go/strictjson"
@@ -123,10 +124,19 @@ type Config struct {
 	// backend standing in for a device, so that CPU tests exercise every
 	// decision). Mapped mode stays off unless ReferenceKernels.
 	CPUExperts CPUExperts `json:"cpu_experts"`
-	// LinkRates are measured rates of this machine's host→device link;
-	// GraphMisses "auto" chooses from them (ChooseGraphMisses). nil: not
-	// measured, and "auto" falls back to the expert size (CopyMissesFrom).
+	// LinkRates are rates of this machine's host→device link, given: the
+	// engine's choices rest on them (see LinkRates) and nothing is
+	// measured. nil (left out or null): the engine measures them at
+	// Configure when the backend can (backend.LinkMeter, the CUDA backend)
+	// and MeasureLink is on; without rates GraphMisses "auto" falls back to
+	// the expert size (CopyMissesFrom).
 	LinkRates *LinkRates `json:"link_rates,omitempty"`
+	// MeasureLink lets Configure measure the link when LinkRates are not
+	// given (default true; nil in JSON, left out or null, means true).
+	// false keeps the engine off the measurement (~0.5 GB over the link,
+	// meant to take under 0.2 s, and 64 MiB of device and of pinned host
+	// memory for its duration): "auto" then decides by expert size.
+	MeasureLink *bool `json:"measure_link,omitempty"`
 }
 
 // CPUExperts is Config.CPUExperts: CPUExpertsAuto (the zero value, the
@@ -202,24 +212,15 @@ func (c CPUExperts) Threads(backend string) int {
 	return max(int(c), 0)
 }
 
-// LinkRates are the measured rates of the host→device link that the choice
-// between copying missed experts into slots and reading them in place
-// rests on. Zero-copy reads ran at 33 GB/s on one H100 host against 52 by
-// DMA, and at 49–51 against 53 on others: a constant cannot serve both.
-type LinkRates struct {
-	// DMAGBps is the copy engine's bandwidth from pinned host memory, in
-	// GB/s (1e9 bytes a second).
-	DMAGBps float64 `json:"dma_gbps"`
-	// ZeroCopyGBps is the kernels' bandwidth reading pinned host memory in
-	// place, in GB/s.
-	ZeroCopyGBps float64 `json:"zero_copy_gbps"`
-	// ReactionUs is how long a captured layer waits, in µs, for the engine
-	// to react to its routing and issue its first copy (copy mode's fixed
-	// cost per layer).
-	ReactionUs float64 `json:"reaction_us"`
-}
+// LinkRates are the rates of the host→device link that the engine's
+// choices rest on: GraphMisses "auto" (ChooseGraphMisses) and the hybrid
+// cost model (HybridCosts' link figures). The fields are
+// backend.LinkRates' (dma_gbps, zero_copy_gbps, reaction_us): given by the
+// user (Config.LinkRates) or measured by the backend at Configure
+// (backend.LinkMeter; Plan.LinkRatesSource says which).
+type LinkRates backend.LinkRates
 
-// check validates measured rates.
+// check validates rates, given or measured.
 func (r *LinkRates) check() error {
 	ok := func(v float64) bool { return !math.IsNaN(v) && !math.IsInf(v, 0) }
 	if r.DMAGBps <= 0 || r.ZeroCopyGBps <= 0 || r.ReactionUs < 0 || !ok(r.DMAGBps) || !ok(r.ZeroCopyGBps) || !ok(r.ReactionUs) {
@@ -232,8 +233,8 @@ func (r *LinkRates) check() error {
 // bytes: "copy" when bringing a missed expert in by the copy engine
 // (reaction + bytes at the DMA rate) takes less time than the kernels
 // reading it in place (bytes at the zero-copy rate), "read" otherwise, or
-// when the backend has no copy mode. Without measured rates it copies
-// from CopyMissesFrom bytes.
+// when the backend has no copy mode. Without rates (neither given nor
+// measured) it copies from CopyMissesFrom bytes.
 func ChooseGraphMisses(expertBytes int64, rates *LinkRates, copyMode bool) string {
 	if !copyMode {
 		return "read"
@@ -394,6 +395,10 @@ func (c Config) withDefaults() (Config, error) {
 		t := true
 		c.Prefetch = &t
 	}
+	if c.MeasureLink == nil {
+		t := true
+		c.MeasureLink = &t
+	}
 	if c.EAMCCapacity == 0 {
 		c.EAMCCapacity = 1000
 	}
@@ -498,9 +503,16 @@ type Plan struct {
 	// Executor is what the layer executor can do with this model on this
 	// backend (moe_layer chooses among these per call).
 	Executor ExecutorPlan `json:"executor"`
-	// LinkRates are the measured link rates GraphMisses "auto" chose from
-	// (nil: not measured; the expert size decided).
+	// LinkRates are the link rates the engine's choices rest on
+	// (GraphMisses "auto", the hybrid cost model); nil when there are none
+	// (the expert size decided).
 	LinkRates *LinkRates `json:"link_rates,omitempty"`
+	// LinkRatesSource says where LinkRates came from: "given"
+	// (Config.LinkRates), "measured" (by the backend at Configure),
+	// "failed" (the measurement failed: LinkRates is nil and Warnings says
+	// why) or "none" (not given, and the backend has no link to measure or
+	// Config.MeasureLink is off). LinkSources lists them.
+	LinkRatesSource string `json:"link_rates_source"`
 	// Warnings are non-fatal problems (for example a trace file for
 	// another model, which was ignored).
 	Warnings []string `json:"warnings"`

@@ -54,6 +54,7 @@ func FuzzParseConfig(f *testing.F) {
 		`{"budget_bytes": 1, "unknown": 1}`,
 		`{"budget_bytes": 1, "link_rates": {"dma_gbps": 52, "zero_copy_gbps": 33, "reaction_us": 20}}`,
 		`{"budget_bytes": 1, "link_rates": {"dma_gbps": 0, "zero_copy_gbps": 33}}`,
+		`{"budget_bytes": 1, "measure_link": false}`, `{"budget_bytes": 1, "measure_link": null, "link_rates": null}`,
 		`{"budget_bytes": 1, "cpu_experts": "auto"}`, `{"budget_bytes": 1, "cpu_experts": 4}`,
 		`{"budget_bytes": 1, "cpu_experts": 0}`, `{"budget_bytes": 1, "cpu_experts": " off"}`,
 		`{"budget_bytes": 1, "Policy": "lru"}`,

@@ -31,7 +31,8 @@ import (
 var closedStop = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
 
 // resolveGraphMisses is Config.GraphMisses with "auto" decided by
-// ChooseGraphMisses from the measured link rates and the expert size.
+// ChooseGraphMisses from the link rates (given or measured) and the expert
+// size.
 func (e *Engine) resolveGraphMisses() string {
 	if e.cfg.GraphMisses != "auto" {
 		return e.cfg.GraphMisses
@@ -40,7 +41,7 @@ func (e *Engine) resolveGraphMisses() string {
 		return "read"
 	}
 	_, copyMode := e.be.(backend.CopyGraphs)
-	return ChooseGraphMisses(e.lay.SlotBytes, e.cfg.LinkRates, copyMode)
+	return ChooseGraphMisses(e.lay.SlotBytes, e.rates, copyMode)
 }
 
 // graphMissesNow is resolveGraphMisses under the engine's lock.

@@ -106,7 +106,7 @@ func (e *Engine) setupHybrid(p *ExecutorPlan) error {
 		k.close()
 		return err
 	}
-	if r := e.cfg.LinkRates; r != nil { // measured on the device: they describe its link
+	if r := e.rates; r != nil { // given or measured on the device: they describe its link
 		c.LinkGBps, c.ReadGBps, c.LinkFixedUs = r.DMAGBps, r.ZeroCopyGBps, r.ReactionUs
 	}
 	if !c.usable() {

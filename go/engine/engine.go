@@ -105,12 +105,16 @@ type Engine struct {
 	pathCalls [numPaths]atomic.Int64
 
 	// MeasureHybrid, when set before Configure, replaces the measurement
-	// of the hybrid cost model (tests inject one; link_rates still
-	// replace its link figures).
+	// of the hybrid cost model (tests inject one; the link rates, given
+	// or measured, still replace its link figures).
 	MeasureHybrid func(hidden, inter int64, f16 bool) (HybridCosts, error)
-	hybrid        hybridState
-	cpuComputed   []atomic.Int64 // per layer: experts the CPU computed (layerHybrid)
-	cpuNs         []atomic.Int64 // per layer: the CPU's time for them, ns
+	// rates are the link rates the engine's choices rest on (Plan.LinkRates:
+	// given or measured at Configure; nil when neither). Set once by
+	// configure.
+	rates       *LinkRates
+	hybrid      hybridState
+	cpuComputed []atomic.Int64 // per layer: experts the CPU computed (layerHybrid)
+	cpuNs       []atomic.Int64 // per layer: the CPU's time for them, ns
 }
 
 // New creates an engine with an empty checkpoint.
@@ -481,6 +485,14 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 	e.files, e.allFiles = files, distinct(files)
 	plan.Backend = be.Name()
 	e.mods, e.lay, e.be, e.cache, e.vw = mods, lay, be, c, vw
+	// Measured here, before any copy uses the link; the hybrid cost model
+	// (setupHybrid) and graph_misses "auto" read them.
+	var linkWarn string
+	e.rates, plan.LinkRatesSource, linkWarn = linkRates(e.cfg, be)
+	plan.LinkRates = e.rates
+	if linkWarn != "" {
+		plan.Warnings = append(plan.Warnings, linkWarn)
+	}
 	plan.Executor = e.executorPlan(s.FFN)
 	if err := e.setupHybrid(&plan.Executor); err != nil {
 		_ = be.Close()
@@ -507,7 +519,6 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 	e.bg.Add(1)
 	go e.dispatch()
 	plan.GraphMisses = e.resolveGraphMisses()
-	plan.LinkRates = e.cfg.LinkRates
 	e.plan = plan
 	e.configured = true
 	return plan, nil

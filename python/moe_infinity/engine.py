@@ -60,7 +60,13 @@ class Engine:
         graph_misses: how the layers of a CUDA-graph step get missed
             experts: ``"read"`` in place over PCIe, ``"copy"`` by the copy
             engine while the layer waits inside the replay, or ``"auto"``
-            (default: ``"copy"`` for experts of 32 MiB and more).
+            (default: chosen from the link rates, and without them
+            ``"copy"`` for experts of 32 MiB and more).
+        link_rates: the host→device link's rates
+            (``{"dma_gbps", "zero_copy_gbps", "reaction_us"}``) that
+            ``"auto"`` and the CPU/GPU cost model rest on; left out, the
+            engine measures them at configure when the backend can (CUDA).
+        measure_link: ``False`` skips that measurement (default ``True``).
         prefetch_confidence, prefetch_min_evidence, prefetch_min_token_share:
             the prefetch planner's filters (0 = default, negative = off):
             predicted share at least confidence × uniform (default 2),

@@ -802,10 +802,16 @@ def from_pretrained(
             steps get missed experts, ``"read"`` in place, ``"copy"`` by
             the copy engine, default ``"auto"``: the engine compares
             copying (its reaction plus the bytes at the DMA rate) with reading
-            in place (the bytes at the zero-copy rate) using ``link_rates``
-            (``{"dma_gbps", "zero_copy_gbps", "reaction_us"}`` measured on
-            this machine, e.g. by benchmarks/zero_copy.py), and without them
-            copies from 32 MiB per expert; ``prefetch_confidence``,
+            in place (the bytes at the zero-copy rate) using the link rates
+            ``{"dma_gbps", "zero_copy_gbps", "reaction_us"}`` of this machine,
+            which the engine measures at start-up on the GPU (<0.2 s) unless
+            ``link_rates`` gives them (``measure_link: False`` skips the
+            measurement); without rates (the CPU backend, or a failed
+            measurement) it copies from 32 MiB per expert.
+            ``moe_stats()["plan"]`` reports them (``link_rates``) and where
+            they came from (``link_rates_source``: ``"given"``,
+            ``"measured"``, ``"failed"`` or ``"none"``);
+            ``prefetch_confidence``,
             ``prefetch_min_evidence``, ``prefetch_min_token_share``: the
             prefetch planner's filters, 0 = default, negative = off).
         **hf_kwargs: passed to transformers' ``from_pretrained``.

@@ -51,6 +51,13 @@ static CUresult moe_event_create(uintptr_t *e, int blocking) {
 	*e = (uintptr_t)ev;
 	return r;
 }
+static CUresult moe_event_create_timed(uintptr_t *e) {
+	CUevent ev = 0;
+	CUresult r = cuEventCreate(&ev, CU_EVENT_DEFAULT);
+	*e = (uintptr_t)ev;
+	return r;
+}
+static CUresult moe_event_elapsed(float *ms, uintptr_t a, uintptr_t b) { return cuEventElapsedTime(ms, (CUevent)a, (CUevent)b); }
 static CUresult moe_event_destroy(uintptr_t e) { return cuEventDestroy((CUevent)e); }
 static CUresult moe_event_record(uintptr_t e, uintptr_t s) { return cuEventRecord((CUevent)e, (CUstream)s); }
 static CUresult moe_event_sync(uintptr_t e) { return cuEventSynchronize((CUevent)e); }
@@ -286,6 +293,22 @@ func newEvent(blocking bool) (uintptr, error) {
 	}
 	err := check("cuEventCreate", C.moe_event_create(&e, b))
 	return uintptr(e), err
+}
+
+// timedEventCreate makes an event that records time, for measurements
+// (eventElapsed).
+func timedEventCreate() (uintptr, error) {
+	var e C.uintptr_t
+	err := check("cuEventCreate", C.moe_event_create_timed(&e))
+	return uintptr(e), err
+}
+
+// eventElapsed is the GPU time between two completed timed events, in
+// milliseconds (resolution ~0.5 µs).
+func eventElapsed(a, b uintptr) (float64, error) {
+	var ms C.float
+	err := check("cuEventElapsedTime", C.moe_event_elapsed(&ms, C.uintptr_t(a), C.uintptr_t(b)))
+	return float64(ms), err
 }
 
 func eventDestroy(e uintptr) error {
