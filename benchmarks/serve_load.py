@@ -15,7 +15,7 @@ cluster it is in.
 
 Rows (JSON lines with --out) state every setting: preset, device, batching
 (stacked, stacked-fast or threads, the scheduler modes; --batching runs
-several in one process),
+several in one process), mapped (--mapped on,off runs both),
 device_memory, routing, clusters, skew, policy, prefetch, concurrency or
 arrival rate, prompt and output lengths. Each configuration is measured after
 a warm-up phase of the same load (not recorded); the EAMC keeps what it
@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=4, help="requests run (not recorded) before each configuration")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--batching", default="stacked", help="scheduler modes to run, comma-separated: stacked (exact), stacked-fast (exact=False), threads")
+    ap.add_argument("--mapped", default="", help="mapped mode for each run, comma-separated: on, off (default: the engine's choice, once)")
     ap.add_argument("--out", help="append JSON rows here")
     args = ap.parse_args(argv)
 
@@ -202,9 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows = []
     out = open(args.out, "a") if args.out else None  # noqa: SIM115
-    for batching in args.batching.split(","):
-        with Scheduler(model, max_batch=args.max_batch, max_queue=4096, batching=batching.removesuffix("-fast"), exact=not batching.endswith("-fast")) as s:
-            rows += _run_configs(s, model, args, base, prompts, conc, rates, out)
+    for mapped in args.mapped.split(",") if args.mapped else [None]:
+        if mapped is not None:
+            rt.set_mapped(mapped == "on")
+        for batching in args.batching.split(","):
+            with Scheduler(model, max_batch=args.max_batch, max_queue=4096, batching=batching.removesuffix("-fast"), exact=not batching.endswith("-fast")) as s:
+                rows += _run_configs(s, model, args, base, prompts, conc, rates, out)
     if out:
         out.close()
     _print_ratios(rows)
@@ -232,7 +236,7 @@ def _run_configs(s: Scheduler, model: Any, args: Any, base: dict, prompts: list,
                 st = model.moe_stats()
                 steps = after["steps"] - before["steps"]
                 row = {
-                    **base, "batching": s.batching, "exact": s.exact, "policy": policy, "prefetch": pf == "on", "load": mode,
+                    **base, "batching": s.batching, "exact": s.exact, "mapped": model.moe_runtime.mapped, "policy": policy, "prefetch": pf == "on", "load": mode,
                     ("concurrency" if mode == "closed" else "rate_rps"): v,
                     **_summary(reqs, wall),
                     "steps": steps,
@@ -251,14 +255,14 @@ def _run_configs(s: Scheduler, model: Any, args: Any, base: dict, prompts: list,
 def _print_ratios(rows: list[dict]) -> None:
     """Each closed-loop row's throughput against batch 1 of its own
     configuration (same process)."""
-    key = lambda r: (r["batching"], r["exact"], r["policy"], r["prefetch"])  # noqa: E731
+    key = lambda r: (r["batching"], r["exact"], r["mapped"], r["policy"], r["prefetch"])  # noqa: E731
     for cfg in sorted({key(r) for r in rows}, key=str):
         one = [r for r in rows if key(r) == cfg and r.get("concurrency") == 1]
         if one and one[0]["tokens_per_s"]:
             for r in rows:
                 if key(r) == cfg and r.get("concurrency"):
-                    name = cfg[0] + ("" if cfg[1] else "-fast")
-                    print(f"{name:>12} {cfg[2]:>8} prefetch={cfg[3]!s:5} x{r['concurrency']:<3} {r['tokens_per_s']:.1f} tok/s = {r['tokens_per_s'] / one[0]['tokens_per_s']:.2f}x batch-1, "
+                    name = cfg[0] + ("" if cfg[1] else "-fast") + ("" if cfg[2] else " unmapped")
+                    print(f"{name:>21} {cfg[3]:>8} prefetch={cfg[4]!s:5} x{r['concurrency']:<3} {r['tokens_per_s']:.1f} tok/s = {r['tokens_per_s'] / one[0]['tokens_per_s']:.2f}x batch-1, "
                           f"TPOT p50 {r['tpot_p50_ms']:.1f} ms p99 {r['tpot_p99_ms']:.1f} ms, hit rate {r['hit_rate']:.3f}")
 
 
