@@ -132,10 +132,12 @@ type Config struct {
 	// the expert size (CopyMissesFrom).
 	LinkRates *LinkRates `json:"link_rates,omitempty"`
 	// MeasureLink lets Configure measure the link when LinkRates are not
-	// given (default true; nil in JSON, left out or null, means true).
-	// false keeps the engine off the measurement (~0.5 GB over the link,
-	// meant to take under 0.2 s, and 64 MiB of device and of pinned host
-	// memory for its duration): "auto" then decides by expert size.
+	// given (~0.5 GB over the link, meant to take under 0.2 s, and 64 MiB
+	// of device and of pinned host memory for its duration). Default
+	// false (nil in JSON, left out or null, means false) until the
+	// measurement has run on a GPU: the CUDA code is written and compiled
+	// but unrun, and it runs in every load. Off, "auto" decides by expert
+	// size, as before.
 	MeasureLink *bool `json:"measure_link,omitempty"`
 }
 
@@ -396,8 +398,8 @@ func (c Config) withDefaults() (Config, error) {
 		c.Prefetch = &t
 	}
 	if c.MeasureLink == nil {
-		t := true
-		c.MeasureLink = &t
+		f := false
+		c.MeasureLink = &f
 	}
 	if c.EAMCCapacity == 0 {
 		c.EAMCCapacity = 1000

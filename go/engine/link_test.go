@@ -52,7 +52,7 @@ func meterEngine(t *testing.T, m *linkMeter, cfg Config, setup Setup) (*Engine, 
 // "auto" reads them in place. With no reaction, copying one wins exactly
 // when the copy engine outruns the kernels' in-place reads.
 func TestMeasuredLinkRatesDecideGraphMisses(t *testing.T) {
-	off := false
+	off, on := false, true
 	slowZC := backend.LinkRates{DMAGBps: 52, ZeroCopyGBps: 33, ReactionUs: 0}
 	fastZC := backend.LinkRates{DMAGBps: 52, ZeroCopyGBps: 60, ReactionUs: 0}
 	given := &LinkRates{DMAGBps: 20, ZeroCopyGBps: 40, ReactionUs: 0}
@@ -67,13 +67,14 @@ func TestMeasuredLinkRatesDecideGraphMisses(t *testing.T) {
 		rates     *LinkRates
 		warnMatch string // a plan warning containing this, or "" for none
 	}{
-		{"zero-copy below DMA: copy", Config{}, slowZC, nil, 1, "copy", LinkMeasured, (*LinkRates)(&slowZC), ""},
-		{"zero-copy above DMA: read in place", Config{}, fastZC, nil, 1, "read", LinkMeasured, (*LinkRates)(&fastZC), ""},
-		{"given rates win and are not measured", Config{LinkRates: given}, slowZC, nil, 0, "read", LinkGiven, given, ""},
+		{"default (off until validated on a GPU): by size, nothing measured", Config{}, slowZC, nil, 0, "read", LinkNone, nil, ""},
+		{"zero-copy below DMA: copy", Config{MeasureLink: &on}, slowZC, nil, 1, "copy", LinkMeasured, (*LinkRates)(&slowZC), ""},
+		{"zero-copy above DMA: read in place", Config{MeasureLink: &on}, fastZC, nil, 1, "read", LinkMeasured, (*LinkRates)(&fastZC), ""},
+		{"given rates win and are not measured", Config{LinkRates: given, MeasureLink: &on}, slowZC, nil, 0, "read", LinkGiven, given, ""},
 		{"measure_link off: by size, nothing measured", Config{MeasureLink: &off}, slowZC, nil, 0, "read", LinkNone, nil, ""},
-		{"a failed measurement: by size, and the plan says why", Config{}, slowZC, errors.New("no driver"), 1, "read", LinkFailed, nil,
+		{"a failed measurement: by size, and the plan says why", Config{MeasureLink: &on}, slowZC, errors.New("no driver"), 1, "read", LinkFailed, nil,
 			"measuring the cpu backend's host→device link failed: no driver"},
-		{"figures that are not rates: failed", Config{}, backend.LinkRates{DMAGBps: 52}, nil, 1, "read", LinkFailed, nil,
+		{"figures that are not rates: failed", Config{MeasureLink: &on}, backend.LinkRates{DMAGBps: 52}, nil, 1, "read", LinkFailed, nil,
 			"zero_copy_gbps 0"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -112,20 +113,21 @@ func TestTheCPUBackendHasNoLinkToMeasure(t *testing.T) {
 
 func TestMeasuredLinkRatesReachTheHybridCostModel(t *testing.T) {
 	m := &linkMeter{rates: backend.LinkRates{DMAGBps: 50, ZeroCopyGBps: 40, ReactionUs: 20}}
-	_, p := meterEngine(t, m, Config{CPUExperts: 1}, Setup{Layout: mixtralSpec, FFN: "swiglu"})
+	on := true
+	_, p := meterEngine(t, m, Config{CPUExperts: 1, MeasureLink: &on}, Setup{Layout: mixtralSpec, FFN: "swiglu"})
 	assert.Equal(t, LinkMeasured, p.LinkRatesSource)
 	require.True(t, p.Executor.Hybrid, p.Executor.HybridOff)
 	c := *p.Executor.HybridCosts
 	assert.Equal(t, []float64{50, 40, 20}, []float64{c.LinkGBps, c.ReadGBps, c.LinkFixedUs}, "the device's link, as measured")
 }
 
-func TestMeasureLinkIsParsedStrictlyAndDefaultsOn(t *testing.T) {
+func TestMeasureLinkIsParsedStrictlyAndDefaultsOff(t *testing.T) {
 	for _, tc := range []struct {
 		doc  string
 		want bool
 	}{
-		{`{"budget_bytes": 1}`, true},
-		{`{"budget_bytes": 1, "measure_link": null}`, true},
+		{`{"budget_bytes": 1}`, false},
+		{`{"budget_bytes": 1, "measure_link": null}`, false},
 		{`{"budget_bytes": 1, "measure_link": true}`, true},
 		{`{"budget_bytes": 1, "measure_link": false}`, false},
 	} {

@@ -66,7 +66,9 @@ class Engine:
             (``{"dma_gbps", "zero_copy_gbps", "reaction_us"}``) that
             ``"auto"`` and the CPU/GPU cost model rest on; left out, the
             engine measures them at configure when the backend can (CUDA).
-        measure_link: ``False`` skips that measurement (default ``True``).
+        measure_link: ``True`` measures the link at configure when
+            ``link_rates`` is not given (default ``False`` until the CUDA
+            measurement has been validated on a GPU).
         prefetch_confidence, prefetch_min_evidence, prefetch_min_token_share:
             the prefetch planner's filters (0 = default, negative = off):
             predicted share at least confidence × uniform (default 2),

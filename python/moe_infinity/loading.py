@@ -804,10 +804,11 @@ def from_pretrained(
             copying (its reaction plus the bytes at the DMA rate) with reading
             in place (the bytes at the zero-copy rate) using the link rates
             ``{"dma_gbps", "zero_copy_gbps", "reaction_us"}`` of this machine,
-            which the engine measures at start-up on the GPU (<0.2 s) unless
-            ``link_rates`` gives them (``measure_link: False`` skips the
-            measurement); without rates (the CPU backend, or a failed
-            measurement) it copies from 32 MiB per expert.
+            which the engine measures at start-up on the GPU (<0.2 s) with
+            ``measure_link: True`` (off by default until that measurement
+            has run on a GPU) unless ``link_rates`` gives them; without
+            rates (the default, the CPU backend, or a failed measurement)
+            it copies from 32 MiB per expert.
             ``moe_stats()["plan"]`` reports them (``link_rates``) and where
             they came from (``link_rates_source``: ``"given"``,
             ``"measured"``, ``"failed"`` or ``"none"``);
