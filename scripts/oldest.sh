@@ -2,7 +2,8 @@
 # The oldest-versions job: a separate venv with the lowest release of every
 # direct dependency that pyproject.toml admits (its ">=" bounds, read by
 # scripts/lower_bounds.py, so the range is stated once), running the parity,
-# API and compatibility tests against the engine built in build/.
+# API and compatibility tests, and the serving scheduler's (stacked steps
+# lean on transformers' cache and attention), against the engine in build/.
 #
 #   bash scripts/oldest.sh            (after `make lib`; CI runs it)
 set -euo pipefail
@@ -17,4 +18,5 @@ echo "oldest supported: $pins"
 [ -f build/libmoe_infinity.so ] || make lib
 PYTHONPATH=$PWD/python MOE_INFINITY_LIB=$PWD/build/libmoe_infinity.so \
     "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-    tests/test_compat.py tests/test_api.py tests/test_parity.py tests/test_early_errors.py tests/test_options.py
+    tests/test_compat.py tests/test_api.py tests/test_parity.py tests/test_early_errors.py tests/test_options.py \
+    tests/test_scheduler.py
