@@ -312,8 +312,9 @@ def test_batch_on_the_kernel_paths_gives_each_request_its_alone_tokens(tok, batc
 
 
 def test_rowwise_mode_computes_each_row_as_alone():
-    """A stacked linear is each row's own M = 1 product; attention of row i
-    reads only its own (left-padded) cache positions."""
+    """A stacked linear is each row's own M = 1 product, a reduction over
+    the last dimension each row's own; attention of row i reads only its
+    own (left-padded) cache positions."""
     g = torch.Generator().manual_seed(3)
     w = torch.randn(96, 64, generator=g)
     x = torch.randn(5, 1, 64, generator=g)
@@ -321,6 +322,24 @@ def test_rowwise_mode_computes_each_row_as_alone():
         stacked = F.linear(x, w)
     for i in range(5):
         assert torch.equal(stacked[i], F.linear(x[i].clone(), w))
+    calls = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.Tensor.mean, F.softmax):
+                calls.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    h = torch.randn(4, 1, 64, generator=g)
+    with Spy(), RowwiseMode():  # the spy sees what the mode hands on
+        m = h.pow(2).mean(-1, keepdim=True)
+        sm = F.softmax(h, dim=-1)
+        whole = h.mean(dim=(-1, -2))  # not over the last dimension alone: left as is
+    assert calls == [(1, 64)] * 4 + [(1, 64)] * 4 + [(4, 1, 64)]
+    assert m.shape == (4, 1, 1) and sm.shape == (4, 1, 64) and whole.shape == (4,)
+    for i in range(4):
+        assert torch.equal(m[i], h[i].clone().pow(2).mean(-1, keepdim=True))
+        assert torch.equal(sm[i], F.softmax(h[i].clone(), dim=-1))
     q = torch.randn(3, 2, 1, 16, generator=g)
     lengths = [7, 3, 5]
     kv = [(torch.randn(1, 2, n, 16, generator=g), torch.randn(1, 2, n, 16, generator=g)) for n in lengths]

@@ -11,16 +11,19 @@ the batch:
 
 - a matrix product over several rows does not round each row the way the same
   product over one row does (torch's CPU GEMM differs from M = 2 on, and GPU
-  libraries pick other kernels for other shapes);
+  libraries pick other kernels for other shapes), and a GPU reduction over a
+  row (a norm's mean) may be split across threads differently for 1 row and
+  for 16;
 - attention over a padded cache reduces over more positions (masked ones
   included), in another order.
 
 :class:`RowwiseMode` removes both inside the step: it splits every
 ``torch.nn.functional.linear`` into one product per row (each the M = 1
-product ``generate`` computes for that request alone), and computes
+product ``generate`` computes for that request alone), does the same for
+reductions over the last dimension (mean, sum, var, softmax), and computes
 ``scaled_dot_product_attention`` row by row over the row's own cache
-positions only. Everything else in a decoder layer (norms, rotary
-embeddings, routing, the experts' gather and sums) is already row-wise. The
+positions only. Everything else in a decoder layer (elementwise work,
+rotary embeddings, top-k, the experts' gather and sums) is already row-wise. The
 rest of the forward (embedding, mask building, the layers' Python) runs once.
 
 Each request is prefilled alone (its prompt's own forward), then joins the
@@ -43,6 +46,38 @@ from torch.overrides import TorchFunctionMode
 from .._compat import cache_kwargs
 
 __all__ = ["RowwiseMode", "StackedBatch", "stacked_support"]
+
+
+# Reductions over the last dimension (norms, the router's softmax and
+# renormalization) that a GPU library may split differently across threads
+# for 1 row and for 16 (split reductions keep an SM busy when rows are
+# few), and so round differently: computed row by row too. Their second
+# positional argument is the dimension.
+_ROW_REDUCTIONS = frozenset(
+    {torch.mean, torch.Tensor.mean, torch.sum, torch.Tensor.sum, torch.var, torch.Tensor.var, F.softmax, torch.softmax, torch.Tensor.softmax}
+)
+
+
+def _reduces_last_dim(x: Any, args: tuple, kwargs: dict) -> bool:
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        return False
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if isinstance(dim, (tuple, list)) and len(dim) == 1:
+        dim = dim[0]
+    return isinstance(dim, int) and not isinstance(dim, bool) and dim % x.dim() == x.dim() - 1
+
+
+def _per_row(func: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """func over each row of x (all dimensions but the last flattened) on
+    its own, stacked back; None for a single row."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 1
+    if rows <= 1:
+        return None
+    flat = x.reshape(rows, x.shape[-1])
+    # A fresh tensor per row: a view into the stack would differ from the
+    # request's own input in alignment, which some kernels round by.
+    out = [func(flat[i : i + 1].clone(), *args[1:], **kwargs) for i in range(rows)]
+    return torch.cat(out).reshape(*x.shape[:-1], *out[0].shape[1:])
 
 
 class RowwiseMode(TorchFunctionMode):
@@ -68,16 +103,12 @@ class RowwiseMode(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func is F.linear:
+        if func is F.linear or (func in _ROW_REDUCTIONS and _reduces_last_dim(args[0], args, kwargs)):
             x = args[0]
-            rows = x.numel() // x.shape[-1] if x.dim() >= 2 and x.shape[-1] else 1
-            if rows > 1:
-                flat = x.reshape(rows, x.shape[-1])
-                # A fresh tensor per row: a view into the stack would differ
-                # from the request's own input in alignment, which some GEMM
-                # paths round by.
-                out = [F.linear(flat[i : i + 1].clone(), *args[1:], **kwargs) for i in range(rows)]
-                return torch.cat(out).reshape(*x.shape[:-1], -1)
+            if x.dim() >= 2:
+                out = _per_row(func, x, args, kwargs)
+                if out is not None:
+                    return out
         elif func is F.scaled_dot_product_attention and self.starts is not None:
             q, k, v = args[:3]
             if q.shape[0] == len(self.starts):
