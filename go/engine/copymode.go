@@ -40,7 +40,7 @@ func (e *Engine) resolveGraphMisses() string {
 	if e.lay == nil {
 		return "read"
 	}
-	_, copyMode := e.be.(backend.CopyGraphs)
+	copyMode := e.ft.CopyGraphs != nil
 	return ChooseGraphMisses(e.lay.SlotBytes, e.rates, copyMode)
 }
 
@@ -53,7 +53,7 @@ func (e *Engine) graphMissesNow() string {
 
 // copyGraphs returns the backend's copy mode, or nil when it has none.
 func (e *Engine) copyGraphs() backend.CopyGraphs {
-	cg, _ := e.be.(backend.CopyGraphs)
+	cg := e.ft.CopyGraphs
 	return cg
 }
 

@@ -54,6 +54,7 @@ type Engine struct {
 	vw         *layout.Views     // quantized experts: the slot and view images (nil otherwise)
 	fp8        *layout.FP8Kernel // FP8 experts the kernels read from the slots (nil otherwise)
 	be         backend.Backend
+	ft         backend.Features // be's optional parts, resolved once at Configure
 	cache      *cache.Cache
 	tracker    *trace.Tracker
 	planner    *prefetch.Planner
@@ -320,7 +321,7 @@ func (e *Engine) Configure(s Setup) (Plan, error) {
 	if err != nil {
 		return plan, err
 	}
-	if _, ok := e.be.(backend.Mapped); ok {
+	if e.ft.Mapped != nil {
 		_, _ = e.enableMapped() // the error, if any, is kept for LayerMapped
 	}
 	return plan, nil
@@ -484,11 +485,11 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 	}
 	e.files, e.allFiles = files, distinct(files)
 	plan.Backend = be.Name()
-	e.mods, e.lay, e.be, e.cache, e.vw = mods, lay, be, c, vw
+	e.mods, e.lay, e.be, e.ft, e.cache, e.vw = mods, lay, be, backend.FeaturesOf(be), c, vw
 	// Measured here, before any copy uses the link; the hybrid cost model
 	// (setupHybrid) and graph_misses "auto" read them.
 	var linkWarn string
-	e.rates, plan.LinkRatesSource, linkWarn = linkRates(e.cfg, be)
+	e.rates, plan.LinkRatesSource, linkWarn = linkRates(e.cfg, e.ft.LinkMeter, be.Name())
 	plan.LinkRates = e.rates
 	if linkWarn != "" {
 		plan.Warnings = append(plan.Warnings, linkWarn)
@@ -834,7 +835,7 @@ func (e *Engine) acquire(layer int, experts []int32, slots []int32, stream uintp
 		e.cache.Unpin(grants)
 		return 0, firstErr
 	}
-	if ob, ok := e.be.(backend.Ordered); ok {
+	if ob := e.ft.Ordered; ob != nil {
 		if err := ob.Use(grantSlots(grants), stream); err != nil {
 			e.cache.Unpin(grants)
 			return 0, fmt.Errorf("ordering the copies before the computation: %w", err)
@@ -896,7 +897,7 @@ func (e *Engine) Release(lease uint64, stream uintptr) error {
 		e.views.give(lease)
 	}
 	var relErr error
-	if ob, isOrdered := e.be.(backend.Ordered); isOrdered {
+	if ob := e.ft.Ordered; ob != nil {
 		relErr = ob.Release(grantSlots(grants), stream)
 	}
 	e.cache.Unpin(grants)

@@ -178,7 +178,7 @@ func (e *Engine) executorPlan(ffn string) ExecutorPlan {
 			p.KernelsOff = err.Error()
 			break
 		}
-		if _, ok := e.be.(backend.Kernels); !ok {
+		if e.ft.Kernels == nil {
 			p.KernelsOff = fmt.Sprintf("backend %s reports kernels but has none", e.be.Name())
 			break
 		}
@@ -196,7 +196,7 @@ func (e *Engine) executorPlan(ffn string) ExecutorPlan {
 	}
 	p.KernelsOnly = e.vw != nil && e.views == nil
 	if p.Kernels && caps.Mapped && p.Quant == "" {
-		if _, ok := e.be.(backend.Mapped); ok {
+		if e.ft.Mapped != nil {
 			p.Mapped, p.MaxMappedPairs = true, caps.MaxMappedPairs
 		}
 	}

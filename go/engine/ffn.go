@@ -73,8 +73,8 @@ func (e *Engine) LayerFFN(c FFNCall) error {
 	if err != nil {
 		return err
 	}
-	kern, ok := e.be.(backend.Kernels)
-	if !ok {
+	kern := e.ft.Kernels
+	if kern == nil {
 		return fmt.Errorf("%w: backend %s has no expert FFN kernels", ErrUnsupported, e.be.Name())
 	}
 	if c.DType != code {

@@ -30,12 +30,11 @@ var LinkSources = []string{LinkGiven, LinkMeasured, LinkFailed, LinkNone}
 // cfg.MeasureLink is off. A failed measurement (an error, or figures that
 // are not finite rates > 0) is not fatal: the engine serves without rates,
 // as before there were any, and says so (LinkFailed and the warning).
-func linkRates(cfg Config, be backend.Backend) (rates *LinkRates, source, warning string) {
+func linkRates(cfg Config, m backend.LinkMeter, name string) (rates *LinkRates, source, warning string) {
 	if cfg.LinkRates != nil {
 		return cfg.LinkRates, LinkGiven, ""
 	}
-	m, ok := be.(backend.LinkMeter)
-	if !ok || (cfg.MeasureLink != nil && !*cfg.MeasureLink) {
+	if m == nil || (cfg.MeasureLink != nil && !*cfg.MeasureLink) {
 		return nil, LinkNone, ""
 	}
 	got, err := m.MeasureLink()
@@ -46,7 +45,7 @@ func linkRates(cfg Config, be backend.Backend) (rates *LinkRates, source, warnin
 		}
 	}
 	if err != nil {
-		return nil, LinkFailed, fmt.Sprintf(`link rates: measuring the %s backend's host→device link failed: %v; graph_misses "auto" decides by expert size (give link_rates to choose from rates)`, be.Name(), err)
+		return nil, LinkFailed, fmt.Sprintf(`link rates: measuring the %s backend's host→device link failed: %v; graph_misses "auto" decides by expert size (give link_rates to choose from rates)`, name, err)
 	}
 	return &r, LinkMeasured, ""
 }

@@ -55,8 +55,8 @@ type mappedState struct {
 
 // enableMapped turns the backend's mapped mode on once.
 func (e *Engine) enableMapped() (backend.Mapped, error) {
-	mb, ok := e.be.(backend.Mapped)
-	if !ok {
+	mb := e.ft.Mapped
+	if mb == nil {
 		return nil, fmt.Errorf("%w: %w: backend %s has no mapped mode", ErrUnsupported, errMappedUnavailable, e.be.Name())
 	}
 	m := &e.mapped
@@ -167,8 +167,8 @@ func (e *Engine) CaptureBegin() error {
 	if _, err := e.enableMapped(); err != nil {
 		return err
 	}
-	g, ok := e.be.(backend.Graphs)
-	if !ok {
+	g := e.ft.Graphs
+	if g == nil {
 		return fmt.Errorf("%w: backend %s cannot capture graphs", ErrUnsupported, e.be.Name())
 	}
 	e.drainMapped()
@@ -209,7 +209,8 @@ func (e *Engine) CaptureEnd() (int, error) {
 	if err := e.readyLocked(); err != nil {
 		return 0, err
 	}
-	g, ok := e.be.(backend.Graphs)
+	g := e.ft.Graphs
+	ok := g != nil
 	m := &e.mapped
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -238,7 +239,8 @@ func (e *Engine) GraphStep(stream uintptr, reqs []uint64) error {
 	if err := e.takeMappedErr(); err != nil {
 		return err
 	}
-	g, ok := e.be.(backend.Graphs)
+	g := e.ft.Graphs
+	ok := g != nil
 	m := &e.mapped
 	m.mu.Lock()
 	layers, capturing, copied := m.captured, m.capturing, m.copied

@@ -3,7 +3,6 @@ package engine
 import (
 	"time"
 
-	"github.com/moe-infinity/moe_infinity/go/backend"
 	"github.com/moe-infinity/moe_infinity/go/cache"
 )
 
@@ -126,7 +125,7 @@ func (e *Engine) Stats() (Stats, error) {
 	if why := e.mappedOffWhy.reason.Load(); why != nil {
 		out.MappedOff = *why
 	}
-	if t, ok := e.be.(backend.Timed); ok {
+	if t := e.ft.Timed; t != nil {
 		for name, ns := range t.PhaseNs() {
 			out.PhaseNs["backend_"+name] = ns
 		}
@@ -172,7 +171,7 @@ func (e *Engine) ResetStats() error {
 	for p := range e.pathCalls {
 		e.pathCalls[p].Store(0)
 	}
-	if t, ok := e.be.(backend.Timed); ok {
+	if t := e.ft.Timed; t != nil {
 		t.ResetPhases()
 	}
 	return nil

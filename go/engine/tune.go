@@ -3,7 +3,6 @@ package engine
 import (
 	"fmt"
 
-	"github.com/moe-infinity/moe_infinity/go/backend"
 	"github.com/moe-infinity/moe_infinity/go/cache"
 	"github.com/moe-infinity/moe_infinity/go/strictjson"
 )
@@ -90,7 +89,7 @@ func (e *Engine) Tune(t Tuning) error {
 		if e.views != nil {
 			e.views.forget()
 		}
-		if mb, ok := e.be.(backend.Mapped); ok && e.mapped.idle != nil {
+		if mb := e.ft.Mapped; mb != nil && e.mapped.idle != nil {
 			if err := mb.UnmapAll(); err != nil {
 				return err
 			}
