@@ -93,9 +93,11 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    """Two places in the batch, two in the queue, a short shutdown timeout."""
+    """Two places in the batch, two in the queue, a short shutdown timeout;
+    batching in threads (the module's other server stacks its steps, the
+    default for the built-in model)."""
     tmp = tmp_path_factory.mktemp("small")
-    s = Server(tmp, "--max-batch", "2", "--max-queue", "2", "--shutdown-timeout", "3")
+    s = Server(tmp, "--max-batch", "2", "--max-queue", "2", "--shutdown-timeout", "3", "--batching", "threads")
     yield s
     s.stop()
 
@@ -351,6 +353,11 @@ def test_metrics_are_prometheus_text(server):
         assert name in m, name
     assert 0 <= m["moe_infinity_expert_cache_hit_rate"] <= 1 and m["moe_infinity_expert_bytes_moved_total"] > 0
     assert m['moe_infinity_http_responses_total{code="200",path="/v1/completions"}'] >= 1
+
+
+def test_each_server_says_how_it_batches(server, small):
+    assert "max batch 16 stacked, queue 16)" in server.stderr()
+    assert "max batch 2 threads, queue 2)" in small.stderr()
 
 
 def test_burst_past_the_queue_bound_gets_429s_and_answers(small):
