@@ -107,6 +107,9 @@ type Result struct {
 	// Loads counts experts copied in on use: every miss without Mapped,
 	// admitted misses with it.
 	Loads uint64 `json:"loads"`
+	// Evictions counts experts evicted to make room for a load, a
+	// prefetch or an admission.
+	Evictions uint64 `json:"evictions"`
 	// LinkPerAccess is the expert transfers over the host link per access:
 	// (Loads + PrefetchLoads + in-place reads of misses in mapped mode) /
 	// Accesses — what bounds a PCIe-bound decode.
@@ -315,6 +318,7 @@ func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
 		Prefetch:          cfg.Prefetch,
 		Slots:             cfg.Slots,
 		Loads:             st.Loads,
+		Evictions:         st.Evictions,
 		LinkPerAccess:     ratio(link, st.Hits+st.Misses),
 		Accesses:          st.Hits + st.Misses,
 		Hits:              st.Hits,
