@@ -204,6 +204,12 @@ func (cfg ReplayConfig) withDefaults(t *Trace) (ReplayConfig, error) {
 //     cache refuses, since weaker ones would be refused too): the
 //     simulator's stand-in for the engine's prefetch dispatcher.
 //
+// Outside the core the engine differs in two ways Replay keeps: it pins a
+// layer's experts in ascending order where Replay pins them in the trace's
+// order (ties of LRU and LFU may break differently), and its prefetch
+// dispatcher pops each queued candidate once, asynchronously and without
+// a per-layer cap, where Replay walks each layer's whole plan at once.
+//
 // Replay fails for an invalid trace or configuration.
 func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
 	if err := t.Validate(); err != nil {
