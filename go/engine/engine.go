@@ -15,7 +15,6 @@ package engine
 import (
 	"errors"
 	"fmt"
-	"math"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -23,6 +22,7 @@ import (
 
 	"github.com/moe-infinity/moe_infinity/go/backend"
 	"github.com/moe-infinity/moe_infinity/go/cache"
+	"github.com/moe-infinity/moe_infinity/go/core"
 	"github.com/moe-infinity/moe_infinity/go/dtype"
 	"github.com/moe-infinity/moe_infinity/go/layout"
 	"github.com/moe-infinity/moe_infinity/go/prefetch"
@@ -30,10 +30,6 @@ import (
 	"github.com/moe-infinity/moe_infinity/go/store"
 	"github.com/moe-infinity/moe_infinity/go/trace"
 )
-
-// hintOwnerBase marks prefetch-queue owners that are router hints (one
-// owner per layer) rather than requests.
-const hintOwnerBase = uint64(1) << 62
 
 // Engine is one offloading engine instance. All methods are safe for
 // concurrent use.
@@ -55,14 +51,18 @@ type Engine struct {
 	fp8        *layout.FP8Kernel // FP8 experts the kernels read from the slots (nil otherwise)
 	be         backend.Backend
 	ft         backend.Features // be's optional parts, resolved once at Configure
-	cache      *cache.Cache
-	tracker    *trace.Tracker
-	planner    *prefetch.Planner
-	queue      *prefetch.Queue
-	layers     int
-	experts    int
-	files      [][]string // per layer: the mapped files its experts live in (checkLayer)
-	allFiles   []string   // the distinct files of every layer (GraphStep)
+	// core sequences every layer's tracing, scoring, planning and cache
+	// decisions (go/core, the code go/sim replays through); cache,
+	// tracker, planner and queue are its parts.
+	core     *core.Core
+	cache    *cache.Cache
+	tracker  *trace.Tracker
+	planner  *prefetch.Planner
+	queue    *prefetch.Queue
+	layers   int
+	experts  int
+	files    [][]string // per layer: the mapped files its experts live in (checkLayer)
+	allFiles []string   // the distinct files of every layer (GraphStep)
 
 	stop     chan struct{}
 	ops      sync.WaitGroup // Acquire calls in progress
@@ -72,10 +72,6 @@ type Engine struct {
 	leaseMu  sync.Mutex
 	leases   map[uint64][]cache.Grant
 	nextLeas atomic.Uint64
-
-	prioMu  sync.Mutex      // serialises priority updates (readers take no lock)
-	prio    []atomic.Uint64 // [layer*experts+expert] activation term of the priority (float64 bits)
-	prioTmp []float64       // one layer's priorities being computed (under prioMu)
 
 	bytesMoved []atomic.Int64 // per layer
 	stallNs    []atomic.Int64 // per layer
@@ -91,7 +87,6 @@ type Engine struct {
 	compressDone, compressTotal atomic.Int64
 	compressed                  map[CompressRequest]requant.Result // AddCompressed's copies added (under mu)
 	hostCompressed              map[string]HostCompressResult      // CompressHost's modules, by prefix (under mu)
-	prefetchOn                  atomic.Bool
 
 	demandMu   sync.Mutex
 	demand     int           // on-demand copies in flight
@@ -456,15 +451,16 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 
 	pol, _ := cache.ParsePolicy(e.cfg.Policy)
 	e.layers, e.experts = L, E
-	e.prio = make([]atomic.Uint64, L*E)
-	e.prioTmp = make([]float64, E)
-	for l := 0; l < L; l++ {
-		e.setPriorities(l, nil, 0)
-	}
-	c, err := cache.New(cache.Config{Slots: slots, Layers: L, Policy: pol, Scorer: scorer{e}})
+	e.expertTokens = make([]float64, L*e.experts)
+	cr, err := core.New(core.Config{
+		Slots: slots, Policy: pol, Collection: coll, Matches: e.cfg.Matches,
+		Confidence: e.cfg.PrefetchConfidence, MinEvidence: e.cfg.PrefetchMinEvidence, MinTokenShare: e.cfg.PrefetchMinTokenShare,
+		Prefetch: *e.cfg.Prefetch, Observed: e.countTokens,
+	})
 	if err != nil {
 		return Plan{}, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
+	c := cr.Cache()
 	be, err := e.NewBackend(e.cfg)
 	if err != nil {
 		return Plan{}, err
@@ -504,19 +500,13 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 		return Plan{}, fmt.Errorf("%w: quantized experts on the %s backend are computed by its expert kernels only, which do not serve this model: %s",
 			ErrUnsupported, be.Name(), ex.KernelsOff)
 	}
-	e.tracker = trace.NewTracker(coll)
-	e.planner = prefetch.NewPlanner(coll)
-	e.planner.Matches = e.cfg.Matches
-	e.planner.Tune(e.cfg.PrefetchConfidence, e.cfg.PrefetchMinEvidence, e.cfg.PrefetchMinTokenShare)
-	e.queue = prefetch.NewQueue()
+	e.core, e.tracker, e.planner, e.queue = cr, cr.Tracker(), cr.Planner(), cr.Queue()
 	e.bytesMoved = make([]atomic.Int64, L)
 	e.stallNs = make([]atomic.Int64, L)
 	e.cpuComputed = make([]atomic.Int64, L)
 	e.cpuNs = make([]atomic.Int64, L)
-	e.expertTokens = make([]float64, L*e.experts)
 	e.stop = make(chan struct{})
 	e.prefSem = make(chan struct{}, e.cfg.PrefetchWindow)
-	e.prefetchOn.Store(*e.cfg.Prefetch)
 	e.bg.Add(1)
 	go e.dispatch()
 	plan.GraphMisses = e.resolveGraphMisses()
@@ -599,7 +589,7 @@ func (e *Engine) BeginRequest() (uint64, error) {
 	if err := e.readyLocked(); err != nil {
 		return 0, err
 	}
-	return e.tracker.Begin(), nil
+	return e.core.Begin(), nil
 }
 
 // EndRequest retires the request's EAM into the collection and cancels its
@@ -609,8 +599,7 @@ func (e *Engine) EndRequest(req uint64) error {
 		return err
 	}
 	e.drainMapped() // the request's last layers are traced before it ends
-	e.queue.Update(req, nil)
-	if err := e.tracker.End(req); err != nil {
+	if err := e.core.End(req); err != nil {
 		return fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
 	// A routing error the tracer found after the request's last mapped
@@ -625,8 +614,24 @@ func (e *Engine) Observe(layer int, reqs []uint64, counts [][]float32) error {
 	return e.observe(layer, reqs, counts, true)
 }
 
-// observe is Observe, re-planning prefetches only when plan is set.
+// observe is Observe, re-planning prefetches only when plan is set (the
+// core's Observe, then its Plan: core.Layer without a use of the experts).
 func (e *Engine) observe(layer int, reqs []uint64, counts [][]float32, plan bool) error {
+	if err := e.checkObserve(layer, reqs, counts); err != nil {
+		return err
+	}
+	if err := e.core.Observe(layer, reqs, counts); err != nil {
+		return routingErr(err)
+	}
+	if plan {
+		e.core.Plan(layer, reqs)
+	}
+	return nil
+}
+
+// checkObserve checks that the engine is ready and that layer, reqs and
+// counts make an observation.
+func (e *Engine) checkObserve(layer int, reqs []uint64, counts [][]float32) error {
 	if err := e.readyLocked(); err != nil {
 		return err
 	}
@@ -636,21 +641,21 @@ func (e *Engine) observe(layer int, reqs []uint64, counts [][]float32, plan bool
 	if len(reqs) != len(counts) {
 		return fmt.Errorf("%w: %d requests but %d count rows", ErrInvalid, len(reqs), len(counts))
 	}
-	for i, r := range reqs {
-		if err := e.tracker.Observe(r, layer, counts[i]); err != nil {
-			return fmt.Errorf("%w: %v", ErrInvalid, err)
-		}
-		e.countTokens(layer, counts[i])
-	}
-	e.refreshPriority(layer)
-	if plan {
-		e.planAfter(layer, reqs)
-	}
 	return nil
 }
 
+// routingErr is a core error with the tracker's refusal of a routing
+// classified as ErrInvalid.
+func routingErr(err error) error {
+	var oe *core.ObserveError
+	if errors.As(err, &oe) {
+		return fmt.Errorf("%w: %v", ErrInvalid, oe.Err)
+	}
+	return err
+}
+
 // countTokens adds one request's observed routing of layer to the
-// per-expert token counters that Stats reports.
+// per-expert token counters that Stats reports (the core's Observed hook).
 func (e *Engine) countTokens(layer int, counts []float32) {
 	row := e.expertTokens[layer*e.experts : (layer+1)*e.experts]
 	e.tokensMu.Lock()
@@ -659,58 +664,6 @@ func (e *Engine) countTokens(layer int, counts []float32) {
 	}
 	e.tokensMu.Unlock()
 }
-
-// planAfter re-plans each request's prefetches from its partial EAM once
-// layer has been observed (when prefetching is on).
-func (e *Engine) planAfter(layer int, reqs []uint64) {
-	if !e.prefetchOn.Load() {
-		return
-	}
-	for _, r := range reqs {
-		if plan, ok := e.planner.PlanRequest(e.tracker, r, layer); ok {
-			e.queue.Update(r, plan)
-		}
-	}
-}
-
-// refreshPriority recomputes the activation term of the priority
-// p = (pEAM[l][x] + ε) / n_tokens(l) · LayerWeight(l) from the active
-// requests (trace.Priorities).
-func (e *Engine) refreshPriority(layer int) {
-	per, tokens := e.tracker.LayerTotals(layer)
-	if tokens <= 0 {
-		return
-	}
-	e.prioMu.Lock()
-	e.setPriorities(layer, per, tokens)
-	e.prioMu.Unlock()
-}
-
-// setPriorities computes layer's priorities (trace.Priorities) and
-// publishes them one expert at a time: the cache's eviction choices read
-// them without a lock (a choice may see some experts' new values and
-// others' old, as it may see either side of any update). Runs with prioMu
-// held, or before the engine is shared.
-func (e *Engine) setPriorities(layer int, per []float32, tokens float32) {
-	trace.Priorities(e.prioTmp, per, tokens, layer, e.layers)
-	for x, p := range e.prioTmp {
-		e.prio[layer*e.experts+x].Store(math.Float64bits(p))
-	}
-}
-
-// scorer exposes the engine's priorities and predictions to the cache.
-type scorer struct{ e *Engine }
-
-// Priority is the paper's activation-aware priority plus the prefetcher's
-// current prediction for the expert, so that an expert about to be used is
-// not evicted to make room for one that is not.
-func (s scorer) Priority(k cache.Key) float64 {
-	e := s.e
-	p := math.Float64frombits(e.prio[int(k.Layer)*e.experts+int(k.Expert)].Load())
-	return p + e.queue.Score(k)
-}
-
-func (s scorer) Predicted(k cache.Key) float64 { return s.e.queue.Score(k) }
 
 // Hint tells the engine that `layer` will use experts (for example because
 // that layer's router was run ahead on the current hidden state). They are
@@ -723,9 +676,7 @@ func (e *Engine) Hint(layer int, experts []int32) error {
 	if err := e.checkExperts(layer, experts); err != nil {
 		return err
 	}
-	if e.prefetchOn.Load() {
-		e.queue.Update(hintOwnerBase+uint64(layer), prefetch.HintCandidates(layer, experts))
-	}
+	e.core.Hint(layer, experts)
 	return nil
 }
 
@@ -793,10 +744,7 @@ func (e *Engine) acquire(layer int, experts []int32, slots []int32, stream uintp
 			keys = append(keys, cache.Key{Layer: int32(layer), Expert: x})
 		}
 	}
-	if e.prefetchOn.Load() {
-		e.queue.Update(hintOwnerBase+uint64(layer), nil)
-	}
-	grants, err := e.cache.Pin(keys, e.stop)
+	grants, err := e.core.Pin(layer, keys, e.stop)
 	if err != nil {
 		return 0, e.cacheErr(err)
 	}

@@ -133,29 +133,34 @@ func (e *Engine) LayerFFN(c FFNCall) error {
 // routingCounts, topk being the [T, K] routing on the host) and computes
 // the layer with LayerFFN, or with layerHybrid when ChooseMisses sends
 // some of its misses to the CPU.
+//
+// The order is the core's Layer (the order go/sim replays): trace and
+// refresh priorities first (the eviction choices of this layer's loads
+// use them), then issue the layer's copies and kernels, and plan
+// prefetches for the later layers last: planning (EAMC matching) used to
+// sit between the routing's arrival and the demand copies, with the link
+// idle.
 func (e *Engine) layerKernels(c FFNCall, reqs []uint64, topk []int64, counts [][]float32) error {
-	// Trace and refresh priorities first (the eviction choices of this
-	// layer's loads use them), then issue the layer's copies and kernels,
-	// and plan prefetches for the later layers last: planning (EAMC
-	// matching) used to sit between the routing's arrival and the demand
-	// copies, with the link idle. This is the order go/sim replays.
 	t0 := time.Now()
 	if len(reqs) > 0 {
-		if err := e.observe(c.Layer, reqs, counts, false); err != nil {
+		if err := e.checkObserve(c.Layer, reqs, counts); err != nil {
 			return err
 		}
 	}
-	e.phase(phaseObserve, t0)
-	var ffnErr error
-	if cpuX := e.chooseCPU(c, reqs, topk); len(cpuX) > 0 {
-		ffnErr = e.layerHybrid(c, cpuX, topk)
-	} else {
-		ffnErr = e.LayerFFN(c)
-	}
-	if len(reqs) > 0 {
-		t0 = time.Now()
-		e.planAfter(c.Layer, reqs)
+	var planned time.Time
+	_, err := e.core.Layer(c.Layer, reqs, counts, func() error {
 		e.phase(phaseObserve, t0)
+		var ffnErr error
+		if cpuX := e.chooseCPU(c, reqs, topk); len(cpuX) > 0 {
+			ffnErr = e.layerHybrid(c, cpuX, topk)
+		} else {
+			ffnErr = e.LayerFFN(c)
+		}
+		planned = time.Now()
+		return ffnErr
+	})
+	if len(reqs) > 0 && !planned.IsZero() {
+		e.phase(phaseObserve, planned)
 	}
-	return ffnErr
+	return routingErr(err)
 }

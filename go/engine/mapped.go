@@ -372,7 +372,7 @@ func (e *Engine) traceMapped(it mappedItem) error {
 				misses++
 			}
 		}
-		e.cache.Touch(keys, hits)
+		e.core.Touch(keys, hits)
 		e.bytesMoved[l.Layer].Add(int64(misses) * e.lay.SlotBytes)
 		for i, k := range keys {
 			if !hits[i] {
@@ -380,12 +380,8 @@ func (e *Engine) traceMapped(it mappedItem) error {
 			}
 		}
 	}
-	if len(it.layers) > 1 && e.prefetchOn.Load() && !it.served {
-		for _, r := range it.reqs {
-			if plan, ok := e.planner.PlanNextRequest(e.tracker, r); ok {
-				e.queue.Update(r, plan)
-			}
-		}
+	if len(it.layers) > 1 && !it.served {
+		e.core.PlanNext(it.reqs)
 	}
 	return nil
 }
@@ -403,7 +399,7 @@ func (e *Engine) admit(k cache.Key) (waited time.Duration) {
 		return time.Since(t0)
 	}
 	waited = time.Since(t0)
-	g, ok := e.cache.Admit(k, *e.cfg.AdmitMargin)
+	g, ok := e.core.Admit(k, *e.cfg.AdmitMargin)
 	if !ok {
 		<-e.prefSem
 		return waited

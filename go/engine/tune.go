@@ -69,10 +69,7 @@ func (e *Engine) Tune(t Tuning) error {
 		e.mu.Unlock()
 	}
 	if t.Prefetch != nil {
-		e.prefetchOn.Store(*t.Prefetch)
-		if !*t.Prefetch {
-			e.queue.Clear()
-		}
+		e.core.SetPrefetch(*t.Prefetch)
 		e.mu.Lock()
 		e.plan.Prefetch = *t.Prefetch
 		e.mu.Unlock()

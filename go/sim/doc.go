@@ -11,7 +11,8 @@
 // built from recorded routing decisions (Params nil).
 //
 // Replay drives one cache configuration (slots, eviction policy, prefetch
-// on or off) through a trace the way go/engine drives the cache during
-// decoding; Belady computes the offline optimum for the same access
-// sequence; Compare and Sweep tabulate both.
+// on or off) through a trace by calling go/core, the decision core go/engine
+// calls for every layer (so the two cannot drift apart); Belady computes
+// the offline optimum for the same access sequence; Compare and Sweep
+// tabulate both.
 package sim

@@ -6,6 +6,7 @@ import (
 	"math"
 
 	"github.com/moe-infinity/moe_infinity/go/cache"
+	"github.com/moe-infinity/moe_infinity/go/core"
 	"github.com/moe-infinity/moe_infinity/go/prefetch"
 	"github.com/moe-infinity/moe_infinity/go/trace"
 )
@@ -106,6 +107,9 @@ type Result struct {
 	// Loads counts experts copied in on use: every miss without Mapped,
 	// admitted misses with it.
 	Loads uint64 `json:"loads"`
+	// Evictions counts experts evicted to make room for a load, a
+	// prefetch or an admission.
+	Evictions uint64 `json:"evictions"`
 	// LinkPerAccess is the expert transfers over the host link per access:
 	// (Loads + PrefetchLoads + in-place reads of misses in mapped mode) /
 	// Accesses — what bounds a PCIe-bound decode.
@@ -175,89 +179,38 @@ func (cfg ReplayConfig) withDefaults(t *Trace) (ReplayConfig, error) {
 	return cfg, nil
 }
 
-// scorer is the simulator's cache.Scorer, with the engine's formula: the
-// paper's activation-aware priority p = (pEAM[l][x] + ε)/n_tokens(l)·(1−l/L)
-// (refreshed per layer from the tracker, like engine.refreshPriority) plus
-// the expert's score in the latest prefetch plan (0 when not planned).
-// It is used by a single replay goroutine and the cache calls it under its
-// own lock, so it needs no locking.
-type scorer struct {
-	layers, experts int
-	prio            []float64 // [layer*experts+expert] activation term
-	pred            []float64 // [layer*experts+expert] latest plan's score
-	planned         []int     // indices of pred that are non-zero
-}
-
-func newScorer(layers, experts int) *scorer {
-	s := &scorer{
-		layers: layers, experts: experts,
-		prio: make([]float64, layers*experts),
-		pred: make([]float64, layers*experts),
-	}
-	for l := 0; l < layers; l++ {
-		trace.Priorities(s.prio[l*experts:(l+1)*experts], nil, 0, l, layers)
-	}
-	return s
-}
-
-func (s *scorer) index(k cache.Key) int { return int(k.Layer)*s.experts + int(k.Expert) }
-
-// Priority implements cache.Scorer: activation priority plus prediction.
-func (s *scorer) Priority(k cache.Key) float64 { i := s.index(k); return s.prio[i] + s.pred[i] }
-
-// Predicted implements cache.Scorer: the key's score in the latest plan.
-func (s *scorer) Predicted(k cache.Key) float64 { return s.pred[s.index(k)] }
-
-// refresh recomputes layer's activation priorities from the tracker's
-// active requests, exactly as engine.refreshPriority does.
-func (s *scorer) refresh(tr *trace.Tracker, layer int) {
-	per, tokens := tr.LayerTotals(layer)
-	if tokens <= 0 {
-		return
-	}
-	trace.Priorities(s.prio[layer*s.experts:(layer+1)*s.experts], per, tokens, layer, s.layers)
-}
-
-// setPlan replaces the predictions with plan (nil clears them), as the
-// engine's prefetch queue does when a request re-plans or ends.
-func (s *scorer) setPlan(plan []prefetch.Candidate) {
-	for _, i := range s.planned {
-		s.pred[i] = 0
-	}
-	s.planned = s.planned[:0]
-	for _, c := range plan {
-		i := s.index(c.Key)
-		if s.pred[i] == 0 {
-			s.planned = append(s.planned, i)
-		}
-		s.pred[i] = max(s.pred[i], c.Score)
-	}
-}
-
-// Replay runs t through a fresh cache, tracker, EAM collection and planner
-// configured by cfg and returns the cache's counters. Loads complete
-// instantly (there is no backend). It mirrors go/engine decoding one
-// request at a time:
+// Replay runs t through a fresh go/core decision core (cache, tracker, EAM
+// collection, planner and the scorer built from them — the code go/engine
+// runs every layer through) configured by cfg and returns the cache's
+// counters. Loads complete instantly (there is no backend). It drives the
+// core as go/engine decodes one request at a time:
 //
-//   - every request begins a tracker request and ends (retiring its EAM
-//     into the collection, and clearing its prefetch plan) after its last
-//     token;
-//   - for each token, for each layer l in order: (a) the token's routing
-//     (1 token per chosen expert) is observed with Tracker.Observe and
-//     layer l's priorities are refreshed like engine.refreshPriority; (b)
-//     the layer's distinct experts are pinned together with Cache.Pin
-//     (loads are completed at once with a nil error) and unpinned; (c) with
-//     Prefetch, the planner (prefetch.NewPlanner with Matches,
-//     PrefetchConfidence and PrefetchMinEvidence applied as
-//     engine.Configure does) plans over the
-//     request's partial EAM at layer l, the plan becomes the scorer's prediction, and the best planned
-//     experts that are not resident are reserved with
-//     Cache.ReservePrefetch(key, score) and completed at once, up to
-//     PrefetchPerLayer of them (stopping at the first one the cache
-//     refuses, since weaker ones would be refused too).
+//   - every request begins a tracker request and ends with core.End
+//     (retiring its EAM into the collection, and clearing its prefetch
+//     plan) after its last token;
+//   - for each token, for each layer l in order, core.Layer: (a) the
+//     token's routing (1 token per chosen expert) is observed and layer
+//     l's priorities are refreshed; (b) the layer's distinct experts are
+//     pinned together with core.Pin (loads are completed at once with a
+//     nil error) and unpinned — in Mapped mode they are touched and each
+//     miss offered to core.Admit instead (see access); (c) with Prefetch,
+//     the planner (with Matches, PrefetchConfidence, PrefetchMinEvidence
+//     and PrefetchMinTokenShare, as engine.Configure sets them) plans over
+//     the request's partial EAM at layer l, the plan replaces the
+//     request's previous one in the core's queue (and so in the cache's
+//     predictions), and the best planned experts that are not resident are
+//     reserved with Cache.ReservePrefetch(key, score) and completed at
+//     once, up to PrefetchPerLayer of them (stopping at the first one the
+//     cache refuses, since weaker ones would be refused too): the
+//     simulator's stand-in for the engine's prefetch dispatcher.
 //
-// The cache's scorer implements the engine's formula (see scorer). Replay
-// fails for an invalid trace or configuration.
+// Outside the core the engine differs in two ways Replay keeps: it pins a
+// layer's experts in ascending order where Replay pins them in the trace's
+// order (ties of LRU and LFU may break differently), and its prefetch
+// dispatcher pops each queued candidate once, asynchronously and without
+// a per-layer cap, where Replay walks each layer's whole plan at once.
+//
+// Replay fails for an invalid trace or configuration.
 func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
 	if err := t.Validate(); err != nil {
 		return Result{}, err
@@ -271,19 +224,21 @@ func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
 	if err != nil {
 		return Result{}, fmt.Errorf("sim: %w", err)
 	}
-	tr := trace.NewTracker(coll)
-	planner := prefetch.NewPlanner(coll)
-	planner.Matches = cfg.Matches
-	planner.Tune(cfg.PrefetchConfidence, cfg.PrefetchMinEvidence, cfg.PrefetchMinTokenShare) // as engine.Configure does
-	planner.SetTopK(t.MaxGroup())                                                            // as the engine learns it from the routing
-	sc := newScorer(L, E)
-	c, err := cache.New(cache.Config{Slots: cfg.Slots, Layers: L, Policy: cfg.Policy, Scorer: sc})
+	cr, err := core.New(core.Config{
+		Slots: cfg.Slots, Policy: cfg.Policy, Collection: coll, Matches: cfg.Matches,
+		Confidence: cfg.PrefetchConfidence, MinEvidence: cfg.PrefetchMinEvidence, MinTokenShare: cfg.PrefetchMinTokenShare,
+		Prefetch: cfg.Prefetch,
+	})
 	if err != nil {
 		return Result{}, fmt.Errorf("sim: %w", err)
 	}
+	cr.Planner().SetTopK(t.MaxGroup()) // as the engine learns it from the routing
+	c := cr.Cache()
 	defer c.Close()
 
 	counts := make([]float32, E)
+	rows := [][]float32{counts}
+	reqs := make([]uint64, 1)
 	keys := make([]cache.Key, 0, t.MaxGroup())
 	hits := make([]bool, 0, t.MaxGroup())
 	var armed map[cache.Key]cache.Grant // fill-on-read reservations
@@ -300,52 +255,50 @@ func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
 	}
 	for _, req := range t.Requests {
 		h0, u0 := total()
-		id := tr.Begin()
+		reqs[0] = cr.Begin()
 		for _, tok := range req.Tokens {
 			for l, group := range tok {
-				// (a) trace and priorities.
 				for _, x := range group {
 					counts[x] = 1
 				}
-				err := tr.Observe(id, l, counts)
-				for _, x := range group {
-					counts[x] = 0
-				}
-				if err != nil {
-					return Result{}, fmt.Errorf("sim: %w", err)
-				}
-				sc.refresh(tr, l)
-
-				// (b) on-demand access of the layer's experts.
 				keys = keys[:0]
 				for _, x := range group {
 					keys = append(keys, cache.Key{Layer: int32(l), Expert: x})
 				}
-				if len(keys) > 0 && cfg.Mapped {
-					access(c, keys, hits, cfg.AdmitMargin, armed)
-				} else if len(keys) > 0 {
-					grants, err := c.Pin(keys, nil)
-					if err != nil {
-						return Result{}, fmt.Errorf("sim: %w", err)
-					}
-					for _, g := range grants {
-						if g.Load {
-							c.Complete(g.Slot, g.Gen, nil)
+				// On-demand access of the layer's experts, between the
+				// core's observation and its planning.
+				use := func() error {
+					switch {
+					case len(keys) == 0:
+					case cfg.Mapped:
+						access(cr, keys, hits, cfg.AdmitMargin, armed)
+					default:
+						grants, err := cr.Pin(l, keys, nil)
+						if err != nil {
+							return err
 						}
+						for _, g := range grants {
+							if g.Load {
+								c.Complete(g.Slot, g.Gen, nil)
+							}
+						}
+						c.Unpin(grants)
 					}
-					c.Unpin(grants)
+					return nil
 				}
-
-				// (c) prefetch for later layers.
-				if cfg.Prefetch {
-					plan, _ := planner.PlanRequest(tr, id, l)
-					sc.setPlan(plan)
-					issue(c, plan, cfg.PrefetchPerLayer)
+				plans, err := cr.Layer(l, reqs, rows, use)
+				for _, x := range group {
+					counts[x] = 0 // the tracker copied the row
+				}
+				if err != nil {
+					return Result{}, fmt.Errorf("sim: %w", err)
+				}
+				if plans != nil {
+					issue(c, plans[0], cfg.PrefetchPerLayer)
 				}
 			}
 		}
-		sc.setPlan(nil)
-		if err := tr.End(id); err != nil {
+		if err := cr.End(reqs[0]); err != nil {
 			return Result{}, fmt.Errorf("sim: %w", err)
 		}
 		if cfg.PerRequest {
@@ -371,6 +324,7 @@ func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
 		Prefetch:          cfg.Prefetch,
 		Slots:             cfg.Slots,
 		Loads:             st.Loads,
+		Evictions:         st.Evictions,
 		LinkPerAccess:     ratio(link, st.Hits+st.Misses),
 		Accesses:          st.Hits + st.Misses,
 		Hits:              st.Hits,
@@ -414,13 +368,14 @@ func issue(c *cache.Cache, plan []prefetch.Candidate, n int) {
 // admitted expert's slot is only reserved (armed): the next computation
 // that reads the expert in place — itself a miss — writes it into the slot,
 // which then becomes ready; armed holds the reserved grants.
-func access(c *cache.Cache, keys []cache.Key, hits []bool, margin float64, armed map[cache.Key]cache.Grant) {
+func access(cr *core.Core, keys []cache.Key, hits []bool, margin float64, armed map[cache.Key]cache.Grant) {
+	c := cr.Cache()
 	hits = hits[:0]
 	for _, k := range keys {
 		_, st := c.Lookup(k)
 		hits = append(hits, st == cache.Ready)
 	}
-	c.Touch(keys, hits)
+	cr.Touch(keys, hits)
 	for i, k := range keys {
 		if hits[i] {
 			continue
@@ -430,7 +385,7 @@ func access(c *cache.Cache, keys []cache.Key, hits []bool, margin float64, armed
 			c.Complete(g.Slot, g.Gen, nil)
 			continue
 		}
-		g, ok := c.Admit(k, margin)
+		g, ok := cr.Admit(k, margin)
 		switch {
 		case !ok:
 		case armed != nil:

@@ -8,7 +8,6 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/moe-infinity/moe_infinity/go/cache"
-	"github.com/moe-infinity/moe_infinity/go/prefetch"
 	"github.com/moe-infinity/moe_infinity/go/trace"
 )
 
@@ -200,41 +199,6 @@ func TestReplayRejectsBadInput(t *testing.T) {
 			assert.Contains(t, err.Error(), tc.want)
 		})
 	}
-}
-
-func TestScorerFollowsTheEnginesFormula(t *testing.T) {
-	const L, E = 4, 3
-	s := newScorer(L, E)
-	k := func(l, x int) cache.Key { return cache.Key{Layer: int32(l), Expert: int32(x)} }
-	// Before any observation: ε·LayerWeight(l), ordered by layer.
-	eps, lw := trace.Epsilon, func(l int) float64 { return trace.LayerWeight(l, L) }
-	assert.InDelta(t, eps, s.Priority(k(0, 2)), 1e-15)
-	assert.InDelta(t, eps*lw(3), s.Priority(k(3, 0)), 1e-15)
-	assert.Less(t, s.Priority(k(3, 0)), s.Priority(k(2, 0)))
-
-	coll, err := trace.NewCollection(L, E, 4)
-	require.NoError(t, err)
-	tr := trace.NewTracker(coll)
-	id := tr.Begin()
-	require.NoError(t, tr.Observe(id, 2, []float32{3, 1, 0}))
-	s.refresh(tr, 2)
-	w := lw(2)
-	assert.InDelta(t, (3+eps)/4*w, s.Priority(k(2, 0)), 1e-12)
-	assert.InDelta(t, (1+eps)/4*w, s.Priority(k(2, 1)), 1e-12)
-	assert.InDelta(t, eps/4*w, s.Priority(k(2, 2)), 1e-12)
-	s.refresh(tr, 1) // nothing observed in layer 1: unchanged
-	assert.InDelta(t, eps*lw(1), s.Priority(k(1, 0)), 1e-15)
-
-	// Predictions add to the priority and are replaced by each plan.
-	s.setPlan([]prefetch.Candidate{{Key: k(3, 1), Score: 0.5}, {Key: k(3, 1), Score: 0.7}, {Key: k(2, 2), Score: 0.2}})
-	assert.Equal(t, 0.7, s.Predicted(k(3, 1)), "duplicates keep the higher score")
-	assert.InDelta(t, eps*lw(3)+0.7, s.Priority(k(3, 1)), 1e-12)
-	s.setPlan([]prefetch.Candidate{{Key: k(1, 0), Score: 0.1}})
-	assert.Zero(t, s.Predicted(k(3, 1)))
-	assert.Zero(t, s.Predicted(k(2, 2)))
-	assert.Equal(t, 0.1, s.Predicted(k(1, 0)))
-	s.setPlan(nil)
-	assert.Zero(t, s.Predicted(k(1, 0)))
 }
 
 func TestMappedReplayCountsLinkTransfers(t *testing.T) {
