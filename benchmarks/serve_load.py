@@ -244,6 +244,10 @@ def _run_configs(s: Scheduler, model: Any, args: Any, base: dict, prompts: list,
                     "skew": args.skew, "clusters": args.clusters,
                     "hook_phase_s": {k: round(v, 3) for k, v in st["hook_phase_seconds"].items()},
                 }
+                one = [r for r in rows if r.get("concurrency") == 1 and r["policy"] == policy and r["prefetch"] == (pf == "on")]
+                if mode == "poisson" and one and one[0]["tpot_p99_ms"] and row["tpot_p99_ms"] is not None:
+                    # The issue's saturation point: where p99 TPOT passes 2x batch-1's.
+                    row["tpot_p99_vs_batch1"] = row["tpot_p99_ms"] / one[0]["tpot_p99_ms"]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if out:
@@ -264,6 +268,12 @@ def _print_ratios(rows: list[dict]) -> None:
                     name = cfg[0] + ("" if cfg[1] else "-fast") + ("" if cfg[2] else " unmapped")
                     print(f"{name:>21} {cfg[3]:>8} prefetch={cfg[4]!s:5} x{r['concurrency']:<3} {r['tokens_per_s']:.1f} tok/s = {r['tokens_per_s'] / one[0]['tokens_per_s']:.2f}x batch-1, "
                           f"TPOT p50 {r['tpot_p50_ms']:.1f} ms p99 {r['tpot_p99_ms']:.1f} ms, hit rate {r['hit_rate']:.3f}")
+        arrivals = sorted((r for r in rows if key(r) == cfg and "tpot_p99_vs_batch1" in r), key=lambda r: r["rate_rps"])
+        if arrivals:
+            past = [r for r in arrivals if r["tpot_p99_vs_batch1"] > 2.0]
+            where = f"passes 2x batch-1 at {past[0]['rate_rps']:g} req/s ({past[0]['tokens_per_s']:.1f} tok/s)" if past else f"stays within 2x batch-1 up to {arrivals[-1]['rate_rps']:g} req/s"
+            ratios = ", ".join(f"{r['rate_rps']:g} req/s: {r['tpot_p99_vs_batch1']:.2f}x" for r in arrivals)
+            print(f"{'':>21} {cfg[3]:>8} prefetch={cfg[4]!s:5} Poisson: p99 TPOT {where} ({ratios})")
 
 
 if __name__ == "__main__":

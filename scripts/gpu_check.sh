@@ -87,6 +87,8 @@ if [ "$what" = serve ]; then  # continuous batching: aggregate tokens/s against 
     S="python3 benchmarks/serve_load.py --device cuda --device-memory 24GiB --routing generated --clusters 4 --prompt-len 16 --max-tokens 32 --per-client 2 --warmup 4"
     run serve_qwen3 timeout 360 $S --preset qwen3-30b-a3b --batching ${BATCHING:-stacked,stacked-fast} --concurrency ${CONCURRENCY:-1,4,16,32} --configs priority:on --out "$OUT/serve.jsonl"
     run serve_qwen3_ablations timeout 200 $S --preset qwen3-30b-a3b --concurrency 16 --configs priority:off,lru:on --out "$OUT/serve.jsonl"
+    # Poisson arrivals: the rate at which p99 TPOT passes 2x batch-1 (printed, and tpot_p99_vs_batch1 in the rows).
+    run serve_qwen3_poisson timeout 240 $S --preset qwen3-30b-a3b --concurrency 1 --rates 0.5,1,2,4 --poisson-requests 16 --configs priority:on --out "$OUT/serve.jsonl"
     run serve_mixtral timeout 240 $S --preset mixtral-8x7b --batching ${BATCHING:-stacked,stacked-fast} --concurrency 1,4,8 --configs priority:on --out "$OUT/serve.jsonl"
 fi
 if [ "$what" = fp8 ]; then  # quantized experts: FP8 against bf16 on the same routing, same run

@@ -7,6 +7,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
 from moe_infinity._compat import cache_kwargs, output_cache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,5 +205,11 @@ def test_serve_load_harness_tiny_cpu(tmp_path):
         assert r["output_tokens"] == 5 * r["requests"]
         assert r["routing"].startswith("generated: L=4 E=8 k=2 clusters=4")
         assert {"preset", "device", "device_memory", "max_batch", "tpot_p99_ms", "hit_rate", "steps"} <= set(r)
+    # Poisson rows carry their p99 TPOT against batch 1 of the same configuration.
+    for r in rows:
+        if r["load"] == "poisson":
+            one = next(o for o in rows if o.get("concurrency") == 1 and o["policy"] == r["policy"])
+            assert r["tpot_p99_vs_batch1"] == pytest.approx(r["tpot_p99_ms"] / one["tpot_p99_ms"])
+    assert "Poisson: p99 TPOT " in res.stdout
     closed3 = [r for r in rows if r.get("concurrency") == 3]
     assert all(r["steps"] < r["output_tokens"] for r in closed3), "three clients decode in shared steps"
