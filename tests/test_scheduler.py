@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 import moe_infinity as mi
+import tiny_models as tm
 from moe_infinity import _native
 from moe_infinity.errors import ClosedError, InvalidArgumentError, OverloadedError, StateError
 from moe_infinity.lockstep import Lockstep
@@ -406,3 +407,30 @@ def test_stacked_without_exactness_decodes_every_request(model, tok):
     assert [len(r.tokens) for r in reqs] == [10] * 4
     assert all(r.finish_reason == "length" for r in reqs)
     assert st["batch"]["exact"] is False and st["batch"]["max_batch"] >= 2
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "gpt_oss"])
+def test_each_family_batches_with_its_alone_tokens(family, tmp_path):
+    """Stacked steps on the other decoder families (shared experts, MLA
+    attention and grouped routing in DeepSeek-V3); gpt-oss keeps sliding
+    windows in its cache, so "auto" batches it in threads and says why."""
+    path = tm.save(tm.build(family, seed=5, dtype=torch.bfloat16), tmp_path / family)
+    m = mi.from_pretrained(path, device="cpu", device_memory="64MiB")
+    try:
+        g = torch.Generator().manual_seed(11)
+        prompts = [torch.randint(3, tm.VOCAB, (n,), generator=g).tolist() for n in (3, 9, 5, 12)]
+        alone = [_alone(m, p, 10) for p in prompts]
+        with Scheduler(m, max_batch=4) as s:
+            reqs = [s.submit(p, SamplingParams(max_tokens=10, temperature=0)) for p in prompts]
+            for r in reqs:
+                assert r.wait(300)
+            st = s.stats()
+            mode, why = s.batching, s.batching_reason
+        assert [r.tokens for r in reqs] == alone
+        if family == "gpt_oss":
+            assert mode == "threads" and "sliding" in why.lower(), why
+        else:
+            assert mode == "stacked" and why is None
+        assert st["batch"]["max_batch"] >= 2
+    finally:
+        m.close()

@@ -136,9 +136,6 @@ def _cache_class() -> Any:
 def stacked_support(model: Any) -> str | None:
     """Why ``model`` cannot be decoded by stacked steps, or None if it can."""
     cfg = model.config
-    impl = getattr(cfg, "_attn_implementation", None)
-    if impl != "sdpa":
-        return f"its attention is {impl!r}; stacked steps keep requests apart in sdpa attention only (load it with attn_implementation='sdpa')"
     fwd = inspect.signature(type(model).forward).parameters
     if "logits_to_keep" not in fwd:
         return f"{type(model).__name__}.forward has no logits_to_keep"
@@ -148,7 +145,10 @@ def stacked_support(model: Any) -> str | None:
         return f"transformers' DynamicCache cannot be built for it ({exc})"
     kinds = {type(layer).__name__ for layer in getattr(cache, "layers", [])}
     if kinds != {"DynamicLayer"}:
-        return f"its cache has {sorted(kinds) or 'no'} layers; stacked steps need plain full-length ones (no sliding windows)"
+        return f"its cache has {sorted(kinds) or 'no'} layers (sliding windows); stacked steps need plain full-length ones"
+    impl = getattr(cfg, "_attn_implementation", None)
+    if impl != "sdpa":
+        return f"its attention is {impl!r}; stacked steps keep requests apart in sdpa attention only (load it with attn_implementation='sdpa' if the model supports it)"
     return None
 
 
