@@ -742,12 +742,18 @@ class OffloadRuntime:
         """transformers' expert code once per token (see rows(rowwise=True)),
         each call given that token's experts in the engine's order, as the
         engine hands them for the token alone."""
+        rows = [(hidden[t : t + 1].clone(), top_k_index[t : t + 1].clone(), top_k_weights[t : t + 1].clone()) for t in range(hidden.shape[0])]
+        if stacked:
+            # The batched code over the step's experts stacked once: a
+            # token's groups are the same products whichever other experts
+            # (empty groups for it) are in the stack.
+            call = self._stacked_call(layer, layer.module, needed, hidden.device, top_k_index)
+            return torch.cat([call(h, i, w) for h, i, w in rows])
         idx = top_k_index.detach().to("cpu")
         out = []
-        for t in range(hidden.shape[0]):
+        for t, (h, i, w) in enumerate(rows):
             mine = set(idx[t].tolist())
-            experts = [e for e in needed if e in mine]
-            out.append(self._run_torch(layer, layer.module, hidden[t : t + 1].clone(), top_k_index[t : t + 1].clone(), top_k_weights[t : t + 1].clone(), original, experts, stacked=stacked))
+            out.append(self._run_torch(layer, layer.module, h, i, w, original, [e for e in needed if e in mine], stacked=False))
         return torch.cat(out)
 
     def _meet(self, layer: MoELayer, experts: Any) -> torch.Tensor | None:
@@ -782,16 +788,20 @@ class OffloadRuntime:
             with _Streamer(self, layer.index, needed) as st:
                 proxy = _ExpertsProxy(module, {name: _Indexer(st, name, (E, *shape), dtype, hidden.device) for name, (shape, dtype) in self.region_meta.items()})
                 return original(proxy, hidden, top_k_index, top_k_weights)
+        return self._stacked_call(layer, module, needed, hidden.device, top_k_index)(hidden, top_k_index, top_k_weights)
+
+    def _stacked_call(self, layer: MoELayer, module: torch.nn.Module, needed: list[int], device: torch.device, like: torch.Tensor) -> Any:
+        """transformers' batched expert code over ``needed`` stacked (in
+        that order): a function of (hidden, top_k_index, top_k_weights)."""
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+        E = self.num_experts
         fn = ALL_EXPERTS_FUNCTIONS[self._impl(module)]
-        stacked = self._stack(layer.index, needed, hidden.device)
-        remap = torch.full((E + 1,), len(needed), dtype=top_k_index.dtype, device=top_k_index.device)
+        proxy = _ExpertsProxy(module, {**self._stack(layer.index, needed, device), "num_experts": len(needed)})
+        remap = torch.full((E + 1,), len(needed), dtype=like.dtype, device=like.device)
         if needed:
-            remap[torch.tensor(needed, device=top_k_index.device)] = torch.arange(len(needed), dtype=top_k_index.dtype, device=top_k_index.device)
-        local = remap[top_k_index.clamp(0, E)]
-        proxy = _ExpertsProxy(module, {**stacked, "num_experts": len(needed)})
-        return fn(proxy, hidden, local, top_k_weights)
+            remap[torch.tensor(needed, device=like.device)] = torch.arange(len(needed), dtype=like.dtype, device=like.device)
+        return lambda hidden, idx, weights: fn(proxy, hidden, remap[idx.clamp(0, E)], weights)
 
     def _stack(self, layer: int, experts: list[int], device: torch.device) -> dict[str, torch.Tensor]:
         """The layer's needed experts' regions stacked in expert order."""
