@@ -2,7 +2,6 @@ package engine
 
 import (
 	"math/rand/v2"
-	"slices"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -61,16 +60,6 @@ func replayThroughEngine(t *testing.T, tr *sim.Trace, slots int, policy string, 
 func TestSimReplayAndEngineLayerCallsAgree(t *testing.T) {
 	tr, err := sim.Generate(sim.GenParams{Layers: 4, Experts: 8, TopK: 2, Requests: 6, TokensPerRequest: 5, Clusters: 2, Skew: 1, Seed: 7})
 	require.NoError(t, err)
-	// The engine pins a layer's experts in ascending order
-	// (routingCounts); go/sim pins them in the trace's order, which breaks
-	// LRU/LFU ties differently. Sorted groups make the orders one.
-	for _, r := range tr.Requests {
-		for _, tok := range r.Tokens {
-			for _, g := range tok {
-				slices.Sort(g)
-			}
-		}
-	}
 	for _, tc := range []struct {
 		name     string
 		policy   cache.Policy

@@ -1,9 +1,11 @@
 package sim
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 
 	"github.com/moe-infinity/moe_infinity/go/cache"
 	"github.com/moe-infinity/moe_infinity/go/core"
@@ -204,11 +206,11 @@ func (cfg ReplayConfig) withDefaults(t *Trace) (ReplayConfig, error) {
 //     cache refuses, since weaker ones would be refused too): the
 //     simulator's stand-in for the engine's prefetch dispatcher.
 //
-// Outside the core the engine differs in two ways Replay keeps: it pins a
-// layer's experts in ascending order where Replay pins them in the trace's
-// order (ties of LRU and LFU may break differently), and its prefetch
-// dispatcher pops each queued candidate once, asynchronously and without
-// a per-layer cap, where Replay walks each layer's whole plan at once.
+// Replay pins a layer's experts in ascending order, as the engine does, so
+// that LRU and LFU ties break alike. Outside the core the engine still
+// differs in one way Replay keeps: its prefetch dispatcher pops each queued
+// candidate once, asynchronously and without a per-layer cap, where Replay
+// walks each layer's whole plan at once.
 //
 // Replay fails for an invalid trace or configuration.
 func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
@@ -261,10 +263,14 @@ func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
 				for _, x := range group {
 					counts[x] = 1
 				}
+				// In ascending expert order, as the engine pins a layer's
+				// experts (its routing counts are per expert), so that
+				// LRU/LFU ties break the same way in both.
 				keys = keys[:0]
 				for _, x := range group {
 					keys = append(keys, cache.Key{Layer: int32(l), Expert: x})
 				}
+				slices.SortFunc(keys, func(a, b cache.Key) int { return cmp.Compare(a.Expert, b.Expert) })
 				// On-demand access of the layer's experts, between the
 				// core's observation and its planning.
 				use := func() error {
