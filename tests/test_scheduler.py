@@ -351,6 +351,9 @@ def test_rowwise_mode_computes_each_row_as_alone():
     with mode:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(3, 1, 1, width, dtype=torch.bool))
     assert mode.attention_calls == 1
+    with RowwiseMode([width - n for n in lengths]):  # the mask given by position, as F's signature allows
+        positional = F.scaled_dot_product_attention(q, k, v, torch.ones(3, 1, 1, width, dtype=torch.bool), 0.0)
+    assert torch.equal(positional, out)
     for i, (a, b) in enumerate(kv):
         assert torch.equal(out[i : i + 1], F.scaled_dot_product_attention(q[i : i + 1].clone(), a, b))
 

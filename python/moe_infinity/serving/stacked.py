@@ -58,6 +58,10 @@ _ROW_REDUCTIONS = frozenset(
 )
 
 
+# scaled_dot_product_attention's parameters after query, key and value.
+_SDPA_POSITIONAL = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
 def _reduces_last_dim(x: Any, args: tuple, kwargs: dict) -> bool:
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         return False
@@ -103,6 +107,8 @@ class RowwiseMode(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if not args:  # everything by keyword: not a call transformers' layers make
+            return func(*args, **kwargs)
         if func is F.linear or (func in _ROW_REDUCTIONS and _reduces_last_dim(args[0], args, kwargs)):
             x = args[0]
             if x.dim() >= 2:
@@ -116,10 +122,11 @@ class RowwiseMode(TorchFunctionMode):
                 # One new token per row: no causal mask within the row (for
                 # GQA transformers may fold the heads into the query's
                 # sequence dimension; still one position per head).
-                kw = {n: a for n, a in kwargs.items() if n not in ("attn_mask", "is_causal")}
+                named = {**dict(zip(_SDPA_POSITIONAL, args[3:])), **kwargs}
+                kw = {n: a for n, a in named.items() if n not in ("attn_mask", "is_causal")}
                 out = [
                     F.scaled_dot_product_attention(
-                        q[i : i + 1].contiguous(), k[i : i + 1, :, s:].contiguous(), v[i : i + 1, :, s:].contiguous(), *args[3:], attn_mask=None, is_causal=False, **kw
+                        q[i : i + 1].contiguous(), k[i : i + 1, :, s:].contiguous(), v[i : i + 1, :, s:].contiguous(), attn_mask=None, is_causal=False, **kw
                     )
                     for i, s in enumerate(self.starts)
                 ]
