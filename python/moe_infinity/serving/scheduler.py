@@ -293,7 +293,7 @@ class Scheduler:
         self.pad_id = gc.pad_token_id if gc.pad_token_id is not None else (self.eos_ids[0] if self.eos_ids else 0)
         if rt.scheduler is not None:
             raise StateError("this model already has a running Scheduler; close it first (one scheduler per model)")
-        why = stacked_support(model)
+        why = stacked_support(model) if batching != "threads" else None
         if batching == "stacked" and why is not None:
             raise InvalidArgumentError(f"batching='stacked' cannot serve this model: {why}; use batching='threads'")
         self.batching = "stacked" if batching != "threads" and why is None else "threads"
@@ -446,10 +446,9 @@ class Scheduler:
 
     def _admit(self, batch: StackedBatch, req: Request) -> _Row | None:
         """Prefills a request alone and adds it to the batch; None when it
-        already finished (cancelled, failed, or done after one token)."""
+        already finished (cancelled, failed, or done after one token). A
+        finished request leaves the running set through _account."""
         if req.cancelled:
-            with self._lock:
-                self._running.discard(req)
             req._finish("cancelled")
             return None
         handle = None
@@ -469,10 +468,6 @@ class Scheduler:
                 self._end(handle)
             req._finish("error", e)
             return None
-        finally:
-            if req.finished is not None:
-                with self._lock:
-                    self._running.discard(req)
 
     def _leave(self, batch: StackedBatch, rows: list[_Row], which: Any, reason: str | None = None, error: BaseException | None = None) -> list[_Row]:
         """Removes rows from the batch (finishing them with ``reason`` when
@@ -483,11 +478,6 @@ class Scheduler:
             self._end(r.handle)
             if reason is not None:
                 r.req._finish(reason, error)
-            with self._lock:
-                self._running.discard(r.req)
-        if len(which) == len(rows):
-            batch.remove(range(len(rows)))
-            return []
         batch.remove(sorted(which))
         return [r for i, r in enumerate(rows) if i not in which]
 
