@@ -151,6 +151,14 @@ def model():
     m.close()
 
 
+def _decode_all(s: Scheduler, prompts: list[list[int]], params: SamplingParams, timeout: float = 300) -> list:
+    """Submits every prompt with the same parameters and waits for all."""
+    reqs = [s.submit(p, params) for p in prompts]
+    for r in reqs:
+        assert r.wait(timeout)
+    return reqs
+
+
 def _alone(model, ids: list[int], n: int) -> list[int]:
     out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
     toks = out[0, len(ids) :].tolist()
@@ -171,9 +179,7 @@ def test_concurrent_requests_get_their_alone_tokens_and_share_steps(model, tok, 
     eams = model.moe_stats()["eamc_size"]
     with Scheduler(model, max_batch=8, batching=batching) as s:
         assert s.batching == batching
-        reqs = [s.submit(i, SamplingParams(max_tokens=20, temperature=0)) for i in ids]
-        for r in reqs:
-            assert r.wait(300)
+        reqs = _decode_all(s, ids, SamplingParams(max_tokens=20, temperature=0))
         st = s.stats()
     for r, a in zip(reqs, alone):
         assert r.tokens == a
@@ -277,9 +283,7 @@ def test_batch_on_gpu_gives_each_request_its_alone_tokens(tok, batching):
         ids = [tok(p)["input_ids"] for p in PROMPTS]
         alone = [_alone(m, i, 16) for i in ids]
         with Scheduler(m, max_batch=8, batching=batching) as s:
-            reqs = [s.submit(i, SamplingParams(max_tokens=16, temperature=0)) for i in ids]
-            for r in reqs:
-                assert r.wait(300)
+            reqs = _decode_all(s, ids, SamplingParams(max_tokens=16, temperature=0))
             st = s.stats()
         assert [r.tokens for r in reqs] == alone
         assert st["batch"]["max_batch"] >= 2
@@ -297,9 +301,7 @@ def test_batch_on_the_kernel_paths_gives_each_request_its_alone_tokens(tok, batc
         alone = [_alone(m, i, 12) for i in ids]
         m.reset_moe_stats()
         with Scheduler(m, max_batch=4, batching=batching) as s:
-            reqs = [s.submit(i, SamplingParams(max_tokens=12, temperature=0)) for i in ids]
-            for r in reqs:
-                assert r.wait(300)
+            reqs = _decode_all(s, ids, SamplingParams(max_tokens=12, temperature=0))
             st = s.stats()
         assert [r.tokens for r in reqs] == alone
         assert st["batch"]["max_batch"] >= 2
@@ -403,9 +405,7 @@ def test_stacked_without_exactness_decodes_every_request(model, tok):
     request still decodes to its length, only the last bits may differ."""
     ids = [tok(p)["input_ids"] for p in PROMPTS[:4]]
     with Scheduler(model, max_batch=4, batching="stacked", exact=False) as s:
-        reqs = [s.submit(i, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)) for i in ids]
-        for r in reqs:
-            assert r.wait(120)
+        reqs = _decode_all(s, ids, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True), timeout=120)
         st = s.stats()
     assert [len(r.tokens) for r in reqs] == [10] * 4
     assert all(r.finish_reason == "length" for r in reqs)
@@ -424,9 +424,7 @@ def test_each_family_batches_with_its_alone_tokens(family, tmp_path):
         prompts = [torch.randint(3, tm.VOCAB, (n,), generator=g).tolist() for n in (3, 9, 5, 12)]
         alone = [_alone(m, p, 10) for p in prompts]
         with Scheduler(m, max_batch=4) as s:
-            reqs = [s.submit(p, SamplingParams(max_tokens=10, temperature=0)) for p in prompts]
-            for r in reqs:
-                assert r.wait(300)
+            reqs = _decode_all(s, prompts, SamplingParams(max_tokens=10, temperature=0))
             st = s.stats()
             mode, why = s.batching, s.batching_reason
         assert [r.tokens for r in reqs] == alone
