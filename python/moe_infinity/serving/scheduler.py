@@ -148,6 +148,19 @@ class Request:
             except Exception:  # noqa: BLE001 — a consumer's bug must not kill the worker
                 log.exception("moe_infinity: request %s: event callback failed", self.id)
 
+    def _end_reason(self, stops: tuple[int, ...]) -> str | None:
+        """Why the request is done after its last token, or None: it was
+        cancelled, the last token is one of ``stops``, or it has
+        max_tokens tokens (in that order). The one stop rule of both
+        batching modes."""
+        if self.cancelled:
+            return "cancelled"
+        if self.tokens and self.tokens[-1] in stops:
+            return "stop"
+        if len(self.tokens) >= self.params.max_tokens:
+            return "length"
+        return None
+
     def _finish(self, reason: str, error: BaseException | None = None) -> None:
         if self._done.is_set():
             return
@@ -237,14 +250,10 @@ class _Row:
         tok = int(scores.argmax(-1)[0])
         req._emit(Event(token=tok))
         self.next = tok
-        if req.cancelled:
-            req._finish("cancelled")
-        elif tok in self.stops:
-            req._finish("stop")
-        elif len(req.tokens) >= req.params.max_tokens:
-            req._finish("length")
-        else:
+        reason = req._end_reason(self.stops)
+        if reason is None:
             return False
+        req._finish(reason)
         return True
 
 
@@ -535,12 +544,9 @@ class Scheduler:
         if not p.greedy:
             kwargs["logits_processor"] = LogitsProcessorList([_SeededSampler(p)])
         self.model.generate(ids, **kwargs)
-        if req.cancelled:
-            req._finish("cancelled")
-        elif req.tokens and req.tokens[-1] in stops:
-            req._finish("stop")
-        else:
-            req._finish("length")
+        # generate stops only for these reasons; a limit of its own (the
+        # config's max_length) counts as length.
+        req._finish(req._end_reason(stops) or "length")
 
     # -- state ------------------------------------------------------------------
 
