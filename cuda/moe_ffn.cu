@@ -152,13 +152,14 @@ extern "C" __global__ void moe_down(const float *h, const long *topk, const unsi
 }
 
 // FP8 block-scaled experts (DeepSeek-V3/R1, Qwen3-*-FP8), read straight
-// from their compressed slots: the tables point at float8_e4m3fn rows (one
+// from their compressed bytes: the tables point at float8_e4m3fn rows (one
 // byte per element, row-major as stored: gate and up [I, H], down [H, I]),
-// and each matrix's float32 weight_scale_inv grid [ceil(rows/br),
-// ceil(cols/bc)] lies at a fixed byte offset (gs, us, ds) from the
-// matrix's table entry: every slot has one layout. urow0 is up's first row
-// in its grid (I when gate and up are the halves of one fused weight with
-// one grid, else 0). Each weight element is dequantized as transformers
+// and tables beside them (gstab, ustab, dstab) at each matrix's float32
+// weight_scale_inv grid [ceil(rows/br), ceil(cols/bc)]: in the expert's
+// slot, or in mapped mode wherever the checkpoint keeps it in host memory
+// (a tensor of its own, 4-byte aligned). urow0 is up's first row in its
+// grid (I when gate and up are the halves of one fused weight with one
+// grid, so gstab[e] == ustab[e], else 0). Each weight element is dequantized as transformers
 // dequantizes the checkpoint: fp8 value × its block's scale in f32, rounded
 // to the activation dtype; from there the kernels are the bf16/f16 ones
 // (same pairs, warps, reductions and rounding), so they compute what the
@@ -175,13 +176,13 @@ __device__ __forceinline__ float moe_fp8_to_f32(unsigned int b) {
     return __builtin_bit_cast(float, sign | ((e + 120u) << 23) | (m << 20));
 }
 
-// dot of row `row` of an FP8 matrix (n columns, scales at w + soff, rows of
-// the grid counted from row0) with a f32 vector. Lanes take 16 columns at
-// a time with one 16-byte load when the row allows it.
-__device__ __forceinline__ float moe_fp8_row_dot(const unsigned char *w, long soff, long row0, long row, const float *vec,
-                                                 long n, long br, long bc, long dtype, unsigned int lane) {
+// dot of row `row` of an FP8 matrix (n columns, scale grid sg, rows of the
+// grid counted from row0) with a f32 vector. Lanes take 16 columns at a
+// time with one 16-byte load when the row allows it.
+__device__ __forceinline__ float moe_fp8_row_dot(const unsigned char *w, const float *sg, long row0, long row,
+                                                 const float *vec, long n, long br, long bc, long dtype, unsigned int lane) {
     const unsigned char *r = w + row * n;
-    const float *s = (const float *)(w + soff) + ((row0 + row) / br) * ((n + bc - 1) / bc);
+    const float *s = sg + ((row0 + row) / br) * ((n + bc - 1) / bc);
     float acc = 0.f;
     if ((n & 15) == 0 && (bc & 15) == 0 && (((unsigned long)r) & 15) == 0) {
         const uint4 *r4 = (const uint4 *)r;
@@ -201,7 +202,8 @@ __device__ __forceinline__ float moe_fp8_row_dot(const unsigned char *w, long so
 
 extern "C" __global__ void moe_gate_up_swiglu_fp8(const moe_bf16 *x, const long *topk, const unsigned long *gtab,
                                                   const unsigned long *utab, float *h, long P, long K, long H, long I,
-                                                  long dtype, long E, long br, long bc, long gs, long us, long urow0) {
+                                                  long dtype, long E, long br, long bc, const unsigned long *gstab,
+                                                  const unsigned long *ustab, long urow0) {
     __shared__ float xs[MOE_MAX_SMEM_FLOATS];
     long p = MOE_CTAID_Y;
     if (p >= P || H > MOE_MAX_SMEM_FLOATS) return;  // the host refuses such H
@@ -217,8 +219,8 @@ extern "C" __global__ void moe_gate_up_swiglu_fp8(const moe_bf16 *x, const long 
         if (lane == 0) h[p * I + i] = 0.f;
         return;
     }
-    float g = moe_fp8_row_dot((const unsigned char *)gtab[e], gs, 0, i, xs, H, br, bc, dtype, lane);
-    float u = moe_fp8_row_dot((const unsigned char *)utab[e], us, urow0, i, xs, H, br, bc, dtype, lane);
+    float g = moe_fp8_row_dot((const unsigned char *)gtab[e], (const float *)gstab[e], 0, i, xs, H, br, bc, dtype, lane);
+    float u = moe_fp8_row_dot((const unsigned char *)utab[e], (const float *)ustab[e], urow0, i, xs, H, br, bc, dtype, lane);
     if (lane == 0) {
         g = moe_round(g, dtype);
         u = moe_round(u, dtype);
@@ -229,7 +231,7 @@ extern "C" __global__ void moe_gate_up_swiglu_fp8(const moe_bf16 *x, const long 
 
 extern "C" __global__ void moe_down_fp8(const float *h, const long *topk, const unsigned long *wtab, const void *weight,
                                         moe_bf16 *out, long T, long K, long H, long I, long dtype, long E, long wdtype,
-                                        long br, long bc, long ds) {
+                                        long br, long bc, const unsigned long *dstab) {
     long t = MOE_CTAID_Y;
     unsigned int lane = MOE_TID_X & 31u, warp = MOE_TID_X >> 5;
     long r = (long)MOE_CTAID_X * MOE_WARPS + warp;
@@ -240,22 +242,24 @@ extern "C" __global__ void moe_down_fp8(const float *h, const long *topk, const 
         long e = topk[p];
         if (e < 0 || e >= E) continue;
         float wp = wdtype == 2 ? ((const float *)weight)[p] : moe_load((const moe_bf16 *)weight, p, wdtype);
-        acc += wp * moe_round(moe_fp8_row_dot((const unsigned char *)wtab[e], ds, 0, r, h + p * I, I, br, bc, dtype, lane), dtype);
+        const unsigned char *w = (const unsigned char *)wtab[e];
+        acc += wp * moe_round(moe_fp8_row_dot(w, (const float *)dstab[e], 0, r, h + p * I, I, br, bc, dtype, lane), dtype);
     }
     if (lane == 0) out[t * H + r] = dtype == 0 ? moe_f32_to_bf16(acc) : moe_f32_to_f16(acc);
 }
 
-// Points one expert at new memory in stream order: three table entries
-// (gate, up and down rows), written by one thread. An eviction runs it on
-// the compute stream (kernels before it read the old slot, kernels after
-// it read host memory); an install runs it on the copy stream right after
-// the copy (a kernel racing with it reads either copy of the same bytes).
-extern "C" __global__ void moe_table_set3(unsigned long *a, unsigned long va, unsigned long *b, unsigned long vb,
-                                          unsigned long *c, unsigned long vc) {
+// Points one expert at new memory in stream order: its n table entries
+// (gate, up and down rows, then for FP8 experts their scale grids; n <= 6),
+// entry j at first[j * stride], set to v[j] by one thread. An eviction runs
+// it on the compute stream (kernels before it read the old slot, kernels
+// after it read host memory); an install runs it on the copy stream right
+// after the copy (a kernel racing with it reads either copy of the same
+// bytes).
+extern "C" __global__ void moe_table_set(unsigned long *first, long stride, long n, unsigned long v0, unsigned long v1,
+                                         unsigned long v2, unsigned long v3, unsigned long v4, unsigned long v5) {
     if (MOE_TID_X == 0 && MOE_CTAID_X == 0) {
-        *a = va;
-        *b = vb;
-        *c = vc;
+        unsigned long v[6] = {v0, v1, v2, v3, v4, v5};
+        for (long j = 0; j < n && j < 6; j++) first[j * stride] = v[j];
     }
 }
 
@@ -332,4 +336,76 @@ extern "C" __global__ void moe_link_read(const uint4 *src, long rows, long row16
         acc ^= v.x ^ v.y ^ v.z ^ v.w;
     }
     if (acc == 0x9e3779b9u) out[0] = acc;
+}
+
+// Dequantized views of quantized experts (the CUDA side of
+// layout.ExpandOp; Go: go/backend/cuda/views.go). Each kernel writes one
+// part of a view image in device memory from an expert's slot image (the
+// checkpoint's bytes), computing what the engine's CPU code (package
+// quant) and transformers' dequantizing load compute: every element in
+// float32, rounded once to the view's dtype vt (0 bfloat16, 1 float16,
+// 2 float32), nearest even. Bit for bit the CPU's, except NaN payloads.
+// Grid-stride loops over the output's elements.
+
+__device__ __forceinline__ float moe_view_load(const unsigned char *p, long i, long t) {
+    if (t == 2) return ((const float *)p)[i];
+    moe_bf16 v = ((const moe_bf16 *)p)[i];
+    return t == 0 ? moe_bf16_to_f32(v) : moe_f16_to_f32(v);
+}
+
+__device__ __forceinline__ void moe_view_store(unsigned char *p, long i, long t, float v) {
+    if (t == 2) {
+        ((float *)p)[i] = v;
+    } else {
+        ((moe_bf16 *)p)[i] = t == 0 ? moe_f32_to_bf16(v) : moe_f32_to_f16(v);
+    }
+}
+
+#define MOE_GRID_STRIDE(i, n) \
+    for (long i = (long)MOE_CTAID_X * MOE_NTID_X + MOE_TID_X; i < (n); i += (long)MOE_NCTAID_X * MOE_NTID_X)
+
+// A plain part (a bias) converted from dtype st to vt: n elements.
+extern "C" __global__ void moe_view_convert(unsigned char *dst, long vt, const unsigned char *src, long st, long n) {
+    MOE_GRID_STRIDE(i, n) moe_view_store(dst, i, vt, moe_view_load(src, i, st));
+}
+
+// An FP8 block-scaled weight [rows, cols]: w[r, c] × scales[r/br, c/bc]
+// (scales of dtype sct: 0 bfloat16, 2 float32), row-major like w.
+extern "C" __global__ void moe_view_fp8(unsigned char *dst, long vt, const unsigned char *w, const unsigned char *scales,
+                                        long sct, long rows, long cols, long br, long bc) {
+    long sc = (cols + bc - 1) / bc;
+    MOE_GRID_STRIDE(i, rows * cols) {
+        long r = i / cols, c = i - r * cols;
+        long si = (r / br) * sc + c / bc;
+        float s = sct == 2 ? ((const float *)scales)[si] : moe_bf16_to_f32(((const moe_bf16 *)scales)[si]);
+        moe_view_store(dst, i, vt, moe_fp8_to_f32(w[i]) * s);
+    }
+}
+
+// e2m1 (FP4): sign bit 3, exponent bits 2..1 (bias 1), mantissa bit 0.
+__device__ __forceinline__ float moe_e2m1_to_f32(unsigned int n) {
+    unsigned int e = (n >> 1) & 3u, m = n & 1u;
+    float v = e == 0u ? 0.5f * (float)m : (1.0f + 0.5f * (float)m) * (float)(1u << (e - 1u));
+    return (n & 8u) ? -v : v;
+}
+
+// e8m0: 2^(s-127); 255 is NaN (the CPU path reports it as an error).
+__device__ __forceinline__ float moe_e8m0_to_f32(unsigned int s) {
+    if (s == 255u) return __builtin_bit_cast(float, 0x7fc00000u);
+    return __builtin_bit_cast(float, s == 0u ? 0x00400000u : s << 23);
+}
+
+// An MXFP4 weight [rows, cols] (blocks: two e2m1 per byte, low nibble
+// first; scales: one e8m0 per 32 values of a row) written transposed,
+// [cols, rows], as transformers dequantizes gpt-oss experts. Threads take
+// consecutive outputs, so writes coalesce.
+extern "C" __global__ void moe_view_mxfp4t(unsigned char *dst, long vt, const unsigned char *blocks,
+                                           const unsigned char *scales, long rows, long cols) {
+    long groups = cols / 32;
+    MOE_GRID_STRIDE(o, rows * cols) {
+        long c = o / rows, r = o - c * rows;
+        unsigned int b = blocks[(r * cols + c) >> 1];
+        unsigned int n = (c & 1) ? b >> 4 : b & 15u;
+        moe_view_store(dst, o, vt, moe_e2m1_to_f32(n) * moe_e8m0_to_f32(scales[r * groups + c / 32]));
+    }
 }

@@ -5,12 +5,13 @@
 #   bash scripts/gpu_check.sh [gpu|parity|bench|headline|copy|defaults|margin|serve|profile|variants|fp8|all]     (default: all)
 #
 # fp8: the FP8 kernels' GPU tests (FP8 checkpoints and offload(expert_dtype=
-# "fp8")), then the Qwen3-30B-A3B shape at 24 GiB on generated routing with
-# bf16 and then FP8 experts in one decode.py process (same weights, routing
-# and link rate; quantized_kernels on): the FP8 row's s_per_token_vs_bf16 is
-# the quantized-experts issue's ratio (target <= 0.60), ratio_to_floor its
-# own floor's (<= 1.15). Eager steps for both: FP8 experts have no mapped
-# mode for CUDA graphs. Fits one call (~9 minutes at most).
+# "fp8"), slot and mapped mode, CUDA graphs), then the Qwen3-30B-A3B shape at
+# 24 GiB on generated routing with bf16 and then FP8 experts in one decode.py
+# process (same weights, routing and link rate; quantized_kernels on): the
+# FP8 row's s_per_token_vs_bf16 is the quantized-experts issue's ratio
+# (target <= 0.60), ratio_to_floor its own floor's (<= 1.15). CUDA-graph
+# steps for both (FP8 experts run in mapped mode like bf16 ones). Fits one
+# call (~9 minutes at most).
 #
 # profile: Mixtral's replayed steps under the torch profiler, with copy
 # mode's waits split into copying and idle (benchmarks/profile_step.py).
@@ -94,7 +95,7 @@ fi
 if [ "$what" = fp8 ]; then  # quantized experts: FP8 against bf16 on the same routing, same run
     run fp8_gpu_tests timeout 120 python3 -m pytest -p no:cacheprovider -q -m gpu -rA -k "fp8" tests/test_gpu.py
     run qwen3_bf16_fp8 timeout 400 python3 benchmarks/decode.py --preset qwen3-30b-a3b --device-memory 24GiB --decode 32 \
-        --routing generated --no-ablations --expert-dtype bf16,fp8 --quantized-kernels --out "$OUT/decode_qwen3_bf16_fp8.json"
+        --routing generated --no-ablations --expert-dtype bf16,fp8 --quantized-kernels --graph --out "$OUT/decode_qwen3_bf16_fp8.json"
 fi
 if [ "$what" = margin ]; then  # admission margin 4 against the default, both shapes
     D="python3 benchmarks/decode.py --device-memory 24GiB --decode 32 --graph --pipeline --no-ablations"

@@ -73,11 +73,10 @@ def test_decode_harness_bf16_and_fp8_in_one_run_tiny_cpu(tmp_path):
     assert fp8["slots"] > bf16["slots"], "the same budget holds more FP8 experts"
 
 
-def test_decode_harness_refuses_fp8_with_graph_and_unknown_dtypes():
-    for extra, msg in ((["--expert-dtype", "fp8", "--graph"], "FP8 experts do not have"), (["--expert-dtype", "bf16,int4"], "--expert-dtype")):
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--device", "cpu", *extra]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        assert res.returncode == 2 and msg in res.stderr, res.stderr[-2000:]
+def test_decode_harness_refuses_unknown_dtypes():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--device", "cpu", "--expert-dtype", "bf16,int4"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--expert-dtype" in res.stderr, res.stderr[-2000:]
 
 
 def test_generated_routing_draws_distinct_skewed_experts():

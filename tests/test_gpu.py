@@ -375,6 +375,58 @@ def _trained_fp8(family: str, directory):
     return tq._write(directory, tq._fp8_all(sd, quantize), qc)
 
 
+def _views_of(model, layer: int, expert: int) -> dict[str, torch.Tensor]:
+    """The dequantized view of one expert, copied to the CPU."""
+    rt = model.moe_runtime
+    slots, lease = rt.engine.acquire(layer, [expert], rt.stream())
+    try:
+        got = {k: v.cpu().clone() for k, v in rt.views[slots[0]].items()}
+    finally:
+        rt.engine.release(lease, rt.stream())
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return got
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe-fp8", "deepseek_v3-fp8", "gpt_oss-mxfp4"])
+def test_quantized_experts_on_the_gpu_are_dequantized_there_as_on_the_cpu(name, tmp_path):
+    """Quantized checkpoints as they ship, on the GPU with default options:
+    the slots hold the compressed bytes, the backend's view kernels
+    dequantize them in device memory, and transformers' own expert code
+    runs on the views. Every expert's device view equals, bit for bit, the
+    CPU backend's (the Go dequantizer, itself bit for bit transformers'
+    dequantizing load); logits agree with transformers' dequantizing load
+    on the GPU."""
+    import test_quantized as tq
+    from transformers import AutoModelForCausalLM
+
+    path = tq.BUILDERS[name](tmp_path / "m")
+    gpu = mi.from_pretrained(path, device="cuda", device_memory="1GiB")
+    cpu = mi.from_pretrained(path, device="cpu", device_memory="1GiB")
+    try:
+        plan = gpu.moe_runtime.plan
+        assert plan["views"]["dequant"] == name.split("-")[1] and not plan["executor"]["kernels"], plan["executor"]
+        n_layers, n_experts = len(plan["layers"]), int(plan["num_experts"])
+        for layer in range(n_layers):
+            for x in range(n_experts):
+                g, c = _views_of(gpu, layer, x), _views_of(cpu, layer, x)
+                for region in c:
+                    assert torch.equal(g[region].view(torch.uint8), c[region].view(torch.uint8)), (layer, x, region)
+        prompt = torch.randint(3, tm.VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            got = gpu(input_ids=prompt.cuda()).logits.float().cpu()
+        ref = AutoModelForCausalLM.from_pretrained(path, quantization_config=tq.DEQUANTIZE[name](dequantize=True), device_map="cuda").eval()
+        with torch.no_grad():
+            want = ref(input_ids=prompt.cuda()).logits.float().cpu()
+        rel = ((got - want).norm() / want.norm()).item()
+        print(f"{name}: views on the GPU equal the CPU's; logits vs transformers' dequantizing load on the GPU: rel {rel:.2e}")
+        assert rel <= 1e-2
+        assert gpu.moe_stats()["misses"] > 0
+    finally:
+        gpu.close()
+        cpu.close()
+
+
 def test_link_rates_are_measured_at_start_up_and_decide_graph_misses(tmp_path):
     """Without link_rates the engine measures this machine's link when it
     loads (DMA and zero-copy bandwidth, copy mode's reaction) and chooses
@@ -429,10 +481,10 @@ def test_fp8_kernel_teacher_forced_agreement(family, tmp_path):
     ours = mi.from_pretrained(path, device="cuda", device_memory="2GiB", engine_options={"quantized_kernels": True})
     try:
         ex = ours.moe_runtime.plan["executor"]
-        assert ex["kernels"] and ex["kernels_only"] and ex["quant"] == "fp8", ex
+        assert ex["kernels"] and ex["quant"] == "fp8" and ex["mapped"], ex
         got = _teacher_forced(ours, seq)
         paths = ours.moe_stats()["paths"]
-        assert paths["kernels"] >= tm.moe_layers(family) * 48, paths
+        assert paths["mapped"] >= tm.moe_layers(family) * 48, f"every decode step's layers run mapped: {paths}"
     finally:
         ours.close()
     cpu = mi.from_pretrained(path, device="cpu", device_memory="1GiB", engine_options={"reference_kernels": True})
@@ -469,7 +521,7 @@ def test_offload_fp8_kernels_agree_with_the_cpu_reference():
         ex = ours.moe_runtime.plan["executor"]
         assert ex["kernels"] and ex["quant"] == "fp8", ex
         got = _teacher_forced(ours, seq.cuda())
-        assert ours.moe_stats()["paths"]["kernels"] > 0
+        assert ours.moe_stats()["paths"]["mapped"] > 0, "the compressed experts are read in place, scales included"
         stored = ours.moe_runtime.plan["stored"]
         assert {r["dtype"] for r in stored["regions"]} >= {"float8_e4m3fn", "float32"}
     finally:
@@ -478,3 +530,86 @@ def test_offload_fp8_kernels_agree_with_the_cpu_reference():
     print(f"offload fp8: GPU kernels vs the CPU reference: top-1 {agree:.4f}, rel {rel:.2e}")
     assert agree >= 0.99 and rel <= 1e-2
 
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_fp8_mapped_reads_of_checkpoint_experts_match_their_slots(family, tmp_path):
+    """FP8 experts in mapped mode: every expert of an FP8 checkpoint, read
+    in place from host memory (its float8 rows and its separate
+    weight_scale_inv tensors, through the scale tables) by a mapped layer
+    on a cold cache, gives exactly the output of the same expert copied
+    into a slot (the slot path's FP8 kernels)."""
+    path = _trained_fp8(family, tmp_path / family)
+    ours = mi.from_pretrained(path, device="cuda", device_memory="2GiB", engine_options={"quantized_kernels": True})
+    try:
+        rt = ours.moe_runtime
+        ex = rt.plan["executor"]
+        assert ex["kernels"] and ex["quant"] == "fp8" and ex["mapped"], ex
+        assert rt.mapped
+        dt = torch.bfloat16 if ex["dtype"] == 0 else torch.float16
+        g = torch.Generator(device="cuda").manual_seed(3)
+        x = torch.randn(1, ours.config.hidden_size, device="cuda", generator=g).to(dt)
+        w = torch.ones(1, 1, device="cuda", dtype=dt)
+        bad = []
+        for layer in rt.layers:
+            for e in range(rt.num_experts):
+                idx = torch.tensor([[e]], device="cuda")
+                ours.moe_tune(flush=True)
+                before = ours.moe_stats()["paths"]["mapped"]
+                cold = rt.run_fused(layer, x, idx, w, None).clone()
+                assert ours.moe_stats()["paths"]["mapped"] == before + 1, "the executor ran it mapped"
+                slot = rt.run_experts(layer.index, x, idx, w.float(), [e])
+                torch.cuda.synchronize()
+                assert cold.abs().sum() > 0
+                if not torch.equal(cold, slot):
+                    bad.append((layer.index, e, (cold.float() - slot.float()).abs().max().item()))
+        assert not bad, f"host reads differ from slot reads (layer, expert, max diff): {bad}"
+    finally:
+        ours.close()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_fp8_graph_decoder_matches_the_slot_path(family, tmp_path):
+    """An FP8 checkpoint decoded in mapped mode, eagerly and from a CUDA
+    graph (stepwise and pipelined), gives the same greedy tokens as the FP8
+    slot path (mapped mode off: routing to the host, copies, then the
+    kernels), on the same StaticCache steps."""
+    from moe_infinity.graphs import GraphDecoder
+
+    path = _trained_fp8(family, tmp_path / family)
+    ours = mi.from_pretrained(path, device="cuda", device_memory="2GiB", engine_options={"quantized_kernels": True})
+    try:
+        rt = ours.moe_runtime
+        assert rt.plan["executor"]["mapped"], rt.plan["executor"]
+        prompt = torch.randint(3, tm.VOCAB, (1, 12), generator=torch.Generator().manual_seed(6)).cuda()
+        new = 16
+        L = tm.moe_layers(family)
+
+        def paths() -> dict:
+            return dict(ours.moe_stats()["paths"])
+
+        rt.set_mapped(False)
+        ours.moe_tune(flush=True)
+        p0 = paths()
+        want = _eager_static_tokens(ours, prompt, new)
+        p1 = paths()
+        assert p1["mapped"] == p0["mapped"] and p1["kernels"] >= p0["kernels"] + new * L, (p0, p1)
+
+        rt.set_mapped(True)
+        ours.moe_tune(flush=True)
+        eager = _eager_static_tokens(ours, prompt, new)
+        p2 = paths()
+        assert p2["mapped"] >= p1["mapped"] + new * L, (p1, p2)
+        assert torch.equal(eager, want), f"mapped eager {eager.tolist()} vs slot path {want.tolist()}"
+
+        ours.moe_tune(flush=True)
+        dec = GraphDecoder(ours, max_len=prompt.shape[1] + new + 2)
+        got = dec.generate(prompt, max_new_tokens=new)
+        assert dec.layers_captured == L
+        assert torch.equal(got, want), f"FP8 graph {got.tolist()} vs slot path {want.tolist()}"
+        piped = dec.generate(prompt, max_new_tokens=new, pipeline=True)
+        assert torch.equal(piped, want), f"pipelined FP8 graph {piped.tolist()} vs slot path {want.tolist()}"
+        st = ours.moe_stats()
+        assert st["hits"] + st["misses"] >= (new - 1) * L * ours.config.num_experts_per_tok, "replays are traced"
+    finally:
+        ours.close()

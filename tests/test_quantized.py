@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, FineGrainedFP8Config, Mxfp4Config
 
 import moe_infinity as mi
+from moe_infinity import loading
 import tiny_models as tm
 
 NEW_TOKENS = 12
@@ -243,16 +244,15 @@ def test_a_cache_smaller_than_one_layer_streams_the_experts_through_few_views(ck
         model.close()
 
 
-def test_quantized_checkpoint_off_the_cpu_is_refused_naming_what_is_served(ckpt, monkeypatch):
-    from moe_infinity import loading
-
+def test_quantized_checkpoint_on_a_gpu_passes_the_python_checks(ckpt):
+    """How a GPU computes quantized experts (dequantized views, or the FP8
+    kernels with quantized_kernels) is the engine's choice: Python only
+    reads the layout facts, for any device."""
     _, path, *_ = ckpt
-    monkeypatch.setattr(loading, "_resolve_device", lambda device: torch.device("cuda", 0))
-    with pytest.raises(mi.UnsupportedError, match=r"device='cpu'.*opt-in while they run slower.*quantized_kernels"):
-        mi.from_pretrained(path, device="cuda")
-    # The engine option lets the load through to the engine, which decides.
     cfg = json.loads((path / "config.json").read_text())
-    got = loading._check_quantization(type("C", (), {"quantization_config": cfg["quantization_config"]})(), {}, torch.device("cuda", 0), True)
+    conf = type("C", (), {"quantization_config": cfg["quantization_config"]})()
+    got = loading._check_quantization(conf, {}, torch.device("cuda", 0))
+    assert got == loading._check_quantization(conf, {}, torch.device("cpu"))
     assert got["quant_method"] == cfg["quantization_config"]["quant_method"]
 
 
@@ -262,11 +262,14 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def test_reference_kernels_compute_fp8_experts_from_the_compressed_slots(ckpt):
     """With the CPU reference of the GPU kernels on, FP8 SwiGLU experts run on
-    the kernel path straight from the FP8 slots (each weight dequantized as
+    the kernels straight from their FP8 bytes (each weight dequantized as
     transformers does, so only the sums' order differs from transformers'
-    code): logits within the tolerance of the bf16 kernel tests, the same
-    greedy tokens. gpt-oss's MXFP4 experts (clamped, biased SwiGLU with
-    interleaved gate/up) stay on transformers' code, which says why."""
+    code): in mapped mode, reading each expert from its slot or in place
+    from the checkpoint's FP8 tensors and their separate scale tensors, and
+    with mapped mode off from the slots alone. Logits within the tolerance
+    of the bf16 kernel tests, the same greedy tokens both ways. gpt-oss's
+    MXFP4 experts (clamped, biased SwiGLU with interleaved gate/up) stay on
+    transformers' code, which says why."""
     name, path, prompt, logits, tokens = ckpt
     model = mi.from_pretrained(path, device="cpu", device_memory="256MiB", engine_options={"reference_kernels": True})
     try:
@@ -275,14 +278,24 @@ def test_reference_kernels_compute_fp8_experts_from_the_compressed_slots(ckpt):
             assert not ex["kernels"] and "not standard SwiGLU" in ex["kernels_off"]
             _check(model, prompt, logits, tokens)
             return
-        assert ex["kernels"] and ex["quant"] == "fp8" and not ex["mapped"], ex
+        assert ex["kernels"] and ex["quant"] == "fp8" and ex["mapped"], ex
         with torch.no_grad():
             got = model(input_ids=prompt).logits
             gen = model.generate(input_ids=prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
         paths = model.moe_stats()["paths"]
-        assert paths["kernels"] >= (NEW_TOKENS + 1) * len(model.moe_runtime.layers), paths
+        assert paths["mapped"] >= (NEW_TOKENS + 1) * len(model.moe_runtime.layers), paths
+        assert model.moe_stats()["misses"] > 0, "some experts were read in place"
         agree = (got.argmax(-1) == logits.argmax(-1)).float().mean().item()
         assert agree >= 0.99 and _relative(got, logits) <= 1e-2, (agree, _relative(got, logits))
+        assert torch.equal(gen, tokens)
+        model.moe_runtime.set_mapped(False)
+        model.moe_tune(flush=True)
+        with torch.no_grad():
+            slots = model(input_ids=prompt).logits
+            gen = model.generate(input_ids=prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        after = model.moe_stats()["paths"]
+        assert after["mapped"] == paths["mapped"] and after["kernels"] >= paths["kernels"] + (NEW_TOKENS + 1) * len(model.moe_runtime.layers)
+        assert torch.equal(slots, got), "mapped mode and the slots compute the same bits"
         assert torch.equal(gen, tokens)
     finally:
         model.close()

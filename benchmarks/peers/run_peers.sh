@@ -162,9 +162,8 @@ bench() {
         [ -f "${f%.json}.gpu_peak_mib" ] && echo "   GPU peak $(cat "${f%.json}.gpu_peak_mib") MiB"
     done
     # moe_infinity: FP8 experts first (the pairing with Q8_0: both 8-bit;
-    # eager steps, since FP8 experts have no mapped mode for CUDA graphs to
-    # replay, with the GPU's FP8 kernels), then bf16 experts at their best
-    # (CUDA-graph replays, pipelined) as a second row.
+    # the GPU's FP8 kernels), then bf16 experts as a second row, both at
+    # their best (CUDA-graph replays of mapped steps, pipelined).
     local dt
     for dt in $MI_DTYPES; do
         local m="$R/moe_infinity_${PRESET}_$dt.json"
@@ -178,10 +177,9 @@ bench() {
             continue
         fi
         local opts=(--expert-dtype "$dt")
-        if [ "$dt" = fp8 ]; then
-            [ "$DEV" = cuda ] && opts+=(--quantized-kernels)
-        elif [ "$DEV" = cuda ]; then
+        if [ "$DEV" = cuda ]; then
             opts+=(--graph --pipeline)
+            [ "$dt" = fp8 ] && opts+=(--quantized-kernels)
         fi
         echo "== moe_infinity decode.py --device-memory $MEM ${opts[*]} ${MI_ARGS:-}"
         # shellcheck disable=SC2086

@@ -165,9 +165,9 @@ type Capabilities struct {
 	// takes (the backend's routing buffers); 0 when Mapped is false.
 	MaxMappedPairs int64
 	// QuantFormats lists the quantized expert formats (quant_method names,
-	// layout.QuantMethods) the kernels compute straight from compressed
-	// slots (FFNArgs.FP8 for "fp8"). Mapped mode never reads quantized
-	// experts: their scales are not beside their rows in host memory.
+	// layout.QuantMethods) the kernels compute straight from their
+	// compressed bytes (FFNArgs.FP8 for "fp8"): from the slots and, when
+	// Mapped, in place from host memory too (MappedLayout's scale grids).
 	QuantFormats []string
 }
 

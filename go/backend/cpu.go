@@ -43,6 +43,7 @@ type CPU struct {
 	mapped    atomic.Pointer[MapTable] // set by EnableMapped
 	capture   cpuCapture
 	simd      ffnKernel // ExpertThreads' kernel, made at the first FFN (nil without cgo)
+	views     cpuViews  // AllocViews' memory (views.go)
 }
 
 // NewCPU returns a CPU backend with the given number of copy workers
@@ -244,6 +245,7 @@ func (c *CPU) Close() error {
 	if c.simd != nil {
 		c.simd.Close()
 	}
+	viewsErr := c.freeViews()
 	if c.arena != nil {
 		err := syscall.Munmap(c.arena)
 		c.arena = nil
@@ -251,7 +253,7 @@ func (c *CPU) Close() error {
 			return fmt.Errorf("backend cpu: unmap arena: %w", err)
 		}
 	}
-	return nil
+	return viewsErr
 }
 
 // ffnKernel is a faster expert FFN for the CPU backend: the SIMD kernels of

@@ -36,6 +36,8 @@ func (c *CPU) EnableMapped(l MappedLayout) error {
 
 // MappedFFN computes the layer's FFN reading each expert from its slot
 // when mapped, else from the source's host memory; synchronous on the CPU.
+// FP8 experts (a.FP8, without tables) need a layout with scale grids:
+// their tables come from the same entries as the rows.
 func (c *CPU) MappedFFN(layer int, a FFNArgs) (*Routing, error) {
 	m := c.mapped.Load()
 	if m == nil {
@@ -50,11 +52,22 @@ func (c *CPU) MappedFFN(layer int, a FFNArgs) (*Routing, error) {
 	ids := append([]int64(nil), unsafe.Slice((*int64)(ptrOf(a.TopK)), a.T*a.K)...)
 	m.Mu.RLock()
 	defer m.Mu.RUnlock()
+	if (a.FP8 != nil) != m.Lay.Quantized() {
+		return nil, fmt.Errorf("backend cpu: mapped FFN: FP8 arguments (%t) for tables with scale grids (%t)", a.FP8 != nil, m.Lay.Quantized())
+	}
 	E := m.Experts
 	a.GateUp, a.Up, a.Down = make([]uint64, E), make([]uint64, E), make([]uint64, E)
+	if a.FP8 != nil {
+		q := *a.FP8
+		q.GateScale, q.UpScale, q.DownScale = make([]uint64, E), make([]uint64, E), make([]uint64, E)
+		a.FP8 = &q
+	}
 	for x := range E {
 		r := m.Rows(layer*E+x, c.SlotAddr)
-		a.GateUp[x], a.Up[x], a.Down[x] = uint64(r[0]), uint64(r[1]), uint64(r[2])
+		a.GateUp[x], a.Up[x], a.Down[x] = uint64(r[EntryGate]), uint64(r[EntryUp]), uint64(r[EntryDown])
+		if q := a.FP8; q != nil {
+			q.GateScale[x], q.UpScale[x], q.DownScale[x] = uint64(r[EntryGateScale]), uint64(r[EntryUpScale]), uint64(r[EntryDownScale])
+		}
 	}
 	snap := m.Snapshot(layer)
 	a.SkipInvalid = true // as the GPU kernels: the tracer reports bad ids

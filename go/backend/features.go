@@ -21,6 +21,8 @@ type Features struct {
 	Timed Timed
 	// LinkMeter measures the host→device link.
 	LinkMeter LinkMeter
+	// Views holds quantized experts' dequantized views.
+	Views ViewMemory
 }
 
 // FeaturesOf resolves b's optional interfaces: the one place the engine's
@@ -34,5 +36,6 @@ func FeaturesOf(b Backend) Features {
 	f.Ordered, _ = b.(Ordered)
 	f.Timed, _ = b.(Timed)
 	f.LinkMeter, _ = b.(LinkMeter)
+	f.Views, _ = b.(ViewMemory)
 	return f
 }

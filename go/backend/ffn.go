@@ -47,7 +47,8 @@ type FFNArgs struct {
 	// Hidden]; otherwise they follow the gate rows at GateUp[e].
 	Up []uint64
 	// FP8, when set, says the experts' weights are FP8 block-scaled (see
-	// FP8Args): the tables point at their float8_e4m3fn rows in the slots.
+	// FP8Args): the tables point at their float8_e4m3fn rows, and FP8's
+	// tables at their scale grids.
 	FP8 *FP8Args
 	// SkipInvalid makes a (token, expert) pair whose id is outside the
 	// tables contribute nothing instead of failing the call, as the GPU
@@ -116,7 +117,7 @@ func (a FFNArgs) Validate() error {
 	case a.X == 0 || a.Out == 0 || a.Scratch == 0 || a.TopK == 0 || a.Weights == 0:
 		return fmt.Errorf("expert FFN: a tensor address is null")
 	case a.FP8 != nil:
-		return a.FP8.validate(a.Inter)
+		return a.FP8.validate(a.Inter, n)
 	}
 	return nil
 }
@@ -170,7 +171,8 @@ func (c *CPU) ReferenceFFN(a FFNArgs) error {
 	x := toF32(hostSlice(a.X, a.T*H*2), dt)
 	h := unsafe.Slice((*float32)(ptrOf(a.Scratch)), P*I)
 	valid := func(p int64) bool {
-		return exps[p] >= 0 && int(exps[p]) < len(a.GateUp) && a.GateUp[exps[p]] != 0 && a.UpAddr(exps[p]) != 0 && a.Down[exps[p]] != 0
+		e := exps[p]
+		return e >= 0 && int(e) < len(a.GateUp) && a.GateUp[e] != 0 && a.UpAddr(e) != 0 && a.Down[e] != 0 && (a.FP8 == nil || a.FP8.has(e))
 	}
 	for p := int64(0); p < P; p++ {
 		if !valid(p) && !a.SkipInvalid {
@@ -191,8 +193,9 @@ func (c *CPU) ReferenceFFN(a FFNArgs) error {
 			xt := x[t*H : (t+1)*H]
 			var g, u float32
 			if q := a.FP8; q != nil {
-				g = round(fp8Dot(q, a.GateUp[exps[p]], q.GateScale, 0, i, xt, dt), dt)
-				u = round(fp8Dot(q, a.UpAddr(exps[p]), q.UpScale, q.UpRow0, i, xt, dt), dt)
+				e := exps[p]
+				g = round(fp8Dot(q, a.GateUp[e], q.GateScale[e], 0, i, xt, dt), dt)
+				u = round(fp8Dot(q, a.UpAddr(e), q.UpScale[e], q.UpRow0, i, xt, dt), dt)
 			} else {
 				wg := hostSlice(a.GateUp[exps[p]], I*H*2)
 				wu := hostSlice(a.UpAddr(exps[p]), I*H*2)
@@ -218,7 +221,7 @@ func (c *CPU) ReferenceFFN(a FFNArgs) error {
 				}
 				hp := h[p*I : (p+1)*I]
 				if q := a.FP8; q != nil {
-					acc += wts[p] * round(fp8Dot(q, a.Down[exps[p]], q.DownScale, 0, r, hp, dt), dt)
+					acc += wts[p] * round(fp8Dot(q, a.Down[exps[p]], q.DownScale[exps[p]], 0, r, hp, dt), dt)
 					continue
 				}
 				w := hostSlice(a.Down[exps[p]], H*I*2)

@@ -14,14 +14,34 @@ import (
 	"github.com/moe-infinity/moe_infinity/go/quant"
 )
 
-// fp8Expert is one hand-made FP8 expert: its slot bytes, where its
-// matrices are in them, and the same expert dequantized (what the views of
-// the host path hold).
+// fp8Expert is one hand-made FP8 expert: its slot bytes, the same bytes as
+// the separate host tensors a checkpoint keeps (segs: each matrix and each
+// scale grid on its own, at their slot offsets), where the matrices and
+// grids are in the slot, and the same expert dequantized (what the views
+// of the host path hold).
 type fp8Expert struct {
 	slot               []byte
-	gate, up, down     int64 // offsets of the matrices' rows in slot
-	args               FP8Args
+	segs               []Segment
+	lay                MappedLayout
+	upRow0             int64
+	block              [2]int64
 	gateUpDeq, downDeq []byte // [2I, H] and [H, I] in the activation dtype
+}
+
+// args are the FP8 arguments without tables.
+func (e fp8Expert) args() FP8Args {
+	return FP8Args{BlockRows: e.block[0], BlockCols: e.block[1], UpRow0: e.upRow0}
+}
+
+// setTables points a's expert x at r (a.FP8's tables made when nil).
+func setTables(a *FFNArgs, x int, r HostRows) {
+	a.GateUp[x], a.Up[x], a.Down[x] = uint64(r[EntryGate]), uint64(r[EntryUp]), uint64(r[EntryDown])
+	q := a.FP8
+	if q.GateScale == nil {
+		n := len(a.GateUp)
+		q.GateScale, q.UpScale, q.DownScale = make([]uint64, n), make([]uint64, n), make([]uint64, n)
+	}
+	q.GateScale[x], q.UpScale[x], q.DownScale[x] = uint64(r[EntryGateScale]), uint64(r[EntryUpScale]), uint64(r[EntryDownScale])
 }
 
 func f32s(v []float32) []byte {
@@ -55,35 +75,40 @@ func randScales(r *rand.Rand, n int) []float32 {
 // makeFP8Expert lays out gate and up ([I, H]) and down ([H, I]) as FP8 with
 // block [br, bc]: fused puts gate and up in one [2I, H] weight with one
 // grid (as a fused checkpoint does), scalesFirst puts every grid before its
-// rows (negative offsets).
+// rows in the slot.
 func makeFP8Expert(t *testing.T, r *rand.Rand, H, I, br, bc int, fused, scalesFirst bool, dt dtype.DType) fp8Expert {
 	t.Helper()
 	blk := quant.Block{Rows: br, Cols: bc}
 	var slot []byte
+	var segs []Segment
 	type mat struct {
 		rows, cols int
 		w          []byte
 		s          []float32
 		off        int64 // rows' offset in slot
 		scaleOff   int64
+		scaleBytes int64
+	}
+	put := func(b []byte) int64 {
+		for len(slot)%16 != 0 {
+			slot = append(slot, 0xee)
+		}
+		off := int64(len(slot))
+		slot = append(slot, b...)
+		segs = append(segs, Segment{Offset: off, Data: append([]byte(nil), b...)})
+		return off
 	}
 	place := func(rows, cols int) *mat {
 		sr, sc := blk.ScaleGrid(rows, cols)
 		m := &mat{rows: rows, cols: cols, w: randFP8(r, rows*cols), s: randScales(r, sr*sc)}
 		sb := f32s(m.s)
-		for len(slot)%16 != 0 {
-			slot = append(slot, 0xee)
-		}
+		m.scaleBytes = int64(len(sb))
 		if scalesFirst {
-			m.scaleOff = int64(len(slot))
-			slot = append(slot, sb...)
-			m.off = int64(len(slot))
-			slot = append(slot, m.w...)
+			m.scaleOff = put(sb)
+			m.off = put(m.w)
 		} else {
-			m.off = int64(len(slot))
-			slot = append(slot, m.w...)
-			m.scaleOff = int64(len(slot))
-			slot = append(slot, sb...)
+			m.off = put(m.w)
+			m.scaleOff = put(sb)
 		}
 		return m
 	}
@@ -92,22 +117,25 @@ func makeFP8Expert(t *testing.T, r *rand.Rand, H, I, br, bc int, fused, scalesFi
 		require.NoError(t, quant.DequantFP8Block(out, dt, m.w, f32s(m.s), dtype.F32, m.rows, m.cols, blk))
 		return out
 	}
-	e := fp8Expert{args: FP8Args{BlockRows: int64(br), BlockCols: int64(bc)}}
+	e := fp8Expert{block: [2]int64{int64(br), int64(bc)}}
+	l := MappedLayout{RowsBytes: int64(I * H), DownBytes: int64(H * I)}
 	if fused {
 		gu := place(2*I, H)
-		e.gate, e.up = gu.off, gu.off+int64(I*H)
-		e.args.GateScale, e.args.UpScale, e.args.UpRow0 = gu.scaleOff-e.gate, gu.scaleOff-e.up, int64(I)
+		l.Gate, l.Up, e.upRow0 = gu.off, gu.off+int64(I*H), int64(I)
+		l.Scales[0], l.Scales[1] = gu.scaleOff, gu.scaleOff
+		l.ScaleBytes[0], l.ScaleBytes[1] = gu.scaleBytes, gu.scaleBytes
 		e.gateUpDeq = deq(gu)
 	} else {
 		g, u := place(I, H), place(I, H)
-		e.gate, e.up = g.off, u.off
-		e.args.GateScale, e.args.UpScale = g.scaleOff-g.off, u.scaleOff-u.off
+		l.Gate, l.Up = g.off, u.off
+		l.Scales[0], l.Scales[1] = g.scaleOff, u.scaleOff
+		l.ScaleBytes[0], l.ScaleBytes[1] = g.scaleBytes, u.scaleBytes
 		e.gateUpDeq = append(deq(g), deq(u)...)
 	}
 	d := place(H, I)
-	e.down, e.args.DownScale = d.off, d.scaleOff-d.off
+	l.Down, l.Scales[2], l.ScaleBytes[2] = d.off, d.scaleOff, d.scaleBytes
 	e.downDeq = deq(d)
-	e.slot = slot
+	e.slot, e.segs, e.lay = slot, segs, l
 	return e
 }
 
@@ -163,12 +191,13 @@ func TestReferenceFFNReadsFP8SlotsAsTheDequantizedExperts(t *testing.T) {
 				GateUp: make([]uint64, E), Down: make([]uint64, E)}
 			for e := range exps {
 				exps[e] = makeFP8Expert(t, r, tc.H, tc.I, tc.br, tc.bc, tc.fused, !tc.scalesLast, tc.dt)
-				base := addr(exps[e].slot)
-				a.GateUp[e], a.Up[e], a.Down[e] = base+uint64(exps[e].gate), base+uint64(exps[e].up), base+uint64(exps[e].down)
+			}
+			args := exps[0].args()
+			a.FP8 = &args
+			for e := range exps {
+				setTables(&a, e, exps[e].lay.SlotRows(uintptr(addr(exps[e].slot))))
 				deq.GateUp[e], deq.Down[e] = addr(exps[e].gateUpDeq), addr(exps[e].downDeq)
 			}
-			args := exps[0].args
-			a.FP8 = &args
 			x := make([]byte, tc.T*int64(tc.H)*2)
 			xs := make([]float32, tc.T*int64(tc.H))
 			for i := range xs {
@@ -206,8 +235,7 @@ func TestReferenceFFNFP8KnownValues(t *testing.T) {
 	base, sbase := addr(slot), addr(scales)
 	a := FFNArgs{T: 1, K: 1, Hidden: H, Inter: I,
 		GateUp: []uint64{base}, Up: []uint64{base + 3}, Down: []uint64{base + 6},
-		FP8: &FP8Args{BlockRows: 1, BlockCols: 2,
-			GateScale: int64(sbase) - int64(base), UpScale: int64(sbase+8) - int64(base+3), DownScale: int64(sbase+16) - int64(base+6)}}
+		FP8: &FP8Args{BlockRows: 1, BlockCols: 2, GateScale: []uint64{sbase}, UpScale: []uint64{sbase + 8}, DownScale: []uint64{sbase + 16}}}
 	c := NewCPU(1)
 	got := runFFN(t, c, a, x, []int64{0}, []float32{1}, dtype.BF16)
 	// g = 1+1+2 = 4, u = 0.25; silu(4) = 3.9281 → bf16 3.921875; h = 0.98046875;
@@ -217,15 +245,18 @@ func TestReferenceFFNFP8KnownValues(t *testing.T) {
 
 func TestFP8ArgsValidate(t *testing.T) {
 	base := FFNArgs{X: 1, Out: 1, Scratch: 1, TopK: 1, Weights: 1, T: 1, K: 1, Hidden: 4, Inter: 4, GateUp: []uint64{1}, Down: []uint64{1}}
+	one := []uint64{2}
 	tests := []struct {
 		name string
 		q    FP8Args
 		err  string
 	}{
-		{"good", FP8Args{BlockRows: 128, BlockCols: 128}, ""},
-		{"up rows after gate in a fused grid", FP8Args{BlockRows: 128, BlockCols: 128, UpRow0: 4}, ""},
-		{"zero block", FP8Args{BlockRows: 0, BlockCols: 128}, "weight_block_size"},
-		{"up rows elsewhere", FP8Args{BlockRows: 1, BlockCols: 1, UpRow0: 3}, "want 0 or inter"},
+		{"good", FP8Args{BlockRows: 128, BlockCols: 128, GateScale: one, UpScale: one, DownScale: one}, ""},
+		{"up rows after gate in a fused grid", FP8Args{BlockRows: 128, BlockCols: 128, UpRow0: 4, GateScale: one, UpScale: one, DownScale: one}, ""},
+		{"zero block", FP8Args{BlockRows: 0, BlockCols: 128, GateScale: one, UpScale: one, DownScale: one}, "weight_block_size"},
+		{"up rows elsewhere", FP8Args{BlockRows: 1, BlockCols: 1, UpRow0: 3, GateScale: one, UpScale: one, DownScale: one}, "want 0 or inter"},
+		{"no scale tables", FP8Args{BlockRows: 128, BlockCols: 128}, "scale tables of 0, 0 and 0 experts (want 1"},
+		{"a scale table short", FP8Args{BlockRows: 128, BlockCols: 128, GateScale: one, UpScale: one, DownScale: []uint64{}}, "scale tables"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -8,7 +8,9 @@ import (
 )
 
 // MappedLayout locates an expert's FFN rows inside its slot image, for
-// mapped mode. Offsets and sizes are in bytes.
+// mapped mode, and for FP8 experts their scale grids: each region is one
+// entry of the expert's tables (see the Entry constants). Offsets and sizes
+// are in bytes.
 type MappedLayout struct {
 	// Gate, Up and Down are the offsets of the gate rows [Inter, Hidden],
 	// the up rows [Inter, Hidden] and down [Hidden, Inter].
@@ -16,6 +18,60 @@ type MappedLayout struct {
 	// RowsBytes is the size of the gate rows (and of the up rows);
 	// DownBytes the size of down.
 	RowsBytes, DownBytes int64
+	// Scales are the offsets of the gate, up and down matrices' float32
+	// scale grids (FFNArgs.FP8) and ScaleBytes their sizes; all zero for
+	// bfloat16/float16 experts. Gate and up name one grid when they are the
+	// halves of one fused weight (FP8Args.UpRow0).
+	Scales, ScaleBytes [3]int64
+}
+
+// Table entries of an expert, in the order of HostRows and of the
+// backends' device tables.
+const (
+	EntryGate = iota
+	EntryUp
+	EntryDown
+	EntryGateScale
+	EntryUpScale
+	EntryDownScale
+	// MaxEntries is the most entries an expert has (FP8 experts).
+	MaxEntries
+)
+
+// ScaleAlign is the alignment in bytes a scale grid needs in host memory
+// to be read in place: the kernels load each scale as one float32.
+const ScaleAlign = 4
+
+// Quantized reports whether l has scale grids (FP8 experts).
+func (l MappedLayout) Quantized() bool { return l.ScaleBytes[0] > 0 }
+
+// Entries is the number of table entries of one expert: gate, up and
+// down rows, then (FP8 experts) their scale grids.
+func (l MappedLayout) Entries() int {
+	if l.Quantized() {
+		return MaxEntries
+	}
+	return EntryDown + 1
+}
+
+// regions are the (offset, size) of each entry.
+func (l MappedLayout) regions() [][2]int64 {
+	r := [][2]int64{{l.Gate, l.RowsBytes}, {l.Up, l.RowsBytes}, {l.Down, l.DownBytes}}
+	if l.Quantized() {
+		for j := range l.Scales {
+			r = append(r, [2]int64{l.Scales[j], l.ScaleBytes[j]})
+		}
+	}
+	return r
+}
+
+// SlotRows are the entries of an expert held by the slot at base.
+func (l MappedLayout) SlotRows(base uintptr) HostRows {
+	var out HostRows
+	for j, r := range l.regions() {
+		out[j] = base + uintptr(r[0])
+	}
+	return out
 }
 
 // Routing is the host copy of one mapped launch's routing.
@@ -60,11 +116,14 @@ func (r *Routing) Done() {
 // expert is pointed at the slot once the copy is complete.
 type Mapped interface {
 	// EnableMapped turns mapped mode on. It fails when some expert's rows
-	// are not contiguous host memory the backend can read in place.
+	// (or scale grids, for FP8 experts: l.Quantized) are not contiguous
+	// host memory the backend can read in place.
 	EnableMapped(l MappedLayout) error
-	// MappedFFN computes MoE layer `layer`'s expert FFN (a's tables are
-	// ignored) and starts copying the routing (a.T·a.K ids at a.TopK) to
-	// host memory. It returns without waiting for either.
+	// MappedFFN computes MoE layer `layer`'s expert FFN (a's tables, and
+	// a.FP8's, are ignored: the layer's own are used; a.FP8 is set exactly
+	// when the layout has scale grids) and starts copying the routing
+	// (a.T·a.K ids at a.TopK) to host memory. It returns without waiting
+	// for either.
 	MappedFFN(layer int, a FFNArgs) (*Routing, error)
 	// UnmapAll points every expert back at host memory, ordered after the
 	// computations submitted so far (for a cache flush).
@@ -141,22 +200,23 @@ type Timed interface {
 	ResetPhases()
 }
 
-// HostRows is one expert's gate, up and down rows in host memory
-// (addresses).
-type HostRows [3]uintptr
+// HostRows is one expert's table entries (addresses, indexed by the
+// Entry constants): its gate, up and down rows and, for FP8 experts, their
+// scale grids; unused entries are 0.
+type HostRows [MaxEntries]uintptr
 
-// ResolveHostRows finds each region of l inside one segment of segs.
+// ResolveHostRows finds each region of l inside one segment of segs. A
+// scale grid must also be ScaleAlign-aligned there.
 func ResolveHostRows(l MappedLayout, segs []Segment) (HostRows, bool) {
 	var out HostRows
-	regions := [3][2]int64{{l.Gate, l.RowsBytes}, {l.Up, l.RowsBytes}, {l.Down, l.DownBytes}}
-	for i, r := range regions {
+	for i, r := range l.regions() {
 		for _, s := range segs {
 			if r[0] >= s.Offset && r[0]+r[1] <= s.Offset+int64(len(s.Data)) && len(s.Data) > 0 {
 				out[i] = uintptr(unsafe.Pointer(&s.Data[r[0]-s.Offset]))
 				break
 			}
 		}
-		if out[i] == 0 {
+		if out[i] == 0 || (i >= EntryGateScale && out[i]%ScaleAlign != 0) {
 			return out, false
 		}
 	}
@@ -171,7 +231,7 @@ type MapTable struct {
 	Lay     MappedLayout
 	Layers  int
 	Experts int
-	// Host[i] are expert i's rows in host memory (i = layer*Experts+expert).
+	// Host[i] are expert i's entries in host memory (i = layer*Experts+expert).
 	Host []HostRows
 	// Owner[slot] is the expert mapped to slot, or -1.
 	Owner []int
@@ -189,7 +249,7 @@ func NewMapTable(l MappedLayout, slots, layers, experts int, rows func(layer, ex
 		m.Resident[i] = -1
 		r, ok := rows(i/experts, i%experts)
 		if !ok {
-			return nil, fmt.Errorf("expert L%d/E%d's FFN rows are not contiguous host memory that can be read in place", i/experts, i%experts)
+			return nil, fmt.Errorf("expert L%d/E%d's FFN rows (and scale grids) are not contiguous host memory that can be read in place", i/experts, i%experts)
 		}
 		m.Host[i] = r
 	}
@@ -207,13 +267,22 @@ func (m *MapTable) Snapshot(layer int) []bool {
 	return out
 }
 
-// Unmap drops slot's expert (call with Mu held) and returns it, or -1.
+// Unmap drops slot's expert (call with Mu held) and returns it, or -1
+// when the slot held none or its expert has since been mapped to another
+// slot. The latter happens when the cache evicts an expert and loads it
+// again elsewhere before the copy that replaces it here begins: the
+// expert stays mapped where it now is (the caller must not point it back
+// at host memory), or it would be read over the link while resident.
 func (m *MapTable) Unmap(slot int) int {
 	o := m.Owner[slot]
-	if o >= 0 {
-		m.Resident[o] = -1
-		m.Owner[slot] = -1
+	if o < 0 {
+		return -1
 	}
+	m.Owner[slot] = -1
+	if m.Resident[o] != int32(slot) {
+		return -1
+	}
+	m.Resident[o] = -1
 	return o
 }
 
@@ -227,8 +296,7 @@ func (m *MapTable) Map(slot, i int) {
 // (slotAddr(slot)) when mapped, its host rows otherwise (call with Mu held).
 func (m *MapTable) Rows(i int, slotAddr func(slot int) uintptr) HostRows {
 	if s := m.Resident[i]; s >= 0 {
-		b := slotAddr(int(s))
-		return HostRows{b + uintptr(m.Lay.Gate), b + uintptr(m.Lay.Up), b + uintptr(m.Lay.Down)}
+		return m.Lay.SlotRows(slotAddr(int(s)))
 	}
 	return m.Host[i]
 }

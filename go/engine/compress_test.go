@@ -62,7 +62,7 @@ func TestCompressedCheckpointIsServedAsFP8(t *testing.T) {
 			slots := make([]int32, 1)
 			lease, err := e.Acquire(l, []int32{int32(x)}, slots, 0)
 			require.NoError(t, err)
-			view := e.views.view(int(slots[0]))[gu.Offset : gu.Offset+int64(tI*tH*4)]
+			view := viewBytes(t, e, int(slots[0]))[gu.Offset : gu.Offset+int64(tI*tH*4)]
 			qp, err := mod.QuantPart(x, "w1")
 			require.NoError(t, err)
 			want := make([]byte, tI*tH*4)
@@ -175,7 +175,7 @@ func TestCompressHostServesWhatAddCompressedServes(t *testing.T) {
 		lease, err := e.Acquire(l, []int32{int32(x)}, slots, 0)
 		require.NoError(t, err)
 		defer e.Release(lease, 0)
-		return append([]byte(nil), e.views.view(int(slots[0]))[:pd.Views.Bytes]...)
+		return append([]byte(nil), viewBytes(t, e, int(slots[0]))[:pd.Views.Bytes]...)
 	}
 	for l := 0; l < L; l++ {
 		for x := 0; x < E; x++ {

@@ -97,13 +97,16 @@ type Config struct {
 	// kernels: the CPU oracle of the GPU paths, for tests. Off by default,
 	// where transformers' code computes every layer (bitwise parity).
 	ReferenceKernels bool `json:"reference_kernels"`
-	// QuantizedKernels lets a GPU backend serve a checkpoint whose experts
-	// are quantized (FP8 block-scaled) by computing them with its expert
-	// kernels straight from the compressed slots. Off by default: those
-	// CUDA kernels agree with transformers' dequantizing load (GPU tests,
-	// H100, 2026-12-07) but decode slower per token than bfloat16 experts
-	// (no mapped mode; software e4m3 decoding), so such checkpoints are
-	// refused off the CPU unless this is set.
+	// QuantizedKernels makes a GPU backend compute quantized (FP8
+	// block-scaled) experts with its expert kernels straight from the
+	// compressed slots, decode layers in mapped mode (and CUDA graphs) as
+	// bfloat16 experts. Off by default: the caller's code (transformers')
+	// then computes them on dequantized views, which the backend fills
+	// from the compressed slots in device memory (backend.ViewMemory), so
+	// the link still carries the compressed bytes. The FP8 kernels agree
+	// with transformers' dequantizing load (GPU tests, H100, 2026-12-07)
+	// but decoded slower per token than bfloat16 experts there (before
+	// they had mapped mode; software e4m3 decoding).
 	// On the CPU backend the reference kernels read FP8 slots whenever
 	// ReferenceKernels is on; this setting does not matter there.
 	QuantizedKernels bool `json:"quantized_kernels"`

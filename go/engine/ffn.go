@@ -66,6 +66,33 @@ func (e *Engine) ffnShape() (hidden, inter, dtypeCode int64, err error) {
 	return 0, 0, 0, fmt.Errorf("%w: the expert FFN kernels take bfloat16 or float16 experts, not %s", ErrUnsupported, gu.DType)
 }
 
+// setKernelLayout sets where the kernels find an expert's matrices in its
+// slot image (e.kl), when they can read them (ffnShape): the halves of
+// gate_up_proj [2I, H] and down_proj [H, I], or for FP8 experts the
+// matrices and their scale grids (layout.Views.FP8Kernel), with their
+// block and up rows (e.fp8). Slot calls and mapped mode's tables both
+// rest on it.
+func (e *Engine) setKernelLayout() {
+	hidden, inter, _, err := e.ffnShape()
+	if err != nil {
+		return
+	}
+	if e.vw != nil {
+		k, _ := e.vw.FP8Kernel("gate_up_proj", "down_proj") // ffnShape checked it
+		e.kl = backend.MappedLayout{
+			Gate: k.Gate.Weight, Up: k.Up.Weight, Down: k.Down.Weight, RowsBytes: inter * hidden, DownBytes: hidden * inter,
+			Scales:     [3]int64{k.Gate.Scale, k.Up.Scale, k.Down.Scale},
+			ScaleBytes: [3]int64{k.Gate.ScaleBytes, k.Up.ScaleBytes, k.Down.ScaleBytes},
+		}
+		e.fp8 = &backend.FP8Args{BlockRows: int64(k.Block.Rows), BlockCols: int64(k.Block.Cols), UpRow0: k.Up.Row0}
+		return
+	}
+	gu, _ := e.lay.Region("gate_up_proj")
+	dn, _ := e.lay.Region("down_proj")
+	rows := inter * hidden * 2
+	e.kl = backend.MappedLayout{Gate: gu.Offset, Up: gu.Offset + rows, Down: dn.Offset, RowsBytes: rows, DownBytes: rows}
+}
+
 // LayerFFN acquires the layer's experts, runs the backend's expert FFN over
 // all of them in one launch and releases them — one call per MoE layer.
 func (e *Engine) LayerFFN(c FFNCall) error {
@@ -83,8 +110,6 @@ func (e *Engine) LayerFFN(c FFNCall) error {
 	if len(c.Experts) == 0 {
 		return fmt.Errorf("%w: no experts to compute", ErrInvalid)
 	}
-	gu, _ := e.lay.Region("gate_up_proj")
-	dn, _ := e.lay.Region("down_proj")
 	slots := make([]int32, len(c.Experts))
 	t0 := time.Now()
 	// The kernels read the slots, also when they hold quantized experts.
@@ -96,25 +121,20 @@ func (e *Engine) LayerFFN(c FFNCall) error {
 	args := backend.FFNArgs{
 		Stream: c.Stream, X: c.X, Out: c.Out, Scratch: c.Scratch, TopK: c.TopK, Weights: c.Weights,
 		T: c.T, K: c.K, Hidden: hidden, Inter: inter, DType: code, WDType: c.WDType,
-		GateUp: make([]uint64, e.experts), Down: make([]uint64, e.experts),
+		GateUp: make([]uint64, e.experts), Up: make([]uint64, e.experts), Down: make([]uint64, e.experts),
 	}
-	if k := e.fp8; k != nil {
-		args.FP8 = &backend.FP8Args{
-			BlockRows: int64(k.Block.Rows), BlockCols: int64(k.Block.Cols),
-			GateScale: k.Gate.Scale - k.Gate.Weight, UpScale: k.Up.Scale - k.Up.Weight, DownScale: k.Down.Scale - k.Down.Weight,
-			UpRow0: k.Up.Row0,
-		}
-		args.Up = make([]uint64, e.experts)
-		for i, s := range slots {
-			base := uint64(e.be.SlotAddr(int(s)))
-			x := c.Experts[i]
-			args.GateUp[x], args.Up[x], args.Down[x] = base+uint64(k.Gate.Weight), base+uint64(k.Up.Weight), base+uint64(k.Down.Weight)
-		}
-	} else {
-		for i, s := range slots {
-			base := uint64(e.be.SlotAddr(int(s)))
-			args.GateUp[c.Experts[i]] = base + uint64(gu.Offset)
-			args.Down[c.Experts[i]] = base + uint64(dn.Offset)
+	var q *backend.FP8Args
+	if e.fp8 != nil {
+		qq := *e.fp8
+		qq.GateScale, qq.UpScale, qq.DownScale = make([]uint64, e.experts), make([]uint64, e.experts), make([]uint64, e.experts)
+		q, args.FP8 = &qq, &qq
+	}
+	for i, s := range slots {
+		r := e.kl.SlotRows(e.be.SlotAddr(int(s)))
+		x := c.Experts[i]
+		args.GateUp[x], args.Up[x], args.Down[x] = uint64(r[backend.EntryGate]), uint64(r[backend.EntryUp]), uint64(r[backend.EntryDown])
+		if q != nil {
+			q.GateScale[x], q.UpScale[x], q.DownScale[x] = uint64(r[backend.EntryGateScale]), uint64(r[backend.EntryUpScale]), uint64(r[backend.EntryDownScale])
 		}
 	}
 	ffnErr := kern.FFN(args)

@@ -61,16 +61,11 @@ func (e *Engine) enableMapped() (backend.Mapped, error) {
 	}
 	m := &e.mapped
 	m.once.Do(func() {
-		hidden, inter, _, err := e.FFNShape()
-		if err != nil {
+		if _, _, _, err := e.FFNShape(); err != nil {
 			m.err = fmt.Errorf("%w: %w", errMappedUnavailable, err)
 			return
 		}
-		gu, _ := e.lay.Region("gate_up_proj")
-		dn, _ := e.lay.Region("down_proj")
-		rows := inter * hidden * 2
-		l := backend.MappedLayout{Gate: gu.Offset, Up: gu.Offset + rows, Down: dn.Offset, RowsBytes: rows, DownBytes: rows}
-		if err := mb.EnableMapped(l); err != nil {
+		if err := mb.EnableMapped(e.kl); err != nil {
 			m.err = fmt.Errorf("%w: %w: %v", ErrUnsupported, errMappedUnavailable, err)
 			return
 		}
@@ -125,7 +120,7 @@ func (e *Engine) LayerMapped(c FFNCall, reqs []uint64) error {
 	t0 := time.Now()
 	r, err := mb.MappedFFN(c.Layer, backend.FFNArgs{
 		Stream: c.Stream, X: c.X, Out: c.Out, Scratch: c.Scratch, TopK: c.TopK, Weights: c.Weights,
-		T: c.T, K: c.K, Hidden: hidden, Inter: inter, DType: code, WDType: c.WDType,
+		T: c.T, K: c.K, Hidden: hidden, Inter: inter, DType: code, WDType: c.WDType, FP8: e.fp8,
 	})
 	e.phase(phaseKernels, t0)
 	if err != nil {
@@ -330,9 +325,12 @@ func (e *Engine) mappedDone(err error) {
 	m.mu.Unlock()
 }
 
-// traceMapped accounts one launch: tracing and prefetch plans (Observe),
+// traceMapped accounts one launch, each layer through the core in the
+// order every path and go/sim share (core.Layer): tracing, then the use —
 // hits and misses against the residency the kernels saw, bytes read over
-// the link, and admission of the missed experts the policy wants cached.
+// the link, and the admissions of the missed experts the policy wants
+// cached (core.UseInPlace, all decided before any of their copies starts)
+// — then the prefetch plan; the admitted experts are copied last.
 func (e *Engine) traceMapped(it mappedItem) error {
 	all, err := it.r.Wait()
 	if err != nil {
@@ -352,32 +350,42 @@ func (e *Engine) traceMapped(it mappedItem) error {
 			return err
 		}
 		if len(it.reqs) > 0 {
-			// A replayed step's layers all ran already: plan once, below,
-			// for the next step, rather than for layers that are over.
-			if err := e.observe(l.Layer, it.reqs, counts, len(it.layers) == 1); err != nil {
+			if err := e.checkObserve(l.Layer, it.reqs, counts); err != nil {
 				return err
 			}
 		}
-		if it.served {
-			continue // the copy driver counted and loaded this layer
-		}
-		resident := it.r.Resident[li*e.experts : (li+1)*e.experts]
-		keys := make([]cache.Key, len(experts))
-		hits := make([]bool, len(experts))
-		misses := 0
-		for i, x := range experts {
-			keys[i] = cache.Key{Layer: int32(l.Layer), Expert: x}
-			hits[i] = resident[x]
-			if !hits[i] {
-				misses++
+		var admitted []cache.Grant
+		use := func() error {
+			if it.served {
+				return nil // the copy driver counted and loaded this layer
 			}
-		}
-		e.core.Touch(keys, hits)
-		e.bytesMoved[l.Layer].Add(int64(misses) * e.lay.SlotBytes)
-		for i, k := range keys {
-			if !hits[i] {
-				waited += e.admit(k)
+			resident := it.r.Resident[li*e.experts : (li+1)*e.experts]
+			keys := make([]cache.Key, len(experts))
+			hits := make([]bool, len(experts))
+			misses := 0
+			for i, x := range experts {
+				keys[i] = cache.Key{Layer: int32(l.Layer), Expert: x}
+				hits[i] = resident[x]
+				if !hits[i] {
+					misses++
+				}
 			}
+			e.bytesMoved[l.Layer].Add(int64(misses) * e.lay.SlotBytes)
+			admitted = e.core.UseInPlace(keys, hits, *e.cfg.AdmitMargin)
+			return nil
+		}
+		if len(it.layers) == 1 {
+			_, err = e.core.Layer(l.Layer, it.reqs, counts, use)
+		} else {
+			// A replayed step's layers all ran already: plan once, below,
+			// for the next step, rather than for layers that are over.
+			err = e.core.LayerReplayed(l.Layer, it.reqs, counts, use)
+		}
+		if err != nil {
+			return routingErr(err)
+		}
+		for _, g := range admitted {
+			waited += e.admit(g)
 		}
 	}
 	if len(it.layers) > 1 && !it.served {
@@ -386,24 +394,21 @@ func (e *Engine) traceMapped(it mappedItem) error {
 	return nil
 }
 
-// admit brings a missed expert into the cache when the policy ranks it
-// above the best victim, as a low-priority copy within the prefetch
-// window (the tracer waits for room in it: copies in flight are bounded
-// and the compute path, which never waits for the tracer until the
-// routing ring is full, is unaffected).
-func (e *Engine) admit(k cache.Key) (waited time.Duration) {
+// admit copies an admitted expert (its slot reserved by core.UseInPlace)
+// as a low-priority copy within the prefetch window (the tracer waits for
+// room in it: copies in flight are bounded and the compute path, which
+// never waits for the tracer until the routing ring is full, is
+// unaffected).
+func (e *Engine) admit(g cache.Grant) (waited time.Duration) {
 	t0 := time.Now()
 	select {
 	case e.prefSem <- struct{}{}:
 	case <-e.stop:
+		e.cache.Complete(g.Slot, g.Gen, ErrClosed)
 		return time.Since(t0)
 	}
 	waited = time.Since(t0)
-	g, ok := e.core.Admit(k, *e.cfg.AdmitMargin)
-	if !ok {
-		<-e.prefSem
-		return waited
-	}
+	k := g.Key
 	tr := e.be.Load(g.Slot, int(k.Layer), int(k.Expert), false)
 	e.bg.Add(1)
 	go func() {

@@ -4,15 +4,14 @@ import (
 	"errors"
 	"fmt"
 	"sync"
-	"syscall"
-	"unsafe"
 
+	"github.com/moe-infinity/moe_infinity/go/backend"
 	"github.com/moe-infinity/moe_infinity/go/cache"
 	"github.com/moe-infinity/moe_infinity/go/layout"
 	"github.com/moe-infinity/moe_infinity/go/store"
 )
 
-// Quantized experts (FP8 block-scaled, MXFP4) on the CPU backend.
+// Quantized experts (FP8 block-scaled, MXFP4).
 //
 // The cache's slots hold each expert as the checkpoint stores it (the slot
 // image of layout.BuildQuantized: the quantized values and their scales),
@@ -23,7 +22,10 @@ import (
 // transformers dequantizes at load) and hands out the views' indices in
 // place of slots; Release returns them. A view keeps its expert after
 // Release, so an expert used again while its view was not reused is not
-// dequantized again. The views are part of the memory budget.
+// dequantized again. The views are part of the memory budget, and live
+// where the backend's slots do (backend.ViewMemory: device memory on a
+// GPU, where kernels dequantize them from the compressed slots; the CPU
+// backend runs the same program, layout.Views.Ops, in Go).
 
 // DequantViews is the most view buffers a quantized model gets: enough for
 // the experts of one decode step's layer in one Acquire, at a bounded cost
@@ -46,11 +48,6 @@ type ViewsPlan struct {
 	// Dequant is the quant_method the views are dequantized from ("fp8",
 	// "mxfp4"), or "" when the views are the cache's slots themselves.
 	Dequant string `json:"dequant,omitempty"`
-}
-
-// slotMemory is a backend whose slots Go can read (the CPU backend).
-type slotMemory interface {
-	SlotBytes(slot int) []byte
 }
 
 // buildLayout places the slot image of spec; for quantized experts also
@@ -78,17 +75,8 @@ func buildLayout(spec layout.Spec, mods []*store.MoEModule) (*layout.Layout, *la
 // experts, at least one) and the
 // cache's slots of slotBytes: it returns the number of views and the bytes
 // left for slots. Without views it returns (0, budget).
-func viewBudget(cfg Config, vw *layout.Views, slotBytes, budget int64, experts int) (int, int64, error) {
+func viewBudget(vw *layout.Views, slotBytes, budget int64, experts int) (int, int64, error) {
 	if vw == nil {
-		return 0, budget, nil
-	}
-	if cfg.Backend != "cpu" {
-		// Off the CPU the kernels compute the experts from the slots (no
-		// views): see Config.QuantizedKernels.
-		if !cfg.QuantizedKernels {
-			return 0, 0, fmt.Errorf("%w: the checkpoint's experts are quantized (%s); on the %s backend its FP8 expert kernels would compute them from the compressed cache, which match transformers (checked on an H100) but are opt-in while they run slower per token than bfloat16 experts (no mapped mode; prefill runs on them too): set the engine option quantized_kernels to true to use them, or serve the checkpoint on the cpu backend",
-				ErrUnsupported, vw.Method, cfg.Backend)
-		}
 		return 0, budget, nil
 	}
 	vb := vw.Layout.SlotBytes
@@ -103,9 +91,9 @@ func viewBudget(cfg Config, vw *layout.Views, slotBytes, budget int64, experts i
 // viewPool is the views of a quantized model (see the comment above).
 type viewPool struct {
 	vw     *layout.Views
-	mem    []byte // n views of stride bytes (an anonymous mapping: Python wraps it)
+	vm     backend.ViewMemory // holds them, where the backend's slots are
+	base   uintptr            // n views of stride bytes (Python wraps them)
 	stride int64
-	slots  slotMemory
 
 	mu     sync.Mutex
 	freed  *sync.Cond // signalled when views are returned or the pool closes
@@ -119,18 +107,18 @@ type viewPool struct {
 	leases map[uint64][]int
 }
 
-// newViewPool maps n views of vw's image, filled from be's slots.
-func newViewPool(vw *layout.Views, n int, be any) (*viewPool, error) {
-	sm, ok := be.(slotMemory)
-	if !ok {
-		return nil, fmt.Errorf("%w: quantized experts need a backend whose slots the engine reads", ErrUnsupported)
+// newViewPool makes n views of vw's image in be's view memory.
+func newViewPool(vw *layout.Views, n int, be backend.Backend) (*viewPool, error) {
+	vm := backend.FeaturesOf(be).Views
+	if vm == nil {
+		return nil, fmt.Errorf("%w: quantized experts need dequantized views, which the %s backend cannot hold", ErrUnsupported, be.Name())
 	}
 	stride := vw.Layout.SlotBytes
-	mem, err := syscall.Mmap(-1, 0, int(int64(n)*stride), syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_PRIVATE|syscall.MAP_ANON)
+	base, err := vm.AllocViews(n, stride)
 	if err != nil {
-		return nil, fmt.Errorf("%w: cannot map %d dequantized views of %d bytes: %v", ErrBudget, n, stride, err)
+		return nil, fmt.Errorf("%w: %d dequantized views of %d bytes: %v", ErrBudget, n, stride, err)
 	}
-	p := &viewPool{vw: vw, mem: mem, stride: stride, slots: sm, busy: make([]bool, n), has: make([]bool, n),
+	p := &viewPool{vw: vw, vm: vm, base: base, stride: stride, busy: make([]bool, n), has: make([]bool, n),
 		key: make([]cache.Key, n), used: make([]uint64, n), nfree: n, leases: map[uint64][]int{}}
 	p.freed = sync.NewCond(&p.mu)
 	return p, nil
@@ -138,20 +126,17 @@ func newViewPool(vw *layout.Views, n int, be any) (*viewPool, error) {
 
 func (p *viewPool) count() int { return len(p.busy) }
 
-func (p *viewPool) view(i int) []byte {
-	return p.mem[int64(i)*p.stride : int64(i+1)*p.stride : int64(i+1)*p.stride]
-}
-
 // addr returns the address of view i.
-func (p *viewPool) addr(i int) uintptr {
-	return uintptr(unsafe.Pointer(&p.mem[0])) + uintptr(int64(i)*p.stride)
-}
+func (p *viewPool) addr(i int) uintptr { return p.base + uintptr(int64(i)*p.stride) }
+
+// bytes is the size of all the views.
+func (p *viewPool) bytes() int64 { return int64(len(p.busy)) * p.stride }
 
 // take gives lease one view per grant, holding grants[i]'s expert
 // (dequantized from its slot unless the view still holds it), and returns
 // their indices. It waits while fewer views than grants are free (the
 // caller pins at most count() experts at once, so views return).
-func (p *viewPool) take(lease uint64, grants []cache.Grant) ([]int, error) {
+func (p *viewPool) take(lease uint64, grants []cache.Grant, stream uintptr) ([]int, error) {
 	if len(grants) > len(p.busy) {
 		return nil, fmt.Errorf("%w: %d experts at once, but there are %d dequantized views; acquire at most %d experts at a time",
 			ErrBudget, len(grants), len(p.busy), len(p.busy))
@@ -192,7 +177,7 @@ func (p *viewPool) take(lease uint64, grants []cache.Grant) ([]int, error) {
 	var err error
 	for i, g := range grants {
 		if fill[i] && err == nil {
-			if err = p.vw.Expand(p.slots.SlotBytes(g.Slot), p.view(out[i])); err != nil {
+			if err = p.vm.ExpandView(out[i], g.Slot, p.vw.Ops(), stream); err != nil {
 				err = fmt.Errorf("dequantizing %s: %w", g.Key, err)
 			}
 		}
@@ -203,26 +188,32 @@ func (p *viewPool) take(lease uint64, grants []cache.Grant) ([]int, error) {
 	}
 	p.mu.Unlock()
 	if err != nil {
-		p.give(lease)
+		_ = p.give(lease, stream) // the expansion's error is the one to report
 		return nil, err
 	}
 	return out, nil
 }
 
-// give returns lease's views (none when it holds none).
-func (p *viewPool) give(lease uint64) {
+// give returns lease's views (none when it holds none), the work
+// submitted to stream so far being their last reader.
+func (p *viewPool) give(lease uint64, stream uintptr) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	vs, ok := p.leases[lease]
 	if !ok {
-		return
+		return nil
 	}
 	delete(p.leases, lease)
+	var err error
 	for _, v := range vs {
+		if rerr := p.vm.ReleaseView(v, stream); rerr != nil && err == nil {
+			err = fmt.Errorf("recording view %d's last reader: %w", v, rerr)
+		}
 		p.busy[v] = false
 		p.nfree++
 	}
 	p.freed.Broadcast()
+	return err
 }
 
 // forget drops what the views hold (the cache was flushed or the
@@ -245,20 +236,10 @@ func (p *viewPool) close() {
 	p.freed.Broadcast()
 }
 
-// free unmaps the views; nothing may read them after.
-func (p *viewPool) free() error {
-	if p == nil || p.mem == nil {
-		return nil
-	}
-	err := syscall.Munmap(p.mem)
-	p.mem = nil
-	return err
-}
-
 // takeViews replaces slots (Acquire's, one per experts[i]) by the views
 // holding the experts dequantized, for a quantized model.
-func (e *Engine) takeViews(lease uint64, experts []int32, grants []cache.Grant, pos map[int32]int, slots []int32) error {
-	views, err := e.views.take(lease, grants)
+func (e *Engine) takeViews(lease uint64, experts []int32, grants []cache.Grant, pos map[int32]int, slots []int32, stream uintptr) error {
+	views, err := e.views.take(lease, grants, stream)
 	if err != nil {
 		return err
 	}

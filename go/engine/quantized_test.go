@@ -8,10 +8,12 @@ import (
 	"math/rand/v2"
 	"sync"
 	"testing"
+	"unsafe"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/moe-infinity/moe_infinity/go/backend"
 	"github.com/moe-infinity/moe_infinity/go/dtype"
 	"github.com/moe-infinity/moe_infinity/go/layout"
 	"github.com/moe-infinity/moe_infinity/go/quant"
@@ -105,12 +107,21 @@ func quantBudget(t *testing.T, views, slots int) int64 {
 	return int64(views)*p.Views.Bytes + int64(slots)*p.SlotBytes
 }
 
+// viewBytes is view v's memory (CPU memory on the CPU backend).
+func viewBytes(t *testing.T, e *Engine, v int) []byte {
+	t.Helper()
+	addr, err := e.SlotAddr(v)
+	require.NoError(t, err)
+	ptr := *(*unsafe.Pointer)(unsafe.Pointer(&addr)) // vet: addr is memory the backend mapped
+	return unsafe.Slice((*byte)(ptr), e.plan.Views.Bytes)
+}
+
 // checkView asserts that view v holds expert (l, x) dequantized.
 func checkView(t *testing.T, e *Engine, p Plan, v int, l, x int) {
 	t.Helper()
 	gu, _ := p.Layout.Region("gate_up_proj")
 	dn, _ := p.Layout.Region("down_proj")
-	b := e.views.view(v)
+	b := viewBytes(t, e, v)
 	wantGU, wantDn := wantView(t, l, x)
 	require.Equal(t, wantGU, b[gu.Offset:gu.Offset+gu.Bytes], "gate_up_proj of expert (%d, %d) in view %d", l, x, v)
 	require.Equal(t, wantDn, b[dn.Offset:dn.Offset+dn.Bytes], "down_proj of expert (%d, %d) in view %d", l, x, v)
@@ -196,13 +207,17 @@ func TestQuantizedBudgetAndBackendErrors(t *testing.T) {
 	require.ErrorIs(t, err, ErrBudget)
 	assert.Contains(t, err.Error(), "dequantized view")
 
-	e, err = New(Config{BudgetBytes: 1 << 20, Backend: "cuda"})
+	e, err = New(Config{BudgetBytes: 1 << 20})
 	require.NoError(t, err)
 	defer e.Close()
+	// A backend with no view memory (only backend.Backend's methods).
+	e.NewBackend = func(cfg Config) (backend.Backend, error) {
+		return struct{ backend.Backend }{backend.NewCPU(cfg.Workers)}, nil
+	}
 	quantModel(t, e, 1, 2)
 	_, err = e.Configure(Setup{Layout: fp8Spec})
 	require.ErrorIs(t, err, ErrUnsupported)
-	assert.Contains(t, err.Error(), "opt-in while they run slower")
+	assert.Contains(t, err.Error(), "cannot hold")
 
 	e, err = New(Config{BudgetBytes: 1 << 20})
 	require.NoError(t, err)

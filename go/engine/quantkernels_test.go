@@ -49,8 +49,7 @@ func TestQuantizedFP8KernelsComputeFromTheSlotsWhatTheDequantizedViewsGive(t *te
 	ex := p.Executor
 	assert.True(t, ex.Kernels, ex.KernelsOff)
 	assert.Equal(t, "fp8", ex.Quant)
-	assert.False(t, ex.Mapped, "mapped mode reads host rows without their scales: off for quantized experts")
-	assert.False(t, ex.KernelsOnly, "the CPU has views for the caller's code")
+	assert.True(t, ex.Mapped, "mapped mode reads FP8 experts and their scale grids in place")
 	assert.Equal(t, [3]int64{0, qH, qI}, [3]int64{ex.DType, ex.Hidden, ex.Inter}, "the views' dtype and sizes")
 	assert.Positive(t, p.Views.Count)
 
@@ -59,7 +58,7 @@ func TestQuantizedFP8KernelsComputeFromTheSlotsWhatTheDequantizedViewsGive(t *te
 	require.NoError(t, err)
 	for layer := 0; layer < L; layer++ {
 		io := qIO(rng, T, K, E)
-		r, err := e.Layer(LayerArgs{FFNCall: io.call(layer, T, K), Reqs: []uint64{req}, TopKHost: io.topk})
+		r, err := e.Layer(LayerArgs{FFNCall: io.call(layer, T, K), Reqs: []uint64{req}, TopKHost: io.topk, Flags: LayerNoMapped})
 		require.NoError(t, err)
 		require.Equal(t, PathKernels, r.Path)
 		want := onViews(t, e, io, layer, T, K, E)
@@ -69,6 +68,15 @@ func TestQuantizedFP8KernelsComputeFromTheSlotsWhatTheDequantizedViewsGive(t *te
 	st, err := e.Stats()
 	require.NoError(t, err)
 	assert.Equal(t, int64(L*E)*p.SlotBytes, st.BytesMoved, "each expert crossed once, as stored (FP8 and its scales)")
+
+	// Mapped mode over the same (now resident) experts.
+	for layer := 0; layer < L; layer++ {
+		io := qIO(rng, T, K, E)
+		r, err := e.Layer(LayerArgs{FFNCall: io.call(layer, T, K), Reqs: []uint64{req}, TopKHost: io.topk})
+		require.NoError(t, err)
+		require.Equal(t, PathMapped, r.Path)
+		assert.Equal(t, onViews(t, e, io, layer, T, K, E), io.out, "layer %d: mapped FP8 experts read from their slots", layer)
+	}
 
 	// Prefill-sized calls still go to the caller's code on the views.
 	io := qIO(rng, 20, K, E)
@@ -125,28 +133,55 @@ func gpuQuantEngine(t *testing.T, cfg Config, caps backend.Capabilities, L, E in
 
 var gpuFP8Caps = backend.Capabilities{ExpertKernels: true, Mapped: true, MaxMappedPairs: 4096, QuantFormats: []string{"fp8"}}
 
-func TestQuantizedExpertsOnAGPUNeedTheQuantizedKernelsOption(t *testing.T) {
-	_, _, err := gpuQuantEngine(t, Config{}, gpuFP8Caps, 1, 2)
-	require.ErrorIs(t, err, ErrUnsupported)
-	assert.Contains(t, err.Error(), "opt-in while they run slower")
-	assert.Contains(t, err.Error(), "quantized_kernels")
+func TestQuantizedExpertsOnAGPURunOnDequantizedViewsByDefault(t *testing.T) {
+	const L, E, T, K = 1, 4, 3, 2
+	for _, tc := range []struct {
+		name string
+		cfg  Config
+		caps backend.Capabilities
+		off  string
+	}{
+		{"quantized_kernels off", Config{}, gpuFP8Caps, "quantized_kernels"},
+		{"kernels that do not read FP8", Config{QuantizedKernels: true}, kernelCaps, "do not read that format"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e, p, err := gpuQuantEngine(t, tc.cfg, tc.caps, L, E)
+			require.NoError(t, err)
+			assert.False(t, p.Executor.Kernels)
+			assert.Contains(t, p.Executor.KernelsOff, tc.off)
+			assert.Equal(t, "fp8", p.Views.Dequant)
+			require.Positive(t, p.Views.Count, "views in the backend's memory")
 
-	_, _, err = gpuQuantEngine(t, Config{QuantizedKernels: true}, kernelCaps, 1, 2)
-	require.ErrorIs(t, err, ErrUnsupported, "a GPU backend whose kernels do not read FP8 cannot serve it at all")
-	assert.Contains(t, err.Error(), "computed by its expert kernels only")
-	assert.Contains(t, err.Error(), "do not read that format")
+			// The caller's code runs on views the backend filled, equal to
+			// the CPU backend's.
+			oracle, op := newQuantEngine(t, Config{BudgetBytes: 1 << 20, Prefetch: noPrefetch()}, L, E)
+			io := qIO(rand.New(rand.NewPCG(3, 4)), T, K, E)
+			r, err := e.Layer(LayerArgs{FFNCall: io.call(0, T, K), TopKHost: io.topk})
+			require.NoError(t, err)
+			assert.Equal(t, PathHostStream, r.Path)
+			for x := range E {
+				slots := make([]int32, 1)
+				lease, err := e.Acquire(0, []int32{int32(x)}, slots, 0)
+				require.NoError(t, err)
+				want := make([]int32, 1)
+				wl, err := oracle.Acquire(0, []int32{int32(x)}, want, 0)
+				require.NoError(t, err)
+				assert.Equal(t, viewBytes(t, oracle, int(want[0]))[:op.Views.Bytes], viewBytes(t, e, int(slots[0]))[:p.Views.Bytes], "expert %d", x)
+				require.NoError(t, e.Release(lease, 0))
+				require.NoError(t, oracle.Release(wl, 0))
+			}
+		})
+	}
 }
 
-func TestQuantizedExpertsOnAGPURunEveryLayerOnTheKernels(t *testing.T) {
+func TestQuantizedKernelsOnAGPUTakeDecodeAndLeavePrefillToTheViews(t *testing.T) {
 	const L, E, K = 1, 4, 2
 	e, p, err := gpuQuantEngine(t, Config{QuantizedKernels: true}, gpuFP8Caps, L, E)
 	require.NoError(t, err)
 	ex := p.Executor
-	assert.True(t, ex.Kernels && ex.KernelsOnly, ex.KernelsOff)
-	assert.False(t, ex.Mapped)
-	assert.Zero(t, p.Views.Count, "no dequantized views: the whole budget is slots")
-	assert.Nil(t, e.views)
-	assert.Equal(t, min(int64(L*E), (1<<20)/p.SlotBytes), int64(p.Slots))
+	assert.True(t, ex.Kernels, ex.KernelsOff)
+	assert.True(t, ex.Mapped, "the GPU's FP8 kernels read experts in place too")
+	require.Positive(t, p.Views.Count, "views for the caller's code (prefill)")
 
 	// Oracle: the same model on the CPU, its views through the reference.
 	oracle, _ := newQuantEngine(t, Config{BudgetBytes: 1 << 20, Prefetch: noPrefetch()}, L, E)
@@ -155,26 +190,79 @@ func TestQuantizedExpertsOnAGPURunEveryLayerOnTheKernels(t *testing.T) {
 		name  string
 		T     int
 		flags LayerFlags
+		want  Path
 	}{
-		{"decode", 1, 0},
-		{"prefill past the kernel crossover", 20, 0},
-		{"the caller asked for its own code, which cannot run here", 2, LayerNoKernels | LayerNoMapped},
+		{"decode: mapped, the experts read in place", 1, 0, PathMapped},
+		{"decode again: mapped, the misses admitted since read from slots", 1, 0, PathMapped},
+		{"decode with mapped mode off", 1, LayerNoMapped, PathKernels},
+		{"prefill past the kernel crossover: the caller's code on views", 20, 0, PathHostStream},
+		{"the caller asked for its own code", 2, LayerNoKernels | LayerNoMapped, PathHostStream},
+		{"the caller asked for its own code, mapped mode on", 1, LayerNoKernels, PathHostStream},
 	} {
 		io := qIO(rng, tc.T, K, E)
 		a := LayerArgs{FFNCall: io.call(0, tc.T, K), Flags: tc.flags}
 		r, err := e.Layer(a)
 		require.NoError(t, err, tc.name)
-		require.Equal(t, PathNeedRouting, r.Path, "%s: no mapped mode for quantized experts", tc.name)
-		a.TopKHost = io.topk
-		r, err = e.Layer(a)
-		require.NoError(t, err, tc.name)
-		require.Equal(t, PathKernels, r.Path, tc.name)
-		assert.Equal(t, onViews(t, oracle, io, 0, tc.T, K, E), io.out, tc.name)
+		if tc.want == PathMapped {
+			require.Equal(t, PathMapped, r.Path, tc.name)
+			e.drainMapped()
+		} else {
+			require.Equal(t, PathNeedRouting, r.Path, tc.name)
+			a.TopKHost = io.topk
+			r, err = e.Layer(a)
+			require.NoError(t, err, tc.name)
+			require.Equal(t, tc.want, r.Path, tc.name)
+		}
+		if tc.want != PathHostStream {
+			assert.Equal(t, onViews(t, oracle, io, 0, tc.T, K, E), io.out, tc.name)
+		}
 	}
+	st, err := e.Stats()
+	require.NoError(t, err)
+	assert.Positive(t, st.Misses, "the first mapped call read its experts in place")
 }
 
-func TestChoosePathKernelsOnly(t *testing.T) {
-	only := ExecutorPlan{Kernels: true, KernelsOnly: true, DType: 0, Quant: "fp8"}
+// A decode step of the FP8 model on the stand-in GPU backend, captured
+// (the CPU backend's stand-in for a CUDA graph) and replayed: every layer
+// runs mapped, reading each expert from its slot or in place from the
+// checkpoint's FP8 tensors and scale grids, and matches the dequantized
+// experts' FFN bit for bit; each replay is traced.
+func TestQuantizedExpertsOnAGPUCaptureMappedSteps(t *testing.T) {
+	const L, E, T, K = 2, 4, 1, 2
+	e, _, err := gpuQuantEngine(t, Config{QuantizedKernels: true}, gpuFP8Caps, L, E)
+	require.NoError(t, err)
+	oracle, _ := newQuantEngine(t, Config{BudgetBytes: 1 << 20, Prefetch: noPrefetch()}, L, E)
+	rng := rand.New(rand.NewPCG(11, 12))
+	req, err := e.BeginRequest()
+	require.NoError(t, err)
+	ios := make([]*ffnIO, L)
+	require.NoError(t, e.CaptureBegin())
+	for l := range L {
+		ios[l] = qIO(rng, T, K, E)
+		r, err := e.Layer(LayerArgs{FFNCall: ios[l].call(l, T, K), Reqs: []uint64{req}})
+		require.NoError(t, err)
+		require.Equal(t, PathMapped, r.Path)
+	}
+	n, err := e.CaptureEnd()
+	require.NoError(t, err)
+	require.Equal(t, L, n)
+	for l, io := range ios {
+		assert.Equal(t, onViews(t, oracle, io, l, T, K, E), io.out, "captured layer %d", l)
+	}
+	for replay := 1; replay <= 2; replay++ {
+		require.NoError(t, e.GraphStep(0, []uint64{req}))
+		e.drainMapped()
+		st, err := e.Stats()
+		require.NoError(t, err)
+		assert.Equal(t, uint64(replay*L*K), st.Hits+st.Misses, "replay %d traced every layer", replay)
+	}
+	require.NoError(t, e.EndRequest(req))
+}
+
+func TestChoosePathQuantized(t *testing.T) {
+	only := ExecutorPlan{Kernels: true, DType: 0, Quant: "fp8"}
+	mapped := only
+	mapped.Mapped, mapped.MaxMappedPairs = true, 8
 	tests := []struct {
 		name string
 		in   PathInputs
@@ -182,9 +270,18 @@ func TestChoosePathKernelsOnly(t *testing.T) {
 	}{
 		{"routing on the device", PathInputs{Exec: only, Tokens: 1, K: 2, WeightsOK: true}, PathNeedRouting},
 		{"decode", PathInputs{Exec: only, Tokens: 1, K: 2, WeightsOK: true, HostRouting: true, Needed: 2, MaxPin: 4}, PathKernels},
-		{"large prefill", PathInputs{Exec: only, Tokens: 512, K: 2, WeightsOK: true, HostRouting: true, Needed: 4, MaxPin: 4, ExpertBytes: 1 << 30}, PathKernels},
-		{"caller asks for its code", PathInputs{Exec: only, Flags: LayerNoKernels | LayerHostBatched, Tokens: 1, K: 2, HostRouting: true, Needed: 2, MaxPin: 4}, PathKernels},
-		{"more experts than slots: the kernels' acquire says so", PathInputs{Exec: only, Tokens: 8, K: 2, HostRouting: true, Needed: 9, MaxPin: 4}, PathKernels},
+		{"large prefill: the caller's code on views", PathInputs{Exec: only, Tokens: 512, K: 2, WeightsOK: true, HostRouting: true, Needed: 4, MaxPin: 4, ExpertBytes: 1 << 30}, PathHostStream},
+		{"caller asks for its code", PathInputs{Exec: only, Flags: LayerNoKernels | LayerHostBatched, Tokens: 1, K: 2, HostRouting: true, Needed: 2, MaxPin: 4}, PathHostStacked},
+		{"more experts than views at once: streamed", PathInputs{Exec: only, Tokens: 8, K: 2, WeightsOK: true, HostRouting: true, Needed: 9, MaxPin: 4}, PathHostStream},
+		{"mapped: decode", PathInputs{Exec: mapped, Tokens: 1, K: 2, WeightsOK: true}, PathMapped},
+		{"mapped: decode with the routing on the host too", PathInputs{Exec: mapped, Tokens: 1, K: 2, WeightsOK: true, HostRouting: true, Needed: 2, MaxPin: 4}, PathMapped},
+		{"mapped: large prefill goes through slots", PathInputs{Exec: mapped, Tokens: 512, K: 2, WeightsOK: true, ExpertBytes: 1 << 30}, PathNeedRouting},
+		{"mapped: caller turned mapped mode off", PathInputs{Exec: mapped, Flags: LayerNoMapped, Tokens: 1, K: 2, WeightsOK: true}, PathNeedRouting},
+		{"mapped: failed to start", PathInputs{Exec: mapped, MappedOff: true, Tokens: 1, K: 2, WeightsOK: true}, PathNeedRouting},
+		{"mapped: more pairs than a mapped call takes", PathInputs{Exec: mapped, Tokens: 8, K: 2, WeightsOK: true}, PathNeedRouting},
+		{"mapped: routing weights the kernels do not read", PathInputs{Exec: mapped, Tokens: 1, K: 2}, PathNeedRouting},
+		{"mapped: activations of another dtype", PathInputs{Exec: mapped, Tokens: 1, K: 2, WeightsOK: true, DType: 1}, PathNeedRouting},
+		{"mapped: routing gaps: the caller's code", PathInputs{Exec: mapped, Flags: LayerRoutingGaps, Tokens: 1, K: 2, WeightsOK: true, HostRouting: true, Needed: 1, MaxPin: 4}, PathHostStream},
 	}
 	for _, tc := range tests {
 		assert.Equal(t, tc.want, ChoosePath(tc.in), tc.name)

@@ -71,6 +71,7 @@ type Views struct {
 	slot  *Layout
 	block quant.Block
 	parts [][]viewPart // per view region
+	ops   []ExpandOp   // the parts' program, in view order
 }
 
 // BuildQuantized places the slot image and the view image of spec for
@@ -230,6 +231,7 @@ func placeQuantized(spec Spec, align int64, block quant.Block, m *store.MoEModul
 	slot.SlotBytes = alignUp(slotOff, align)
 	view.SlotBytes = alignUp(viewOff, align)
 	view.SourceBytes = slot.SourceBytes
+	v.ops = v.program()
 	return v, nil
 }
 
@@ -247,10 +249,98 @@ func checkQuant(q store.QuantWeight, method string, block quant.Block, m *store.
 	return nil
 }
 
+// ExpandKind says how an ExpandOp makes its part of a view.
+type ExpandKind int
+
+const (
+	// ExpandConvert converts a plain part (a bias, say) between float
+	// dtypes (dtype.Convert: round to nearest even).
+	ExpandConvert ExpandKind = iota
+	// ExpandFP8Block dequantizes a float8_e4m3fn weight [Rows, Cols] with
+	// its block-scaled grid (quant.DequantFP8Block).
+	ExpandFP8Block
+	// ExpandMXFP4T dequantizes an MXFP4 weight [Rows, Cols] into its
+	// transpose [Cols, Rows] (quant.DequantMXFP4Transposed).
+	ExpandMXFP4T
+)
+
+// ExpandOp is one part of a view image made from the slot image: the
+// program Expand runs, and that a backend holding the views elsewhere (in
+// device memory) runs with its own kernels. Offsets and sizes are bytes,
+// in the slot image (Src, Scales) and in the view image (Dst). Padding
+// between parts is not written by any op (Expand zeroes it).
+type ExpandOp struct {
+	// Kind is the operation.
+	Kind ExpandKind
+	// Dst, DstBytes: the part in the view; DstType its dtype (F32, BF16
+	// or F16).
+	Dst, DstBytes int64
+	DstType       dtype.DType
+	// Src, SrcBytes: the values in the slot; SrcType their dtype for
+	// ExpandConvert (the quantized formats have one).
+	Src, SrcBytes int64
+	SrcType       dtype.DType
+	// Scales, ScalesBytes: the scales in the slot (quantized kinds);
+	// ScaleType their dtype (F32 or BF16 for FP8; e8m0 bytes for MXFP4).
+	Scales, ScalesBytes int64
+	ScaleType           dtype.DType
+	// Rows, Cols: the quantized weight's shape as stored.
+	Rows, Cols int64
+	// BlockRows, BlockCols: the FP8 weight_block_size.
+	BlockRows, BlockCols int64
+}
+
+// Ops returns the program that makes one expert's view image from its
+// slot image, in view order (the caller must not modify it).
+func (v *Views) Ops() []ExpandOp { return v.ops }
+
+// program lists the ops of v's parts.
+func (v *Views) program() []ExpandOp {
+	var ops []ExpandOp
+	for ri, r := range v.Layout.Regions {
+		for _, p := range v.parts[ri] {
+			sr := v.slot.Regions[p.src]
+			op := ExpandOp{Kind: ExpandConvert, Dst: p.off, DstBytes: p.bytes, DstType: r.dt, Src: sr.Offset, SrcBytes: sr.Bytes, SrcType: sr.dt}
+			if p.q != nil {
+				sc := v.slot.Regions[p.scales]
+				op.Kind, op.Rows, op.Cols = ExpandMXFP4T, p.q.Rows, p.q.Cols
+				op.Scales, op.ScalesBytes, op.ScaleType = sc.Offset, sc.Bytes, sc.dt
+				if p.q.Format == store.FP8Block {
+					op.Kind, op.BlockRows, op.BlockCols = ExpandFP8Block, int64(v.block.Rows), int64(v.block.Cols)
+				}
+			}
+			ops = append(ops, op)
+		}
+	}
+	return ops
+}
+
+// Run performs op on the CPU: reads slot (a slot image), writes its part
+// of dst (a view image).
+func (op ExpandOp) Run(slot, dst []byte) error {
+	if op.Dst < 0 || op.Dst+op.DstBytes > int64(len(dst)) || op.Src < 0 || op.Src+op.SrcBytes > int64(len(slot)) ||
+		op.Scales < 0 || op.Scales+op.ScalesBytes > int64(len(slot)) {
+		return fmt.Errorf("layout: expand op %+v outside a slot image of %d bytes or a view of %d", op, len(slot), len(dst))
+	}
+	out, src := dst[op.Dst:op.Dst+op.DstBytes], slot[op.Src:op.Src+op.SrcBytes]
+	scales := slot[op.Scales : op.Scales+op.ScalesBytes]
+	switch op.Kind {
+	case ExpandConvert:
+		return dtype.Convert(out, op.DstType, src, op.SrcType)
+	case ExpandFP8Block:
+		return quant.DequantFP8Block(out, op.DstType, src, scales, op.ScaleType, int(op.Rows), int(op.Cols),
+			quant.Block{Rows: int(op.BlockRows), Cols: int(op.BlockCols)})
+	case ExpandMXFP4T:
+		return quant.DequantMXFP4Transposed(out, op.DstType, src, scales, int(op.Rows), int(op.Cols))
+	}
+	return fmt.Errorf("layout: unknown expand op kind %d", op.Kind)
+}
+
 // Expand writes the view image of one expert into dst (at least
 // Layout.SlotBytes long) from its slot image slot (at least the slot
 // layout's SlotBytes): quantized parts dequantized as transformers does,
-// plain parts converted to the region's dtype. Padding bytes are zeroed.
+// plain parts converted to the region's dtype (the ops of Ops, run on the
+// CPU). Padding bytes are zeroed.
 func (v *Views) Expand(slot, dst []byte) error {
 	if int64(len(slot)) < v.slot.SlotBytes {
 		return fmt.Errorf("layout: slot image of %d bytes, want %d", len(slot), v.slot.SlotBytes)
@@ -258,32 +348,13 @@ func (v *Views) Expand(slot, dst []byte) error {
 	if int64(len(dst)) < v.Layout.SlotBytes {
 		return fmt.Errorf("layout: view of %d bytes is smaller than the view image (%d bytes)", len(dst), v.Layout.SlotBytes)
 	}
-	region := func(i int) (Region, []byte) {
-		r := v.slot.Regions[i]
-		return r, slot[r.Offset : r.Offset+r.Bytes]
-	}
 	var prev int64
-	for ri, r := range v.Layout.Regions {
-		clear(dst[prev:r.Offset])
-		for _, p := range v.parts[ri] {
-			out := dst[p.off : p.off+p.bytes]
-			sr, src := region(p.src)
-			var err error
-			switch {
-			case p.q == nil:
-				err = dtype.Convert(out, r.dt, src, sr.dt)
-			case p.q.Format == store.FP8Block:
-				scr, scales := region(p.scales)
-				err = quant.DequantFP8Block(out, r.dt, src, scales, scr.dt, int(p.q.Rows), int(p.q.Cols), v.block)
-			default:
-				_, scales := region(p.scales)
-				err = quant.DequantMXFP4Transposed(out, r.dt, src, scales, int(p.q.Rows), int(p.q.Cols))
-			}
-			if err != nil {
-				return fmt.Errorf("layout: region %q from %q: %w", r.Name, sr.Name, err)
-			}
+	for _, op := range v.ops {
+		clear(dst[prev:op.Dst])
+		if err := op.Run(slot, dst); err != nil {
+			return fmt.Errorf("layout: view bytes [%d, %d): %w", op.Dst, op.Dst+op.DstBytes, err)
 		}
-		prev = r.Offset + r.Bytes
+		prev = op.Dst + op.DstBytes
 	}
 	clear(dst[prev:v.Layout.SlotBytes])
 	return nil

@@ -123,6 +123,27 @@ func TestQuantizedFP8SlotHoldsTheCheckpointBytesAndViewsDequantizeAsTransformers
 	sameBF16(t, want, dst[gu.Offset+half:gu.Offset+2*half], "up_proj follows gate_proj (transformers' concatenation)")
 	b, _ := v.Layout.Region("bias")
 	assert.Equal(t, f32bytes(1, 2, 3, 2), dst[b.Offset:b.Offset+b.Bytes], "plain parts are converted")
+
+	// The program a device runs: one op per part, in view order, each the
+	// size of its part (gate, up, down, bias).
+	ops := v.Ops()
+	require.Len(t, ops, 4)
+	assert.Equal(t, []ExpandKind{ExpandFP8Block, ExpandFP8Block, ExpandFP8Block, ExpandConvert}, []ExpandKind{ops[0].Kind, ops[1].Kind, ops[2].Kind, ops[3].Kind})
+	assert.Equal(t, gu.Offset, ops[0].Dst)
+	assert.Equal(t, ops[0].Dst+ops[0].DstBytes, ops[1].Dst, "up follows gate")
+	assert.Equal(t, dn.Offset, ops[2].Dst)
+	assert.Equal(t, [4]int64{136, 160, 128, 128}, [4]int64{ops[0].Rows, ops[0].Cols, ops[0].BlockRows, ops[0].BlockCols})
+	assert.Equal(t, ops[0].Rows*ops[0].Cols*2, ops[0].DstBytes, "bfloat16 out")
+	assert.Equal(t, dtype.F32, ops[0].ScaleType)
+	assert.Equal(t, b.Offset, ops[3].Dst)
+	assert.Equal(t, [2]dtype.DType{dtype.BF16, dtype.F32}, [2]dtype.DType{ops[3].SrcType, ops[3].DstType})
+	for _, op := range ops {
+		assert.LessOrEqual(t, op.Src+op.SrcBytes, slot.SlotBytes)
+		assert.LessOrEqual(t, op.Scales+op.ScalesBytes, slot.SlotBytes)
+	}
+	bad := ops[0]
+	bad.Src = slot.SlotBytes
+	require.ErrorContains(t, bad.Run(slotOf(t, slot, mods[1], 2), dst), "outside a slot image")
 	for i := gu.Offset + gu.Bytes; i < dn.Offset; i++ {
 		require.Zero(t, dst[i], "padding byte %d", i)
 	}
@@ -154,6 +175,12 @@ func TestQuantizedMXFP4FusedViewsAreTransposedAsTransformers(t *testing.T) {
 		n := int64(len(want) / 2)
 		sameBF16(t, want[int64(x)*n:int64(x+1)*n], dst[gu.Offset:gu.Offset+gu.Bytes], fmt.Sprintf("expert %d", x))
 	}
+	ops := v.Ops()
+	require.Len(t, ops, 2)
+	assert.Equal(t, ExpandMXFP4T, ops[0].Kind)
+	assert.Equal(t, [3]int64{6, 96, gu.Bytes}, [3]int64{ops[0].Rows, ops[0].Cols, ops[0].DstBytes}, "the stored shape; the view holds its transpose")
+	assert.Equal(t, int64(6*3), ops[0].ScalesBytes, "one e8m0 byte per 32 values")
+	assert.Equal(t, ExpandConvert, ops[1].Kind)
 }
 
 func TestBuildQuantizedErrors(t *testing.T) {

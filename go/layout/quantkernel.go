@@ -14,8 +14,10 @@ type FP8Matrix struct {
 	// Weight is the byte offset of the matrix's first row (float8_e4m3fn,
 	// one byte per element, row-major).
 	Weight int64
-	// Scale is the byte offset of its float32 scale grid (row-major).
-	Scale int64
+	// Scale is the byte offset of its float32 scale grid (row-major) and
+	// ScaleBytes the grid's size in bytes (in host memory, the grid is a
+	// tensor of its own: mapped mode reads it there).
+	Scale, ScaleBytes int64
 	// Row0 is the matrix's first row in that grid (the up half of a fused
 	// gate_up weight starts at Inter; otherwise 0).
 	Row0 int64
@@ -59,7 +61,7 @@ func (v *Views) FP8Kernel(gateUp, down string) (FP8Kernel, error) {
 		if s.dt != dtype.F32 {
 			return FP8Matrix{}, fmt.Errorf("the FP8 scales %q are %s; the expert kernels read float32 weight_scale_inv", s.Name, s.DType)
 		}
-		return FP8Matrix{Weight: w.Offset + row0*p.q.Cols, Scale: s.Offset, Row0: row0}, nil
+		return FP8Matrix{Weight: w.Offset + row0*p.q.Cols, Scale: s.Offset, ScaleBytes: s.Bytes, Row0: row0}, nil
 	}
 	k := FP8Kernel{Block: v.block}
 	gp, gr, err := parts(gateUp)

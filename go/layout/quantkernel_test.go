@@ -25,9 +25,10 @@ func TestFP8KernelLocatesThePerExpertMatricesAndTheirGrids(t *testing.T) {
 	assert.Equal(t, quant.Block{Rows: 128, Cols: 128}, k.Block)
 	assert.Equal(t, int64(160), k.Hidden)
 	assert.Equal(t, int64(136), k.Inter)
-	assert.Equal(t, FP8Matrix{Weight: off("gate_proj.weight"), Scale: off("gate_proj.weight_scale_inv")}, k.Gate)
-	assert.Equal(t, FP8Matrix{Weight: off("up_proj.weight"), Scale: off("up_proj.weight_scale_inv")}, k.Up)
-	assert.Equal(t, FP8Matrix{Weight: off("down_proj.weight"), Scale: off("down_proj.weight_scale_inv")}, k.Down)
+	// [136, 160] gate and up: a 2×2 grid; down [160, 136]: 2×2 as well.
+	assert.Equal(t, FP8Matrix{Weight: off("gate_proj.weight"), Scale: off("gate_proj.weight_scale_inv"), ScaleBytes: 16}, k.Gate)
+	assert.Equal(t, FP8Matrix{Weight: off("up_proj.weight"), Scale: off("up_proj.weight_scale_inv"), ScaleBytes: 16}, k.Up)
+	assert.Equal(t, FP8Matrix{Weight: off("down_proj.weight"), Scale: off("down_proj.weight_scale_inv"), ScaleBytes: 16}, k.Down)
 }
 
 // fusedFP8 registers one layer of E fused FP8 experts: gate_up_proj [E, 2I, H]
@@ -63,8 +64,9 @@ func TestFP8KernelLocatesUpInAFusedWeightBySharedGridRows(t *testing.T) {
 	require.NoError(t, err)
 	gu, _ := slot.Region("gate_up_proj")
 	gs, _ := slot.Region("gate_up_proj_scale_inv")
-	assert.Equal(t, FP8Matrix{Weight: gu.Offset, Scale: gs.Offset}, k.Gate)
-	assert.Equal(t, FP8Matrix{Weight: gu.Offset + 3*8, Scale: gs.Offset, Row0: 3}, k.Up,
+	// gate_up [6, 8] with blocks [2, 4]: one 3×2 grid for both halves.
+	assert.Equal(t, FP8Matrix{Weight: gu.Offset, Scale: gs.Offset, ScaleBytes: 24}, k.Gate)
+	assert.Equal(t, FP8Matrix{Weight: gu.Offset + 3*8, Scale: gs.Offset, ScaleBytes: 24, Row0: 3}, k.Up,
 		"up is rows 3-5 of the one weight; its row 0 is in grid row 1 (3/2), not 0")
 }
 

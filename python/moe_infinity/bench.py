@@ -627,8 +627,6 @@ def main(argv: list[str] | None = None) -> int:
         dtypes = expert_dtypes(args.expert_dtype)
     except ValueError as e:
         ap.error(str(e))
-    if "fp8" in dtypes and args.graph:
-        ap.error("--graph replays need mapped mode, which FP8 experts do not have (the kernels read them from slots): measure fp8 without --graph")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}, but torch sees no usable GPU (use --device cpu)")
     torch.set_num_threads(max(1, os.cpu_count() or 1))

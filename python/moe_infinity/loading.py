@@ -613,15 +613,13 @@ def _quant_method(qc: Any) -> str:
     return str(method) if method is not None else "unknown"
 
 
-def _check_quantization(
-    config: Any, hf_kwargs: dict[str, Any] | None = None, device: torch.device | None = None, quantized_kernels: bool = False
-) -> dict[str, Any] | None:
+def _check_quantization(config: Any, hf_kwargs: dict[str, Any] | None = None, device: torch.device | None = None) -> dict[str, Any] | None:
     """The layout facts of a checkpoint quantized in a format moe_infinity serves
     (``{"quant_method": "fp8", "weight_block_size": [128, 128]}``, ``{"quant_method": "mxfp4"}``),
     None for an unquantized one; UnsupportedError naming what is found and what is served for
-    any other quantization, for a request to quantize at load time, and off the CPU unless
-    ``quantized_kernels`` (the engine option that lets a GPU compute FP8 experts with its
-    kernels: opt-in while they run slower per token than bfloat16 experts; the engine decides what it serves).
+    any other quantization and for a request to quantize at load time. How the experts are
+    computed (dequantized views for transformers' code, or the engine's FP8 kernels) is the
+    engine's choice.
 
     ``device`` is None for a model already in memory (``offload``), whose quantized weights are
     not the checkpoint's: every quantization is refused there.
@@ -637,11 +635,6 @@ def _check_quantization(
         raise UnsupportedError(f"the checkpoint is quantized with quant_method={method!r}, which is not supported: {_SERVED}")
     if device is None:
         raise UnsupportedError(f"offload() takes a model whose experts are unquantized; this one is quantized (quant_method={method!r}): load the checkpoint with moe_infinity.from_pretrained instead")
-    if device.type != "cpu" and not quantized_kernels:
-        raise UnsupportedError(
-            f"the checkpoint is quantized (quant_method={method!r}); {_SERVED}, not on {device} yet: the engine's FP8 "
-            "expert kernels for the GPU match transformers (checked on an H100) but are opt-in while they run slower per token than bfloat16 experts, and prefill runs on them too (engine_options={'quantized_kernels': True} turns them on)"
-        )
     get = qc.get if isinstance(qc, dict) else (lambda k, d=None: getattr(qc, k, d))
     if method == "mxfp4":
         return {"quant_method": method}
@@ -674,26 +667,15 @@ def _check_expert_dtype(expert_dtype: Any) -> bool:
     return expert_dtype == "fp8"
 
 
-def _check_fp8_device(device: torch.device, quantized_kernels: bool) -> None:
-    """expert_dtype='fp8' off the CPU: only with the engine option quantized_kernels, as for
-    FP8 checkpoints (the GPU's FP8 expert kernels are opt-in while slower than bfloat16 experts)."""
-    if device.type != "cpu" and not quantized_kernels:
-        raise UnsupportedError(
-            f"expert_dtype='fp8' serves the experts compressed; {_SERVED}, not on {device} yet: the engine's FP8 "
-            "expert kernels for the GPU match transformers (checked on an H100) but are opt-in while they run slower per token than bfloat16 experts, and prefill runs on them too (engine_options={'quantized_kernels': True} turns them on)"
-        )
-
-
-def _check_compressible(config: Any, device: torch.device, offload_dir: Any, quantized_kernels: bool) -> None:
-    """The conditions of expert_dtype='fp8' in from_pretrained: an unquantized checkpoint, the CPU
-    (or quantized_kernels) and an offload_dir."""
+def _check_compressible(config: Any, offload_dir: Any) -> None:
+    """The conditions of expert_dtype='fp8' in from_pretrained: an unquantized checkpoint and an
+    offload_dir."""
     qc = getattr(config, "quantization_config", None)
     if qc is not None:
         raise InvalidArgumentError(
             f"expert_dtype='fp8' compresses an unquantized (float) checkpoint, but this one is already quantized "
             f"(quant_method={_quant_method(qc)!r}); leave expert_dtype unset to serve it as it ships"
         )
-    _check_fp8_device(device, quantized_kernels)
     if offload_dir is None:
         raise InvalidArgumentError(
             "expert_dtype='fp8' writes the compressed experts once, into offload_dir (reused by later loads); pass offload_dir=..."
@@ -827,10 +809,9 @@ def from_pretrained(
     if "device_map" in hf_kwargs:
         raise InvalidArgumentError("device_map is managed by moe_infinity; choose the device with device='cpu' or 'cuda'")
     dev = _resolve_device(device)
-    quantized_kernels = bool((engine_options or {}).get("quantized_kernels"))
     if compress:
-        _check_compressible(config, dev, offload_dir, quantized_kernels)
-    quant = _check_quantization(config, hf_kwargs, dev, quantized_kernels)
+        _check_compressible(config, offload_dir)
+    quant = _check_quantization(config, hf_kwargs, dev)
     budget = _budget(device_memory, dev)
     if not any(path.glob("*.safetensors")):
         raise NotFoundError(f"{path} has no .safetensors files; moe_infinity reads experts from safetensors checkpoints")
@@ -892,15 +873,13 @@ def offload(
     a checkpoint) in host memory the engine owns, layer by layer: each
     layer's float experts are released as soon as it is compressed, so the
     host holds the model's float experts once at most, and afterwards half
-    their bytes (bf16). No offload_dir is needed. On a GPU this takes
-    ``engine_options={"quantized_kernels": True}``, as FP8 checkpoints do.
+    their bytes (bf16). No offload_dir is needed. On a GPU the experts cross
+    the link compressed and are dequantized there, as FP8 checkpoints are.
     """
     compress = _check_expert_dtype(expert_dtype)
     family = family_for(getattr(model.config, "model_type", ""))
     _check_quantization(model.config)
     dev = _resolve_device(device)
-    if compress:
-        _check_fp8_device(dev, bool((engine_options or {}).get("quantized_kernels")))
     budget = _budget(device_memory, dev)
     trace = Path(trace_path) if trace_path else None
     _check_trace_path(trace)

@@ -324,8 +324,6 @@ class OffloadRuntime:
         # routing_log, which needs every layer's host routing) are the
         # caller's wishes, passed with each call as flags.
         ex = self.plan["executor"]
-        if ex.get("kernels_only") and not kernels:
-            raise UnsupportedError("the experts are quantized and on this device only the engine's kernels compute them (no dequantized views): load with kernels=True")
         if kernels and not ex["kernels"]:
             log.info("moe_infinity: expert FFN kernels off: %s", ex.get("kernels_off", ""))
         self.kernels = bool(kernels and ex["kernels"])

@@ -28,6 +28,10 @@ const chunkBytes = 1 << 30
 // through, so that concurrent launches on different streams never share one.
 const tableRing = 8
 
+// tableBytes is the size of one expert's entries in a table: gate, up and
+// down rows and, for FP8 experts, their scale grids.
+const tableBytes = 8 * backend.MaxEntries
+
 // Config selects the device.
 type Config struct {
 	// Device is the CUDA ordinal.
@@ -66,11 +70,13 @@ type Backend struct {
 	down8   cu.Function
 	tables  [tableRing]uint64
 	tableEv [tableRing]uintptr
-	tableH  unsafe.Pointer // pinned host staging of the tables (tableRing × 3 × tableN pointers)
+	tableH  unsafe.Pointer // pinned host staging of the tables (tableRing × MaxEntries × tableN pointers)
 	tableN  int
 	tableI  atomic.Uint64
 
 	m atomic.Pointer[mapped] // mapped mode, once enabled
+
+	views *views // quantized experts' dequantized views (views.go), once allocated
 
 	serveNs [servePhases]atomic.Int64 // copy mode's ServeLayer (PhaseNs)
 }
@@ -189,11 +195,11 @@ func (b *Backend) Open(slots int, slotBytes int64, src backend.Source) (err erro
 		}
 		_, perLayer := ss.Shape()
 		b.tableN = max(slots, perLayer) // tables are indexed by expert id
-		if b.tableH, err = hostAlloc(int64(tableRing * 24 * b.tableN)); err != nil {
+		if b.tableH, err = hostAlloc(int64(tableRing * tableBytes * b.tableN)); err != nil {
 			return err
 		}
 		for i := range b.tables {
-			if b.tables[i], err = memAlloc(int64(3 * 8 * b.tableN)); err != nil {
+			if b.tables[i], err = memAlloc(int64(tableBytes * b.tableN)); err != nil {
 				return err
 			}
 			if b.tableEv[i], err = blockingEventCreate(); err != nil {
@@ -523,6 +529,8 @@ func (b *Backend) freeLocked() error {
 		}
 	}
 	b.freeMapped(b.m.Swap(nil), keep)
+	b.freeViewsLocked(b.views, keep)
+	b.views = nil
 	keep(b.dev.do(func() error {
 		if b.demand != 0 {
 			keep(streamSync(b.demand))

@@ -94,8 +94,9 @@ type copyState struct {
 	waitBase          atomic.Uint64 // waited() at the last ResetPhases (ns)
 
 	// moe_answer's (address, value) pairs, pinned: per captured layer,
-	// room for 6 entries (3 of the expert copied in, 3 of the one evicted)
-	// per expert it can route, at answerOff (in pairs).
+	// room for the table entries of two experts (the one copied in and the
+	// one evicted: 2 × MappedLayout.Entries) per expert it can route, at
+	// answerOff (in pairs).
 	answer    unsafe.Pointer
 	answerDev uint64
 	answerOff []int64
@@ -250,7 +251,7 @@ func (b *Backend) ServeLayer(i int, seq uint64, loads []backend.SlotLoad) error 
 	m.capMu.RLock()
 	defer m.capMu.RUnlock()
 	var copyErr error
-	if most := c.answerCap[i] / 6; len(loads) > most { // cannot happen: distinct routed experts
+	if most := c.answerCap[i] / (2 * m.tab.Lay.Entries()); len(loads) > most { // cannot happen: distinct routed experts
 		copyErr = fmt.Errorf("backend cuda: %d loads for captured layer %d, which routes at most %d experts", len(loads), i, most)
 		loads = loads[:most]
 	}
@@ -269,7 +270,7 @@ func (b *Backend) ServeLayer(i int, seq uint64, loads []backend.SlotLoad) error 
 		for k, l := range loads {
 			o, err := b.copyIn(m, l, k == 0, t0)
 			if o >= 0 { // back to host memory, even after a failed (partial) copy
-				for j, r := range m.tab.Host[o] {
+				for j, r := range m.tab.Host[o][:m.tab.Lay.Entries()] {
 					put(o, j, r)
 				}
 			}
@@ -277,7 +278,8 @@ func (b *Backend) ServeLayer(i int, seq uint64, loads []backend.SlotLoad) error 
 				copyErr = err
 				break
 			}
-			for j, r := range b.slotRows(m, l.Slot) {
+			rows := b.slotRows(m, l.Slot)
+			for j, r := range rows[:m.tab.Lay.Entries()] {
 				put(l.Layer*b.experts+l.Expert, j, r)
 			}
 			done = append(done, l)
@@ -316,12 +318,9 @@ func (b *Backend) ServeLayer(i int, seq uint64, loads []backend.SlotLoad) error 
 	return nil
 }
 
-// slotRows is where an expert copied into slot has its gate, up and down
-// rows.
+// slotRows are the table entries of an expert copied into slot.
 func (b *Backend) slotRows(m *mapped, slot int) backend.HostRows {
-	base := uintptr(b.arena + uint64(int64(slot)*b.slotSize))
-	lay := m.tab.Lay
-	return backend.HostRows{base + uintptr(lay.Gate), base + uintptr(lay.Up), base + uintptr(lay.Down)}
+	return m.tab.Lay.SlotRows(uintptr(b.arena + uint64(int64(slot)*b.slotSize)))
 }
 
 // copyIn unmaps l's slot in the host-side table and queues the copy of
@@ -369,7 +368,7 @@ func (b *Backend) endCopyCapture(m *mapped) error {
 	c.answerOff, c.answerCap = c.answerOff[:0], c.answerCap[:0]
 	var total int64
 	for _, p := range c.pairs {
-		n := 6 * int(min(p, int64(m.tab.Experts)))
+		n := 2 * m.tab.Lay.Entries() * int(min(p, int64(m.tab.Experts))) // entries of the experts loaded and evicted
 		c.answerOff = append(c.answerOff, total)
 		c.answerCap = append(c.answerCap, n)
 		total += int64(n)

@@ -16,23 +16,25 @@ const warpsPerBlock = 8
 const fp8MaxHidden = 12288
 
 // launchFFN launches moe_gate_up_swiglu and moe_down (their _fp8 variants
-// for FP8 experts, with the scale grids' offsets) on a.Stream with the
-// gate, up and down pointer tables at tab (3 × n entries, n experts).
+// for FP8 experts, with the scale grids' tables) on a.Stream with the
+// pointer tables at tab: entry j (backend.EntryGate, ...) of expert e at
+// tab + 8·(j·n + e), n experts (3 entries each, 6 for FP8 experts).
 func (b *Backend) launchFFN(a backend.FFNArgs, tab uint64, n int) error {
 	P := a.T * a.K
 	E := uint64(n)
-	gt, ut, dt := tab, tab+uint64(8*n), tab+uint64(16*n)
+	at := func(j int) uint64 { return tab + uint64(8*j*n) }
+	gt, ut, dt := at(backend.EntryGate), at(backend.EntryUp), at(backend.EntryDown)
 	grid := int((a.Inter + warpsPerBlock - 1) / warpsPerBlock)
 	if q := a.FP8; q != nil {
 		if err := launch(b.gateUp8, grid, int(P), 32*warpsPerBlock, a.Stream,
 			a.X, a.TopK, gt, ut, a.Scratch, uint64(P), uint64(a.K), uint64(a.Hidden), uint64(a.Inter), uint64(a.DType), E,
-			uint64(q.BlockRows), uint64(q.BlockCols), uint64(q.GateScale), uint64(q.UpScale), uint64(q.UpRow0)); err != nil {
+			uint64(q.BlockRows), uint64(q.BlockCols), at(backend.EntryGateScale), at(backend.EntryUpScale), uint64(q.UpRow0)); err != nil {
 			return fmt.Errorf("launching moe_gate_up_swiglu_fp8: %w", err)
 		}
 		grid = int((a.Hidden + warpsPerBlock - 1) / warpsPerBlock)
 		if err := launch(b.down8, grid, int(a.T), 32*warpsPerBlock, a.Stream,
 			a.Scratch, a.TopK, dt, a.Weights, a.Out, uint64(a.T), uint64(a.K), uint64(a.Hidden), uint64(a.Inter), uint64(a.DType), E,
-			a.KernelWDType(), uint64(q.BlockRows), uint64(q.BlockCols), uint64(q.DownScale)); err != nil {
+			a.KernelWDType(), uint64(q.BlockRows), uint64(q.BlockCols), at(backend.EntryDownScale)); err != nil {
 			return fmt.Errorf("launching moe_down_fp8: %w", err)
 		}
 		return nil
@@ -50,14 +52,22 @@ func (b *Backend) launchFFN(a backend.FFNArgs, tab uint64, n int) error {
 	return nil
 }
 
+// checkFP8 refuses FP8 calls the kernels cannot take.
+func checkFP8(a backend.FFNArgs) error {
+	if a.FP8 != nil && a.Hidden > fp8MaxHidden {
+		return fmt.Errorf("backend cuda: the FP8 expert kernels take hidden sizes up to %d, not %d", fp8MaxHidden, a.Hidden)
+	}
+	return nil
+}
+
 // FFN launches moe_gate_up_swiglu and moe_down on a.Stream over the
 // experts in a's tables (slot addresses).
 func (b *Backend) FFN(a backend.FFNArgs) error {
 	if err := a.Validate(); err != nil {
 		return fmt.Errorf("backend cuda: %w", err)
 	}
-	if a.FP8 != nil && a.Hidden > fp8MaxHidden {
-		return fmt.Errorf("backend cuda: the FP8 expert kernels take hidden sizes up to %d, not %d", fp8MaxHidden, a.Hidden)
+	if err := checkFP8(a); err != nil {
+		return err
 	}
 	n := len(a.GateUp)
 	if n > b.tableN {
@@ -65,7 +75,11 @@ func (b *Backend) FFN(a backend.FFNArgs) error {
 	}
 	slot := int(b.tableI.Add(1) % tableRing)
 	table, ev := b.tables[slot], b.tableEv[slot]
-	host := unsafe.Add(b.tableH, slot*24*b.tableN)
+	host := unsafe.Add(b.tableH, slot*tableBytes*b.tableN)
+	entries := 3
+	if a.FP8 != nil {
+		entries = backend.MaxEntries
+	}
 	return b.dev.do(func() error {
 		// The staging entry and the device table may still be in use by the
 		// launch tableRing calls ago: on the host that is over long before
@@ -73,18 +87,23 @@ func (b *Backend) FFN(a backend.FFNArgs) error {
 		if err := eventSync(ev); err != nil {
 			return err
 		}
-		tab := unsafe.Slice((*uint64)(host), 3*n)
+		tab := unsafe.Slice((*uint64)(host), entries*n)
 		copy(tab[:n], a.GateUp)
 		for e := range n {
 			tab[n+e] = a.UpAddr(int64(e))
 		}
-		copy(tab[2*n:], a.Down)
+		copy(tab[2*n:3*n], a.Down)
+		if q := a.FP8; q != nil {
+			copy(tab[3*n:4*n], q.GateScale)
+			copy(tab[4*n:5*n], q.UpScale)
+			copy(tab[5*n:], q.DownScale)
+		}
 		if err := streamWait(a.Stream, ev); err != nil {
 			return err
 		}
 		// From pinned memory, so the copy is asynchronous: the host does not
 		// wait for the expert copies this stream is ordered after.
-		if err := copyHtoD(table, host, int64(24*n), a.Stream); err != nil {
+		if err := copyHtoD(table, host, int64(8*entries*n), a.Stream); err != nil {
 			return err
 		}
 		if err := b.launchFFN(a, table, n); err != nil {

@@ -21,8 +21,10 @@ const (
 )
 
 // mapped is the device side of mapped mode: per-layer tables of expert row
-// pointers ([layer][gate, up, down][expert] uint64) that the FFN kernels
-// read, pointing at a slot or at the expert's pinned host memory.
+// pointers ([layer][entry][expert] uint64; entries gate, up and down rows,
+// then for FP8 experts their scale grids: backend.MappedLayout.Entries)
+// that the FFN kernels read, pointing at a slot or at the expert's pinned
+// host memory.
 type mapped struct {
 	tab       *backend.MapTable
 	dev       uint64    // the device tables
@@ -54,18 +56,23 @@ type mapped struct {
 	copyServed []uint32
 }
 
-// entry is the device address of table entry j (0 gate, 1 up, 2 down) of
-// expert i = layer*E+x.
+// entry is the device address of table entry j (backend.EntryGate, ...)
+// of expert i = layer*E+x.
 func (m *mapped) entry(i, j int) uint64 {
 	E := m.tab.Experts
 	layer, x := i/E, i%E
-	return m.dev + uint64(8*(layer*3*E+j*E+x))
+	return m.layerTable(layer) + uint64(8*(j*E+x))
+}
+
+// layerTable is the device address of layer's tables.
+func (m *mapped) layerTable(layer int) uint64 {
+	return m.dev + uint64(8*layer*m.tab.Lay.Entries()*m.tab.Experts)
 }
 
 // set points expert i at rows, in stream order. Runs inside do.
 func (m *mapped) set(stream uintptr, i int, rows backend.HostRows) error {
-	return launch(m.setFn, 1, 1, 32, stream,
-		m.entry(i, 0), uint64(rows[0]), m.entry(i, 1), uint64(rows[1]), m.entry(i, 2), uint64(rows[2]))
+	return launch(m.setFn, 1, 1, 32, stream, m.entry(i, 0), uint64(m.tab.Experts), uint64(m.tab.Lay.Entries()),
+		uint64(rows[0]), uint64(rows[1]), uint64(rows[2]), uint64(rows[3]), uint64(rows[4]), uint64(rows[5]))
 }
 
 // useStream makes s the stream table updates are ordered on; when it
@@ -90,8 +97,9 @@ func (m *mapped) computeStream() uintptr {
 	return m.compute
 }
 
-// EnableMapped turns mapped mode on: every expert's rows must be in pinned
-// host memory the GPU can read (registered with DEVICEMAP, or staged).
+// EnableMapped turns mapped mode on: every expert's rows (and, for FP8
+// experts, scale grids) must be in pinned host memory the GPU can read
+// (registered with DEVICEMAP, or staged).
 func (b *Backend) EnableMapped(l backend.MappedLayout) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -112,8 +120,8 @@ func (b *Backend) EnableMapped(l backend.MappedLayout) error {
 		if !ok || devErr != nil {
 			return rows, false
 		}
-		for j, p := range rows {
-			if rows[j], devErr = b.deviceAddr(p); devErr != nil {
+		for j := range l.Entries() {
+			if rows[j], devErr = b.deviceAddr(rows[j]); devErr != nil {
 				return rows, false
 			}
 		}
@@ -128,16 +136,17 @@ func (b *Backend) EnableMapped(l backend.MappedLayout) error {
 	m := &mapped{tab: tab, free: make(chan int, routingRing)}
 	err = b.dev.do(func() error {
 		var err error
-		if m.setFn, err = b.mod.Function("moe_table_set3"); err != nil {
+		if m.setFn, err = b.mod.Function("moe_table_set"); err != nil {
 			return err
 		}
-		n := int64(len(tab.Host)) * 3 * 8
+		N := l.Entries()
+		n := int64(len(tab.Host)*N) * 8
 		if m.dev, err = memAlloc(n); err != nil {
 			return err
 		}
-		init := make([]uint64, len(tab.Host)*3)
+		init := make([]uint64, len(tab.Host)*N)
 		for i, r := range tab.Host {
-			for j := range 3 {
+			for j := range N {
 				init[int(m.entry(i, j)-m.dev)/8] = uint64(r[j])
 			}
 		}
@@ -205,6 +214,16 @@ func (b *Backend) MappedFFN(layer int, a backend.FFNArgs) (*backend.Routing, err
 		return nil, fmt.Errorf("backend cuda: mapped FFN: a tensor address is null")
 	case a.DType != 0 && a.DType != 1:
 		return nil, fmt.Errorf("backend cuda: mapped FFN dtype %d (0 = bfloat16, 1 = float16)", a.DType)
+	case (a.FP8 != nil) != m.tab.Lay.Quantized():
+		return nil, fmt.Errorf("backend cuda: mapped FFN: FP8 arguments (%t) for tables with scale grids (%t)", a.FP8 != nil, m.tab.Lay.Quantized())
+	}
+	if q := a.FP8; q != nil {
+		if err := q.CheckBlock(a.Inter); err != nil {
+			return nil, fmt.Errorf("backend cuda: %w", err)
+		}
+	}
+	if err := checkFP8(a); err != nil {
+		return nil, err
 	}
 	if m.capturing {
 		return nil, b.captureFFN(m, layer, a)
@@ -213,7 +232,7 @@ func (b *Backend) MappedFFN(layer int, a backend.FFNArgs) (*backend.Routing, err
 	snap := m.tab.Snapshot(layer)
 	m.tab.Mu.RUnlock()
 	return b.routingCopy(m, snap, a.TopK, P, a.Stream, func() error {
-		return b.launchFFN(a, m.dev+uint64(8*layer*3*E), E)
+		return b.launchFFN(a, m.layerTable(layer), E)
 	})
 }
 
@@ -300,10 +319,7 @@ func (b *Backend) unmapSlot(m *mapped, slot int, fallback uintptr) error {
 // mapSlot points (layer, expert) at slot after the copy on stream. Runs in do.
 func (b *Backend) mapSlot(m *mapped, slot, layer, expert int, stream uintptr) error {
 	i := layer*m.tab.Experts + expert
-	base := uintptr(b.arena + uint64(int64(slot)*b.slotSize))
-	lay := m.tab.Lay
-	rows := backend.HostRows{base + uintptr(lay.Gate), base + uintptr(lay.Up), base + uintptr(lay.Down)}
-	if err := m.set(stream, i, rows); err != nil {
+	if err := m.set(stream, i, b.slotRows(m, slot)); err != nil {
 		return err
 	}
 	if err := eventRecord(m.installed[slot], stream); err != nil {
@@ -366,7 +382,7 @@ func (b *Backend) captureFFN(m *mapped, layer int, a backend.FFNArgs) error {
 				return err
 			}
 		}
-		if err := b.launchFFN(a, m.dev+uint64(8*layer*3*m.tab.Experts), m.tab.Experts); err != nil {
+		if err := b.launchFFN(a, m.layerTable(layer), m.tab.Experts); err != nil {
 			return err
 		}
 		return copyDtoDAsync(m.stage+uint64(8*m.staged), a.TopK, P*8, a.Stream)
