@@ -18,11 +18,23 @@
 //     expert-activation matrix, and the layer's activation priorities are
 //     recomputed from the active requests (trace.Priorities).
 //  2. use: the caller uses the layer's experts through the core (Pin, or
-//     Touch and Admit for experts read in place), performing the loads the
+//     UseInPlace for experts read in place), performing the loads the
 //     grants ask for.
 //  3. Plan: with prefetching on, each request's partial EAM is matched
 //     against the collection and its plan for the later layers replaces
 //     its previous one in the queue.
+//
+// In mapped mode step 2 is UseInPlace: Touch counts the uses, then every
+// miss is offered to the cache and the admitted ones have their slots
+// reserved, all before the caller starts any of their copies.
+//
+// After a layer the planned experts are prefetched: TakePrefetch (or
+// TryTakePrefetch) hands out the queue's best candidate, each planned
+// expert once for as long as it stays planned, and ReservePrefetch decides
+// whether it is loaded and into which slot; the caller loads the grant and
+// then calls PrefetchDone. The engine's dispatcher does this
+// asynchronously under its window; go/sim does it at once after each
+// layer.
 //
 // A request ends with End: its plan is cancelled and its EAM retired into
 // the collection.
@@ -195,6 +207,22 @@ func (c *Core) Layer(layer int, reqs []uint64, counts [][]float32, use func() er
 	return c.Plan(layer, reqs), err
 }
 
+// LayerReplayed is Layer for one layer of a replayed step (a captured
+// decode step, whose layers all ran before their routing is traced):
+// Observe, then use, without planning; PlanNext plans the step's next pass
+// once, after its last layer.
+func (c *Core) LayerReplayed(layer int, reqs []uint64, counts [][]float32, use func() error) error {
+	if len(reqs) > 0 {
+		if err := c.Observe(layer, reqs, counts); err != nil {
+			return err
+		}
+	}
+	if use != nil {
+		return use()
+	}
+	return nil
+}
+
 // Observe records that in layer, request reqs[i] routed counts[i][x]
 // tokens to expert x, then recomputes the layer's activation priorities
 // from the active requests. It stops at the first routing the tracker
@@ -295,12 +323,62 @@ func (c *Core) Pin(layer int, keys []cache.Key, stop <-chan struct{}) ([]cache.G
 // hit[i] says whether keys[i] was read from its slot (cache.Touch).
 func (c *Core) Touch(keys []cache.Key, hit []bool) { c.cache.Touch(keys, hit) }
 
-// Admit decides whether a missed expert read in place should be brought
-// into the cache (cache.Admit with margin, dimensionless): when ok, the
-// caller loads the grant and completes it.
-func (c *Core) Admit(k cache.Key, margin float64) (cache.Grant, bool) {
-	return c.cache.Admit(k, margin)
+// UseInPlace is the use of a layer whose experts were computed where they
+// are (mapped mode; keys distinct, of one layer): hit[i] says whether
+// keys[i] was read from its slot. Touch counts every use, then each miss,
+// in keys' order, is offered to the cache (cache.Admit with margin,
+// dimensionless), and the admitted ones come back as grants whose slots
+// are reserved. Every admission of the layer is decided before any of its
+// copies starts, so that a layer's admissions never evict one another
+// whatever the copies' speed; the caller loads each grant and completes
+// it.
+func (c *Core) UseInPlace(keys []cache.Key, hit []bool, margin float64) []cache.Grant {
+	c.cache.Touch(keys, hit)
+	var grants []cache.Grant
+	for i, k := range keys {
+		if hit[i] {
+			continue
+		}
+		if g, ok := c.cache.Admit(k, margin); ok {
+			grants = append(grants, g)
+		}
+	}
+	return grants
 }
+
+// TakePrefetch blocks until a planned expert is queued and takes the best
+// one (prefetch.Queue.Pop: highest score first, then earlier layer, then
+// lower expert). Each planned expert is taken once for as long as it stays
+// planned: a taken expert that is evicted later is not taken again unless
+// a newer plan drops it and plans it anew. ok is false once stop is closed
+// or the queue closed. A taken candidate goes to ReservePrefetch; the
+// caller calls PrefetchDone when it is finished with it (or gives it up).
+func (c *Core) TakePrefetch(stop <-chan struct{}) (prefetch.Candidate, bool) {
+	return c.queue.Pop(stop)
+}
+
+// TryTakePrefetch is TakePrefetch without waiting: ok is false when
+// nothing is queued.
+func (c *Core) TryTakePrefetch() (prefetch.Candidate, bool) { return c.queue.TryPop() }
+
+// ReservePrefetch decides whether a taken candidate is loaded: it reserves
+// a slot for it (cache.ReservePrefetch with the candidate's score) unless
+// the expert is resident or loading, or every evictable slot holds an
+// expert predicted at least as strongly. A refused candidate is dropped
+// (its PrefetchDone is done here); an accepted one is loaded by the
+// caller, who completes the grant and then calls PrefetchDone.
+func (c *Core) ReservePrefetch(cand prefetch.Candidate) (cache.Grant, bool) {
+	g, ok := c.cache.ReservePrefetch(cand.Key, cand.Score)
+	if !ok {
+		c.queue.Done()
+	}
+	return g, ok
+}
+
+// PrefetchDone marks the handling of one taken candidate finished (its
+// load completed, or the caller gave it up), so that the queue can report
+// itself idle (prefetch.Queue.Done).
+func (c *Core) PrefetchDone() { c.queue.Done() }
 
 // End ends request req: its plan is cancelled and its EAM retired into
 // the collection. The error is the tracker's (an unknown or ended req).

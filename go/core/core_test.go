@@ -146,3 +146,109 @@ func TestNewNeedsACollection(t *testing.T) {
 	_, err = New(Config{Slots: 0, Collection: coll})
 	assert.Error(t, err)
 }
+
+// The dispatch order is the queue's, best first, and each planned expert
+// is taken once while it stays planned: evicted and planned again by a
+// newer plan that still holds it, it is not taken again; dropped and
+// planned anew, it is. A candidate the cache refuses (here: resident) is
+// dropped without the caller's PrefetchDone.
+func TestPrefetchDispatchTakesEachPlannedExpertOnce(t *testing.T) {
+	c := newCore(t, 3, 4, 2, true)
+	const owner = 7
+	plan := []prefetch.Candidate{{Key: key(2, 1), Score: 0.4}, {Key: key(1, 3), Score: 0.9}}
+	load := func(cand prefetch.Candidate) {
+		t.Helper()
+		g, ok := c.ReservePrefetch(cand)
+		require.True(t, ok, "reserved %v", cand.Key)
+		c.Cache().Complete(g.Slot, g.Gen, nil)
+		c.PrefetchDone()
+	}
+	pin := func(keys ...cache.Key) {
+		t.Helper()
+		grants, err := c.Pin(int(keys[0].Layer), keys, nil)
+		require.NoError(t, err)
+		for _, g := range grants {
+			if g.Load {
+				c.Cache().Complete(g.Slot, g.Gen, nil)
+			}
+		}
+		c.Cache().Unpin(grants)
+	}
+
+	c.Queue().Update(owner, plan)
+	var taken []cache.Key
+	for {
+		cand, ok := c.TryTakePrefetch()
+		if !ok {
+			break
+		}
+		taken = append(taken, cand.Key)
+		load(cand)
+	}
+	assert.Equal(t, []cache.Key{key(1, 3), key(2, 1)}, taken, "best first")
+	assert.True(t, c.Queue().Idle())
+
+	pin(key(0, 0), key(0, 1)) // evicts both prefetches
+	c.Queue().Update(owner, plan)
+	_, ok := c.TryTakePrefetch()
+	assert.False(t, ok, "still planned: not taken again")
+
+	c.Queue().Update(owner, nil)
+	c.Queue().Update(owner, plan)
+	pin(key(1, 3))
+	cand, ok := c.TryTakePrefetch()
+	require.True(t, ok, "planned anew: taken again")
+	assert.Equal(t, key(1, 3), cand.Key)
+	_, ok = c.ReservePrefetch(cand)
+	assert.False(t, ok, "resident: refused")
+	cand, ok = c.TryTakePrefetch()
+	require.True(t, ok)
+	load(cand)
+	assert.True(t, c.Queue().Idle(), "the refused candidate was dropped")
+	assert.Equal(t, uint64(2), c.Cache().Stats()[2].PrefetchLoads)
+}
+
+// UseInPlace counts every use, offers each miss to the cache in order and
+// decides every admission of the layer before any copy completes: a
+// layer's admissions never evict one another (with LRU, which always
+// admits, the third miss finds both other slots still loading).
+func TestUseInPlaceDecidesTheLayersAdmissionsTogether(t *testing.T) {
+	coll, err := trace.NewCollection(2, 4, 4)
+	require.NoError(t, err)
+	c, err := New(Config{Slots: 2, Policy: cache.PolicyLRU, Collection: coll})
+	require.NoError(t, err)
+	t.Cleanup(c.Cache().Close)
+	g, err := c.Pin(1, []cache.Key{key(1, 0)}, nil)
+	require.NoError(t, err)
+	c.Cache().Complete(g[0].Slot, g[0].Gen, nil)
+	c.Cache().Unpin(g)
+
+	for _, tc := range []struct {
+		name string
+		keys []cache.Key
+		hits []bool
+		want []cache.Key
+	}{
+		{"hits are not offered", []cache.Key{key(1, 0)}, []bool{true}, nil},
+		{"misses in order, none evicting another", []cache.Key{key(0, 1), key(0, 2), key(0, 3)}, []bool{false, false, false}, []cache.Key{key(0, 1), key(0, 2)}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			grants := c.UseInPlace(tc.keys, tc.hits, 0)
+			var got []cache.Key
+			for _, g := range grants {
+				assert.True(t, g.Load)
+				_, st := c.Cache().Lookup(g.Key)
+				assert.Equal(t, cache.Loading, st, "reserved, for the caller to copy")
+				got = append(got, g.Key)
+			}
+			assert.Equal(t, tc.want, got)
+			for _, g := range grants {
+				c.Cache().Complete(g.Slot, g.Gen, nil)
+			}
+		})
+	}
+	st := c.Cache().Stats()
+	assert.Equal(t, uint64(1), st[1].Hits)
+	assert.Equal(t, uint64(3), st[0].Misses)
+	assert.Equal(t, uint64(2), st[0].Loads)
+}

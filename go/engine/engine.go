@@ -46,11 +46,16 @@ type Engine struct {
 	plan       Plan
 	mods       []*store.MoEModule
 	lay        *layout.Layout
-	views      *viewPool         // the dequantized views of quantized experts (nil otherwise)
-	vw         *layout.Views     // quantized experts: the slot and view images (nil otherwise)
-	fp8        *layout.FP8Kernel // FP8 experts the kernels read from the slots (nil otherwise)
-	be         backend.Backend
-	ft         backend.Features // be's optional parts, resolved once at Configure
+	views      *viewPool     // the dequantized views of quantized experts (nil otherwise)
+	vw         *layout.Views // quantized experts: the slot and view images (nil otherwise)
+	// kl is where the kernels find an expert's matrices (and FP8 scale
+	// grids) in its slot, set with the kernels (ExecutorPlan.Kernels);
+	// fp8, for FP8 experts, their block and up rows (tables unset; nil
+	// otherwise).
+	kl  backend.MappedLayout
+	fp8 *backend.FP8Args
+	be  backend.Backend
+	ft  backend.Features // be's optional parts, resolved once at Configure
 	// core sequences every layer's tracing, scoring, planning and cache
 	// decisions (go/core, the code go/sim replays through); cache,
 	// tracker, planner and queue are its parts.
@@ -419,7 +424,7 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 	if s.BudgetBytes > 0 {
 		e.cfg.BudgetBytes = s.BudgetBytes
 	}
-	nViews, slotBudget, err := viewBudget(e.cfg, vw, lay.SlotBytes, e.cfg.BudgetBytes, L*E)
+	nViews, slotBudget, err := viewBudget(vw, lay.SlotBytes, e.cfg.BudgetBytes, L*E)
 	if err != nil {
 		return Plan{}, err
 	}
@@ -494,11 +499,6 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 	if err := e.setupHybrid(&plan.Executor); err != nil {
 		_ = be.Close()
 		return Plan{}, err
-	}
-	if ex := plan.Executor; ex.KernelsOnly && !ex.Kernels {
-		_ = be.Close()
-		return Plan{}, fmt.Errorf("%w: quantized experts on the %s backend are computed by its expert kernels only, which do not serve this model: %s",
-			ErrUnsupported, be.Name(), ex.KernelsOff)
 	}
 	e.core, e.tracker, e.planner, e.queue = cr, cr.Tracker(), cr.Planner(), cr.Queue()
 	e.bytesMoved = make([]atomic.Int64, L)
@@ -794,7 +794,7 @@ func (e *Engine) acquire(layer int, experts []int32, slots []int32, stream uintp
 	}
 	id := e.nextLeas.Add(1)
 	if e.views != nil && views {
-		if err := e.takeViews(id, experts, grants, pos, slots); err != nil {
+		if err := e.takeViews(id, experts, grants, pos, slots, stream); err != nil {
 			e.cache.Unpin(grants)
 			return 0, err
 		}
@@ -841,12 +841,12 @@ func (e *Engine) Release(lease uint64, stream uintptr) error {
 	if !ok {
 		return fmt.Errorf("%w: unknown or already released lease %d", ErrInvalid, lease)
 	}
-	if e.views != nil {
-		e.views.give(lease)
-	}
 	var relErr error
+	if e.views != nil {
+		relErr = e.views.give(lease, stream)
+	}
 	if ob := e.ft.Ordered; ob != nil {
-		relErr = ob.Release(grantSlots(grants), stream)
+		relErr = errors.Join(relErr, ob.Release(grantSlots(grants), stream))
 	}
 	e.cache.Unpin(grants)
 	if relErr != nil {
@@ -885,7 +885,7 @@ func (e *Engine) Arena() (uintptr, int64, error) {
 		return 0, 0, err
 	}
 	if e.views != nil {
-		return e.views.addr(0), int64(len(e.views.mem)), nil
+		return e.views.addr(0), e.views.bytes(), nil
 	}
 	a, n := e.be.Arena()
 	return a, n, nil
@@ -945,28 +945,29 @@ func (e *Engine) waitDemandIdle() bool {
 
 // dispatch drains the prefetch queue into the backend, keeping at most
 // PrefetchWindow prefetch loads in flight and issuing none while on-demand
-// copies are in flight.
+// copies are in flight. Which planned expert goes next and whether it is
+// loaded are the core's decisions (TakePrefetch, ReservePrefetch: the ones
+// go/sim replays); the waits are the engine's.
 func (e *Engine) dispatch() {
 	defer e.bg.Done()
 	for {
-		c, ok := e.queue.Pop(e.stop)
+		c, ok := e.core.TakePrefetch(e.stop)
 		if !ok {
 			return
 		}
 		if !e.waitDemandIdle() {
-			e.queue.Done()
+			e.core.PrefetchDone()
 			return
 		}
 		select {
 		case e.prefSem <- struct{}{}:
 		case <-e.stop:
-			e.queue.Done()
+			e.core.PrefetchDone()
 			return
 		}
-		g, ok := e.cache.ReservePrefetch(c.Key, c.Score)
+		g, ok := e.core.ReservePrefetch(c)
 		if !ok {
 			<-e.prefSem
-			e.queue.Done()
 			continue
 		}
 		tr := e.be.Load(g.Slot, int(c.Key.Layer), int(c.Key.Expert), false)
@@ -980,7 +981,7 @@ func (e *Engine) dispatch() {
 				e.bytesMoved[c.Key.Layer].Add(e.lay.SlotBytes)
 			}
 			<-e.prefSem
-			e.queue.Done()
+			e.core.PrefetchDone()
 		}()
 	}
 }
@@ -1050,7 +1051,7 @@ func (e *Engine) free() error {
 	if e.hybrid.k != nil {
 		e.hybrid.k.close()
 	}
-	return errors.Join(e.be.Close(), e.views.free(), e.ckpt.Close())
+	return errors.Join(e.be.Close(), e.ckpt.Close()) // the backend frees the views
 }
 
 // Closed reports whether Close has been called.

@@ -153,20 +153,17 @@ type ExecutorPlan struct {
 	// Hybrid).
 	HybridCosts *HybridCosts `json:"hybrid_costs,omitempty"`
 	// Quant is the quant_method of experts the kernels compute straight
-	// from their compressed slots ("fp8"), "" for bfloat16/float16 ones.
-	// Mapped mode and the hybrid CPU hand-off do not read quantized
-	// experts (off with it).
+	// from their compressed bytes ("fp8"): in slots and, in mapped mode,
+	// in host memory; "" for bfloat16/float16 ones. The hybrid CPU
+	// hand-off does not read quantized experts (off with it).
 	Quant string `json:"quant,omitempty"`
-	// KernelsOnly: the caller's expert code cannot compute this model here
-	// (quantized experts on a GPU have no dequantized views), so every
-	// layer runs on the kernels, whatever its size or the caller's flags.
-	KernelsOnly bool `json:"kernels_only,omitempty"`
 }
 
 // executorPlan works out the ExecutorPlan at Configure.
 func (e *Engine) executorPlan(ffn string) ExecutorPlan {
 	caps := e.be.Capabilities()
 	p := ExecutorPlan{DType: -1, KernelMaxTokens: KernelMaxTokens, KernelSmallExpertBytes: KernelSmallExpertBytes}
+	e.setKernelLayout()
 	switch {
 	case !caps.ExpertKernels:
 		p.KernelsOff = fmt.Sprintf("the %s backend computes experts with the caller's code", e.be.Name())
@@ -183,22 +180,22 @@ func (e *Engine) executorPlan(ffn string) ExecutorPlan {
 			break
 		}
 		if e.vw != nil {
+			if e.cfg.Backend != "cpu" && !e.cfg.QuantizedKernels {
+				p.KernelsOff = fmt.Sprintf("the experts are quantized (%s): the caller's code computes them on views the %s backend dequantizes (the engine option quantized_kernels computes FP8 experts with the kernels instead)", e.vw.Method, e.be.Name())
+				break
+			}
 			if !caps.ReadsQuant(e.vw.Method) {
 				p.KernelsOff = fmt.Sprintf("the experts are quantized (%s) and the %s backend's kernels do not read that format", e.vw.Method, e.be.Name())
 				break
 			}
-			// Where the kernels find the FP8 matrices in a slot (ffnShape
-			// checked that they can).
-			k, _ := e.vw.FP8Kernel("gate_up_proj", "down_proj")
-			e.fp8, p.Quant = &k, e.vw.Method
+			p.Quant = e.vw.Method
 		}
 		p.Kernels, p.DType, p.Hidden, p.Inter = true, code, hidden, inter
 	}
-	p.KernelsOnly = e.vw != nil && e.views == nil
-	if p.Kernels && caps.Mapped && p.Quant == "" {
-		if e.ft.Mapped != nil {
-			p.Mapped, p.MaxMappedPairs = true, caps.MaxMappedPairs
-		}
+	// The backend's kernels read in place whatever formats they read from
+	// slots (backend.Capabilities.QuantFormats).
+	if p.Kernels && caps.Mapped && e.ft.Mapped != nil {
+		p.Mapped, p.MaxMappedPairs = true, caps.MaxMappedPairs
 	}
 	return p
 }
@@ -231,14 +228,6 @@ type PathInputs struct {
 // inputs so that every branch is tested on any machine (executor_test.go)
 // with the capabilities of any backend.
 func ChoosePath(in PathInputs) Path {
-	if in.Exec.KernelsOnly {
-		// Nothing else can compute the layer: the kernels take it (and
-		// say so when its shape or types do not fit).
-		if !in.HostRouting {
-			return PathNeedRouting
-		}
-		return PathKernels
-	}
 	kernels := in.Exec.Kernels && in.Flags&(LayerNoKernels|LayerRoutingGaps) == 0
 	tokens := in.Tokens
 	if in.Flags&LayerRowwise != 0 {

@@ -9,7 +9,6 @@ import (
 
 	"github.com/moe-infinity/moe_infinity/go/cache"
 	"github.com/moe-infinity/moe_infinity/go/core"
-	"github.com/moe-infinity/moe_infinity/go/prefetch"
 	"github.com/moe-infinity/moe_infinity/go/trace"
 )
 
@@ -31,8 +30,13 @@ type ReplayConfig struct {
 	Policy cache.Policy `json:"policy"`
 	// Prefetch turns on trace-driven prefetching.
 	Prefetch bool `json:"prefetch"`
-	// PrefetchPerLayer is the most prefetch loads issued after each layer
-	// (0: the trace's TopK, i.e. Trace.MaxGroup; must not be negative).
+	// PrefetchPerLayer is the most prefetch loads the dispatcher makes
+	// after each layer (0: the trace's TopK, i.e. Trace.MaxGroup; must not
+	// be negative): the replay's stand-in for the link time the engine's
+	// dispatcher has while one layer runs. Candidates beyond it stay
+	// queued for the next layer, as in the engine's queue while its
+	// dispatcher is busy; one at least the queue's length (layers ×
+	// experts) is a dispatcher that keeps up.
 	PrefetchPerLayer int `json:"prefetch_per_layer"`
 	// EAMCCapacity is the EAM collection's capacity (0: 1000, the
 	// engine's default).
@@ -53,10 +57,12 @@ type ReplayConfig struct {
 	// (prefetch.DefaultMinEvidence); a negative value turns the filter off.
 	PrefetchMinEvidence float64 `json:"prefetch_min_evidence"`
 	// Mapped replays the engine's mapped mode: a miss is read in place
-	// (not loaded) and the expert is brought in only when Cache.Admit
-	// accepts it with AdmitMargin; link traffic is then misses + loads.
+	// (not loaded) and the expert is brought in only when the cache admits
+	// it with AdmitMargin (core.UseInPlace); link traffic is then misses +
+	// loads.
 	Mapped bool `json:"mapped,omitempty"`
-	// AdmitMargin is Cache.Admit's margin in mapped mode.
+	// AdmitMargin is the admission margin in mapped mode (cache.Admit's;
+	// the engine's default is 1).
 	AdmitMargin float64 `json:"admit_margin,omitempty"`
 	// FillOnRead models admission without a copy in mapped mode: an
 	// admitted expert's slot is reserved, and the next computation that
@@ -192,25 +198,31 @@ func (cfg ReplayConfig) withDefaults(t *Trace) (ReplayConfig, error) {
 //     plan) after its last token;
 //   - for each token, for each layer l in order, core.Layer: (a) the
 //     token's routing (1 token per chosen expert) is observed and layer
-//     l's priorities are refreshed; (b) the layer's distinct experts are
-//     pinned together with core.Pin (loads are completed at once with a
-//     nil error) and unpinned — in Mapped mode they are touched and each
-//     miss offered to core.Admit instead (see access); (c) with Prefetch,
-//     the planner (with Matches, PrefetchConfidence, PrefetchMinEvidence
-//     and PrefetchMinTokenShare, as engine.Configure sets them) plans over
-//     the request's partial EAM at layer l, the plan replaces the
-//     request's previous one in the core's queue (and so in the cache's
-//     predictions), and the best planned experts that are not resident are
-//     reserved with Cache.ReservePrefetch(key, score) and completed at
-//     once, up to PrefetchPerLayer of them (stopping at the first one the
-//     cache refuses, since weaker ones would be refused too): the
-//     simulator's stand-in for the engine's prefetch dispatcher.
+//     l's priorities are refreshed; (b) the layer's distinct experts, in
+//     ascending order as the engine takes them, are pinned together with
+//     core.Pin (loads are completed at once) and unpinned — in Mapped mode
+//     they are computed where they are and core.UseInPlace counts them and
+//     decides the admissions of the misses (see access); (c) with
+//     Prefetch, the planner (with Matches, PrefetchConfidence,
+//     PrefetchMinEvidence and PrefetchMinTokenShare, as engine.Configure
+//     sets them) plans over the request's partial EAM at layer l and the
+//     plan replaces the request's previous one in the core's queue (and so
+//     in the cache's predictions);
+//   - then the engine's prefetch dispatcher runs (dispatch): the queue's
+//     candidates are taken best first, each planned expert once while it
+//     stays planned, and loaded when core.ReservePrefetch accepts them, up
+//     to PrefetchPerLayer loads; the rest stay queued for the next layer;
+//   - last, the layer's admissions (Mapped) complete: the engine's tracer
+//     copies them after planning, so its dispatcher decides the layer's
+//     prefetches while they are still being copied.
 //
-// Replay pins a layer's experts in ascending order, as the engine does, so
-// that LRU and LFU ties break alike. Outside the core the engine still
-// differs in one way Replay keeps: its prefetch dispatcher pops each queued
-// candidate once, asynchronously and without a per-layer cap, where Replay
-// walks each layer's whole plan at once.
+// Every decision is the core's, made in the engine's order, so a replay
+// with a PrefetchPerLayer the queue never exceeds counts what the engine
+// counts when each layer's copies complete before the next layer
+// (go/engine's TestSimReplayAndEngineLayerCallsAgree checks both paths,
+// every policy, prefetching on and off). What the engine adds is time:
+// copies that are still in flight when a later layer needs their experts,
+// a dispatcher that waits for on-demand copies, the prefetch window.
 //
 // Replay fails for an invalid trace or configuration.
 func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
@@ -273,11 +285,12 @@ func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
 				slices.SortFunc(keys, func(a, b cache.Key) int { return cmp.Compare(a.Expert, b.Expert) })
 				// On-demand access of the layer's experts, between the
 				// core's observation and its planning.
+				var admitted []cache.Grant
 				use := func() error {
 					switch {
 					case len(keys) == 0:
 					case cfg.Mapped:
-						access(cr, keys, hits, cfg.AdmitMargin, armed)
+						admitted = access(cr, keys, hits, cfg.AdmitMargin, armed)
 					default:
 						grants, err := cr.Pin(l, keys, nil)
 						if err != nil {
@@ -292,15 +305,25 @@ func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
 					}
 					return nil
 				}
-				plans, err := cr.Layer(l, reqs, rows, use)
+				_, err := cr.Layer(l, reqs, rows, use)
 				for _, x := range group {
 					counts[x] = 0 // the tracker copied the row
 				}
 				if err != nil {
 					return Result{}, fmt.Errorf("sim: %w", err)
 				}
-				if plans != nil {
-					issue(c, plans[0], cfg.PrefetchPerLayer)
+				if cfg.Prefetch {
+					dispatch(cr, cfg.PrefetchPerLayer)
+				}
+				// The layer's admissions are copied after its plan's
+				// prefetches are decided, as the engine's tracer copies
+				// them after planning.
+				for _, g := range admitted {
+					if armed != nil {
+						armed[g.Key] = g
+					} else {
+						c.Complete(g.Slot, g.Gen, nil)
+					}
 				}
 			}
 		}
@@ -345,59 +368,49 @@ func Replay(t *Trace, cfg ReplayConfig) (Result, error) {
 	}, nil
 }
 
-// issue prefetches up to n of plan's best candidates that are neither
-// resident nor loading, completing each load at once. It stops at the first
-// candidate the cache refuses: every evictable slot then holds an expert
-// predicted at least as strongly, which holds for the weaker candidates
-// after it too.
-func issue(c *cache.Cache, plan []prefetch.Candidate, n int) {
-	for _, cand := range plan {
-		if n == 0 {
-			return
-		}
-		if _, st := c.Lookup(cand.Key); st != cache.Empty {
-			continue
-		}
-		g, ok := c.ReservePrefetch(cand.Key, cand.Score)
+// dispatch is the engine's prefetch dispatcher with loads that complete at
+// once: it takes the queue's candidates best first (core.TryTakePrefetch,
+// each planned expert once while it stays planned) and loads each one
+// core.ReservePrefetch accepts (a refused one is dropped, as the engine
+// drops it), until n loads were made or nothing is queued. What is left
+// stays queued for the next layer, as it would while the engine's
+// dispatcher is busy.
+func dispatch(cr *core.Core, n int) {
+	c := cr.Cache()
+	for n > 0 {
+		cand, ok := cr.TryTakePrefetch()
 		if !ok {
 			return
 		}
+		g, ok := cr.ReservePrefetch(cand)
+		if !ok {
+			continue
+		}
 		c.Complete(g.Slot, g.Gen, nil)
+		cr.PrefetchDone()
 		n--
 	}
 }
 
-// access is one mapped-mode layer: the experts are computed where they are
-// (hits from their slots, misses in place), counted with Cache.Touch, and
-// each miss is offered to Cache.Admit. Without fill-on-read an admitted
-// expert is copied in at once (loads complete instantly). With it, the
-// admitted expert's slot is only reserved (armed): the next computation
-// that reads the expert in place — itself a miss — writes it into the slot,
-// which then becomes ready; armed holds the reserved grants.
-func access(cr *core.Core, keys []cache.Key, hits []bool, margin float64, armed map[cache.Key]cache.Grant) {
+// access is one mapped-mode layer's use: the experts are computed where
+// they are (hits from their slots, misses in place) and core.UseInPlace
+// counts the uses and decides the admissions, whose grants it returns (the
+// caller completes them). With fill-on-read (armed holds the reserved
+// grants), a computation that reads an armed expert in place, itself a
+// miss, writes it into its reserved slot, which then becomes ready: that
+// happens during the computation, before its admissions are decided.
+func access(cr *core.Core, keys []cache.Key, hits []bool, margin float64, armed map[cache.Key]cache.Grant) []cache.Grant {
 	c := cr.Cache()
 	hits = hits[:0]
 	for _, k := range keys {
 		_, st := c.Lookup(k)
 		hits = append(hits, st == cache.Ready)
 	}
-	cr.Touch(keys, hits)
 	for i, k := range keys {
-		if hits[i] {
-			continue
-		}
-		if g, ok := armed[k]; ok { // this read fills the reserved slot
+		if g, ok := armed[k]; ok && !hits[i] { // this read fills the reserved slot
 			delete(armed, k)
-			c.Complete(g.Slot, g.Gen, nil)
-			continue
-		}
-		g, ok := cr.Admit(k, margin)
-		switch {
-		case !ok:
-		case armed != nil:
-			armed[k] = g
-		default:
 			c.Complete(g.Slot, g.Gen, nil)
 		}
 	}
+	return cr.UseInPlace(keys, hits, margin)
 }
