@@ -16,9 +16,11 @@
 # profile: Mixtral's replayed steps under the torch profiler, with copy
 # mode's waits split into copying and idle (benchmarks/profile_step.py).
 # variants: VARIANTS="build/A build/B" runs the Mixtral decode once with each
-# build (directories holding a libmoe_infinity_cuda.so; scripts/
-# build_variants.sh A=rev B=rev makes them), on one machine, so that A/B
-# comparisons do not mix machines.
+# build (directories holding a libmoe_infinity_cuda.so, and the revision's
+# python/ and benchmarks/; scripts/build_variants.sh A=rev B=rev makes
+# them), on one machine, so that A/B comparisons do not mix machines.
+# VARIANT_RUN=serve runs the Qwen3 serve load (stacked, 1 and 16 clients)
+# instead, ~2.5 minutes a variant.
 #
 # headline: the GPU tests, then the decode headlines with CUDA graphs
 # (Qwen3-30B-A3B shape: pipelined replays with every ablation, and
@@ -106,11 +108,24 @@ if [ "$what" = profile ]; then  # copy mode's waits split into copying and idle 
     run profile_mixtral timeout 300 python3 benchmarks/profile_step.py --preset mixtral-8x7b --device-memory 24GiB \
         --decode 8 --pipelined-only --out "$OUT/profile_mixtral.json"
 fi
-if [ "$what" = variants ]; then  # the same Mixtral run with each build in $VARIANTS (directories holding libmoe_infinity_cuda.so), one machine
+if [ "$what" = variants ]; then  # the same run with each build in $VARIANTS (directories from build_variants.sh), one machine
     for v in ${VARIANTS:?set VARIANTS to directories that hold a libmoe_infinity_cuda.so each}; do
         name=$(basename "$v")
-        MOE_INFINITY_LIB=$PWD/$v/libmoe_infinity_cuda.so run "mixtral_$name" timeout 200 python3 benchmarks/decode.py \
-            --device-memory 24GiB --decode 32 --graph --pipeline --no-ablations --preset mixtral-8x7b --out "$OUT/decode_mixtral_$name.json"
+        # A variant with its own python/ and benchmarks/ runs them (its
+        # revision's runtime and scheduler), else the checkout's.
+        py=$PWD/python bench=benchmarks
+        [ -d "$v/python" ] && py=$PWD/$v/python
+        [ -d "$v/benchmarks" ] && bench=$v/benchmarks
+        if [ "${VARIANT_RUN:-decode}" = serve ]; then  # the serve regression's bisect: stacked exact, 1 and 16 clients
+            PYTHONPATH=$py${PYTHONPATH#$PWD/python} MOE_INFINITY_LIB=$PWD/$v/libmoe_infinity_cuda.so run "serve_$name" timeout 170 \
+                python3 "$bench/serve_load.py" --device cuda --device-memory 24GiB --routing generated --clusters 4 --prompt-len 16 \
+                --max-tokens 32 --per-client 2 --warmup 4 --preset qwen3-30b-a3b --batching stacked --concurrency 1,16 \
+                --configs priority:on --out "$OUT/serve_$name.jsonl"
+        else
+            PYTHONPATH=$py${PYTHONPATH#$PWD/python} MOE_INFINITY_LIB=$PWD/$v/libmoe_infinity_cuda.so run "mixtral_$name" timeout 200 \
+                python3 "$bench/decode.py" --device-memory 24GiB --decode 32 --graph --pipeline --no-ablations --preset mixtral-8x7b \
+                --out "$OUT/decode_mixtral_$name.json"
+        fi
     done
 fi
 echo "== summary"
