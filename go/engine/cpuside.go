@@ -136,11 +136,17 @@ func (e *Engine) setupHybrid(p *ExecutorPlan) error {
 
 // chooseCPU returns the experts of the call (c.Experts, distinct) that
 // ChooseMisses sends to the CPU, ascending; nil when hybrid execution is
-// off or none is. The misses are the experts neither in a slot nor being
+// off, a graph is being captured, or none is. The misses are the experts neither in a slot nor being
 // loaded into one (cache.Lookup: one that changes state before Acquire is
 // served as Acquire finds it).
 func (e *Engine) chooseCPU(c FFNCall, reqs []uint64, topk []int64) []int32 {
 	if e.hybrid.k == nil || topk == nil {
+		return nil
+	}
+	e.mapped.mu.Lock()
+	capturing := e.mapped.capturing
+	e.mapped.mu.Unlock()
+	if capturing { // the hand-off waits on the host: never inside a capture
 		return nil
 	}
 	tokens := make(map[int32]int64, len(c.Experts))
