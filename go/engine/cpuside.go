@@ -101,8 +101,9 @@ func (e *Engine) setupHybrid(p *ExecutorPlan) error {
 		p.HybridOff = fmt.Sprintf("the %s backend cannot hand a layer to the CPU", name)
 		return nil
 	case name != "cpu" && e.rates == nil:
-		// The CPU backend's "link" is its copy workers, which measure
-		// measures; a device's link is known only from its rates.
+		// The CPU backend's "link" is its copy workers, whose rate the
+		// CPU kernel's measure takes; a device's link is known only from
+		// its rates.
 		p.HybridOff = fmt.Sprintf("the %s backend's link rates are unknown (not given in link_rates, and measure_link is off or its measurement failed): the cost model cannot weigh the CPU against the link", name)
 		return nil
 	}
