@@ -5,7 +5,7 @@
 // cache slot):
 //
 //   moe_gate_up_swiglu: h[p, i] = silu(Wg[e_p] x[t_p])[i] · (Wu[e_p] x[t_p])[i]     (f32)
-//   moe_down:           out[t, :] = Σ_j w[t·k+j] · Wd[e_{t·k+j}] h[t·k+j, :]          (x's dtype)
+//   moe_down:           out[t, :] = Σ_j w[t·k+j] · Wd[e_{t·k+j}] h[t·k+j, :] (+ addend[t, :])  (x's dtype)
 //
 // e_p comes straight from the router's top_k_index (int64 [T, k]) and
 // indexes tables of expert pointers by expert id (entries of experts the
@@ -15,7 +15,12 @@
 // over PCIe (zero copy): measured on an H100 at 94-96% of the DMA bandwidth,
 // so a miss costs the same as copying the expert first, without the copy,
 // its event or any host synchronisation. Ids outside [0, E) contribute
-// nothing (the host sees them in the routing and reports the error).
+// nothing (the host sees them in the routing and reports the error), and
+// so do pairs whose expert's table entry is null: hybrid execution leaves
+// the experts the CPU computes null, and passes the CPU's partial output
+// (float32 [T, H], the sum over its pairs) as moe_down's addend, added to
+// each token's sum after its pairs and before the one rounding. The
+// engine's CPU reference (go/backend, ReferenceFFN) does the same.
 //
 // Rounding follows transformers' bfloat16/float16 expert code: the gate and
 // up projections, the activation, the gated product and the down projection
@@ -102,7 +107,7 @@ extern "C" __global__ void moe_gate_up_swiglu(const moe_bf16 *x, const long *top
     long i = (long)MOE_CTAID_X * MOE_WARPS + warp;
     if (i >= I) return;
     long e = topk[p];
-    if (e < 0 || e >= E) {
+    if (e < 0 || e >= E || gtab[e] == 0) {
         if (lane == 0) h[p * I + i] = 0.f;
         return;
     }
@@ -134,7 +139,8 @@ extern "C" __global__ void moe_gate_up_swiglu(const moe_bf16 *x, const long *top
 // weight is [T, K] routing weights of dtype wdtype (0 bfloat16, 1 float16,
 // 2 float32), so the router's output is read as it is.
 extern "C" __global__ void moe_down(const float *h, const long *topk, const unsigned long *wtab, const void *weight,
-                                    moe_bf16 *out, long T, long K, long H, long I, long dtype, long E, long wdtype) {
+                                    moe_bf16 *out, long T, long K, long H, long I, long dtype, long E, long wdtype,
+                                    const float *addend) {
     long t = MOE_CTAID_Y;
     unsigned int lane = MOE_TID_X & 31u, warp = MOE_TID_X >> 5;
     long r = (long)MOE_CTAID_X * MOE_WARPS + warp;
@@ -143,11 +149,12 @@ extern "C" __global__ void moe_down(const float *h, const long *topk, const unsi
     for (long j = 0; j < K; j++) {
         long p = t * K + j;
         long e = topk[p];
-        if (e < 0 || e >= E) continue;
+        if (e < 0 || e >= E || wtab[e] == 0) continue;
         const moe_bf16 *w = (const moe_bf16 *)wtab[e];
         float wp = wdtype == 2 ? ((const float *)weight)[p] : moe_load((const moe_bf16 *)weight, p, wdtype);
         acc += wp * moe_round(moe_row_dot(w + r * I, h + p * I, I, dtype, lane), dtype);
     }
+    if (addend) acc += addend[t * H + r];
     if (lane == 0) out[t * H + r] = dtype == 0 ? moe_f32_to_bf16(acc) : moe_f32_to_f16(acc);
 }
 
@@ -215,7 +222,7 @@ extern "C" __global__ void moe_gate_up_swiglu_fp8(const moe_bf16 *x, const long 
     long i = (long)MOE_CTAID_X * MOE_WARPS + warp;
     if (i >= I) return;
     long e = topk[p];
-    if (e < 0 || e >= E) {
+    if (e < 0 || e >= E || gtab[e] == 0) {
         if (lane == 0) h[p * I + i] = 0.f;
         return;
     }
@@ -231,7 +238,7 @@ extern "C" __global__ void moe_gate_up_swiglu_fp8(const moe_bf16 *x, const long 
 
 extern "C" __global__ void moe_down_fp8(const float *h, const long *topk, const unsigned long *wtab, const void *weight,
                                         moe_bf16 *out, long T, long K, long H, long I, long dtype, long E, long wdtype,
-                                        long br, long bc, const unsigned long *dstab) {
+                                        long br, long bc, const unsigned long *dstab, const float *addend) {
     long t = MOE_CTAID_Y;
     unsigned int lane = MOE_TID_X & 31u, warp = MOE_TID_X >> 5;
     long r = (long)MOE_CTAID_X * MOE_WARPS + warp;
@@ -240,11 +247,12 @@ extern "C" __global__ void moe_down_fp8(const float *h, const long *topk, const 
     for (long j = 0; j < K; j++) {
         long p = t * K + j;
         long e = topk[p];
-        if (e < 0 || e >= E) continue;
+        if (e < 0 || e >= E || wtab[e] == 0) continue;
         float wp = wdtype == 2 ? ((const float *)weight)[p] : moe_load((const moe_bf16 *)weight, p, wdtype);
         const unsigned char *w = (const unsigned char *)wtab[e];
         acc += wp * moe_round(moe_fp8_row_dot(w, (const float *)dstab[e], 0, r, h + p * I, I, br, bc, dtype, lane), dtype);
     }
+    if (addend) acc += addend[t * H + r];
     if (lane == 0) out[t * H + r] = dtype == 0 ? moe_f32_to_bf16(acc) : moe_f32_to_f16(acc);
 }
 

@@ -464,6 +464,43 @@ def test_link_rates_are_measured_at_start_up_and_decide_graph_misses(tmp_path):
         model.close()
 
 
+def test_hybrid_cpu_hand_off_on_the_gpu_matches_the_gpu_alone(tmp_path):
+    """cpu_experts on CUDA (the eager hand-off, engine.layerHybrid): on the
+    synchronous kernel path (mapped mode off), the CPU computes the cold
+    misses the cost model sends it from the host tier while the others are
+    copied, and the kernels add its float32 partial output to their sum.
+    The link rates are given, slow (1 GB/s), so that the CPU takes misses
+    whatever this machine's CPU measures. Logits and greedy tokens match
+    cpu_experts "off" within bfloat16 rounding (the CPU's pairs are summed
+    apart from the device's and added before the one rounding)."""
+    path = tm.save(tm.build("mixtral", seed=6, dtype=torch.bfloat16, num_local_experts=16, **_big("mixtral")), tmp_path / "m")
+    ids = torch.randint(3, tm.VOCAB, (1, 8), generator=torch.Generator().manual_seed(12)).cuda()
+    slow = {"dma_gbps": 1.0, "zero_copy_gbps": 1.0, "reaction_us": 0.0}
+    logits, tokens, stats = {}, {}, {}
+    for cpu in ("off", 4):
+        m = mi.from_pretrained(path, device="cuda", device_memory="1GiB", prefetch=False,
+                               engine_options={"cpu_experts": cpu, "link_rates": slow})
+        try:
+            m.moe_runtime.set_mapped(False)
+            with torch.no_grad():
+                logits[cpu] = m(input_ids=ids).logits.float()
+            tokens[cpu] = m.generate(input_ids=ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+            stats[cpu] = m.moe_stats()
+        finally:
+            m.close()
+    off, on = stats["off"]["plan"]["executor"], stats[4]["plan"]["executor"]
+    assert not off["hybrid"] and off["hybrid_off"] == "cpu_experts is off"
+    assert on["hybrid"], on.get("hybrid_off")
+    assert on["hybrid_costs"]["hand_off_fixed_us"] == 0.0, "2 × the given reaction"
+    print(f"hybrid on the GPU: cost model {on['hybrid_costs']}, experts computed on the CPU {stats[4]['cpu_computed']} "
+          f"of {stats[4]['misses']} misses, CPU time {stats[4]['cpu_seconds']:.4f} s")
+    assert stats[4]["cpu_computed"] > 0, "the CPU computed some experts"
+    assert stats["off"]["cpu_computed"] == 0
+    rel = ((logits[4] - logits["off"]).norm() / logits["off"].norm()).item()
+    assert rel <= 1e-2, f"logits relative error {rel:.2e}"
+    assert (tokens[4] == tokens["off"]).float().mean().item() >= 0.9
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
 def test_fp8_kernel_teacher_forced_agreement(family, tmp_path):
     """The CUDA FP8 kernels (engine option quantized_kernels) against

@@ -44,6 +44,7 @@ type CPU struct {
 	capture   cpuCapture
 	simd      ffnKernel // ExpertThreads' kernel, made at the first FFN (nil without cgo)
 	views     cpuViews  // AllocViews' memory (views.go)
+	partial   []float32 // the hand-off's partial output (handoff.go)
 }
 
 // NewCPU returns a CPU backend with the given number of copy workers

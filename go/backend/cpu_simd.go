@@ -3,7 +3,6 @@
 package backend
 
 import (
-	"fmt"
 	"unsafe"
 
 	"github.com/moe-infinity/moe_infinity/go/cpuffn"
@@ -61,15 +60,15 @@ func (c *CPU) simdProblem(a FFNArgs) (p cpuffn.Problem, ok bool, err error) {
 	exps := unsafe.Slice((*int64)(ptrOf(a.TopK)), P)
 	p = cpuffn.Problem{
 		T: a.T, K: a.K, Hidden: a.Hidden, Inter: a.Inter, F16: a.DType == 1,
-		X: a.X, Out: a.Out, Scratch: a.Scratch, Weights: routingWeights(a, P),
+		X: a.X, Out: a.Out, Scratch: a.Scratch, Weights: routingWeights(a, P), Addend: a.Addend,
 		Gate: make([]uint64, P), Up: make([]uint64, P), Down: make([]uint64, P),
 	}
 	for i, e := range exps {
+		if err := a.checkPair(int64(i), e); err != nil {
+			return p, false, err
+		}
 		if e < 0 || int(e) >= len(a.GateUp) || a.GateUp[e] == 0 || a.UpAddr(e) == 0 || a.Down[e] == 0 {
-			if !a.SkipInvalid {
-				return p, false, fmt.Errorf("pair %d routes to expert %d, which is not resident", i, e)
-			}
-			continue
+			continue // skipped: a null entry, or SkipInvalid
 		}
 		g, u, d := a.GateUp[e], a.UpAddr(e), a.Down[e]
 		if !inSlots(g, I*H*2) || !inSlots(u, I*H*2) || !inSlots(d, H*I*2) {

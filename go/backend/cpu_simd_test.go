@@ -111,6 +111,28 @@ func TestCPUFFNRunsTheSIMDKernelsOnSlots(t *testing.T) {
 		require.NoError(t, c.FFN(a))
 		assert.Greater(t, src.guards, guards, "the reference ran, under the guard")
 		assert.Equal(t, want, got, "and computed what it computes")
+
+		// A null entry skips its pairs and an addend joins every token's
+		// sum, in the SIMD kernels as in the reference (hybrid execution's
+		// device part).
+		addend := make([]float32, T*H)
+		for i := range addend {
+			addend[i] = rng.Float32()*2 - 1
+		}
+		a.GateUp[2], a.Down[2], a.Addend = 0, 0, p(addend)
+		a.Out = p(want)
+		require.NoError(t, c.ReferenceFFN(a))
+		guards = src.guards
+		a.Out = p(got)
+		require.NoError(t, c.FFN(a))
+		assert.Equal(t, guards, src.guards, "the SIMD kernels ran")
+		for i := range want {
+			rowMax := 0.0
+			for _, v := range want[i/H*H : (i/H+1)*H] {
+				rowMax = math.Max(rowMax, math.Abs(val(v)))
+			}
+			assert.LessOrEqual(t, math.Abs(val(want[i])-val(got[i])), ulp*(2*math.Abs(val(want[i]))+rowMax), "null entry and addend: f16 %v, element %d", f16, i)
+		}
 		require.NoError(t, c.Close())
 	}
 }

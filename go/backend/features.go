@@ -23,6 +23,9 @@ type Features struct {
 	LinkMeter LinkMeter
 	// Views holds quantized experts' dequantized views.
 	Views ViewMemory
+	// HandOff shares a layer's experts between the kernels and the CPU
+	// (hybrid execution).
+	HandOff HandOff
 }
 
 // FeaturesOf resolves b's optional interfaces: the one place the engine's
@@ -37,5 +40,6 @@ func FeaturesOf(b Backend) Features {
 	f.Timed, _ = b.(Timed)
 	f.LinkMeter, _ = b.(LinkMeter)
 	f.Views, _ = b.(ViewMemory)
+	f.HandOff, _ = b.(HandOff)
 	return f
 }

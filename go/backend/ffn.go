@@ -41,7 +41,10 @@ type FFNArgs struct {
 	WDType int64
 	// GateUp[e] and Down[e] are the addresses of expert e's gate_up
 	// [2·Inter, Hidden] and down [Hidden, Inter] regions, indexed by expert
-	// id; experts the layer does not use may be 0.
+	// id. A null entry (GateUp[e] == 0) means "skip": every pair routed to
+	// e contributes nothing (h = 0), as for experts the layer does not use;
+	// hybrid execution leaves the CPU's experts null so that the kernels
+	// compute only the device's.
 	GateUp, Down []uint64
 	// Up[e], when set, is the address of expert e's up rows [Inter,
 	// Hidden]; otherwise they follow the gate rows at GateUp[e].
@@ -51,10 +54,20 @@ type FFNArgs struct {
 	// tables at their scale grids.
 	FP8 *FP8Args
 	// SkipInvalid makes a (token, expert) pair whose id is outside the
-	// tables contribute nothing instead of failing the call, as the GPU
-	// kernels do (mapped mode reports such ids once the routing reaches the
-	// host).
+	// tables (or whose expert has gate rows but lacks others) contribute
+	// nothing instead of failing the call, as the GPU kernels do (mapped
+	// mode reports such ids once the routing reaches the host).
 	SkipInvalid bool
+	// Addend, when not 0, is the address of [T, Hidden] float32 added to
+	// each token's weighted sum after its pairs and before the one rounding
+	// to the activation dtype:
+	//
+	//	out[t] = round(Σ_j w[t·K+j] · Wdown[e] · h[t·K+j] + Addend[t])
+	//
+	// Hybrid execution passes the CPU's partial output there (the sum over
+	// the pairs whose experts it computed), so the layer's result is the
+	// device's part plus the CPU's.
+	Addend uint64
 }
 
 // Routing-weight types of FFNArgs.WDType (the kernels' codes are
@@ -94,6 +107,23 @@ func (a FFNArgs) WeightSize() int64 {
 		return 1
 	}
 	return 2
+}
+
+// checkPair fails for pair p routed to expert e when the call cannot
+// compute it: e outside the tables, or e with gate rows but without its
+// up or down rows (or FP8 scale grids). A null entry (GateUp[e] == 0) is
+// not an error: the pair is skipped. SkipInvalid skips every such pair.
+func (a FFNArgs) checkPair(p, e int64) error {
+	if a.SkipInvalid {
+		return nil
+	}
+	if e < 0 || int(e) >= len(a.GateUp) {
+		return fmt.Errorf("pair %d routes to expert %d, outside the tables of %d experts", p, e, len(a.GateUp))
+	}
+	if a.GateUp[e] != 0 && (a.UpAddr(e) == 0 || a.Down[e] == 0 || (a.FP8 != nil && !a.FP8.has(e))) {
+		return fmt.Errorf("pair %d routes to expert %d, whose table entries are incomplete", p, e)
+	}
+	return nil
 }
 
 // Kernels is implemented by backends that compute the expert FFN
@@ -175,9 +205,13 @@ func (c *CPU) ReferenceFFN(a FFNArgs) error {
 		return e >= 0 && int(e) < len(a.GateUp) && a.GateUp[e] != 0 && a.UpAddr(e) != 0 && a.Down[e] != 0 && (a.FP8 == nil || a.FP8.has(e))
 	}
 	for p := int64(0); p < P; p++ {
-		if !valid(p) && !a.SkipInvalid {
-			return fmt.Errorf("backend cpu: pair %d routes to expert %d, which is not resident", p, exps[p])
+		if err := a.checkPair(p, exps[p]); err != nil {
+			return fmt.Errorf("backend cpu: %w", err)
 		}
+	}
+	var addend []float32
+	if a.Addend != 0 {
+		addend = unsafe.Slice((*float32)(ptrOf(a.Addend)), a.T*H)
 	}
 	// Every goroutine that reads expert rows runs under the source's guard:
 	// in mapped mode they are the checkpoint's file mapping.
@@ -226,6 +260,9 @@ func (c *CPU) ReferenceFFN(a FFNArgs) error {
 				}
 				w := hostSlice(a.Down[exps[p]], H*I*2)
 				acc += wts[p] * round(dotRow(w[r*I*2:(r+1)*I*2], hp, dt), dt)
+			}
+			if addend != nil {
+				acc += addend[idx]
 			}
 			var b [4]byte
 			binary.LittleEndian.PutUint32(b[:], math.Float32bits(acc))

@@ -296,6 +296,8 @@ static void down_rows(const cpuffn_job *j, int64_t r0, int64_t r1, int64_t worke
 	const uint16_t *hb = (const uint16_t *)(uintptr_t)j->hb;
 	const uint8_t *valid = (const uint8_t *)(uintptr_t)j->valid;
 	uint16_t *out = (uint16_t *)(uintptr_t)j->out;
+	const float *addend = (const float *)(uintptr_t)j->addend;
+	float *partial = (float *)(uintptr_t)j->partial;
 	float *y = (float *)(uintptr_t)j->y + worker * P * CPUFFN_RB;
 	dot_fn dot = pick(j);
 	for (int64_t rb = r0; rb < r1; rb += CPUFFN_RB) {
@@ -316,7 +318,8 @@ static void down_rows(const cpuffn_job *j, int64_t r0, int64_t r1, int64_t worke
 				}
 			}
 		}
-		// The weighted sum over a token's experts, in the reference's order.
+		// The weighted sum over a token's experts, in the reference's order
+		// (a token without valid pairs sums to 0 plus its addend).
 		for (int64_t t = 0; t < j->T; t++) {
 			for (int64_t rr = 0; rr < nb; rr++) {
 				float acc = 0;
@@ -324,7 +327,10 @@ static void down_rows(const cpuffn_job *j, int64_t r0, int64_t r1, int64_t worke
 					int64_t p = t * K + k;
 					if (valid[p]) acc += wts[p] * y[p * CPUFFN_RB + rr];
 				}
-				out[t * H + rb + rr] = to_dt(acc, f16);
+				// The addend joins after the token's own pairs, as in the reference.
+				if (addend) acc += addend[t * H + rb + rr];
+				if (partial) partial[t * H + rb + rr] = acc;
+				else out[t * H + rb + rr] = to_dt(acc, f16);
 			}
 		}
 	}

@@ -74,6 +74,16 @@ type Problem struct {
 	F16 bool
 	// X is [T, Hidden] activations; Out receives [T, Hidden], same type.
 	X, Out uint64
+	// Addend, when set, is [T, Hidden] float32 added to each token's
+	// weighted sum after its pairs (in index order) and before the sum is
+	// stored: the device's part of a layer added to the CPU's, or the
+	// CPU's added to the device's (backend.FFNArgs.Addend).
+	Addend uint64
+	// PartialOut, when set, receives the [T, Hidden] float32 sums
+	// unrounded (Addend included) instead of Out, which may then be 0: the
+	// CPU's part of a layer handed to the device's kernels as their
+	// Addend.
+	PartialOut uint64
 	// Scratch is [P, Inter] float32 and receives the SwiGLU intermediate h.
 	Scratch uint64
 	// Weights are the P routing weights.
@@ -92,7 +102,7 @@ func (p Problem) check() error {
 		return fmt.Errorf("cpuffn: shape T=%d K=%d hidden=%d inter=%d must be positive", p.T, p.K, p.Hidden, p.Inter)
 	case int64(len(p.Weights)) != P || int64(len(p.Gate)) != P || int64(len(p.Up)) != P || int64(len(p.Down)) != P:
 		return fmt.Errorf("cpuffn: %d pairs need %d weights and expert addresses (got %d, %d, %d, %d)", P, P, len(p.Weights), len(p.Gate), len(p.Up), len(p.Down))
-	case p.X == 0 || p.Out == 0 || p.Scratch == 0:
+	case p.X == 0 || (p.Out == 0 && p.PartialOut == 0) || p.Scratch == 0:
 		return fmt.Errorf("cpuffn: a tensor address is null")
 	}
 	for i, g := range p.Gate {
@@ -235,6 +245,7 @@ func (k *Kernel) Run(p Problem) error {
 		T: C.int64_t(p.T), K: C.int64_t(p.K), H: C.int64_t(p.Hidden), I: C.int64_t(p.Inter),
 		P: C.int64_t(P), G: C.int64_t(G), isa: C.int64_t(k.isa),
 		x: C.uint64_t(p.X), out: C.uint64_t(p.Out), h: C.uint64_t(p.Scratch),
+		addend: C.uint64_t(p.Addend), partial: C.uint64_t(p.PartialOut),
 	}
 	if p.F16 {
 		j.f16 = 1

@@ -18,7 +18,9 @@ typedef struct {
 	int64_t isa;              // CPUFFN_*
 	uint64_t x;               // [T, H] activations (f16 ? float16 : bfloat16)
 	uint64_t xf;              // [T, H] float32: x converted (cpuffn_prepare)
-	uint64_t out;             // [T, H] output, x's type
+	uint64_t out;             // [T, H] output, x's type (unused when partial is set)
+	uint64_t addend;          // [T, H] float32 added to each token's sum before it is stored; 0: none
+	uint64_t partial;         // [T, H] float32: when set, receives the sums unrounded instead of out
 	uint64_t h;               // [P, I] float32 SwiGLU intermediate
 	uint64_t hb;              // [P, I] bfloat16 copy of h (CPUFFN_AVX512BF16 with bfloat16)
 	uint64_t wts;             // [P] float32 routing weights

@@ -17,7 +17,12 @@ import (
 	"github.com/moe-infinity/moe_infinity/go/dtype"
 )
 
-func addr[T any](s []T) uint64 { return uint64(uintptr(unsafe.Pointer(&s[0]))) }
+func addr[T any](s []T) uint64 {
+	if len(s) == 0 {
+		return 0
+	}
+	return uint64(uintptr(unsafe.Pointer(&s[0])))
+}
 
 // layer is one random MoE layer call in Go memory.
 type layer struct {
@@ -297,4 +302,86 @@ func TestReadBandwidth(t *testing.T) {
 	assert.Positive(t, gbps)
 	_, err = cpuffn.ReadBandwidth(1024, 1, 1)
 	assert.Error(t, err, "too small a buffer")
+}
+
+// TestKernelPartialsAndAddends splits a layer's pairs between two calls,
+// as hybrid execution splits them between the CPU and the device: the
+// first writes its float32 partial sums (PartialOut), the second adds them
+// (Addend). The scalar path matches the reference given the same addend
+// bit for bit; every path's partial rounds to what the same call writes
+// to Out; and the two halves together are the whole layer within the
+// kernels' tolerance.
+func TestKernelPartialsAndAddends(t *testing.T) {
+	for _, f16 := range []bool{false, true} {
+		for _, isa := range cpuffn.ISAs {
+			t.Run(fmt.Sprintf("f16=%v_%s", f16, isa), func(t *testing.T) {
+				if !cpuffn.Supported(isa) {
+					t.Skipf("this CPU lacks %s", isa)
+				}
+				l := newLayer(31, 5, 4, 130, 70, 8, f16, backend.WeightsBF16)
+				// The device computes experts 0-3, the CPU experts 4-7.
+				cpuPairs, devPairs := map[int]bool{}, map[int]bool{}
+				for p, e := range l.topk {
+					if e < 4 {
+						devPairs[p] = true
+					} else {
+						cpuPairs[p] = true
+					}
+				}
+				k, err := cpuffn.NewISA(2, isa)
+				require.NoError(t, err)
+				defer k.Close()
+				scratch := make([]float32, l.T*l.K*l.I)
+
+				// The CPU's part, as a partial and as an output.
+				partial := make([]float32, l.T*l.H)
+				for i := range partial {
+					partial[i] = float32(math.NaN()) // every element is written
+				}
+				p := l.problem(nil, scratch, devPairs)
+				p.Out, p.PartialOut = 0, addr(partial)
+				require.NoError(t, k.Run(p))
+				rounded := make([]uint16, l.T*l.H)
+				p = l.problem(rounded, scratch, devPairs)
+				require.NoError(t, k.Run(p))
+				for i, v := range partial {
+					require.False(t, math.IsNaN(float64(v)), "element %d not written", i)
+					require.Equal(t, rounded[i], bits(v, f16), "element %d: the partial rounds to the output", i)
+				}
+
+				// The device's part with the CPU's added.
+				out := make([]uint16, l.T*l.H)
+				p = l.problem(out, scratch, cpuPairs)
+				p.Addend = addr(partial)
+				require.NoError(t, k.Run(p))
+
+				// The reference: the device's experts, the CPU's ones null, the same addend.
+				want := make([]uint16, l.T*l.H)
+				a := l.args(want, make([]float32, l.T*l.K*l.I))
+				for e := 4; e < 8; e++ {
+					a.GateUp[e], a.Down[e] = 0, 0
+				}
+				a.Addend = addr(partial)
+				require.NoError(t, backend.NewCPU(1).ReferenceFFN(a))
+				if isa == cpuffn.Scalar {
+					assert.Equal(t, want, out, "the scalar path adds the addend where the reference does")
+				} else {
+					assertClose(t, want, out, l.H, f16)
+				}
+				assertClose(t, l.reference(t), out, l.H, f16)
+			})
+		}
+	}
+}
+
+func TestKernelTakesAPartialOutputWithoutOut(t *testing.T) {
+	l := newLayer(5, 1, 2, 33, 17, 4, false, backend.WeightsF32)
+	k := cpuffn.New(1)
+	defer k.Close()
+	p := l.problem(nil, make([]float32, 2*l.I), nil)
+	p.Out = 0
+	assert.Error(t, k.Run(p), "neither Out nor PartialOut")
+	partial := make([]float32, l.H)
+	p.PartialOut = addr(partial)
+	assert.NoError(t, k.Run(p))
 }

@@ -19,14 +19,19 @@ import (
 // slot: they are counted as cache misses (cache.Touch) but never admitted,
 // so they evict nothing.
 //
-// Built for the CPU backend, which stands in for a device so that the CPU
-// test suite exercises every decision: there the "device" is the CPU too,
-// and the layer runs as one cpuffn call whose slot experts are read from
-// their slots and whose CPU experts from host memory, so that the output
-// is the kernels' path's within its rounding (one sum per token, rounded
-// once). A GPU backend's CPU side (activations to the host, the partial
-// output back inside copy mode's handshake) is not built yet: there
-// Plan.Executor.HybridOff says so.
+// One layer call is backend-neutral (layerHybrid), through the backend's
+// hand-off (backend.HandOff): the layer's activations and routing weights
+// are handed to the host, the CPU computes its experts' part of the output
+// as float32 partial sums (cpuffn's PartialOut) while the other experts
+// come over the link into slots, the partial is handed back, and the
+// backend's kernels compute the slot experts (the CPU's experts are null
+// in their tables, so their pairs are skipped) and add the partial
+// (FFNArgs.Addend) before the one rounding per token. The CPU backend's
+// hand-off copies nothing (its memory is the host's), so the CPU test
+// suite runs the same sequence the CUDA backend runs, with the reference
+// and SIMD kernels as the oracle of the CUDA ones. The CUDA hand-off is
+// eager (it waits on the host once per layer), so CUDA-graph replays keep
+// cpu_experts out (docs/ARCHITECTURE.md sketches the host-free version).
 //
 // Where an expert is read: cpuffn reads without a guard, and a checkpoint
 // file truncated under its mapping faults (SIGBUS) in C, which no guard
@@ -50,11 +55,11 @@ type cpuKernel interface {
 
 // cpuProblem is cpuffn.Problem (see there).
 type cpuProblem struct {
-	T, K, Hidden, Inter int64
-	F16                 bool
-	X, Out, Scratch     uint64
-	Weights             []float32
-	Gate, Up, Down      []uint64
+	T, K, Hidden, Inter         int64
+	F16                         bool
+	X, Out, Scratch, PartialOut uint64
+	Weights                     []float32
+	Gate, Up, Down              []uint64
 }
 
 // cpuStageBytes bounds the staging buffers of experts the CPU computes
@@ -63,18 +68,22 @@ const cpuStageBytes = 1 << 30
 
 // hybridState is the engine's CPU side.
 type hybridState struct {
-	k     cpuKernel   // nil: hybrid execution is off
-	costs HybridCosts // the cost model the choices rest on
-	mu    sync.Mutex  // guards stage (held while a call stages and runs)
-	stage [][]byte    // staging buffers, one per staged expert of a call
+	k       cpuKernel   // nil: hybrid execution is off
+	costs   HybridCosts // the cost model the choices rest on
+	mu      sync.Mutex  // guards stage and scratch, and serialises hand-offs (held for a whole call)
+	stage   [][]byte    // staging buffers, one per staged expert of a call
+	scratch []float32   // the CPU's SwiGLU intermediate, [P, Inter]
 }
 
 // setupHybrid turns hybrid execution on when the model's experts run on
-// the kernels, cpu_experts gives the CPU threads and the backend is the
-// CPU backend; it fills the plan's Hybrid, HybridOff and HybridCosts.
-// Called by configure, with e.plan.Executor planned.
+// the kernels, cpu_experts gives the CPU threads, the backend can hand a
+// layer to the CPU (backend.HandOff) and, on a device backend, the link's
+// rates are known (given or measured): the cost model weighs the CPU
+// against them. It fills the plan's Hybrid, HybridOff and HybridCosts.
+// Called by configure, with e.plan.Executor planned and e.rates set.
 func (e *Engine) setupHybrid(p *ExecutorPlan) error {
 	threads := e.cfg.CPUExperts.Threads(e.cfg.Backend)
+	name := e.be.Name()
 	switch {
 	case e.cfg.CPUExperts == CPUExpertsOff:
 		p.HybridOff = "cpu_experts is off"
@@ -88,8 +97,14 @@ func (e *Engine) setupHybrid(p *ExecutorPlan) error {
 	case p.Quant != "":
 		p.HybridOff = fmt.Sprintf("the CPU hand-off computes bfloat16/float16 experts; these are quantized (%s)", p.Quant)
 		return nil
-	case e.be.Name() != "cpu":
-		p.HybridOff = fmt.Sprintf("the %s backend's CPU hand-off is not built yet", e.be.Name())
+	case e.ft.HandOff == nil:
+		p.HybridOff = fmt.Sprintf("the %s backend cannot hand a layer to the CPU", name)
+		return nil
+	case name != "cpu" && e.rates == nil:
+		// The CPU backend's "link" is its copy workers, whose rate the
+		// CPU kernel's measure takes; a device's link is known only from
+		// its rates.
+		p.HybridOff = fmt.Sprintf("the %s backend's link rates are unknown (not given in link_rates, and measure_link is off or its measurement failed): the cost model cannot weigh the CPU against the link", name)
 		return nil
 	}
 	k := newCPUKernel(threads)
@@ -108,6 +123,7 @@ func (e *Engine) setupHybrid(p *ExecutorPlan) error {
 	}
 	if r := e.rates; r != nil { // given or measured on the device: they describe its link
 		c.LinkGBps, c.ReadGBps, c.LinkFixedUs = r.DMAGBps, r.ZeroCopyGBps, r.ReactionUs
+		c.HandOffFixedUs = e.ft.HandOff.HandOffFixedUs(backend.LinkRates(*r))
 	}
 	if !c.usable() {
 		k.close()
@@ -121,11 +137,17 @@ func (e *Engine) setupHybrid(p *ExecutorPlan) error {
 
 // chooseCPU returns the experts of the call (c.Experts, distinct) that
 // ChooseMisses sends to the CPU, ascending; nil when hybrid execution is
-// off or none is. The misses are the experts neither in a slot nor being
+// off, a graph is being captured, or none is. The misses are the experts neither in a slot nor being
 // loaded into one (cache.Lookup: one that changes state before Acquire is
 // served as Acquire finds it).
 func (e *Engine) chooseCPU(c FFNCall, reqs []uint64, topk []int64) []int32 {
 	if e.hybrid.k == nil || topk == nil {
+		return nil
+	}
+	e.mapped.mu.Lock()
+	capturing := e.mapped.capturing
+	e.mapped.mu.Unlock()
+	if capturing { // the hand-off waits on the host: never inside a capture
 		return nil
 	}
 	tokens := make(map[int32]int64, len(c.Experts))
@@ -217,28 +239,34 @@ func (e *Engine) predictReuse(layer int, reqs []uint64, k int64) []float64 {
 }
 
 // layerHybrid computes a layer whose experts cpuX (ascending, a subset of
-// c.Experts) the CPU computes from host memory: the others are acquired
-// into slots as usual, and one cpuffn call computes every pair, reading
-// each expert from its slot or from host memory. cpuX are counted as
-// misses but not admitted.
+// c.Experts) the CPU computes from host memory while the others are
+// acquired into slots as usual (see the top of this file): the backend
+// hands the layer out, the CPU computes its pairs' partial output while
+// Acquire brings the device's experts, and the kernels compute the rest
+// and add the partial. cpuX are counted as misses but not admitted.
 func (e *Engine) layerHybrid(c FFNCall, cpuX []int32, topk []int64) error {
 	hidden, inter, code, err := e.FFNShape()
 	if err != nil {
 		return err
 	}
+	kern, ho := e.ft.Kernels, e.ft.HandOff
+	if kern == nil || ho == nil {
+		return fmt.Errorf("%w: backend %s has no expert FFN kernels or no CPU hand-off", ErrUnsupported, e.be.Name())
+	}
 	if c.DType != code {
 		return fmt.Errorf("%w: activations have dtype code %d but the experts have %d", ErrInvalid, c.DType, code)
 	}
-	if c.WDType < backend.WeightsF32 || c.WDType > backend.WeightsF16 {
+	wsize := int64(2)
+	switch c.WDType {
+	case backend.WeightsF32:
+		wsize = 4
+	case backend.WeightsBF16, backend.WeightsF16:
+	default:
 		return fmt.Errorf("%w: routing-weight type %d (0 = float32, 1 = bfloat16, 2 = float16)", ErrInvalid, c.WDType)
 	}
 	if err := e.checkLayer(c.Layer); err != nil {
 		return err
 	}
-	gu, _ := e.lay.Region("gate_up_proj")
-	dn, _ := e.lay.Region("down_proj")
-	half := uint64(inter * hidden * 2) // the gate rows' bytes; the up rows follow
-	rows := make(map[int32][3]uint64, len(c.Experts))
 	onCPU := make(map[int32]bool, len(cpuX))
 	for _, x := range cpuX {
 		onCPU[x] = true
@@ -249,62 +277,108 @@ func (e *Engine) layerHybrid(c FFNCall, cpuX []int32, topk []int64) error {
 			dev = append(dev, x)
 		}
 	}
-	if len(dev) > 0 {
-		slots := make([]int32, len(dev))
+
+	h := &e.hybrid
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	// The hand-off first: on a GPU the activations' copy is queued on the
+	// stream before Acquire makes it wait for the device experts' copies.
+	t0 := time.Now()
+	P := c.T * c.K
+	work, err := ho.HandOut(c.Stream, c.X, c.T*hidden*2, c.Weights, P*wsize, c.T*hidden*4)
+	if err != nil {
+		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, err)
+	}
+	handed := time.Since(t0)
+	type cpuDone struct {
+		ns  time.Duration
+		err error
+	}
+	done := make(chan cpuDone, 1)
+	go func() {
 		t0 := time.Now()
-		lease, err := e.Acquire(c.Layer, dev, slots, c.Stream)
+		err := e.cpuPart(c, cpuX, topk, work, hidden, inter, code)
+		done <- cpuDone{time.Since(t0), err}
+	}()
+
+	var slots []int32
+	if len(dev) > 0 {
+		slots = make([]int32, len(dev))
+		t0 := time.Now()
+		lease, err := e.acquire(c.Layer, dev, slots, c.Stream, false)
 		if err != nil {
+			<-done // it reads the hand-off's buffers and the staging buffers
 			return err
 		}
 		e.phase(phaseAcquire, t0)
 		defer func() {
 			t0 := time.Now()
-			_ = e.Release(lease, c.Stream) // the CPU backend's Release fails only for an unknown lease
+			_ = e.Release(lease, c.Stream) // fails only for an unknown lease or a closed engine
 			e.phase(phaseRelease, t0)
 		}()
-		for i, s := range slots {
-			b := uint64(e.be.SlotAddr(int(s)))
-			rows[dev[i]] = [3]uint64{b + uint64(gu.Offset), b + uint64(gu.Offset) + half, b + uint64(dn.Offset)}
-		}
 	}
-
-	h := &e.hybrid
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	t0 := time.Now()
 	keys := make([]cache.Key, len(cpuX))
 	for i, x := range cpuX {
 		keys[i] = cache.Key{Layer: int32(c.Layer), Expert: x}
-		r, err := e.hostRows(c.Layer, x, i, gu.Offset, dn.Offset, half)
-		if err != nil {
-			return fmt.Errorf("expert L%d/E%d for the CPU: %w", c.Layer, x, err)
-		}
-		rows[x] = r
 	}
 	e.cache.Touch(keys, make([]bool, len(keys)))
-	P := c.T * c.K
-	p := cpuProblem{
-		T: c.T, K: c.K, Hidden: hidden, Inter: inter, F16: code == 1, X: c.X, Out: c.Out, Scratch: c.Scratch,
-		Weights: weightsF32(c.Weights, c.WDType, P), Gate: make([]uint64, P), Up: make([]uint64, P), Down: make([]uint64, P),
-	}
-	for i, x := range topk {
-		r := rows[int32(x)] // every routed expert is in c.Experts (routingCounts)
-		p.Gate[i], p.Up[i], p.Down[i] = r[0], r[1], r[2]
-	}
-	staged := time.Since(t0)
 	t1 := time.Now()
-	err = h.k.run(p)
-	ran := time.Since(t1)
-	e.phase(phaseKernels, t1)
+	r := <-done
+	if r.err != nil {
+		return fmt.Errorf("expert FFN of layer %d on the CPU: %w", c.Layer, r.err)
+	}
+	addend, err := ho.HandBack(c.Stream)
 	if err != nil {
 		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, err)
 	}
-	// The CPU's time for its experts: staging, and their share of the one
-	// call that computed the layer (each expert's weights are read once).
-	ns := staged + ran*time.Duration(len(cpuX))/time.Duration(len(c.Experts))
+	args := e.kernelArgs(c, hidden, inter, code, dev, slots)
+	args.Addend = addend
+	ffnErr := kern.FFN(args)
+	if err := ho.HandDone(c.Stream); err != nil && ffnErr == nil {
+		ffnErr = err
+	}
+	e.phase(phaseKernels, t1)
+	if ffnErr != nil {
+		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, ffnErr)
+	}
+	// The CPU's time for its experts: the hand-off, staging and its FFN.
 	e.cpuComputed[c.Layer].Add(int64(len(cpuX)))
-	e.cpuNs[c.Layer].Add(int64(ns))
+	e.cpuNs[c.Layer].Add(int64(handed + r.ns))
 	return nil
+}
+
+// cpuPart computes the pairs of call c routed to cpuX (topk, on the host)
+// on the CPU: from the activations and routing weights the hand-off
+// brought (w), into its partial output (float32 [T, Hidden]). Holds
+// e.hybrid.mu.
+func (e *Engine) cpuPart(c FFNCall, cpuX []int32, topk []int64, w backend.HostWork, hidden, inter, code int64) error {
+	gu, _ := e.lay.Region("gate_up_proj")
+	dn, _ := e.lay.Region("down_proj")
+	half := uint64(inter * hidden * 2) // the gate rows' bytes; the up rows follow
+	rows := make(map[int32][3]uint64, len(cpuX))
+	for i, x := range cpuX {
+		r, err := e.hostRows(c.Layer, x, i, gu.Offset, dn.Offset, half)
+		if err != nil {
+			return fmt.Errorf("expert L%d/E%d: %w", c.Layer, x, err)
+		}
+		rows[x] = r
+	}
+	h := &e.hybrid
+	P := c.T * c.K
+	if int64(len(h.scratch)) < P*inter {
+		h.scratch = make([]float32, P*inter)
+	}
+	p := cpuProblem{
+		T: c.T, K: c.K, Hidden: hidden, Inter: inter, F16: code == 1,
+		X: w.X, PartialOut: w.Partial, Scratch: uint64(uintptr(unsafe.Pointer(&h.scratch[0]))),
+		Weights: weightsF32(w.Weights, c.WDType, P), Gate: make([]uint64, P), Up: make([]uint64, P), Down: make([]uint64, P),
+	}
+	for i, x := range topk {
+		if r, ok := rows[int32(x)]; ok && x >= 0 && x < int64(e.experts) { // the device's pairs stay null
+			p.Gate[i], p.Up[i], p.Down[i] = r[0], r[1], r[2]
+		}
+	}
+	return h.k.run(p)
 }
 
 // hostRows are expert (layer, x)'s gate, up and down rows in host memory

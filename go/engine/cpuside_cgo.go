@@ -20,7 +20,7 @@ type simdCPU struct{ k *cpuffn.Kernel }
 func (s simdCPU) run(p cpuProblem) error {
 	return s.k.Run(cpuffn.Problem{
 		T: p.T, K: p.K, Hidden: p.Hidden, Inter: p.Inter, F16: p.F16,
-		X: p.X, Out: p.Out, Scratch: p.Scratch, Weights: p.Weights, Gate: p.Gate, Up: p.Up, Down: p.Down,
+		X: p.X, Out: p.Out, Scratch: p.Scratch, PartialOut: p.PartialOut, Weights: p.Weights, Gate: p.Gate, Up: p.Up, Down: p.Down,
 	})
 }
 

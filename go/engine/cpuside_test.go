@@ -5,9 +5,12 @@ package engine
 import (
 	"encoding/binary"
 	"encoding/json"
+	"fmt"
+	"math"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -15,6 +18,7 @@ import (
 
 	"github.com/moe-infinity/moe_infinity/go/backend"
 	"github.com/moe-infinity/moe_infinity/go/cache"
+	"github.com/moe-infinity/moe_infinity/go/dtype"
 )
 
 // equalRates is an injected cost model: the link and the CPU equally
@@ -211,4 +215,188 @@ func writeBF16ModelFile(t *testing.T, path string, L, E int) {
 	require.NoError(t, err)
 	out := binary.LittleEndian.AppendUint64(nil, uint64(len(h)))
 	require.NoError(t, os.WriteFile(path, append(append(out, h...), data...), 0o644))
+}
+
+// handOffGPU stands in for a GPU backend on the CPU backend: named "cuda",
+// it counts the hand-off's calls and the bytes it hands out, and estimates
+// the hand-off's fixed cost as the CUDA backend does.
+type handOffGPU struct {
+	*backend.CPU
+	outs, backs, dones atomic.Int32
+	sizes              [3]int64 // the last HandOut's x, weights and partial bytes
+}
+
+func (g *handOffGPU) Name() string { return "cuda" }
+
+func (g *handOffGPU) HandOut(s uintptr, x uint64, xb int64, w uint64, wb int64, pb int64) (backend.HostWork, error) {
+	g.outs.Add(1)
+	g.sizes = [3]int64{xb, wb, pb}
+	return g.CPU.HandOut(s, x, xb, w, wb, pb)
+}
+
+func (g *handOffGPU) HandBack(s uintptr) (uint64, error) { g.backs.Add(1); return g.CPU.HandBack(s) }
+func (g *handOffGPU) HandDone(s uintptr) error           { g.dones.Add(1); return g.CPU.HandDone(s) }
+func (g *handOffGPU) HandOffFixedUs(r backend.LinkRates) float64 {
+	return 2 * r.ReactionUs
+}
+
+// noHandOffGPU is a GPU stand-in without the hand-off (its HandOut is not
+// backend.HandOff's).
+type noHandOffGPU struct{ *backend.CPU }
+
+func (noHandOffGPU) Name() string { return "cuda" }
+func (noHandOffGPU) HandOut()     {}
+
+// gpuEngine is hybridEngine's model and settings on a GPU stand-in made
+// by wrap from the CPU backend, with cfg's link settings.
+func gpuEngine(t *testing.T, cfg Config, wrap func(*backend.CPU) backend.Backend) (*Engine, Plan) {
+	t.Helper()
+	cfg.BudgetBytes, cfg.MaxSlots, cfg.CPUExperts = 4*4096, 4, 2
+	cfg.Prefetch, cfg.PrefetchMinEvidence = noPrefetch(), -1
+	e, err := New(cfg)
+	require.NoError(t, err)
+	bf16Model(t, e, 2, 4)
+	e.NewBackend = func(cfg Config) (backend.Backend, error) {
+		be, err := defaultBackend(cfg)
+		if err != nil {
+			return nil, err
+		}
+		return wrap(be.(*backend.CPU)), nil
+	}
+	e.MeasureHybrid = func(int64, int64, bool) (HybridCosts, error) { return equalRates, nil }
+	p, err := e.Configure(Setup{Layout: mixtralSpec, FFN: "swiglu"})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = e.Close() })
+	return e, p
+}
+
+func TestHybridOnADeviceBackendNeedsLinkRatesAndAHandOff(t *testing.T) {
+	on := true
+	measured := backend.LinkRates{DMAGBps: 50, ZeroCopyGBps: 40, ReactionUs: 20}
+	for _, tc := range []struct {
+		name string
+		cfg  Config
+		wrap func(*backend.CPU) backend.Backend
+		off  string // "": hybrid is on
+	}{
+		{"no link rates", Config{}, func(c *backend.CPU) backend.Backend { return &handOffGPU{CPU: c} }, "link rates are unknown"},
+		{"measure_link on, but no meter", Config{MeasureLink: &on}, func(c *backend.CPU) backend.Backend { return &handOffGPU{CPU: c} }, "link rates are unknown"},
+		{"no hand-off", Config{LinkRates: &LinkRates{DMAGBps: 50, ZeroCopyGBps: 40, ReactionUs: 20}}, func(c *backend.CPU) backend.Backend { return noHandOffGPU{c} }, "cannot hand a layer to the CPU"},
+		{"given rates", Config{LinkRates: &LinkRates{DMAGBps: 50, ZeroCopyGBps: 40, ReactionUs: 20}}, func(c *backend.CPU) backend.Backend { return &handOffGPU{CPU: c} }, ""},
+		{"measured rates", Config{MeasureLink: &on}, func(c *backend.CPU) backend.Backend {
+			return &meteredHandOffGPU{handOffGPU: &handOffGPU{CPU: c}, rates: measured}
+		}, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, p := gpuEngine(t, tc.cfg, tc.wrap)
+			assert.Equal(t, "cuda", p.Backend)
+			if tc.off != "" {
+				assert.False(t, p.Executor.Hybrid)
+				assert.Nil(t, p.Executor.HybridCosts)
+				assert.Contains(t, p.Executor.HybridOff, tc.off)
+				return
+			}
+			require.True(t, p.Executor.Hybrid, p.Executor.HybridOff)
+			c := *p.Executor.HybridCosts
+			assert.Equal(t, []float64{50, 40, 20}, []float64{c.LinkGBps, c.ReadGBps, c.LinkFixedUs}, "the device's link")
+			assert.Equal(t, 40.0, c.HandOffFixedUs, "the backend's estimate of the hand-off from the link's rates")
+			assert.Equal(t, equalRates.CPUGBps, c.CPUGBps, "the CPU's figures, as measured")
+		})
+	}
+}
+
+// meteredHandOffGPU is handOffGPU with a link to measure.
+type meteredHandOffGPU struct {
+	*handOffGPU
+	rates backend.LinkRates
+}
+
+func (m *meteredHandOffGPU) MeasureLink() (backend.LinkRates, error) { return m.rates, nil }
+
+// On a device backend the layer goes through the backend's hand-off: the
+// activations and weights out, the CPU's float32 partial back, once per
+// layer call, and the result is the layer's.
+func TestHybridHandsTheLayerToTheCPUThroughTheBackend(t *testing.T) {
+	var g *handOffGPU
+	e, p := gpuEngine(t, Config{LinkRates: &LinkRates{DMAGBps: 10, ZeroCopyGBps: 10}}, func(c *backend.CPU) backend.Backend {
+		g = &handOffGPU{CPU: c}
+		return g
+	})
+	require.True(t, p.Executor.Hybrid, p.Executor.HybridOff)
+	req, err := e.BeginRequest()
+	require.NoError(t, err)
+	hybridLayer(t, e, req, 0, 1, 2, 3)
+	st, err := e.Stats()
+	require.NoError(t, err)
+	assert.Equal(t, int64(2), st.Layers[1].CPUComputed, "equal rates: the link and the CPU take two each")
+	assert.Equal(t, []int32{1, 1, 1}, []int32{g.outs.Load(), g.backs.Load(), g.dones.Load()})
+	const T = 4
+	assert.Equal(t, [3]int64{T * mH * 2, T * 4, T * mH * 4}, g.sizes, "bfloat16 x, float32 weights, float32 partial")
+
+	// A call without CPU experts does not hand anything over.
+	hybridLayer(t, e, req, 0)
+	assert.Equal(t, int32(1), g.outs.Load())
+}
+
+// Hybrid execution computes what the layer computes without it, within
+// the kernels' rounding (the CPU's part is summed apart from the device's
+// and added before the one rounding per token), for several tokens with
+// two experts each and every routing-weight type.
+func TestHybridMatchesTheLayerWithoutHybrid(t *testing.T) {
+	const L, E = 2, 4
+	for _, tc := range []struct {
+		T, K int
+		wdt  int64
+	}{
+		{1, 2, backend.WeightsF32}, {3, 2, backend.WeightsBF16}, {8, 2, backend.WeightsF16}, {5, 3, backend.WeightsF32},
+	} {
+		t.Run(fmt.Sprintf("T%d_K%d_w%d", tc.T, tc.K, tc.wdt), func(t *testing.T) {
+			e := hybridEngine(t, 4, func(e *Engine) { bf16Model(t, e, L, E) })
+			plain := mappedEngine(t, L, E, 4)
+			req, err := e.BeginRequest()
+			require.NoError(t, err)
+			rng := rand.New(rand.NewPCG(uint64(tc.T), 9))
+			io := ffnIOOf(rng, tc.T, tc.K, E, mH, mI, func() float32 { return 0.25 + rng.Float32() })
+			weights := routingBytes(io.weights, tc.wdt)
+
+			ref := &ffnIO{x: io.x, out: make([]byte, len(io.out)), scratch: make([]float32, len(io.scratch)), topk: io.topk, weights: io.weights}
+			c := ref.call(1, tc.T, tc.K)
+			c.Weights, c.WDType = addr(weights), tc.wdt
+			seen := map[int64]bool{}
+			for _, x := range io.topk {
+				if !seen[x] {
+					seen[x] = true
+					c.Experts = append(c.Experts, int32(x))
+				}
+			}
+			require.NoError(t, plain.LayerFFN(c))
+
+			a := LayerArgs{FFNCall: io.call(1, tc.T, tc.K), Reqs: []uint64{req}, TopKHost: io.topk}
+			a.Weights, a.WDType = addr(weights), tc.wdt
+			r, err := e.Layer(a)
+			require.NoError(t, err)
+			assert.Equal(t, PathKernels, r.Path)
+			st, err := e.Stats()
+			require.NoError(t, err)
+			assert.Positive(t, st.Layers[1].CPUComputed, "the CPU computed some experts")
+			assert.Positive(t, st.Layers[1].Loads, "and the link brought others")
+			assertBF16Close(t, ref.out, io.out)
+		})
+	}
+}
+
+// routingBytes are weights as wdt.
+func routingBytes(w []float32, wdt int64) []byte {
+	var out []byte
+	for _, v := range w {
+		switch wdt {
+		case backend.WeightsBF16:
+			out = binary.LittleEndian.AppendUint16(out, dtype.F32BitsToBF16(math.Float32bits(v)))
+		case backend.WeightsF16:
+			out = binary.LittleEndian.AppendUint16(out, dtype.F32BitsToF16(math.Float32bits(v)))
+		default:
+			out = binary.LittleEndian.AppendUint32(out, math.Float32bits(v))
+		}
+	}
+	return out
 }

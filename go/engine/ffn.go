@@ -118,6 +118,23 @@ func (e *Engine) LayerFFN(c FFNCall) error {
 		return err
 	}
 	t0 = e.phase(phaseAcquire, t0)
+	ffnErr := kern.FFN(e.kernelArgs(c, hidden, inter, code, c.Experts, slots))
+	t0 = e.phase(phaseKernels, t0)
+	if err := e.Release(lease, c.Stream); err != nil && ffnErr == nil {
+		ffnErr = err
+	}
+	e.phase(phaseRelease, t0)
+	if ffnErr != nil {
+		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, ffnErr)
+	}
+	return nil
+}
+
+// kernelArgs are the kernels' arguments for call c over experts, which
+// are in slots (slots[i] holds experts[i]). The tables' other entries are
+// null: the kernels skip pairs routed there (hybrid execution's CPU
+// experts).
+func (e *Engine) kernelArgs(c FFNCall, hidden, inter, code int64, experts, slots []int32) backend.FFNArgs {
 	args := backend.FFNArgs{
 		Stream: c.Stream, X: c.X, Out: c.Out, Scratch: c.Scratch, TopK: c.TopK, Weights: c.Weights,
 		T: c.T, K: c.K, Hidden: hidden, Inter: inter, DType: code, WDType: c.WDType,
@@ -131,22 +148,13 @@ func (e *Engine) LayerFFN(c FFNCall) error {
 	}
 	for i, s := range slots {
 		r := e.kl.SlotRows(e.be.SlotAddr(int(s)))
-		x := c.Experts[i]
+		x := experts[i]
 		args.GateUp[x], args.Up[x], args.Down[x] = uint64(r[backend.EntryGate]), uint64(r[backend.EntryUp]), uint64(r[backend.EntryDown])
 		if q != nil {
 			q.GateScale[x], q.UpScale[x], q.DownScale[x] = uint64(r[backend.EntryGateScale]), uint64(r[backend.EntryUpScale]), uint64(r[backend.EntryDownScale])
 		}
 	}
-	ffnErr := kern.FFN(args)
-	t0 = e.phase(phaseKernels, t0)
-	if err := e.Release(lease, c.Stream); err != nil && ffnErr == nil {
-		ffnErr = err
-	}
-	e.phase(phaseRelease, t0)
-	if ffnErr != nil {
-		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, ffnErr)
-	}
-	return nil
+	return args
 }
 
 // layerKernels traces counts (the per-request routing of c.Experts, from

@@ -71,6 +71,12 @@ type HybridCosts struct {
 	// the partial output back on a GPU; staging on the CPU backend is in
 	// CPUGBps), in µs.
 	CPUFixedUs float64 `json:"cpu_fixed_us"`
+	// HandOffFixedUs is the fixed cost, per layer call that computes
+	// anything on the CPU, of the backend's hand-off (backend.HandOff:
+	// the activations to the host, the partial output back), in µs; it
+	// joins CPUFixedUs. 0 on the CPU backend, whose hand-off copies
+	// nothing; on CUDA the backend's estimate from the link's rates.
+	HandOffFixedUs float64 `json:"hand_off_fixed_us"`
 	// LinkShare and CPUShare are the fractions of its rate each side keeps
 	// while the other runs, in (0, 1]: measured by running both at once.
 	// On one H100 host the link kept 0.87 and torch's CPU FFN 0.51.
@@ -83,6 +89,7 @@ func (c HybridCosts) usable() bool {
 	ok := func(v float64) bool { return v > 0 && !math.IsInf(v, 0) }
 	share := func(v float64) bool { return v > 0 && v <= 1 }
 	return ok(c.LinkGBps) && ok(c.CPUGBps) && c.CPUTokenCost >= 0 && c.LinkFixedUs >= 0 && c.CPUFixedUs >= 0 &&
+		c.HandOffFixedUs >= 0 && !math.IsInf(c.HandOffFixedUs, 0) &&
 		share(c.LinkShare) && share(c.CPUShare) && !math.IsInf(c.CPUTokenCost, 0)
 }
 
@@ -147,8 +154,8 @@ type MissPlan struct {
 //     expert. Each goes to the CPU when that makes the layer finish
 //     strictly earlier (Makespan of the link's and the CPU's queues,
 //     contention included) than sending it over the link; ties go to the
-//     link. A side's fixed cost (LinkFixedUs, CPUFixedUs) joins its queue
-//     with its first expert.
+//     link. A side's fixed cost (LinkFixedUs; CPUFixedUs + HandOffFixedUs)
+//     joins its queue with its first expert.
 //
 // Without the CPU (CPU false, MaxCPU reached, or costs that cannot be
 // compared) every cold miss crosses the link as in step 2.
@@ -201,7 +208,7 @@ func ChooseMisses(in MissInputs) MissPlan {
 			}
 			withCPU := cpu + cpuS
 			if cpu == 0 {
-				withCPU += c.CPUFixedUs * 1e-6
+				withCPU += (c.CPUFixedUs + c.HandOffFixedUs) * 1e-6
 			}
 			if Makespan(link, withCPU, c) < Makespan(withLink, cpu, c) {
 				plan.Ways[i] = MissCPU

@@ -60,6 +60,13 @@ func TestChooseMisses(t *testing.T) {
 			// would end the CPU at 1.1 > 1 on the link; then the CPU again
 			// (1.1 and 1.35 against 2 on the link)
 			Misses: []Miss{cold(0, 1), cold(1, 1), cold(2, 1), cold(3, 1)}}, []MissWay{P, C, P, P}, 1.35},
+		{"the hand-off's fixed cost joins the CPU's", MissInputs{Costs: HybridCosts{LinkGBps: 1, CPUGBps: 4, CPUFixedUs: 300e3, HandOffFixedUs: 300e3, LinkShare: 1, CPUShare: 1},
+			ExpertBytes: B, CPU: true, HotShare: 0.5,
+			// as above: 0.3 + 0.3 of fixed costs, once
+			Misses: []Miss{cold(0, 1), cold(1, 1), cold(2, 1), cold(3, 1)}}, []MissWay{P, C, P, P}, 1.35},
+		{"a hand-off dearer than the link keeps the CPU out", MissInputs{Costs: HybridCosts{LinkGBps: 1, CPUGBps: 4, HandOffFixedUs: 2e6, LinkShare: 1, CPUShare: 1},
+			ExpertBytes: B, CPU: true, HotShare: 0.5,
+			Misses: []Miss{cold(0, 1), cold(1, 1)}}, []MissWay{C, C}, 2},
 		{"the link's fixed cost counts once", MissInputs{Costs: HybridCosts{LinkGBps: 1, LinkFixedUs: 500e3, CPUGBps: 1 / 1.2, LinkShare: 1, CPUShare: 1},
 			ExpertBytes: B, CPU: true, HotShare: 0.5,
 			// the first on the CPU (1.2 s against 0.5 + 1 on the link), the
@@ -78,6 +85,9 @@ func TestChooseMisses(t *testing.T) {
 		{"HotShare 0: any prediction is hot, none is cold", MissInputs{Costs: costs(0.5), ExpertBytes: B, CPU: true,
 			Misses: []Miss{{Expert: 0, Tokens: 1, Reuse: 0.01}, cold(1, 1)}}, []MissWay{C, P}, 1},
 		{"costs that cannot compare the sides leave the CPU out", MissInputs{Costs: HybridCosts{LinkGBps: 1, CPUGBps: 10, LinkShare: 0, CPUShare: 1},
+			ExpertBytes: B, CPU: true, HotShare: 0.5,
+			Misses: []Miss{cold(0, 1)}}, []MissWay{C}, 1},
+		{"a negative hand-off cost cannot compare the sides", MissInputs{Costs: HybridCosts{LinkGBps: 1, CPUGBps: 10, HandOffFixedUs: -1, LinkShare: 1, CPUShare: 1},
 			ExpertBytes: B, CPU: true, HotShare: 0.5,
 			Misses: []Miss{cold(0, 1)}}, []MissWay{C}, 1},
 	} {

@@ -79,6 +79,8 @@ type Backend struct {
 	views *views // quantized experts' dequantized views (views.go), once allocated
 
 	serveNs [servePhases]atomic.Int64 // copy mode's ServeLayer (PhaseNs)
+
+	hand handOff // hybrid execution's hand-off (handoff.go)
 }
 
 type hostSeg struct {
@@ -541,6 +543,7 @@ func (b *Backend) freeLocked() error {
 			keep(streamDestroy(b.prefetch))
 		}
 		b.demand, b.prefetch = 0, 0
+		b.freeHandOff(keep)
 		for i := range b.tables {
 			if b.tableEv[i] != 0 {
 				keep(eventSync(b.tableEv[i]))

@@ -18,7 +18,8 @@ const fp8MaxHidden = 12288
 // launchFFN launches moe_gate_up_swiglu and moe_down (their _fp8 variants
 // for FP8 experts, with the scale grids' tables) on a.Stream with the
 // pointer tables at tab: entry j (backend.EntryGate, ...) of expert e at
-// tab + 8·(j·n + e), n experts (3 entries each, 6 for FP8 experts).
+// tab + 8·(j·n + e), n experts (3 entries each, 6 for FP8 experts). Null
+// entries skip their pairs; a.Addend (0: none) joins moe_down's sums.
 func (b *Backend) launchFFN(a backend.FFNArgs, tab uint64, n int) error {
 	P := a.T * a.K
 	E := uint64(n)
@@ -34,7 +35,7 @@ func (b *Backend) launchFFN(a backend.FFNArgs, tab uint64, n int) error {
 		grid = int((a.Hidden + warpsPerBlock - 1) / warpsPerBlock)
 		if err := launch(b.down8, grid, int(a.T), 32*warpsPerBlock, a.Stream,
 			a.Scratch, a.TopK, dt, a.Weights, a.Out, uint64(a.T), uint64(a.K), uint64(a.Hidden), uint64(a.Inter), uint64(a.DType), E,
-			a.KernelWDType(), uint64(q.BlockRows), uint64(q.BlockCols), at(backend.EntryDownScale)); err != nil {
+			a.KernelWDType(), uint64(q.BlockRows), uint64(q.BlockCols), at(backend.EntryDownScale), a.Addend); err != nil {
 			return fmt.Errorf("launching moe_down_fp8: %w", err)
 		}
 		return nil
@@ -46,7 +47,7 @@ func (b *Backend) launchFFN(a backend.FFNArgs, tab uint64, n int) error {
 	grid = int((a.Hidden + warpsPerBlock - 1) / warpsPerBlock)
 	if err := launch(b.down, grid, int(a.T), 32*warpsPerBlock, a.Stream,
 		a.Scratch, a.TopK, dt, a.Weights, a.Out, uint64(a.T), uint64(a.K), uint64(a.Hidden), uint64(a.Inter), uint64(a.DType), E,
-		a.KernelWDType()); err != nil {
+		a.KernelWDType(), a.Addend); err != nil {
 		return fmt.Errorf("launching moe_down: %w", err)
 	}
 	return nil
