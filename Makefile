@@ -20,10 +20,14 @@ CUDA_LIB  := $(BUILD)/libmoe_infinity_cuda.so
 CUDA_SDK  := $(BUILD)/cuda
 CLANG     ?= $(shell command -v clang-16 || command -v clang-17 || command -v clang-18 || command -v clang)
 PTX       := go/backend/cuda/moe_ffn.ptx
+PTX89     := go/backend/cuda/moe_ffn_sm89.ptx
 # The kernels are CUDA C++ compiled to PTX with clang's CUDA front end
 # (no CUDA toolkit needed); PTX for sm_80 runs on A100, H100 and later.
-PTXFLAGS  := -x cuda --cuda-device-only -nocudainc -nocudalib --cuda-gpu-arch=sm_80 \
-             -Xclang -target-feature -Xclang +ptx70 -O3 -S
+# The sm_89 build (PTX ISA 7.8, Ada and Hopper: engine option
+# kernel_build "sm89") decodes FP8 weights with cvt.rn.f16x2.e4m3x2.
+PTXCOMMON := -x cuda --cuda-device-only -nocudainc -nocudalib -O3 -S
+PTXFLAGS  := $(PTXCOMMON) --cuda-gpu-arch=sm_80 -Xclang -target-feature -Xclang +ptx70
+PTX89FLAGS := $(PTXCOMMON) --cuda-gpu-arch=sm_89 -Xclang -target-feature -Xclang +ptx78
 
 .PHONY: all lib wheel sdist cuda cuda-check ptx ptx-check cuda-sdk gpu-test replay test gotest testrace invariants vet ctest pytest fuzz fuzz-ci bench tidy-check clean install
 
@@ -41,19 +45,26 @@ cuda: $(CUDA_LIB)
 cuda-sdk:
 	bash cuda/fetch_sdk.sh
 
-$(CUDA_LIB): $(GOFILES) $(PTX) | cuda-sdk
+$(CUDA_LIB): $(GOFILES) $(PTX) $(PTX89) | cuda-sdk
 	CGO_ENABLED=1 CGO_CFLAGS="-I$(abspath $(CUDA_SDK))/include -Wno-deprecated-declarations" CGO_LDFLAGS="-L$(abspath $(CUDA_SDK))/lib" \
 		$(GO) build -trimpath -tags cuda -buildmode=c-shared -o $@ ./capi
 
-# Regenerates the committed PTX from cuda/*.cu.
+# Regenerates the committed PTX (both builds) from cuda/*.cu.
 ptx:
 	$(CLANG) $(PTXFLAGS) -o $(PTX) cuda/moe_ffn.cu
+	$(CLANG) $(PTX89FLAGS) -o $(PTX89) cuda/moe_ffn.cu
 
-# Fails when the committed PTX differs from what cuda/*.cu compiles to.
+# Fails when either committed PTX differs from what cuda/*.cu compiles to,
+# or declares another target or PTX ISA than its build's.
 ptx-check:
 	@if [ -z "$(CLANG)" ]; then echo "ptx-check: no clang on PATH (apt-get install clang-16); not checked"; exit 0; fi; \
 	mkdir -p $(BUILD) && $(CLANG) $(PTXFLAGS) -o $(BUILD)/moe_ffn.check.ptx cuda/moe_ffn.cu && \
-	diff -q $(PTX) $(BUILD)/moe_ffn.check.ptx && echo "ptx-check: $(PTX) matches cuda/moe_ffn.cu"
+	diff -q $(PTX) $(BUILD)/moe_ffn.check.ptx && echo "ptx-check: $(PTX) matches cuda/moe_ffn.cu" && \
+	$(CLANG) $(PTX89FLAGS) -o $(BUILD)/moe_ffn_sm89.check.ptx cuda/moe_ffn.cu && \
+	diff -q $(PTX89) $(BUILD)/moe_ffn_sm89.check.ptx && echo "ptx-check: $(PTX89) matches cuda/moe_ffn.cu" && \
+	grep -qx '.target sm_80' $(PTX) && grep -qx '.version 7.0' $(PTX) && \
+	grep -qx '.target sm_89' $(PTX89) && grep -qx '.version 7.8' $(PTX89) && \
+	echo "ptx-check: targets sm_80 (PTX 7.0) and sm_89 (PTX 7.8)"
 
 # Builds the CUDA variant (no GPU needed) and checks its exports.
 cuda-check: $(CUDA_LIB) ptx-check

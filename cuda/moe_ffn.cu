@@ -174,8 +174,8 @@ extern "C" __global__ void moe_down(const float *h, const long *topk, const unsi
 // The engine's CPU reference (go/backend, FP8Args) does the same
 // arithmetic.
 
-// Exact float8_e4m3fn decode (no infinities; 0x7f/0xff are NaN); sm_80 has
-// no fp8 conversion instruction.
+// Exact float8_e4m3fn decode (no infinities; 0x7f/0xff are NaN), in
+// software: sm_80 has no fp8 conversion instruction.
 __device__ __forceinline__ float moe_fp8_to_f32(unsigned int b) {
     unsigned int sign = (b & 0x80u) << 24, e = (b >> 3) & 15u, m = b & 7u;
     if (e == 15u && m == 7u) return __builtin_bit_cast(float, 0x7fc00000u | sign);
@@ -183,9 +183,40 @@ __device__ __forceinline__ float moe_fp8_to_f32(unsigned int b) {
     return __builtin_bit_cast(float, sign | ((e + 120u) << 23) | (m << 20));
 }
 
+// The sm_89 build (go/backend/cuda/moe_ffn_sm89.ptx, PTX ISA 7.8; Ada and
+// Hopper) decodes two bytes with one hardware conversion,
+// cvt.rn.f16x2.e4m3x2 (low byte to the low half), then each half to f32
+// with cvt.f32.f16. Both steps are exact for every non-NaN byte (every
+// e4m3 value is a normal f16 or zero), so the f32 is moe_fp8_to_f32's bit
+// for bit (checked on the CPU for all 256 bytes: go/backend/cuda,
+// TestHardwareE4M3ModelMatchesTheSoftwareDecode). The hardware's NaN is
+// f16's canonical one (sign dropped), not moe_fp8_to_f32's, so 16 bytes
+// holding a NaN byte take the software decode: the f32 values, and from
+// there the arithmetic, are the sm_80 build's for every byte.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+#define MOE_FP8_HW 1
+
+// Two e4m3 bytes (b2's low 16 bits, low byte first) as two f32.
+__device__ __forceinline__ void moe_fp8x2_to_f32(unsigned int b2, float *lo, float *hi) {
+    unsigned int h2;
+    unsigned short in = (unsigned short)(b2 & 0xffffu);
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(in));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(*lo) : "h"((unsigned short)(h2 & 0xffffu)));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(*hi) : "h"((unsigned short)(h2 >> 16)));
+}
+
+// Whether any of w's four bytes is an e4m3 NaN (low 7 bits all ones): the
+// +1 carries into a byte's bit 7 exactly then, and never across bytes.
+__device__ __forceinline__ unsigned int moe_fp8_nan4(unsigned int w) {
+    return ((w & 0x7f7f7f7fu) + 0x01010101u) & 0x80808080u;
+}
+#endif
+
 // dot of row `row` of an FP8 matrix (n columns, scale grid sg, rows of the
 // grid counted from row0) with a f32 vector. Lanes take 16 columns at a
-// time with one 16-byte load when the row allows it.
+// time with one 16-byte load when the row allows it (in the sm_89 build
+// decoded by the hardware, two bytes a conversion; other rows byte by byte
+// in software in both builds).
 __device__ __forceinline__ float moe_fp8_row_dot(const unsigned char *w, const float *sg, long row0, long row,
                                                  const float *vec, long n, long br, long bc, long dtype, unsigned int lane) {
     const unsigned char *r = w + row * n;
@@ -198,8 +229,21 @@ __device__ __forceinline__ float moe_fp8_row_dot(const unsigned char *w, const f
             unsigned int q[4] = {v.x, v.y, v.z, v.w};
             float sc = s[(c * 16) / bc];
             const float *x = vec + c * 16;
+#ifdef MOE_FP8_HW
+            float f[16];
+            if (moe_fp8_nan4(q[0]) | moe_fp8_nan4(q[1]) | moe_fp8_nan4(q[2]) | moe_fp8_nan4(q[3])) {
+#pragma unroll
+                for (int k = 0; k < 16; k++) f[k] = moe_fp8_to_f32((q[k >> 2] >> (8 * (k & 3))) & 0xffu);
+            } else {
+#pragma unroll
+                for (int k = 0; k < 16; k += 2) moe_fp8x2_to_f32(q[k >> 2] >> (8 * (k & 3)), &f[k], &f[k + 1]);
+            }
+#pragma unroll
+            for (int k = 0; k < 16; k++) acc += moe_round(f[k] * sc, dtype) * x[k];
+#else
 #pragma unroll
             for (int k = 0; k < 16; k++) acc += moe_round(moe_fp8_to_f32((q[k >> 2] >> (8 * (k & 3))) & 0xffu) * sc, dtype) * x[k];
+#endif
         }
     } else {
         for (long c = lane; c < n; c += 32) acc += moe_round(moe_fp8_to_f32(r[c]) * s[c / bc], dtype) * vec[c];

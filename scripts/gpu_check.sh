@@ -2,7 +2,7 @@
 # One call on the GPU machine: runs the GPU suite against the CUDA build of
 # the engine made on the CPU machine (`make cuda`), and prints a summary.
 #
-#   bash scripts/gpu_check.sh [gpu|parity|bench|headline|copy|defaults|margin|serve|profile|variants|fp8|all]     (default: all)
+#   bash scripts/gpu_check.sh [gpu|parity|bench|headline|copy|defaults|margin|serve|profile|variants|fp8|fp8-sm89|all]     (default: all)
 #
 # fp8: the FP8 kernels' GPU tests (FP8 checkpoints and offload(expert_dtype=
 # "fp8"), slot and mapped mode, CUDA graphs), then the Qwen3-30B-A3B shape at
@@ -12,6 +12,16 @@
 # (target <= 0.60), ratio_to_floor its own floor's (<= 1.15). CUDA-graph
 # steps for both (FP8 experts run in mapped mode like bf16 ones). Fits one
 # call (~9 minutes at most).
+#
+# fp8-sm89: the sm89 kernel build (engine option kernel_build "sm89": FP8
+# weights decoded by the hardware's cvt.rn.f16x2.e4m3x2; opt-in until this
+# step has passed on a GPU): the FP8 GPU tests, among them
+# test_fp8_kernel_builds_give_the_same_bits (both builds in one process,
+# logits bit for bit), then the Qwen3-30B-A3B shape at 24 GiB with FP8
+# experts decoded with sm80 and then sm89 in one decode.py process (same
+# weights and routing): the sm89 row's s_per_token_vs_sm80 is what the
+# hardware decode gains. Needs compute capability >= 8.9 (H100); fits one call
+# (~9 minutes at most).
 #
 # profile: Mixtral's replayed steps under the torch profiler, with copy
 # mode's waits split into copying and idle (benchmarks/profile_step.py).
@@ -98,6 +108,12 @@ if [ "$what" = fp8 ]; then  # quantized experts: FP8 against bf16 on the same ro
     run fp8_gpu_tests timeout 120 python3 -m pytest -p no:cacheprovider -q -m gpu -rA -k "fp8" tests/test_gpu.py
     run qwen3_bf16_fp8 timeout 400 python3 benchmarks/decode.py --preset qwen3-30b-a3b --device-memory 24GiB --decode 32 \
         --routing generated --no-ablations --expert-dtype bf16,fp8 --quantized-kernels --graph --out "$OUT/decode_qwen3_bf16_fp8.json"
+fi
+if [ "$what" = fp8-sm89 ]; then  # the sm89 kernel build against sm80: same bits, and the decode speed of each
+    run fp8_sm89_gpu_tests timeout 200 python3 -m pytest -p no:cacheprovider -q -m gpu -rA -k "fp8 or kernel_build" tests/test_gpu.py
+    run qwen3_fp8_sm80_sm89 timeout 380 python3 benchmarks/decode.py --preset qwen3-30b-a3b --device-memory 24GiB --decode 32 \
+        --routing generated --no-ablations --expert-dtype fp8 --quantized-kernels --kernel-build sm80,sm89 --graph \
+        --out "$OUT/decode_qwen3_fp8_sm80_sm89.json"
 fi
 if [ "$what" = margin ]; then  # admission margin 4 against the default, both shapes
     D="python3 benchmarks/decode.py --device-memory 24GiB --decode 32 --graph --pipeline --no-ablations"

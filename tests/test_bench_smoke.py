@@ -212,3 +212,25 @@ def test_serve_load_harness_tiny_cpu(tmp_path):
     assert "Poisson: p99 TPOT " in res.stdout
     closed3 = [r for r in rows if r.get("concurrency") == 3]
     assert all(r["steps"] < r["output_tokens"] for r in closed3), "three clients decode in shared steps"
+
+
+def test_decode_harness_kernel_builds_in_one_run_tiny_cpu(tmp_path):
+    """--kernel-build sm80,sm89: one row per build, in one process, each
+    carrying the build the engine loaded (none on the CPU, which ignores the
+    option); s_per_token_vs_sm80 only where an sm89 row has an sm80 twin."""
+    out = tmp_path / "k.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--preset", "tiny", "--device", "cpu", "--no-ablations",
+           "--device-memory", "300KiB", "--prompt-len", "12", "--decode", "4", "--expert-dtype", "fp8", "--kernel-build", "sm80,sm89",
+           "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["expert_dtype"] for r in rows] == ["fp8", "fp8"]
+    assert [r["kernel_build"] for r in rows] == ["none", "none"]
+    assert [r["s_per_token_vs_sm80"] for r in rows] == [None, None]
+
+
+def test_decode_harness_refuses_unknown_kernel_builds():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--device", "cpu", "--kernel-build", "sm80,sm90"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--kernel-build" in res.stderr, res.stderr[-2000:]

@@ -569,6 +569,55 @@ def test_offload_fp8_kernels_agree_with_the_cpu_reference():
 
 
 
+def _below_sm89() -> bool:
+    return torch.cuda.get_device_capability(0) < (8, 9)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_fp8_kernel_builds_give_the_same_bits(family, tmp_path):
+    """The sm89 kernel build (engine option kernel_build: FP8 weights decoded
+    by the hardware's cvt.rn.f16x2.e4m3x2) against the default sm80 build
+    (software decode), in one process on one FP8 checkpoint: teacher-forced
+    logits identical bit for bit, over decode steps that read experts in
+    place (mapped) and from slots."""
+    if _below_sm89():
+        major, minor = torch.cuda.get_device_capability(0)
+        pytest.skip(f"kernel_build sm89 needs compute capability 8.9 or higher; this GPU is {major}.{minor}")
+    path = _trained_fp8(family, tmp_path / family)
+    prompt = torch.randint(3, tm.VOCAB, (2, 8), generator=torch.Generator().manual_seed(2)).cuda()
+    logits, seq = {}, None
+    for build in ("sm80", "sm89"):
+        ours = mi.from_pretrained(path, device="cuda", device_memory="2GiB",
+                                  engine_options={"quantized_kernels": True, "kernel_build": build})
+        try:
+            plan = ours.moe_stats()["plan"]
+            assert plan["kernel_build"] == build
+            assert plan["executor"]["kernels"] and plan["executor"]["quant"] == "fp8", plan["executor"]
+            if seq is None:
+                seq = ours.generate(input_ids=prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+            ours.moe_tune(flush=True)  # both builds start teacher forcing from a cold cache
+            logits[build] = _teacher_forced(ours, seq)
+            paths = ours.moe_stats()["paths"]
+            assert paths["mapped"] > 0 and paths["mapped"] + paths["kernels"] >= tm.moe_layers(family) * 32, paths
+        finally:
+            ours.close()
+    a, b = logits["sm80"], logits["sm89"]
+    same = a.view(torch.int32) == b.view(torch.int32)
+    assert bool(same.all()), f"{int((~same).sum())} of {same.numel()} logits differ; max |diff| {(a - b).abs().max().item()}"
+
+
+def test_kernel_build_sm89_is_refused_below_compute_capability_8_9(tmp_path):
+    """On a GPU older than Ada/Hopper the sm89 build is an UnsupportedError
+    naming the device's compute capability, not a failure inside the
+    driver."""
+    if not _below_sm89():
+        pytest.skip("this GPU runs the sm89 build (compute capability >= 8.9)")
+    major, minor = torch.cuda.get_device_capability(0)
+    path = tm.save(tm.build("mixtral", dtype=torch.bfloat16), tmp_path / "m")
+    with pytest.raises(mi.UnsupportedError, match=rf"compute capability 8\.9 or higher; this device is {major}\.{minor}"):
+        mi.from_pretrained(path, device="cuda", device_memory="1GiB", engine_options={"kernel_build": "sm89"})
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
 def test_fp8_mapped_reads_of_checkpoint_experts_match_their_slots(family, tmp_path):
     """FP8 experts in mapped mode: every expert of an FP8 checkpoint, read

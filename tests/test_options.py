@@ -1,4 +1,4 @@
-"""Name options (cache_policy, graph_misses, backend) take exact lowercase
+"""Name options (cache_policy, graph_misses, backend, kernel_build) take exact lowercase
 names: a blank, empty, differently cased or padded name is an error that
 names the setting, from from_pretrained, moe_tune and Engine alike, never
 a silent default (the engine once took cache_policy=" " as "priority")."""
@@ -104,3 +104,21 @@ def test_the_cpu_backend_measures_no_link_and_measure_link_is_checked():
         model.close()
     with pytest.raises(mi.InvalidArgumentError, match="measure_link"):
         mi.from_pretrained(builtin_model_dir(), device_memory="2MiB", engine_options={"measure_link": "off"})
+
+
+@pytest.mark.parametrize("value", [" ", "", "SM89", " sm89", "sm89\n", "sm90", "89"])
+def test_from_pretrained_rejects_a_kernel_build_that_is_not_exactly_a_name(builtin, value):
+    with pytest.raises(mi.InvalidArgumentError, match=r"kernel_build: unknown kernel build .*\(supported: sm80, sm89"):
+        mi.from_pretrained(builtin, dtype=torch.float32, device="cpu", engine_options={"kernel_build": value})
+
+
+@pytest.mark.parametrize("value", [None, "sm80", "sm89"])
+def test_the_cpu_backend_loads_no_kernel_build(builtin, value):
+    """kernel_build picks the CUDA kernels' PTX; the CPU backend has none,
+    accepts either name and reports "none"."""
+    opts = {} if value is None else {"kernel_build": value}
+    model = mi.from_pretrained(builtin, dtype=torch.float32, device="cpu", device_memory="2MiB", engine_options=opts)
+    try:
+        assert model.moe_stats()["plan"]["kernel_build"] == "none"
+    finally:
+        model.close()

@@ -149,7 +149,7 @@ def test_sdist_carries_the_go_sources_and_builds_with_go(tmp_path):
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     for need in ("setup.py", "pyproject.toml", "go.mod", "go.sum", "Makefile", "MANIFEST.in",
                  "capi/exports.go", "capi/moe_infinity.h", "cuda/fetch_sdk.sh", "cuda/moe_ffn.cu",
-                 "go/backend/cuda/moe_ffn.ptx", "scripts/build_wheel.sh", "tests/c/capi_test.c"):
+                 "go/backend/cuda/moe_ffn.ptx", "go/backend/cuda/moe_ffn_sm89.ptx", "scripts/build_wheel.sh", "tests/c/capi_test.c"):
         assert need in names, f"sdist lacks {need}"
     assert any(n.startswith("go/engine/") and n.endswith(".go") for n in names)
     for f in BUILTIN:

@@ -16,6 +16,11 @@ import (
 // ErrClosed is returned by loads issued after Close.
 var ErrClosed = errors.New("backend: closed")
 
+// ErrUnsupported marks an Open that fails because the device cannot run
+// what was asked of it (a kernel build for a newer GPU), not for lack of
+// memory.
+var ErrUnsupported = errors.New("backend: unsupported on this device")
+
 // Source produces the slot image of one expert. Fill must be safe to call
 // from several goroutines at once.
 type Source interface {
@@ -169,6 +174,10 @@ type Capabilities struct {
 	// compressed bytes (FFNArgs.FP8 for "fp8"): from the slots and, when
 	// Mapped, in place from host memory too (MappedLayout's scale grids).
 	QuantFormats []string
+	// KernelBuild names the build of GPU kernels the backend loads at Open
+	// ("sm80" or "sm89", the engine option kernel_build); "" for a backend
+	// without GPU kernels.
+	KernelBuild string
 }
 
 // ReadsQuant reports whether the kernels compute experts quantized with

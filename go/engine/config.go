@@ -142,6 +142,18 @@ type Config struct {
 	// but unrun, and it runs in every load. Off, "auto" decides by expert
 	// size, as before.
 	MeasureLink *bool `json:"measure_link,omitempty"`
+	// KernelBuild names the build of the CUDA backend's kernels
+	// (KernelBuilds): "sm80" (the default; PTX for sm_80, which runs on
+	// A100, H100 and later; FP8 weights decoded in software) or "sm89"
+	// (PTX ISA 7.8 for devices of compute capability 8.9 and higher: Ada,
+	// Hopper; the FP8 kernels decode weights with the hardware's e4m3
+	// conversion, every other kernel is the same). Both builds compute the
+	// same bits. "sm89" is opt-in until a GPU run has checked it: the code
+	// is compiled and its decode checked on the CPU, but it has not run on
+	// a GPU. On an older device Configure fails with ErrUnsupported naming
+	// the device's compute capability. Backends without GPU kernels (cpu)
+	// ignore it; Plan.KernelBuild says which build was loaded.
+	KernelBuild string `json:"kernel_build"`
 }
 
 // CPUExperts is Config.CPUExperts: CPUExpertsAuto (the zero value, the
@@ -275,6 +287,11 @@ var GraphMissesModes = []string{"auto", "read", "copy"}
 // default. "cuda" works only in the CUDA build of the engine.
 var Backends = []string{"cpu", "cuda"}
 
+// KernelBuilds lists the accepted Config.KernelBuild names; the first is
+// the default. They are the CUDA backend's (cuda.KernelBuilds; a test
+// keeps the two lists equal without the CPU build linking the kernels).
+var KernelBuilds = []string{"sm80", "sm89"}
+
 // FFNKinds lists the accepted Setup.FFN names; the first is the default
 // (the caller's code computes the experts).
 var FFNKinds = []string{"none", "swiglu"}
@@ -295,6 +312,7 @@ var (
 	graphMissesSetting = nameSetting{"graph_misses", "graph-miss mode", GraphMissesModes}
 	backendSetting     = nameSetting{"backend", "backend", Backends}
 	ffnSetting         = nameSetting{"ffn", "expert computation", FFNKinds}
+	kernelBuildSetting = nameSetting{"kernel_build", "kernel build", KernelBuilds}
 )
 
 // parse returns s if it is one of the names. set says whether the setting
@@ -334,7 +352,7 @@ type nameValue struct {
 
 // names lists c's name settings.
 func (c *Config) names() []nameValue {
-	return []nameValue{{policySetting, &c.Policy}, {graphMissesSetting, &c.GraphMisses}, {backendSetting, &c.Backend}}
+	return []nameValue{{policySetting, &c.Policy}, {graphMissesSetting, &c.GraphMisses}, {backendSetting, &c.Backend}, {kernelBuildSetting, &c.KernelBuild}}
 }
 
 // checkGiven rejects a name setting that b (valid JSON, already decoded
@@ -367,7 +385,8 @@ const DefaultAdmitMargin = 1.0
 
 // ParseConfig decodes a JSON config (one object, keys spelled exactly as
 // the json tags, nothing after it: strictjson.Decode), and fills in
-// defaults. The name settings (policy, graph_misses, backend) take exact
+// defaults. The name settings (policy, graph_misses, backend,
+// kernel_build) take exact
 // lowercase names; "" and null are errors, a left-out setting is the
 // default.
 func ParseConfig(b []byte) (Config, error) {
@@ -512,6 +531,10 @@ type Plan struct {
 	// (GraphMisses "auto", the hybrid cost model); nil when there are none
 	// (the expert size decided).
 	LinkRates *LinkRates `json:"link_rates,omitempty"`
+	// KernelBuild is the build of GPU kernels the backend loaded ("sm80"
+	// or "sm89", Config.KernelBuild), or "none" for a backend without GPU
+	// kernels (cpu).
+	KernelBuild string `json:"kernel_build"`
 	// LinkRatesSource says where LinkRates came from: "given"
 	// (Config.LinkRates), "measured" (by the backend at Configure),
 	// "failed" (the measurement failed: LinkRates is nil and Warnings says

@@ -57,6 +57,8 @@ func FuzzParseConfig(f *testing.F) {
 		`{"budget_bytes": 1, "measure_link": false}`, `{"budget_bytes": 1, "measure_link": null, "link_rates": null}`,
 		`{"budget_bytes": 1, "cpu_experts": "auto"}`, `{"budget_bytes": 1, "cpu_experts": 4}`,
 		`{"budget_bytes": 1, "cpu_experts": 0}`, `{"budget_bytes": 1, "cpu_experts": " off"}`,
+		`{"budget_bytes": 1, "kernel_build": "sm89"}`, `{"budget_bytes": 1, "kernel_build": "sm80", "backend": "cuda"}`,
+		`{"budget_bytes": 1, "kernel_build": "SM89"}`, `{"budget_bytes": 1, "kernel_build": ""}`, `{"budget_bytes": 1, "kernel_build": "sm90"}`,
 		`{"budget_bytes": 1, "Policy": "lru"}`,
 		`{"budget_bytes": 1, "policy": "lru", "policy": "lfu"}`,
 		`{"budget_bytes": 1} {"budget_bytes": 2}`,

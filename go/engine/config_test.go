@@ -53,7 +53,7 @@ func js(s string) string {
 	return string(b)
 }
 
-var nameSettings = []nameSetting{policySetting, graphMissesSetting, backendSetting}
+var nameSettings = []nameSetting{policySetting, graphMissesSetting, backendSetting, kernelBuildSetting}
 
 // configValue is the value of setting s in c.
 func configValue(c *Config, s nameSetting) string {

@@ -476,6 +476,9 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 		if errors.Is(err, store.ErrCheckpointChanged) {
 			return Plan{}, err
 		}
+		if errors.Is(err, backend.ErrUnsupported) { // e.g. kernel_build "sm89" on an older GPU
+			return Plan{}, fmt.Errorf("%w: %v", ErrUnsupported, err)
+		}
 		return Plan{}, fmt.Errorf("%w: %v", ErrBudget, err)
 	}
 	if vw != nil && plan.Views.Count > 0 {
@@ -486,6 +489,10 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 	}
 	e.files, e.allFiles = files, distinct(files)
 	plan.Backend = be.Name()
+	plan.KernelBuild = be.Capabilities().KernelBuild
+	if plan.KernelBuild == "" {
+		plan.KernelBuild = "none"
+	}
 	e.mods, e.lay, e.be, e.ft, e.cache, e.vw = mods, lay, be, backend.FeaturesOf(be), c, vw
 	// Measured here, before any copy uses the link; the hybrid cost model
 	// (setupHybrid) and graph_misses "auto" read them.

@@ -30,6 +30,14 @@ on the same seeded weights, the same routing and the same measured link
 rate, and each fp8 row carries s_per_token_vs_bf16 (its s/token over the
 bf16 row's). Each row's floor counts the bytes its experts are stored in.
 
+--kernel-build picks the CUDA kernels' build (engine option kernel_build):
+sm80 (the engine's default) or sm89 (GPUs of compute capability 8.9 and
+up: the FP8 kernels decode weights with the hardware's e4m3 conversion);
+a comma list (sm80,sm89) measures each in turn in this process, on the same
+seeded weights and routing, and each sm89 row carries s_per_token_vs_sm80
+(its s/token over the sm80 row's). Each row's kernel_build is the build the
+engine loaded ("none" on the CPU).
+
 Random weights route decode tokens narrowly (the Qwen3 shape hits 99% once
 warm), so --routing generated replaces every MoE layer's choice with a
 labelled generated trace (skewed per-layer popularity, --skew, seed
@@ -322,9 +330,26 @@ def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
     bw = pinned_bandwidth(device) if device.type == "cuda" else None
     rows: list[dict[str, Any]] = []
     for expert_dtype in expert_dtypes(args.expert_dtype):
-        rows += _run_one(args, expert_dtype, bw, rows)
-        gc.collect()  # the previous model's host experts go before the next is built
+        for build in kernel_builds(args.kernel_build):
+            rows += _run_one(args, expert_dtype, bw, rows, build)
+            gc.collect()  # the previous model's host experts go before the next is built
     return rows
+
+
+#: --kernel-build values (the engine option kernel_build's names).
+KERNEL_BUILDS = ("sm80", "sm89")
+
+
+def kernel_builds(value: str | None) -> list[str | None]:
+    """The --kernel-build list: [None] (the engine's default) when not
+    given, else "sm80", "sm89" or a comma list of them."""
+    if value is None:
+        return [None]
+    out = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in out if v not in KERNEL_BUILDS]
+    if not out or bad or len(set(out)) != len(out):
+        raise ValueError(f"--kernel-build {value!r}: give sm80, sm89 or a comma list of them, each once")
+    return out
 
 
 def expert_dtypes(value: str) -> list[str]:
@@ -341,7 +366,8 @@ def expert_dtypes(value: str) -> list[str]:
 EXPERT_DTYPES = ("bf16", "fp8")
 
 
-def _run_one(args: argparse.Namespace, expert_dtype: str, bw: float | None, earlier: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _run_one(args: argparse.Namespace, expert_dtype: str, bw: float | None, earlier: list[dict[str, Any]],
+             kernel_build: str | None = None) -> list[dict[str, Any]]:
     import moe_infinity as mi
 
     device = torch.device(args.device)
@@ -352,6 +378,8 @@ def _run_one(args: argparse.Namespace, expert_dtype: str, bw: float | None, earl
     opts: dict[str, Any] = {} if args.admit_margin is None else {"admit_margin": args.admit_margin}
     if args.quantized_kernels:
         opts["quantized_kernels"] = True
+    if kernel_build is not None:
+        opts["kernel_build"] = kernel_build
     model = mi.offload(model, device=device, device_memory=args.device_memory, kernels=not args.no_kernels, engine_options=opts,
                        expert_dtype="fp8" if expert_dtype == "fp8" else None)
     offloaded = time.perf_counter() - t0
@@ -434,6 +462,7 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
                 "system": "moe_infinity",
                 "preset": args.preset,
                 "expert_dtype": expert_dtype,
+                "kernel_build": plan.get("kernel_build"),
                 "policy": policy,
                 "prefetch": prefetch,
                 "admit_margin": args.admit_margin,
@@ -492,9 +521,13 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
                 "host": host_facts(),
             }
         )
+        same = ("policy", "prefetch", "graph_misses", "cuda_graph", "routing")
         twin = next((r for r in earlier or [] if r.get("expert_dtype") == "bf16" and expert_dtype != "bf16"
-                     and all(r.get(k) == rows[-1][k] for k in ("policy", "prefetch", "graph_misses", "cuda_graph", "routing"))), None)
+                     and all(r.get(k) == rows[-1][k] for k in same + ("kernel_build",))), None)
         rows[-1]["s_per_token_vs_bf16"] = med / twin["decode_s_per_token"] if twin else None
+        base = next((r for r in earlier or [] if r.get("kernel_build") == "sm80" and rows[-1]["kernel_build"] == "sm89"
+                     and all(r.get(k) == rows[-1][k] for k in same + ("expert_dtype",))), None)
+        rows[-1]["s_per_token_vs_sm80"] = med / base["decode_s_per_token"] if base else None
         _emit(rows[-1], args)
     return rows
 
@@ -548,6 +581,7 @@ def run_accelerate(args: argparse.Namespace) -> dict[str, Any]:
 _TABLE = (
     ("system", "system", "{}"),
     ("experts", "expert_dtype", "{}"),
+    ("kernels", "kernel_build", "{}"),
     ("policy", "policy", "{}"),
     ("prefetch", "prefetch", "{}"),
     ("routing", "routing", "{}"),
@@ -558,6 +592,7 @@ _TABLE = (
     ("misses/token", "misses_per_token", "{:.1f}"),
     ("x floor", "ratio_to_floor", "{:.2f}"),
     ("x bf16", "s_per_token_vs_bf16", "{:.2f}"),
+    ("x sm80", "s_per_token_vs_sm80", "{:.2f}"),
 )
 
 
@@ -578,7 +613,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     ``--json`` prints the rows themselves)."""
     cells = [[h for h, _, _ in _TABLE]] + [[_cell(r, k, f) for _, k, f in _TABLE] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(_TABLE))]
-    lines = ["  ".join(c[i].rjust(widths[i]) if i >= 6 else c[i].ljust(widths[i]) for i in range(len(_TABLE))).rstrip() for c in cells]
+    lines = ["  ".join(c[i].rjust(widths[i]) if i >= 7 else c[i].ljust(widths[i]) for i in range(len(_TABLE))).rstrip() for c in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -589,7 +624,7 @@ def _emit(row: dict[str, Any], args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(row), flush=True)
     else:
-        print(f"bench: {row['system']} {row.get('expert_dtype', '')} {row.get('policy', '')} done: {_cell(row, 'decode_s_per_token', '{:.4f}')} s/token", file=sys.stderr, flush=True)
+        print(f"bench: {row['system']} {row.get('expert_dtype', '')} {row.get('kernel_build') or ''} {row.get('policy', '')} done: {_cell(row, 'decode_s_per_token', '{:.4f}')} s/token", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -611,6 +646,10 @@ def main(argv: list[str] | None = None) -> int:
                          "(bf16,fp8) measured one after the other in this process on the same weights and routing")
     ap.add_argument("--quantized-kernels", action="store_true",
                     help="engine option quantized_kernels: the GPU computes FP8 experts with its FP8 kernels (needed for fp8 on a GPU)")
+    ap.add_argument("--kernel-build", default=None,
+                    help="engine option kernel_build: sm80 (the engine's default) or sm89 (compute capability >= 8.9: hardware "
+                         "FP8 decoding), or a comma list (sm80,sm89) measured one after the other in this process on the same "
+                         "weights and routing")
     ap.add_argument("--routing", choices=["model", "generated"], default="model",
                     help="model: the router's choice (random weights route narrowly); generated: a labelled generated trace (skewed popularity)")
     ap.add_argument("--skew", type=float, default=1.0, help="with --routing generated: popularity exponent (0 = uniform)")
@@ -625,6 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         dtypes = expert_dtypes(args.expert_dtype)
+        kernel_builds(args.kernel_build)
     except ValueError as e:
         ap.error(str(e))
     if args.device.startswith("cuda") and not torch.cuda.is_available():

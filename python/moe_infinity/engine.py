@@ -69,6 +69,13 @@ class Engine:
         measure_link: ``True`` measures the link at configure when
             ``link_rates`` is not given (default ``False`` until the CUDA
             measurement has been validated on a GPU).
+        kernel_build: the CUDA kernels' build: ``"sm80"`` (default; A100,
+            H100 and later) or ``"sm89"`` (compute capability 8.9 and
+            higher: the FP8 kernels decode weights with the hardware's e4m3
+            conversion, same results bit for bit; opt-in, not yet run on a
+            GPU; an older device raises UnsupportedError naming its compute
+            capability). The CPU backend ignores it; ``plan["kernel_build"]``
+            says which build was loaded (``"none"`` on the CPU).
         prefetch_confidence, prefetch_min_evidence, prefetch_min_token_share:
             the prefetch planner's filters (0 = default, negative = off):
             predicted share at least confidence × uniform (default 2),

@@ -794,6 +794,11 @@ def from_pretrained(
             ``moe_stats()["plan"]`` reports them (``link_rates``) and where
             they came from (``link_rates_source``: ``"given"``,
             ``"measured"``, ``"failed"`` or ``"none"``);
+            ``kernel_build``: the CUDA kernels' build, ``"sm80"``
+            (default) or ``"sm89"`` (GPUs of compute capability 8.9 and
+            up: FP8 experts decoded by the hardware, same results; opt-in
+            until checked on a GPU), reported as
+            ``moe_stats()["plan"]["kernel_build"]``;
             ``prefetch_confidence``,
             ``prefetch_min_evidence``, ``prefetch_min_token_share``: the
             prefetch planner's filters, 0 = default, negative = off).

@@ -883,7 +883,7 @@ class OffloadRuntime:
         st["cpu_seconds"] = st["cpu_ns"] / 1e9
         for info in st["layers"]:
             info["cpu_seconds"] = info["cpu_ns"] / 1e9
-        st["plan"] = {k: self.plan.get(k) for k in ("slots", "slot_bytes", "arena_bytes", "policy", "prefetch", "backend", "graph_misses", "link_rates", "link_rates_source", "executor")}
+        st["plan"] = {k: self.plan.get(k) for k in ("slots", "slot_bytes", "arena_bytes", "policy", "prefetch", "backend", "kernel_build", "graph_misses", "link_rates", "link_rates_source", "executor")}
         st["hook_seconds"] = self.hook_ns / 1e9
         st["hook_wait_seconds"] = self.wait_ns / 1e9
         st["hook_calls"] = self.hook_calls

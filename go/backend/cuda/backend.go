@@ -3,7 +3,6 @@
 package cuda
 
 import (
-	_ "embed"
 	"errors"
 	"fmt"
 	"os"
@@ -17,9 +16,6 @@ import (
 	"github.com/moe-infinity/moe_infinity/go/backend"
 )
 
-//go:embed moe_ffn.ptx
-var moeFFNPTX string
-
 // chunkBytes is the size of the pinned buffers that hold experts needing
 // conversion (several experts per buffer, at least one).
 const chunkBytes = 1 << 30
@@ -32,10 +28,14 @@ const tableRing = 8
 // down rows and, for FP8 experts, their scale grids.
 const tableBytes = 8 * backend.MaxEntries
 
-// Config selects the device.
+// Config selects the device and the kernels' build.
 type Config struct {
 	// Device is the CUDA ordinal.
 	Device int
+	// KernelBuild names the PTX build Open loads (KernelBuilds): "sm80"
+	// (also ""; the default) or "sm89" (devices of compute capability 8.9
+	// and higher; Open fails with backend.ErrUnsupported on others).
+	KernelBuild string
 }
 
 // Backend is the CUDA backend. All methods are safe for concurrent use.
@@ -96,10 +96,12 @@ func New(cfg Config) *Backend { return &Backend{cfg: cfg, events: make(chan uint
 func (b *Backend) Name() string { return "cuda" }
 
 // Capabilities: the fused expert FFN kernels (bfloat16/float16 experts,
-// and FP8 block-scaled ones read from their compressed slots), and mapped
-// mode for up to routingIDs (token, expert) pairs a call.
+// and FP8 block-scaled ones read from their compressed slots) of the
+// configured build, and mapped mode for up to routingIDs (token, expert)
+// pairs a call.
 func (b *Backend) Capabilities() backend.Capabilities {
-	return backend.Capabilities{ExpertKernels: true, Mapped: true, MaxMappedPairs: routingIDs, QuantFormats: []string{"fp8"}}
+	return backend.Capabilities{ExpertKernels: true, Mapped: true, MaxMappedPairs: routingIDs, QuantFormats: []string{"fp8"},
+		KernelBuild: normBuild(b.cfg.KernelBuild)}
 }
 
 // DeviceMemory returns the total and free memory of device ordinal, in
@@ -143,6 +145,10 @@ func (b *Backend) Open(slots int, slotBytes int64, src backend.Source) (err erro
 			b.freeLocked()
 		}
 	}()
+	ptx, err := b.dev.kernelPTX(b.cfg.KernelBuild)
+	if err != nil {
+		return err
+	}
 	b.slots, b.slotSize = slots, slotBytes
 	size := int64(slots) * slotBytes
 	err = b.dev.do(func() error {
@@ -180,7 +186,7 @@ func (b *Backend) Open(slots int, slotBytes int64, src backend.Source) (err erro
 			b.free = append(b.free, f)
 		}
 		b.freeDone = make([]atomic.Bool, slots)
-		if b.mod, err = cu.LoadData(moeFFNPTX); err != nil {
+		if b.mod, err = cu.LoadData(ptx); err != nil {
 			return fmt.Errorf("backend cuda: loading the kernels: %w", err)
 		}
 		if b.gateUp, err = b.mod.Function("moe_gate_up_swiglu"); err != nil {

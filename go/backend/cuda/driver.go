@@ -205,6 +205,21 @@ func moduleUnload(m cu.Module) error {
 	return check("cuModuleUnload", C.moe_module_unload(C.uintptr_t(*(*uintptr)(unsafe.Pointer(&m)))))
 }
 
+// kernelPTX returns the PTX of the named kernel build (selectPTX) for this
+// device, or an error naming the device and its compute capability.
+func (d *device) kernelPTX(build string) (string, error) {
+	major, minor, err := d.dev.ComputeCapability()
+	if err != nil {
+		return "", fmt.Errorf("cuda: reading the compute capability of device %d: %w", d.ordinal, err)
+	}
+	ptx, err := selectPTX(build, major, minor)
+	if err != nil {
+		name, _ := d.dev.Name()
+		return "", fmt.Errorf("device %d (%s): %w", d.ordinal, name, err)
+	}
+	return ptx, nil
+}
+
 func (d *device) pciBusID() string {
 	buf := make([]byte, 32)
 	if C.moe_pci_bus_id((*C.char)(unsafe.Pointer(&buf[0])), C.int(len(buf)), C.int(d.ordinal)) != C.CUDA_SUCCESS {
