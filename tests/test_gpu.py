@@ -304,23 +304,7 @@ def test_mapped_reads_of_checkpoint_experts_match_their_slots(family, tmp_path):
     try:
         rt = ours.moe_runtime
         assert rt.mapped
-        H = ours.config.hidden_size
-        g = torch.Generator(device="cuda").manual_seed(3)
-        x = torch.randn(1, H, device="cuda", generator=g).to(torch.bfloat16)
-        w = torch.ones(1, 1, device="cuda", dtype=torch.bfloat16)
-        bad = []
-        for layer in rt.layers:
-            for e in range(rt.num_experts):
-                idx = torch.tensor([[e]], device="cuda")
-                ours.moe_tune(flush=True)
-                before = ours.moe_stats()["paths"]["mapped"]
-                cold = rt.run_fused(layer, x, idx, w, None).clone()
-                assert ours.moe_stats()["paths"]["mapped"] == before + 1, "the executor ran it mapped"
-                slot = rt.run_experts(layer.index, x, idx, w.float(), [e])
-                torch.cuda.synchronize()
-                if not torch.equal(cold, slot):
-                    bad.append((layer.index, e, (cold.float() - slot.float()).abs().max().item()))
-        assert not bad, f"host reads differ from slot reads (layer, expert, max diff): {bad}"
+        _assert_mapped_reads_equal_slot_reads(ours, torch.bfloat16)
     finally:
         ours.close()
 
@@ -632,24 +616,7 @@ def test_fp8_mapped_reads_of_checkpoint_experts_match_their_slots(family, tmp_pa
         ex = rt.plan["executor"]
         assert ex["kernels"] and ex["quant"] == "fp8" and ex["mapped"], ex
         assert rt.mapped
-        dt = torch.bfloat16 if ex["dtype"] == 0 else torch.float16
-        g = torch.Generator(device="cuda").manual_seed(3)
-        x = torch.randn(1, ours.config.hidden_size, device="cuda", generator=g).to(dt)
-        w = torch.ones(1, 1, device="cuda", dtype=dt)
-        bad = []
-        for layer in rt.layers:
-            for e in range(rt.num_experts):
-                idx = torch.tensor([[e]], device="cuda")
-                ours.moe_tune(flush=True)
-                before = ours.moe_stats()["paths"]["mapped"]
-                cold = rt.run_fused(layer, x, idx, w, None).clone()
-                assert ours.moe_stats()["paths"]["mapped"] == before + 1, "the executor ran it mapped"
-                slot = rt.run_experts(layer.index, x, idx, w.float(), [e])
-                torch.cuda.synchronize()
-                assert cold.abs().sum() > 0
-                if not torch.equal(cold, slot):
-                    bad.append((layer.index, e, (cold.float() - slot.float()).abs().max().item()))
-        assert not bad, f"host reads differ from slot reads (layer, expert, max diff): {bad}"
+        _assert_mapped_reads_equal_slot_reads(ours, torch.bfloat16 if ex["dtype"] == 0 else torch.float16)
     finally:
         ours.close()
 
@@ -699,3 +666,27 @@ def test_fp8_graph_decoder_matches_the_slot_path(family, tmp_path):
         assert st["hits"] + st["misses"] >= (new - 1) * L * ours.config.num_experts_per_tok, "replays are traced"
     finally:
         ours.close()
+
+
+def _assert_mapped_reads_equal_slot_reads(ours, dt):
+    """Each expert of each layer, alone and cold, computed mapped (read in
+    place from host memory) equals the same expert computed from its slot,
+    bit for bit, and is not all zeros."""
+    rt = ours.moe_runtime
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(1, ours.config.hidden_size, device="cuda", generator=g).to(dt)
+    w = torch.ones(1, 1, device="cuda", dtype=dt)
+    bad = []
+    for layer in rt.layers:
+        for e in range(rt.num_experts):
+            idx = torch.tensor([[e]], device="cuda")
+            ours.moe_tune(flush=True)
+            before = ours.moe_stats()["paths"]["mapped"]
+            cold = rt.run_fused(layer, x, idx, w, None).clone()
+            assert ours.moe_stats()["paths"]["mapped"] == before + 1, "the executor ran it mapped"
+            slot = rt.run_experts(layer.index, x, idx, w.float(), [e])
+            torch.cuda.synchronize()
+            assert cold.abs().sum() > 0
+            if not torch.equal(cold, slot):
+                bad.append((layer.index, e, (cold.float() - slot.float()).abs().max().item()))
+    assert not bad, f"host reads differ from slot reads (layer, expert, max diff): {bad}"
