@@ -18,7 +18,7 @@ from moe_infinity import _native
 from moe_infinity.errors import ClosedError, InvalidArgumentError, OverloadedError, StateError
 from moe_infinity.lockstep import Lockstep
 from moe_infinity.serving import SamplingParams, Scheduler
-from moe_infinity.serving.stacked import RowwiseMode
+from moe_infinity.serving.stacked import RowwiseMode, stacked_support
 
 PROMPTS = ["Hello", "The cat sat on the", "Once upon a time there was", "In 1900,", "She said that", "The river", "A good", "Tomorrow we will"]
 
@@ -349,15 +349,23 @@ def test_rowwise_mode_computes_each_row_as_alone():
     width = max(lengths)
     k = torch.cat([F.pad(a, (0, 0, width - n, 0), value=float("nan")) for (a, _), n in zip(kv, lengths)])
     v = torch.cat([F.pad(b, (0, 0, width - n, 0), value=float("nan")) for (_, b), n in zip(kv, lengths)])
-    mode = RowwiseMode([width - n for n in lengths])
+    mode = RowwiseMode(lengths)
     with mode:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(3, 1, 1, width, dtype=torch.bool))
     assert mode.attention_calls == 1
-    with RowwiseMode([width - n for n in lengths]):  # the mask given by position, as F's signature allows
+    with RowwiseMode(lengths):  # the mask given by position, as F's signature allows
         positional = F.scaled_dot_product_attention(q, k, v, torch.ones(3, 1, 1, width, dtype=torch.bool), 0.0)
     assert torch.equal(positional, out)
     for i, (a, b) in enumerate(kv):
         assert torch.equal(out[i : i + 1], F.scaled_dot_product_attention(q[i : i + 1].clone(), a, b))
+    # A sliding-window layer's call has fewer key positions (the window's):
+    # each row reads its last min(window, its tokens) of them.
+    window = 4
+    with RowwiseMode(lengths) as mode:
+        assert mode.starts(window) == [0, 1, 0]
+        slid = F.scaled_dot_product_attention(q, k[:, :, -window:], v[:, :, -window:])
+    for i, (a, b) in enumerate(kv):
+        assert torch.equal(slid[i : i + 1], F.scaled_dot_product_attention(q[i : i + 1].clone(), a[:, :, -window:], b[:, :, -window:]))
 
 
 def test_requests_joining_and_leaving_a_running_stacked_batch_get_their_alone_tokens(model, tok):
@@ -383,19 +391,34 @@ def test_requests_joining_and_leaving_a_running_stacked_batch_get_their_alone_to
     assert model.moe_stats()["active_requests"] == 0
 
 
-def test_batching_mode_follows_what_the_model_supports(model):
+def test_batching_mode_follows_what_the_model_supports(model, tok, tmp_path):
     with Scheduler(model, max_batch=2) as s:
         assert s.batching == "stacked" and s.batching_reason is None and s.exact
+    # Eager attention is split by row too (the model's eager function, once per row).
     eager = mi.from_pretrained(mi.builtin_model_path(), device="cpu", device_memory="6MiB", attn_implementation="eager")
     try:
-        with Scheduler(eager, max_batch=2) as s:
-            assert s.batching == "threads"
-            assert "attention is 'eager'" in s.batching_reason
-        with pytest.raises(InvalidArgumentError, match=r"batching='stacked' cannot serve this model: its attention is 'eager'.*batching='threads'"):
-            Scheduler(eager, batching="stacked")
-        assert eager.moe_runtime.scheduler is None
+        ids = [tok(p)["input_ids"] for p in PROMPTS[:3]]
+        alone = [_alone(eager, i, 8) for i in ids]
+        with Scheduler(eager, max_batch=3) as s:
+            assert s.batching == "stacked" and s.batching_reason is None
+            reqs = _decode_all(s, ids, SamplingParams(max_tokens=8, temperature=0))
+            assert s.stats()["batch"]["max_batch"] >= 2
+        assert [r.tokens for r in reqs] == alone
     finally:
         eager.close()
+    # Chunked attention: transformers keeps it in the sliding-window cache
+    # layer, but a position attends to its chunk, not to its last positions.
+    path = tm.save(tm.build("mixtral", seed=5, attention_chunk_size=8), tmp_path / "chunked")
+    chunked = mi.from_pretrained(path, device="cpu", device_memory="64MiB")
+    try:
+        with Scheduler(chunked, max_batch=2) as s:
+            assert s.batching == "threads"
+            assert "chunked_attention" in s.batching_reason, s.batching_reason
+        with pytest.raises(InvalidArgumentError, match=r"batching='stacked' cannot serve this model: .*chunked_attention.*batching='threads'"):
+            Scheduler(chunked, batching="stacked")
+        assert chunked.moe_runtime.scheduler is None
+    finally:
+        chunked.close()
     with pytest.raises(InvalidArgumentError, match="batching must be"):
         Scheduler(model, batching="stack")
 
@@ -415,23 +438,90 @@ def test_stacked_without_exactness_decodes_every_request(model, tok):
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "gpt_oss"])
 def test_each_family_batches_with_its_alone_tokens(family, tmp_path):
     """Stacked steps on the other decoder families (shared experts, MLA
-    attention and grouped routing in DeepSeek-V3); gpt-oss keeps sliding
-    windows in its cache, so "auto" batches it in threads and says why."""
+    attention and grouped routing in DeepSeek-V3; gpt-oss's eager attention
+    with sinks and a sliding window of 16 positions, which the longest
+    prompt and the others' decoding cross)."""
     path = tm.save(tm.build(family, seed=5, dtype=torch.bfloat16), tmp_path / family)
     m = mi.from_pretrained(path, device="cpu", device_memory="64MiB")
     try:
         g = torch.Generator().manual_seed(11)
-        prompts = [torch.randint(3, tm.VOCAB, (n,), generator=g).tolist() for n in (3, 9, 5, 12)]
+        prompts = [torch.randint(3, tm.VOCAB, (n,), generator=g).tolist() for n in (3, 9, 5, 12, 20)]
         alone = [_alone(m, p, 10) for p in prompts]
         with Scheduler(m, max_batch=4) as s:
             reqs = _decode_all(s, prompts, SamplingParams(max_tokens=10, temperature=0))
             st = s.stats()
             mode, why = s.batching, s.batching_reason
         assert [r.tokens for r in reqs] == alone
-        if family == "gpt_oss":
-            assert mode == "threads" and "sliding" in why.lower(), why
-        else:
-            assert mode == "stacked" and why is None
+        assert mode == "stacked" and why is None
         assert st["batch"]["max_batch"] >= 2
     finally:
         m.close()
+
+
+#: Tiny models whose caches keep sliding windows, and the overrides that
+#: give them one.
+SLIDING = {
+    # eager attention with per-head sinks; layer 0 slides over 16 positions, layer 1 is full
+    "gpt_oss": {},
+    # sdpa; layer 0 slides over 8 positions, layer 1 is full
+    "qwen2_moe": dict(use_sliding_window=True, sliding_window=8, max_window_layers=2, layer_types=["sliding_attention", "full_attention"]),
+    # sdpa; every layer slides over 8 positions
+    "mixtral": dict(sliding_window=8),
+}
+
+
+def _alone_past_eos(model, ids: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens of ``generate`` alone, not stopping at
+    end-of-sequence (as a request with ignore_eos decodes)."""
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None)
+    return out[0, len(ids) :].tolist()
+
+
+def _sliding_rows_get_their_alone_tokens(family: str, directory, device: str, device_memory: str) -> None:
+    from transformers import DynamicCache
+
+    path = tm.save(tm.build(family, seed=5, dtype=torch.bfloat16, **SLIDING[family]), directory / family)
+    m = mi.from_pretrained(path, device=device, device_memory=device_memory)
+    try:
+        w = m.config.sliding_window
+        assert "DynamicSlidingWindowLayer" in {type(layer).__name__ for layer in DynamicCache(config=m.config).layers}
+        assert stacked_support(m) is None
+        g = torch.Generator().manual_seed(11)
+        lengths = [3, 2 * w + 4, 9, w + 2, 5, w - 1]
+        new = [2 * w, 4, w + 3, 8, 25, 6]
+        prompts = [torch.randint(3, tm.VOCAB, (n,), generator=g).tolist() for n in lengths]
+        alone = [_alone_past_eos(m, p, n) for p, n in zip(prompts, new)]
+        with Scheduler(m, max_batch=3) as s:
+            reqs = [s.submit(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)) for p, n in zip(prompts, new)]
+            for r in reqs:
+                assert r.wait(300)
+            st = s.stats()
+            mode = s.batching
+        assert mode == "stacked"
+        assert [r.tokens for r in reqs] == alone
+        assert st["batch"]["max_batch"] == 3
+        assert st["batch"]["steps"] < sum(new) - len(new)
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("family", sorted(SLIDING))
+def test_sliding_window_rows_joining_and_leaving_get_their_alone_tokens(family, tmp_path):
+    """Stacked steps over sliding-window cache layers: prompts shorter and
+    longer than the window, rows whose decoding crosses it, and rows joining
+    a running batch (three places for six requests) and leaving it at
+    different steps, so each layer's window is re-stacked as the batch's
+    longest row changes. Every request gets its alone tokens."""
+    _sliding_rows_get_their_alone_tokens(family, tmp_path, "cpu", "64MiB")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not _native.cuda_usable(),
+    reason="needs a CUDA GPU (runs on the H100 machine through scripts/gpu_check.sh)",
+)
+@pytest.mark.parametrize("family", sorted(SLIDING))
+def test_sliding_window_rows_on_gpu_get_their_alone_tokens(family, tmp_path):
+    """The same on the GPU, where split attention must also pick the kernels
+    the request's own step picks (gpt-oss's eager attention with sinks)."""
+    _sliding_rows_get_their_alone_tokens(family, tmp_path, "cuda", "1GiB")

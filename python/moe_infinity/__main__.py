@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=["auto", "stacked", "threads"],
         default="auto",
         help="stacked: one forward per step for the whole batch; threads: a thread per request, meeting at each MoE layer; "
-        "auto (default): stacked where the model supports it (sdpa attention, full-length caches). Both give each request its alone tokens",
+        "auto (default): stacked where the model supports it (sdpa or eager attention, full-length or sliding-window caches). Both give each request its alone tokens",
     )
     srv.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests may take to finish at shutdown (default 30)")
     srv.add_argument("--served-model-name", help="the model name clients send (default: the model directory's name, or 'builtin')")
