@@ -17,6 +17,8 @@ import (
 // partial is its Addend; timed out, it reads every expert from its table,
 // as the CUDA kernels do.
 
+var _ CopyHandOff = (*CPU)(nil)
+
 // defaultCopyTimeout is CPU.CopyTimeout's default.
 const defaultCopyTimeout = 2 * time.Second
 
