@@ -156,3 +156,45 @@ func TestGraphHandOffReplaysMatchTheLayersWithoutHybrid(t *testing.T) {
 		})
 	}
 }
+
+// The mailbox holds as many tokens as the warm-up's largest mapped call:
+// a captured layer with more runs without the hand-off (copy mode as
+// before), and is still right.
+func TestGraphHandOffSkipsLayersLargerThanTheWarmUp(t *testing.T) {
+	const L, E, T, K = 2, 4, 3, 2
+	e := hybridEngine(t, 4, func(e *Engine) { bf16Model(t, e, L, E) })
+	plain := mappedEngine(t, L, E, 4)
+	rng := rand.New(rand.NewPCG(33, 34))
+	req, err := e.BeginRequest()
+	require.NoError(t, err)
+	require.NoError(t, e.Tune(Tuning{GraphMisses: graphMissesPtr("copy")}))
+	small := ffnIOOf(rng, 1, K, E, mH, mI, func() float32 { return 0.5 })
+	require.NoError(t, e.LayerMapped(small.call(0, 1, K), []uint64{req})) // a warm-up of one token
+	_, err = e.Stats()
+	require.NoError(t, err)
+	require.NoError(t, e.CaptureBegin())
+	ios := make([]*ffnIO, L)
+	for l := range L {
+		ios[l] = ffnIOOf(rng, T, K, E, mH, mI, func() float32 { return 0.25 + rng.Float32() })
+		require.NoError(t, e.LayerMapped(ios[l].call(l, T, K), []uint64{req}))
+	}
+	_, err = e.CaptureEnd()
+	require.NoError(t, err)
+	require.NoError(t, e.ResetStats())
+	want := make([][]byte, L)
+	for l, io := range ios {
+		reroute(rng, io, T, K, E)
+		want[l] = reference(t, plain, io, l, T, K)
+	}
+	require.NoError(t, e.GraphStep(0, []uint64{req}))
+	st, err := e.Stats()
+	require.NoError(t, err)
+	for l, io := range ios {
+		assert.Equal(t, want[l], io.out, "layer %d: every expert computed by the kernels", l)
+	}
+	assert.Zero(t, st.CPUComputed, "no layer had a mailbox")
+	assert.Positive(t, st.Loads, "copy mode served the misses")
+	require.NoError(t, e.EndRequest(req))
+	runtime.KeepAlive(ios)
+	runtime.KeepAlive(small)
+}
