@@ -2,7 +2,6 @@ package engine
 
 import (
 	"fmt"
-	"slices"
 	"time"
 
 	"github.com/moe-infinity/moe_infinity/go/backend"
@@ -84,13 +83,18 @@ func (e *Engine) graphCPU(it mappedItem, i int, ids []int64) ([]int32, backend.H
 		return nil, backend.HostWork{}, 0
 	}
 	l := it.layers[i]
-	var experts []int32
+	seen := make([]bool, e.experts)
 	for _, x := range ids {
-		if x >= 0 && x < int64(e.experts) && !slices.Contains(experts, int32(x)) {
+		if x >= 0 && x < int64(e.experts) {
+			seen[x] = true
+		}
+	}
+	var experts []int32 // distinct, ascending
+	for x, s := range seen {
+		if s {
 			experts = append(experts, int32(x))
 		}
 	}
-	slices.Sort(experts)
 	return e.cpuMisses(l.Layer, experts, l.K, it.reqs, ids), w, wdt
 }
 
