@@ -121,8 +121,8 @@ func (e *Engine) LayerMapped(c FFNCall, reqs []uint64) error {
 	if err := e.checkLayer(c.Layer); err != nil {
 		return err
 	}
-	if w := &e.mapped.warmT; c.T > w.Load() {
-		w.Store(c.T) // a race between callers only sizes the mailbox
+	if w := &e.mapped.warmT; e.hybrid.k != nil && c.T > w.Load() {
+		w.Store(c.T) // sizes the graph hand-off's mailbox; a race between callers only sizes it
 	}
 	t0 := time.Now()
 	r, err := mb.MappedFFN(c.Layer, backend.FFNArgs{
