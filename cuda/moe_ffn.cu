@@ -20,7 +20,11 @@
 // the experts the CPU computes null, and passes the CPU's partial output
 // (float32 [T, H], the sum over its pairs) as moe_down's addend, added to
 // each token's sum after its pairs and before the one rounding. The
-// engine's CPU reference (go/backend, ReferenceFFN) does the same.
+// engine's CPU reference (go/backend, ReferenceFFN) does the same. In a
+// copy-mode replay with the CPU hand-off, skip (device memory, written by
+// moe_publish_wait; null otherwise) lists the CPU's experts instead:
+// pairs with skip[e] set are skipped, and the addend is added only when
+// skip[E] is set (the wait ended with the engine's answer).
 //
 // Rounding follows transformers' bfloat16/float16 expert code: the gate and
 // up projections, the activation, the gated product and the down projection
@@ -92,7 +96,7 @@ __device__ __forceinline__ float moe_row_dot(const moe_bf16 *row, const float *v
 
 extern "C" __global__ void moe_gate_up_swiglu(const moe_bf16 *x, const long *topk, const unsigned long *gtab,
                                               const unsigned long *utab, float *h, long P, long K, long H, long I,
-                                              long dtype, long E) {
+                                              long dtype, long E, const unsigned char *skip) {
     __shared__ float xs[MOE_MAX_SMEM_FLOATS];
     long p = MOE_CTAID_Y;
     if (p >= P) return;
@@ -107,7 +111,7 @@ extern "C" __global__ void moe_gate_up_swiglu(const moe_bf16 *x, const long *top
     long i = (long)MOE_CTAID_X * MOE_WARPS + warp;
     if (i >= I) return;
     long e = topk[p];
-    if (e < 0 || e >= E || gtab[e] == 0) {
+    if (e < 0 || e >= E || gtab[e] == 0 || (skip && skip[e])) {
         if (lane == 0) h[p * I + i] = 0.f;
         return;
     }
@@ -140,7 +144,7 @@ extern "C" __global__ void moe_gate_up_swiglu(const moe_bf16 *x, const long *top
 // 2 float32), so the router's output is read as it is.
 extern "C" __global__ void moe_down(const float *h, const long *topk, const unsigned long *wtab, const void *weight,
                                     moe_bf16 *out, long T, long K, long H, long I, long dtype, long E, long wdtype,
-                                    const float *addend) {
+                                    const float *addend, const unsigned char *skip) {
     long t = MOE_CTAID_Y;
     unsigned int lane = MOE_TID_X & 31u, warp = MOE_TID_X >> 5;
     long r = (long)MOE_CTAID_X * MOE_WARPS + warp;
@@ -149,12 +153,12 @@ extern "C" __global__ void moe_down(const float *h, const long *topk, const unsi
     for (long j = 0; j < K; j++) {
         long p = t * K + j;
         long e = topk[p];
-        if (e < 0 || e >= E || wtab[e] == 0) continue;
+        if (e < 0 || e >= E || wtab[e] == 0 || (skip && skip[e])) continue;
         const moe_bf16 *w = (const moe_bf16 *)wtab[e];
         float wp = wdtype == 2 ? ((const float *)weight)[p] : moe_load((const moe_bf16 *)weight, p, wdtype);
         acc += wp * moe_round(moe_row_dot(w + r * I, h + p * I, I, dtype, lane), dtype);
     }
-    if (addend) acc += addend[t * H + r];
+    if (addend && (!skip || skip[E])) acc += addend[t * H + r];
     if (lane == 0) out[t * H + r] = dtype == 0 ? moe_f32_to_bf16(acc) : moe_f32_to_f16(acc);
 }
 
@@ -332,30 +336,51 @@ extern "C" __global__ void moe_table_set(unsigned long *first, long stride, long
 // is added to *wait_acc (device memory) and the running total written to
 // *wait_host (pinned host memory; the engine's measure of how long layers
 // wait for their copies and the host's reaction). One block.
+//
+// The CPU hand-off (hybrid execution inside replays): with xn > 0 it also
+// publishes xn 2-byte words of activations x and wn of routing weights w
+// to xbox and wbox (pinned) before the fence; with skip_n > 0, once the
+// wait ends it copies skip_n words of the host's skip list (pinned: one
+// byte per expert, set for the experts the CPU computed, then one byte
+// set when the CPU's partial output is written) to skip_dev, the list the
+// layer's kernels read, or zeroes skip_dev when the wait timed out: the
+// kernels then skip nothing and add no partial.
 extern "C" __global__ void moe_publish_wait(const long *topk, long n, volatile long *box, volatile unsigned int *seq,
                                             unsigned int *counter, const volatile unsigned int *ready, long timeout_ns,
                                             volatile unsigned int *late, unsigned long *wait_acc,
-                                            volatile unsigned long *wait_host) {
+                                            volatile unsigned long *wait_host, const unsigned short *x, long xn,
+                                            const unsigned short *w, long wn, volatile unsigned short *xbox,
+                                            volatile unsigned short *wbox, const volatile unsigned int *skip_host,
+                                            unsigned int *skip_dev, long skip_n) {
+    __shared__ unsigned int answered;
     for (long i = MOE_TID_X; i < n; i += MOE_NTID_X) box[i] = topk[i];
+    for (long i = MOE_TID_X; i < xn; i += MOE_NTID_X) xbox[i] = x[i];
+    for (long i = MOE_TID_X; i < wn; i += MOE_NTID_X) wbox[i] = w[i];
     MOE_FENCE_SYSTEM();
     __syncthreads();
-    if (MOE_TID_X != 0) return;
-    unsigned int c = *counter + 1;
-    *counter = c;
-    MOE_FENCE_SYSTEM();
-    *seq = c;
-    unsigned long t0 = moe_globaltimer();
-    while ((int)(*ready - c) < 0) {
-        if ((long)(moe_globaltimer() - t0) > timeout_ns) {
-            *late = c;
-            MOE_FENCE_SYSTEM();
-            break;
+    if (MOE_TID_X == 0) {
+        unsigned int c = *counter + 1;
+        *counter = c;
+        MOE_FENCE_SYSTEM();
+        *seq = c;
+        answered = 1u;
+        unsigned long t0 = moe_globaltimer();
+        while ((int)(*ready - c) < 0) {
+            if ((long)(moe_globaltimer() - t0) > timeout_ns) {
+                *late = c;
+                MOE_FENCE_SYSTEM();
+                answered = 0u;
+                break;
+            }
+            moe_nanosleep(256);
         }
-        moe_nanosleep(256);
+        unsigned long wt = *wait_acc + (moe_globaltimer() - t0);
+        *wait_acc = wt;
+        *wait_host = wt;
     }
-    unsigned long w = *wait_acc + (moe_globaltimer() - t0);
-    *wait_acc = w;
-    *wait_host = w;
+    if (skip_n <= 0) return;
+    __syncthreads();
+    for (long i = MOE_TID_X; i < skip_n; i += MOE_NTID_X) skip_dev[i] = answered ? skip_host[i] : 0u;
 }
 
 // moe_answer ends the host's service of one copy-mode layer, on the copy

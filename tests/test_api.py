@@ -263,6 +263,8 @@ def test_stats_per_layer(mixtral):
         assert st["stall_seconds"] == st["stall_ns"] / 1e9
         assert st["cpu_computed"] == 0 and st["cpu_seconds"] == 0.0, "cpu_experts \"auto\" is off on the CPU"
         assert "is off on the CPU backend" in st["plan"]["executor"]["hybrid_off"]
+        ex = st["plan"]["executor"]
+        assert not ex["graph_hand_off"] and ex["graph_hand_off_off"].startswith("hybrid execution is off: ")
     finally:
         m.close()
 
@@ -275,6 +277,7 @@ def test_cpu_experts_threads_turn_hybrid_execution_on(mixtral):
         ex = st["plan"]["executor"]
         assert ex["hybrid"], ex.get("hybrid_off")
         assert ex["hybrid_costs"]["cpu_gbps"] > 0
+        assert ex["graph_hand_off"], ex.get("graph_hand_off_off")  # the CPU backend's copy-mode stand-in has it
         assert 0 <= st["cpu_computed"] <= st["misses"]
         assert st["cpu_computed"] == sum(layer["cpu_computed"] for layer in st["layers"])
         assert st["cpu_seconds"] == st["cpu_ns"] / 1e9

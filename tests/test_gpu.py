@@ -485,6 +485,50 @@ def test_hybrid_cpu_hand_off_on_the_gpu_matches_the_gpu_alone(tmp_path):
     assert (tokens[4] == tokens["off"]).float().mean().item() >= 0.9
 
 
+def test_graph_hand_off_in_copy_mode_matches_graph_decode_without_it(tmp_path):
+    """cpu_experts in CUDA-graph replays (the graph hand-off, engine
+    graphhandoff.go): each captured layer publishes its activations and
+    routing weights to a pinned mailbox, the engine's copy driver has the
+    CPU compute the cold misses the cost model sends it and names them on
+    the layer's skip list, and the layer's kernels skip them and add the
+    CPU's partial when the answer came in time. The link rates are given,
+    slow (1 GB/s), so that the CPU takes misses whatever this machine's CPU
+    measures; one layer's worth of slots makes every layer miss. Logits and
+    greedy tokens match graph decode with cpu_experts "off" within bfloat16
+    rounding."""
+    from moe_infinity.graphs import GraphDecoder
+
+    E = 16
+    path = tm.save(tm.build("mixtral", seed=7, dtype=torch.bfloat16, num_local_experts=E, **_big("mixtral")), tmp_path / "m")
+    prompt = torch.randint(3, tm.VOCAB, (1, 12), generator=torch.Generator().manual_seed(13)).cuda()
+    slow = {"dma_gbps": 1.0, "zero_copy_gbps": 1.0, "reaction_us": 0.0}
+    new = 16
+    logits, tokens, stats = {}, {}, {}
+    for cpu in ("off", 4):
+        opts = {"cpu_experts": cpu, "link_rates": slow, "graph_misses": "copy", "max_slots": E}
+        m = mi.from_pretrained(path, device="cuda", device_memory="1GiB", prefetch=False, engine_options=opts)
+        try:
+            dec = GraphDecoder(m, max_len=prompt.shape[1] + new + 2)
+            dec.generate(prompt, max_new_tokens=2)  # prefill and one replay
+            logits[cpu] = dec.logits.float().clone()
+            tokens[cpu] = dec.generate(prompt, max_new_tokens=new, on_prefill=m.reset_moe_stats)
+            stats[cpu] = m.moe_stats()
+        finally:
+            m.close()
+    off, on = stats["off"]["plan"]["executor"], stats[4]["plan"]["executor"]
+    assert not off["graph_hand_off"] and off["graph_hand_off_off"] == "hybrid execution is off: cpu_experts is off"
+    assert on["graph_hand_off"], on.get("graph_hand_off_off")
+    st = stats[4]
+    print(f"graph hand-off: experts computed on the CPU in replays {st['cpu_computed']} of {st['misses']} misses, "
+          f"CPU time {st['cpu_seconds']:.4f} s, late layers {st['copy_late']}")
+    assert st["cpu_computed"] > 0, "the CPU computed some experts inside the replays"
+    assert stats["off"]["cpu_computed"] == 0
+    assert st["copy_late"] == 0, "no layer gave up waiting (else it ignored the CPU's part)"
+    rel = ((logits[4] - logits["off"]).norm() / logits["off"].norm()).item()
+    assert rel <= 1e-2, f"logits relative error {rel:.2e}"
+    assert (tokens[4] == tokens["off"]).float().mean().item() >= 0.9
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
 def test_fp8_kernel_teacher_forced_agreement(family, tmp_path):
     """The CUDA FP8 kernels (engine option quantized_kernels) against

@@ -2,6 +2,7 @@ package backend
 
 import (
 	"fmt"
+	"time"
 
 	"runtime"
 	"sync"
@@ -26,6 +27,10 @@ type CPU struct {
 	// (package cpuffn) on that many threads, and Capabilities offer them to
 	// the engine's executor (set before Open). 0: FFN is ReferenceFFN.
 	ExpertThreads int
+	// CopyTimeout is how long a layer of a copy-mode replay with the
+	// hand-off on waits for its answer (the CUDA backend's copyTimeout;
+	// 0: 2 s). Set before the replays.
+	CopyTimeout time.Duration
 
 	workers int
 

@@ -55,6 +55,20 @@ func (c *CPU) MappedFFN(layer int, a FFNArgs) (*Routing, error) {
 	if (a.FP8 != nil) != m.Lay.Quantized() {
 		return nil, fmt.Errorf("backend cpu: mapped FFN: FP8 arguments (%t) for tables with scale grids (%t)", a.FP8 != nil, m.Lay.Quantized())
 	}
+	snap := m.Snapshot(layer)
+	if c.captured(layer, ids, a) {
+		return nil, c.mappedCompute(m, layer, a, nil)
+	}
+	if err := c.mappedCompute(m, layer, a, nil); err != nil {
+		return nil, err
+	}
+	return NewRouting(snap, func() ([]int64, error) { return ids, nil }, nil), nil
+}
+
+// mappedCompute computes the layer's FFN over its tables (call with m.Mu
+// held for reading); the experts skip[x] marks are read as null entries
+// (their pairs skipped), as the kernels read a copy-mode skip list.
+func (c *CPU) mappedCompute(m *MapTable, layer int, a FFNArgs, skip []bool) error {
 	E := m.Experts
 	a.GateUp, a.Up, a.Down = make([]uint64, E), make([]uint64, E), make([]uint64, E)
 	if a.FP8 != nil {
@@ -63,21 +77,17 @@ func (c *CPU) MappedFFN(layer int, a FFNArgs) (*Routing, error) {
 		a.FP8 = &q
 	}
 	for x := range E {
+		if x < len(skip) && skip[x] {
+			continue
+		}
 		r := m.Rows(layer*E+x, c.SlotAddr)
 		a.GateUp[x], a.Up[x], a.Down[x] = uint64(r[EntryGate]), uint64(r[EntryUp]), uint64(r[EntryDown])
 		if q := a.FP8; q != nil {
 			q.GateScale[x], q.UpScale[x], q.DownScale[x] = uint64(r[EntryGateScale]), uint64(r[EntryUpScale]), uint64(r[EntryDownScale])
 		}
 	}
-	snap := m.Snapshot(layer)
 	a.SkipInvalid = true // as the GPU kernels: the tracer reports bad ids
-	if err := c.FFN(a); err != nil {
-		return nil, err
-	}
-	if c.captured(layer, ids, a.K) {
-		return nil, nil
-	}
-	return NewRouting(snap, func() ([]int64, error) { return ids, nil }, nil), nil
+	return c.FFN(a)
 }
 
 // UnmapAll points every expert back at host memory.
@@ -127,11 +137,16 @@ type cpuCapture struct {
 	counter  []uint64
 	pub      [][]cpuPub // per captured layer, oldest first
 	changed  chan struct{}
+
+	// The copy-mode hand-off (cpu_copyhand.go).
+	handNext [2]int64 // SetCopyHandOff's tokens, hidden for the next capture
+	hand     cpuHand
 }
 
 type cpuPub struct {
 	seq uint64
 	ids []int64
+	box *cpuBox // the hand-off's mailbox of this publication, or nil
 }
 
 // BeginCapture starts recording mapped layers.
@@ -143,6 +158,7 @@ func (c *CPU) BeginCapture() error {
 	defer c.capture.mu.Unlock()
 	c.capture.capturing, c.capture.captured, c.capture.stage = true, nil, nil
 	c.capture.copyMode = c.capture.copyNext
+	c.capture.hand.begin(c.capture.copyMode, c.capture.handNext)
 	return nil
 }
 
@@ -164,6 +180,7 @@ func (c *CPU) EndCapture() ([]CapturedLayer, error) {
 	if c.capture.changed == nil {
 		c.capture.changed = make(chan struct{})
 	}
+	c.capture.hand.end(n)
 	return c.capture.captured, nil
 }
 
@@ -174,12 +191,16 @@ func (c *CPU) ReplayRouting(stream uintptr, layers []CapturedLayer) (*Routing, e
 		return nil, fmt.Errorf("backend cpu: mapped mode is off")
 	}
 	c.capture.mu.Lock()
+	if c.capture.copyMode && c.capture.hand.tokens > 0 {
+		c.capture.mu.Unlock()
+		return c.handReplay(m, layers)
+	}
 	ids := append([]int64(nil), c.capture.stage...)
 	if c.capture.copyMode {
 		for i, l := range c.capture.captured {
 			c.capture.counter[i]++
 			off := c.capture.offs[i]
-			c.capture.pub[i] = append(c.capture.pub[i], cpuPub{c.capture.counter[i], ids[off : off+l.Pairs]})
+			c.capture.pub[i] = append(c.capture.pub[i], cpuPub{seq: c.capture.counter[i], ids: ids[off : off+l.Pairs]})
 		}
 		close(c.capture.changed)
 		c.capture.changed = make(chan struct{})
@@ -194,16 +215,20 @@ func (c *CPU) ReplayRouting(stream uintptr, layers []CapturedLayer) (*Routing, e
 	return NewRouting(snap, func() ([]int64, error) { return ids, nil }, nil), nil
 }
 
-// captured records a layer computed during a capture; false when none is
-// in progress.
-func (c *CPU) captured(layer int, ids []int64, K int64) bool {
+// captured records a layer computed during a capture (and, with the
+// copy-mode hand-off, its arguments, for the replays to compute it
+// again); false when none is in progress.
+func (c *CPU) captured(layer int, ids []int64, a FFNArgs) bool {
 	c.capture.mu.Lock()
 	defer c.capture.mu.Unlock()
 	if !c.capture.capturing {
 		return false
 	}
-	c.capture.captured = append(c.capture.captured, CapturedLayer{Layer: layer, Pairs: int64(len(ids)), K: K})
+	c.capture.captured = append(c.capture.captured, CapturedLayer{Layer: layer, Pairs: int64(len(ids)), K: a.K})
 	c.capture.stage = append(c.capture.stage, ids...)
+	if c.capture.hand.tokens > 0 {
+		c.capture.hand.args = append(c.capture.hand.args, a)
+	}
 	return true
 }
 
@@ -226,6 +251,9 @@ func (c *CPU) AwaitLayer(i int, stop <-chan struct{}) ([]int64, uint64, error) {
 		}
 		if q := c.capture.pub[i]; len(q) > 0 {
 			c.capture.pub[i] = q[1:]
+			if i < len(c.capture.hand.cur) {
+				c.capture.hand.cur[i] = q[0].box
+			}
 			c.capture.mu.Unlock()
 			return q[0].ids, q[0].seq, nil
 		}
@@ -241,8 +269,15 @@ func (c *CPU) AwaitLayer(i int, stop <-chan struct{}) ([]int64, uint64, error) {
 }
 
 // ServeLayer fills each load's slot synchronously under the mapped-mode
-// protocol (the CPU's layers have already run: there is nothing to let go).
+// protocol (the CPU's layers have already run: there is nothing to let go;
+// with the copy-mode hand-off, ServeLayerCPU's protocol).
 func (c *CPU) ServeLayer(i int, seq uint64, loads []SlotLoad) error {
+	return c.ServeLayerCPU(i, seq, loads, nil, nil)
+}
+
+// fillLoads fills each load's slot synchronously under the mapped-mode
+// protocol.
+func (c *CPU) fillLoads(loads []SlotLoad) error {
 	m := c.mapped.Load()
 	if m == nil {
 		return fmt.Errorf("backend cpu: mapped mode is off")

@@ -15,6 +15,9 @@ type Features struct {
 	Graphs Graphs
 	// CopyGraphs serves captured layers' misses by the copy engine.
 	CopyGraphs CopyGraphs
+	// CopyHandOff hands captured layers' misses to the CPU inside a
+	// replay (hybrid execution in CUDA graphs).
+	CopyHandOff CopyHandOff
 	// Ordered orders loads and pins on streams.
 	Ordered Ordered
 	// Timed reports the backend's own timings.
@@ -36,6 +39,7 @@ func FeaturesOf(b Backend) Features {
 	f.Mapped, _ = b.(Mapped)
 	f.Graphs, _ = b.(Graphs)
 	f.CopyGraphs, _ = b.(CopyGraphs)
+	f.CopyHandOff, _ = b.(CopyHandOff)
 	f.Ordered, _ = b.(Ordered)
 	f.Timed, _ = b.(Timed)
 	f.LinkMeter, _ = b.(LinkMeter)

@@ -193,6 +193,44 @@ type CopyGraphs interface {
 	ServeLayer(i int, seq uint64, loads []SlotLoad) error
 }
 
+// CopyHandOff is implemented by CopyGraphs backends whose copy-mode
+// captured layers can hand some of their missed experts to the CPU inside
+// a replay (hybrid execution with no host call in the replay). With it on
+// (SetCopyHandOff before BeginCapture), each captured layer also publishes
+// its activations and routing weights, beside its routing, to a mailbox in
+// host memory the device writes, and reads a skip list and a float32
+// partial output [T, Hidden] from host memory. Serving the layer, the
+// engine names the experts whose pairs the CPU computed into the partial
+// (ServeLayerCPU), and the answer comes after the loads' copies and the
+// partial. The layer's kernels skip the named experts' pairs and add the
+// partial only when its wait ended with the answer: a layer that timed out
+// ignores both and reads every miss in place, which is right because the
+// CPU's experts keep their table entries (host memory).
+type CopyHandOff interface {
+	CopyGraphs
+	// SetCopyHandOff selects the mailbox for the copy-mode captures that
+	// follow: it holds up to tokens tokens per captured layer of hidden
+	// elements each (a layer with more tokens is captured without one);
+	// tokens 0 turns it off.
+	SetCopyHandOff(tokens, hidden int64) error
+	// LayerWork returns the mailbox of captured layer i's publication that
+	// AwaitLayer returned last: the host addresses of its activations (as
+	// the kernels read them: [T, Hidden] of the experts' dtype), its
+	// routing weights ([T, K] of type wdtype, a Weights* constant) and the
+	// partial output the CPU writes (float32 [T, Hidden]), valid until the
+	// layer is served. ok is false when layer i has no mailbox.
+	LayerWork(i int) (w HostWork, wdtype int64, ok bool)
+	// ServeLayerCPU is ServeLayer for a layer whose experts cpu (distinct
+	// ids) the CPU computes: it issues the loads' copies, then calls
+	// partial, which returns once the CPU has written the sum of those
+	// experts' pairs to the partial output (or failed); then it puts cpu
+	// on the layer's skip list (or, when partial failed, leaves the list
+	// empty, so the layer reads them in place) and answers. It returns
+	// partial's error, else ServeLayer's. With cpu empty it is ServeLayer
+	// (and the skip list is empty).
+	ServeLayerCPU(i int, seq uint64, loads []SlotLoad, cpu []int32, partial func() error) error
+}
+
 // Timed is implemented by backends that account host time of their own
 // (in nanoseconds, by name); the engine reports it with its phases.
 type Timed interface {

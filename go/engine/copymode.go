@@ -113,7 +113,8 @@ func (e *Engine) serveReplay(cg backend.CopyGraphs, it mappedItem) (int, error) 
 			return i, err
 		}
 		t0 := time.Now()
-		loads, grants, err := e.layerLoads(l, ids)
+		cpuX, work, wdt := e.graphCPU(it, i, ids)
+		loads, grants, err := e.layerLoads(l, ids, cpuX)
 		if first == nil {
 			first = err
 		}
@@ -122,7 +123,11 @@ func (e *Engine) serveReplay(cg backend.CopyGraphs, it mappedItem) (int, error) 
 		if pin > slowPin {
 			e.phaseNs[phasePinSlow].Add(int64(pin))
 		}
-		err = cg.ServeLayer(i, seq, loads)
+		if len(cpuX) > 0 {
+			err = e.serveHandOff(i, seq, loads, l, ids, cpuX, work, wdt)
+		} else {
+			err = cg.ServeLayer(i, seq, loads)
+		}
 		m.served[i] = seq
 		if errors.Is(err, backend.ErrLate) {
 			m.late.Add(1) // the copies went well; a layer did not wait for them
@@ -144,18 +149,21 @@ func (e *Engine) serveReplay(cg backend.CopyGraphs, it mappedItem) (int, error) 
 	return len(it.layers), first
 }
 
-// layerLoads pins the distinct experts of one layer's routing and returns
-// the copies the misses need. Ids out of range are skipped (the kernels
-// skip them too; the tracer reports them). When the layer needs more
-// experts than there are free or evictable slots, nothing is pinned and
-// its misses are read in place.
-func (e *Engine) layerLoads(l backend.CapturedLayer, ids []int64) ([]backend.SlotLoad, []cache.Grant, error) {
+// layerLoads pins the distinct experts of one layer's routing, but those
+// the CPU computes (cpuX), and returns the copies the misses need. Ids out
+// of range are skipped (the kernels skip them too; the tracer reports
+// them). When the layer needs more experts than there are free or
+// evictable slots, nothing is pinned and its misses are read in place.
+func (e *Engine) layerLoads(l backend.CapturedLayer, ids []int64, cpuX []int32) ([]backend.SlotLoad, []cache.Grant, error) {
 	m := &e.mapped
 	if cap(m.seen) < e.experts {
 		m.seen = make([]bool, e.experts)
 	}
 	seen := m.seen[:e.experts]
 	clear(seen)
+	for _, x := range cpuX {
+		seen[x] = true
+	}
 	keys := m.keys[:0]
 	var bad error
 	for p, x := range ids {

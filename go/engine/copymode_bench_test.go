@@ -20,7 +20,7 @@ func BenchmarkCopyLayerLoads(b *testing.B) {
 		if ids[0] == ids[1] {
 			ids[1] = (ids[1] + 1) % E
 		}
-		_, grants, err := e.layerLoads(backend.CapturedLayer{Layer: l, Pairs: 2, K: 2}, ids)
+		_, grants, err := e.layerLoads(backend.CapturedLayer{Layer: l, Pairs: 2, K: 2}, ids, nil)
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -30,8 +30,8 @@ import (
 // hand-off copies nothing (its memory is the host's), so the CPU test
 // suite runs the same sequence the CUDA backend runs, with the reference
 // and SIMD kernels as the oracle of the CUDA ones. The CUDA hand-off is
-// eager (it waits on the host once per layer), so CUDA-graph replays keep
-// cpu_experts out (docs/ARCHITECTURE.md sketches the host-free version).
+// eager (it waits on the host once per layer), so CUDA-graph replays have
+// a hand-off of their own, in copy mode (graphhandoff.go).
 //
 // Where an expert is read: cpuffn reads without a guard, and a checkpoint
 // file truncated under its mapping faults (SIGBUS) in C, which no guard
@@ -150,26 +150,33 @@ func (e *Engine) chooseCPU(c FFNCall, reqs []uint64, topk []int64) []int32 {
 	if capturing { // the hand-off waits on the host: never inside a capture
 		return nil
 	}
-	tokens := make(map[int32]int64, len(c.Experts))
+	return e.cpuMisses(c.Layer, c.Experts, c.K, reqs, topk)
+}
+
+// cpuMisses returns the experts of layer (experts, distinct) that
+// ChooseMisses sends to the CPU, ascending, for a call of routing topk (K
+// experts a token) for reqs; nil when none is.
+func (e *Engine) cpuMisses(layer int, experts []int32, K int64, reqs []uint64, topk []int64) []int32 {
+	tokens := make(map[int32]int64, len(experts))
 	for _, x := range topk {
 		tokens[int32(x)]++
 	}
 	var misses []Miss
-	for _, x := range c.Experts {
-		if _, st := e.cache.Lookup(cache.Key{Layer: int32(c.Layer), Expert: x}); st == cache.Empty {
+	for _, x := range experts {
+		if _, st := e.cache.Lookup(cache.Key{Layer: int32(layer), Expert: x}); st == cache.Empty {
 			misses = append(misses, Miss{Expert: x, Tokens: tokens[x]})
 		}
 	}
 	if len(misses) == 0 {
 		return nil
 	}
-	if reuse := e.predictReuse(c.Layer, reqs, c.K); reuse != nil {
+	if reuse := e.predictReuse(layer, reqs, K); reuse != nil {
 		for i := range misses {
 			misses[i].Reuse = reuse[misses[i].Expert]
 		}
 	}
 	maxCPU := 0
-	if len(e.files[c.Layer]) > 0 {
+	if len(e.files[layer]) > 0 {
 		maxCPU = int(max(1, cpuStageBytes/e.lay.SlotBytes))
 	}
 	plan := ChooseMisses(MissInputs{
@@ -290,10 +297,6 @@ func (e *Engine) layerHybrid(c FFNCall, cpuX []int32, topk []int64) error {
 		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, err)
 	}
 	handed := time.Since(t0)
-	type cpuDone struct {
-		ns  time.Duration
-		err error
-	}
 	done := make(chan cpuDone, 1)
 	go func() {
 		t0 := time.Now()
@@ -345,6 +348,12 @@ func (e *Engine) layerHybrid(c FFNCall, cpuX []int32, topk []int64) error {
 	e.cpuComputed[c.Layer].Add(int64(len(cpuX)))
 	e.cpuNs[c.Layer].Add(int64(handed + r.ns))
 	return nil
+}
+
+// cpuDone is the CPU part's host time and error.
+type cpuDone struct {
+	ns  time.Duration
+	err error
 }
 
 // cpuPart computes the pairs of call c routed to cpuX (topk, on the host)

@@ -507,6 +507,7 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 		_ = be.Close()
 		return Plan{}, err
 	}
+	e.planGraphHandOff(&plan.Executor)
 	e.core, e.tracker, e.planner, e.queue = cr, cr.Tracker(), cr.Planner(), cr.Queue()
 	e.bytesMoved = make([]atomic.Int64, L)
 	e.stallNs = make([]atomic.Int64, L)

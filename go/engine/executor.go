@@ -152,6 +152,13 @@ type ExecutorPlan struct {
 	// HybridCosts is the cost model the choices rest on (nil without
 	// Hybrid).
 	HybridCosts *HybridCosts `json:"hybrid_costs,omitempty"`
+	// GraphHandOff: hybrid execution also serves CUDA-graph replays in
+	// copy mode (graph_misses "copy"): each captured layer publishes its
+	// activations and routing weights, and the copy driver has the CPU
+	// compute some of its misses (graphhandoff.go).
+	GraphHandOff bool `json:"graph_hand_off"`
+	// GraphHandOffOff says why GraphHandOff is false ("" when true).
+	GraphHandOffOff string `json:"graph_hand_off_off,omitempty"`
 	// Quant is the quant_method of experts the kernels compute straight
 	// from their compressed bytes ("fp8"): in slots and, in mapped mode,
 	// in host memory; "" for bfloat16/float16 ones. The hybrid CPU

@@ -117,7 +117,8 @@ func TestExecutorPlanReportsWhatTheBackendAndModelAllow(t *testing.T) {
 	_, p := execEngine(t, kernelCaps, "swiglu", 1, 4, 2)
 	assert.Equal(t, ExecutorPlan{Kernels: true, Mapped: true, DType: 0, Hidden: mH, Inter: mI, MaxMappedPairs: 64,
 		KernelMaxTokens: KernelMaxTokens, KernelSmallExpertBytes: KernelSmallExpertBytes,
-		HybridOff: `cpu_experts "auto" is off on the CPU backend (a thread count turns it on)`}, p.Executor)
+		HybridOff:       `cpu_experts "auto" is off on the CPU backend (a thread count turns it on)`,
+		GraphHandOffOff: `hybrid execution is off: cpu_experts "auto" is off on the CPU backend (a thread count turns it on)`}, p.Executor)
 
 	_, p = execEngine(t, kernelCaps, "none", 1, 4, 2)
 	assert.False(t, p.Executor.Kernels)

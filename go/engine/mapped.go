@@ -23,6 +23,7 @@ type mappedItem struct {
 	reqs   []uint64
 	r      *backend.Routing
 	served bool // a copy-mode replay: the copy driver counted and loaded its experts
+	handed bool // a copy-mode replay whose layers have hand-off mailboxes
 }
 
 // mappedState is the engine side of mapped mode: the tracer goroutine that
@@ -42,6 +43,9 @@ type mappedState struct {
 	captured  []backend.CapturedLayer // the layers of the last capture
 	copyNext  bool                    // the capture in progress is in copy mode
 	copied    bool                    // the last capture is in copy mode
+	handNext  bool                    // the capture in progress has hand-off mailboxes
+	handed    bool                    // the last capture has them
+	warmT     atomic.Int64            // the most tokens of a mapped layer call since the last capture
 
 	// The copy driver's (copymode.go): replays to serve, the sequence
 	// number last answered per captured layer, scratch, and the layers
@@ -117,6 +121,9 @@ func (e *Engine) LayerMapped(c FFNCall, reqs []uint64) error {
 	if err := e.checkLayer(c.Layer); err != nil {
 		return err
 	}
+	if w := &e.mapped.warmT; e.hybrid.k != nil && c.T > w.Load() {
+		w.Store(c.T) // sizes the graph hand-off's mailbox; a race between callers only sizes it
+	}
 	t0 := time.Now()
 	r, err := mb.MappedFFN(c.Layer, backend.FFNArgs{
 		Stream: c.Stream, X: c.X, Out: c.Out, Scratch: c.Scratch, TopK: c.TopK, Weights: c.Weights,
@@ -190,6 +197,12 @@ func (e *Engine) CaptureBegin() error {
 			return err
 		}
 	}
+	if err := e.setCaptureHandOff(copyNext); err != nil {
+		m.mu.Lock()
+		m.capturing = false
+		m.mu.Unlock()
+		return err
+	}
 	if err := g.BeginCapture(); err != nil {
 		m.mu.Lock()
 		m.capturing = false
@@ -219,6 +232,8 @@ func (e *Engine) CaptureEnd() (int, error) {
 	}
 	m.captured = layers
 	m.copied = m.copyNext
+	m.handed = m.copyNext && m.handNext
+	m.warmT.Store(0)
 	m.served = make([]uint64, len(layers))
 	return len(layers), nil
 }
@@ -238,7 +253,7 @@ func (e *Engine) GraphStep(stream uintptr, reqs []uint64) error {
 	ok := g != nil
 	m := &e.mapped
 	m.mu.Lock()
-	layers, capturing, copied := m.captured, m.capturing, m.copied
+	layers, capturing, copied, handed := m.captured, m.capturing, m.copied, m.handed
 	m.mu.Unlock()
 	if !ok || len(layers) == 0 || capturing {
 		return fmt.Errorf("%w: no captured step to trace", ErrState)
@@ -252,7 +267,7 @@ func (e *Engine) GraphStep(stream uintptr, reqs []uint64) error {
 	if err != nil {
 		return err
 	}
-	it := mappedItem{layers: layers, reqs: append([]uint64(nil), reqs...), r: r, served: copied}
+	it := mappedItem{layers: layers, reqs: append([]uint64(nil), reqs...), r: r, served: copied, handed: handed}
 	if copied {
 		// Prefetch loads order their copies after the compute stream's
 		// work, which a served replay holds until its copies are done:

@@ -769,9 +769,11 @@ def from_pretrained(
             ``matches``, ``prefetch_window``, ``workers``, ``max_slots``,
             ``cpu_experts``: ``"auto"`` (default), ``"off"`` or a thread
             count. With a GPU, ``"auto"`` lets the engine compute missed
-            experts on the CPU where they lie (not built for the CUDA
-            backend yet: ``moe_stats()["plan"]["executor"]["hybrid_off"]``
-            says why it is off). On the CPU, ``"auto"`` is off
+            experts on the CPU where they lie, on the synchronous kernel
+            path and in copy-mode CUDA-graph replays, once the link's rates
+            are known (``moe_stats()["plan"]["executor"]``: ``hybrid_off``
+            and ``graph_hand_off_off`` say why either is off; not yet run
+            on a GPU). On the CPU, ``"auto"`` is off
             (transformers' code, bitwise); a thread count makes
             bfloat16/float16 SwiGLU decode layers run the engine's SIMD
             expert kernels (outputs then match transformers within

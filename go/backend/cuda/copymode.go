@@ -101,6 +101,9 @@ type copyState struct {
 	answerDev uint64
 	answerOff []int64
 	answerCap []int
+
+	// The CPU hand-off's mailboxes (copyhand.go), nil until one is asked.
+	hand *copyHand
 }
 
 func (c *copyState) seq(i int) *uint32 {
@@ -168,6 +171,9 @@ func (b *Backend) beginCopyCapture(m *mapped) error {
 		if err := memset32Async(c.counter, 0, 2*maxCopyLayers+2, b.prefetch); err != nil {
 			return err
 		}
+		if err := b.beginCopyHand(m, c); err != nil {
+			return err
+		}
 		if err := streamSync(b.prefetch); err != nil {
 			return err
 		}
@@ -179,23 +185,27 @@ func (b *Backend) beginCopyCapture(m *mapped) error {
 }
 
 // captureCopyWait submits, during a copy-mode capture, the publication of
-// captured layer i's routing and the wait for its copies. Runs in do.
-func (b *Backend) captureCopyWait(m *mapped, i int, a backend.FFNArgs) error {
+// captured layer i's routing (and, with the CPU hand-off, its mailbox) and
+// the wait for its copies. It returns the layer's device skip list and
+// partial output for its kernels (0 without a mailbox). Runs in do.
+func (b *Backend) captureCopyWait(m *mapped, i int, a backend.FFNArgs) (skip, addend uint64, err error) {
 	c := m.cp
 	P := a.T * a.K
 	if i >= maxCopyLayers {
-		return fmt.Errorf("backend cuda: a copy-mode capture holds at most %d layers", maxCopyLayers)
+		return 0, 0, fmt.Errorf("backend cuda: a copy-mode capture holds at most %d layers", maxCopyLayers)
 	}
+	hp, skip, addend := b.captureHand(m, i, a)
 	off := m.staged // the ids' place in box, as in the staging buffer
 	if err := launch(c.publish, 1, 1, 256, a.Stream,
 		a.TopK, uint64(P), c.boxDev+uint64(8*off), c.boxDev+uint64(routingIDs*8+4*i), c.counter+uint64(4*i),
 		c.ready+uint64(4*i), uint64(copyTimeout.Nanoseconds()), c.boxDev+uint64(routingIDs*8+4*maxCopyLayers),
-		c.counter+8*maxCopyLayers, c.boxDev+waitedOff); err != nil {
-		return fmt.Errorf("launching moe_publish_wait: %w", err)
+		c.counter+8*maxCopyLayers, c.boxDev+waitedOff,
+		hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6], hp[7], hp[8]); err != nil {
+		return 0, 0, fmt.Errorf("launching moe_publish_wait: %w", err)
 	}
 	c.offs = append(c.offs, off)
 	c.pairs = append(c.pairs, P)
-	return nil
+	return skip, addend, nil
 }
 
 // AwaitLayer polls captured layer i's sequence number until a replay
@@ -237,6 +247,13 @@ func (b *Backend) AwaitLayer(i int, stop <-chan struct{}) ([]int64, uint64, erro
 // layer waits behind this one. (A layer that timed out does read them
 // meanwhile; it gives up only after copyTimeout, far beyond any copy.)
 func (b *Backend) ServeLayer(i int, seq uint64, loads []backend.SlotLoad) error {
+	return b.serveLayer(i, seq, loads, nil, nil)
+}
+
+// serveLayer is ServeLayer and, with cpu, ServeLayerCPU: the copies are
+// queued, then partial is waited for (outside the device's lock), then
+// the skip list is written and the answer queued.
+func (b *Backend) serveLayer(i int, seq uint64, loads []backend.SlotLoad, cpu []int32, partial func() error) error {
 	m := b.m.Load()
 	if m == nil || m.cp == nil || !m.copyMode || i < 0 || i >= len(m.cp.offs) {
 		return fmt.Errorf("backend cuda: no copy-mode capture has a layer %d", i)
@@ -250,23 +267,23 @@ func (b *Backend) ServeLayer(i int, seq uint64, loads []backend.SlotLoad) error 
 	}
 	m.capMu.RLock()
 	defer m.capMu.RUnlock()
-	var copyErr error
+	var copyErr, perr error
 	if most := c.answerCap[i] / (2 * m.tab.Lay.Entries()); len(loads) > most { // cannot happen: distinct routed experts
 		copyErr = fmt.Errorf("backend cuda: %d loads for captured layer %d, which routes at most %d experts", len(loads), i, most)
 		loads = loads[:most]
 	}
 	t0 := time.Now()
+	// Entries to write: the pinned area of layer i is free again, as the
+	// last answer that read it ran before this routing was published.
+	pairs := unsafe.Slice((*uint64)(unsafe.Add(c.answer, 16*c.answerOff[i])), 2*c.answerCap[i])
+	n := 0
+	var done []backend.SlotLoad
 	err := b.dev.do(func() error {
 		b.serveNs[serveEnter].Add(int64(time.Since(t0)))
-		// Entries to write: the pinned area of layer i is free again, as
-		// the last answer that read it ran before this routing was published.
-		pairs := unsafe.Slice((*uint64)(unsafe.Add(c.answer, 16*c.answerOff[i])), 2*c.answerCap[i])
-		n := 0
 		put := func(i, j int, v uintptr) {
 			pairs[2*n], pairs[2*n+1] = m.entry(i, j), uint64(v)
 			n++
 		}
-		var done []backend.SlotLoad
 		for k, l := range loads {
 			o, err := b.copyIn(m, l, k == 0, t0)
 			if o >= 0 { // back to host memory, even after a failed (partial) copy
@@ -284,8 +301,22 @@ func (b *Backend) ServeLayer(i int, seq uint64, loads []backend.SlotLoad) error 
 			}
 			done = append(done, l)
 		}
-		// Answered even after a failed copy: the layer must not wait for
-		// copies that will not come (it reads what is not mapped in place).
+		return nil
+	})
+	// The CPU's partial, while the copies run; then its skip list.
+	if len(cpu) > 0 {
+		if partial == nil {
+			perr = fmt.Errorf("backend cuda: experts %v of captured layer %d handed to the CPU without a partial", cpu, i)
+		} else {
+			perr = partial()
+		}
+	}
+	if herr := b.handSkip(m, i, cpu, perr == nil); herr != nil && perr == nil {
+		perr = herr
+	}
+	// Answered even after a failed copy or partial: the layer must not
+	// wait for what will not come (it reads what is not mapped in place).
+	aerr := b.dev.do(func() error {
 		t := time.Now()
 		if n == 0 {
 			return memset32Async(c.ready+uint64(4*i), uint32(seq), 1, b.demand)
@@ -308,7 +339,7 @@ func (b *Backend) ServeLayer(i int, seq uint64, loads []backend.SlotLoad) error 
 	})
 	m.copyServed[i] = uint32(seq)
 	b.serveNs[serveAll].Add(int64(time.Since(t0)))
-	if err := errors.Join(copyErr, err); err != nil {
+	if err := errors.Join(perr, copyErr, err, aerr); err != nil {
 		return err
 	}
 	if lp := c.late(); atomic.LoadUint32(lp) != 0 {
@@ -396,6 +427,9 @@ func freeCopy(c *copyState, keep func(error)) {
 	}
 	if c.answer != nil {
 		keep(hostFree(c.answer))
+	}
+	if c.hand != nil {
+		keep(freeHand(c.hand))
 	}
 	if c.box != nil {
 		keep(hostFree(c.box))

@@ -86,8 +86,8 @@ static CUresult moe_host_device_ptr(uint64_t *d, void *p) {
 // parameter array lives on the C stack, so no Go memory holds pointers.
 static CUresult moe_launch(uintptr_t f, unsigned int gx, unsigned int gy, unsigned int bx, uintptr_t s,
                            const uint64_t *vals, int n) {
-	void *params[16];
-	if (n > 16) return CUDA_ERROR_INVALID_VALUE;
+	void *params[24];
+	if (n > 24) return CUDA_ERROR_INVALID_VALUE;
 	for (int i = 0; i < n; i++) params[i] = (void *)&vals[i];
 	return cuLaunchKernel((CUfunction)f, gx, gy, 1, bx, 1, 1, 0, (CUstream)s, params, 0);
 }
@@ -378,7 +378,7 @@ func rawFunc(f cu.Function) uintptr { return *(*uintptr)(unsafe.Pointer(&f)) }
 // launch runs f on a grid of gx × gy blocks of bx threads on stream s,
 // with 8-byte parameters vals (pointers and int64s), without allocating.
 func launch(f cu.Function, gx, gy, bx int, s uintptr, vals ...uint64) error {
-	if len(vals) == 0 || len(vals) > 16 {
+	if len(vals) == 0 || len(vals) > 24 {
 		return fmt.Errorf("cuda: launch with %d parameters", len(vals))
 	}
 	return check("cuLaunchKernel", C.moe_launch(C.uintptr_t(rawFunc(f)), C.uint(gx), C.uint(gy), C.uint(bx), C.uintptr_t(s),

@@ -21,6 +21,13 @@ const fp8MaxHidden = 12288
 // tab + 8·(j·n + e), n experts (3 entries each, 6 for FP8 experts). Null
 // entries skip their pairs; a.Addend (0: none) joins moe_down's sums.
 func (b *Backend) launchFFN(a backend.FFNArgs, tab uint64, n int) error {
+	return b.launchFFNSkip(a, tab, n, 0)
+}
+
+// launchFFNSkip is launchFFN with a copy-mode hand-off's device skip list
+// (0: none; bfloat16/float16 experts only): pairs of the experts it lists
+// are skipped, and a.Addend is added only when it says so.
+func (b *Backend) launchFFNSkip(a backend.FFNArgs, tab uint64, n int, skip uint64) error {
 	P := a.T * a.K
 	E := uint64(n)
 	at := func(j int) uint64 { return tab + uint64(8*j*n) }
@@ -41,13 +48,13 @@ func (b *Backend) launchFFN(a backend.FFNArgs, tab uint64, n int) error {
 		return nil
 	}
 	if err := launch(b.gateUp, grid, int(P), 32*warpsPerBlock, a.Stream,
-		a.X, a.TopK, gt, ut, a.Scratch, uint64(P), uint64(a.K), uint64(a.Hidden), uint64(a.Inter), uint64(a.DType), E); err != nil {
+		a.X, a.TopK, gt, ut, a.Scratch, uint64(P), uint64(a.K), uint64(a.Hidden), uint64(a.Inter), uint64(a.DType), E, skip); err != nil {
 		return fmt.Errorf("launching moe_gate_up_swiglu: %w", err)
 	}
 	grid = int((a.Hidden + warpsPerBlock - 1) / warpsPerBlock)
 	if err := launch(b.down, grid, int(a.T), 32*warpsPerBlock, a.Stream,
 		a.Scratch, a.TopK, dt, a.Weights, a.Out, uint64(a.T), uint64(a.K), uint64(a.Hidden), uint64(a.Inter), uint64(a.DType), E,
-		a.KernelWDType(), a.Addend); err != nil {
+		a.KernelWDType(), a.Addend, skip); err != nil {
 		return fmt.Errorf("launching moe_down: %w", err)
 	}
 	return nil

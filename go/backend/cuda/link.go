@@ -245,7 +245,8 @@ func (p *linkProbe) reaction() (float64, error) {
 	var prev uint64
 	for i := uint32(1); i <= linkReactions+1; i++ {
 		if err := launch(p.publish, 1, 1, 32, p.stream,
-			0, 0, p.hostDev, seqDev, counter, ready, uint64(linkReactionTimeout.Nanoseconds()), lateDev, waitAcc, waitedDev); err != nil {
+			0, 0, p.hostDev, seqDev, counter, ready, uint64(linkReactionTimeout.Nanoseconds()), lateDev, waitAcc, waitedDev,
+			0, 0, 0, 0, 0, 0, 0, 0, 0); err != nil { // no CPU hand-off
 			return 0, fmt.Errorf("launching moe_publish_wait: %w", err)
 		}
 		t0 := time.Now()

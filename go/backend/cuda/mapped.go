@@ -54,6 +54,7 @@ type mapped struct {
 	copyMode   bool
 	cp         *copyState
 	copyServed []uint32
+	handNext   [2]int64 // SetCopyHandOff's tokens and hidden, for the next capture
 }
 
 // entry is the device address of table entry j (backend.EntryGate, ...)
@@ -377,12 +378,14 @@ func (b *Backend) captureFFN(m *mapped, layer int, a backend.FFNArgs) error {
 		return fmt.Errorf("backend cuda: capture on stream %#x but the last mapped layer ran on %#x; warm up on the capture stream first", a.Stream, cs)
 	}
 	err := b.dev.do(func() error {
+		var skip uint64
 		if m.copyMode {
-			if err := b.captureCopyWait(m, len(m.captured), a); err != nil {
+			var err error
+			if skip, a.Addend, err = b.captureCopyWait(m, len(m.captured), a); err != nil {
 				return err
 			}
 		}
-		if err := b.launchFFN(a, m.layerTable(layer), m.tab.Experts); err != nil {
+		if err := b.launchFFNSkip(a, m.layerTable(layer), m.tab.Experts, skip); err != nil {
 			return err
 		}
 		return copyDtoDAsync(m.stage+uint64(8*m.staged), a.TopK, P*8, a.Stream)
