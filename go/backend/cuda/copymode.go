@@ -278,7 +278,7 @@ func (b *Backend) serveLayer(i int, seq uint64, loads []backend.SlotLoad, cpu []
 	pairs := unsafe.Slice((*uint64)(unsafe.Add(c.answer, 16*c.answerOff[i])), 2*c.answerCap[i])
 	n := 0
 	var done []backend.SlotLoad
-	err := b.dev.do(func() error {
+	copies := func() {
 		b.serveNs[serveEnter].Add(int64(time.Since(t0)))
 		put := func(i, j int, v uintptr) {
 			pairs[2*n], pairs[2*n+1] = m.entry(i, j), uint64(v)
@@ -301,22 +301,10 @@ func (b *Backend) serveLayer(i int, seq uint64, loads []backend.SlotLoad, cpu []
 			}
 			done = append(done, l)
 		}
-		return nil
-	})
-	// The CPU's partial, while the copies run; then its skip list.
-	if len(cpu) > 0 {
-		if partial == nil {
-			perr = fmt.Errorf("backend cuda: experts %v of captured layer %d handed to the CPU without a partial", cpu, i)
-		} else {
-			perr = partial()
-		}
-	}
-	if herr := b.handSkip(m, i, cpu, perr == nil); herr != nil && perr == nil {
-		perr = herr
 	}
 	// Answered even after a failed copy or partial: the layer must not
 	// wait for what will not come (it reads what is not mapped in place).
-	aerr := b.dev.do(func() error {
+	answer := func() error {
 		t := time.Now()
 		if n == 0 {
 			return memset32Async(c.ready+uint64(4*i), uint32(seq), 1, b.demand)
@@ -336,7 +324,34 @@ func (b *Backend) serveLayer(i int, seq uint64, loads []backend.SlotLoad, cpu []
 			m.tab.Mu.Unlock()
 		}
 		return nil
-	})
+	}
+	var err, aerr error
+	if len(cpu) == 0 {
+		// Nothing for the CPU: the skip list is cleared (host memory) and
+		// the copies and the answer go in one device call, as without a
+		// hand-off.
+		perr = b.handSkip(m, i, nil, true)
+		err = b.dev.do(func() error {
+			copies()
+			return answer()
+		})
+	} else {
+		// The copies, then the CPU's partial while they run (outside the
+		// device's lock), its skip list, and the answer in a second call.
+		err = b.dev.do(func() error {
+			copies()
+			return nil
+		})
+		if partial == nil {
+			perr = fmt.Errorf("backend cuda: experts %v of captured layer %d handed to the CPU without a partial", cpu, i)
+		} else {
+			perr = partial()
+		}
+		if herr := b.handSkip(m, i, cpu, perr == nil); herr != nil && perr == nil {
+			perr = herr
+		}
+		aerr = b.dev.do(answer)
+	}
 	m.copyServed[i] = uint32(seq)
 	b.serveNs[serveAll].Add(int64(time.Since(t0)))
 	if err := errors.Join(perr, copyErr, err, aerr); err != nil {
