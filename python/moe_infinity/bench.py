@@ -581,11 +581,11 @@ def run_accelerate(args: argparse.Namespace) -> dict[str, Any]:
 _TABLE = (
     ("system", "system", "{}"),
     ("experts", "expert_dtype", "{}"),
-    ("kernels", "kernel_build", "{}"),
     ("policy", "policy", "{}"),
     ("prefetch", "prefetch", "{}"),
     ("routing", "routing", "{}"),
     ("device", "device", "{}"),
+    ("kernels", "kernel_build", "{}"),
     ("s/token", "decode_s_per_token", "{:.4f}"),
     ("TTFT s", "ttft_s", "{:.3f}"),
     ("hit rate", "hit_rate", "{:.1%}"),
