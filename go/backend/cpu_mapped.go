@@ -49,6 +49,9 @@ func (c *CPU) MappedFFN(layer int, a FFNArgs) (*Routing, error) {
 	if a.T <= 0 || a.K <= 0 || a.TopK == 0 {
 		return nil, fmt.Errorf("backend cpu: routing of %d × %d ids at %#x", a.T, a.K, a.TopK)
 	}
+	if a.GptOss != nil {
+		return nil, fmt.Errorf("backend cpu: mapped mode computes standard SwiGLU experts, not gpt-oss ones")
+	}
 	ids := append([]int64(nil), unsafe.Slice((*int64)(ptrOf(a.TopK)), a.T*a.K)...)
 	m.Mu.RLock()
 	defer m.Mu.RUnlock()

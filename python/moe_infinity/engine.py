@@ -215,17 +215,23 @@ class Engine:
         """The MoE modules found: prefix, num_experts, fused, roles."""
         return _native.call_json("moe_engine_modules", ctypes.c_uint64(self._h()))
 
-    def configure(self, layout: dict[str, Any], layers: Sequence[str] | None = None, budget_bytes: int | None = None, ffn: str | None = None) -> dict[str, Any]:
+    def configure(
+        self, layout: dict[str, Any], layers: Sequence[str] | None = None, budget_bytes: int | None = None, ffn: str | None = None,
+        ffn_params: dict[str, float] | None = None,
+    ) -> dict[str, Any]:
         """Fixes the slot layout and layer order, sizes the cache (from
         ``budget_bytes`` when given, else the engine's budget), and returns
         the plan. ``ffn`` names the experts' computation when the engine's
-        kernels implement it (``"swiglu"``); the plan's ``executor`` says
-        what the layer executor can do with it."""
+        kernels implement it (``"swiglu"``, ``"gpt_oss"``); ``ffn_params``
+        its constants (gpt-oss: ``swiglu_alpha``, ``swiglu_limit``). The
+        plan's ``executor`` says what the layer executor can do with it."""
         setup: dict[str, Any] = {"layout": layout, "layers": list(layers or [])}
         if budget_bytes is not None:
             setup["budget_bytes"] = int(budget_bytes)
         if ffn is not None:
             setup["ffn"] = ffn
+        for k, v in (ffn_params or {}).items():
+            setup[k] = float(v)
         self._plan = _native.call_json("moe_engine_configure", ctypes.c_uint64(self._h()), json.dumps(setup).encode())
         return self._plan
 
