@@ -61,8 +61,8 @@ type Engine struct {
 	ffn    string
 	gk     *layout.GptOssKernel
 	gptoss *backend.GptOssArgs
-	be  backend.Backend
-	ft  backend.Features // be's optional parts, resolved once at Configure
+	be     backend.Backend
+	ft     backend.Features // be's optional parts, resolved once at Configure
 	// core sequences every layer's tracing, scoring, planning and cache
 	// decisions (go/core, the code go/sim replays through); cache,
 	// tracker, planner and queue are its parts.
