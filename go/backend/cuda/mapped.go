@@ -214,6 +214,8 @@ func (b *Backend) MappedFFN(layer int, a backend.FFNArgs) (*backend.Routing, err
 		return nil, fmt.Errorf("backend cuda: mapped FFN: a tensor address is null")
 	case a.DType != 0 && a.DType != 1:
 		return nil, fmt.Errorf("backend cuda: mapped FFN dtype %d (0 = bfloat16, 1 = float16)", a.DType)
+	case a.GptOss != nil:
+		return nil, fmt.Errorf("backend cuda: mapped mode computes standard SwiGLU experts, not gpt-oss ones")
 	case (a.FP8 != nil) != m.tab.Lay.Quantized():
 		return nil, fmt.Errorf("backend cuda: mapped FFN: FP8 arguments (%t) for tables with scale grids (%t)", a.FP8 != nil, m.tab.Lay.Quantized())
 	}
