@@ -24,7 +24,8 @@ from .errors import ClosedError, InvalidArgumentError, StateError
 
 __all__ = ["Engine"]
 
-_TORCH_DTYPES = {"torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16"}
+#: Host tensor dtypes: expert weights, and uint8 for MXFP4 blocks and e8m0 scales.
+_TORCH_DTYPES = {"torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16", "torch.uint8": "uint8"}
 _NUMPY_DTYPES = {"float32": "float32", "float16": "float16"}
 
 
@@ -455,7 +456,7 @@ def _describe(tensor: Any) -> tuple[str, list[int], int, int]:
             raise InvalidArgumentError("host tensors must be contiguous")
         dtype = _TORCH_DTYPES.get(str(tensor.dtype))
         if dtype is None:
-            raise InvalidArgumentError(f"unsupported expert dtype {tensor.dtype} (float32, float16, bfloat16)")
+            raise InvalidArgumentError(f"unsupported expert dtype {tensor.dtype} (float32, float16, bfloat16; uint8 for MXFP4 blocks and scales)")
         return dtype, list(tensor.shape), tensor.data_ptr(), tensor.numel() * tensor.element_size()
     if mod.startswith("numpy"):
         if not tensor.flags["C_CONTIGUOUS"]:
