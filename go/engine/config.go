@@ -109,6 +109,12 @@ type Config struct {
 	// they had mapped mode; software e4m3 decoding).
 	// On the CPU backend the reference kernels read FP8 slots whenever
 	// ReferenceKernels is on; this setting does not matter there.
+	//
+	// It also opts gpt-oss experts (Setup.FFN "gpt_oss", bfloat16/float16
+	// or MXFP4, read from the compressed slots) into the GPU's gpt-oss
+	// kernels, which have not yet run on a GPU; without it they run the
+	// caller's code (on dequantized views for MXFP4). The CPU backend's
+	// reference computes them whenever ReferenceKernels is on.
 	QuantizedKernels bool `json:"quantized_kernels"`
 	// CPUExperts turns on the CPU's part in computing experts. JSON:
 	// "auto" (the default, also when left out), "off" or a thread count
