@@ -317,7 +317,9 @@ extern "C" __global__ void moe_down_fp8(const float *h, const long *topk, const 
 // tensors. alpha and limit arrive as the bits of a float32 in a long.
 //
 // bfloat16/float16 experts: each lane owns one output column (32 per
-// block, so a warp's loads of a row are one coalesced run) and the block's
+// block, so a warp's loads of a row are one coalesced run; elements are
+// loaded one by one, so a matrix read in place needs no more alignment than
+// its elements') and the block's
 // 8 warps split the rows (warp w takes rows w, w+8, ...); their partial
 // sums meet in shared memory and warp 0 adds them in warp order. MXFP4
 // experts (quant_method "mxfp4", as gpt-oss ships) are read as stored: the
@@ -387,16 +389,16 @@ extern "C" __global__ void moe_gate_up_gptoss(const moe_bf16 *x, const long *top
         for (long c = MOE_TID_X; c < H; c += MOE_NTID_X) xs[c] = moe_load(xt, c, dtype);
         __syncthreads();
     }
-    // Column pair (2i, 2i+1) of row c is one 4-byte word.
-    const unsigned int *w = (const unsigned int *)gutab[e];
+    // Columns 2i (gate) and 2i+1 (up) of row c: two 2-byte loads, so that
+    // a matrix read in place needs only its elements' alignment.
+    const moe_bf16 *w = (const moe_bf16 *)gutab[e];
     float g = 0.f, u = 0.f;
     if (i < I) {
         for (long c = warp; c < H; c += MOE_WARPS) {
-            unsigned int v = w[c * I + i];
+            const moe_bf16 *wc = w + c * 2 * I + 2 * i;
             float xv = staged ? xs[c] : moe_load(xt, c, dtype);
-            moe_bf16 lo = (moe_bf16)(v & 0xffffu), hi = (moe_bf16)(v >> 16);
-            g += (dtype == 0 ? moe_bf16_to_f32(lo) : moe_f16_to_f32(lo)) * xv;
-            u += (dtype == 0 ? moe_bf16_to_f32(hi) : moe_f16_to_f32(hi)) * xv;
+            g += moe_load(wc, 0, dtype) * xv;
+            u += moe_load(wc, 1, dtype) * xv;
         }
     }
     part[warp][lane][0] = g;
@@ -449,16 +451,30 @@ extern "C" __global__ void moe_down_gptoss(const float *h, const long *topk, con
 
 // dot of row `row` of an MXFP4 matrix (n columns, a multiple of 32; blocks
 // at w, e8m0 scales at s) with a f32 vector: lane takes 32 columns (16
-// bytes, one scale) at a time.
+// bytes, one scale) at a time, with one 16-byte load when the row is
+// 16-byte aligned (in a slot always; read in place, as the checkpoint
+// file places it) and byte by byte otherwise.
 __device__ __forceinline__ float moe_mxfp4_row_dot(const unsigned char *w, const unsigned char *s, long row,
                                                    const float *vec, long n, long dtype, unsigned int lane) {
     long groups = n / 32;
-    const uint4 *r4 = (const uint4 *)(w + row * (n / 2));
+    const unsigned char *rb = w + row * (n / 2);
+    bool aligned = (((unsigned long)rb) & 15) == 0;
     const unsigned char *sr = s + row * groups;
     float acc = 0.f;
     for (long gi = lane; gi < groups; gi += 32) {
-        uint4 v = r4[gi];
-        unsigned int q[4] = {v.x, v.y, v.z, v.w};
+        unsigned int q[4];
+        if (aligned) {
+            uint4 v = ((const uint4 *)rb)[gi];
+            q[0] = v.x;
+            q[1] = v.y;
+            q[2] = v.z;
+            q[3] = v.w;
+        } else {
+            const unsigned char *b = rb + gi * 16;
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+                q[k] = b[4 * k] | (b[4 * k + 1] << 8) | (b[4 * k + 2] << 16) | ((unsigned int)b[4 * k + 3] << 24);
+        }
         float sc = moe_e8m0_to_f32(sr[gi]);
         const float *x = vec + gi * 32;
 #pragma unroll

@@ -6,7 +6,8 @@ transposed gate_up_proj [H, 2I] with interleaved gate/up columns, biases,
 gate clamped to ``limit``, ``(up + 1) * gate * sigmoid(alpha * gate)``), so
 the engine has kernels of their own (setup ffn ``"gpt_oss"``). With
 ``reference_kernels`` the CPU backend computes decode-sized layers with its
-Go reference of them; it rounds each step to the activation dtype where
+Go reference of them (in mapped mode, reading each expert from its slot or
+in place from the checkpoint's tensors, or from the slots alone); it rounds each step to the activation dtype where
 transformers' grouped_mm expert code does, so the only difference left is
 the order of the float32 sums inside each matrix product (torch's GEMM
 blocks them, the reference sums in index order). Tolerance is that of the
@@ -50,19 +51,24 @@ def test_reference_kernels_compute_gpt_oss_experts_as_transformers(gptoss):
     model = mi.from_pretrained(path, device="cpu", dtype=dt, device_memory="256MiB", engine_options={"reference_kernels": True})
     try:
         ex = model.moe_runtime.plan["executor"]
-        assert ex["kernels"] and not ex["mapped"] and "gpt-oss" in ex["mapped_off"], ex
-        assert not ex.get("quant"), ex
-        assert not model.moe_runtime.mapped
-        with torch.no_grad():
-            got = model(input_ids=prompt).logits
-            gen = model.generate(input_ids=prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-        paths = model.moe_stats()["paths"]
+        assert ex["kernels"] and ex["mapped"] and not ex.get("quant"), ex
         layers = len(model.moe_runtime.layers)
-        assert paths["kernels"] >= (NEW_TOKENS + 1) * layers and paths["mapped"] == 0, paths
-        agree = (got.argmax(-1) == logits.argmax(-1)).float().mean().item()
-        print(f"gpt-oss {dt} reference kernels vs transformers: top-1 {agree:.4f}, rel {_relative(got, logits):.2e}, bitwise {torch.equal(got, logits)}")
-        assert agree >= 0.99 and _relative(got, logits) <= 1e-2, (agree, _relative(got, logits))
-        assert torch.equal(gen, tokens)
+        runs = {}
+        for mapped in (True, False):
+            model.moe_runtime.set_mapped(mapped)
+            model.moe_tune(flush=True, reset_stats=True)
+            with torch.no_grad():
+                got = model(input_ids=prompt).logits
+                gen = model.generate(input_ids=prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+            paths = model.moe_stats()["paths"]
+            path = "mapped" if mapped else "kernels"
+            assert paths[path] >= (NEW_TOKENS + 1) * layers, paths
+            agree = (got.argmax(-1) == logits.argmax(-1)).float().mean().item()
+            print(f"gpt-oss {dt} reference kernels ({path}) vs transformers: top-1 {agree:.4f}, rel {_relative(got, logits):.2e}, bitwise {torch.equal(got, logits)}")
+            assert agree >= 0.99 and _relative(got, logits) <= 1e-2, (agree, _relative(got, logits))
+            assert torch.equal(gen, tokens)
+            runs[mapped] = got
+        assert torch.equal(runs[True], runs[False]), "mapped mode (experts read in place) and the slots compute the same bits"
     finally:
         model.close()
 

@@ -731,8 +731,9 @@ def test_gpt_oss_kernel_teacher_forced_agreement(mxfp4, tmp_path):
     their compressed slots) against transformers on the GPU (its
     dequantizing load for MXFP4) and against the engine's CPU reference of
     the same kernels: teacher-forced top-1 agreement >= 99%, as the bf16 and
-    FP8 kernels. Decode steps run the kernels from slots (no mapped mode for
-    gpt-oss experts)."""
+    FP8 kernels. Decode steps run in mapped mode (experts read from their
+    slots or in place from the checkpoint's tensors, biases and scales
+    included)."""
     from transformers import AutoModelForCausalLM, Mxfp4Config
 
     path = _trained_gpt_oss(tmp_path / "m", mxfp4)
@@ -751,10 +752,11 @@ def test_gpt_oss_kernel_teacher_forced_agreement(mxfp4, tmp_path):
     ours = mi.from_pretrained(path, device="cuda", device_memory="2GiB", dtype=torch.bfloat16, engine_options={"quantized_kernels": True})
     try:
         ex = ours.moe_runtime.plan["executor"]
-        assert ex["kernels"] and not ex["mapped"] and ex.get("quant") == ("mxfp4" if mxfp4 else None), ex
+        assert ex["kernels"] and ex["mapped"] and ex.get("quant") == ("mxfp4" if mxfp4 else None), ex
         got = _teacher_forced(ours, seq)
         paths = ours.moe_stats()["paths"]
-        assert paths["kernels"] >= tm.moe_layers("gpt_oss") * 48, f"every decode step's layers ran the kernels: {paths}"
+        assert paths["mapped"] + paths["kernels"] >= tm.moe_layers("gpt_oss") * 48, f"every decode step's layers ran the kernels: {paths}"
+        assert paths["mapped"] > 0, f"mapped mode read gpt-oss experts in place: {paths}"
     finally:
         ours.close()
     cpu = mi.from_pretrained(path, device="cpu", device_memory="1GiB", dtype=torch.bfloat16, engine_options={"reference_kernels": True})

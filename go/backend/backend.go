@@ -176,8 +176,8 @@ type Capabilities struct {
 	QuantFormats []string
 	// FFNKinds lists the experts' computations (Setup.FFN names) the
 	// kernels implement besides standard SwiGLU, which ExpertKernels
-	// implies: "gpt_oss" (FFNArgs.GptOss). Mapped mode (Mapped) serves
-	// standard SwiGLU alone: gpt-oss experts run from slots.
+	// implies: "gpt_oss" (FFNArgs.GptOss), from slots and, when Mapped, in
+	// place (MappedLayout.GptOss).
 	FFNKinds []string
 	// KernelBuild names the build of GPU kernels the backend loads at Open
 	// ("sm80" or "sm89", the engine option kernel_build); "" for a backend

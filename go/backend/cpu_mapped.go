@@ -36,8 +36,9 @@ func (c *CPU) EnableMapped(l MappedLayout) error {
 
 // MappedFFN computes the layer's FFN reading each expert from its slot
 // when mapped, else from the source's host memory; synchronous on the CPU.
-// FP8 experts (a.FP8, without tables) need a layout with scale grids:
-// their tables come from the same entries as the rows.
+// FP8 experts (a.FP8, without tables) need a layout with scale grids,
+// gpt-oss experts (a.GptOss) a gpt-oss layout: their tables come from the
+// same entries as the rows.
 func (c *CPU) MappedFFN(layer int, a FFNArgs) (*Routing, error) {
 	m := c.mapped.Load()
 	if m == nil {
@@ -49,29 +50,14 @@ func (c *CPU) MappedFFN(layer int, a FFNArgs) (*Routing, error) {
 	if a.T <= 0 || a.K <= 0 || a.TopK == 0 {
 		return nil, fmt.Errorf("backend cpu: routing of %d × %d ids at %#x", a.T, a.K, a.TopK)
 	}
-	if a.GptOss != nil {
-		return nil, fmt.Errorf("backend cpu: mapped mode computes standard SwiGLU experts, not gpt-oss ones")
-	}
 	ids := append([]int64(nil), unsafe.Slice((*int64)(ptrOf(a.TopK)), a.T*a.K)...)
 	m.Mu.RLock()
 	defer m.Mu.RUnlock()
-	if (a.FP8 != nil) != m.Lay.Quantized() {
-		return nil, fmt.Errorf("backend cpu: mapped FFN: FP8 arguments (%t) for tables with scale grids (%t)", a.FP8 != nil, m.Lay.Quantized())
+	if err := m.Lay.CheckArgs(a); err != nil {
+		return nil, fmt.Errorf("backend cpu: %w", err)
 	}
 	E := m.Experts
-	a.GateUp, a.Up, a.Down = make([]uint64, E), make([]uint64, E), make([]uint64, E)
-	if a.FP8 != nil {
-		q := *a.FP8
-		q.GateScale, q.UpScale, q.DownScale = make([]uint64, E), make([]uint64, E), make([]uint64, E)
-		a.FP8 = &q
-	}
-	for x := range E {
-		r := m.Rows(layer*E+x, c.SlotAddr)
-		a.GateUp[x], a.Up[x], a.Down[x] = uint64(r[EntryGate]), uint64(r[EntryUp]), uint64(r[EntryDown])
-		if q := a.FP8; q != nil {
-			q.GateScale[x], q.UpScale[x], q.DownScale[x] = uint64(r[EntryGateScale]), uint64(r[EntryUpScale]), uint64(r[EntryDownScale])
-		}
-	}
+	a = m.Lay.Tables(a, E, func(x int) HostRows { return m.Rows(layer*E+x, c.SlotAddr) })
 	snap := m.Snapshot(layer)
 	a.SkipInvalid = true // as the GPU kernels: the tracer reports bad ids
 	if err := c.FFN(a); err != nil {

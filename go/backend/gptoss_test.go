@@ -233,3 +233,71 @@ func TestCapabilitiesComputes(t *testing.T) {
 		})
 	}
 }
+
+func TestGptOssMappedLayoutEntries(t *testing.T) {
+	bf16 := MappedLayout{GptOss: true, Gate: 0, RowsBytes: 64, Down: 256, DownBytes: 32, Biases: [2]int64{512, 768}, BiasBytes: [2]int64{8, 4}}
+	mx := bf16
+	mx.Scales, mx.ScaleBytes = [3]int64{1024, 0, 1280}, [3]int64{2, 0, 1}
+	host := make([]byte, 2048)
+	seg := func(off, n int64) Segment { return Segment{Offset: off, Data: host[off : off+n]} }
+	segs := []Segment{seg(0, 64), seg(256, 32), seg(512, 8), seg(768, 4), seg(1024, 2), seg(1280, 1)}
+	base := uintptr(addr(host))
+	tests := []struct {
+		name    string
+		l       MappedLayout
+		entries int
+		fp8     bool
+	}{
+		{"bfloat16: matrices and biases", bf16, 4, false},
+		{"MXFP4: blocks, biases, then scales", mx, 6, false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			assert.Equal(t, tc.entries, tc.l.Entries())
+			assert.Equal(t, tc.fp8, tc.l.FP8())
+			rows, ok := ResolveHostRows(tc.l, segs)
+			require.True(t, ok)
+			want := HostRows{base, base + 512, base + 256, base + 768}
+			if tc.entries == 6 {
+				want[EntryOssGateUpScale], want[EntryOssDownScale] = base+1024, base+1280
+			}
+			assert.Equal(t, want, rows)
+			assert.Equal(t, want, tc.l.SlotRows(base), "a slot holds the entries at the same offsets")
+		})
+	}
+	odd := []Segment{{Offset: 0, Data: host[1:65]}, seg(256, 32), seg(512, 8), seg(768, 4)}
+	_, ok := ResolveHostRows(bf16, odd)
+	assert.False(t, ok, "bfloat16 rows at an odd address cannot be read in place")
+	oddMX := []Segment{{Offset: 0, Data: host[1:65]}, seg(256, 32), seg(512, 8), seg(768, 4), seg(1024, 2), seg(1280, 1)}
+	_, ok = ResolveHostRows(mx, oddMX)
+	assert.True(t, ok, "MXFP4 blocks at any address: the kernels load them byte by byte when a row is not 16-byte aligned")
+
+	gpt := &GptOssArgs{Alpha: 1.702, Limit: 7}
+	for _, tc := range []struct {
+		name string
+		l    MappedLayout
+		a    FFNArgs
+		err  string
+	}{
+		{"gpt-oss arguments for gpt-oss tables", bf16, FFNArgs{GptOss: gpt}, ""},
+		{"MXFP4 arguments for MXFP4 tables", mx, FFNArgs{GptOss: &GptOssArgs{MXFP4: true}}, ""},
+		{"SwiGLU arguments for gpt-oss tables", bf16, FFNArgs{}, "gpt-oss arguments (false) for tables of gpt-oss experts (true)"},
+		{"bfloat16 arguments for MXFP4 tables", mx, FFNArgs{GptOss: gpt}, "MXFP4 arguments (false) for tables with scales (true)"},
+		{"FP8 arguments for MXFP4 tables", mx, FFNArgs{FP8: &FP8Args{}}, "FP8 arguments (true)"},
+		{"gpt-oss arguments for SwiGLU tables", MappedLayout{RowsBytes: 4}, FFNArgs{GptOss: gpt}, "gpt-oss arguments (true)"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.l.CheckArgs(tc.a)
+			if tc.err == "" {
+				assert.NoError(t, err)
+				return
+			}
+			assert.ErrorContains(t, err, tc.err)
+		})
+	}
+	a := mx.Tables(FFNArgs{GptOss: &GptOssArgs{MXFP4: true}}, 2, func(x int) HostRows { return HostRows{1 + uintptr(x), 3, 5, 7, 9, 11} })
+	assert.Equal(t, []uint64{1, 2}, a.GateUp)
+	assert.Equal(t, []uint64{5, 5}, a.Down)
+	assert.Nil(t, a.Up)
+	assert.Equal(t, [4][]uint64{{3, 3}, {7, 7}, {9, 9}, {11, 11}}, [4][]uint64{a.GptOss.GateUpBias, a.GptOss.DownBias, a.GptOss.GateUpScale, a.GptOss.DownScale})
+}

@@ -131,12 +131,8 @@ type ExecutorPlan struct {
 	Kernels bool `json:"kernels"`
 	// KernelsOff says why Kernels is false ("" when true).
 	KernelsOff string `json:"kernels_off,omitempty"`
-	// Mapped: mapped mode is available (Kernels, a mapped backend and
-	// standard SwiGLU experts).
+	// Mapped: mapped mode is available (Kernels and a mapped backend).
 	Mapped bool `json:"mapped"`
-	// MappedOff says why the kernels run without mapped mode on a backend
-	// that has one (gpt-oss experts); "" otherwise.
-	MappedOff string `json:"mapped_off,omitempty"`
 	// DType is the kernels' activation type code (0 bfloat16, 1 float16;
 	// -1 without kernels): the caller's activations must match it.
 	DType int64 `json:"dtype"`
@@ -205,13 +201,9 @@ func (e *Engine) executorPlan(s Setup) ExecutorPlan {
 		p.Kernels, p.DType, p.Hidden, p.Inter = true, code, hidden, inter
 	}
 	// The backend's kernels read in place whatever formats they read from
-	// slots (backend.Capabilities.QuantFormats), for standard SwiGLU
-	// experts.
-	switch {
-	case !p.Kernels:
-	case ffn == "gpt_oss":
-		p.MappedOff = "mapped mode computes standard SwiGLU experts; gpt-oss experts run from slots"
-	case caps.Mapped && e.ft.Mapped != nil:
+	// slots (backend.Capabilities.QuantFormats), for every kind of experts
+	// they compute (gpt-oss's with their biases and scales).
+	if p.Kernels && caps.Mapped && e.ft.Mapped != nil {
 		p.Mapped, p.MaxMappedPairs = true, caps.MaxMappedPairs
 	}
 	return p

@@ -98,8 +98,9 @@ func (e *Engine) gptOssKernel() (layout.GptOssKernel, error) {
 // gate_up_proj [2I, H] and down_proj [H, I], or for FP8 experts the
 // matrices and their scale grids (layout.Views.FP8Kernel), with their
 // block and up rows (e.fp8). Slot calls and mapped mode's tables both
-// rest on it. gpt-oss experts (setup ffn "gpt_oss") are located by e.gk,
-// with their activation's constants in e.gptoss (no mapped mode).
+// rest on it. gpt-oss experts (setup ffn "gpt_oss") are located by e.gk
+// (and e.kl's gpt-oss entries, for mapped mode), with their activation's
+// constants in e.gptoss.
 func (e *Engine) setKernelLayout(s Setup) {
 	hidden, inter, _, err := e.ffnShape()
 	if err != nil {
@@ -115,6 +116,18 @@ func (e *Engine) setKernelLayout(s Setup) {
 			limit = *s.SwigluLimit
 		}
 		e.gk, e.gptoss = &k, &backend.GptOssArgs{Alpha: float32(alpha), Limit: float32(limit), MXFP4: k.MXFP4}
+		// Mapped mode's entries: the matrices (MXFP4 blocks), biases and
+		// scales, as sized in the slot image.
+		gu, dn := hidden*2*inter*2, inter*hidden*2
+		if k.MXFP4 {
+			gu, dn = 2*inter*hidden/2, hidden*inter/2
+		}
+		e.kl = backend.MappedLayout{GptOss: true, Gate: k.GateUp, Down: k.Down, RowsBytes: gu, DownBytes: dn,
+			Biases: [2]int64{k.GateUpBias, k.DownBias}, BiasBytes: [2]int64{2 * inter * 2, hidden * 2}}
+		if k.MXFP4 {
+			e.kl.Scales = [3]int64{k.GateUpScale, 0, k.DownScale}
+			e.kl.ScaleBytes = [3]int64{2 * inter * hidden / 32, 0, hidden * inter / 32}
+		}
 		return
 	}
 	if e.vw != nil {

@@ -111,14 +111,14 @@ func TestGptOssExecutorPlan(t *testing.T) {
 			_, p := gptOssEngine(t, tc.cfg, tc.caps, 1, 4, tc.mxfp4)
 			ex := p.Executor
 			require.Equal(t, tc.kernels, ex.Kernels, ex.KernelsOff)
-			assert.False(t, ex.Mapped, "mapped mode computes standard SwiGLU experts only")
 			assert.False(t, ex.Hybrid)
 			if !tc.kernels {
 				assert.Contains(t, ex.KernelsOff, tc.off)
 				assert.Empty(t, ex.Quant)
+				assert.False(t, ex.Mapped)
 				return
 			}
-			assert.Contains(t, ex.MappedOff, "gpt-oss experts run from slots")
+			assert.True(t, ex.Mapped, "mapped mode reads gpt-oss experts (biases and scales too) in place")
 			assert.Equal(t, [3]int64{0, gH, gI}, [3]int64{ex.DType, ex.Hidden, ex.Inter})
 			if tc.mxfp4 {
 				assert.Equal(t, "mxfp4", ex.Quant)
@@ -176,18 +176,22 @@ func TestGptOssKernelsComputeFromTheSlotsWhatTheCallersViewsGive(t *testing.T) {
 			rng := rand.New(rand.NewPCG(5, 6))
 			req, err := e.BeginRequest()
 			require.NoError(t, err)
-			for layer := range L {
-				io := ffnIOOf(rng, T, K, E, gH, gI, func() float32 { return float32(rng.Float64()) })
-				r, err := e.Layer(LayerArgs{FFNCall: io.call(layer, T, K), Reqs: []uint64{req}, TopKHost: io.topk})
-				require.NoError(t, err)
-				require.Equal(t, PathKernels, r.Path, "mapped mode is off for gpt-oss experts")
-				assert.Equal(t, gptOssOnViews(t, e, io, layer, T, K, E), io.out,
-					"layer %d: the kernels on the slots give, bit for bit, the gpt-oss FFN of the experts the caller's code reads", layer)
-				assert.NotEqual(t, make([]byte, len(io.out)), io.out)
+			// Mapped first: every expert is read in place from the host
+			// tensors (blocks, scales and biases each a tensor of its own).
+			for _, step := range []struct {
+				flags LayerFlags
+				path  Path
+			}{{0, PathMapped}, {LayerNoMapped, PathKernels}, {0, PathMapped}} {
+				for layer := range L {
+					io := ffnIOOf(rng, T, K, E, gH, gI, func() float32 { return float32(rng.Float64()) })
+					r, err := e.Layer(LayerArgs{FFNCall: io.call(layer, T, K), Reqs: []uint64{req}, TopKHost: io.topk, Flags: step.flags})
+					require.NoError(t, err)
+					require.Equal(t, step.path, r.Path)
+					assert.Equal(t, gptOssOnViews(t, e, io, layer, T, K, E), io.out,
+						"layer %d, %s: the kernels give, bit for bit, the gpt-oss FFN of the experts the caller's code reads", layer, step.path)
+					assert.NotEqual(t, make([]byte, len(io.out)), io.out)
+				}
 			}
-			st, err := e.Stats()
-			require.NoError(t, err)
-			assert.Equal(t, int64(L*E)*p.SlotBytes, st.BytesMoved, "each expert crossed once, as stored")
 			io := ffnIOOf(rng, 20, K, E, gH, gI, func() float32 { return 0.5 })
 			r, err := e.Layer(LayerArgs{FFNCall: io.call(0, 20, K), Reqs: []uint64{req}, TopKHost: io.topk})
 			require.NoError(t, err)

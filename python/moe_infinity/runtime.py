@@ -340,7 +340,7 @@ class OffloadRuntime:
         self.kernels = bool(kernels and ex["kernels"])
         # Whether the plan offers mapped mode here, and whether the caller
         # wants it (set_mapped; on by default where offered).
-        self._mapped_off = "" if ex["mapped"] else (ex.get("mapped_off") or "the engine does not offer mapped mode on this device")
+        self._mapped_off = "" if ex["mapped"] else "the engine does not offer mapped mode on this device"
         if not self.kernels:
             self._mapped_off = "the engine's expert kernels are off (" + (ex.get("kernels_off") or "kernels=False") + ")"
         self._mapped = not self._mapped_off

@@ -102,7 +102,7 @@ func (b *Backend) Name() string { return "cuda" }
 // Capabilities: the fused expert FFN kernels (bfloat16/float16 experts,
 // and FP8 block-scaled ones read from their compressed slots; gpt-oss
 // experts, bfloat16/float16 or MXFP4, from slots) of the configured build,
-// and mapped mode (standard SwiGLU experts) for up to routingIDs (token,
+// and mapped mode (every kind of experts) for up to routingIDs (token,
 // expert) pairs a call.
 func (b *Backend) Capabilities() backend.Capabilities {
 	return backend.Capabilities{ExpertKernels: true, Mapped: true, MaxMappedPairs: routingIDs, QuantFormats: []string{"fp8", "mxfp4"},

@@ -65,6 +65,15 @@ func checkFP8(a backend.FFNArgs) error {
 	return nil
 }
 
+// launchTables launches the kernels a's experts need (launchFFN, or
+// launchGptOss for a.GptOss) over the tables at tab (n experts).
+func (b *Backend) launchTables(a backend.FFNArgs, tab uint64, n int) error {
+	if a.GptOss != nil {
+		return b.launchGptOss(a, tab, n)
+	}
+	return b.launchFFN(a, tab, n)
+}
+
 // launchGptOss launches the gpt-oss kernels (gptOssLaunches) on
 // a.Stream with the tables at tab (gptOssTable's layout, n experts).
 func (b *Backend) launchGptOss(a backend.FFNArgs, tab uint64, n int) error {
@@ -125,11 +134,7 @@ func (b *Backend) FFN(a backend.FFNArgs) error {
 		if err := copyHtoD(table, host, int64(8*entries*n), a.Stream); err != nil {
 			return err
 		}
-		run := b.launchFFN
-		if a.GptOss != nil {
-			run = b.launchGptOss
-		}
-		if err := run(a, table, n); err != nil {
+		if err := b.launchTables(a, table, n); err != nil {
 			return err
 		}
 		return eventRecord(ev, a.Stream)

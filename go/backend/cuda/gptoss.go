@@ -13,17 +13,18 @@ import (
 // cuda/moe_ffn.cu).
 const warpsPerBlock = 8
 
-// A gpt-oss expert's table entries (FFNArgs.GptOss), in table order: its
-// matrices (or MXFP4 blocks), biases and MXFP4 scales. ossEntries of them,
-// as many as an FP8 expert's (tableBytes).
+// A gpt-oss expert's table entries (FFNArgs.GptOss), in table order, the
+// same as mapped mode's (backend.EntryOss...): its matrices (or MXFP4
+// blocks), biases and MXFP4 scales. ossEntries of them, as many as an FP8
+// expert's (tableBytes).
 const (
-	ossGateUp = iota
-	ossGateUpBias
-	ossDown
-	ossDownBias
-	ossGateUpScale
-	ossDownScale
-	ossEntries
+	ossGateUp      = backend.EntryOssGateUp
+	ossGateUpBias  = backend.EntryOssGateUpBias
+	ossDown        = backend.EntryOssDown
+	ossDownBias    = backend.EntryOssDownBias
+	ossGateUpScale = backend.EntryOssGateUpScale
+	ossDownScale   = backend.EntryOssDownScale
+	ossEntries     = ossDownScale + 1
 )
 
 // gptOssTable writes a's gpt-oss tables into tab (ossEntries × n
