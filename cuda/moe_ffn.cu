@@ -304,6 +304,247 @@ extern "C" __global__ void moe_down_fp8(const float *h, const long *topk, const 
     if (lane == 0) out[t * H + r] = dtype == 0 ? moe_f32_to_bf16(acc) : moe_f32_to_f16(acc);
 }
 
+// gpt-oss experts (transformers' GptOssExperts; Go: backend.GptOssArgs,
+// whose CPU reference computes the same arithmetic). Not standard SwiGLU:
+// the matrices are stored transposed (gate_up [H, 2I], gate and up columns
+// interleaved: gate = column 2i, up = column 2i+1; down [I, H]), both
+// projections have biases (btab: gate_up_proj_bias [2I], dbtab:
+// down_proj_bias [H], in the activation dtype), and the activation clamps:
+//
+//   gu   = round(round(x · Wgu) + b)                     (each of the 2I columns)
+//   g, u = min(gu[2i], limit), clamp(gu[2i+1], ±limit)
+//   h    = round(round(u + 1) · round(g · round(sigmoid(round(g · alpha)))))
+//   o    = round(round(h · Wd) + bd);  o·w rounded too unless w is float32
+//   out  = Σ_j o_j · w_j in f32, rounded once
+//
+// as transformers' grouped_mm expert code rounds on bfloat16/float16
+// tensors. alpha and limit arrive as the bits of a float32 in a long.
+//
+// bfloat16/float16 experts: each lane owns one output column (32 per
+// block, so a warp's loads of a row are one coalesced run; elements are
+// loaded one by one, so a matrix read in place needs no more alignment than
+// its elements') and the block's
+// 8 warps split the rows (warp w takes rows w, w+8, ...); their partial
+// sums meet in shared memory and warp 0 adds them in warp order. MXFP4
+// experts (quant_method "mxfp4", as gpt-oss ships) are read as stored: the
+// blocks are the transposes, gate_up [2I, H/32, 16] and down [H, I/32, 16]
+// (two e2m1 values a byte, low nibble first), with e8m0 scales (gstab,
+// dstab: [2I, H/32], [H, I/32] bytes), so a warp computes one output row
+// as moe_row_dot does, each lane taking 32 values (16 bytes and one scale)
+// at a time, every value dequantized as transformers' dequantizing load
+// does (e2m1 × 2^(s-127), rounded to the activation dtype) before its
+// product.
+
+// e2m1 (FP4): sign bit 3, exponent bits 2..1 (bias 1), mantissa bit 0.
+__device__ __forceinline__ float moe_e2m1_to_f32(unsigned int n) {
+    unsigned int e = (n >> 1) & 3u, m = n & 1u;
+    float v = e == 0u ? 0.5f * (float)m : (1.0f + 0.5f * (float)m) * (float)(1u << (e - 1u));
+    return (n & 8u) ? -v : v;
+}
+
+// e8m0: 2^(s-127); 255 is NaN (the CPU dequantizer reports it as an error).
+// Both decodes serve the MXFP4 kernels and the MXFP4 view kernel below.
+__device__ __forceinline__ float moe_e8m0_to_f32(unsigned int s) {
+    if (s == 255u) return __builtin_bit_cast(float, 0x7fc00000u);
+    return __builtin_bit_cast(float, s == 0u ? 0x00400000u : s << 23);
+}
+
+__device__ __forceinline__ float moe_bits_f32(long bits) { return __builtin_bit_cast(float, (unsigned int)bits); }
+
+// GptOssExperts._apply_gate on one (gate, up) pair already rounded, plus
+// the rounding of each step; NaN passes the clamps as in torch.
+__device__ __forceinline__ float moe_gptoss_gate(float g, float u, float alpha, float limit, long dtype) {
+    g = g > limit ? limit : g;
+    u = u > limit ? limit : (u < -limit ? -limit : u);
+    float ga = moe_round(g * alpha, dtype);
+    float sig = moe_round(1.f / (1.f + MOE_EXPF(-ga)), dtype);
+    float glu = moe_round(g * sig, dtype);
+    return moe_round(moe_round(u + 1.f, dtype) * glu, dtype);
+}
+
+// A pair's routed output: o (rounded, bias added and rounded) times its
+// routing weight, rounded to the activation dtype when the weight is one.
+__device__ __forceinline__ float moe_gptoss_weighted(float o, const void *weight, long p, long wdtype, long dtype) {
+    if (wdtype == 2) return ((const float *)weight)[p] * o;
+    return moe_round(moe_load((const moe_bf16 *)weight, p, wdtype) * o, dtype);
+}
+
+// x is staged in what the 48 KiB of static shared memory leave beside the
+// warps' partial sums (11776 floats: gpt-oss-120b's H = 2880 fits).
+#define MOE_GPTOSS_SMEM_FLOATS (MOE_MAX_SMEM_FLOATS - MOE_WARPS * 32 * 2)
+
+extern "C" __global__ void moe_gate_up_gptoss(const moe_bf16 *x, const long *topk, const unsigned long *gutab,
+                                              const unsigned long *btab, float *h, long P, long K, long H, long I,
+                                              long dtype, long E, long alpha_bits, long limit_bits) {
+    __shared__ float xs[MOE_GPTOSS_SMEM_FLOATS];
+    __shared__ float part[MOE_WARPS][32][2];
+    long p = MOE_CTAID_Y;
+    if (p >= P) return;
+    unsigned int lane = MOE_TID_X & 31u, warp = MOE_TID_X >> 5;
+    long i = (long)MOE_CTAID_X * 32 + lane;
+    long e = topk[p];
+    if (e < 0 || e >= E || gutab[e] == 0 || btab[e] == 0) {  // the same for the whole block
+        if (warp == 0 && i < I) h[p * I + i] = 0.f;
+        return;
+    }
+    const moe_bf16 *xt = x + (p / K) * H;
+    bool staged = H <= MOE_GPTOSS_SMEM_FLOATS;
+    if (staged) {
+        for (long c = MOE_TID_X; c < H; c += MOE_NTID_X) xs[c] = moe_load(xt, c, dtype);
+        __syncthreads();
+    }
+    // Columns 2i (gate) and 2i+1 (up) of row c: two 2-byte loads, so that
+    // a matrix read in place needs only its elements' alignment.
+    const moe_bf16 *w = (const moe_bf16 *)gutab[e];
+    float g = 0.f, u = 0.f;
+    if (i < I) {
+        for (long c = warp; c < H; c += MOE_WARPS) {
+            const moe_bf16 *wc = w + c * 2 * I + 2 * i;
+            float xv = staged ? xs[c] : moe_load(xt, c, dtype);
+            g += moe_load(wc, 0, dtype) * xv;
+            u += moe_load(wc, 1, dtype) * xv;
+        }
+    }
+    part[warp][lane][0] = g;
+    part[warp][lane][1] = u;
+    __syncthreads();
+    if (warp != 0 || i >= I) return;
+    g = 0.f;
+    u = 0.f;
+    for (int k = 0; k < MOE_WARPS; k++) {
+        g += part[k][lane][0];
+        u += part[k][lane][1];
+    }
+    const moe_bf16 *b = (const moe_bf16 *)btab[e];
+    g = moe_round(moe_round(g, dtype) + moe_load(b, 2 * i, dtype), dtype);
+    u = moe_round(moe_round(u, dtype) + moe_load(b, 2 * i + 1, dtype), dtype);
+    h[p * I + i] = moe_gptoss_gate(g, u, moe_bits_f32(alpha_bits), moe_bits_f32(limit_bits), dtype);
+}
+
+extern "C" __global__ void moe_down_gptoss(const float *h, const long *topk, const unsigned long *dtab,
+                                           const unsigned long *dbtab, const void *weight, moe_bf16 *out, long T,
+                                           long K, long H, long I, long dtype, long E, long wdtype) {
+    __shared__ float part[MOE_WARPS][32];
+    long t = MOE_CTAID_Y;
+    if (t >= T) return;
+    unsigned int lane = MOE_TID_X & 31u, warp = MOE_TID_X >> 5;
+    long r = (long)MOE_CTAID_X * 32 + lane;
+    float acc = 0.f;
+    for (long j = 0; j < K; j++) {
+        long p = t * K + j;
+        long e = topk[p];
+        if (e < 0 || e >= E || dtab[e] == 0 || dbtab[e] == 0) continue;  // the same for the whole block
+        const moe_bf16 *w = (const moe_bf16 *)dtab[e];
+        const float *hp = h + p * I;
+        float d = 0.f;
+        if (r < H) {
+            for (long i = warp; i < I; i += MOE_WARPS) d += moe_load(w, i * H + r, dtype) * hp[i];
+        }
+        part[warp][lane] = d;
+        __syncthreads();
+        if (warp == 0 && r < H) {
+            d = 0.f;
+            for (int k = 0; k < MOE_WARPS; k++) d += part[k][lane];
+            float o = moe_round(moe_round(d, dtype) + moe_load((const moe_bf16 *)dbtab[e], r, dtype), dtype);
+            acc += moe_gptoss_weighted(o, weight, p, wdtype, dtype);
+        }
+        __syncthreads();  // part is reused by the next pair
+    }
+    if (warp == 0 && r < H) out[t * H + r] = dtype == 0 ? moe_f32_to_bf16(acc) : moe_f32_to_f16(acc);
+}
+
+// dot of row `row` of an MXFP4 matrix (n columns, a multiple of 32; blocks
+// at w, e8m0 scales at s) with a f32 vector: lane takes 32 columns (16
+// bytes, one scale) at a time, with one 16-byte load when the row is
+// 16-byte aligned (in a slot always; read in place, as the checkpoint
+// file places it) and byte by byte otherwise.
+__device__ __forceinline__ float moe_mxfp4_row_dot(const unsigned char *w, const unsigned char *s, long row,
+                                                   const float *vec, long n, long dtype, unsigned int lane) {
+    long groups = n / 32;
+    const unsigned char *rb = w + row * (n / 2);
+    bool aligned = (((unsigned long)rb) & 15) == 0;
+    const unsigned char *sr = s + row * groups;
+    float acc = 0.f;
+    for (long gi = lane; gi < groups; gi += 32) {
+        unsigned int q[4];
+        if (aligned) {
+            uint4 v = ((const uint4 *)rb)[gi];
+            q[0] = v.x;
+            q[1] = v.y;
+            q[2] = v.z;
+            q[3] = v.w;
+        } else {
+            const unsigned char *b = rb + gi * 16;
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+                q[k] = b[4 * k] | (b[4 * k + 1] << 8) | (b[4 * k + 2] << 16) | ((unsigned int)b[4 * k + 3] << 24);
+        }
+        float sc = moe_e8m0_to_f32(sr[gi]);
+        const float *x = vec + gi * 32;
+#pragma unroll
+        for (int wq = 0; wq < 4; wq++) {
+            unsigned int word = q[wq];
+#pragma unroll 1
+            for (int k = 0; k < 4; k++, word >>= 8) {
+                const float *xk = x + 8 * wq + 2 * k;
+                acc += moe_round(moe_e2m1_to_f32(word & 15u) * sc, dtype) * xk[0];
+                acc += moe_round(moe_e2m1_to_f32((word >> 4) & 15u) * sc, dtype) * xk[1];
+            }
+        }
+    }
+    return moe_warp_sum(acc);
+}
+
+extern "C" __global__ void moe_gate_up_gptoss_mxfp4(const moe_bf16 *x, const long *topk, const unsigned long *gutab,
+                                                    const unsigned long *btab, float *h, long P, long K, long H,
+                                                    long I, long dtype, long E, long alpha_bits, long limit_bits,
+                                                    const unsigned long *gstab) {
+    __shared__ float xs[MOE_MAX_SMEM_FLOATS];
+    long p = MOE_CTAID_Y;
+    if (p >= P || H > MOE_MAX_SMEM_FLOATS) return;  // the host refuses such H
+    long t = p / K;
+    const moe_bf16 *xt = x + t * H;
+    for (long c = MOE_TID_X; c < H; c += MOE_NTID_X) xs[c] = moe_load(xt, c, dtype);
+    __syncthreads();
+    unsigned int lane = MOE_TID_X & 31u, warp = MOE_TID_X >> 5;
+    long i = (long)MOE_CTAID_X * MOE_WARPS + warp;
+    if (i >= I) return;
+    long e = topk[p];
+    if (e < 0 || e >= E || gutab[e] == 0 || btab[e] == 0 || gstab[e] == 0) {
+        if (lane == 0) h[p * I + i] = 0.f;
+        return;
+    }
+    const unsigned char *w = (const unsigned char *)gutab[e], *s = (const unsigned char *)gstab[e];
+    float g = moe_mxfp4_row_dot(w, s, 2 * i, xs, H, dtype, lane);
+    float u = moe_mxfp4_row_dot(w, s, 2 * i + 1, xs, H, dtype, lane);
+    if (lane == 0) {
+        const moe_bf16 *b = (const moe_bf16 *)btab[e];
+        g = moe_round(moe_round(g, dtype) + moe_load(b, 2 * i, dtype), dtype);
+        u = moe_round(moe_round(u, dtype) + moe_load(b, 2 * i + 1, dtype), dtype);
+        h[p * I + i] = moe_gptoss_gate(g, u, moe_bits_f32(alpha_bits), moe_bits_f32(limit_bits), dtype);
+    }
+}
+
+extern "C" __global__ void moe_down_gptoss_mxfp4(const float *h, const long *topk, const unsigned long *dtab,
+                                                 const unsigned long *dbtab, const void *weight, moe_bf16 *out, long T,
+                                                 long K, long H, long I, long dtype, long E, long wdtype,
+                                                 const unsigned long *dstab) {
+    long t = MOE_CTAID_Y;
+    unsigned int lane = MOE_TID_X & 31u, warp = MOE_TID_X >> 5;
+    long r = (long)MOE_CTAID_X * MOE_WARPS + warp;
+    if (t >= T || r >= H) return;
+    float acc = 0.f;
+    for (long j = 0; j < K; j++) {
+        long p = t * K + j;
+        long e = topk[p];
+        if (e < 0 || e >= E || dtab[e] == 0 || dbtab[e] == 0 || dstab[e] == 0) continue;
+        float d = moe_mxfp4_row_dot((const unsigned char *)dtab[e], (const unsigned char *)dstab[e], r, h + p * I, I, dtype, lane);
+        float o = moe_round(moe_round(d, dtype) + moe_load((const moe_bf16 *)dbtab[e], r, dtype), dtype);
+        acc += moe_gptoss_weighted(o, weight, p, wdtype, dtype);
+    }
+    if (lane == 0) out[t * H + r] = dtype == 0 ? moe_f32_to_bf16(acc) : moe_f32_to_f16(acc);
+}
+
 // Points one expert at new memory in stream order: its n table entries
 // (gate, up and down rows, then for FP8 experts their scale grids; n <= 6),
 // entry j at first[j * stride], set to v[j] by one thread. An eviction runs
@@ -457,19 +698,6 @@ extern "C" __global__ void moe_view_fp8(unsigned char *dst, long vt, const unsig
         float s = sct == 2 ? ((const float *)scales)[si] : moe_bf16_to_f32(((const moe_bf16 *)scales)[si]);
         moe_view_store(dst, i, vt, moe_fp8_to_f32(w[i]) * s);
     }
-}
-
-// e2m1 (FP4): sign bit 3, exponent bits 2..1 (bias 1), mantissa bit 0.
-__device__ __forceinline__ float moe_e2m1_to_f32(unsigned int n) {
-    unsigned int e = (n >> 1) & 3u, m = n & 1u;
-    float v = e == 0u ? 0.5f * (float)m : (1.0f + 0.5f * (float)m) * (float)(1u << (e - 1u));
-    return (n & 8u) ? -v : v;
-}
-
-// e8m0: 2^(s-127); 255 is NaN (the CPU path reports it as an error).
-__device__ __forceinline__ float moe_e8m0_to_f32(unsigned int s) {
-    if (s == 255u) return __builtin_bit_cast(float, 0x7fc00000u);
-    return __builtin_bit_cast(float, s == 0u ? 0x00400000u : s << 23);
 }
 
 // An MXFP4 weight [rows, cols] (blocks: two e2m1 per byte, low nibble

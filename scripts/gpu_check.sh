@@ -2,7 +2,7 @@
 # One call on the GPU machine: runs the GPU suite against the CUDA build of
 # the engine made on the CPU machine (`make cuda`), and prints a summary.
 #
-#   bash scripts/gpu_check.sh [gpu|parity|bench|headline|copy|defaults|margin|serve|profile|variants|fp8|fp8-sm89|all]     (default: all)
+#   bash scripts/gpu_check.sh [gpu|parity|bench|headline|copy|defaults|margin|serve|profile|variants|fp8|fp8-sm89|gptoss|gptoss-bench|all]     (default: all)
 #
 # fp8: the FP8 kernels' GPU tests (FP8 checkpoints and offload(expert_dtype=
 # "fp8"), slot and mapped mode, CUDA graphs), then the Qwen3-30B-A3B shape at
@@ -22,6 +22,16 @@
 # weights and routing): the sm89 row's s_per_token_vs_sm80 is what the
 # hardware decode gains. Needs compute capability >= 8.9 (H100); fits one call
 # (~9 minutes at most).
+#
+# gptoss: the gpt-oss kernels' GPU tests (bfloat16 and MXFP4 experts, engine
+# option quantized_kernels; opt-in until this step has passed on a GPU):
+# teacher-forced agreement with transformers and with the CPU reference, and
+# one layer's FFN against the CPU reference at several token counts.
+#
+# gptoss-bench: the gpt-oss-120b shape (MXFP4 experts as released, random;
+# 61 GB of host memory) at 24 GiB on generated routing: transformers' code on
+# dequantized views (the default), then the gpt-oss MXFP4 kernels
+# (--quantized-kernels), each in its own process (~2 x 4 minutes).
 #
 # profile: Mixtral's replayed steps under the torch profiler, with copy
 # mode's waits split into copying and idle (benchmarks/profile_step.py).
@@ -108,6 +118,14 @@ if [ "$what" = fp8 ]; then  # quantized experts: FP8 against bf16 on the same ro
     run fp8_gpu_tests timeout 120 python3 -m pytest -p no:cacheprovider -q -m gpu -rA -k "fp8" tests/test_gpu.py
     run qwen3_bf16_fp8 timeout 400 python3 benchmarks/decode.py --preset qwen3-30b-a3b --device-memory 24GiB --decode 32 \
         --routing generated --no-ablations --expert-dtype bf16,fp8 --quantized-kernels --graph --out "$OUT/decode_qwen3_bf16_fp8.json"
+fi
+if [ "$what" = gptoss ]; then  # the gpt-oss kernels (bf16 and MXFP4) against transformers and the CPU reference
+    run gptoss_gpu_tests timeout 300 python3 -m pytest -p no:cacheprovider -q -m gpu -rA -s -k "gpt_oss" tests/test_gpu.py
+fi
+if [ "$what" = gptoss-bench ]; then  # gpt-oss-120b's shape with MXFP4 experts: views, then the kernels
+    G="python3 benchmarks/decode.py --preset gpt-oss-120b --device-memory 24GiB --decode 32 --routing generated --no-ablations"
+    run gptoss120b_views timeout 280 $G --out "$OUT/decode_gptoss120b_views.json"
+    run gptoss120b_kernels timeout 280 $G --quantized-kernels --out "$OUT/decode_gptoss120b_kernels.json"
 fi
 if [ "$what" = fp8-sm89 ]; then  # the sm89 kernel build against sm80: same bits, and the decode speed of each
     run fp8_sm89_gpu_tests timeout 200 python3 -m pytest -p no:cacheprovider -q -m gpu -rA -k "fp8 or kernel_build" tests/test_gpu.py

@@ -73,6 +73,26 @@ def test_decode_harness_bf16_and_fp8_in_one_run_tiny_cpu(tmp_path):
     assert fp8["slots"] > bf16["slots"], "the same budget holds more FP8 experts"
 
 
+def test_decode_harness_mxfp4_preset_tiny_cpu(tmp_path):
+    """The MXFP4 presets (gpt-oss-120b; gpt-oss-tiny here) build the experts
+    as gpt-oss ships them and serve them compressed: about 4.25 bits a
+    weight in the slot (blocks and e8m0 scales, bf16 biases)."""
+    out = tmp_path / "m.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--preset", "gpt-oss-tiny", "--device", "cpu", "--no-ablations",
+           "--device-memory", "200KiB", "--prompt-len", "8", "--decode", "4", "--routing", "generated", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert FIELDS <= set(row), FIELDS - set(row)
+    assert row["expert_dtype"] == "mxfp4" and row["decoded_tokens"] == 4
+    H = I = 64
+    packed = (3 * H * I) // 2 + (3 * H * I) // 32 + (2 * I + H) * 2  # blocks, scales, biases
+    assert packed <= row["expert_bytes"] < packed + 4 * 256, "the slot holds the expert as stored (plus alignment)"
+    for extra in (["--expert-dtype", "fp8"], ["--accelerate"]):
+        bad = subprocess.run(cmd[:-2] + extra, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and "gpt-oss-tiny" in bad.stderr, bad.stderr[-2000:]
+
+
 def test_decode_harness_refuses_unknown_dtypes():
     cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--device", "cpu", "--expert-dtype", "bf16,int4"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

@@ -734,3 +734,122 @@ def _assert_mapped_reads_equal_slot_reads(ours, dt):
             if not torch.equal(cold, slot):
                 bad.append((layer.index, e, (cold.float() - slot.float()).abs().max().item()))
     assert not bad, f"host reads differ from slot reads (layer, expert, max diff): {bad}"
+
+
+#: A tiny gpt-oss whose sizes are multiples of MXFP4's 32-value blocks.
+GPT_OSS_BIG = dict(hidden_size=256, intermediate_size=384, head_dim=32, num_local_experts=8, num_experts_per_tok=4)
+
+
+def _trained_gpt_oss(directory, mxfp4: bool):
+    """A briefly trained tiny gpt-oss saved in bfloat16, or as the releases
+    ship it (MXFP4 experts, test_quantized's layout and quantizer)."""
+    import test_quantized as tq
+
+    model = tm.train_briefly(tm.build("gpt_oss", seed=21, **GPT_OSS_BIG)).to(torch.bfloat16)
+    if not mxfp4:
+        return tm.save(model, directory)
+    sd = tq._saved_state(model, directory)
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            bs, ss = zip(*(tq.mxfp4_quantize(v[e].T) for e in range(v.shape[0])))
+            out[k + "_blocks"], out[k + "_scales"] = torch.stack(bs), torch.stack(ss)
+        else:
+            out[k] = v
+    return tq._write(directory, out, tq.GPT_OSS_QC)
+
+
+@pytest.mark.parametrize("mxfp4", [False, True], ids=["bf16", "mxfp4"])
+def test_gpt_oss_kernel_teacher_forced_agreement(mxfp4, tmp_path):
+    """The CUDA gpt-oss kernels (opt-in with quantized_kernels until this
+    test has passed on a GPU; bfloat16 experts, and MXFP4 ones read from
+    their compressed slots) against transformers on the GPU (its
+    dequantizing load for MXFP4) and against the engine's CPU reference of
+    the same kernels: teacher-forced top-1 agreement >= 99%, as the bf16 and
+    FP8 kernels. Decode steps run in mapped mode (experts read from their
+    slots or in place from the checkpoint's tensors, biases and scales
+    included)."""
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    path = _trained_gpt_oss(tmp_path / "m", mxfp4)
+    extra = {"quantization_config": Mxfp4Config(dequantize=True)} if mxfp4 else {"dtype": torch.bfloat16}
+    plain = AutoModelForCausalLM.from_pretrained(path, device_map="cuda", **extra).eval()
+    prompt = torch.randint(3, tm.VOCAB, (2, 8), generator=torch.Generator().manual_seed(2)).cuda()
+    seq = plain.generate(input_ids=prompt, max_new_tokens=48, min_new_tokens=48, do_sample=False)
+    want = _teacher_forced(plain, seq)
+    del plain
+    default = mi.from_pretrained(path, device="cuda", device_memory="2GiB", dtype=torch.bfloat16)
+    try:
+        ex = default.moe_runtime.plan["executor"]
+        assert not ex["kernels"] and "quantized_kernels" in ex["kernels_off"], "opt-in until checked on a GPU"
+    finally:
+        default.close()
+    ours = mi.from_pretrained(path, device="cuda", device_memory="2GiB", dtype=torch.bfloat16, engine_options={"quantized_kernels": True})
+    try:
+        ex = ours.moe_runtime.plan["executor"]
+        assert ex["kernels"] and ex["mapped"] and ex.get("quant") == ("mxfp4" if mxfp4 else None), ex
+        got = _teacher_forced(ours, seq)
+        paths = ours.moe_stats()["paths"]
+        assert paths["mapped"] + paths["kernels"] >= tm.moe_layers("gpt_oss") * 48, f"every decode step's layers ran the kernels: {paths}"
+        assert paths["mapped"] > 0, f"mapped mode read gpt-oss experts in place: {paths}"
+    finally:
+        ours.close()
+    cpu = mi.from_pretrained(path, device="cpu", device_memory="1GiB", dtype=torch.bfloat16, engine_options={"reference_kernels": True})
+    try:
+        assert cpu.moe_runtime.plan["executor"]["kernels"]
+        ref = _teacher_forced(cpu, seq.cpu())
+    finally:
+        cpu.close()
+    agree, rel = _agreement(got, want)
+    ref_agree, ref_rel = _agreement(got.cpu(), ref)
+    what = "MXFP4" if mxfp4 else "bf16"
+    print(f"gpt-oss {what}: kernel vs transformers: top-1 {agree:.4f}, rel {rel:.2e}; vs the CPU reference: top-1 {ref_agree:.4f}, rel {ref_rel:.2e}")
+    assert agree >= 0.99 and rel <= 1e-2
+    assert ref_agree >= 0.99 and ref_rel <= 1e-2
+
+
+@pytest.mark.parametrize("mxfp4", [False, True], ids=["bf16", "mxfp4"])
+@pytest.mark.parametrize("T", [1, 4, 16])
+def test_gpt_oss_cuda_kernels_match_the_cpu_reference(mxfp4, T, tmp_path):
+    """One layer's gpt-oss expert FFN (run_experts) on random inputs, at
+    gpt-oss-120b's hidden and intermediate sizes scaled down (H = I = 576,
+    multiples of 32 and not of 256): the CUDA kernels against the CPU
+    reference within the kernel tests' tolerance (tests/test_backend_ops.py:
+    1.5e-2 of the output's scale plus 1e-3)."""
+    import test_quantized as tq
+
+    over = dict(GPT_OSS_BIG, hidden_size=576, intermediate_size=576, num_hidden_layers=1, layer_types=["full_attention"])
+    model = tm.build("gpt_oss", seed=3, dtype=torch.bfloat16, **over)
+    path = tmp_path / "m"
+    if mxfp4:
+        sd = tq._saved_state(model, path)
+        out = {}
+        for k, v in sd.items():
+            if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                bs, ss = zip(*(tq.mxfp4_quantize(v[e].T) for e in range(v.shape[0])))
+                out[k + "_blocks"], out[k + "_scales"] = torch.stack(bs), torch.stack(ss)
+            else:
+                out[k] = v
+        tq._write(path, out, tq.GPT_OSS_QC)
+    else:
+        tm.save(model, path)
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(T, 576, generator=g).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(8, generator=g)[:4] for _ in range(T)])
+    w = torch.softmax(torch.randn(T, 4, generator=g), dim=-1).to(torch.bfloat16)
+    experts = sorted(set(idx.flatten().tolist()))
+    cpu = mi.from_pretrained(path, device="cpu", device_memory="1GiB", dtype=torch.bfloat16, engine_options={"reference_kernels": True})
+    try:
+        want = cpu.moe_runtime.run_experts(0, x, idx, w, experts).double()
+    finally:
+        cpu.close()
+    gpu = mi.from_pretrained(path, device="cuda", device_memory="1GiB", dtype=torch.bfloat16, engine_options={"quantized_kernels": True})
+    try:
+        got = gpu.moe_runtime.run_experts(0, x.cuda(), idx.cuda(), w.cuda(), experts)
+        torch.cuda.synchronize()
+    finally:
+        gpu.close()
+    err = (got.double().cpu() - want).abs().max().item()
+    scale = want.abs().max().item()
+    print(f"gpt-oss {'MXFP4' if mxfp4 else 'bf16'} T={T}: CUDA vs CPU reference: max abs error {err:.3g} for output scale {scale:.3g}")
+    assert err <= 1.5e-2 * scale + 1e-3

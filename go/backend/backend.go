@@ -174,10 +174,21 @@ type Capabilities struct {
 	// compressed bytes (FFNArgs.FP8 for "fp8"): from the slots and, when
 	// Mapped, in place from host memory too (MappedLayout's scale grids).
 	QuantFormats []string
+	// FFNKinds lists the experts' computations (Setup.FFN names) the
+	// kernels implement besides standard SwiGLU, which ExpertKernels
+	// implies: "gpt_oss" (FFNArgs.GptOss), from slots and, when Mapped, in
+	// place (MappedLayout.GptOss).
+	FFNKinds []string
 	// KernelBuild names the build of GPU kernels the backend loads at Open
 	// ("sm80" or "sm89", the engine option kernel_build); "" for a backend
 	// without GPU kernels.
 	KernelBuild string
+}
+
+// Computes reports whether the kernels implement the experts'
+// computation ffn (a Setup.FFN name).
+func (c Capabilities) Computes(ffn string) bool {
+	return c.ExpertKernels && (ffn == "swiglu" || slices.Contains(c.FFNKinds, ffn))
 }
 
 // ReadsQuant reports whether the kernels compute experts quantized with

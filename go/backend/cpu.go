@@ -179,12 +179,14 @@ func (c *CPU) Load(slot, layer, expert int, urgent bool) Transfer {
 // limit, so that the executor makes the choices it makes on a GPU).
 //
 // ExpertThreads offers the SIMD expert kernels (ExpertKernels) without
-// mapped mode: they read experts in slots only, and bfloat16/float16 ones
-// only. ReferenceKernels' FFN also reads FP8 block-scaled slots, as the
-// CUDA kernels do (QuantFormats).
+// mapped mode: they read experts in slots only, and bfloat16/float16
+// SwiGLU ones only. ReferenceKernels' FFN also reads FP8 block-scaled and
+// MXFP4 slots and computes gpt-oss experts, as the CUDA kernels do
+// (QuantFormats, FFNKinds).
 func (c *CPU) Capabilities() Capabilities {
 	if c.ReferenceKernels {
-		return Capabilities{ExpertKernels: true, Mapped: true, MaxMappedPairs: CPUMappedPairs, QuantFormats: []string{"fp8"}}
+		return Capabilities{ExpertKernels: true, Mapped: true, MaxMappedPairs: CPUMappedPairs,
+			QuantFormats: []string{"fp8", "mxfp4"}, FFNKinds: []string{"gpt_oss"}}
 	}
 	if c.ExpertThreads > 0 {
 		return Capabilities{ExpertKernels: true}

@@ -36,8 +36,9 @@ func (c *CPU) EnableMapped(l MappedLayout) error {
 
 // MappedFFN computes the layer's FFN reading each expert from its slot
 // when mapped, else from the source's host memory; synchronous on the CPU.
-// FP8 experts (a.FP8, without tables) need a layout with scale grids:
-// their tables come from the same entries as the rows.
+// FP8 experts (a.FP8, without tables) need a layout with scale grids,
+// gpt-oss experts (a.GptOss) a gpt-oss layout: their tables come from the
+// same entries as the rows.
 func (c *CPU) MappedFFN(layer int, a FFNArgs) (*Routing, error) {
 	m := c.mapped.Load()
 	if m == nil {
@@ -52,8 +53,8 @@ func (c *CPU) MappedFFN(layer int, a FFNArgs) (*Routing, error) {
 	ids := append([]int64(nil), unsafe.Slice((*int64)(ptrOf(a.TopK)), a.T*a.K)...)
 	m.Mu.RLock()
 	defer m.Mu.RUnlock()
-	if (a.FP8 != nil) != m.Lay.Quantized() {
-		return nil, fmt.Errorf("backend cpu: mapped FFN: FP8 arguments (%t) for tables with scale grids (%t)", a.FP8 != nil, m.Lay.Quantized())
+	if err := m.Lay.CheckArgs(a); err != nil {
+		return nil, fmt.Errorf("backend cpu: %w", err)
 	}
 	snap := m.Snapshot(layer)
 	if c.captured(layer, ids, a) {
@@ -70,22 +71,12 @@ func (c *CPU) MappedFFN(layer int, a FFNArgs) (*Routing, error) {
 // (their pairs skipped), as the kernels read a copy-mode skip list.
 func (c *CPU) mappedCompute(m *MapTable, layer int, a FFNArgs, skip []bool) error {
 	E := m.Experts
-	a.GateUp, a.Up, a.Down = make([]uint64, E), make([]uint64, E), make([]uint64, E)
-	if a.FP8 != nil {
-		q := *a.FP8
-		q.GateScale, q.UpScale, q.DownScale = make([]uint64, E), make([]uint64, E), make([]uint64, E)
-		a.FP8 = &q
-	}
-	for x := range E {
+	a = m.Lay.Tables(a, E, func(x int) HostRows {
 		if x < len(skip) && skip[x] {
-			continue
+			return HostRows{} // null entries: the expert's pairs are skipped
 		}
-		r := m.Rows(layer*E+x, c.SlotAddr)
-		a.GateUp[x], a.Up[x], a.Down[x] = uint64(r[EntryGate]), uint64(r[EntryUp]), uint64(r[EntryDown])
-		if q := a.FP8; q != nil {
-			q.GateScale[x], q.UpScale[x], q.DownScale[x] = uint64(r[EntryGateScale]), uint64(r[EntryUpScale]), uint64(r[EntryDownScale])
-		}
-	}
+		return m.Rows(layer*E+x, c.SlotAddr)
+	})
 	a.SkipInvalid = true // as the GPU kernels: the tracer reports bad ids
 	return c.FFN(a)
 }

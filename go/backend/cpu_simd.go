@@ -44,7 +44,7 @@ func (c *CPU) simdProblem(a FFNArgs) (p cpuffn.Problem, ok bool, err error) {
 	if err := a.Validate(); err != nil {
 		return p, false, err
 	}
-	if a.FP8 != nil { // the SIMD kernels read bfloat16/float16 rows only
+	if a.FP8 != nil || a.GptOss != nil { // the SIMD kernels compute bfloat16/float16 SwiGLU experts only
 		return p, false, nil
 	}
 	c.mu.Lock()

@@ -23,8 +23,8 @@ func TestCPUCapabilitiesWithExpertThreads(t *testing.T) {
 	}{
 		{false, 0, Capabilities{}},
 		{false, 2, Capabilities{ExpertKernels: true}},
-		{true, 0, Capabilities{ExpertKernels: true, Mapped: true, MaxMappedPairs: CPUMappedPairs, QuantFormats: []string{"fp8"}}},
-		{true, 2, Capabilities{ExpertKernels: true, Mapped: true, MaxMappedPairs: CPUMappedPairs, QuantFormats: []string{"fp8"}}},
+		{true, 0, Capabilities{ExpertKernels: true, Mapped: true, MaxMappedPairs: CPUMappedPairs, QuantFormats: []string{"fp8", "mxfp4"}, FFNKinds: []string{"gpt_oss"}}},
+		{true, 2, Capabilities{ExpertKernels: true, Mapped: true, MaxMappedPairs: CPUMappedPairs, QuantFormats: []string{"fp8", "mxfp4"}, FFNKinds: []string{"gpt_oss"}}},
 	} {
 		c := NewCPU(1)
 		c.ReferenceKernels, c.ExpertThreads = tc.ref, tc.threads

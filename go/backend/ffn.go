@@ -53,6 +53,11 @@ type FFNArgs struct {
 	// FP8Args): the tables point at their float8_e4m3fn rows, and FP8's
 	// tables at their scale grids.
 	FP8 *FP8Args
+	// GptOss, when set, says the experts are gpt-oss's, not standard SwiGLU
+	// (see GptOssArgs for their formula, layout and rounding): GateUp and
+	// Down point at their transposed matrices (or MXFP4 blocks), Up is not
+	// read, and GptOss's tables point at their biases (and MXFP4 scales).
+	GptOss *GptOssArgs
 	// SkipInvalid makes a (token, expert) pair whose id is outside the
 	// tables (or whose expert has gate rows but lacks others) contribute
 	// nothing instead of failing the call, as the GPU kernels do (mapped
@@ -91,6 +96,9 @@ func (a FFNArgs) KernelWDType() uint64 {
 
 // UpAddr is the address of expert e's up rows.
 func (a FFNArgs) UpAddr(e int64) uint64 {
+	if a.GptOss != nil { // gate and up columns interleave in gate_up
+		return a.GateUp[e]
+	}
 	if a.Up != nil {
 		return a.Up[e]
 	}
@@ -120,7 +128,7 @@ func (a FFNArgs) checkPair(p, e int64) error {
 	if e < 0 || int(e) >= len(a.GateUp) {
 		return fmt.Errorf("pair %d routes to expert %d, outside the tables of %d experts", p, e, len(a.GateUp))
 	}
-	if a.GateUp[e] != 0 && (a.UpAddr(e) == 0 || a.Down[e] == 0 || (a.FP8 != nil && !a.FP8.has(e))) {
+	if a.GateUp[e] != 0 && (a.UpAddr(e) == 0 || a.Down[e] == 0 || (a.FP8 != nil && !a.FP8.has(e)) || (a.GptOss != nil && !a.GptOss.has(e))) {
 		return fmt.Errorf("pair %d routes to expert %d, whose table entries are incomplete", p, e)
 	}
 	return nil
@@ -146,6 +154,8 @@ func (a FFNArgs) Validate() error {
 		return fmt.Errorf("expert FFN routing-weight type %d (0 = float32, 1 = bfloat16, 2 = float16)", a.WDType)
 	case a.X == 0 || a.Out == 0 || a.Scratch == 0 || a.TopK == 0 || a.Weights == 0:
 		return fmt.Errorf("expert FFN: a tensor address is null")
+	case a.GptOss != nil:
+		return a.GptOss.validate(a, n)
 	case a.FP8 != nil:
 		return a.FP8.validate(a.Inter, n)
 	}
@@ -185,10 +195,15 @@ func (c *CPU) FFN(a FFNArgs) error {
 // bfloat16/float16 expert code). FP8 experts (a.FP8) are read compressed,
 // each weight dequantized on the fly as transformers dequantizes it, so the
 // result is bit for bit that of bfloat16/float16 experts dequantized first.
-// Expert rows are read under the source's guard.
+// gpt-oss experts (a.GptOss) follow their own formula (GptOssArgs), from
+// bfloat16/float16 or MXFP4 weights. Expert rows are read under the
+// source's guard.
 func (c *CPU) ReferenceFFN(a FFNArgs) error {
 	if err := a.Validate(); err != nil {
 		return fmt.Errorf("backend cpu: %w", err)
+	}
+	if a.GptOss != nil {
+		return c.gptOssFFN(a)
 	}
 	dt := dtype.BF16
 	if a.DType == 1 {

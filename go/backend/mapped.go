@@ -23,7 +23,29 @@ type MappedLayout struct {
 	// bfloat16/float16 experts. Gate and up name one grid when they are the
 	// halves of one fused weight (FP8Args.UpRow0).
 	Scales, ScaleBytes [3]int64
+	// GptOss: the expert is gpt-oss's (FFNArgs.GptOss) and its entries are
+	// the EntryOss ones: gate_up (Gate, RowsBytes: [H, 2I] in the
+	// activation dtype, or MXFP4 blocks [2I, H/32, 16]), its bias
+	// (Biases[0]), down (Down, DownBytes: [I, H], or blocks [H, I/32, 16]),
+	// its bias (Biases[1]), then for MXFP4 experts the e8m0 scales of
+	// gate_up and down (Scales[0], Scales[2]; Up and Scales[1] unused).
+	GptOss bool
+	// Biases are the offsets of gate_up_proj_bias and down_proj_bias and
+	// BiasBytes their sizes (GptOss only).
+	Biases, BiasBytes [2]int64
 }
+
+// A gpt-oss expert's entries (MappedLayout.GptOss), in the order of its
+// HostRows and of the backends' tables: as many as an FP8 expert's at
+// most.
+const (
+	EntryOssGateUp = iota
+	EntryOssGateUpBias
+	EntryOssDown
+	EntryOssDownBias
+	EntryOssGateUpScale
+	EntryOssDownScale
+)
 
 // Table entries of an expert, in the order of HostRows and of the
 // backends' device tables.
@@ -42,34 +64,101 @@ const (
 // to be read in place: the kernels load each scale as one float32.
 const ScaleAlign = 4
 
-// Quantized reports whether l has scale grids (FP8 experts).
+// Quantized reports whether l has scale grids (FP8 experts, or MXFP4
+// gpt-oss experts).
 func (l MappedLayout) Quantized() bool { return l.ScaleBytes[0] > 0 }
 
-// Entries is the number of table entries of one expert: gate, up and
-// down rows, then (FP8 experts) their scale grids.
-func (l MappedLayout) Entries() int {
-	if l.Quantized() {
-		return MaxEntries
-	}
-	return EntryDown + 1
-}
+// FP8 reports whether l's experts are FP8 block-scaled SwiGLU ones.
+func (l MappedLayout) FP8() bool { return l.Quantized() && !l.GptOss }
 
-// regions are the (offset, size) of each entry.
-func (l MappedLayout) regions() [][2]int64 {
-	r := [][2]int64{{l.Gate, l.RowsBytes}, {l.Up, l.RowsBytes}, {l.Down, l.DownBytes}}
+// Entries is the number of table entries of one expert: gate, up and
+// down rows, then (FP8 experts) their scale grids; for gpt-oss experts
+// the EntryOss ones.
+func (l MappedLayout) Entries() int { return len(l.regions()) }
+
+// region is one entry's place in the slot image and the alignment its
+// host memory needs to be read in place.
+type region struct{ off, n, align int64 }
+
+// regions are the entries, in order.
+func (l MappedLayout) regions() []region {
+	if l.GptOss {
+		rowAlign := int64(2) // bfloat16/float16 elements; MXFP4 bytes (the kernels check for 16-byte rows)
+		if l.Quantized() {
+			rowAlign = 1
+		}
+		r := []region{{l.Gate, l.RowsBytes, rowAlign}, {l.Biases[0], l.BiasBytes[0], 2}, {l.Down, l.DownBytes, rowAlign}, {l.Biases[1], l.BiasBytes[1], 2}}
+		if l.Quantized() {
+			r = append(r, region{l.Scales[0], l.ScaleBytes[0], 1}, region{l.Scales[2], l.ScaleBytes[2], 1})
+		}
+		return r
+	}
+	r := []region{{l.Gate, l.RowsBytes, 1}, {l.Up, l.RowsBytes, 1}, {l.Down, l.DownBytes, 1}}
 	if l.Quantized() {
 		for j := range l.Scales {
-			r = append(r, [2]int64{l.Scales[j], l.ScaleBytes[j]})
+			r = append(r, region{l.Scales[j], l.ScaleBytes[j], ScaleAlign})
 		}
 	}
 	return r
+}
+
+// CheckArgs checks that a mapped call's arguments describe l's experts:
+// a.FP8 exactly for FP8 experts, a.GptOss exactly for gpt-oss ones, with
+// MXFP4 exactly when they have scales.
+func (l MappedLayout) CheckArgs(a FFNArgs) error {
+	switch {
+	case (a.FP8 != nil) != l.FP8():
+		return fmt.Errorf("mapped FFN: FP8 arguments (%t) for tables with scale grids (%t)", a.FP8 != nil, l.FP8())
+	case (a.GptOss != nil) != l.GptOss:
+		return fmt.Errorf("mapped FFN: gpt-oss arguments (%t) for tables of gpt-oss experts (%t)", a.GptOss != nil, l.GptOss)
+	case a.GptOss != nil && a.GptOss.MXFP4 != l.Quantized():
+		return fmt.Errorf("mapped FFN: gpt-oss MXFP4 arguments (%t) for tables with scales (%t)", a.GptOss.MXFP4, l.Quantized())
+	}
+	return nil
+}
+
+// Tables fills a's tables (and a.FP8's or a.GptOss's, copied first) for E
+// experts, expert x's entries being rows(x).
+func (l MappedLayout) Tables(a FFNArgs, E int, rows func(x int) HostRows) FFNArgs {
+	a.GateUp, a.Down = make([]uint64, E), make([]uint64, E)
+	if q := a.GptOss; q != nil {
+		qq := *q
+		qq.GateUpBias, qq.DownBias = make([]uint64, E), make([]uint64, E)
+		qq.GateUpScale, qq.DownScale = nil, nil
+		if qq.MXFP4 {
+			qq.GateUpScale, qq.DownScale = make([]uint64, E), make([]uint64, E)
+		}
+		a.Up, a.GptOss = nil, &qq
+		for x := range E {
+			r := rows(x)
+			a.GateUp[x], qq.GateUpBias[x], a.Down[x], qq.DownBias[x] = uint64(r[EntryOssGateUp]), uint64(r[EntryOssGateUpBias]), uint64(r[EntryOssDown]), uint64(r[EntryOssDownBias])
+			if qq.MXFP4 {
+				qq.GateUpScale[x], qq.DownScale[x] = uint64(r[EntryOssGateUpScale]), uint64(r[EntryOssDownScale])
+			}
+		}
+		return a
+	}
+	a.Up = make([]uint64, E)
+	if a.FP8 != nil {
+		q := *a.FP8
+		q.GateScale, q.UpScale, q.DownScale = make([]uint64, E), make([]uint64, E), make([]uint64, E)
+		a.FP8 = &q
+	}
+	for x := range E {
+		r := rows(x)
+		a.GateUp[x], a.Up[x], a.Down[x] = uint64(r[EntryGate]), uint64(r[EntryUp]), uint64(r[EntryDown])
+		if q := a.FP8; q != nil {
+			q.GateScale[x], q.UpScale[x], q.DownScale[x] = uint64(r[EntryGateScale]), uint64(r[EntryUpScale]), uint64(r[EntryDownScale])
+		}
+	}
+	return a
 }
 
 // SlotRows are the entries of an expert held by the slot at base.
 func (l MappedLayout) SlotRows(base uintptr) HostRows {
 	var out HostRows
 	for j, r := range l.regions() {
-		out[j] = base + uintptr(r[0])
+		out[j] = base + uintptr(r.off)
 	}
 	return out
 }
@@ -116,14 +205,16 @@ func (r *Routing) Done() {
 // expert is pointed at the slot once the copy is complete.
 type Mapped interface {
 	// EnableMapped turns mapped mode on. It fails when some expert's rows
-	// (or scale grids, for FP8 experts: l.Quantized) are not contiguous
-	// host memory the backend can read in place.
+	// (or scale grids, for FP8 experts: l.Quantized; biases and scales, for
+	// gpt-oss experts: l.GptOss) are not contiguous host memory the backend
+	// can read in place.
 	EnableMapped(l MappedLayout) error
 	// MappedFFN computes MoE layer `layer`'s expert FFN (a's tables, and
-	// a.FP8's, are ignored: the layer's own are used; a.FP8 is set exactly
-	// when the layout has scale grids) and starts copying the routing
-	// (a.T·a.K ids at a.TopK) to host memory. It returns without waiting
-	// for either.
+	// a.FP8's or a.GptOss's, are ignored: the layer's own are used; a.FP8
+	// is set exactly when the layout is FP8's, a.GptOss exactly when it is
+	// gpt-oss's, with MXFP4 exactly when it has scales) and starts copying
+	// the routing (a.T·a.K ids at a.TopK) to host memory. It returns
+	// without waiting for either.
 	MappedFFN(layer int, a FFNArgs) (*Routing, error)
 	// UnmapAll points every expert back at host memory, ordered after the
 	// computations submitted so far (for a cache flush).
@@ -239,22 +330,24 @@ type Timed interface {
 }
 
 // HostRows is one expert's table entries (addresses, indexed by the
-// Entry constants): its gate, up and down rows and, for FP8 experts, their
-// scale grids; unused entries are 0.
+// Entry constants, or the EntryOss ones for gpt-oss experts): its gate, up
+// and down rows and, for FP8 experts, their scale grids; unused entries
+// are 0.
 type HostRows [MaxEntries]uintptr
 
 // ResolveHostRows finds each region of l inside one segment of segs. A
-// scale grid must also be ScaleAlign-aligned there.
+// scale grid must also be ScaleAlign-aligned there, gpt-oss's bfloat16
+// matrices and biases 2-byte aligned.
 func ResolveHostRows(l MappedLayout, segs []Segment) (HostRows, bool) {
 	var out HostRows
 	for i, r := range l.regions() {
 		for _, s := range segs {
-			if r[0] >= s.Offset && r[0]+r[1] <= s.Offset+int64(len(s.Data)) && len(s.Data) > 0 {
-				out[i] = uintptr(unsafe.Pointer(&s.Data[r[0]-s.Offset]))
+			if r.off >= s.Offset && r.off+r.n <= s.Offset+int64(len(s.Data)) && len(s.Data) > 0 {
+				out[i] = uintptr(unsafe.Pointer(&s.Data[r.off-s.Offset]))
 				break
 			}
 		}
-		if out[i] == 0 || (i >= EntryGateScale && out[i]%ScaleAlign != 0) {
+		if out[i] == 0 || out[i]%uintptr(r.align) != 0 {
 			return out, false
 		}
 	}

@@ -109,6 +109,12 @@ type Config struct {
 	// they had mapped mode; software e4m3 decoding).
 	// On the CPU backend the reference kernels read FP8 slots whenever
 	// ReferenceKernels is on; this setting does not matter there.
+	//
+	// It also opts gpt-oss experts (Setup.FFN "gpt_oss", bfloat16/float16
+	// or MXFP4, read from the compressed slots) into the GPU's gpt-oss
+	// kernels, which have not yet run on a GPU; without it they run the
+	// caller's code (on dequantized views for MXFP4). The CPU backend's
+	// reference computes them whenever ReferenceKernels is on.
 	QuantizedKernels bool `json:"quantized_kernels"`
 	// CPUExperts turns on the CPU's part in computing experts. JSON:
 	// "auto" (the default, also when left out), "off" or a thread count
@@ -294,7 +300,7 @@ var KernelBuilds = []string{"sm80", "sm89"}
 
 // FFNKinds lists the accepted Setup.FFN names; the first is the default
 // (the caller's code computes the experts).
-var FFNKinds = []string{"none", "swiglu"}
+var FFNKinds = []string{"none", "swiglu", "gpt_oss"}
 
 // A nameSetting is a setting whose value is one name from a fixed list.
 // Every such setting follows one rule, applied by parse: a name is
@@ -473,9 +479,24 @@ type Setup struct {
 	// kernels implement: "swiglu" (down · (silu(gate · x) ⊙ (up · x)), no
 	// biases, gate rows before up rows in gate_up_proj). "none" (the
 	// default, also when left out) means the caller's own expert code
-	// computes every layer.
+	// computes every layer. "gpt_oss": gpt-oss's experts (transformers'
+	// GptOssExperts; backend.GptOssArgs): transposed matrices with
+	// interleaved gate and up columns, biases, and a clamped activation
+	// with SwigluAlpha and SwigluLimit.
 	FFN string `json:"ffn,omitempty"`
+	// SwigluAlpha and SwigluLimit are gpt-oss's activation constants
+	// (config.swiglu_alpha and config.swiglu_limit; FFN "gpt_oss" only).
+	// Left out: the releases' 1.702 and 7.0.
+	SwigluAlpha *float64 `json:"swiglu_alpha,omitempty"`
+	SwigluLimit *float64 `json:"swiglu_limit,omitempty"`
 }
+
+// GptOssAlpha and GptOssLimit are the gpt-oss releases' activation
+// constants (Setup.SwigluAlpha and SwigluLimit when left out).
+const (
+	GptOssAlpha = 1.702
+	GptOssLimit = 7.0
+)
 
 // ParseSetup decodes a JSON Setup (one object, keys spelled exactly as the
 // json tags, nothing after it: strictjson.Decode).
@@ -489,6 +510,15 @@ func ParseSetup(b []byte) (Setup, error) {
 		return Setup{}, err
 	}
 	s.FFN = ffn
+	if (s.SwigluAlpha != nil || s.SwigluLimit != nil) && ffn != "gpt_oss" {
+		return Setup{}, fmt.Errorf("%w: engine setup: swiglu_alpha and swiglu_limit are gpt-oss's constants (ffn \"gpt_oss\"), not ffn %q's", ErrInvalid, ffn)
+	}
+	if a := s.SwigluAlpha; a != nil && (math.IsNaN(*a) || math.IsInf(*a, 0)) {
+		return Setup{}, fmt.Errorf("%w: engine setup: swiglu_alpha %g must be finite", ErrInvalid, *a)
+	}
+	if l := s.SwigluLimit; l != nil && !(*l > 0 && !math.IsInf(*l, 0)) {
+		return Setup{}, fmt.Errorf("%w: engine setup: swiglu_limit %g must be positive and finite", ErrInvalid, *l)
+	}
 	return s, nil
 }
 

@@ -97,6 +97,9 @@ func (e *Engine) setupHybrid(p *ExecutorPlan) error {
 	case p.Quant != "":
 		p.HybridOff = fmt.Sprintf("the CPU hand-off computes bfloat16/float16 experts; these are quantized (%s)", p.Quant)
 		return nil
+	case e.ffn == "gpt_oss":
+		p.HybridOff = "the CPU hand-off computes standard SwiGLU experts, not gpt-oss ones"
+		return nil
 	case e.ft.HandOff == nil:
 		p.HybridOff = fmt.Sprintf("the %s backend cannot hand a layer to the CPU", name)
 		return nil

@@ -54,8 +54,15 @@ type Engine struct {
 	// otherwise).
 	kl  backend.MappedLayout
 	fp8 *backend.FP8Args
-	be  backend.Backend
-	ft  backend.Features // be's optional parts, resolved once at Configure
+	// ffn is Setup.FFN. For gpt-oss experts ("gpt_oss"), gk is where the
+	// kernels find an expert's matrices, biases (and MXFP4 scales) in its
+	// slot and gptoss their activation's constants (tables unset); both
+	// nil otherwise, or when the kernels cannot read the experts.
+	ffn    string
+	gk     *layout.GptOssKernel
+	gptoss *backend.GptOssArgs
+	be     backend.Backend
+	ft     backend.Features // be's optional parts, resolved once at Configure
 	// core sequences every layer's tracing, scoring, planning and cache
 	// decisions (go/core, the code go/sim replays through); cache,
 	// tracker, planner and queue are its parts.
@@ -502,7 +509,8 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 	if linkWarn != "" {
 		plan.Warnings = append(plan.Warnings, linkWarn)
 	}
-	plan.Executor = e.executorPlan(s.FFN)
+	e.ffn = s.FFN
+	plan.Executor = e.executorPlan(s)
 	if err := e.setupHybrid(&plan.Executor); err != nil {
 		_ = be.Close()
 		return Plan{}, err

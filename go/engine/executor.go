@@ -124,8 +124,10 @@ func KernelWins(tokens, expertBytes int64) bool {
 // backend, reported in the plan (Plan.Executor) and in moe_stats().
 type ExecutorPlan struct {
 	// Kernels: the backend's fused expert kernels serve this model's
-	// experts (a kernel backend, Setup.FFN "swiglu", bfloat16/float16
-	// gate_up_proj [2I, H] and down_proj [H, I]).
+	// experts (a kernel backend, and Setup.FFN "swiglu" with
+	// bfloat16/float16 or FP8 gate_up_proj [2I, H] and down_proj [H, I],
+	// or "gpt_oss" with bfloat16/float16 or MXFP4 experts: layout
+	// GptOssKernel).
 	Kernels bool `json:"kernels"`
 	// KernelsOff says why Kernels is false ("" when true).
 	KernelsOff string `json:"kernels_off,omitempty"`
@@ -160,22 +162,28 @@ type ExecutorPlan struct {
 	// GraphHandOffOff says why GraphHandOff is false ("" when true).
 	GraphHandOffOff string `json:"graph_hand_off_off,omitempty"`
 	// Quant is the quant_method of experts the kernels compute straight
-	// from their compressed bytes ("fp8"): in slots and, in mapped mode,
-	// in host memory; "" for bfloat16/float16 ones. The hybrid CPU
+	// from their compressed bytes ("fp8", "mxfp4"): in slots and, in mapped
+	// mode, in host memory; "" for bfloat16/float16 ones. The hybrid CPU
 	// hand-off does not read quantized experts (off with it).
 	Quant string `json:"quant,omitempty"`
 }
 
-// executorPlan works out the ExecutorPlan at Configure.
-func (e *Engine) executorPlan(ffn string) ExecutorPlan {
+// executorPlan works out the ExecutorPlan at Configure, for setup s.
+func (e *Engine) executorPlan(s Setup) ExecutorPlan {
 	caps := e.be.Capabilities()
+	ffn := s.FFN
 	p := ExecutorPlan{DType: -1, KernelMaxTokens: KernelMaxTokens, KernelSmallExpertBytes: KernelSmallExpertBytes}
-	e.setKernelLayout()
+	e.setKernelLayout(s)
 	switch {
 	case !caps.ExpertKernels:
 		p.KernelsOff = fmt.Sprintf("the %s backend computes experts with the caller's code", e.be.Name())
-	case ffn != "swiglu":
+	case ffn != "swiglu" && ffn != "gpt_oss":
 		p.KernelsOff = "the model's experts are not standard SwiGLU experts (setup ffn)"
+	case !caps.Computes(ffn):
+		p.KernelsOff = fmt.Sprintf("the %s backend's kernels do not compute %s experts (setup ffn)", e.be.Name(), ffn)
+	case ffn == "gpt_oss" && e.cfg.Backend != "cpu" && !e.cfg.QuantizedKernels:
+		// Opt-in until the gpt-oss kernels have run on a GPU.
+		p.KernelsOff = fmt.Sprintf("gpt-oss experts run the caller's code on the %s backend unless the engine option quantized_kernels asks for the gpt-oss kernels (not yet checked on a GPU)", e.be.Name())
 	default:
 		hidden, inter, code, err := e.ffnShape()
 		if err != nil {
@@ -188,7 +196,7 @@ func (e *Engine) executorPlan(ffn string) ExecutorPlan {
 		}
 		if e.vw != nil {
 			if e.cfg.Backend != "cpu" && !e.cfg.QuantizedKernels {
-				p.KernelsOff = fmt.Sprintf("the experts are quantized (%s): the caller's code computes them on views the %s backend dequantizes (the engine option quantized_kernels computes FP8 experts with the kernels instead)", e.vw.Method, e.be.Name())
+				p.KernelsOff = fmt.Sprintf("the experts are quantized (%s): the caller's code computes them on views the %s backend dequantizes (the engine option quantized_kernels computes FP8 and MXFP4 experts with the kernels instead)", e.vw.Method, e.be.Name())
 				break
 			}
 			if !caps.ReadsQuant(e.vw.Method) {
@@ -200,7 +208,8 @@ func (e *Engine) executorPlan(ffn string) ExecutorPlan {
 		p.Kernels, p.DType, p.Hidden, p.Inter = true, code, hidden, inter
 	}
 	// The backend's kernels read in place whatever formats they read from
-	// slots (backend.Capabilities.QuantFormats).
+	// slots (backend.Capabilities.QuantFormats), for every kind of experts
+	// they compute (gpt-oss's with their biases and scales).
 	if p.Kernels && caps.Mapped && e.ft.Mapped != nil {
 		p.Mapped, p.MaxMappedPairs = true, caps.MaxMappedPairs
 	}

@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/moe-infinity/moe_infinity/go/backend"
+	"github.com/moe-infinity/moe_infinity/go/layout"
 )
 
 // FFNCall is one MoE layer's expert FFN computed by the backend's kernels
@@ -39,8 +40,18 @@ func (e *Engine) FFNShape() (hidden, inter, dtypeCode int64, err error) {
 // ffnShape is FFNShape for a configured (or configuring) engine. For
 // quantized experts the sizes and the activation type are those of the
 // dequantized views (the kernels dequantize to it), and the experts must
-// be FP8 ones the kernels can read in place (layout.Views.FP8Kernel).
+// be FP8 ones the kernels can read in place (layout.Views.FP8Kernel), or
+// for gpt-oss experts (setup ffn "gpt_oss") MXFP4 ones
+// (layout.Views.GptOssKernel); gpt-oss's sizes are those of gate_up_proj
+// [H, 2I] and down_proj [I, H] (layout.GptOssKernel).
 func (e *Engine) ffnShape() (hidden, inter, dtypeCode int64, err error) {
+	if e.ffn == "gpt_oss" {
+		k, err := e.gptOssKernel()
+		if err != nil {
+			return 0, 0, 0, err
+		}
+		return k.Hidden, k.Inter, map[string]int64{"bfloat16": 0, "float16": 1}[k.DType], nil
+	}
 	lay := e.lay
 	if e.vw != nil {
 		if _, err := e.vw.FP8Kernel("gate_up_proj", "down_proj"); err != nil {
@@ -66,15 +77,57 @@ func (e *Engine) ffnShape() (hidden, inter, dtypeCode int64, err error) {
 	return 0, 0, 0, fmt.Errorf("%w: the expert FFN kernels take bfloat16 or float16 experts, not %s", ErrUnsupported, gu.DType)
 }
 
+// gptOssKernel locates gpt-oss experts in the slot image
+// (layout.GptOssKernel; for MXFP4 experts the views say what they are).
+func (e *Engine) gptOssKernel() (layout.GptOssKernel, error) {
+	var k layout.GptOssKernel
+	var err error
+	if e.vw != nil {
+		k, err = e.vw.GptOssKernel()
+	} else {
+		k, err = e.lay.GptOssKernel()
+	}
+	if err != nil {
+		return k, fmt.Errorf("%w: %v", ErrUnsupported, err)
+	}
+	return k, nil
+}
+
 // setKernelLayout sets where the kernels find an expert's matrices in its
 // slot image (e.kl), when they can read them (ffnShape): the halves of
 // gate_up_proj [2I, H] and down_proj [H, I], or for FP8 experts the
 // matrices and their scale grids (layout.Views.FP8Kernel), with their
 // block and up rows (e.fp8). Slot calls and mapped mode's tables both
-// rest on it.
-func (e *Engine) setKernelLayout() {
+// rest on it. gpt-oss experts (setup ffn "gpt_oss") are located by e.gk
+// (and e.kl's gpt-oss entries, for mapped mode), with their activation's
+// constants in e.gptoss.
+func (e *Engine) setKernelLayout(s Setup) {
 	hidden, inter, _, err := e.ffnShape()
 	if err != nil {
+		return
+	}
+	if e.ffn == "gpt_oss" {
+		k, _ := e.gptOssKernel() // ffnShape checked it
+		alpha, limit := GptOssAlpha, GptOssLimit
+		if s.SwigluAlpha != nil {
+			alpha = *s.SwigluAlpha
+		}
+		if s.SwigluLimit != nil {
+			limit = *s.SwigluLimit
+		}
+		e.gk, e.gptoss = &k, &backend.GptOssArgs{Alpha: float32(alpha), Limit: float32(limit), MXFP4: k.MXFP4}
+		// Mapped mode's entries: the matrices (MXFP4 blocks), biases and
+		// scales, as sized in the slot image.
+		gu, dn := hidden*2*inter*2, inter*hidden*2
+		if k.MXFP4 {
+			gu, dn = 2*inter*hidden/2, hidden*inter/2
+		}
+		e.kl = backend.MappedLayout{GptOss: true, Gate: k.GateUp, Down: k.Down, RowsBytes: gu, DownBytes: dn,
+			Biases: [2]int64{k.GateUpBias, k.DownBias}, BiasBytes: [2]int64{2 * inter * 2, hidden * 2}}
+		if k.MXFP4 {
+			e.kl.Scales = [3]int64{k.GateUpScale, 0, k.DownScale}
+			e.kl.ScaleBytes = [3]int64{2 * inter * hidden / 32, 0, hidden * inter / 32}
+		}
 		return
 	}
 	if e.vw != nil {
@@ -140,6 +193,9 @@ func (e *Engine) kernelArgs(c FFNCall, hidden, inter, code int64, experts, slots
 		T: c.T, K: c.K, Hidden: hidden, Inter: inter, DType: code, WDType: c.WDType,
 		GateUp: make([]uint64, e.experts), Up: make([]uint64, e.experts), Down: make([]uint64, e.experts),
 	}
+	if e.gk != nil {
+		return e.gptOssArgs(args, experts, slots)
+	}
 	var q *backend.FP8Args
 	if e.fp8 != nil {
 		qq := *e.fp8
@@ -154,6 +210,31 @@ func (e *Engine) kernelArgs(c FFNCall, hidden, inter, code int64, experts, slots
 			q.GateScale[x], q.UpScale[x], q.DownScale[x] = uint64(r[backend.EntryGateScale]), uint64(r[backend.EntryUpScale]), uint64(r[backend.EntryDownScale])
 		}
 	}
+	return args
+}
+
+// gptOssArgs completes args (kernelArgs') for gpt-oss experts: the row
+// tables point at each slot's matrices (or MXFP4 blocks), args.GptOss's at
+// its biases and scales; other entries are null.
+func (e *Engine) gptOssArgs(args backend.FFNArgs, experts, slots []int32) backend.FFNArgs {
+	k := e.gk
+	q := *e.gptoss
+	n := e.experts
+	args.Up = nil
+	q.GateUpBias, q.DownBias = make([]uint64, n), make([]uint64, n)
+	if q.MXFP4 {
+		q.GateUpScale, q.DownScale = make([]uint64, n), make([]uint64, n)
+	}
+	for i, s := range slots {
+		base := uint64(e.be.SlotAddr(int(s)))
+		x := experts[i]
+		args.GateUp[x], args.Down[x] = base+uint64(k.GateUp), base+uint64(k.Down)
+		q.GateUpBias[x], q.DownBias[x] = base+uint64(k.GateUpBias), base+uint64(k.DownBias)
+		if q.MXFP4 {
+			q.GateUpScale[x], q.DownScale[x] = base+uint64(k.GateUpScale), base+uint64(k.DownScale)
+		}
+	}
+	args.GptOss = &q
 	return args
 }
 

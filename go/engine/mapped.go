@@ -127,7 +127,7 @@ func (e *Engine) LayerMapped(c FFNCall, reqs []uint64) error {
 	t0 := time.Now()
 	r, err := mb.MappedFFN(c.Layer, backend.FFNArgs{
 		Stream: c.Stream, X: c.X, Out: c.Out, Scratch: c.Scratch, TopK: c.TopK, Weights: c.Weights,
-		T: c.T, K: c.K, Hidden: hidden, Inter: inter, DType: code, WDType: c.WDType, FP8: e.fp8,
+		T: c.T, K: c.K, Hidden: hidden, Inter: inter, DType: code, WDType: c.WDType, FP8: e.fp8, GptOss: e.gptoss,
 	})
 	e.phase(phaseKernels, t0)
 	if err != nil {

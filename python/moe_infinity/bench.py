@@ -30,6 +30,13 @@ on the same seeded weights, the same routing and the same measured link
 rate, and each fp8 row carries s_per_token_vs_bf16 (its s/token over the
 bf16 row's). Each row's floor counts the bytes its experts are stored in.
 
+--preset gpt-oss-120b (and gpt-oss-tiny, its smoke-sized twin) builds the
+experts as gpt-oss ships them, MXFP4 blocks and e8m0 scales (random), served
+compressed as a checkpoint of that format is (rows' expert_dtype "mxfp4";
+on a GPU transformers' code on dequantized views, or with
+--quantized-kernels the engine's gpt-oss MXFP4 kernels); --expert-dtype and
+--accelerate do not apply to them.
+
 --kernel-build picks the CUDA kernels' build (engine option kernel_build):
 sm80 (the engine's default) or sm89 (GPUs of compute capability 8.9 and
 up: the FP8 kernels decode weights with the hardware's e4m3 conversion);
@@ -89,7 +96,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         model_type="mixtral", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=512,
     ),
+    # openai/gpt-oss-120b's config.json; its experts as the release ships them:
+    # MXFP4 blocks and e8m0 scales (about 13 MB an expert, 61 GB in all), bf16 biases.
+    "gpt-oss-120b": dict(
+        model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=128, num_experts_per_tok=4,
+        sliding_window=128, swiglu_limit=7.0, max_position_embeddings=4096, expert_format="mxfp4",
+    ),
+    # The same build path at a size any machine runs (the CI smoke of the MXFP4 presets).
+    "gpt-oss-tiny": dict(
+        model_type="gpt_oss", vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2,
+        sliding_window=16, max_position_embeddings=512, expert_format="mxfp4",
+    ),
 }
+
+
+def expert_format(preset: str) -> str:
+    """How the preset's experts are built: "bf16" (random bfloat16 weights),
+    or "mxfp4" (random MXFP4 blocks and scales, as gpt-oss ships)."""
+    return PRESETS[preset].get("expert_format", "bf16")
 
 ABLATIONS = [("priority", True), ("lru", True), ("lfu", True), ("priority", False)]
 
@@ -101,6 +127,7 @@ def build(preset: str, dense_device: str, seed: int = 0, dtype: torch.dtype = to
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kw = dict(PRESETS[preset])
+    mxfp4 = kw.pop("expert_format", "bf16") == "mxfp4"
     cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
@@ -126,6 +153,8 @@ def build(preset: str, dense_device: str, seed: int = 0, dtype: torch.dtype = to
             if p is None or p.device.type != "meta":
                 continue
             if name.endswith(".experts"):
+                if mxfp4:  # built as MXFP4 host tensors by mxfp4_experts; the shapes stay on meta
+                    continue
                 t = filled(tuple(p.shape))
             elif "norm" in pname or "norm" in name:
                 t = torch.ones(p.shape, dtype=dtype, device=dense_device)
@@ -148,11 +177,53 @@ def build(preset: str, dense_device: str, seed: int = 0, dtype: torch.dtype = to
                 for bname, b in module._buffers.items():
                     if b is not None and b.device.type == "meta":
                         module._buffers[bname] = torch.zeros(b.shape, dtype=b.dtype, device=dense_device)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta" and not (mxfp4 and ".experts." in n)]
     if left:
         raise RuntimeError(f"left on the meta device: {left[:5]}")
     model.tie_weights = lambda *a, **k: None  # nothing to tie: weights are fresh
     return model.eval(), cfg
+
+
+def mxfp4_experts(model, seed: int = 0):
+    """For a preset built with MXFP4 experts: a function of an experts
+    module's path giving its host tensors as gpt-oss's release stores them
+    (gate_up_proj_blocks [E, 2I, H/32, 16] and gate_up_proj_scales
+    [E, 2I, H/32], down_proj's [E, H, I/32, 16] and [E, H, I/32], uint8;
+    bfloat16 biases), random: blocks any e2m1 codes, scales 2^-8 to 2^-6 (so
+    weights are about as large as the bf16 presets'), filled from a random
+    pool so that 61 GB take seconds."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randint(0, 256, (1 << 26,), generator=g, dtype=torch.uint8)
+    scale_pool = torch.randint(119, 122, (1 << 20,), generator=g, dtype=torch.uint8)
+    bias_pool = (torch.randn(1 << 20, generator=g) * 0.02).to(torch.bfloat16)
+    offset = [0]
+
+    def filled(shape: tuple[int, ...], src: torch.Tensor) -> torch.Tensor:
+        t = torch.empty(shape, dtype=src.dtype)
+        flat = t.view(-1)
+        i = 0
+        while i < flat.numel():
+            o = offset[0] % (src.numel() - 1)
+            n = min(flat.numel() - i, src.numel() - o)
+            flat[i : i + n].copy_(src[o : o + n])
+            i += n
+            offset[0] = o + n + 7919
+        return t
+
+    cfg = model.config
+    E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+
+    def experts(path: str) -> dict[str, torch.Tensor]:
+        return {
+            "gate_up_proj_blocks": filled((E, 2 * I, H // 32, 16), pool),
+            "gate_up_proj_scales": filled((E, 2 * I, H // 32), scale_pool),
+            "gate_up_proj_bias": filled((E, 2 * I), bias_pool),
+            "down_proj_blocks": filled((E, H, I // 32, 16), pool),
+            "down_proj_scales": filled((E, H, I // 32), scale_pool),
+            "down_proj_bias": filled((E, H), bias_pool),
+        }
+
+    return experts
 
 
 def pinned_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 5) -> float:
@@ -380,8 +451,15 @@ def _run_one(args: argparse.Namespace, expert_dtype: str, bw: float | None, earl
         opts["quantized_kernels"] = True
     if kernel_build is not None:
         opts["kernel_build"] = kernel_build
-    model = mi.offload(model, device=device, device_memory=args.device_memory, kernels=not args.no_kernels, engine_options=opts,
-                       expert_dtype="fp8" if expert_dtype == "fp8" else None)
+    if expert_format(args.preset) == "mxfp4":
+        from .loading import offload_host_experts
+
+        expert_dtype = "mxfp4"
+        model = offload_host_experts(model, mxfp4_experts(model), {"quant_method": "mxfp4"}, device=device, device_memory=args.device_memory,
+                                     kernels=not args.no_kernels, engine_options=opts)
+    else:
+        model = mi.offload(model, device=device, device_memory=args.device_memory, kernels=not args.no_kernels, engine_options=opts,
+                           expert_dtype="fp8" if expert_dtype == "fp8" else None)
     offloaded = time.perf_counter() - t0
     rt = model.moe_runtime
     if args.no_mapped:
@@ -645,7 +723,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="experts as served: bf16 (as built), fp8 (compressed to block FP8 in host memory), or a comma list "
                          "(bf16,fp8) measured one after the other in this process on the same weights and routing")
     ap.add_argument("--quantized-kernels", action="store_true",
-                    help="engine option quantized_kernels: the GPU computes FP8 experts with its FP8 kernels (needed for fp8 on a GPU)")
+                    help="engine option quantized_kernels: the GPU computes FP8 experts with its FP8 kernels (needed for fp8 on a GPU), "
+                         "and gpt-oss experts (the MXFP4 presets) with its gpt-oss kernels")
     ap.add_argument("--kernel-build", default=None,
                     help="engine option kernel_build: sm80 (the engine's default) or sm89 (compute capability >= 8.9: hardware "
                          "FP8 decoding), or a comma list (sm80,sm89) measured one after the other in this process on the same "
@@ -667,6 +746,12 @@ def main(argv: list[str] | None = None) -> int:
         kernel_builds(args.kernel_build)
     except ValueError as e:
         ap.error(str(e))
+    if expert_format(args.preset) == "mxfp4":
+        if dtypes != ["bf16"]:
+            ap.error(f"--preset {args.preset} builds MXFP4 experts, as the release ships them; --expert-dtype does not apply")
+        if args.accelerate or args.accelerate_only:
+            # accelerate would hold the experts dequantized to bf16 (229 GB for gpt-oss-120b) in host memory.
+            ap.error(f"--preset {args.preset}: --accelerate is not supported (accelerate holds the experts dequantized to bfloat16 in host memory)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}, but torch sees no usable GPU (use --device cpu)")
     torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -24,7 +24,8 @@ from .errors import ClosedError, InvalidArgumentError, StateError
 
 __all__ = ["Engine"]
 
-_TORCH_DTYPES = {"torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16"}
+#: Host tensor dtypes: expert weights, and uint8 for MXFP4 blocks and e8m0 scales.
+_TORCH_DTYPES = {"torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16", "torch.uint8": "uint8"}
 _NUMPY_DTYPES = {"float32": "float32", "float16": "float16"}
 
 
@@ -215,17 +216,23 @@ class Engine:
         """The MoE modules found: prefix, num_experts, fused, roles."""
         return _native.call_json("moe_engine_modules", ctypes.c_uint64(self._h()))
 
-    def configure(self, layout: dict[str, Any], layers: Sequence[str] | None = None, budget_bytes: int | None = None, ffn: str | None = None) -> dict[str, Any]:
+    def configure(
+        self, layout: dict[str, Any], layers: Sequence[str] | None = None, budget_bytes: int | None = None, ffn: str | None = None,
+        ffn_params: dict[str, float] | None = None,
+    ) -> dict[str, Any]:
         """Fixes the slot layout and layer order, sizes the cache (from
         ``budget_bytes`` when given, else the engine's budget), and returns
         the plan. ``ffn`` names the experts' computation when the engine's
-        kernels implement it (``"swiglu"``); the plan's ``executor`` says
-        what the layer executor can do with it."""
+        kernels implement it (``"swiglu"``, ``"gpt_oss"``); ``ffn_params``
+        its constants (gpt-oss: ``swiglu_alpha``, ``swiglu_limit``). The
+        plan's ``executor`` says what the layer executor can do with it."""
         setup: dict[str, Any] = {"layout": layout, "layers": list(layers or [])}
         if budget_bytes is not None:
             setup["budget_bytes"] = int(budget_bytes)
         if ffn is not None:
             setup["ffn"] = ffn
+        for k, v in (ffn_params or {}).items():
+            setup[k] = float(v)
         self._plan = _native.call_json("moe_engine_configure", ctypes.c_uint64(self._h()), json.dumps(setup).encode())
         return self._plan
 
@@ -449,7 +456,7 @@ def _describe(tensor: Any) -> tuple[str, list[int], int, int]:
             raise InvalidArgumentError("host tensors must be contiguous")
         dtype = _TORCH_DTYPES.get(str(tensor.dtype))
         if dtype is None:
-            raise InvalidArgumentError(f"unsupported expert dtype {tensor.dtype} (float32, float16, bfloat16)")
+            raise InvalidArgumentError(f"unsupported expert dtype {tensor.dtype} (float32, float16, bfloat16; uint8 for MXFP4 blocks and scales)")
         return dtype, list(tensor.shape), tensor.data_ptr(), tensor.numel() * tensor.element_size()
     if mod.startswith("numpy"):
         if not tensor.flags["C_CONTIGUOUS"]:

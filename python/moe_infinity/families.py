@@ -64,11 +64,12 @@ class Family:
             expert that hold weights.
         num_experts_attr: the config attribute giving the number of routed
             experts per MoE layer.
-        ffn: the experts' computation when it is a standard one the engine's
-            kernels implement: ``"swiglu"`` (``down(silu(gate(x)) * up(x))``,
-            gate rows before up rows, no biases); ``"none"`` otherwise. A
-            fact about the family: whether the kernels run is the engine's
-            choice.
+        ffn: the experts' computation when it is one the engine's kernels
+            implement: ``"swiglu"`` (``down(silu(gate(x)) * up(x))``, gate
+            rows before up rows, no biases), ``"gpt_oss"`` (GptOssExperts:
+            transposed matrices with interleaved gate/up columns, biases,
+            a clamped activation); ``"none"`` otherwise. A fact about the
+            family: whether the kernels run is the engine's choice.
     """
 
     model_type: str
@@ -121,6 +122,7 @@ FAMILIES: dict[str, Family] = {
             Region("down_proj_bias", ()),
         ),
         num_experts_attr="num_local_experts",
+        ffn="gpt_oss",
     ),
     "switch_transformers": Family(
         "switch_transformers",

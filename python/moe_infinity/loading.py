@@ -926,6 +926,49 @@ def offload(
         raise
 
 
+def offload_host_experts(
+    model: torch.nn.Module,
+    experts: Callable[[str], dict[str, torch.Tensor]],
+    quant: dict[str, Any] | None,
+    *,
+    device_memory: int | float | str = DEFAULT_DEVICE_MEMORY,
+    device: str | torch.device | None = "auto",
+    kernels: bool = True,
+    engine_options: dict[str, Any] | None = None,
+    cache_policy: str = "priority",
+    prefetch: bool = True,
+) -> torch.nn.Module:
+    """offload() for a model whose experts are given as host tensors in a
+    checkpoint's format rather than held by the model (the benchmark's
+    MXFP4 presets: gpt-oss-120b's experts in bf16 would not fit host
+    memory). ``experts(path)`` returns the experts module ``path``'s tensors
+    named as the checkpoint names them under it (``gate_up_proj_blocks``,
+    ...); ``quant`` is the checkpoint's quantization (``{"quant_method":
+    "mxfp4"}``) or None. The model's expert parameters give the shapes and
+    dtype the views have (they may be on the meta device) and are removed."""
+    family = family_for(getattr(model.config, "model_type", ""))
+    if family.style != "fused":
+        raise UnsupportedError(f"offload_host_experts takes fused experts; {family.model_type} keeps them in a ModuleDict")
+    dev = _resolve_device(device)
+    budget = _budget(device_memory, dev)
+    engine = _engine(budget, cache_policy, prefetch, None, dict(engine_options or {}), dev)
+    try:
+        mods = _experts_modules(model, family)
+        if not mods:
+            raise UnsupportedError("the model has no routed experts modules to offload")
+        for path, mod in tqdm(mods, desc="Registering experts", unit="layer", disable=None):
+            for name, t in experts(path).items():
+                engine.add_host_tensor(f"{path}.{name}", t.contiguous())
+        _strip(model, family)
+        model.eval()
+        if dev.type == "cuda":
+            model.to(dev)
+        return _finish(model, engine, family, "", dev, budget, kernels, quant)
+    except BaseException:
+        engine.close()
+        raise
+
+
 class MoE:
     """MoE-Infinity's configuration-dict interface, mapped onto :func:`from_pretrained`.
 

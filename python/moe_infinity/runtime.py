@@ -102,10 +102,21 @@ def with_progress(engine: Engine, call: Any, progress: Any) -> Any:
     return out
 
 
-def _configure_with_progress(engine: Engine, layout: dict[str, Any], layers: list[str], budget_bytes: int | None, progress: Any, ffn: str) -> dict[str, Any]:
+def _configure_with_progress(
+    engine: Engine, layout: dict[str, Any], layers: list[str], budget_bytes: int | None, progress: Any, ffn: str, ffn_params: dict[str, float] | None = None
+) -> dict[str, Any]:
     """engine.configure, reporting the host tier's preparation (pinning
     experts for the GPU can take a while) through ``progress(done, total)``."""
-    return with_progress(engine, lambda: engine.configure(layout, layers=layers, budget_bytes=budget_bytes, ffn=ffn), progress)
+    return with_progress(engine, lambda: engine.configure(layout, layers=layers, budget_bytes=budget_bytes, ffn=ffn, ffn_params=ffn_params), progress)
+
+
+def _ffn_params(family: Family, layers: list[MoELayer]) -> dict[str, float] | None:
+    """The constants of the family's expert computation the engine's
+    kernels need: gpt-oss's activation (GptOssExperts.alpha, .limit)."""
+    if family.ffn != "gpt_oss" or not layers:
+        return None
+    m = layers[0].module
+    return {"swiglu_alpha": float(m.alpha), "swiglu_limit": float(m.limit)}
 
 
 def layout_spec(family: Family, region_meta: dict[str, tuple[tuple[int, ...], torch.dtype]], fused_on_disk: bool, quant: dict[str, Any] | None) -> dict[str, Any]:
@@ -305,7 +316,7 @@ class OffloadRuntime:
         # The serving Scheduler running on this model, if any (one at most).
         self.scheduler: Any = None
         layout = layout_spec(family, region_meta, fused_on_disk, quant)
-        self.plan = _configure_with_progress(engine, layout, [layer.prefix for layer in layers], budget_bytes, progress, family.ffn)
+        self.plan = _configure_with_progress(engine, layout, [layer.prefix for layer in layers], budget_bytes, progress, family.ffn, _ffn_params(family, layers))
         for r in self.plan["layout"]["regions"]:
             want = tuple(region_meta[r["name"]][0])
             if tuple(r["shape"]) != want:

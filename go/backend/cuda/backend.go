@@ -25,7 +25,8 @@ const chunkBytes = 1 << 30
 const tableRing = 8
 
 // tableBytes is the size of one expert's entries in a table: gate, up and
-// down rows and, for FP8 experts, their scale grids.
+// down rows and, for FP8 experts, their scale grids (gpt-oss experts use
+// as many: ossEntries).
 const tableBytes = 8 * backend.MaxEntries
 
 // Config selects the device and the kernels' build.
@@ -68,11 +69,14 @@ type Backend struct {
 	down    cu.Function
 	gateUp8 cu.Function // FP8 block-scaled experts (FFNArgs.FP8)
 	down8   cu.Function
-	tables  [tableRing]uint64
-	tableEv [tableRing]uintptr
-	tableH  unsafe.Pointer // pinned host staging of the tables (tableRing × MaxEntries × tableN pointers)
-	tableN  int
-	tableI  atomic.Uint64
+	// gpt-oss experts (FFNArgs.GptOss): bfloat16/float16, and MXFP4.
+	gateUpOss, downOss   cu.Function
+	gateUpOss4, downOss4 cu.Function
+	tables               [tableRing]uint64
+	tableEv              [tableRing]uintptr
+	tableH               unsafe.Pointer // pinned host staging of the tables (tableRing × MaxEntries × tableN pointers)
+	tableN               int
+	tableI               atomic.Uint64
 
 	m atomic.Pointer[mapped] // mapped mode, once enabled
 
@@ -96,11 +100,13 @@ func New(cfg Config) *Backend { return &Backend{cfg: cfg, events: make(chan uint
 func (b *Backend) Name() string { return "cuda" }
 
 // Capabilities: the fused expert FFN kernels (bfloat16/float16 experts,
-// and FP8 block-scaled ones read from their compressed slots) of the
-// configured build, and mapped mode for up to routingIDs (token, expert)
-// pairs a call.
+// and FP8 block-scaled ones read from their compressed slots; gpt-oss
+// experts, bfloat16/float16 or MXFP4, from slots) of the configured build,
+// and mapped mode (every kind of experts) for up to routingIDs (token,
+// expert) pairs a call.
 func (b *Backend) Capabilities() backend.Capabilities {
-	return backend.Capabilities{ExpertKernels: true, Mapped: true, MaxMappedPairs: routingIDs, QuantFormats: []string{"fp8"},
+	return backend.Capabilities{ExpertKernels: true, Mapped: true, MaxMappedPairs: routingIDs, QuantFormats: []string{"fp8", "mxfp4"},
+		FFNKinds:    []string{"gpt_oss"},
 		KernelBuild: normBuild(b.cfg.KernelBuild)}
 }
 
@@ -200,6 +206,15 @@ func (b *Backend) Open(slots int, slotBytes int64, src backend.Source) (err erro
 		}
 		if b.down8, err = b.mod.Function("moe_down_fp8"); err != nil {
 			return err
+		}
+		for _, k := range []struct {
+			f    *cu.Function
+			name string
+		}{{&b.gateUpOss, "moe_gate_up_gptoss"}, {&b.downOss, "moe_down_gptoss"},
+			{&b.gateUpOss4, "moe_gate_up_gptoss_mxfp4"}, {&b.downOss4, "moe_down_gptoss_mxfp4"}} {
+			if *k.f, err = b.mod.Function(k.name); err != nil {
+				return err
+			}
 		}
 		_, perLayer := ss.Shape()
 		b.tableN = max(slots, perLayer) // tables are indexed by expert id

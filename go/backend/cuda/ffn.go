@@ -6,27 +6,23 @@ import (
 	"fmt"
 	"unsafe"
 
+	"gorgonia.org/cu"
+
 	"github.com/moe-infinity/moe_infinity/go/backend"
 )
-
-const warpsPerBlock = 8
 
 // fp8MaxHidden is the largest hidden size moe_gate_up_swiglu_fp8 takes: it
 // stages x in shared memory (MOE_MAX_SMEM_FLOATS in cuda/moe_ffn.cu).
 const fp8MaxHidden = 12288
 
-// launchFFN launches moe_gate_up_swiglu and moe_down (their _fp8 variants
-// for FP8 experts, with the scale grids' tables) on a.Stream with the
-// pointer tables at tab: entry j (backend.EntryGate, ...) of expert e at
-// tab + 8·(j·n + e), n experts (3 entries each, 6 for FP8 experts). Null
-// entries skip their pairs; a.Addend (0: none) joins moe_down's sums.
-func (b *Backend) launchFFN(a backend.FFNArgs, tab uint64, n int) error {
-	return b.launchFFNSkip(a, tab, n, 0)
-}
-
-// launchFFNSkip is launchFFN with a copy-mode hand-off's device skip list
-// (0: none; bfloat16/float16 experts only): pairs of the experts it lists
-// are skipped, and a.Addend is added only when it says so.
+// launchFFNSkip launches moe_gate_up_swiglu and moe_down (their _fp8
+// variants for FP8 experts, with the scale grids' tables) on a.Stream with
+// the pointer tables at tab: entry j (backend.EntryGate, ...) of expert e
+// at tab + 8·(j·n + e), n experts (3 entries each, 6 for FP8 experts).
+// Null entries skip their pairs; a.Addend (0: none) joins moe_down's sums.
+// skip is a copy-mode hand-off's device skip list (0: none; bfloat16/
+// float16 experts only): pairs of the experts it lists are skipped, and
+// a.Addend is added only when it says so.
 func (b *Backend) launchFFNSkip(a backend.FFNArgs, tab uint64, n int, skip uint64) error {
 	P := a.T * a.K
 	E := uint64(n)
@@ -60,16 +56,48 @@ func (b *Backend) launchFFNSkip(a backend.FFNArgs, tab uint64, n int, skip uint6
 	return nil
 }
 
-// checkFP8 refuses FP8 calls the kernels cannot take.
+// checkFP8 refuses FP8 calls the kernels cannot take, and gpt-oss MXFP4
+// ones (whose gate_up kernel stages x in shared memory as well).
 func checkFP8(a backend.FFNArgs) error {
 	if a.FP8 != nil && a.Hidden > fp8MaxHidden {
 		return fmt.Errorf("backend cuda: the FP8 expert kernels take hidden sizes up to %d, not %d", fp8MaxHidden, a.Hidden)
 	}
+	if q := a.GptOss; q != nil && q.MXFP4 && a.Hidden > fp8MaxHidden {
+		return fmt.Errorf("backend cuda: the gpt-oss MXFP4 expert kernels take hidden sizes up to %d, not %d", fp8MaxHidden, a.Hidden)
+	}
 	return nil
 }
 
-// FFN launches moe_gate_up_swiglu and moe_down on a.Stream over the
-// experts in a's tables (slot addresses).
+// launchTables launches the kernels a's experts need (launchFFNSkip, or
+// launchGptOss for a.GptOss) over the tables at tab (n experts).
+func (b *Backend) launchTables(a backend.FFNArgs, tab uint64, n int, skip uint64) error {
+	if a.GptOss != nil {
+		if skip != 0 {
+			return fmt.Errorf("backend cuda: the gpt-oss kernels take no hand-off skip list")
+		}
+		return b.launchGptOss(a, tab, n)
+	}
+	return b.launchFFNSkip(a, tab, n, skip)
+}
+
+// launchGptOss launches the gpt-oss kernels (gptOssLaunches) on
+// a.Stream with the tables at tab (gptOssTable's layout, n experts).
+func (b *Backend) launchGptOss(a backend.FFNArgs, tab uint64, n int) error {
+	fns := map[string]cu.Function{
+		"moe_gate_up_gptoss": b.gateUpOss, "moe_down_gptoss": b.downOss,
+		"moe_gate_up_gptoss_mxfp4": b.gateUpOss4, "moe_down_gptoss_mxfp4": b.downOss4,
+	}
+	for _, l := range gptOssLaunches(a, tab, n) {
+		if err := launch(fns[l.kernel], l.grid[0], l.grid[1], 32*warpsPerBlock, a.Stream, l.args...); err != nil {
+			return fmt.Errorf("launching %s: %w", l.kernel, err)
+		}
+	}
+	return nil
+}
+
+// FFN launches moe_gate_up_swiglu and moe_down (or the gpt-oss kernels,
+// for a.GptOss) on a.Stream over the experts in a's tables (slot
+// addresses).
 func (b *Backend) FFN(a backend.FFNArgs) error {
 	if err := a.Validate(); err != nil {
 		return fmt.Errorf("backend cuda: %w", err)
@@ -88,6 +116,9 @@ func (b *Backend) FFN(a backend.FFNArgs) error {
 	if a.FP8 != nil {
 		entries = backend.MaxEntries
 	}
+	if a.GptOss != nil {
+		entries = ossEntries
+	}
 	return b.dev.do(func() error {
 		// The staging entry and the device table may still be in use by the
 		// launch tableRing calls ago: on the host that is over long before
@@ -96,15 +127,10 @@ func (b *Backend) FFN(a backend.FFNArgs) error {
 			return err
 		}
 		tab := unsafe.Slice((*uint64)(host), entries*n)
-		copy(tab[:n], a.GateUp)
-		for e := range n {
-			tab[n+e] = a.UpAddr(int64(e))
-		}
-		copy(tab[2*n:3*n], a.Down)
-		if q := a.FP8; q != nil {
-			copy(tab[3*n:4*n], q.GateScale)
-			copy(tab[4*n:5*n], q.UpScale)
-			copy(tab[5*n:], q.DownScale)
+		if a.GptOss != nil {
+			gptOssTable(tab, a, n)
+		} else {
+			swigluTable(tab, a, n)
 		}
 		if err := streamWait(a.Stream, ev); err != nil {
 			return err
@@ -114,9 +140,24 @@ func (b *Backend) FFN(a backend.FFNArgs) error {
 		if err := copyHtoD(table, host, int64(8*entries*n), a.Stream); err != nil {
 			return err
 		}
-		if err := b.launchFFN(a, table, n); err != nil {
+		if err := b.launchTables(a, table, n, 0); err != nil {
 			return err
 		}
 		return eventRecord(ev, a.Stream)
 	})
+}
+
+// swigluTable writes a's SwiGLU tables into tab (gate, up and down rows,
+// then FP8 scale grids; entry j of expert e at tab[j·n+e]).
+func swigluTable(tab []uint64, a backend.FFNArgs, n int) {
+	copy(tab[:n], a.GateUp)
+	for e := range n {
+		tab[n+e] = a.UpAddr(int64(e))
+	}
+	copy(tab[2*n:3*n], a.Down)
+	if q := a.FP8; q != nil {
+		copy(tab[3*n:4*n], q.GateScale)
+		copy(tab[4*n:5*n], q.UpScale)
+		copy(tab[5*n:], q.DownScale)
+	}
 }

@@ -215,8 +215,9 @@ func (b *Backend) MappedFFN(layer int, a backend.FFNArgs) (*backend.Routing, err
 		return nil, fmt.Errorf("backend cuda: mapped FFN: a tensor address is null")
 	case a.DType != 0 && a.DType != 1:
 		return nil, fmt.Errorf("backend cuda: mapped FFN dtype %d (0 = bfloat16, 1 = float16)", a.DType)
-	case (a.FP8 != nil) != m.tab.Lay.Quantized():
-		return nil, fmt.Errorf("backend cuda: mapped FFN: FP8 arguments (%t) for tables with scale grids (%t)", a.FP8 != nil, m.tab.Lay.Quantized())
+	}
+	if err := m.tab.Lay.CheckArgs(a); err != nil {
+		return nil, fmt.Errorf("backend cuda: %w", err)
 	}
 	if q := a.FP8; q != nil {
 		if err := q.CheckBlock(a.Inter); err != nil {
@@ -233,7 +234,7 @@ func (b *Backend) MappedFFN(layer int, a backend.FFNArgs) (*backend.Routing, err
 	snap := m.tab.Snapshot(layer)
 	m.tab.Mu.RUnlock()
 	return b.routingCopy(m, snap, a.TopK, P, a.Stream, func() error {
-		return b.launchFFN(a, m.layerTable(layer), E)
+		return b.launchTables(a, m.layerTable(layer), E, 0)
 	})
 }
 
@@ -385,7 +386,7 @@ func (b *Backend) captureFFN(m *mapped, layer int, a backend.FFNArgs) error {
 				return err
 			}
 		}
-		if err := b.launchFFNSkip(a, m.layerTable(layer), m.tab.Experts, skip); err != nil {
+		if err := b.launchTables(a, m.layerTable(layer), m.tab.Experts, skip); err != nil {
 			return err
 		}
 		return copyDtoDAsync(m.stage+uint64(8*m.staged), a.TopK, P*8, a.Stream)

@@ -23,6 +23,7 @@ import (
 var kernelNames = []string{
 	"moe_gate_up_swiglu", "moe_down", "moe_gate_up_swiglu_fp8", "moe_down_fp8", "moe_table_set",
 	"moe_publish_wait", "moe_answer", "moe_link_read", "moe_view_convert", "moe_view_fp8", "moe_view_mxfp4t",
+	"moe_gate_up_gptoss", "moe_down_gptoss", "moe_gate_up_gptoss_mxfp4", "moe_down_gptoss_mxfp4",
 }
 
 func TestBothPTXBuildsAreEmbedded(t *testing.T) {
@@ -196,5 +197,88 @@ func TestFP8NaNDetection(t *testing.T) {
 				require.Equal(t, hasNaN, fp8NaN4(w) != 0, "word %#08x", w)
 			}
 		}
+	}
+}
+
+// ptxParams is the number of parameters kernel takes in ptx.
+func ptxParams(t *testing.T, ptx, kernel string) int {
+	t.Helper()
+	i := strings.Index(ptx, ".visible .entry "+kernel+"(")
+	require.GreaterOrEqual(t, i, 0, "kernel %s", kernel)
+	return strings.Count(ptx[i:i+strings.Index(ptx[i:], ")")], ".param ")
+}
+
+func TestGptOssLaunchesMatchTheKernelsParameters(t *testing.T) {
+	const n = 8
+	tests := []struct {
+		name    string
+		mxfp4   bool
+		kernels [2]string
+		grids   [2][2]int
+	}{
+		// T = 3, K = 2, H = 2880, I = 2880 (gpt-oss-120b's sizes).
+		{"bfloat16: a lane a column, 32 a block", false, [2]string{"moe_gate_up_gptoss", "moe_down_gptoss"}, [2][2]int{{90, 6}, {90, 3}}},
+		{"MXFP4: a warp a row", true, [2]string{"moe_gate_up_gptoss_mxfp4", "moe_down_gptoss_mxfp4"}, [2][2]int{{360, 6}, {360, 3}}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			a := backend.FFNArgs{X: 1, Out: 2, Scratch: 3, TopK: 4, Weights: 5, T: 3, K: 2, Hidden: 2880, Inter: 2880, DType: 1, WDType: backend.WeightsBF16,
+				GptOss: &backend.GptOssArgs{Alpha: 1.702, Limit: 7, MXFP4: tc.mxfp4}}
+			ls := gptOssLaunches(a, 0x1000, n)
+			require.Len(t, ls, 2)
+			for i, l := range ls {
+				assert.Equal(t, tc.kernels[i], l.kernel)
+				assert.Equal(t, tc.grids[i], l.grid)
+				assert.LessOrEqual(t, len(l.args), 16, "the launch helper passes at most 16 parameters")
+				for _, ptx := range []string{moeFFNPTX, moeFFNSM89PTX} {
+					assert.Equal(t, ptxParams(t, ptx, l.kernel), len(l.args), "%s takes as many parameters as Go passes", l.kernel)
+				}
+			}
+			gu, dn := ls[0].args, ls[1].args
+			assert.Equal(t, []uint64{1, 4, 0x1000, 0x1000 + 8*n, 3, 6, 2, 2880, 2880, 1, n}, gu[:11], "x, topk, gate_up and bias tables, h, P, K, H, I, dtype, E")
+			assert.Equal(t, []uint64{uint64(math.Float32bits(1.702)), uint64(math.Float32bits(7))}, gu[11:13], "alpha and limit as float32 bits")
+			assert.Equal(t, []uint64{3, 4, 0x1000 + 2*8*n, 0x1000 + 3*8*n, 5, 2, 3, 2, 2880, 2880, 1, n, 0}, dn[:13], "h, topk, down and bias tables, weights, out, T, K, H, I, dtype, E, wdtype")
+			if tc.mxfp4 {
+				assert.Equal(t, uint64(0x1000+4*8*n), gu[13], "gate_up's scales table")
+				assert.Equal(t, uint64(0x1000+5*8*n), dn[13], "down's scales table")
+			}
+		})
+	}
+}
+
+func TestGptOssTableLayout(t *testing.T) {
+	for _, mxfp4 := range []bool{false, true} {
+		a := backend.FFNArgs{GateUp: []uint64{10, 11}, Down: []uint64{20, 21},
+			GptOss: &backend.GptOssArgs{MXFP4: mxfp4, GateUpBias: []uint64{30, 31}, DownBias: []uint64{40, 41}, GateUpScale: []uint64{50, 51}, DownScale: []uint64{60, 61}}}
+		tab := make([]uint64, ossEntries*2)
+		for i := range tab {
+			tab[i] = 99 // stale entries of an earlier call
+		}
+		gptOssTable(tab, a, 2)
+		want := []uint64{10, 11, 30, 31, 20, 21, 40, 41, 0, 0, 0, 0}
+		if mxfp4 {
+			want = []uint64{10, 11, 30, 31, 20, 21, 40, 41, 50, 51, 60, 61}
+		}
+		assert.Equal(t, want, tab, "mxfp4 %t", mxfp4)
+	}
+	assert.Equal(t, backend.MaxEntries, ossEntries, "a gpt-oss expert's entries fit a table row (tableBytes)")
+}
+
+// e2m1Model is cuda/moe_ffn.cu's moe_e2m1_to_f32.
+func e2m1Model(n uint8) float32 {
+	e, m := (n>>1)&3, float32(n&1)
+	v := 0.5 * m
+	if e != 0 {
+		v = (1 + 0.5*m) * float32(uint32(1)<<(e-1))
+	}
+	if n&8 != 0 {
+		return -v
+	}
+	return v
+}
+
+func TestE2M1ModelMatchesTheDequantizer(t *testing.T) {
+	for n := range uint8(16) {
+		assert.Equal(t, math.Float32bits(dtype.E2M1ToF32(n)), math.Float32bits(e2m1Model(n)), "code %d", n)
 	}
 }
