@@ -225,7 +225,7 @@ func TestMappedModeNeedsAKernelBackend(t *testing.T) {
 // into it, the new one mapped after), and tracing must account for every
 // call.
 func TestMappedLayersStayExactWhileTheCacheChurns(t *testing.T) {
-	const L, E, T, K, calls = 3, 8, 2, 2, 300
+	const L, E, T, K, calls, flushEvery = 3, 8, 2, 2, 300, 50
 	for _, policy := range []string{"lru", "lfu", "priority"} {
 		t.Run(policy, func(t *testing.T) {
 			e := mappedEngine(t, L, E, 3)
@@ -237,6 +237,7 @@ func TestMappedLayersStayExactWhileTheCacheChurns(t *testing.T) {
 			require.NoError(t, err)
 			var wg sync.WaitGroup
 			stop := make(chan struct{})
+			kick := make(chan struct{}, 1)
 			wg.Add(1)
 			go func() { // flushes race with computations too
 				defer wg.Done()
@@ -244,13 +245,22 @@ func TestMappedLayersStayExactWhileTheCacheChurns(t *testing.T) {
 					select {
 					case <-stop:
 						return
-					case <-time.After(3 * time.Millisecond):
+					case <-kick:
 						assert.NoError(t, e.Tune(Tuning{Flush: true}))
 					}
 				}
 			}()
 			uses := 0
 			for i := 0; i < calls; i++ {
+				// A flush every flushEvery calls, whatever the machine's
+				// speed (a wall-clock period flushed every few calls under
+				// -race, leaving LFU's full cache no call to evict in).
+				if i%flushEvery == flushEvery-1 {
+					select {
+					case kick <- struct{}{}:
+					default:
+					}
+				}
 				layer := i % L
 				io := newFFNIO(rng, T, K, E)
 				d := map[int64]bool{}
