@@ -205,24 +205,14 @@ func (c *CPU) ReferenceFFN(a FFNArgs) error {
 	if a.GptOss != nil {
 		return c.gptOssFFN(a)
 	}
-	dt := dtype.BF16
-	if a.DType == 1 {
-		dt = dtype.F16
+	r, err := a.refInputs()
+	if err != nil {
+		return err
 	}
-	P := a.T * a.K
-	H, I := a.Hidden, a.Inter
-	exps := unsafe.Slice((*int64)(ptrOf(a.TopK)), P)
-	wts := routingWeights(a, P)
-	x := toF32(hostSlice(a.X, a.T*H*2), dt)
-	h := unsafe.Slice((*float32)(ptrOf(a.Scratch)), P*I)
+	dt, H, I, exps, wts, x, h := r.dt, a.Hidden, a.Inter, r.exps, r.wts, r.x, r.h
 	valid := func(p int64) bool {
 		e := exps[p]
 		return e >= 0 && int(e) < len(a.GateUp) && a.GateUp[e] != 0 && a.UpAddr(e) != 0 && a.Down[e] != 0 && (a.FP8 == nil || a.FP8.has(e))
-	}
-	for p := int64(0); p < P; p++ {
-		if err := a.checkPair(p, exps[p]); err != nil {
-			return fmt.Errorf("backend cpu: %w", err)
-		}
 	}
 	var addend []float32
 	if a.Addend != 0 {
@@ -231,7 +221,7 @@ func (c *CPU) ReferenceFFN(a FFNArgs) error {
 	// Every goroutine that reads expert rows runs under the source's guard:
 	// in mapped mode they are the checkpoint's file mapping.
 	guard := c.guard()
-	err := parallel(P*I, guard, func(lo, hi int64) {
+	err = parallel(r.P*I, guard, func(lo, hi int64) {
 		for idx := lo; idx < hi; idx++ {
 			p, i := idx/I, idx%I
 			if !valid(p) {
@@ -279,9 +269,7 @@ func (c *CPU) ReferenceFFN(a FFNArgs) error {
 			if addend != nil {
 				acc += addend[idx]
 			}
-			var b [4]byte
-			binary.LittleEndian.PutUint32(b[:], math.Float32bits(acc))
-			_ = dtype.Convert(out[idx*2:idx*2+2], dt, b[:], dtype.F32)
+			storeRounded(out, idx, acc, dt)
 		}
 	})
 	if err != nil {
@@ -327,19 +315,57 @@ func toF32(b []byte, dt dtype.DType) []float32 {
 	return out
 }
 
+// elem is element i of a little-endian bfloat16/float16 vector.
+func elem(b []byte, i int64, dt dtype.DType) float32 {
+	bits := uint32(binary.LittleEndian.Uint16(b[2*i:]))
+	if dt == dtype.BF16 {
+		return math.Float32frombits(bits << 16)
+	}
+	return math.Float32frombits(dtype.F16ToF32Bits(uint16(bits)))
+}
+
 func dotRow(row []byte, v []float32, dt dtype.DType) float32 {
 	var acc float32
 	for c := range v {
-		bits := uint32(binary.LittleEndian.Uint16(row[2*c:]))
-		var w float32
-		if dt == dtype.BF16 {
-			w = math.Float32frombits(bits << 16)
-		} else {
-			w = math.Float32frombits(dtype.F16ToF32Bits(uint16(bits)))
-		}
-		acc += w * v[c]
+		acc += elem(row, int64(c), dt) * v[c]
 	}
 	return acc
+}
+
+// refInputs is what the reference FFNs read of a: the activation dtype,
+// the P = T·K routed experts and their weights, x as float32 and the
+// float32 scratch h [P, Inter]; every pair checked (checkPair).
+type refInputs struct {
+	dt   dtype.DType
+	P    int64
+	exps []int64
+	wts  []float32
+	x, h []float32
+}
+
+func (a FFNArgs) refInputs() (refInputs, error) {
+	r := refInputs{dt: dtype.BF16, P: a.T * a.K}
+	if a.DType == 1 {
+		r.dt = dtype.F16
+	}
+	r.exps = unsafe.Slice((*int64)(ptrOf(a.TopK)), r.P)
+	for p := int64(0); p < r.P; p++ {
+		if err := a.checkPair(p, r.exps[p]); err != nil {
+			return refInputs{}, fmt.Errorf("backend cpu: %w", err)
+		}
+	}
+	r.wts = routingWeights(a, r.P)
+	r.x = toF32(hostSlice(a.X, a.T*a.Hidden*2), r.dt)
+	r.h = unsafe.Slice((*float32)(ptrOf(a.Scratch)), r.P*a.Inter)
+	return r, nil
+}
+
+// storeRounded writes v, rounded to dt, as element idx of the
+// bfloat16/float16 vector out.
+func storeRounded(out []byte, idx int64, v float32, dt dtype.DType) {
+	var b [4]byte
+	binary.LittleEndian.PutUint32(b[:], math.Float32bits(v))
+	_ = dtype.Convert(out[idx*2:idx*2+2], dt, b[:], dtype.F32)
 }
 
 // parallel runs f over [0, n) split across GOMAXPROCS goroutines, each

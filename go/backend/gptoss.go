@@ -1,10 +1,8 @@
 package backend
 
 import (
-	"encoding/binary"
 	"fmt"
 	"math"
-	"unsafe"
 
 	"github.com/moe-infinity/moe_infinity/go/dtype"
 )
@@ -91,29 +89,19 @@ func (g *GptOssArgs) has(e int64) bool {
 // gptOssFFN is ReferenceFFN for gpt-oss experts (a.GptOss; see
 // GptOssArgs for the formula and its rounding).
 func (c *CPU) gptOssFFN(a FFNArgs) error {
-	dt := dtype.BF16
-	if a.DType == 1 {
-		dt = dtype.F16
+	r, err := a.refInputs()
+	if err != nil {
+		return err
 	}
 	q := a.GptOss
-	P := a.T * a.K
-	H, I := a.Hidden, a.Inter
-	exps := unsafe.Slice((*int64)(ptrOf(a.TopK)), P)
-	wts := routingWeights(a, P)
-	x := toF32(hostSlice(a.X, a.T*H*2), dt)
-	h := unsafe.Slice((*float32)(ptrOf(a.Scratch)), P*I)
-	for p := int64(0); p < P; p++ {
-		if err := a.checkPair(p, exps[p]); err != nil {
-			return fmt.Errorf("backend cpu: %w", err)
-		}
-	}
+	dt, H, I, exps, wts, x, h := r.dt, a.Hidden, a.Inter, r.exps, r.wts, r.x, r.h
 	valid := func(p int64) bool {
 		e := exps[p]
 		return e >= 0 && int(e) < len(a.GateUp) && a.GateUp[e] != 0 && a.Down[e] != 0 && q.has(e)
 	}
 	alpha, limit := q.Alpha, q.Limit
 	guard := c.guard()
-	err := parallel(P*I, guard, func(lo, hi int64) {
+	err = parallel(r.P*I, guard, func(lo, hi int64) {
 		for idx := lo; idx < hi; idx++ {
 			p, i := idx/I, idx%I
 			if !valid(p) {
@@ -166,9 +154,7 @@ func (c *CPU) gptOssFFN(a FFNArgs) error {
 				}
 				acc += wo
 			}
-			var b [4]byte
-			binary.LittleEndian.PutUint32(b[:], math.Float32bits(acc))
-			_ = dtype.Convert(out[idx*2:idx*2+2], dt, b[:], dtype.F32)
+			storeRounded(out, idx, acc, dt)
 		}
 	})
 	if err != nil {
@@ -188,15 +174,6 @@ func gptOssGate(g, u, alpha, limit float32, dt dtype.DType) float32 {
 	sig := round(float32(1/(1+math.Exp(float64(-ga)))), dt)
 	glu := round(g*sig, dt)
 	return round(round(u+1, dt)*glu, dt)
-}
-
-// elem is element i of a little-endian bfloat16/float16 vector.
-func elem(b []byte, i int64, dt dtype.DType) float32 {
-	bits := uint32(binary.LittleEndian.Uint16(b[2*i:]))
-	if dt == dtype.BF16 {
-		return math.Float32frombits(bits << 16)
-	}
-	return math.Float32frombits(dtype.F16ToF32Bits(uint16(bits)))
 }
 
 // colDot is the dot product of column col of the row-major matrix w
