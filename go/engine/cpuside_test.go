@@ -247,6 +247,18 @@ type noHandOffGPU struct{ *backend.CPU }
 func (noHandOffGPU) Name() string { return "cuda" }
 func (noHandOffGPU) HandOut()     {}
 
+// onCPUBackend is an Engine.NewBackend that makes the configured CPU
+// backend and hands it to wrap (a stand-in for another backend).
+func onCPUBackend(wrap func(*backend.CPU) backend.Backend) func(Config) (backend.Backend, error) {
+	return func(cfg Config) (backend.Backend, error) {
+		be, err := defaultBackend(cfg)
+		if err != nil {
+			return nil, err
+		}
+		return wrap(be.(*backend.CPU)), nil
+	}
+}
+
 // gpuEngine is hybridEngine's model and settings on a GPU stand-in made
 // by wrap from the CPU backend, with cfg's link settings.
 func gpuEngine(t *testing.T, cfg Config, wrap func(*backend.CPU) backend.Backend) (*Engine, Plan) {
@@ -256,13 +268,7 @@ func gpuEngine(t *testing.T, cfg Config, wrap func(*backend.CPU) backend.Backend
 	e, err := New(cfg)
 	require.NoError(t, err)
 	bf16Model(t, e, 2, 4)
-	e.NewBackend = func(cfg Config) (backend.Backend, error) {
-		be, err := defaultBackend(cfg)
-		if err != nil {
-			return nil, err
-		}
-		return wrap(be.(*backend.CPU)), nil
-	}
+	e.NewBackend = onCPUBackend(wrap)
 	e.MeasureHybrid = func(int64, int64, bool) (HybridCosts, error) { return equalRates, nil }
 	p, err := e.Configure(Setup{Layout: mixtralSpec, FFN: "swiglu"})
 	require.NoError(t, err)

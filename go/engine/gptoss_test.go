@@ -137,14 +137,8 @@ func TestGptOssExecutorPlan(t *testing.T) {
 // dequantized into views by Acquire), through bfloat16 gpt-oss tables.
 func gptOssOnViews(t *testing.T, e *Engine, io *ffnIO, layer, T, K, E int) []byte {
 	t.Helper()
-	experts := make([]int32, E)
-	for i := range experts {
-		experts[i] = int32(i)
-	}
-	views := make([]int32, E)
-	lease, err := e.Acquire(layer, experts, views, 0)
-	require.NoError(t, err)
-	defer func() { require.NoError(t, e.Release(lease, 0)) }()
+	views, release := acquireAll(t, e, layer, E)
+	defer release()
 	p, _ := e.Plan()
 	var off [4]int64
 	for i, name := range layout.GptOssRegions {

@@ -59,13 +59,7 @@ func gpuEngineOff(t *testing.T, cfg Config, wrap func(*backend.CPU) backend.Back
 	e, err := New(cfg)
 	require.NoError(t, err)
 	bf16Model(t, e, 2, 4)
-	e.NewBackend = func(cfg Config) (backend.Backend, error) {
-		be, err := defaultBackend(cfg)
-		if err != nil {
-			return nil, err
-		}
-		return wrap(be.(*backend.CPU)), nil
-	}
+	e.NewBackend = onCPUBackend(wrap)
 	p, err := e.Configure(Setup{Layout: mixtralSpec, FFN: "swiglu"})
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = e.Close() })

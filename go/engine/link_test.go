@@ -34,14 +34,10 @@ func meterEngine(t *testing.T, m *linkMeter, cfg Config, setup Setup) (*Engine, 
 	e, err := New(cfg)
 	require.NoError(t, err)
 	bf16Model(t, e, 2, 4)
-	e.NewBackend = func(cfg Config) (backend.Backend, error) {
-		be, err := defaultBackend(cfg)
-		if err != nil {
-			return nil, err
-		}
-		m.silentCopies = &silentCopies{CPU: be.(*backend.CPU)}
-		return m, nil
-	}
+	e.NewBackend = onCPUBackend(func(c *backend.CPU) backend.Backend {
+		m.silentCopies = &silentCopies{CPU: c}
+		return m
+	})
 	p, err := e.Configure(setup)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = e.Close() })

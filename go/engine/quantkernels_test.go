@@ -15,9 +15,9 @@ func qIO(rng *rand.Rand, T, K, E int) *ffnIO {
 	return ffnIOOf(rng, T, K, E, qH, qI, func() float32 { return float32(rng.Float64()) })
 }
 
-// onViews computes io's layer with the CPU reference FFN over the experts
-// as the host path sees them: dequantized into views by Acquire.
-func onViews(t *testing.T, e *Engine, io *ffnIO, layer, T, K, E int) []byte {
+// acquireAll acquires all E experts of layer (expert i in views[i]) and
+// returns the release, which checks it succeeds.
+func acquireAll(t *testing.T, e *Engine, layer, E int) ([]int32, func()) {
 	t.Helper()
 	experts := make([]int32, E)
 	for i := range experts {
@@ -26,7 +26,15 @@ func onViews(t *testing.T, e *Engine, io *ffnIO, layer, T, K, E int) []byte {
 	views := make([]int32, E)
 	lease, err := e.Acquire(layer, experts, views, 0)
 	require.NoError(t, err)
-	defer func() { require.NoError(t, e.Release(lease, 0)) }()
+	return views, func() { require.NoError(t, e.Release(lease, 0)) }
+}
+
+// onViews computes io's layer with the CPU reference FFN over the experts
+// as the host path sees them: dequantized into views by Acquire.
+func onViews(t *testing.T, e *Engine, io *ffnIO, layer, T, K, E int) []byte {
+	t.Helper()
+	views, release := acquireAll(t, e, layer, E)
+	defer release()
 	p, _ := e.Plan()
 	gu, _ := p.Layout.Region("gate_up_proj")
 	dn, _ := p.Layout.Region("down_proj")
