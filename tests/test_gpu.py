@@ -748,15 +748,7 @@ def _trained_gpt_oss(directory, mxfp4: bool):
     model = tm.train_briefly(tm.build("gpt_oss", seed=21, **GPT_OSS_BIG)).to(torch.bfloat16)
     if not mxfp4:
         return tm.save(model, directory)
-    sd = tq._saved_state(model, directory)
-    out = {}
-    for k, v in sd.items():
-        if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            bs, ss = zip(*(tq.mxfp4_quantize(v[e].T) for e in range(v.shape[0])))
-            out[k + "_blocks"], out[k + "_scales"] = torch.stack(bs), torch.stack(ss)
-        else:
-            out[k] = v
-    return tq._write(directory, out, tq.GPT_OSS_QC)
+    return tq.save_gpt_oss_mxfp4(model, directory)
 
 
 @pytest.mark.parametrize("mxfp4", [False, True], ids=["bf16", "mxfp4"])
@@ -822,15 +814,7 @@ def test_gpt_oss_cuda_kernels_match_the_cpu_reference(mxfp4, T, tmp_path):
     model = tm.build("gpt_oss", seed=3, dtype=torch.bfloat16, **over)
     path = tmp_path / "m"
     if mxfp4:
-        sd = tq._saved_state(model, path)
-        out = {}
-        for k, v in sd.items():
-            if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
-                bs, ss = zip(*(tq.mxfp4_quantize(v[e].T) for e in range(v.shape[0])))
-                out[k + "_blocks"], out[k + "_scales"] = torch.stack(bs), torch.stack(ss)
-            else:
-                out[k] = v
-        tq._write(path, out, tq.GPT_OSS_QC)
+        tq.save_gpt_oss_mxfp4(model, path)
     else:
         tm.save(model, path)
     g = torch.Generator().manual_seed(T)

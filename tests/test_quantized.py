@@ -172,6 +172,12 @@ def gpt_oss_mxfp4(directory: Path) -> Path:
     the biases in bfloat16; attention, router, embeddings and lm_head
     unquantized (modules_to_not_convert)."""
     model = tm.build("gpt_oss", dtype=torch.bfloat16, hidden_size=64, intermediate_size=64, head_dim=16, num_local_experts=4)
+    return save_gpt_oss_mxfp4(model, directory)
+
+
+def save_gpt_oss_mxfp4(model, directory: Path) -> Path:
+    """Saves a gpt-oss model as the releases ship it: the experts' fused
+    projections as MXFP4 blocks and scales, everything else as is."""
     sd = _saved_state(model, directory)
     out = {}
     for k, v in sd.items():
