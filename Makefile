@@ -29,7 +29,7 @@ PTXCOMMON := -x cuda --cuda-device-only -nocudainc -nocudalib -O3 -S
 PTXFLAGS  := $(PTXCOMMON) --cuda-gpu-arch=sm_80 -Xclang -target-feature -Xclang +ptx70
 PTX89FLAGS := $(PTXCOMMON) --cuda-gpu-arch=sm_89 -Xclang -target-feature -Xclang +ptx78
 
-.PHONY: all lib wheel sdist cuda cuda-check ptx ptx-check cuda-sdk gpu-test replay test gotest testrace invariants vet ctest pytest fuzz fuzz-ci bench tidy-check clean install
+.PHONY: all lib wheel sdist cuda cuda-check cuda-test cpuffn-test ptx ptx-check cuda-sdk gpu-test replay test gotest testrace invariants vet ctest pytest fuzz fuzz-ci bench tidy-check clean install
 
 all: lib
 
@@ -48,6 +48,17 @@ cuda-sdk:
 $(CUDA_LIB): $(GOFILES) $(PTX) $(PTX89) | cuda-sdk
 	CGO_ENABLED=1 CGO_CFLAGS="-I$(abspath $(CUDA_SDK))/include -Wno-deprecated-declarations" CGO_LDFLAGS="-L$(abspath $(CUDA_SDK))/lib" \
 		$(GO) build -trimpath -tags cuda -buildmode=c-shared -o $@ ./capi
+
+# Test binaries for the GPU machine, which has no Go: the CUDA backend's
+# tests (run them from go/backend/cuda) and the SIMD expert FFN's
+# benchmarks (scripts/gpu_check.sh hybrid runs them).
+cuda-test: $(CUDA_LIB)
+	CGO_ENABLED=1 CGO_CFLAGS="-I$(abspath $(CUDA_SDK))/include -Wno-deprecated-declarations" CGO_LDFLAGS="-L$(abspath $(CUDA_SDK))/lib" \
+		$(GO) test -c -tags cuda -o $(BUILD)/cuda_backend.test ./go/backend/cuda
+
+cpuffn-test:
+	@mkdir -p $(BUILD)
+	CGO_ENABLED=1 $(GO) test -c -o $(BUILD)/cpuffn.test ./go/cpuffn
 
 # Regenerates the committed PTX (both builds) from cuda/*.cu.
 ptx:

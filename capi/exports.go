@@ -537,6 +537,17 @@ func moe_engine_tune(handle C.uint64_t, tuning *C.char) C.int32_t {
 	})
 }
 
+//export moe_engine_plan
+func moe_engine_plan(handle C.uint64_t, buf *C.char, capacity C.int64_t, needed *C.int64_t) C.int32_t {
+	return withEngine(handle, func(e *engine.Engine) error {
+		plan, err := e.Plan()
+		if err != nil {
+			return err
+		}
+		return writeJSON(plan, buf, capacity, needed)
+	})
+}
+
 //export moe_runtime_stats
 func moe_runtime_stats(buf *C.char, capacity C.int64_t, needed *C.int64_t) C.int32_t {
 	return guard(func() error {

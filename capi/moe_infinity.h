@@ -258,8 +258,14 @@ int32_t moe_reset_stats(uint64_t handle);
 int32_t moe_save_trace(uint64_t handle, const char *path);
 
 /* Changes a configured engine at run time (JSON, every field optional):
- * {"policy": "lru", "prefetch": false, "flush": true, "reset_stats": true}. */
+ * {"policy": "lru", "prefetch": false, "graph_misses": "copy",
+ * "cpu_experts": "off", "flush": true, "reset_stats": true}. */
 int32_t moe_engine_tune(uint64_t handle, const char *tuning_json);
+
+/* The configured engine's plan as JSON, as moe_engine_configure wrote it
+ * with what tuning changed since (policy, prefetch, graph_misses, the
+ * executor's hybrid fields). MOE_ERR_INVALID before configure. */
+int32_t moe_engine_plan(uint64_t handle, char *buf, int64_t cap, int64_t *needed);
 
 /* Process-wide engine runtime counters as JSON: goroutines, heap_alloc and
  * heap_sys (bytes of Go heap), engines (open handles). For leak tests. */

@@ -2,7 +2,7 @@
 # One call on the GPU machine: runs the GPU suite against the CUDA build of
 # the engine made on the CPU machine (`make cuda`), and prints a summary.
 #
-#   bash scripts/gpu_check.sh [gpu|parity|bench|headline|copy|defaults|margin|serve|profile|variants|fp8|fp8-sm89|gptoss|gptoss-bench|all]     (default: all)
+#   bash scripts/gpu_check.sh [gpu|parity|bench|headline|copy|defaults|margin|serve|profile|variants|fp8|fp8-sm89|gptoss|gptoss-bench|hybrid|all]     (default: all)
 #
 # fp8: the FP8 kernels' GPU tests (FP8 checkpoints and offload(expert_dtype=
 # "fp8"), slot and mapped mode, CUDA graphs), then the Qwen3-30B-A3B shape at
@@ -32,6 +32,15 @@
 # 61 GB of host memory) at 24 GiB on generated routing: transformers' code on
 # dequantized views (the default), then the gpt-oss MXFP4 kernels
 # (--quantized-kernels), each in its own process (~2 x 4 minutes).
+#
+# hybrid: the CPU computing missed experts where they lie (cpu_experts),
+# with the link measured at start-up (measure_link): for each shape, one
+# decode.py process, CUDA-graph steps with graph_misses auto, copy and
+# read, each with cpu_experts off and then auto (the graph hand-off rides
+# copy mode; auto also shows what the measured rates choose), then the
+# eager path (--no-mapped, the eager hand-off) off and auto. Then the SIMD
+# expert FFN against the host's read bandwidth (build/cpuffn.test, made by
+# `make cpuffn-test`; no Go there) on every core. ~9 minutes.
 #
 # profile: Mixtral's replayed steps under the torch profiler, with copy
 # mode's waits split into copying and idle (benchmarks/profile_step.py).
@@ -118,6 +127,15 @@ if [ "$what" = fp8 ]; then  # quantized experts: FP8 against bf16 on the same ro
     run fp8_gpu_tests timeout 120 python3 -m pytest -p no:cacheprovider -q -m gpu -rA -k "fp8" tests/test_gpu.py
     run qwen3_bf16_fp8 timeout 400 python3 benchmarks/decode.py --preset qwen3-30b-a3b --device-memory 24GiB --decode 32 \
         --routing generated --no-ablations --expert-dtype bf16,fp8 --quantized-kernels --graph --out "$OUT/decode_qwen3_bf16_fp8.json"
+fi
+if [ "$what" = hybrid ]; then  # CPU compute of misses against the link alone, both shapes, measured link rates
+    H="python3 benchmarks/decode.py --device-memory 24GiB --decode 32 --routing generated --no-ablations --measure-link --cpu-experts off,auto"
+    run hybrid_qwen3_graph timeout 150 $H --graph --graph-misses auto,copy,read --preset qwen3-30b-a3b --out "$OUT/hybrid_qwen3_graph.json"
+    run hybrid_qwen3_eager timeout 90 $H --no-mapped --preset qwen3-30b-a3b --out "$OUT/hybrid_qwen3_eager.json"
+    run hybrid_mixtral_graph timeout 200 $H --graph --graph-misses copy,read --preset mixtral-8x7b --out "$OUT/hybrid_mixtral_graph.json"
+    if [ -x build/cpuffn.test ]; then
+        run cpuffn_bench timeout 100 build/cpuffn.test -test.run XXX -test.bench 'FFN|ReadBandwidth' -test.benchtime 20x
+    fi
 fi
 if [ "$what" = gptoss ]; then  # the gpt-oss kernels (bf16 and MXFP4) against transformers and the CPU reference
     run gptoss_gpu_tests timeout 300 python3 -m pytest -p no:cacheprovider -q -m gpu -rA -s -k "gpt_oss" tests/test_gpu.py

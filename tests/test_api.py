@@ -282,6 +282,30 @@ def test_cpu_experts_threads_turn_hybrid_execution_on(mixtral):
         assert st["cpu_computed"] == sum(layer["cpu_computed"] for layer in st["layers"])
         assert st["cpu_seconds"] == st["cpu_ns"] / 1e9
         assert all(layer["cpu_seconds"] == layer["cpu_ns"] / 1e9 for layer in st["layers"])
+        # Paused by moe_tune, the CPU computes nothing and the plan says why;
+        # resumed, it is on again (one loaded model, as the benchmarks compare).
+        m.moe_tune(cpu_experts="off", flush=True, reset_stats=True)
+        ex = m.moe_stats()["plan"]["executor"]
+        assert not ex["hybrid"] and "paused by tune" in ex["hybrid_off"]
+        assert not ex["graph_hand_off"]
+        _greedy(m, 4)
+        st = m.moe_stats()
+        assert st["cpu_computed"] == 0 and st["misses"] > 0
+        m.moe_tune(cpu_experts="auto", flush=True, reset_stats=True)
+        ex = m.moe_stats()["plan"]["executor"]
+        assert ex["hybrid"] and ex["graph_hand_off"] and "hybrid_off" not in ex
+        with pytest.raises(mi.InvalidArgumentError, match="cpu_experts: unknown CPU expert mode"):
+            m.moe_tune(cpu_experts="on")
+    finally:
+        m.close()
+
+
+def test_moe_tune_cannot_resume_cpu_experts_configure_left_off(mixtral):
+    m = mi.from_pretrained(mixtral, dtype=torch.bfloat16, device_memory=1 << 20)
+    try:
+        m.moe_tune(cpu_experts="off")
+        with pytest.raises(mi.InvalidArgumentError, match='not set up at configure: cpu_experts "auto" is off on the CPU backend'):
+            m.moe_tune(cpu_experts="auto")
     finally:
         m.close()
 

@@ -254,3 +254,28 @@ def test_decode_harness_refuses_unknown_kernel_builds():
     cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--device", "cpu", "--kernel-build", "sm80,sm90"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "--kernel-build" in res.stderr, res.stderr[-2000:]
+
+
+def test_decode_harness_cpu_experts_off_and_on_in_one_run_tiny_cpu(tmp_path):
+    """--cpu-experts off,2: one loaded model measured with the CPU's part
+    paused and then on; each row states the knob, what the engine made of
+    it and what the CPU computed, and the "on" row its s/token against the
+    "off" row's."""
+    out = tmp_path / "c.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--preset", "tiny", "--device", "cpu", "--no-ablations",
+           "--device-memory", "300KiB", "--prompt-len", "12", "--decode", "6", "--routing", "generated", "--cpu-experts", "off,2",
+           "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    off, on = json.loads(out.read_text())
+    assert (off["cpu_experts"], on["cpu_experts"]) == ("off", "2")
+    assert not off["hybrid"] and "paused by tune" in off["hybrid_off"]
+    assert on["hybrid"] and on["hybrid_costs"]["cpu_gbps"] > 0, on["hybrid_off"]
+    assert off["cpu_computed_per_token"] == 0 and off["misses_per_token"] > 0
+    assert on["cpu_computed_per_token"] <= on["misses_per_token"]
+    assert off["s_per_token_vs_cpu_off"] is None
+    assert on["s_per_token_vs_cpu_off"] == on["decode_s_per_token"] / off["decode_s_per_token"]
+    assert on["link_rates_source"] == off["link_rates_source"] == "none"
+    for bad in ("on", "off,auto,4", "0", "auto,auto"):
+        res = subprocess.run(cmd[:-4] + ["--cpu-experts", bad], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and "--cpu-experts" in res.stderr, (bad, res.stderr[-2000:])

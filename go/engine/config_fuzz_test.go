@@ -180,7 +180,8 @@ func FuzzParseTuning(f *testing.F) {
 		`{"policy": "lru", "prefetch": false, "graph_misses": "copy", "flush": true, "reset_stats": true}`,
 		`{"policy": "priority"}`, `{"graph_misses": "auto"}`, `{}`,
 		`{"policy": " "}`, `{"policy": ""}`, `{"policy": null}`, `{"policy": "LFU"}`,
-		`{"policy": "lru", "graph_misses": "dma"}`,
+		`{"policy": "lru", "graph_misses": "dma"}`, `{"cpu_experts": "off"}`, `{"cpu_experts": "auto"}`, `{"cpu_experts": null}`,
+		`{"cpu_experts": 4}`, `{"policy": "lru", "cpu_experts": "auto"}`,
 		`{"Policy": "lru"}`, `{"policy": "lru"} x`, `{"flush": 1}`, `null`, ``,
 	} {
 		f.Add([]byte(s))

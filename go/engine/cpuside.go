@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -70,6 +71,9 @@ const cpuStageBytes = 1 << 30
 type hybridState struct {
 	k       cpuKernel   // nil: hybrid execution is off
 	costs   HybridCosts // the cost model the choices rest on
+	paused  atomic.Bool // Tuning.CPUExperts "off": k stays, the CPU computes no expert
+	graphOn bool        // configure's GraphHandOff, restored on resume
+	graphNo string      // configure's GraphHandOffOff, restored on resume
 	mu      sync.Mutex  // guards stage and scratch, and serialises hand-offs (held for a whole call)
 	stage   [][]byte    // staging buffers, one per staged expert of a call
 	scratch []float32   // the CPU's SwiGLU intermediate, [P, Inter]
@@ -138,13 +142,47 @@ func (e *Engine) setupHybrid(p *ExecutorPlan) error {
 	return nil
 }
 
+// hybridOn says whether the CPU computes experts now: configure set
+// hybrid execution up and no Tune paused it.
+func (e *Engine) hybridOn() bool {
+	return e.hybrid.k != nil && !e.hybrid.paused.Load()
+}
+
+// pauseHybrid pauses (off) or resumes hybrid execution (Tuning.CPUExperts)
+// and states it in the plan: a paused engine's plan says hybrid false,
+// with the reason. Resuming one whose configure set none up fails with
+// the plan's reason.
+func (e *Engine) pauseHybrid(off bool) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	p := &e.plan.Executor
+	if e.hybrid.k == nil {
+		if off {
+			return nil
+		}
+		return fmt.Errorf("%w: cpu_experts \"auto\": hybrid execution was not set up at configure: %s", ErrInvalid, p.HybridOff)
+	}
+	h := &e.hybrid
+	if !h.paused.Load() {
+		h.graphOn, h.graphNo = p.GraphHandOff, p.GraphHandOffOff
+	}
+	h.paused.Store(off)
+	p.Hybrid, p.HybridOff = !off, ""
+	p.GraphHandOff, p.GraphHandOffOff = h.graphOn, h.graphNo
+	if off {
+		p.HybridOff = "paused by tune (cpu_experts \"off\")"
+		p.GraphHandOff, p.GraphHandOffOff = false, "hybrid execution is off: "+p.HybridOff
+	}
+	return nil
+}
+
 // chooseCPU returns the experts of the call (c.Experts, distinct) that
 // ChooseMisses sends to the CPU, ascending; nil when hybrid execution is
 // off, a graph is being captured, or none is. The misses are the experts neither in a slot nor being
 // loaded into one (cache.Lookup: one that changes state before Acquire is
 // served as Acquire finds it).
 func (e *Engine) chooseCPU(c FFNCall, reqs []uint64, topk []int64) []int32 {
-	if e.hybrid.k == nil || topk == nil {
+	if !e.hybridOn() || topk == nil {
 		return nil
 	}
 	e.mapped.mu.Lock()

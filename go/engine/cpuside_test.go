@@ -406,3 +406,70 @@ func routingBytes(w []float32, wdt int64) []byte {
 	}
 	return out
 }
+
+func TestTuneCPUExpertsPausesAndResumesHybrid(t *testing.T) {
+	e := hybridEngine(t, 4, func(e *Engine) { bf16Model(t, e, 2, 4) })
+	req, err := e.BeginRequest()
+	require.NoError(t, err)
+	tune := func(v string) error { return e.Tune(Tuning{CPUExperts: &v}) }
+	plan := func() ExecutorPlan {
+		p, err := e.Plan()
+		require.NoError(t, err)
+		return p.Executor
+	}
+	graph, graphOff := plan().GraphHandOff, plan().GraphHandOffOff
+
+	require.NoError(t, tune("off"))
+	p := plan()
+	assert.False(t, p.Hybrid)
+	assert.Contains(t, p.HybridOff, "paused by tune")
+	assert.False(t, p.GraphHandOff)
+	assert.Contains(t, p.GraphHandOffOff, "paused by tune")
+	require.NoError(t, tune("off"), "pausing twice keeps what configure planned")
+	// Four cold misses: with hybrid on, two go to the CPU (the test
+	// above); paused, all four cross the link.
+	hybridLayer(t, e, req, 0, 1, 2, 3)
+	st, err := e.Stats()
+	require.NoError(t, err)
+	assert.Zero(t, st.Layers[1].CPUComputed)
+	assert.Equal(t, uint64(4), st.Layers[1].Loads)
+
+	require.NoError(t, tune("auto"))
+	p = plan()
+	assert.True(t, p.Hybrid)
+	assert.Empty(t, p.HybridOff)
+	assert.Equal(t, graph, p.GraphHandOff, "resume restores configure's graph hand-off")
+	assert.Equal(t, graphOff, p.GraphHandOffOff)
+	require.NoError(t, e.Tune(Tuning{Flush: true, ResetStats: true}))
+	hybridLayer(t, e, req, 0, 1, 2, 3)
+	st, err = e.Stats()
+	require.NoError(t, err)
+	assert.Equal(t, int64(2), st.Layers[1].CPUComputed)
+}
+
+func TestTuneCPUExpertsCannotResumeWhatConfigureDidNotSetUp(t *testing.T) {
+	e, err := New(Config{BudgetBytes: 4 * 4096, MaxSlots: 4, CPUExperts: CPUExpertsOff})
+	require.NoError(t, err)
+	bf16Model(t, e, 2, 4)
+	_, err = e.Configure(Setup{Layout: mixtralSpec, FFN: "swiglu"})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = e.Close() })
+	for _, tc := range []struct {
+		value string
+		err   string // "" for none
+	}{
+		{"off", ""},
+		{"auto", "not set up at configure: cpu_experts is off"},
+		{"Auto", "names are exact"},
+		{"4", "unknown CPU expert mode"},
+	} {
+		v := tc.value
+		err := e.Tune(Tuning{CPUExperts: &v})
+		if tc.err == "" {
+			assert.NoError(t, err, tc.value)
+			continue
+		}
+		assert.ErrorIs(t, err, ErrInvalid, tc.value)
+		assert.ErrorContains(t, err, tc.err, tc.value)
+	}
+}

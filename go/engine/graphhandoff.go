@@ -75,7 +75,7 @@ func (e *Engine) setCaptureHandOff(copyNext bool) error {
 // mailbox.
 func (e *Engine) graphCPU(it mappedItem, i int, ids []int64) ([]int32, backend.HostWork, int64) {
 	ch := e.ft.CopyHandOff
-	if !it.handed || ch == nil || e.hybrid.k == nil {
+	if !it.handed || ch == nil || !e.hybridOn() {
 		return nil, backend.HostWork{}, 0
 	}
 	w, wdt, ok := ch.LayerWork(i)

@@ -18,6 +18,13 @@ type Tuning struct {
 	// GraphMisses switches how the next captured step gets its missed
 	// experts (Config.GraphMisses).
 	GraphMisses *string `json:"graph_misses,omitempty"`
+	// CPUExperts pauses ("off") or resumes ("auto") the hybrid execution
+	// that configure set up (Config.CPUExperts): while paused the CPU
+	// computes no expert and every miss crosses the link as without it.
+	// Resuming an engine whose configure set none up is an error naming
+	// why (the plan's hybrid_off). CUDA-graph steps follow at their next
+	// capture, as for GraphMisses.
+	CPUExperts *string `json:"cpu_experts,omitempty"`
 	// Flush empties every slot that is not pinned or loading.
 	Flush bool `json:"flush,omitempty"`
 	// ResetStats zeroes the counters (after the other changes).
@@ -33,13 +40,19 @@ func ParseTuning(b []byte) (Tuning, error) {
 	if err := strictjson.Decode(b, &t); err != nil {
 		return Tuning{}, fmt.Errorf("%w: tuning: %v", ErrInvalid, err)
 	}
-	if err := checkGiven(b, t.names()); err != nil {
+	if err := checkGiven(b, append(t.names(), t.cpuExperts())); err != nil {
 		return Tuning{}, err
 	}
 	return t, nil
 }
 
-// names lists t's name settings (nil values: not given).
+// cpuExperts is t's CPUExperts as a name setting. It is not among
+// names(), whose settings Tune writes into the Config: it pauses or
+// resumes hybrid execution and leaves Config.CPUExperts as configured.
+func (t *Tuning) cpuExperts() nameValue { return nameValue{cpuExpertsSetting, t.CPUExperts} }
+
+// names lists t's name settings that set a Config field (nil values: not
+// given).
 func (t *Tuning) names() []nameValue {
 	return []nameValue{{policySetting, t.Policy}, {graphMissesSetting, t.GraphMisses}}
 }
@@ -50,11 +63,16 @@ func (e *Engine) Tune(t Tuning) error {
 	if err := e.readyLocked(); err != nil {
 		return err
 	}
-	for _, nv := range t.names() {
+	for _, nv := range append(t.names(), t.cpuExperts()) {
 		if nv.value != nil {
 			if _, err := nv.setting.parse(*nv.value, true); err != nil {
 				return err
 			}
+		}
+	}
+	if t.CPUExperts != nil {
+		if err := e.pauseHybrid(*t.CPUExperts == "off"); err != nil {
+			return err
 		}
 	}
 	if t.Policy != nil {

@@ -117,6 +117,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "moe_debug_panic": [_c_uint64],
     "moe_runtime_stats": [_buf, _c_int64, _p_int64],
     "moe_engine_tune": [_c_uint64, _p_char],
+    "moe_engine_plan": [_c_uint64, _buf, _c_int64, _p_int64],
 }
 
 _lock = threading.Lock()

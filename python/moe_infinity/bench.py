@@ -407,6 +407,20 @@ def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def cpu_experts_modes(value: str | None) -> list[str | None]:
+    """The --cpu-experts list: [None] (the engine's default) when not
+    given, else "off", "auto", a thread count, or a comma list of "off"
+    and one of the others (measured one after the other on one loaded
+    model, the CPU's part paused for "off")."""
+    if value is None:
+        return [None]
+    out = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in out if v not in ("off", "auto") and not (v.isdigit() and int(v) > 0)]
+    if not out or bad or len(set(out)) != len(out) or len([v for v in out if v != "off"]) > 1:
+        raise ValueError(f"--cpu-experts {value!r}: give off, auto, a thread count, or a comma list of off and one of the others")
+    return out
+
+
 #: --kernel-build values (the engine option kernel_build's names).
 KERNEL_BUILDS = ("sm80", "sm89")
 
@@ -451,6 +465,12 @@ def _run_one(args: argparse.Namespace, expert_dtype: str, bw: float | None, earl
         opts["quantized_kernels"] = True
     if kernel_build is not None:
         opts["kernel_build"] = kernel_build
+    cpu_modes = cpu_experts_modes(args.cpu_experts)
+    on = [m for m in cpu_modes if m not in (None, "off")]
+    if cpu_modes != [None]:
+        opts["cpu_experts"] = (int(on[0]) if on[0].isdigit() else on[0]) if on else "off"
+    if args.measure_link:
+        opts["measure_link"] = True
     if expert_format(args.preset) == "mxfp4":
         from .loading import offload_host_experts
 
@@ -485,18 +505,23 @@ def _run_one(args: argparse.Namespace, expert_dtype: str, bw: float | None, earl
     modes = [m.strip() for m in args.graph_misses.split(",")] if args.graph else [None]
     try:
         for mode in modes:
-            rows += measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, dense_wall, built, offloaded, mode,
-                            expert_dtype, earlier + rows)
+            for cpu in cpu_modes:
+                if cpu is not None:  # one loaded model: the CPU's part paused or resumed (recaptured by measure)
+                    model.moe_tune(cpu_experts="off" if cpu == "off" else "auto")
+                rows += measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, dense_wall, built, offloaded, mode,
+                                expert_dtype, earlier + rows, cpu)
     finally:
         model.close()
     return rows
 
 
 def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, dense_wall, built, offloaded, mode,
-            expert_dtype: str = "bf16", earlier: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+            expert_dtype: str = "bf16", earlier: list[dict[str, Any]] | None = None, cpu_experts: str | None = None) -> list[dict[str, Any]]:
     """The ablations of one configuration (graph_misses ``mode`` for CUDA
-    graphs: the step is captured again under it). ``earlier``: rows of
-    this run already measured, where an fp8 row finds its bf16 twin."""
+    graphs: the step is captured again under it; ``cpu_experts`` as
+    --cpu-experts gave it, None for the engine's default). ``earlier``:
+    rows of this run already measured, where an fp8 row finds its bf16
+    twin and a hybrid row its cpu_experts "off" twin."""
     import moe_infinity as mi
 
     rt = model.moe_runtime
@@ -516,6 +541,7 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
             forced.reset()
         r = decode_run_graph(dec, prompt, args.decode, args.pipeline) if dec is not None else decode_run(model, prompt, args.decode, device)
         st = model.moe_stats()
+        ex = st["plan"]["executor"]
         n = len(r["step_s"])
         misses = st["misses"] / n
         # The bytes one miss moves: the expert as the cache stores it (for
@@ -570,6 +596,19 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
                 "pipelined": bool(dec is not None and args.pipeline),
                 "graph_capture_s": dec.capture_s if dec is not None else None,
                 "graph_misses": st.get("graph_misses") if dec is not None else None,
+                # Hybrid execution (the CPU computes missed experts where they
+                # lie): the knob as given, what the engine made of it, and
+                # what the CPU did. Its misses still count in misses_per_token
+                # and the GPU-only floor.
+                "cpu_experts": cpu_experts,
+                "hybrid": ex.get("hybrid"),
+                "hybrid_off": ex.get("hybrid_off"),
+                "graph_hand_off": ex.get("graph_hand_off"),
+                "hybrid_costs": ex.get("hybrid_costs"),
+                "cpu_computed_per_token": st["cpu_computed"] / n,
+                "cpu_ms_per_token": st["cpu_seconds"] * 1e3 / n,
+                "link_rates": st["plan"].get("link_rates"),
+                "link_rates_source": st["plan"].get("link_rates_source"),
                 "copy_late_layers": st.get("copy_late"),
                 # Copy mode: the copy driver's host time per token (its own
                 # thread, while layers wait), and the part before each
@@ -599,13 +638,16 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
                 "host": host_facts(),
             }
         )
-        same = ("policy", "prefetch", "graph_misses", "cuda_graph", "routing")
+        same = ("policy", "prefetch", "graph_misses", "cuda_graph", "routing", "cpu_experts")
         twin = next((r for r in earlier or [] if r.get("expert_dtype") == "bf16" and expert_dtype != "bf16"
                      and all(r.get(k) == rows[-1][k] for k in same + ("kernel_build",))), None)
         rows[-1]["s_per_token_vs_bf16"] = med / twin["decode_s_per_token"] if twin else None
         base = next((r for r in earlier or [] if r.get("kernel_build") == "sm80" and rows[-1]["kernel_build"] == "sm89"
                      and all(r.get(k) == rows[-1][k] for k in same + ("expert_dtype",))), None)
         rows[-1]["s_per_token_vs_sm80"] = med / base["decode_s_per_token"] if base else None
+        off = next((r for r in earlier + rows[:-1] if r.get("cpu_experts") == "off" and cpu_experts not in (None, "off")
+                    and all(r.get(k) == rows[-1][k] for k in same[:-1] + ("expert_dtype", "kernel_build"))), None) if earlier is not None else None
+        rows[-1]["s_per_token_vs_cpu_off"] = med / off["decode_s_per_token"] if off else None
         _emit(rows[-1], args)
     return rows
 
@@ -671,6 +713,9 @@ _TABLE = (
     ("x floor", "ratio_to_floor", "{:.2f}"),
     ("x bf16", "s_per_token_vs_bf16", "{:.2f}"),
     ("x sm80", "s_per_token_vs_sm80", "{:.2f}"),
+    ("cpu", "cpu_experts", "{}"),
+    ("cpu/token", "cpu_computed_per_token", "{:.1f}"),
+    ("x cpu off", "s_per_token_vs_cpu_off", "{:.2f}"),
 )
 
 
@@ -729,6 +774,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="engine option kernel_build: sm80 (the engine's default) or sm89 (compute capability >= 8.9: hardware "
                          "FP8 decoding), or a comma list (sm80,sm89) measured one after the other in this process on the same "
                          "weights and routing")
+    ap.add_argument("--cpu-experts", default=None,
+                    help="engine option cpu_experts: off, auto or a thread count, or a comma list such as off,auto measured one after "
+                         "the other on one loaded model (the CPU computes missed experts where they lie; on a GPU it needs the link's "
+                         "rates: --measure-link)")
+    ap.add_argument("--measure-link", action="store_true",
+                    help="engine option measure_link: measure the link's DMA and zero-copy rates and reaction at start-up (the "
+                         "graph_misses auto choice and the hybrid cost model use them)")
     ap.add_argument("--routing", choices=["model", "generated"], default="model",
                     help="model: the router's choice (random weights route narrowly); generated: a labelled generated trace (skewed popularity)")
     ap.add_argument("--skew", type=float, default=1.0, help="with --routing generated: popularity exponent (0 = uniform)")
@@ -744,6 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dtypes = expert_dtypes(args.expert_dtype)
         kernel_builds(args.kernel_build)
+        cpu_experts_modes(args.cpu_experts)
     except ValueError as e:
         ap.error(str(e))
     if expert_format(args.preset) == "mxfp4":

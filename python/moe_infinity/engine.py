@@ -398,13 +398,16 @@ class Engine:
         policy: str | None = None,
         prefetch: bool | None = None,
         graph_misses: str | None = None,
+        cpu_experts: str | None = None,
         flush: bool = False,
         reset_stats: bool = False,
     ) -> None:
         """Changes the running engine: eviction policy, prefetching on/off,
         how the next captured CUDA-graph step gets missed experts
-        (``graph_misses``: ``"auto"``, ``"read"`` or ``"copy"``), emptying
-        the cache (``flush``) and zeroing the counters."""
+        (``graph_misses``: ``"auto"``, ``"read"`` or ``"copy"``), pausing
+        (``cpu_experts="off"``) or resuming (``"auto"``) the CPU's part in
+        computing experts that configure set up, emptying the cache
+        (``flush``) and zeroing the counters."""
         t: dict[str, Any] = {"flush": flush, "reset_stats": reset_stats}
         if policy is not None:
             t["policy"] = policy
@@ -412,14 +415,11 @@ class Engine:
             t["prefetch"] = bool(prefetch)
         if graph_misses is not None:
             t["graph_misses"] = str(graph_misses)
+        if cpu_experts is not None:
+            t["cpu_experts"] = str(cpu_experts)
         _native.call("moe_engine_tune", ctypes.c_uint64(self._h()), json.dumps(t).encode())
-        if self._plan is not None:
-            if graph_misses is not None:  # "auto" as the engine resolved it
-                self._plan["graph_misses"] = self.stats()["graph_misses"]
-            if policy is not None:
-                self._plan["policy"] = policy  # accepted names are exact
-            if prefetch is not None:
-                self._plan["prefetch"] = bool(prefetch)
+        if self._plan is not None:  # the engine's plan, as tuning changed it
+            self._plan = _native.call_json("moe_engine_plan", ctypes.c_uint64(self._h()))
 
     # -- observability -------------------------------------------------------
 

@@ -413,17 +413,21 @@ def _install(model: torch.nn.Module, rt: OffloadRuntime, family: Family) -> None
         cache_policy: str | None = None,
         prefetch: bool | None = None,
         graph_misses: str | None = None,
+        cpu_experts: str | None = None,
         flush: bool = False,
         reset_stats: bool = False,
     ) -> None:
         """Changes the cache policy or prefetching of the loaded model, how
         the next captured CUDA-graph step gets missed experts
         (``graph_misses``: "auto", "read" or "copy"; recapture after it),
-        empties the cache (``flush``) or zeroes the statistics, without
-        reloading."""
+        pauses (``cpu_experts="off"``) or resumes (``"auto"``) the CPU's
+        part in computing experts (``moe_stats()["plan"]["executor"]
+        ["hybrid"]``; recapture after it), empties the cache (``flush``) or
+        zeroes the statistics, without reloading."""
         rt.check_open()
-        rt.engine.tune(policy=cache_policy, prefetch=prefetch, graph_misses=graph_misses, flush=flush, reset_stats=reset_stats)
-        for key in ("policy", "prefetch", "graph_misses"):
+        rt.engine.tune(policy=cache_policy, prefetch=prefetch, graph_misses=graph_misses, cpu_experts=cpu_experts, flush=flush,
+                       reset_stats=reset_stats)
+        for key in ("policy", "prefetch", "graph_misses", "executor"):
             rt.plan[key] = rt.engine.plan.get(key)
         if reset_stats:
             rt.hook_ns = rt.wait_ns = rt.hook_calls = 0
