@@ -919,12 +919,7 @@ def offload(
                 res = engine.compress_host(owner)
                 served = {"quant_method": res["quant_method"], "weight_block_size": list(res["weight_block_size"])}
                 _strip_module(model, path, mod, family)
-        if not compress:
-            _strip(model, family)
-        model.eval()
-        if dev.type == "cuda":
-            model.to(dev)
-        return _finish(model, engine, family, "", dev, budget, kernels, served)
+        return _settle(model, engine, family, dev, budget, kernels, served, strip=not compress)
     except BaseException:
         engine.close()
         raise
@@ -963,14 +958,23 @@ def offload_host_experts(
         for path, mod in tqdm(mods, desc="Registering experts", unit="layer", disable=None):
             for name, t in experts(path).items():
                 engine.add_host_tensor(f"{path}.{name}", t.contiguous())
-        _strip(model, family)
-        model.eval()
-        if dev.type == "cuda":
-            model.to(dev)
-        return _finish(model, engine, family, "", dev, budget, kernels, quant)
+        return _settle(model, engine, family, dev, budget, kernels, quant)
     except BaseException:
         engine.close()
         raise
+
+
+def _settle(model, engine, family, dev, budget, kernels, quant, *, strip: bool = True) -> torch.nn.Module:
+    """The end of offload() and offload_host_experts(), once the engine
+    holds every expert: the model's own expert parameters go (``strip``),
+    the rest of it moves to ``dev`` in eval mode, and _finish wires the
+    engine in."""
+    if strip:
+        _strip(model, family)
+    model.eval()
+    if dev.type == "cuda":
+        model.to(dev)
+    return _finish(model, engine, family, "", dev, budget, kernels, quant)
 
 
 class MoE:
