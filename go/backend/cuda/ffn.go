@@ -24,6 +24,10 @@ const fp8MaxHidden = 12288
 // float16 experts only): pairs of the experts it lists are skipped, and
 // a.Addend is added only when it says so.
 func (b *Backend) launchFFNSkip(a backend.FFNArgs, tab uint64, n int, skip uint64) error {
+	code, wcode, err := kernelDTypes(a)
+	if err != nil {
+		return err
+	}
 	P := a.T * a.K
 	E := uint64(n)
 	at := func(j int) uint64 { return tab + uint64(8*j*n) }
@@ -31,26 +35,26 @@ func (b *Backend) launchFFNSkip(a backend.FFNArgs, tab uint64, n int, skip uint6
 	grid := int((a.Inter + warpsPerBlock - 1) / warpsPerBlock)
 	if q := a.FP8; q != nil {
 		if err := launch(b.gateUp8, grid, int(P), 32*warpsPerBlock, a.Stream,
-			a.X, a.TopK, gt, ut, a.Scratch, uint64(P), uint64(a.K), uint64(a.Hidden), uint64(a.Inter), uint64(a.DType), E,
+			a.X, a.TopK, gt, ut, a.Scratch, uint64(P), uint64(a.K), uint64(a.Hidden), uint64(a.Inter), uint64(code), E,
 			uint64(q.BlockRows), uint64(q.BlockCols), at(backend.EntryGateScale), at(backend.EntryUpScale), uint64(q.UpRow0)); err != nil {
 			return fmt.Errorf("launching moe_gate_up_swiglu_fp8: %w", err)
 		}
 		grid = int((a.Hidden + warpsPerBlock - 1) / warpsPerBlock)
 		if err := launch(b.down8, grid, int(a.T), 32*warpsPerBlock, a.Stream,
-			a.Scratch, a.TopK, dt, a.Weights, a.Out, uint64(a.T), uint64(a.K), uint64(a.Hidden), uint64(a.Inter), uint64(a.DType), E,
-			a.KernelWDType(), uint64(q.BlockRows), uint64(q.BlockCols), at(backend.EntryDownScale), a.Addend); err != nil {
+			a.Scratch, a.TopK, dt, a.Weights, a.Out, uint64(a.T), uint64(a.K), uint64(a.Hidden), uint64(a.Inter), uint64(code), E,
+			uint64(wcode), uint64(q.BlockRows), uint64(q.BlockCols), at(backend.EntryDownScale), a.Addend); err != nil {
 			return fmt.Errorf("launching moe_down_fp8: %w", err)
 		}
 		return nil
 	}
 	if err := launch(b.gateUp, grid, int(P), 32*warpsPerBlock, a.Stream,
-		a.X, a.TopK, gt, ut, a.Scratch, uint64(P), uint64(a.K), uint64(a.Hidden), uint64(a.Inter), uint64(a.DType), E, skip); err != nil {
+		a.X, a.TopK, gt, ut, a.Scratch, uint64(P), uint64(a.K), uint64(a.Hidden), uint64(a.Inter), uint64(code), E, skip); err != nil {
 		return fmt.Errorf("launching moe_gate_up_swiglu: %w", err)
 	}
 	grid = int((a.Hidden + warpsPerBlock - 1) / warpsPerBlock)
 	if err := launch(b.down, grid, int(a.T), 32*warpsPerBlock, a.Stream,
-		a.Scratch, a.TopK, dt, a.Weights, a.Out, uint64(a.T), uint64(a.K), uint64(a.Hidden), uint64(a.Inter), uint64(a.DType), E,
-		a.KernelWDType(), a.Addend, skip); err != nil {
+		a.Scratch, a.TopK, dt, a.Weights, a.Out, uint64(a.T), uint64(a.K), uint64(a.Hidden), uint64(a.Inter), uint64(code), E,
+		uint64(wcode), a.Addend, skip); err != nil {
 		return fmt.Errorf("launching moe_down: %w", err)
 	}
 	return nil
@@ -87,7 +91,11 @@ func (b *Backend) launchGptOss(a backend.FFNArgs, tab uint64, n int) error {
 		"moe_gate_up_gptoss": b.gateUpOss, "moe_down_gptoss": b.downOss,
 		"moe_gate_up_gptoss_mxfp4": b.gateUpOss4, "moe_down_gptoss_mxfp4": b.downOss4,
 	}
-	for _, l := range gptOssLaunches(a, tab, n) {
+	ls, err := gptOssLaunches(a, tab, n)
+	if err != nil {
+		return err
+	}
+	for _, l := range ls {
 		if err := launch(fns[l.kernel], l.grid[0], l.grid[1], 32*warpsPerBlock, a.Stream, l.args...); err != nil {
 			return fmt.Errorf("launching %s: %w", l.kernel, err)
 		}

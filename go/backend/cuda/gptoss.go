@@ -56,22 +56,26 @@ type kernelLaunch struct {
 // down (cuda/moe_ffn.cu). The bfloat16/float16 kernels give each lane one
 // output column (32 a block); the MXFP4 ones each warp one output row, as
 // the SwiGLU kernels do. alpha and limit pass as float32 bits.
-func gptOssLaunches(a backend.FFNArgs, tab uint64, n int) []kernelLaunch {
+func gptOssLaunches(a backend.FFNArgs, tab uint64, n int) ([]kernelLaunch, error) {
+	code, wcode, err := kernelDTypes(a)
+	if err != nil {
+		return nil, err
+	}
 	q := a.GptOss
 	P := a.T * a.K
 	at := func(j int) uint64 { return tab + uint64(8*j*n) }
 	alpha, limit := uint64(math.Float32bits(q.Alpha)), uint64(math.Float32bits(q.Limit))
-	shape := []uint64{uint64(a.Hidden), uint64(a.Inter), uint64(a.DType), uint64(n)}
+	shape := []uint64{uint64(a.Hidden), uint64(a.Inter), uint64(code), uint64(n)}
 	gateUp := append(append([]uint64{a.X, a.TopK, at(ossGateUp), at(ossGateUpBias), a.Scratch, uint64(P), uint64(a.K)}, shape...), alpha, limit)
-	down := append(append([]uint64{a.Scratch, a.TopK, at(ossDown), at(ossDownBias), a.Weights, a.Out, uint64(a.T), uint64(a.K)}, shape...), a.KernelWDType())
+	down := append(append([]uint64{a.Scratch, a.TopK, at(ossDown), at(ossDownBias), a.Weights, a.Out, uint64(a.T), uint64(a.K)}, shape...), uint64(wcode))
 	if q.MXFP4 {
 		return []kernelLaunch{
 			{"moe_gate_up_gptoss_mxfp4", [2]int{int((a.Inter + warpsPerBlock - 1) / warpsPerBlock), int(P)}, append(gateUp, at(ossGateUpScale))},
 			{"moe_down_gptoss_mxfp4", [2]int{int((a.Hidden + warpsPerBlock - 1) / warpsPerBlock), int(a.T)}, append(down, at(ossDownScale))},
-		}
+		}, nil
 	}
 	return []kernelLaunch{
 		{"moe_gate_up_gptoss", [2]int{int((a.Inter + 31) / 32), int(P)}, gateUp},
 		{"moe_down_gptoss", [2]int{int((a.Hidden + 31) / 32), int(a.T)}, down},
-	}
+	}, nil
 }

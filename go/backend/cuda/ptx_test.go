@@ -222,9 +222,10 @@ func TestGptOssLaunchesMatchTheKernelsParameters(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			a := backend.FFNArgs{X: 1, Out: 2, Scratch: 3, TopK: 4, Weights: 5, T: 3, K: 2, Hidden: 2880, Inter: 2880, DType: 1, WDType: backend.WeightsBF16,
+			a := backend.FFNArgs{X: 1, Out: 2, Scratch: 3, TopK: 4, Weights: 5, T: 3, K: 2, Hidden: 2880, Inter: 2880, DType: dtype.F16, WDType: dtype.BF16,
 				GptOss: &backend.GptOssArgs{Alpha: 1.702, Limit: 7, MXFP4: tc.mxfp4}}
-			ls := gptOssLaunches(a, 0x1000, n)
+			ls, err := gptOssLaunches(a, 0x1000, n)
+			require.NoError(t, err)
 			require.Len(t, ls, 2)
 			for i, l := range ls {
 				assert.Equal(t, tc.kernels[i], l.kernel)
