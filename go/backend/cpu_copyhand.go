@@ -198,7 +198,7 @@ func (c *CPU) replayLayer(m *MapTable, i, layer int, a FFNArgs) ([]int64, error)
 	tokens, hidden := cp.hand.tokens, cp.hand.hidden
 	cp.mu.Unlock()
 	var box *cpuBox
-	if a.T <= tokens && a.Hidden == hidden && a.FP8 == nil {
+	if a.T <= tokens && a.Hidden == hidden && a.FP8 == nil && IsRoutingWeightsDType(a.WDType) {
 		wsize := int64(a.WDType.Size())
 		box = &cpuBox{
 			x:      append([]byte(nil), unsafe.Slice((*byte)(ptrOf(a.X)), 2*a.T*a.Hidden)...),

@@ -278,7 +278,11 @@ func (e *Engine) layerKernels(c FFNCall, reqs []uint64, topk []int64, counts [][
 // experts' type dt, the one the kernels compute in.
 func checkActivations(c FFNCall, dt dtype.DType) error {
 	if c.DType != dt {
-		return fmt.Errorf("%w: activations are %s but the experts are %s", ErrInvalid, c.DType.TorchName(), dt.TorchName())
+		act := c.DType.TorchName()
+		if c.DType == dtype.Invalid {
+			act = "of another type (not bfloat16 or float16)"
+		}
+		return fmt.Errorf("%w: activations are %s but the experts are %s", ErrInvalid, act, dt.TorchName())
 	}
 	return nil
 }

@@ -193,6 +193,12 @@ func TestMappedLayerRejectsBadInput(t *testing.T) {
 	c := io.call(0, 1, 2)
 	c.DType = dtype.F16
 	assert.ErrorIs(t, e.LayerMapped(c, nil), ErrInvalid, "float16 activations for bfloat16 experts")
+	c.DType = dtype.Invalid
+	err := e.LayerMapped(c, nil)
+	assert.ErrorIs(t, err, ErrInvalid)
+	assert.ErrorContains(t, err, "activations are of another type (not bfloat16 or float16) but the experts are bfloat16")
+	c.DType, c.WDType = dtype.BF16, dtype.F64
+	assert.ErrorContains(t, e.LayerMapped(c, nil), "routing-weight dtype F64", "routing weights the kernels do not read")
 	// An id out of range is skipped by the computation (as on a GPU,
 	// where it is only seen once the routing reaches the host) and
 	// reported by a call after the tracer has read it...
@@ -200,7 +206,7 @@ func TestMappedLayerRejectsBadInput(t *testing.T) {
 	require.NoError(t, e.LayerMapped(io.call(0, 1, 2), nil))
 	e.drainMapped()
 	io.topk[1] = 2
-	err := e.LayerMapped(io.call(0, 1, 2), nil)
+	err = e.LayerMapped(io.call(0, 1, 2), nil)
 	require.ErrorIs(t, err, ErrInvalid)
 	assert.Contains(t, err.Error(), "routes to expert 9, out of range [0, 4)")
 	require.NoError(t, e.LayerMapped(io.call(0, 1, 2), nil), "reported once")

@@ -139,7 +139,7 @@ func (b *Backend) captureHand(m *mapped, i int, a backend.FFNArgs) (params [9]ui
 	}
 	wsize := int64(a.WDType.Size())
 	P := a.T * a.K
-	if i != len(h.layers) || i >= h.slots || a.T > h.tokens || a.Hidden != h.hidden || a.FP8 != nil || P*wsize > h.wBytes {
+	if i != len(h.layers) || i >= h.slots || a.T > h.tokens || a.Hidden != h.hidden || a.FP8 != nil || !backend.IsRoutingWeightsDType(a.WDType) || P*wsize > h.wBytes {
 		h.layers = append(h.layers, handLayer{})
 		return params, 0, 0
 	}
