@@ -60,14 +60,19 @@ cpuffn-test:
 	@mkdir -p $(BUILD)
 	CGO_ENABLED=1 $(GO) test -c -o $(BUILD)/cpuffn.test ./go/cpuffn
 
-# Regenerates the committed PTX (both builds) from cuda/*.cu.
+# Regenerates the FFN kernels' parameter header (cuda/moe_params.h, from
+# go/backend/cuda/kparams.go), then the committed PTX (both builds) from
+# cuda/*.cu.
 ptx:
+	$(GO) generate ./go/backend/cuda
 	$(CLANG) $(PTXFLAGS) -o $(PTX) cuda/moe_ffn.cu
 	$(CLANG) $(PTX89FLAGS) -o $(PTX89) cuda/moe_ffn.cu
 
-# Fails when either committed PTX differs from what cuda/*.cu compiles to,
-# or declares another target or PTX ISA than its build's.
+# Fails when cuda/moe_params.h is not what kparams.go generates, when
+# either committed PTX differs from what cuda/*.cu compiles to, or declares
+# another target or PTX ISA than its build's.
 ptx-check:
+	$(GO) test -count=1 -run '^TestKernelParamsHeaderIsGenerated$$' ./go/backend/cuda
 	@if [ -z "$(CLANG)" ]; then echo "ptx-check: no clang on PATH (apt-get install clang-16); not checked"; exit 0; fi; \
 	mkdir -p $(BUILD) && $(CLANG) $(PTXFLAGS) -o $(BUILD)/moe_ffn.check.ptx cuda/moe_ffn.cu && \
 	diff -q $(PTX) $(BUILD)/moe_ffn.check.ptx && echo "ptx-check: $(PTX) matches cuda/moe_ffn.cu" && \

@@ -17,6 +17,7 @@ import (
 	"runtime"
 	"unsafe"
 
+	godtype "github.com/moe-infinity/moe_infinity/go/dtype"
 	"github.com/moe-infinity/moe_infinity/go/engine"
 )
 
@@ -405,10 +406,14 @@ func moe_layer_ffn(handle C.uint64_t, layer C.int32_t, n C.int32_t, experts *C.i
 		if err != nil {
 			return err
 		}
+		dt, err := engine.ActivationDType(int32(dtype))
+		if err != nil {
+			return err
+		}
 		return e.LayerFFN(engine.FFNCall{
 			Layer: int(layer), Experts: xs, Stream: uintptr(stream),
 			X: uint64(x), Out: uint64(out), Scratch: uint64(scratch), TopK: uint64(topk), Weights: uint64(weights),
-			T: int64(tokens), K: int64(k), DType: int64(dtype),
+			T: int64(tokens), K: int64(k), DType: dt, WDType: godtype.F32,
 		})
 	})
 }
@@ -454,7 +459,7 @@ func moe_ffn_shape(handle C.uint64_t, hidden *C.int64_t, inter *C.int64_t, dtype
 		if err != nil {
 			return err
 		}
-		*hidden, *inter, *dtype = C.int64_t(h), C.int64_t(i), C.int32_t(d)
+		*hidden, *inter, *dtype = C.int64_t(h), C.int64_t(i), C.int32_t(engine.ActivationCode(d))
 		return nil
 	})
 }

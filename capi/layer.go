@@ -43,20 +43,24 @@ func moe_layer(handle C.uint64_t, args *C.moe_layer_args) C.int32_t {
 			return fmt.Errorf("%w: nreq %d, tokens %d, k %d out of range", engine.ErrInvalid, a.nreq, a.tokens, a.k)
 		case a.nreq > 0 && a.reqs == nil:
 			return fmt.Errorf("%w: reqs must not be NULL", engine.ErrInvalid)
-		case a.dtype < -1 || a.dtype > 1:
-			return fmt.Errorf("%w: dtype %d (0 bfloat16, 1 float16, -1 other)", engine.ErrInvalid, a.dtype)
-		case a.weights_dtype < -1 || a.weights_dtype > 2:
-			return fmt.Errorf("%w: weights_dtype %d (0 float32, 1 bfloat16, 2 float16, -1 other)", engine.ErrInvalid, a.weights_dtype)
 		case engine.LayerFlags(a.flags)&^allFlags != 0:
 			return fmt.Errorf("%w: unknown flags %#x (MOE_LAYER_*)", engine.ErrInvalid, uint32(a.flags))
 		case a.experts_cap < 0 || (a.experts_cap > 0 && a.experts == nil):
 			return fmt.Errorf("%w: experts_cap %d with experts %p", engine.ErrInvalid, a.experts_cap, a.experts)
 		}
+		dt, err := engine.ActivationDType(int32(a.dtype))
+		if err != nil {
+			return err
+		}
+		wdt, err := engine.RoutingWeightsDType(int32(a.weights_dtype))
+		if err != nil {
+			return err
+		}
 		la := engine.LayerArgs{
 			FFNCall: engine.FFNCall{
 				Layer: int(a.layer), Stream: uintptr(a.stream),
 				X: uint64(a.x), Out: uint64(a.out), Scratch: uint64(a.scratch), TopK: uint64(a.topk), Weights: uint64(a.weights),
-				T: int64(a.tokens), K: int64(a.k), DType: int64(a.dtype), WDType: int64(a.weights_dtype),
+				T: int64(a.tokens), K: int64(a.k), DType: dt, WDType: wdt,
 			},
 			Flags: engine.LayerFlags(a.flags),
 		}

@@ -40,12 +40,16 @@
 // then reduce with shuffles; accumulation is f32. Token-order summation
 // over j keeps the result deterministic (no atomics).
 //
-// Parameters are 8 bytes each (pointers and int64) because that is what
-// gorgonia.org/cu's Function.Launch passes. dtype: 0 = bfloat16, 1 = float16.
+// Each FFN kernel takes one parameter struct by value (moe_params.h,
+// generated from the Go launch's structs in go/backend/cuda/kparams.go,
+// with static_asserts of Go's layout); it first unpacks the fields into
+// locals of the types the arithmetic uses. dtype: 0 = bfloat16,
+// 1 = float16 (the Go side's one translation: kernelDTypes).
 // Gate and up rows come from separate tables (gtab, utab) so that a host
 // checkpoint keeping gate_proj and up_proj apart is read in place.
 
 #include "compat.h"
+#include "moe_params.h"
 
 #define MOE_WARPS 8
 #define MOE_MAX_SMEM_FLOATS 12288  // 48 KiB of shared memory for x
@@ -94,9 +98,13 @@ __device__ __forceinline__ float moe_row_dot(const moe_bf16 *row, const float *v
     return moe_warp_sum(acc);
 }
 
-extern "C" __global__ void moe_gate_up_swiglu(const moe_bf16 *x, const long *topk, const unsigned long *gtab,
-                                              const unsigned long *utab, float *h, long P, long K, long H, long I,
-                                              long dtype, long E, const unsigned char *skip) {
+extern "C" __global__ void moe_gate_up_swiglu(const moe_gate_up_params prm) {
+    const moe_bf16 *x = (const moe_bf16 *)prm.x;
+    const long *topk = (const long *)prm.top_k;
+    const unsigned long *gtab = (const unsigned long *)prm.gate_tab, *utab = (const unsigned long *)prm.up_tab;
+    float *h = (float *)prm.scratch;
+    long P = prm.p, K = prm.k, H = prm.hidden, I = prm.inter, dtype = prm.dtype, E = prm.e;
+    const unsigned char *skip = (const unsigned char *)prm.skip;
     __shared__ float xs[MOE_MAX_SMEM_FLOATS];
     long p = MOE_CTAID_Y;
     if (p >= P) return;
@@ -142,9 +150,15 @@ extern "C" __global__ void moe_gate_up_swiglu(const moe_bf16 *x, const long *top
 
 // weight is [T, K] routing weights of dtype wdtype (0 bfloat16, 1 float16,
 // 2 float32), so the router's output is read as it is.
-extern "C" __global__ void moe_down(const float *h, const long *topk, const unsigned long *wtab, const void *weight,
-                                    moe_bf16 *out, long T, long K, long H, long I, long dtype, long E, long wdtype,
-                                    const float *addend, const unsigned char *skip) {
+extern "C" __global__ void moe_down(const moe_down_params prm) {
+    const float *h = (const float *)prm.scratch;
+    const long *topk = (const long *)prm.top_k;
+    const unsigned long *wtab = (const unsigned long *)prm.down_tab;
+    const void *weight = (const void *)prm.weights;
+    moe_bf16 *out = (moe_bf16 *)prm.out;
+    long T = prm.t, K = prm.k, H = prm.hidden, I = prm.inter, dtype = prm.dtype, E = prm.e, wdtype = prm.wdtype;
+    const float *addend = (const float *)prm.addend;
+    const unsigned char *skip = (const unsigned char *)prm.skip;
     long t = MOE_CTAID_Y;
     unsigned int lane = MOE_TID_X & 31u, warp = MOE_TID_X >> 5;
     long r = (long)MOE_CTAID_X * MOE_WARPS + warp;
@@ -255,10 +269,15 @@ __device__ __forceinline__ float moe_fp8_row_dot(const unsigned char *w, const f
     return moe_warp_sum(acc);
 }
 
-extern "C" __global__ void moe_gate_up_swiglu_fp8(const moe_bf16 *x, const long *topk, const unsigned long *gtab,
-                                                  const unsigned long *utab, float *h, long P, long K, long H, long I,
-                                                  long dtype, long E, long br, long bc, const unsigned long *gstab,
-                                                  const unsigned long *ustab, long urow0) {
+extern "C" __global__ void moe_gate_up_swiglu_fp8(const moe_gate_up_params prm) {
+    const moe_bf16 *x = (const moe_bf16 *)prm.x;
+    const long *topk = (const long *)prm.top_k;
+    const unsigned long *gtab = (const unsigned long *)prm.gate_tab, *utab = (const unsigned long *)prm.up_tab;
+    float *h = (float *)prm.scratch;
+    long P = prm.p, K = prm.k, H = prm.hidden, I = prm.inter, dtype = prm.dtype, E = prm.e;
+    long br = prm.block_rows, bc = prm.block_cols;
+    const unsigned long *gstab = (const unsigned long *)prm.gate_scale_tab, *ustab = (const unsigned long *)prm.up_scale_tab;
+    long urow0 = prm.up_row0;
     __shared__ float xs[MOE_MAX_SMEM_FLOATS];
     long p = MOE_CTAID_Y;
     if (p >= P || H > MOE_MAX_SMEM_FLOATS) return;  // the host refuses such H
@@ -284,9 +303,16 @@ extern "C" __global__ void moe_gate_up_swiglu_fp8(const moe_bf16 *x, const long 
     }
 }
 
-extern "C" __global__ void moe_down_fp8(const float *h, const long *topk, const unsigned long *wtab, const void *weight,
-                                        moe_bf16 *out, long T, long K, long H, long I, long dtype, long E, long wdtype,
-                                        long br, long bc, const unsigned long *dstab, const float *addend) {
+extern "C" __global__ void moe_down_fp8(const moe_down_params prm) {
+    const float *h = (const float *)prm.scratch;
+    const long *topk = (const long *)prm.top_k;
+    const unsigned long *wtab = (const unsigned long *)prm.down_tab;
+    const void *weight = (const void *)prm.weights;
+    moe_bf16 *out = (moe_bf16 *)prm.out;
+    long T = prm.t, K = prm.k, H = prm.hidden, I = prm.inter, dtype = prm.dtype, E = prm.e, wdtype = prm.wdtype;
+    const float *addend = (const float *)prm.addend;
+    long br = prm.block_rows, bc = prm.block_cols;
+    const unsigned long *dstab = (const unsigned long *)prm.down_scale_tab;
     long t = MOE_CTAID_Y;
     unsigned int lane = MOE_TID_X & 31u, warp = MOE_TID_X >> 5;
     long r = (long)MOE_CTAID_X * MOE_WARPS + warp;
@@ -373,9 +399,13 @@ __device__ __forceinline__ float moe_gptoss_weighted(float o, const void *weight
 // warps' partial sums (11776 floats: gpt-oss-120b's H = 2880 fits).
 #define MOE_GPTOSS_SMEM_FLOATS (MOE_MAX_SMEM_FLOATS - MOE_WARPS * 32 * 2)
 
-extern "C" __global__ void moe_gate_up_gptoss(const moe_bf16 *x, const long *topk, const unsigned long *gutab,
-                                              const unsigned long *btab, float *h, long P, long K, long H, long I,
-                                              long dtype, long E, long alpha_bits, long limit_bits) {
+extern "C" __global__ void moe_gate_up_gptoss(const moe_gptoss_gate_up_params prm) {
+    const moe_bf16 *x = (const moe_bf16 *)prm.x;
+    const long *topk = (const long *)prm.top_k;
+    const unsigned long *gutab = (const unsigned long *)prm.gate_up_tab, *btab = (const unsigned long *)prm.bias_tab;
+    float *h = (float *)prm.scratch;
+    long P = prm.p, K = prm.k, H = prm.hidden, I = prm.inter, dtype = prm.dtype, E = prm.e;
+    long alpha_bits = prm.alpha_bits, limit_bits = prm.limit_bits;
     __shared__ float xs[MOE_GPTOSS_SMEM_FLOATS];
     __shared__ float part[MOE_WARPS][32][2];
     long p = MOE_CTAID_Y;
@@ -421,9 +451,13 @@ extern "C" __global__ void moe_gate_up_gptoss(const moe_bf16 *x, const long *top
     h[p * I + i] = moe_gptoss_gate(g, u, moe_bits_f32(alpha_bits), moe_bits_f32(limit_bits), dtype);
 }
 
-extern "C" __global__ void moe_down_gptoss(const float *h, const long *topk, const unsigned long *dtab,
-                                           const unsigned long *dbtab, const void *weight, moe_bf16 *out, long T,
-                                           long K, long H, long I, long dtype, long E, long wdtype) {
+extern "C" __global__ void moe_down_gptoss(const moe_gptoss_down_params prm) {
+    const float *h = (const float *)prm.scratch;
+    const long *topk = (const long *)prm.top_k;
+    const unsigned long *dtab = (const unsigned long *)prm.down_tab, *dbtab = (const unsigned long *)prm.bias_tab;
+    const void *weight = (const void *)prm.weights;
+    moe_bf16 *out = (moe_bf16 *)prm.out;
+    long T = prm.t, K = prm.k, H = prm.hidden, I = prm.inter, dtype = prm.dtype, E = prm.e, wdtype = prm.wdtype;
     __shared__ float part[MOE_WARPS][32];
     long t = MOE_CTAID_Y;
     if (t >= T) return;
@@ -495,10 +529,14 @@ __device__ __forceinline__ float moe_mxfp4_row_dot(const unsigned char *w, const
     return moe_warp_sum(acc);
 }
 
-extern "C" __global__ void moe_gate_up_gptoss_mxfp4(const moe_bf16 *x, const long *topk, const unsigned long *gutab,
-                                                    const unsigned long *btab, float *h, long P, long K, long H,
-                                                    long I, long dtype, long E, long alpha_bits, long limit_bits,
-                                                    const unsigned long *gstab) {
+extern "C" __global__ void moe_gate_up_gptoss_mxfp4(const moe_gptoss_gate_up_params prm) {
+    const moe_bf16 *x = (const moe_bf16 *)prm.x;
+    const long *topk = (const long *)prm.top_k;
+    const unsigned long *gutab = (const unsigned long *)prm.gate_up_tab, *btab = (const unsigned long *)prm.bias_tab;
+    float *h = (float *)prm.scratch;
+    long P = prm.p, K = prm.k, H = prm.hidden, I = prm.inter, dtype = prm.dtype, E = prm.e;
+    long alpha_bits = prm.alpha_bits, limit_bits = prm.limit_bits;
+    const unsigned long *gstab = (const unsigned long *)prm.scale_tab;
     __shared__ float xs[MOE_MAX_SMEM_FLOATS];
     long p = MOE_CTAID_Y;
     if (p >= P || H > MOE_MAX_SMEM_FLOATS) return;  // the host refuses such H
@@ -525,10 +563,14 @@ extern "C" __global__ void moe_gate_up_gptoss_mxfp4(const moe_bf16 *x, const lon
     }
 }
 
-extern "C" __global__ void moe_down_gptoss_mxfp4(const float *h, const long *topk, const unsigned long *dtab,
-                                                 const unsigned long *dbtab, const void *weight, moe_bf16 *out, long T,
-                                                 long K, long H, long I, long dtype, long E, long wdtype,
-                                                 const unsigned long *dstab) {
+extern "C" __global__ void moe_down_gptoss_mxfp4(const moe_gptoss_down_params prm) {
+    const float *h = (const float *)prm.scratch;
+    const long *topk = (const long *)prm.top_k;
+    const unsigned long *dtab = (const unsigned long *)prm.down_tab, *dbtab = (const unsigned long *)prm.bias_tab;
+    const void *weight = (const void *)prm.weights;
+    moe_bf16 *out = (moe_bf16 *)prm.out;
+    long T = prm.t, K = prm.k, H = prm.hidden, I = prm.inter, dtype = prm.dtype, E = prm.e, wdtype = prm.wdtype;
+    const unsigned long *dstab = (const unsigned long *)prm.scale_tab;
     long t = MOE_CTAID_Y;
     unsigned int lane = MOE_TID_X & 31u, warp = MOE_TID_X >> 5;
     long r = (long)MOE_CTAID_X * MOE_WARPS + warp;

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"time"
 	"unsafe"
+
+	"github.com/moe-infinity/moe_infinity/go/dtype"
 )
 
 // The CPU backend's stand-in for the copy-mode hand-off (CopyHandOff). It
@@ -36,7 +38,7 @@ type cpuHand struct {
 type cpuBox struct {
 	seq       uint64
 	x, w      []byte
-	wdtype    int64
+	wdtype    dtype.DType
 	partial   []float32
 	skip      []bool // the experts the CPU computed (valid with partialOK)
 	partialOK bool
@@ -67,11 +69,11 @@ func (c *CPU) SetCopyHandOff(tokens, hidden int64) error {
 
 // LayerWork returns the mailbox of captured layer i's publication that
 // AwaitLayer returned last.
-func (c *CPU) LayerWork(i int) (HostWork, int64, bool) {
+func (c *CPU) LayerWork(i int) (HostWork, dtype.DType, bool) {
 	c.capture.mu.Lock()
 	defer c.capture.mu.Unlock()
 	if i < 0 || i >= len(c.capture.hand.cur) || c.capture.hand.cur[i] == nil {
-		return HostWork{}, 0, false
+		return HostWork{}, dtype.Invalid, false
 	}
 	b := c.capture.hand.cur[i]
 	return HostWork{X: uint64(uintptr(unsafe.Pointer(&b.x[0]))), Weights: uint64(uintptr(unsafe.Pointer(&b.w[0]))),
@@ -196,11 +198,8 @@ func (c *CPU) replayLayer(m *MapTable, i, layer int, a FFNArgs) ([]int64, error)
 	tokens, hidden := cp.hand.tokens, cp.hand.hidden
 	cp.mu.Unlock()
 	var box *cpuBox
-	if a.T <= tokens && a.Hidden == hidden && a.FP8 == nil {
-		wsize := int64(2)
-		if a.WDType == WeightsF32 {
-			wsize = 4
-		}
+	if a.T <= tokens && a.Hidden == hidden && a.FP8 == nil && IsRoutingWeightsDType(a.WDType) {
+		wsize := int64(a.WDType.Size())
 		box = &cpuBox{
 			x:      append([]byte(nil), unsafe.Slice((*byte)(ptrOf(a.X)), 2*a.T*a.Hidden)...),
 			w:      append([]byte(nil), unsafe.Slice((*byte)(ptrOf(a.Weights)), wsize*P)...),

@@ -8,6 +8,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/moe-infinity/moe_infinity/go/dtype"
 	"github.com/moe-infinity/moe_infinity/go/store"
 )
 
@@ -89,7 +90,7 @@ func TestCopyHandOffPublishesTheLayerAndHonoursOnlyATimelyAnswer(t *testing.T) {
 			assert.Equal(t, uint64(1), seq)
 			w, wdt, ok := c.LayerWork(0)
 			require.True(t, ok)
-			assert.Equal(t, int64(WeightsF32), wdt)
+			assert.Equal(t, dtype.F32, wdt)
 			assert.Equal(t, l.x, unsafe.Slice((*uint16)(ptrOf(w.X)), slT*slH), "x is published")
 			assert.Equal(t, l.wts, unsafe.Slice((*float32)(ptrOf(w.Weights)), slT*slK), "and the routing weights")
 			if tc.late {

@@ -6,6 +6,7 @@ import (
 	"unsafe"
 
 	"github.com/moe-infinity/moe_infinity/go/cpuffn"
+	"github.com/moe-infinity/moe_infinity/go/dtype"
 )
 
 // expertKernel returns the SIMD expert kernel when ExpertThreads asks for
@@ -59,7 +60,7 @@ func (c *CPU) simdProblem(a FFNArgs) (p cpuffn.Problem, ok bool, err error) {
 	P := a.T * a.K
 	exps := unsafe.Slice((*int64)(ptrOf(a.TopK)), P)
 	p = cpuffn.Problem{
-		T: a.T, K: a.K, Hidden: a.Hidden, Inter: a.Inter, F16: a.DType == 1,
+		T: a.T, K: a.K, Hidden: a.Hidden, Inter: a.Inter, F16: a.DType == dtype.F16,
 		X: a.X, Out: a.Out, Scratch: a.Scratch, Weights: routingWeights(a, P), Addend: a.Addend,
 		Gate: make([]uint64, P), Up: make([]uint64, P), Down: make([]uint64, P),
 	}

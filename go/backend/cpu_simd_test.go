@@ -50,9 +50,9 @@ func TestCPUFFNRunsTheSIMDKernelsOnSlots(t *testing.T) {
 			}
 			return dtype.F32BitsToBF16(math.Float32bits(v))
 		}
-		a := FFNArgs{T: T, K: K, Hidden: H, Inter: I}
+		a := FFNArgs{T: T, K: K, Hidden: H, Inter: I, DType: dtype.BF16, WDType: dtype.F32}
 		if f16 {
-			a.DType = 1
+			a.DType = dtype.F16
 		}
 		for e := range E {
 			b := c.SlotBytes(e)

@@ -34,11 +34,12 @@ type FFNArgs struct {
 	// of WDType.
 	TopK, Weights       uint64
 	T, K, Hidden, Inter int64
-	// DType is 0 for bfloat16, 1 for float16.
-	DType int64
-	// WDType is the routing weights' type: WeightsF32 (the zero value),
-	// WeightsBF16 or WeightsF16.
-	WDType int64
+	// DType is the activations' (and experts') type: dtype.BF16 or
+	// dtype.F16.
+	DType dtype.DType
+	// WDType is the routing weights' type: dtype.F32, dtype.BF16 or
+	// dtype.F16 (the zero value, dtype.Invalid, is rejected).
+	WDType dtype.DType
 	// GateUp[e] and Down[e] are the addresses of expert e's gate_up
 	// [2·Inter, Hidden] and down [Hidden, Inter] regions, indexed by expert
 	// id. A null entry (GateUp[e] == 0) means "skip": every pair routed to
@@ -75,24 +76,13 @@ type FFNArgs struct {
 	Addend uint64
 }
 
-// Routing-weight types of FFNArgs.WDType (the kernels' codes are
-// 0 bfloat16, 1 float16, 2 float32; see KernelWDType).
-const (
-	WeightsF32  = 0
-	WeightsBF16 = 1
-	WeightsF16  = 2
-)
+// IsActivationDType reports whether dt is a type the expert FFN takes for
+// activations and experts: bfloat16 or float16.
+func IsActivationDType(dt dtype.DType) bool { return dt == dtype.BF16 || dt == dtype.F16 }
 
-// KernelWDType is the kernels' code for a's routing-weight type.
-func (a FFNArgs) KernelWDType() uint64 {
-	switch a.WDType {
-	case WeightsBF16:
-		return 0
-	case WeightsF16:
-		return 1
-	}
-	return 2
-}
+// IsRoutingWeightsDType reports whether dt is a type the expert FFN takes
+// for routing weights: float32, bfloat16 or float16.
+func IsRoutingWeightsDType(dt dtype.DType) bool { return dt == dtype.F32 || IsActivationDType(dt) }
 
 // UpAddr is the address of expert e's up rows.
 func (a FFNArgs) UpAddr(e int64) uint64 {
@@ -148,10 +138,10 @@ func (a FFNArgs) Validate() error {
 		return fmt.Errorf("expert FFN needs matching, non-empty expert tables (got %d, %d and %d)", n, len(a.Up), len(a.Down))
 	case a.T <= 0 || a.K <= 0 || a.Hidden <= 0 || a.Inter <= 0:
 		return fmt.Errorf("expert FFN shape T=%d K=%d hidden=%d inter=%d must be positive", a.T, a.K, a.Hidden, a.Inter)
-	case a.DType != 0 && a.DType != 1:
-		return fmt.Errorf("expert FFN dtype %d (0 = bfloat16, 1 = float16)", a.DType)
-	case a.WDType < WeightsF32 || a.WDType > WeightsF16:
-		return fmt.Errorf("expert FFN routing-weight type %d (0 = float32, 1 = bfloat16, 2 = float16)", a.WDType)
+	case !IsActivationDType(a.DType):
+		return fmt.Errorf("expert FFN activation dtype %s: the kernels take BF16 or F16", a.DType)
+	case !IsRoutingWeightsDType(a.WDType):
+		return fmt.Errorf("expert FFN routing-weight dtype %s: the kernels take F32, BF16 or F16", a.WDType)
 	case a.X == 0 || a.Out == 0 || a.Scratch == 0 || a.TopK == 0 || a.Weights == 0:
 		return fmt.Errorf("expert FFN: a tensor address is null")
 	case a.GptOss != nil:
@@ -289,13 +279,12 @@ func (c *CPU) guard() func(read func() error) error {
 	return src.Guard
 }
 
-// routingWeights reads a's P routing weights as float32.
+// routingWeights reads a's P routing weights (of a validated WDType) as
+// float32.
 func routingWeights(a FFNArgs, P int64) []float32 {
 	switch a.WDType {
-	case WeightsBF16:
-		return toF32(hostSlice(a.Weights, P*2), dtype.BF16)
-	case WeightsF16:
-		return toF32(hostSlice(a.Weights, P*2), dtype.F16)
+	case dtype.BF16, dtype.F16:
+		return toF32(hostSlice(a.Weights, P*2), a.WDType)
 	}
 	return unsafe.Slice((*float32)(ptrOf(a.Weights)), P)
 }
@@ -344,10 +333,7 @@ type refInputs struct {
 }
 
 func (a FFNArgs) refInputs() (refInputs, error) {
-	r := refInputs{dt: dtype.BF16, P: a.T * a.K}
-	if a.DType == 1 {
-		r.dt = dtype.F16
-	}
+	r := refInputs{dt: a.DType, P: a.T * a.K}
 	r.exps = unsafe.Slice((*int64)(ptrOf(a.TopK)), r.P)
 	for p := int64(0); p < r.P; p++ {
 		if err := a.checkPair(p, r.exps[p]); err != nil {

@@ -9,6 +9,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/moe-infinity/moe_infinity/go/dtype"
 	"github.com/moe-infinity/moe_infinity/go/store"
 )
 
@@ -59,7 +60,7 @@ func TestCPUFFNFaultOnExpertRowsIsAnError(t *testing.T) {
 			err := c.FFN(FFNArgs{
 				X: uint64(uintptr(unsafe.Pointer(&x[0]))), Out: uint64(uintptr(unsafe.Pointer(&out[0]))),
 				Scratch: uint64(uintptr(unsafe.Pointer(&scratch[0]))), TopK: uint64(uintptr(unsafe.Pointer(&ids[0]))),
-				Weights: uint64(uintptr(unsafe.Pointer(&w[0]))), T: 1, K: 1, Hidden: H, Inter: I,
+				Weights: uint64(uintptr(unsafe.Pointer(&w[0]))), T: 1, K: 1, Hidden: H, Inter: I, DType: dtype.BF16, WDType: dtype.F32,
 				GateUp: []uint64{gu}, Down: []uint64{down},
 			})
 			var fe *store.FaultError

@@ -39,6 +39,7 @@ type fp8Call struct {
 	w   []float32
 	T   int64
 	K   int64
+	dt  dtype.DType
 }
 
 func newFP8Call(r *rand.Rand, T, K int64, H, E int, dt dtype.DType) fp8Call {
@@ -46,7 +47,7 @@ func newFP8Call(r *rand.Rand, T, K int64, H, E int, dt dtype.DType) fp8Call {
 	for i := range xs {
 		xs[i] = float32(r.NormFloat64())
 	}
-	c := fp8Call{x: make([]byte, len(xs)*2), ids: make([]int64, T*K), w: make([]float32, T*K), T: T, K: K}
+	c := fp8Call{x: make([]byte, len(xs)*2), ids: make([]int64, T*K), w: make([]float32, T*K), T: T, K: K, dt: dt}
 	_ = dtype.Convert(c.x, dt, f32s(xs), dtype.F32)
 	for i := range c.ids {
 		c.ids[i], c.w[i] = int64((i*3+1)%E), float32(r.Float64())
@@ -61,7 +62,7 @@ func runMapped(t *testing.T, b *CPU, layer int, q FP8Args, H, I int, c fp8Call) 
 	out := make([]byte, len(c.x))
 	scratch := make([]float32, c.T*c.K*int64(I))
 	a := FFNArgs{X: addr(c.x), Out: addr(out), Scratch: addr(scratch), TopK: addr(c.ids), Weights: addr(c.w),
-		T: c.T, K: c.K, Hidden: int64(H), Inter: int64(I), FP8: &q}
+		T: c.T, K: c.K, Hidden: int64(H), Inter: int64(I), DType: c.dt, WDType: dtype.F32, FP8: &q}
 	r, err := b.MappedFFN(layer, a)
 	require.NoError(t, err)
 	var res []bool
@@ -191,7 +192,7 @@ func TestMappedFFNChecksTheFP8ArgumentsAgainstTheLayout(t *testing.T) {
 	c := newFP8Call(r, 1, 1, H, 1, dtype.BF16)
 	out := make([]byte, len(c.x))
 	scratch := make([]float32, I)
-	a := FFNArgs{X: addr(c.x), Out: addr(out), Scratch: addr(scratch), TopK: addr(c.ids), Weights: addr(c.w), T: 1, K: 1, Hidden: H, Inter: I}
+	a := FFNArgs{X: addr(c.x), Out: addr(out), Scratch: addr(scratch), TopK: addr(c.ids), Weights: addr(c.w), T: 1, K: 1, Hidden: H, Inter: I, DType: dtype.BF16, WDType: dtype.F32}
 	_, err := b.MappedFFN(0, a)
 	assert.ErrorContains(t, err, "FP8 arguments (false) for tables with scale grids (true)")
 }

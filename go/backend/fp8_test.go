@@ -156,9 +156,7 @@ func runFFN(t *testing.T, c *CPU, a FFNArgs, x []byte, ids []int64, w []float32,
 	out := make([]byte, len(x))
 	scratch := make([]float32, a.T*a.K*a.Inter)
 	a.X, a.Out, a.Scratch, a.TopK, a.Weights = addr(x), addr(out), addr(scratch), addr(ids), addr(w)
-	if dt == dtype.F16 {
-		a.DType = 1
-	}
+	a.DType, a.WDType = dt, dtype.F32
 	require.NoError(t, c.FFN(a))
 	return toF32(out, dt)
 }
@@ -244,7 +242,7 @@ func TestReferenceFFNFP8KnownValues(t *testing.T) {
 }
 
 func TestFP8ArgsValidate(t *testing.T) {
-	base := FFNArgs{X: 1, Out: 1, Scratch: 1, TopK: 1, Weights: 1, T: 1, K: 1, Hidden: 4, Inter: 4, GateUp: []uint64{1}, Down: []uint64{1}}
+	base := FFNArgs{X: 1, Out: 1, Scratch: 1, TopK: 1, Weights: 1, T: 1, K: 1, Hidden: 4, Inter: 4, DType: dtype.BF16, WDType: dtype.F32, GateUp: []uint64{1}, Down: []uint64{1}}
 	one := []uint64{2}
 	tests := []struct {
 		name string

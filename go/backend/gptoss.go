@@ -128,7 +128,7 @@ func (c *CPU) gptOssFFN(a FFNArgs) error {
 	if err != nil {
 		return fmt.Errorf("backend cpu: %w", err)
 	}
-	roundProduct := a.WDType != WeightsF32
+	roundProduct := a.WDType != dtype.F32
 	out := hostSlice(a.Out, a.T*H*2)
 	err = parallel(a.T*H, guard, func(lo, hi int64) {
 		for idx := lo; idx < hi; idx++ {

@@ -64,14 +64,14 @@ func TestReferenceFFNReadsGptOssMXFP4SlotsAsTheDequantizedExperts(t *testing.T) 
 		H, I   int
 		T, K   int64
 		dt     dtype.DType
-		wdtype int64
+		wdtype dtype.DType
 		limit  float32
 	}{
-		{"one token, bfloat16, float32 routing weights", 64, 32, 1, 2, dtype.BF16, WeightsF32, 7},
-		{"several tokens, bfloat16 routing weights (products rounded)", 96, 64, 3, 2, dtype.BF16, WeightsBF16, 7},
-		{"float16", 64, 96, 2, 3, dtype.F16, WeightsF16, 7},
-		{"a limit that clamps most gates and ups", 64, 32, 2, 2, dtype.BF16, WeightsBF16, 0.5},
-		{"SIMD kernels on: gpt-oss calls fall back to the reference", 64, 32, 2, 2, dtype.BF16, WeightsF32, 7},
+		{"one token, bfloat16, float32 routing weights", 64, 32, 1, 2, dtype.BF16, dtype.F32, 7},
+		{"several tokens, bfloat16 routing weights (products rounded)", 96, 64, 3, 2, dtype.BF16, dtype.BF16, 7},
+		{"float16", 64, 96, 2, 3, dtype.F16, dtype.F16, 7},
+		{"a limit that clamps most gates and ups", 64, 32, 2, 2, dtype.BF16, dtype.BF16, 0.5},
+		{"SIMD kernels on: gpt-oss calls fall back to the reference", 64, 32, 2, 2, dtype.BF16, dtype.F32, 7},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -100,8 +100,8 @@ func TestReferenceFFNReadsGptOssMXFP4SlotsAsTheDequantizedExperts(t *testing.T) 
 				ids[i], w[i] = int64((i*2+1)%E), float32(r.Float64())
 			}
 			wb := f32s(w)
-			if tc.wdtype != WeightsF32 {
-				wdt := map[int64]dtype.DType{WeightsBF16: dtype.BF16, WeightsF16: dtype.F16}[tc.wdtype]
+			if tc.wdtype != dtype.F32 {
+				wdt := tc.wdtype
 				wb = make([]byte, 2*len(w))
 				require.NoError(t, dtype.Convert(wb, wdt, f32s(w), dtype.F32))
 			}
@@ -115,9 +115,7 @@ func TestReferenceFFNReadsGptOssMXFP4SlotsAsTheDequantizedExperts(t *testing.T) 
 				out := make([]byte, len(x))
 				scratch := make([]float32, a.T*a.K*a.Inter)
 				a.X, a.Out, a.Scratch, a.TopK, a.Weights = addr(x), addr(out), addr(scratch), addr(ids), addr(wb)
-				if tc.dt == dtype.F16 {
-					a.DType = 1
-				}
+				a.DType = tc.dt
 				require.NoError(t, c.FFN(a))
 				return toF32(out, tc.dt)
 			}
@@ -163,7 +161,7 @@ func TestReferenceFFNGptOssKnownValues(t *testing.T) {
 
 func TestGptOssArgsValidate(t *testing.T) {
 	one := []uint64{2}
-	base := FFNArgs{X: 1, Out: 1, Scratch: 1, TopK: 1, Weights: 1, T: 1, K: 1, Hidden: 64, Inter: 32, GateUp: []uint64{1}, Down: []uint64{1}}
+	base := FFNArgs{X: 1, Out: 1, Scratch: 1, TopK: 1, Weights: 1, T: 1, K: 1, Hidden: 64, Inter: 32, DType: dtype.BF16, WDType: dtype.F32, GateUp: []uint64{1}, Down: []uint64{1}}
 	good := func() GptOssArgs { return GptOssArgs{Alpha: 1.702, Limit: 7, GateUpBias: one, DownBias: one} }
 	tests := []struct {
 		name string
@@ -200,7 +198,7 @@ func TestGptOssArgsValidate(t *testing.T) {
 
 func TestReferenceFFNGptOssPairWithoutBiasesIsAnError(t *testing.T) {
 	gu, dn := make([]byte, 2*2*2), make([]byte, 2*2)
-	a := FFNArgs{T: 1, K: 1, Hidden: 2, Inter: 1, GateUp: []uint64{addr(gu)}, Down: []uint64{addr(dn)},
+	a := FFNArgs{T: 1, K: 1, Hidden: 2, Inter: 1, DType: dtype.BF16, WDType: dtype.F32, GateUp: []uint64{addr(gu)}, Down: []uint64{addr(dn)},
 		GptOss: &GptOssArgs{Alpha: 1.702, Limit: 7, GateUpBias: []uint64{0}, DownBias: []uint64{0}}}
 	out, scratch := make([]byte, 4), make([]float32, 1)
 	a.X, a.Out, a.Scratch, a.TopK, a.Weights = addr(make([]byte, 4)), addr(out), addr(scratch), addr([]int64{0}), addr([]float32{1})

@@ -50,7 +50,7 @@ func newSmallLayer() *smallLayer {
 func (l *smallLayer) args() FFNArgs {
 	a := FFNArgs{
 		X: addrOf(l.x), Out: addrOf(l.out), Scratch: addrOf(l.scratch), TopK: addrOf(l.topk), Weights: addrOf(l.wts),
-		T: slT, K: slK, Hidden: slH, Inter: slI,
+		T: slT, K: slK, Hidden: slH, Inter: slI, DType: dtype.BF16, WDType: dtype.F32,
 	}
 	for _, w := range l.experts {
 		a.GateUp = append(a.GateUp, addrOf(w))

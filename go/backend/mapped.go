@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"sync"
 	"unsafe"
+
+	"github.com/moe-infinity/moe_infinity/go/dtype"
 )
 
 // MappedLayout locates an expert's FFN rows inside its slot image, for
@@ -307,10 +309,10 @@ type CopyHandOff interface {
 	// LayerWork returns the mailbox of captured layer i's publication that
 	// AwaitLayer returned last: the host addresses of its activations (as
 	// the kernels read them: [T, Hidden] of the experts' dtype), its
-	// routing weights ([T, K] of type wdtype, a Weights* constant) and the
+	// routing weights ([T, K] of type wdtype: dtype.F32, BF16 or F16) and the
 	// partial output the CPU writes (float32 [T, Hidden]), valid until the
 	// layer is served. ok is false when layer i has no mailbox.
-	LayerWork(i int) (w HostWork, wdtype int64, ok bool)
+	LayerWork(i int) (w HostWork, wdtype dtype.DType, ok bool)
 	// ServeLayerCPU is ServeLayer for a layer whose experts cpu (distinct
 	// ids) the CPU computes: it issues the loads' copies, then calls
 	// partial, which returns once the CPU has written the sum of those

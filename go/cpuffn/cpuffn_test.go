@@ -28,7 +28,7 @@ func addr[T any](s []T) uint64 {
 type layer struct {
 	T, K, H, I, E int64
 	f16           bool
-	wdt           int64
+	wdt           dtype.DType
 	x             []uint16
 	gateUp, down  [][]uint16
 	topk          []int64
@@ -49,7 +49,7 @@ func value(b uint16, f16 bool) float32 {
 	return math.Float32frombits(uint32(b) << 16)
 }
 
-func newLayer(seed uint64, T, K, H, I, E int64, f16 bool, wdt int64) *layer {
+func newLayer(seed uint64, T, K, H, I, E int64, f16 bool, wdt dtype.DType) *layer {
 	rng := rand.New(rand.NewPCG(seed, 7))
 	l := &layer{T: T, K: K, H: H, I: I, E: E, f16: f16, wdt: wdt}
 	fill := func(n int64, scale float32) []uint16 {
@@ -72,9 +72,9 @@ func newLayer(seed uint64, T, K, H, I, E int64, f16 bool, wdt int64) *layer {
 	for range T * K {
 		w := rng.Float32()
 		switch wdt {
-		case backend.WeightsF32:
+		case dtype.F32:
 			l.wts = append(l.wts, unsafe.Slice((*byte)(unsafe.Pointer(&w)), 4)...)
-		case backend.WeightsBF16:
+		case dtype.BF16:
 			b := dtype.F32BitsToBF16(math.Float32bits(w))
 			l.wts = append(l.wts, byte(b), byte(b>>8))
 		default:
@@ -89,10 +89,10 @@ func newLayer(seed uint64, T, K, H, I, E int64, f16 bool, wdt int64) *layer {
 func (l *layer) args(out []uint16, scratch []float32) backend.FFNArgs {
 	a := backend.FFNArgs{
 		X: addr(l.x), Out: addr(out), Scratch: addr(scratch), TopK: addr(l.topk), Weights: addr(l.wts),
-		T: l.T, K: l.K, Hidden: l.H, Inter: l.I, WDType: l.wdt,
+		T: l.T, K: l.K, Hidden: l.H, Inter: l.I, DType: dtype.BF16, WDType: l.wdt,
 	}
 	if l.f16 {
-		a.DType = 1
+		a.DType = dtype.F16
 	}
 	for e := range l.E {
 		a.GateUp = append(a.GateUp, addr(l.gateUp[e]))
@@ -109,9 +109,9 @@ func (l *layer) problem(out []uint16, scratch []float32, skip map[int]bool) cpuf
 	p := cpuffn.Problem{T: l.T, K: l.K, Hidden: l.H, Inter: l.I, F16: l.f16, X: a.X, Out: a.Out, Scratch: a.Scratch}
 	for i := range P {
 		switch l.wdt {
-		case backend.WeightsF32:
+		case dtype.F32:
 			p.Weights = append(p.Weights, *(*float32)(unsafe.Pointer(&l.wts[4*i])))
-		case backend.WeightsBF16:
+		case dtype.BF16:
 			p.Weights = append(p.Weights, value(uint16(l.wts[2*i])|uint16(l.wts[2*i+1])<<8, false))
 		default:
 			p.Weights = append(p.Weights, value(uint16(l.wts[2*i])|uint16(l.wts[2*i+1])<<8, true))
@@ -196,7 +196,7 @@ func TestKernelMatchesTheReference(t *testing.T) {
 		for _, rt := range routings {
 			for _, f16 := range []bool{false, true} {
 				n++
-				wdt := int64(n % 3)
+				wdt := []dtype.DType{dtype.F32, dtype.BF16, dtype.F16}[n%3]
 				dt := "bf16"
 				if f16 {
 					dt = "f16"
@@ -204,7 +204,7 @@ func TestKernelMatchesTheReference(t *testing.T) {
 				l := newLayer(uint64(n), rt.T, rt.K, sh.H, sh.I, 8, f16, wdt)
 				want := l.reference(t)
 				for _, isa := range cpuffn.ISAs {
-					name := fmt.Sprintf("H%d_I%d_T%d_K%d_%s_w%d_%s", sh.H, sh.I, rt.T, rt.K, dt, wdt, isa)
+					name := fmt.Sprintf("H%d_I%d_T%d_K%d_%s_w%s_%s", sh.H, sh.I, rt.T, rt.K, dt, wdt, isa)
 					t.Run(name, func(t *testing.T) {
 						if !cpuffn.Supported(isa) {
 							t.Skipf("this CPU lacks %s", isa)
@@ -228,7 +228,7 @@ func TestKernelMatchesTheReference(t *testing.T) {
 }
 
 func TestKernelSkipsPairsWithoutExperts(t *testing.T) {
-	l := newLayer(99, 4, 2, 33, 17, 4, false, backend.WeightsF32)
+	l := newLayer(99, 4, 2, 33, 17, 4, false, dtype.F32)
 	skip := map[int]bool{1: true, 4: true, 5: true} // token 2 has none left
 	out, scratch := make([]uint16, l.T*l.H), make([]float32, l.T*l.K*l.I)
 	for i := range scratch {
@@ -257,7 +257,7 @@ func TestKernelReusesItsWorkspaceAcrossShapes(t *testing.T) {
 	k := cpuffn.New(3)
 	defer k.Close()
 	for i, sh := range []shape{{256, 896}, {33, 17}, {130, 70}} {
-		l := newLayer(uint64(200+i), 16, 8, sh.H, sh.I, 8, false, backend.WeightsBF16)
+		l := newLayer(uint64(200+i), 16, 8, sh.H, sh.I, 8, false, dtype.BF16)
 		out, scratch := make([]uint16, l.T*l.H), make([]float32, l.T*l.K*l.I)
 		require.NoError(t, k.Run(l.problem(out, scratch, nil)))
 		assertClose(t, l.reference(t), out, l.H, false)
@@ -266,7 +266,7 @@ func TestKernelReusesItsWorkspaceAcrossShapes(t *testing.T) {
 
 func TestKernelRejectsBadProblems(t *testing.T) {
 	k := cpuffn.New(1)
-	l := newLayer(1, 1, 2, 33, 17, 4, false, backend.WeightsF32)
+	l := newLayer(1, 1, 2, 33, 17, 4, false, dtype.F32)
 	out, scratch := make([]uint16, l.H), make([]float32, 2*l.I)
 	good := l.problem(out, scratch, nil)
 	for name, mod := range map[string]func(*cpuffn.Problem){
@@ -318,7 +318,7 @@ func TestKernelPartialsAndAddends(t *testing.T) {
 				if !cpuffn.Supported(isa) {
 					t.Skipf("this CPU lacks %s", isa)
 				}
-				l := newLayer(31, 5, 4, 130, 70, 8, f16, backend.WeightsBF16)
+				l := newLayer(31, 5, 4, 130, 70, 8, f16, dtype.BF16)
 				// The device computes experts 0-3, the CPU experts 4-7.
 				cpuPairs, devPairs := map[int]bool{}, map[int]bool{}
 				for p, e := range l.topk {
@@ -375,7 +375,7 @@ func TestKernelPartialsAndAddends(t *testing.T) {
 }
 
 func TestKernelTakesAPartialOutputWithoutOut(t *testing.T) {
-	l := newLayer(5, 1, 2, 33, 17, 4, false, backend.WeightsF32)
+	l := newLayer(5, 1, 2, 33, 17, 4, false, dtype.F32)
 	k := cpuffn.New(1)
 	defer k.Close()
 	p := l.problem(nil, make([]float32, 2*l.I), nil)

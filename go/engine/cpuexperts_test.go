@@ -11,7 +11,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/moe-infinity/moe_infinity/go/backend"
+	"github.com/moe-infinity/moe_infinity/go/dtype"
 )
 
 func TestParseConfigCPUExperts(t *testing.T) {
@@ -107,7 +107,7 @@ func TestCPUExpertsRunDecodeLayersOnTheKernels(t *testing.T) {
 			require.NoError(t, err)
 			clear(io.out)
 			a := LayerArgs{FFNCall: io.call(1, T, K), Reqs: []uint64{req}, TopKHost: io.topk}
-			a.WDType = backend.WeightsF32
+			a.WDType = dtype.F32
 			r, err := e.Layer(a)
 			require.NoError(t, err)
 			assert.Equal(t, PathKernels, r.Path, "%d tokens", T)

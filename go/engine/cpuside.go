@@ -123,7 +123,7 @@ func (e *Engine) setupHybrid(p *ExecutorPlan) error {
 	if measure == nil {
 		measure = k.measure
 	}
-	c, err := measure(p.Hidden, p.Inter, p.DType == 1)
+	c, err := measure(p.Hidden, p.Inter, p.DType == dtype.F16)
 	if err != nil {
 		k.close()
 		return err
@@ -293,7 +293,7 @@ func (e *Engine) predictReuse(layer int, reqs []uint64, k int64) []float64 {
 // Acquire brings the device's experts, and the kernels compute the rest
 // and add the partial. cpuX are counted as misses but not admitted.
 func (e *Engine) layerHybrid(c FFNCall, cpuX []int32, topk []int64) error {
-	hidden, inter, code, err := e.FFNShape()
+	hidden, inter, dt, err := e.FFNShape()
 	if err != nil {
 		return err
 	}
@@ -301,17 +301,13 @@ func (e *Engine) layerHybrid(c FFNCall, cpuX []int32, topk []int64) error {
 	if kern == nil || ho == nil {
 		return fmt.Errorf("%w: backend %s has no expert FFN kernels or no CPU hand-off", ErrUnsupported, e.be.Name())
 	}
-	if c.DType != code {
-		return fmt.Errorf("%w: activations have dtype code %d but the experts have %d", ErrInvalid, c.DType, code)
+	if err := checkActivations(c, dt); err != nil {
+		return err
 	}
-	wsize := int64(2)
-	switch c.WDType {
-	case backend.WeightsF32:
-		wsize = 4
-	case backend.WeightsBF16, backend.WeightsF16:
-	default:
-		return fmt.Errorf("%w: routing-weight type %d (0 = float32, 1 = bfloat16, 2 = float16)", ErrInvalid, c.WDType)
+	if !backend.IsRoutingWeightsDType(c.WDType) {
+		return fmt.Errorf("%w: routing weights are %s; the kernels take float32, bfloat16 or float16", ErrInvalid, c.WDType.TorchName())
 	}
+	wsize := int64(c.WDType.Size())
 	if err := e.checkLayer(c.Layer); err != nil {
 		return err
 	}
@@ -341,7 +337,7 @@ func (e *Engine) layerHybrid(c FFNCall, cpuX []int32, topk []int64) error {
 	done := make(chan cpuDone, 1)
 	go func() {
 		t0 := time.Now()
-		err := e.cpuPart(c, cpuX, topk, work, hidden, inter, code)
+		err := e.cpuPart(c, cpuX, topk, work, hidden, inter)
 		done <- cpuDone{time.Since(t0), err}
 	}()
 
@@ -375,7 +371,7 @@ func (e *Engine) layerHybrid(c FFNCall, cpuX []int32, topk []int64) error {
 	if err != nil {
 		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, err)
 	}
-	args := e.kernelArgs(c, hidden, inter, code, dev, slots)
+	args := e.kernelArgs(c, hidden, inter, dt, dev, slots)
 	args.Addend = addend
 	ffnErr := kern.FFN(args)
 	if err := ho.HandDone(c.Stream); err != nil && ffnErr == nil {
@@ -401,7 +397,7 @@ type cpuDone struct {
 // on the CPU: from the activations and routing weights the hand-off
 // brought (w), into its partial output (float32 [T, Hidden]). Holds
 // e.hybrid.mu.
-func (e *Engine) cpuPart(c FFNCall, cpuX []int32, topk []int64, w backend.HostWork, hidden, inter, code int64) error {
+func (e *Engine) cpuPart(c FFNCall, cpuX []int32, topk []int64, w backend.HostWork, hidden, inter int64) error {
 	gu, _ := e.lay.Region("gate_up_proj")
 	dn, _ := e.lay.Region("down_proj")
 	half := uint64(inter * hidden * 2) // the gate rows' bytes; the up rows follow
@@ -419,7 +415,7 @@ func (e *Engine) cpuPart(c FFNCall, cpuX []int32, topk []int64, w backend.HostWo
 		h.scratch = make([]float32, P*inter)
 	}
 	p := cpuProblem{
-		T: c.T, K: c.K, Hidden: hidden, Inter: inter, F16: code == 1,
+		T: c.T, K: c.K, Hidden: hidden, Inter: inter, F16: c.DType == dtype.F16,
 		X: w.X, PartialOut: w.Partial, Scratch: uint64(uintptr(unsafe.Pointer(&h.scratch[0]))),
 		Weights: weightsF32(w.Weights, c.WDType, P), Gate: make([]uint64, P), Up: make([]uint64, P), Down: make([]uint64, P),
 	}
@@ -457,16 +453,15 @@ func (e *Engine) hostRows(layer int, x int32, i int, guOff, dnOff int64, half ui
 	return [3]uint64{b + uint64(guOff), b + uint64(guOff) + half, b + uint64(dnOff)}, nil
 }
 
-// weightsF32 reads the P routing weights at addr (of wdt) as float32.
-func weightsF32(addr uint64, wdt int64, P int64) []float32 {
+// weightsF32 reads the P routing weights at addr (of wdt: dtype.F32,
+// BF16 or F16) as float32.
+func weightsF32(addr uint64, wdt dtype.DType, P int64) []float32 {
 	out := make([]float32, P)
 	ptr := *(*unsafe.Pointer)(unsafe.Pointer(&addr))
 	dst := unsafe.Slice((*byte)(unsafe.Pointer(&out[0])), 4*P)
 	switch wdt {
-	case backend.WeightsBF16:
-		_ = dtype.Convert(dst, dtype.F32, unsafe.Slice((*byte)(ptr), 2*P), dtype.BF16)
-	case backend.WeightsF16:
-		_ = dtype.Convert(dst, dtype.F32, unsafe.Slice((*byte)(ptr), 2*P), dtype.F16)
+	case dtype.BF16, dtype.F16:
+		_ = dtype.Convert(dst, dtype.F32, unsafe.Slice((*byte)(ptr), 2*P), wdt)
 	default:
 		copy(out, unsafe.Slice((*float32)(ptr), P))
 	}

@@ -73,7 +73,7 @@ func hybridLayer(t *testing.T, e *Engine, req uint64, experts ...int64) {
 	}
 	want := reference(t, mappedEngine(t, L, E, 4), io, 1, T, 1)
 	a := LayerArgs{FFNCall: io.call(1, T, 1), Reqs: []uint64{req}, TopKHost: io.topk}
-	a.WDType = backend.WeightsF32
+	a.WDType = dtype.F32
 	r, err := e.Layer(a)
 	require.NoError(t, err)
 	assert.Equal(t, PathKernels, r.Path)
@@ -352,11 +352,11 @@ func TestHybridMatchesTheLayerWithoutHybrid(t *testing.T) {
 	const L, E = 2, 4
 	for _, tc := range []struct {
 		T, K int
-		wdt  int64
+		wdt  dtype.DType
 	}{
-		{1, 2, backend.WeightsF32}, {3, 2, backend.WeightsBF16}, {8, 2, backend.WeightsF16}, {5, 3, backend.WeightsF32},
+		{1, 2, dtype.F32}, {3, 2, dtype.BF16}, {8, 2, dtype.F16}, {5, 3, dtype.F32},
 	} {
-		t.Run(fmt.Sprintf("T%d_K%d_w%d", tc.T, tc.K, tc.wdt), func(t *testing.T) {
+		t.Run(fmt.Sprintf("T%d_K%d_w%s", tc.T, tc.K, tc.wdt), func(t *testing.T) {
 			e := hybridEngine(t, 4, func(e *Engine) { bf16Model(t, e, L, E) })
 			plain := mappedEngine(t, L, E, 4)
 			req, err := e.BeginRequest()
@@ -392,13 +392,13 @@ func TestHybridMatchesTheLayerWithoutHybrid(t *testing.T) {
 }
 
 // routingBytes are weights as wdt.
-func routingBytes(w []float32, wdt int64) []byte {
+func routingBytes(w []float32, wdt dtype.DType) []byte {
 	var out []byte
 	for _, v := range w {
 		switch wdt {
-		case backend.WeightsBF16:
+		case dtype.BF16:
 			out = binary.LittleEndian.AppendUint16(out, dtype.F32BitsToBF16(math.Float32bits(v)))
-		case backend.WeightsF16:
+		case dtype.F16:
 			out = binary.LittleEndian.AppendUint16(out, dtype.F32BitsToF16(math.Float32bits(v)))
 		default:
 			out = binary.LittleEndian.AppendUint32(out, math.Float32bits(v))

@@ -1,12 +1,14 @@
 package engine
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"sync/atomic"
 	"time"
 
 	"github.com/moe-infinity/moe_infinity/go/backend"
+	"github.com/moe-infinity/moe_infinity/go/dtype"
 )
 
 // The layer executor: one MoE layer, from its routing to its output, is
@@ -133,9 +135,11 @@ type ExecutorPlan struct {
 	KernelsOff string `json:"kernels_off,omitempty"`
 	// Mapped: mapped mode is available (Kernels and a mapped backend).
 	Mapped bool `json:"mapped"`
-	// DType is the kernels' activation type code (0 bfloat16, 1 float16;
-	// -1 without kernels): the caller's activations must match it.
-	DType int64 `json:"dtype"`
+	// DType is the kernels' activation type (dtype.BF16 or dtype.F16;
+	// dtype.Invalid without kernels): the caller's activations must match
+	// it. Its JSON "dtype" is the C ABI's code (ActivationCode: 0 bfloat16,
+	// 1 float16, -1 without kernels).
+	DType dtype.DType `json:"-"`
 	// Hidden and Inter are the FFN sizes the kernels work with (0 without
 	// kernels); the caller sizes the scratch buffer as T·K·Inter float32.
 	Hidden int64 `json:"hidden"`
@@ -168,11 +172,21 @@ type ExecutorPlan struct {
 	Quant string `json:"quant,omitempty"`
 }
 
+// MarshalJSON writes p with DType as the C ABI's code ("dtype":
+// ActivationCode), which the caller passes back with its activations.
+func (p ExecutorPlan) MarshalJSON() ([]byte, error) {
+	type fields ExecutorPlan // without this method
+	return json.Marshal(struct {
+		fields
+		DType int32 `json:"dtype"`
+	}{fields(p), ActivationCode(p.DType)})
+}
+
 // executorPlan works out the ExecutorPlan at Configure, for setup s.
 func (e *Engine) executorPlan(s Setup) ExecutorPlan {
 	caps := e.be.Capabilities()
 	ffn := s.FFN
-	p := ExecutorPlan{DType: -1, KernelMaxTokens: KernelMaxTokens, KernelSmallExpertBytes: KernelSmallExpertBytes}
+	p := ExecutorPlan{KernelMaxTokens: KernelMaxTokens, KernelSmallExpertBytes: KernelSmallExpertBytes}
 	e.setKernelLayout(s)
 	switch {
 	case !caps.ExpertKernels:
@@ -185,7 +199,7 @@ func (e *Engine) executorPlan(s Setup) ExecutorPlan {
 		// Opt-in until the gpt-oss kernels have run on a GPU.
 		p.KernelsOff = fmt.Sprintf("gpt-oss experts run the caller's code on the %s backend unless the engine option quantized_kernels asks for the gpt-oss kernels (not yet checked on a GPU)", e.be.Name())
 	default:
-		hidden, inter, code, err := e.ffnShape()
+		hidden, inter, dt, err := e.ffnShape()
 		if err != nil {
 			p.KernelsOff = err.Error()
 			break
@@ -205,7 +219,7 @@ func (e *Engine) executorPlan(s Setup) ExecutorPlan {
 			}
 			p.Quant = e.vw.Method
 		}
-		p.Kernels, p.DType, p.Hidden, p.Inter = true, code, hidden, inter
+		p.Kernels, p.DType, p.Hidden, p.Inter = true, dt, hidden, inter
 	}
 	// The backend's kernels read in place whatever formats they read from
 	// slots (backend.Capabilities.QuantFormats), for every kind of experts
@@ -228,10 +242,10 @@ type PathInputs struct {
 	// Tokens, K: the call's routing shape; ExpertBytes one expert's size
 	// as stored (the layout's source bytes).
 	Tokens, K, ExpertBytes int64
-	// DType is the activations' type code (0 bfloat16, 1 float16, -1
-	// anything else); WeightsOK whether the routing weights' type is one
-	// the kernels read.
-	DType     int64
+	// DType is the activations' type (dtype.Invalid for one the kernels
+	// do not take); WeightsOK whether the routing weights' type is one the
+	// kernels read.
+	DType     dtype.DType
 	WeightsOK bool
 	// HostRouting: the routing is in host memory. Needed and MaxPin (with
 	// it): the layer's distinct experts, and how many experts can be
@@ -249,7 +263,7 @@ func ChoosePath(in PathInputs) Path {
 	if in.Flags&LayerRowwise != 0 {
 		tokens = 1 // each row as alone
 	}
-	kernelCall := kernels && in.DType == in.Exec.DType && in.WeightsOK && KernelWins(tokens, in.ExpertBytes)
+	kernelCall := kernels && in.DType != dtype.Invalid && in.DType == in.Exec.DType && in.WeightsOK && KernelWins(tokens, in.ExpertBytes)
 	if kernelCall && in.Exec.Mapped && !in.MappedOff && in.Flags&LayerNoMapped == 0 && in.Tokens*in.K <= in.Exec.MaxMappedPairs {
 		return PathMapped
 	}
@@ -273,8 +287,8 @@ func ChoosePath(in PathInputs) Path {
 type LayerArgs struct {
 	// FFNCall holds the layer, stream, tensor addresses (X, Out, Scratch,
 	// TopK, Weights: device for the CUDA backend, host for the CPU one),
-	// T, K, DType (-1 when not a kernel type) and WDType (-1 when not one
-	// the kernels read).
+	// T, K, DType (dtype.Invalid when not a kernel type) and WDType
+	// (dtype.Invalid when not one the kernels read).
 	FFNCall
 	// Reqs are the requests the tokens belong to (split evenly in row
 	// order).
@@ -310,7 +324,7 @@ func (e *Engine) Layer(a LayerArgs) (LayerResult, error) {
 	in := PathInputs{
 		Exec: e.plan.Executor, MappedOff: e.mappedOff.Load(), Flags: a.Flags,
 		Tokens: a.T, K: a.K, ExpertBytes: e.lay.SourceBytes,
-		DType: a.DType, WeightsOK: a.WDType >= backend.WeightsF32 && a.WDType <= backend.WeightsF16,
+		DType: a.DType, WeightsOK: backend.IsRoutingWeightsDType(a.WDType),
 		HostRouting: a.TopKHost != nil, MaxPin: e.MaxPin(),
 	}
 	var experts []int32

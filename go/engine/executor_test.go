@@ -8,14 +8,15 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/moe-infinity/moe_infinity/go/backend"
+	"github.com/moe-infinity/moe_infinity/go/dtype"
 )
 
 // gpuLike is the executor's view of a kernel backend with mapped mode.
-var gpuLike = ExecutorPlan{Kernels: true, Mapped: true, DType: 0, MaxMappedPairs: 4096}
+var gpuLike = ExecutorPlan{Kernels: true, Mapped: true, DType: dtype.BF16, MaxMappedPairs: 4096}
 
 func TestChoosePath(t *testing.T) {
 	decode := func(mod func(*PathInputs)) PathInputs {
-		in := PathInputs{Exec: gpuLike, Tokens: 1, K: 2, ExpertBytes: 352 << 20, DType: 0, WeightsOK: true, MaxPin: 8}
+		in := PathInputs{Exec: gpuLike, Tokens: 1, K: 2, ExpertBytes: 352 << 20, DType: dtype.BF16, WeightsOK: true, MaxPin: 8}
 		if mod != nil {
 			mod(&in)
 		}
@@ -52,7 +53,7 @@ func TestChoosePath(t *testing.T) {
 		{"mapped failed to start", decode(func(in *PathInputs) { in.MappedOff = true; withRouting(2)(in) }), PathKernels},
 		{"backend without mapped mode", decode(func(in *PathInputs) { in.Exec.Mapped = false; withRouting(2)(in) }), PathKernels},
 		{"more experts than slots: streamed through them", decode(func(in *PathInputs) { in.Flags = LayerNoMapped; withRouting(9)(in) }), PathHostStream},
-		{"activations of another dtype", decode(func(in *PathInputs) { in.DType = -1; withRouting(2)(in) }), PathHostStream},
+		{"activations of another dtype", decode(func(in *PathInputs) { in.DType = dtype.Invalid; withRouting(2)(in) }), PathHostStream},
 		{"routing weights the kernels cannot read", decode(func(in *PathInputs) { in.WeightsOK = false; withRouting(2)(in) }), PathHostStream},
 		{"caller asked for no kernels", decode(func(in *PathInputs) { in.Flags = LayerNoKernels; withRouting(2)(in) }), PathHostStream},
 		{"no kernels, batched caller code", decode(func(in *PathInputs) { in.Flags = LayerNoKernels | LayerHostBatched; withRouting(2)(in) }), PathHostStacked},
@@ -62,9 +63,9 @@ func TestChoosePath(t *testing.T) {
 		}), PathHostStream},
 		{"routing with gaps: the caller's code", decode(func(in *PathInputs) { in.Flags = LayerRoutingGaps; withRouting(2)(in) }), PathHostStream},
 		{"routing with gaps, no host copy yet: asked for", decode(func(in *PathInputs) { in.Flags = LayerRoutingGaps }), PathNeedRouting},
-		{"CPU backend", PathInputs{Exec: ExecutorPlan{DType: -1}, Tokens: 1, K: 2, DType: -1, WeightsOK: true, HostRouting: true, Needed: 2, MaxPin: 1}, PathHostStream},
-		{"CPU backend, batched caller code", PathInputs{Exec: ExecutorPlan{DType: -1}, Tokens: 5, K: 2, Flags: LayerHostBatched, DType: -1, HostRouting: true, Needed: 2, MaxPin: 4}, PathHostStacked},
-		{"CPU backend, routing on the device only", PathInputs{Exec: ExecutorPlan{DType: -1}, Tokens: 1, K: 2, DType: -1}, PathNeedRouting},
+		{"CPU backend", PathInputs{Exec: ExecutorPlan{DType: dtype.Invalid}, Tokens: 1, K: 2, DType: dtype.Invalid, WeightsOK: true, HostRouting: true, Needed: 2, MaxPin: 1}, PathHostStream},
+		{"CPU backend, batched caller code", PathInputs{Exec: ExecutorPlan{DType: dtype.Invalid}, Tokens: 5, K: 2, Flags: LayerHostBatched, DType: dtype.Invalid, HostRouting: true, Needed: 2, MaxPin: 4}, PathHostStacked},
+		{"CPU backend, routing on the device only", PathInputs{Exec: ExecutorPlan{DType: dtype.Invalid}, Tokens: 1, K: 2, DType: dtype.Invalid}, PathNeedRouting},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			assert.Equal(t, tc.want, ChoosePath(tc.in), "%+v", tc.in)
@@ -115,7 +116,7 @@ var kernelCaps = backend.Capabilities{ExpertKernels: true, Mapped: true, MaxMapp
 
 func TestExecutorPlanReportsWhatTheBackendAndModelAllow(t *testing.T) {
 	_, p := execEngine(t, kernelCaps, "swiglu", 1, 4, 2)
-	assert.Equal(t, ExecutorPlan{Kernels: true, Mapped: true, DType: 0, Hidden: mH, Inter: mI, MaxMappedPairs: 64,
+	assert.Equal(t, ExecutorPlan{Kernels: true, Mapped: true, DType: dtype.BF16, Hidden: mH, Inter: mI, MaxMappedPairs: 64,
 		KernelMaxTokens: KernelMaxTokens, KernelSmallExpertBytes: KernelSmallExpertBytes,
 		HybridOff:       `cpu_experts "auto" is off on the CPU backend (a thread count turns it on)`,
 		GraphHandOffOff: `hybrid execution is off: cpu_experts "auto" is off on the CPU backend (a thread count turns it on)`}, p.Executor)
@@ -126,7 +127,7 @@ func TestExecutorPlanReportsWhatTheBackendAndModelAllow(t *testing.T) {
 
 	_, p = execEngine(t, backend.Capabilities{}, "swiglu", 1, 4, 2)
 	assert.False(t, p.Executor.Kernels || p.Executor.Mapped)
-	assert.Equal(t, int64(-1), p.Executor.DType)
+	assert.Equal(t, dtype.Invalid, p.Executor.DType)
 	assert.Contains(t, p.Executor.KernelsOff, "caller's code")
 
 	_, p = execEngine(t, backend.Capabilities{ExpertKernels: true}, "swiglu", 1, 4, 2)
@@ -155,7 +156,7 @@ func TestLayerRunsEveryPathAndEachMatchesTheReference(t *testing.T) {
 	} {
 		clear(io.out)
 		a := LayerArgs{FFNCall: io.call(1, T, K), Reqs: []uint64{req}, Flags: tc.flags}
-		a.WDType = backend.WeightsF32
+		a.WDType = dtype.F32
 		if tc.host {
 			a.TopKHost = io.topk
 		}

@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/moe-infinity/moe_infinity/go/backend"
+	"github.com/moe-infinity/moe_infinity/go/dtype"
 	"github.com/moe-infinity/moe_infinity/go/layout"
 )
 
@@ -20,17 +21,19 @@ type FFNCall struct {
 	X, Out, Scratch, TopK, Weights uint64
 	// T tokens, K experts per token.
 	T, K int64
-	// DType is 0 for bfloat16, 1 for float16.
-	DType int64
-	// WDType is the routing weights' type (backend.WeightsF32, the zero
-	// value, WeightsBF16 or WeightsF16).
-	WDType int64
+	// DType is the activations' type (dtype.BF16 or dtype.F16 for the
+	// kernels; dtype.Invalid for any other).
+	DType dtype.DType
+	// WDType is the routing weights' type (dtype.F32, BF16 or F16 for the
+	// kernels; dtype.Invalid for any other).
+	WDType dtype.DType
 }
 
 // FFNShape returns the hidden and intermediate sizes the expert FFN works
 // with, from the layout's gate_up_proj [2I, H] and down_proj [H, I]
-// regions, and the element type code (0 bfloat16, 1 float16).
-func (e *Engine) FFNShape() (hidden, inter, dtypeCode int64, err error) {
+// regions, and the experts' (and activations') type: dtype.BF16 or
+// dtype.F16.
+func (e *Engine) FFNShape() (hidden, inter int64, dt dtype.DType, err error) {
 	if err := e.readyLocked(); err != nil {
 		return 0, 0, 0, err
 	}
@@ -44,13 +47,13 @@ func (e *Engine) FFNShape() (hidden, inter, dtypeCode int64, err error) {
 // for gpt-oss experts (setup ffn "gpt_oss") MXFP4 ones
 // (layout.Views.GptOssKernel); gpt-oss's sizes are those of gate_up_proj
 // [H, 2I] and down_proj [I, H] (layout.GptOssKernel).
-func (e *Engine) ffnShape() (hidden, inter, dtypeCode int64, err error) {
+func (e *Engine) ffnShape() (hidden, inter int64, dt dtype.DType, err error) {
 	if e.ffn == "gpt_oss" {
 		k, err := e.gptOssKernel()
 		if err != nil {
 			return 0, 0, 0, err
 		}
-		return k.Hidden, k.Inter, map[string]int64{"bfloat16": 0, "float16": 1}[k.DType], nil
+		return k.Hidden, k.Inter, k.DType, nil
 	}
 	lay := e.lay
 	if e.vw != nil {
@@ -68,11 +71,8 @@ func (e *Engine) ffnShape() (hidden, inter, dtypeCode int64, err error) {
 	if gu.Shape[0] != 2*inter || dn.Shape[0] != hidden || dn.Shape[1] != inter || gu.DType != dn.DType {
 		return 0, 0, 0, fmt.Errorf("%w: gate_up_proj %v and down_proj %v are not [2I, H] and [H, I] of one dtype", ErrUnsupported, gu.Shape, dn.Shape)
 	}
-	switch gu.DType {
-	case "bfloat16":
-		return hidden, inter, 0, nil
-	case "float16":
-		return hidden, inter, 1, nil
+	if dt, err := dtype.Parse(gu.DType); err == nil && backend.IsActivationDType(dt) {
+		return hidden, inter, dt, nil
 	}
 	return 0, 0, 0, fmt.Errorf("%w: the expert FFN kernels take bfloat16 or float16 experts, not %s", ErrUnsupported, gu.DType)
 }
@@ -149,7 +149,7 @@ func (e *Engine) setKernelLayout(s Setup) {
 // LayerFFN acquires the layer's experts, runs the backend's expert FFN over
 // all of them in one launch and releases them — one call per MoE layer.
 func (e *Engine) LayerFFN(c FFNCall) error {
-	hidden, inter, code, err := e.FFNShape()
+	hidden, inter, dt, err := e.FFNShape()
 	if err != nil {
 		return err
 	}
@@ -157,8 +157,8 @@ func (e *Engine) LayerFFN(c FFNCall) error {
 	if kern == nil {
 		return fmt.Errorf("%w: backend %s has no expert FFN kernels", ErrUnsupported, e.be.Name())
 	}
-	if c.DType != code {
-		return fmt.Errorf("%w: activations have dtype code %d but the experts have %d", ErrInvalid, c.DType, code)
+	if err := checkActivations(c, dt); err != nil {
+		return err
 	}
 	if len(c.Experts) == 0 {
 		return fmt.Errorf("%w: no experts to compute", ErrInvalid)
@@ -171,7 +171,7 @@ func (e *Engine) LayerFFN(c FFNCall) error {
 		return err
 	}
 	t0 = e.phase(phaseAcquire, t0)
-	ffnErr := kern.FFN(e.kernelArgs(c, hidden, inter, code, c.Experts, slots))
+	ffnErr := kern.FFN(e.kernelArgs(c, hidden, inter, dt, c.Experts, slots))
 	t0 = e.phase(phaseKernels, t0)
 	if err := e.Release(lease, c.Stream); err != nil && ffnErr == nil {
 		ffnErr = err
@@ -187,10 +187,10 @@ func (e *Engine) LayerFFN(c FFNCall) error {
 // are in slots (slots[i] holds experts[i]). The tables' other entries are
 // null: the kernels skip pairs routed there (hybrid execution's CPU
 // experts).
-func (e *Engine) kernelArgs(c FFNCall, hidden, inter, code int64, experts, slots []int32) backend.FFNArgs {
+func (e *Engine) kernelArgs(c FFNCall, hidden, inter int64, dt dtype.DType, experts, slots []int32) backend.FFNArgs {
 	args := backend.FFNArgs{
 		Stream: c.Stream, X: c.X, Out: c.Out, Scratch: c.Scratch, TopK: c.TopK, Weights: c.Weights,
-		T: c.T, K: c.K, Hidden: hidden, Inter: inter, DType: code, WDType: c.WDType,
+		T: c.T, K: c.K, Hidden: hidden, Inter: inter, DType: dt, WDType: c.WDType,
 		GateUp: make([]uint64, e.experts), Up: make([]uint64, e.experts), Down: make([]uint64, e.experts),
 	}
 	if e.gk != nil {
@@ -272,4 +272,17 @@ func (e *Engine) layerKernels(c FFNCall, reqs []uint64, topk []int64, counts [][
 		e.phase(phaseObserve, planned)
 	}
 	return routingErr(err)
+}
+
+// checkActivations fails when call c's activations are not of the
+// experts' type dt, the one the kernels compute in.
+func checkActivations(c FFNCall, dt dtype.DType) error {
+	if c.DType != dt {
+		act := c.DType.TorchName()
+		if c.DType == dtype.Invalid {
+			act = "of another type (not bfloat16 or float16)"
+		}
+		return fmt.Errorf("%w: activations are %s but the experts are %s", ErrInvalid, act, dt.TorchName())
+	}
+	return nil
 }

@@ -9,6 +9,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/moe-infinity/moe_infinity/go/backend"
+	"github.com/moe-infinity/moe_infinity/go/dtype"
 	"github.com/moe-infinity/moe_infinity/go/layout"
 )
 
@@ -119,7 +120,8 @@ func TestGptOssExecutorPlan(t *testing.T) {
 				return
 			}
 			assert.True(t, ex.Mapped, "mapped mode reads gpt-oss experts (biases and scales too) in place")
-			assert.Equal(t, [3]int64{0, gH, gI}, [3]int64{ex.DType, ex.Hidden, ex.Inter})
+			assert.Equal(t, dtype.BF16, ex.DType)
+			assert.Equal(t, [2]int64{gH, gI}, [2]int64{ex.Hidden, ex.Inter})
 			if tc.mxfp4 {
 				assert.Equal(t, "mxfp4", ex.Quant)
 			} else {
@@ -150,7 +152,7 @@ func gptOssOnViews(t *testing.T, e *Engine, io *ffnIO, layer, T, K, E int) []byt
 	c := ref.call(layer, T, K)
 	q := &backend.GptOssArgs{Alpha: 1.702, Limit: 7, GateUpBias: make([]uint64, E), DownBias: make([]uint64, E)}
 	a := backend.FFNArgs{X: c.X, Out: c.Out, Scratch: c.Scratch, TopK: c.TopK, Weights: c.Weights, T: c.T, K: c.K,
-		Hidden: gH, Inter: gI, GateUp: make([]uint64, E), Down: make([]uint64, E), GptOss: q}
+		Hidden: gH, Inter: gI, DType: dtype.BF16, WDType: dtype.F32, GateUp: make([]uint64, E), Down: make([]uint64, E), GptOss: q}
 	for i, v := range views {
 		base, err := e.SlotAddr(int(v))
 		require.NoError(t, err)

@@ -6,6 +6,7 @@ import (
 
 	"github.com/moe-infinity/moe_infinity/go/backend"
 	"github.com/moe-infinity/moe_infinity/go/cache"
+	"github.com/moe-infinity/moe_infinity/go/dtype"
 )
 
 // Hybrid execution inside CUDA-graph replays (the graph hand-off). A
@@ -73,14 +74,14 @@ func (e *Engine) setCaptureHandOff(copyNext bool) error {
 // CPU computes in this replay, with the layer's mailbox and its routing
 // weights' type; none when the replay has no hand-off or the layer no
 // mailbox.
-func (e *Engine) graphCPU(it mappedItem, i int, ids []int64) ([]int32, backend.HostWork, int64) {
+func (e *Engine) graphCPU(it mappedItem, i int, ids []int64) ([]int32, backend.HostWork, dtype.DType) {
 	ch := e.ft.CopyHandOff
 	if !it.handed || ch == nil || !e.hybridOn() {
-		return nil, backend.HostWork{}, 0
+		return nil, backend.HostWork{}, dtype.Invalid
 	}
 	w, wdt, ok := ch.LayerWork(i)
 	if !ok {
-		return nil, backend.HostWork{}, 0
+		return nil, backend.HostWork{}, dtype.Invalid
 	}
 	l := it.layers[i]
 	seen := make([]bool, e.experts)
@@ -103,18 +104,18 @@ func (e *Engine) graphCPU(it mappedItem, i int, ids []int64) ([]int32, backend.H
 // its partial output while the backend queues the loads' copies, and the
 // answer follows both (backend.CopyHandOff.ServeLayerCPU). cpuX are
 // counted as misses but not admitted.
-func (e *Engine) serveHandOff(i int, seq uint64, loads []backend.SlotLoad, l backend.CapturedLayer, ids []int64, cpuX []int32, w backend.HostWork, wdt int64) error {
-	hidden, inter, code, err := e.FFNShape()
+func (e *Engine) serveHandOff(i int, seq uint64, loads []backend.SlotLoad, l backend.CapturedLayer, ids []int64, cpuX []int32, w backend.HostWork, wdt dtype.DType) error {
+	hidden, inter, dt, err := e.FFNShape()
 	if err != nil {
 		return err
 	}
-	c := FFNCall{Layer: l.Layer, T: l.Pairs / max(l.K, 1), K: l.K, DType: code, WDType: wdt}
+	c := FFNCall{Layer: l.Layer, T: l.Pairs / max(l.K, 1), K: l.K, DType: dt, WDType: wdt}
 	done := make(chan cpuDone, 1)
 	go func() {
 		t0 := time.Now()
 		h := &e.hybrid
 		h.mu.Lock()
-		err := e.cpuPart(c, cpuX, ids, w, hidden, inter, code)
+		err := e.cpuPart(c, cpuX, ids, w, hidden, inter)
 		h.mu.Unlock()
 		done <- cpuDone{time.Since(t0), err}
 	}()

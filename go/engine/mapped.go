@@ -111,12 +111,12 @@ func (e *Engine) LayerMapped(c FFNCall, reqs []uint64) error {
 	if c.Layer < 0 || c.Layer >= e.layers {
 		return fmt.Errorf("%w: layer %d out of range [0, %d)", ErrInvalid, c.Layer, e.layers)
 	}
-	hidden, inter, code, err := e.FFNShape()
+	hidden, inter, dt, err := e.FFNShape()
 	if err != nil {
 		return err
 	}
-	if c.DType != code {
-		return fmt.Errorf("%w: activations have dtype code %d but the experts have %d", ErrInvalid, c.DType, code)
+	if err := checkActivations(c, dt); err != nil {
+		return err
 	}
 	if err := e.checkLayer(c.Layer); err != nil {
 		return err
@@ -127,7 +127,7 @@ func (e *Engine) LayerMapped(c FFNCall, reqs []uint64) error {
 	t0 := time.Now()
 	r, err := mb.MappedFFN(c.Layer, backend.FFNArgs{
 		Stream: c.Stream, X: c.X, Out: c.Out, Scratch: c.Scratch, TopK: c.TopK, Weights: c.Weights,
-		T: c.T, K: c.K, Hidden: hidden, Inter: inter, DType: code, WDType: c.WDType, FP8: e.fp8, GptOss: e.gptoss,
+		T: c.T, K: c.K, Hidden: hidden, Inter: inter, DType: dt, WDType: c.WDType, FP8: e.fp8, GptOss: e.gptoss,
 	})
 	e.phase(phaseKernels, t0)
 	if err != nil {

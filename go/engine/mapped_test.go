@@ -123,7 +123,7 @@ func addr[T any](s []T) uint64 { return uint64(uintptr(unsafe.Pointer(&s[0]))) }
 
 func (io *ffnIO) call(layer, T, K int) FFNCall {
 	return FFNCall{Layer: layer, X: addr(io.x), Out: addr(io.out), Scratch: addr(io.scratch), TopK: addr(io.topk),
-		Weights: addr(io.weights), T: int64(T), K: int64(K)}
+		Weights: addr(io.weights), T: int64(T), K: int64(K), DType: dtype.BF16, WDType: dtype.F32}
 }
 
 // reference computes the call through the synchronous path (Acquire of
@@ -191,8 +191,14 @@ func TestMappedLayerRejectsBadInput(t *testing.T) {
 	bad := io.call(3, 1, 2)
 	assert.ErrorIs(t, e.LayerMapped(bad, nil), ErrInvalid, "layer out of range")
 	c := io.call(0, 1, 2)
-	c.DType = 1
+	c.DType = dtype.F16
 	assert.ErrorIs(t, e.LayerMapped(c, nil), ErrInvalid, "float16 activations for bfloat16 experts")
+	c.DType = dtype.Invalid
+	err := e.LayerMapped(c, nil)
+	assert.ErrorIs(t, err, ErrInvalid)
+	assert.ErrorContains(t, err, "activations are of another type (not bfloat16 or float16) but the experts are bfloat16")
+	c.DType, c.WDType = dtype.BF16, dtype.F64
+	assert.ErrorContains(t, e.LayerMapped(c, nil), "routing-weight dtype F64", "routing weights the kernels do not read")
 	// An id out of range is skipped by the computation (as on a GPU,
 	// where it is only seen once the routing reaches the host) and
 	// reported by a call after the tracer has read it...
@@ -200,7 +206,7 @@ func TestMappedLayerRejectsBadInput(t *testing.T) {
 	require.NoError(t, e.LayerMapped(io.call(0, 1, 2), nil))
 	e.drainMapped()
 	io.topk[1] = 2
-	err := e.LayerMapped(io.call(0, 1, 2), nil)
+	err = e.LayerMapped(io.call(0, 1, 2), nil)
 	require.ErrorIs(t, err, ErrInvalid)
 	assert.Contains(t, err.Error(), "routes to expert 9, out of range [0, 4)")
 	require.NoError(t, e.LayerMapped(io.call(0, 1, 2), nil), "reported once")

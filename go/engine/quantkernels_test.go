@@ -8,6 +8,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/moe-infinity/moe_infinity/go/backend"
+	"github.com/moe-infinity/moe_infinity/go/dtype"
 )
 
 // qIO is one layer call's tensors at the quantized test model's sizes.
@@ -41,7 +42,7 @@ func onViews(t *testing.T, e *Engine, io *ffnIO, layer, T, K, E int) []byte {
 	ref := &ffnIO{x: io.x, out: make([]byte, len(io.out)), scratch: make([]float32, len(io.scratch)), topk: io.topk, weights: io.weights}
 	c := ref.call(layer, T, K)
 	a := backend.FFNArgs{X: c.X, Out: c.Out, Scratch: c.Scratch, TopK: c.TopK, Weights: c.Weights, T: c.T, K: c.K,
-		Hidden: qH, Inter: qI, GateUp: make([]uint64, E), Down: make([]uint64, E)}
+		Hidden: qH, Inter: qI, DType: dtype.BF16, WDType: dtype.F32, GateUp: make([]uint64, E), Down: make([]uint64, E)}
 	for i, v := range views {
 		base, err := e.SlotAddr(int(v))
 		require.NoError(t, err)
@@ -58,7 +59,8 @@ func TestQuantizedFP8KernelsComputeFromTheSlotsWhatTheDequantizedViewsGive(t *te
 	assert.True(t, ex.Kernels, ex.KernelsOff)
 	assert.Equal(t, "fp8", ex.Quant)
 	assert.True(t, ex.Mapped, "mapped mode reads FP8 experts and their scale grids in place")
-	assert.Equal(t, [3]int64{0, qH, qI}, [3]int64{ex.DType, ex.Hidden, ex.Inter}, "the views' dtype and sizes")
+	assert.Equal(t, dtype.BF16, ex.DType, "the views' dtype")
+	assert.Equal(t, [2]int64{qH, qI}, [2]int64{ex.Hidden, ex.Inter}, "the views' sizes")
 	assert.Positive(t, p.Views.Count)
 
 	rng := rand.New(rand.NewPCG(7, 8))
@@ -268,7 +270,7 @@ func TestQuantizedExpertsOnAGPUCaptureMappedSteps(t *testing.T) {
 }
 
 func TestChoosePathQuantized(t *testing.T) {
-	only := ExecutorPlan{Kernels: true, DType: 0, Quant: "fp8"}
+	only := ExecutorPlan{Kernels: true, DType: dtype.BF16, Quant: "fp8"}
 	mapped := only
 	mapped.Mapped, mapped.MaxMappedPairs = true, 8
 	tests := []struct {
@@ -276,20 +278,20 @@ func TestChoosePathQuantized(t *testing.T) {
 		in   PathInputs
 		want Path
 	}{
-		{"routing on the device", PathInputs{Exec: only, Tokens: 1, K: 2, WeightsOK: true}, PathNeedRouting},
-		{"decode", PathInputs{Exec: only, Tokens: 1, K: 2, WeightsOK: true, HostRouting: true, Needed: 2, MaxPin: 4}, PathKernels},
-		{"large prefill: the caller's code on views", PathInputs{Exec: only, Tokens: 512, K: 2, WeightsOK: true, HostRouting: true, Needed: 4, MaxPin: 4, ExpertBytes: 1 << 30}, PathHostStream},
-		{"caller asks for its code", PathInputs{Exec: only, Flags: LayerNoKernels | LayerHostBatched, Tokens: 1, K: 2, HostRouting: true, Needed: 2, MaxPin: 4}, PathHostStacked},
-		{"more experts than views at once: streamed", PathInputs{Exec: only, Tokens: 8, K: 2, WeightsOK: true, HostRouting: true, Needed: 9, MaxPin: 4}, PathHostStream},
-		{"mapped: decode", PathInputs{Exec: mapped, Tokens: 1, K: 2, WeightsOK: true}, PathMapped},
-		{"mapped: decode with the routing on the host too", PathInputs{Exec: mapped, Tokens: 1, K: 2, WeightsOK: true, HostRouting: true, Needed: 2, MaxPin: 4}, PathMapped},
-		{"mapped: large prefill goes through slots", PathInputs{Exec: mapped, Tokens: 512, K: 2, WeightsOK: true, ExpertBytes: 1 << 30}, PathNeedRouting},
-		{"mapped: caller turned mapped mode off", PathInputs{Exec: mapped, Flags: LayerNoMapped, Tokens: 1, K: 2, WeightsOK: true}, PathNeedRouting},
-		{"mapped: failed to start", PathInputs{Exec: mapped, MappedOff: true, Tokens: 1, K: 2, WeightsOK: true}, PathNeedRouting},
-		{"mapped: more pairs than a mapped call takes", PathInputs{Exec: mapped, Tokens: 8, K: 2, WeightsOK: true}, PathNeedRouting},
-		{"mapped: routing weights the kernels do not read", PathInputs{Exec: mapped, Tokens: 1, K: 2}, PathNeedRouting},
-		{"mapped: activations of another dtype", PathInputs{Exec: mapped, Tokens: 1, K: 2, WeightsOK: true, DType: 1}, PathNeedRouting},
-		{"mapped: routing gaps: the caller's code", PathInputs{Exec: mapped, Flags: LayerRoutingGaps, Tokens: 1, K: 2, WeightsOK: true, HostRouting: true, Needed: 1, MaxPin: 4}, PathHostStream},
+		{"routing on the device", PathInputs{Exec: only, DType: dtype.BF16, Tokens: 1, K: 2, WeightsOK: true}, PathNeedRouting},
+		{"decode", PathInputs{Exec: only, DType: dtype.BF16, Tokens: 1, K: 2, WeightsOK: true, HostRouting: true, Needed: 2, MaxPin: 4}, PathKernels},
+		{"large prefill: the caller's code on views", PathInputs{Exec: only, DType: dtype.BF16, Tokens: 512, K: 2, WeightsOK: true, HostRouting: true, Needed: 4, MaxPin: 4, ExpertBytes: 1 << 30}, PathHostStream},
+		{"caller asks for its code", PathInputs{Exec: only, DType: dtype.BF16, Flags: LayerNoKernels | LayerHostBatched, Tokens: 1, K: 2, HostRouting: true, Needed: 2, MaxPin: 4}, PathHostStacked},
+		{"more experts than views at once: streamed", PathInputs{Exec: only, DType: dtype.BF16, Tokens: 8, K: 2, WeightsOK: true, HostRouting: true, Needed: 9, MaxPin: 4}, PathHostStream},
+		{"mapped: decode", PathInputs{Exec: mapped, DType: dtype.BF16, Tokens: 1, K: 2, WeightsOK: true}, PathMapped},
+		{"mapped: decode with the routing on the host too", PathInputs{Exec: mapped, DType: dtype.BF16, Tokens: 1, K: 2, WeightsOK: true, HostRouting: true, Needed: 2, MaxPin: 4}, PathMapped},
+		{"mapped: large prefill goes through slots", PathInputs{Exec: mapped, DType: dtype.BF16, Tokens: 512, K: 2, WeightsOK: true, ExpertBytes: 1 << 30}, PathNeedRouting},
+		{"mapped: caller turned mapped mode off", PathInputs{Exec: mapped, DType: dtype.BF16, Flags: LayerNoMapped, Tokens: 1, K: 2, WeightsOK: true}, PathNeedRouting},
+		{"mapped: failed to start", PathInputs{Exec: mapped, DType: dtype.BF16, MappedOff: true, Tokens: 1, K: 2, WeightsOK: true}, PathNeedRouting},
+		{"mapped: more pairs than a mapped call takes", PathInputs{Exec: mapped, DType: dtype.BF16, Tokens: 8, K: 2, WeightsOK: true}, PathNeedRouting},
+		{"mapped: routing weights the kernels do not read", PathInputs{Exec: mapped, DType: dtype.BF16, Tokens: 1, K: 2}, PathNeedRouting},
+		{"mapped: activations of another dtype", PathInputs{Exec: mapped, Tokens: 1, K: 2, WeightsOK: true, DType: dtype.F16}, PathNeedRouting},
+		{"mapped: routing gaps: the caller's code", PathInputs{Exec: mapped, DType: dtype.BF16, Flags: LayerRoutingGaps, Tokens: 1, K: 2, WeightsOK: true, HostRouting: true, Needed: 1, MaxPin: 4}, PathHostStream},
 	}
 	for _, tc := range tests {
 		assert.Equal(t, tc.want, ChoosePath(tc.in), tc.name)

@@ -12,6 +12,7 @@ import (
 
 	"github.com/moe-infinity/moe_infinity/go/backend"
 	"github.com/moe-infinity/moe_infinity/go/cache"
+	"github.com/moe-infinity/moe_infinity/go/dtype"
 	"github.com/moe-infinity/moe_infinity/go/sim"
 )
 
@@ -113,7 +114,7 @@ func replayThroughEngine(t *testing.T, tr *sim.Trace, run engineRun) cache.Layer
 					io.topk[j] = int64(x)
 				}
 				a := LayerArgs{FFNCall: io.call(l, 1, len(group)), Reqs: []uint64{id}, TopKHost: io.topk, Flags: flags}
-				a.WDType = backend.WeightsF32
+				a.WDType = dtype.F32
 				be.hold(l)
 				r, err := e.Layer(a)
 				require.NoError(t, err)

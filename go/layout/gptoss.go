@@ -25,10 +25,10 @@ var GptOssRegions = [4]string{"gate_up_proj", "gate_up_proj_bias", "down_proj", 
 type GptOssKernel struct {
 	// Hidden and Inter are the FFN sizes H and I.
 	Hidden, Inter int64
-	// DType is the activations' (and biases') type, as its torch name
-	// ("bfloat16" or "float16"): the matrices' for bfloat16/float16
-	// experts, the views' for MXFP4 ones.
-	DType string
+	// DType is the activations' (and biases') type, dtype.BF16 or
+	// dtype.F16: the matrices' for bfloat16/float16 experts, the views'
+	// for MXFP4 ones.
+	DType dtype.DType
 	// MXFP4 says the matrices are MXFP4 blocks with e8m0 scales.
 	MXFP4 bool
 	// GateUp and Down are the offsets of the matrices: gate_up_proj
@@ -82,7 +82,7 @@ func (l *Layout) GptOssKernel() (GptOssKernel, error) {
 	if err != nil {
 		return GptOssKernel{}, err
 	}
-	return GptOssKernel{Hidden: hidden, Inter: inter, DType: dt.TorchName(),
+	return GptOssKernel{Hidden: hidden, Inter: inter, DType: dt,
 		GateUp: regs[0].Offset, GateUpBias: regs[1].Offset, Down: regs[2].Offset, DownBias: regs[3].Offset}, nil
 }
 
@@ -110,7 +110,7 @@ func (v *Views) GptOssKernel() (GptOssKernel, error) {
 			}
 		}
 	}
-	k := GptOssKernel{Hidden: hidden, Inter: inter, DType: dt.TorchName(), MXFP4: true}
+	k := GptOssKernel{Hidden: hidden, Inter: inter, DType: dt, MXFP4: true}
 	for i, want := range [4]bool{true, false, true, false} {
 		p, name := parts[i], GptOssRegions[i]
 		src := v.slot.Regions[p.src]

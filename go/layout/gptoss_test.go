@@ -61,7 +61,7 @@ func TestGptOssKernelLocatesTheBF16MatricesAndBiases(t *testing.T) {
 		require.True(t, ok, name)
 		return r.Offset
 	}
-	assert.Equal(t, GptOssKernel{Hidden: 64, Inter: 32, DType: "bfloat16", GateUp: off("gate_up_proj"), GateUpBias: off("gate_up_proj_bias"),
+	assert.Equal(t, GptOssKernel{Hidden: 64, Inter: 32, DType: dtype.BF16, GateUp: off("gate_up_proj"), GateUpBias: off("gate_up_proj_bias"),
 		Down: off("down_proj"), DownBias: off("down_proj_bias")}, k)
 }
 
@@ -75,7 +75,7 @@ func TestGptOssKernelLocatesTheMXFP4BlocksScalesAndBiasesInTheSlot(t *testing.T)
 		require.True(t, ok, name)
 		return r.Offset
 	}
-	assert.Equal(t, GptOssKernel{Hidden: 64, Inter: 96, DType: "bfloat16", MXFP4: true,
+	assert.Equal(t, GptOssKernel{Hidden: 64, Inter: 96, DType: dtype.BF16, MXFP4: true,
 		GateUp: off("gate_up_proj_blocks"), GateUpScale: off("gate_up_proj_scales"), GateUpBias: off("gate_up_proj_bias"),
 		Down: off("down_proj_blocks"), DownScale: off("down_proj_scales"), DownBias: off("down_proj_bias")}, k,
 		"offsets in the slot image (the checkpoint's bytes), sizes from the views")

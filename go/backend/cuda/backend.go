@@ -64,19 +64,15 @@ type Backend struct {
 	done     atomic.Int64
 	total    atomic.Int64
 
-	mod     cu.Module
-	gateUp  cu.Function
-	down    cu.Function
-	gateUp8 cu.Function // FP8 block-scaled experts (FFNArgs.FP8)
-	down8   cu.Function
-	// gpt-oss experts (FFNArgs.GptOss): bfloat16/float16, and MXFP4.
-	gateUpOss, downOss   cu.Function
-	gateUpOss4, downOss4 cu.Function
-	tables               [tableRing]uint64
-	tableEv              [tableRing]uintptr
-	tableH               unsafe.Pointer // pinned host staging of the tables (tableRing × MaxEntries × tableN pointers)
-	tableN               int
-	tableI               atomic.Uint64
+	mod cu.Module
+	// ffnFns are the FFN kernels (every kernel of kernelParamStructs) by
+	// name: SwiGLU, FP8 (FFNArgs.FP8) and gpt-oss (FFNArgs.GptOss) experts.
+	ffnFns  map[string]cu.Function
+	tables  [tableRing]uint64
+	tableEv [tableRing]uintptr
+	tableH  unsafe.Pointer // pinned host staging of the tables (tableRing × MaxEntries × tableN pointers)
+	tableN  int
+	tableI  atomic.Uint64
 
 	m atomic.Pointer[mapped] // mapped mode, once enabled
 
@@ -195,25 +191,12 @@ func (b *Backend) Open(slots int, slotBytes int64, src backend.Source) (err erro
 		if b.mod, err = cu.LoadData(ptx); err != nil {
 			return fmt.Errorf("backend cuda: loading the kernels: %w", err)
 		}
-		if b.gateUp, err = b.mod.Function("moe_gate_up_swiglu"); err != nil {
-			return err
-		}
-		if b.down, err = b.mod.Function("moe_down"); err != nil {
-			return err
-		}
-		if b.gateUp8, err = b.mod.Function("moe_gate_up_swiglu_fp8"); err != nil {
-			return err
-		}
-		if b.down8, err = b.mod.Function("moe_down_fp8"); err != nil {
-			return err
-		}
-		for _, k := range []struct {
-			f    *cu.Function
-			name string
-		}{{&b.gateUpOss, "moe_gate_up_gptoss"}, {&b.downOss, "moe_down_gptoss"},
-			{&b.gateUpOss4, "moe_gate_up_gptoss_mxfp4"}, {&b.downOss4, "moe_down_gptoss_mxfp4"}} {
-			if *k.f, err = b.mod.Function(k.name); err != nil {
-				return err
+		b.ffnFns = map[string]cu.Function{}
+		for _, ps := range kernelParamStructs {
+			for _, k := range ps.kernels {
+				if b.ffnFns[k], err = b.mod.Function(k); err != nil {
+					return err
+				}
 			}
 		}
 		_, perLayer := ss.Shape()

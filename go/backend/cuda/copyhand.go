@@ -8,6 +8,7 @@ import (
 	"unsafe"
 
 	"github.com/moe-infinity/moe_infinity/go/backend"
+	"github.com/moe-infinity/moe_infinity/go/dtype"
 )
 
 // The copy-mode hand-off (backend.CopyHandOff): hybrid execution inside
@@ -49,7 +50,7 @@ type copyHand struct {
 type handLayer struct {
 	ok     bool
 	mb     int
-	wdtype int64
+	wdtype dtype.DType
 }
 
 func align16(n int64) int64 { return (n + 15) &^ 15 }
@@ -136,12 +137,9 @@ func (b *Backend) captureHand(m *mapped, i int, a backend.FFNArgs) (params [9]ui
 	if h == nil || !h.on {
 		return params, 0, 0
 	}
-	wsize := int64(2)
-	if a.WDType == backend.WeightsF32 {
-		wsize = 4
-	}
+	wsize := int64(a.WDType.Size())
 	P := a.T * a.K
-	if i != len(h.layers) || i >= h.slots || a.T > h.tokens || a.Hidden != h.hidden || a.FP8 != nil || P*wsize > h.wBytes {
+	if i != len(h.layers) || i >= h.slots || a.T > h.tokens || a.Hidden != h.hidden || a.FP8 != nil || !backend.IsRoutingWeightsDType(a.WDType) || P*wsize > h.wBytes {
 		h.layers = append(h.layers, handLayer{})
 		return params, 0, 0
 	}
@@ -154,14 +152,14 @@ func (b *Backend) captureHand(m *mapped, i int, a backend.FFNArgs) (params [9]ui
 }
 
 // LayerWork returns captured layer i's mailbox.
-func (b *Backend) LayerWork(i int) (backend.HostWork, int64, bool) {
+func (b *Backend) LayerWork(i int) (backend.HostWork, dtype.DType, bool) {
 	m := b.m.Load()
 	if m == nil || m.cp == nil || m.cp.hand == nil || !m.copyMode {
-		return backend.HostWork{}, 0, false
+		return backend.HostWork{}, dtype.Invalid, false
 	}
 	h := m.cp.hand
 	if !h.on || i < 0 || i >= len(h.layers) || !h.layers[i].ok {
-		return backend.HostWork{}, 0, false
+		return backend.HostWork{}, dtype.Invalid, false
 	}
 	l := h.layers[i]
 	base := uintptr(h.host) + uintptr(h.off(l.mb))

@@ -82,13 +82,25 @@ static CUresult moe_host_device_ptr(uint64_t *d, void *p) {
 	*d = (uint64_t)dp;
 	return r;
 }
-// Launches f with n (<= 16) 8-byte parameters whose values are in vals: the
-// parameter array lives on the C stack, so no Go memory holds pointers.
+// The most 8-byte parameters a kernel launched with moe_launch takes
+// (moe_publish_wait's 19); the FFN kernels take one struct (moe_launch_struct).
+#define MOE_MAX_PARAMS 19
+// Launches f with n (<= MOE_MAX_PARAMS) 8-byte parameters whose values are
+// in vals: the parameter array lives on the C stack, so no Go memory holds
+// pointers.
 static CUresult moe_launch(uintptr_t f, unsigned int gx, unsigned int gy, unsigned int bx, uintptr_t s,
                            const uint64_t *vals, int n) {
-	void *params[24];
-	if (n > 24) return CUDA_ERROR_INVALID_VALUE;
+	void *params[MOE_MAX_PARAMS];
+	if (n > MOE_MAX_PARAMS) return CUDA_ERROR_INVALID_VALUE;
 	for (int i = 0; i < n; i++) params[i] = (void *)&vals[i];
+	return cuLaunchKernel((CUfunction)f, gx, gy, 1, bx, 1, 1, 0, (CUstream)s, params, 0);
+}
+// Launches f, whose one parameter is a struct passed by value (the FFN
+// kernels, cuda/moe_params.h), with that struct at p: cuLaunchKernel copies
+// it before it returns (also into a graph being captured).
+static CUresult moe_launch_struct(uintptr_t f, unsigned int gx, unsigned int gy, unsigned int bx, uintptr_t s,
+                                  const void *p) {
+	void *params[1] = {(void *)p};
 	return cuLaunchKernel((CUfunction)f, gx, gy, 1, bx, 1, 1, 0, (CUstream)s, params, 0);
 }
 static CUresult moe_pci_bus_id(char *buf, int n, int dev) { return cuDeviceGetPCIBusId(buf, n, (CUdevice)dev); }
@@ -378,11 +390,19 @@ func rawFunc(f cu.Function) uintptr { return *(*uintptr)(unsafe.Pointer(&f)) }
 // launch runs f on a grid of gx × gy blocks of bx threads on stream s,
 // with 8-byte parameters vals (pointers and int64s), without allocating.
 func launch(f cu.Function, gx, gy, bx int, s uintptr, vals ...uint64) error {
-	if len(vals) == 0 || len(vals) > 24 {
+	if len(vals) == 0 || len(vals) > C.MOE_MAX_PARAMS {
 		return fmt.Errorf("cuda: launch with %d parameters", len(vals))
 	}
 	return check("cuLaunchKernel", C.moe_launch(C.uintptr_t(rawFunc(f)), C.uint(gx), C.uint(gy), C.uint(bx), C.uintptr_t(s),
 		(*C.uint64_t)(unsafe.Pointer(&vals[0])), C.int(len(vals))))
+}
+
+// launchParams runs the FFN kernel f on a grid of gx × gy blocks of bx
+// threads on stream s with its parameter struct *p (kparams.go), passed as
+// the one entry of the launch's argument array. p holds no Go pointers.
+func launchParams[P kernelParams](f cu.Function, gx, gy, bx int, s uintptr, p *P) error {
+	return check("cuLaunchKernel", C.moe_launch_struct(C.uintptr_t(rawFunc(f)), C.uint(gx), C.uint(gy), C.uint(bx), C.uintptr_t(s),
+		unsafe.Pointer(p)))
 }
 
 func copyDtoH(dst unsafe.Pointer, src uint64, n int64) error {

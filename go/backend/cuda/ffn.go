@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"unsafe"
 
-	"gorgonia.org/cu"
-
 	"github.com/moe-infinity/moe_infinity/go/backend"
 )
 
@@ -15,43 +13,14 @@ import (
 // stages x in shared memory (MOE_MAX_SMEM_FLOATS in cuda/moe_ffn.cu).
 const fp8MaxHidden = 12288
 
-// launchFFNSkip launches moe_gate_up_swiglu and moe_down (their _fp8
-// variants for FP8 experts, with the scale grids' tables) on a.Stream with
-// the pointer tables at tab: entry j (backend.EntryGate, ...) of expert e
-// at tab + 8·(j·n + e), n experts (3 entries each, 6 for FP8 experts).
-// Null entries skip their pairs; a.Addend (0: none) joins moe_down's sums.
-// skip is a copy-mode hand-off's device skip list (0: none; bfloat16/
-// float16 experts only): pairs of the experts it lists are skipped, and
-// a.Addend is added only when it says so.
-func (b *Backend) launchFFNSkip(a backend.FFNArgs, tab uint64, n int, skip uint64) error {
-	P := a.T * a.K
-	E := uint64(n)
-	at := func(j int) uint64 { return tab + uint64(8*j*n) }
-	gt, ut, dt := at(backend.EntryGate), at(backend.EntryUp), at(backend.EntryDown)
-	grid := int((a.Inter + warpsPerBlock - 1) / warpsPerBlock)
-	if q := a.FP8; q != nil {
-		if err := launch(b.gateUp8, grid, int(P), 32*warpsPerBlock, a.Stream,
-			a.X, a.TopK, gt, ut, a.Scratch, uint64(P), uint64(a.K), uint64(a.Hidden), uint64(a.Inter), uint64(a.DType), E,
-			uint64(q.BlockRows), uint64(q.BlockCols), at(backend.EntryGateScale), at(backend.EntryUpScale), uint64(q.UpRow0)); err != nil {
-			return fmt.Errorf("launching moe_gate_up_swiglu_fp8: %w", err)
-		}
-		grid = int((a.Hidden + warpsPerBlock - 1) / warpsPerBlock)
-		if err := launch(b.down8, grid, int(a.T), 32*warpsPerBlock, a.Stream,
-			a.Scratch, a.TopK, dt, a.Weights, a.Out, uint64(a.T), uint64(a.K), uint64(a.Hidden), uint64(a.Inter), uint64(a.DType), E,
-			a.KernelWDType(), uint64(q.BlockRows), uint64(q.BlockCols), at(backend.EntryDownScale), a.Addend); err != nil {
-			return fmt.Errorf("launching moe_down_fp8: %w", err)
-		}
-		return nil
+// launchFFN launches l's two kernels (gate_up, then down) on stream s,
+// each with its parameter struct.
+func launchFFN[G, D kernelParams](b *Backend, l ffnLaunches[G, D], s uintptr) error {
+	if err := launchParams(b.ffnFns[l.kernels[0]], l.grids[0][0], l.grids[0][1], 32*warpsPerBlock, s, &l.gateUp); err != nil {
+		return fmt.Errorf("launching %s: %w", l.kernels[0], err)
 	}
-	if err := launch(b.gateUp, grid, int(P), 32*warpsPerBlock, a.Stream,
-		a.X, a.TopK, gt, ut, a.Scratch, uint64(P), uint64(a.K), uint64(a.Hidden), uint64(a.Inter), uint64(a.DType), E, skip); err != nil {
-		return fmt.Errorf("launching moe_gate_up_swiglu: %w", err)
-	}
-	grid = int((a.Hidden + warpsPerBlock - 1) / warpsPerBlock)
-	if err := launch(b.down, grid, int(a.T), 32*warpsPerBlock, a.Stream,
-		a.Scratch, a.TopK, dt, a.Weights, a.Out, uint64(a.T), uint64(a.K), uint64(a.Hidden), uint64(a.Inter), uint64(a.DType), E,
-		a.KernelWDType(), a.Addend, skip); err != nil {
-		return fmt.Errorf("launching moe_down: %w", err)
+	if err := launchParams(b.ffnFns[l.kernels[1]], l.grids[1][0], l.grids[1][1], 32*warpsPerBlock, s, &l.down); err != nil {
+		return fmt.Errorf("launching %s: %w", l.kernels[1], err)
 	}
 	return nil
 }
@@ -68,31 +37,25 @@ func checkFP8(a backend.FFNArgs) error {
 	return nil
 }
 
-// launchTables launches the kernels a's experts need (launchFFNSkip, or
-// launchGptOss for a.GptOss) over the tables at tab (n experts).
+// launchTables launches the kernels a's experts need (swigluLaunches, or
+// gptOssLaunches for a.GptOss) on a.Stream over the tables at tab (n
+// experts), with the hand-off's skip list skip (0: none).
 func (b *Backend) launchTables(a backend.FFNArgs, tab uint64, n int, skip uint64) error {
 	if a.GptOss != nil {
 		if skip != 0 {
 			return fmt.Errorf("backend cuda: the gpt-oss kernels take no hand-off skip list")
 		}
-		return b.launchGptOss(a, tab, n)
-	}
-	return b.launchFFNSkip(a, tab, n, skip)
-}
-
-// launchGptOss launches the gpt-oss kernels (gptOssLaunches) on
-// a.Stream with the tables at tab (gptOssTable's layout, n experts).
-func (b *Backend) launchGptOss(a backend.FFNArgs, tab uint64, n int) error {
-	fns := map[string]cu.Function{
-		"moe_gate_up_gptoss": b.gateUpOss, "moe_down_gptoss": b.downOss,
-		"moe_gate_up_gptoss_mxfp4": b.gateUpOss4, "moe_down_gptoss_mxfp4": b.downOss4,
-	}
-	for _, l := range gptOssLaunches(a, tab, n) {
-		if err := launch(fns[l.kernel], l.grid[0], l.grid[1], 32*warpsPerBlock, a.Stream, l.args...); err != nil {
-			return fmt.Errorf("launching %s: %w", l.kernel, err)
+		l, err := gptOssLaunches(a, tab, n)
+		if err != nil {
+			return err
 		}
+		return launchFFN(b, l, a.Stream)
 	}
-	return nil
+	l, err := swigluLaunches(a, tab, n, skip)
+	if err != nil {
+		return err
+	}
+	return launchFFN(b, l, a.Stream)
 }
 
 // FFN launches moe_gate_up_swiglu and moe_down (or the gpt-oss kernels,

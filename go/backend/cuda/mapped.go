@@ -213,8 +213,9 @@ func (b *Backend) MappedFFN(layer int, a backend.FFNArgs) (*backend.Routing, err
 		return nil, fmt.Errorf("backend cuda: mapped FFN of %d tokens × %d experts (at most %d pairs)", a.T, a.K, routingIDs)
 	case a.X == 0 || a.Out == 0 || a.Scratch == 0 || a.TopK == 0 || a.Weights == 0:
 		return nil, fmt.Errorf("backend cuda: mapped FFN: a tensor address is null")
-	case a.DType != 0 && a.DType != 1:
-		return nil, fmt.Errorf("backend cuda: mapped FFN dtype %d (0 = bfloat16, 1 = float16)", a.DType)
+	}
+	if _, _, err := kernelDTypes(a); err != nil {
+		return nil, err
 	}
 	if err := m.tab.Lay.CheckArgs(a); err != nil {
 		return nil, fmt.Errorf("backend cuda: %w", err)

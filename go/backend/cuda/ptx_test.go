@@ -8,8 +8,10 @@ import (
 	"errors"
 	"math"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
+	"unsafe"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -200,15 +202,83 @@ func TestFP8NaNDetection(t *testing.T) {
 	}
 }
 
-// ptxParams is the number of parameters kernel takes in ptx.
-func ptxParams(t *testing.T, ptx, kernel string) int {
+// ptxStructParam is the size in bytes of kernel's one by-value struct
+// parameter in ptx, or -1 when it takes anything else.
+func ptxStructParam(t *testing.T, ptx, kernel string) int {
 	t.Helper()
-	i := strings.Index(ptx, ".visible .entry "+kernel+"(")
-	require.GreaterOrEqual(t, i, 0, "kernel %s", kernel)
-	return strings.Count(ptx[i:i+strings.Index(ptx[i:], ")")], ".param ")
+	m := regexp.MustCompile(`(?s)\.visible \.entry ` + kernel + `\(\s*\.param \.align 8 \.b8 ` + kernel + `_param_0\[(\d+)\]\s*\)`).FindStringSubmatch(ptx)
+	if m == nil {
+		return -1
+	}
+	n, err := strconv.Atoi(m[1])
+	require.NoError(t, err)
+	return n
 }
 
-func TestGptOssLaunchesMatchTheKernelsParameters(t *testing.T) {
+// checkLaunchSizes checks that both PTX builds' kernels of l take one
+// struct of the size Go passes.
+func checkLaunchSizes[G, D kernelParams](t *testing.T, l ffnLaunches[G, D]) {
+	t.Helper()
+	sizes := [2]int{int(unsafe.Sizeof(l.gateUp)), int(unsafe.Sizeof(l.down))}
+	for i, k := range l.kernels {
+		for _, ptx := range []string{moeFFNPTX, moeFFNSM89PTX} {
+			assert.Equal(t, sizes[i], ptxStructParam(t, ptx, k), "%s takes one struct of the size Go passes", k)
+		}
+	}
+}
+
+func TestSwigluLaunchesFillTheKernelsParameters(t *testing.T) {
+	const n = 8
+	const tab = 0x1000
+	at := func(j int) uint64 { return tab + uint64(8*j*n) }
+	base := backend.FFNArgs{X: 1, Out: 2, Scratch: 3, TopK: 4, Weights: 5, T: 3, K: 2, Hidden: 4096, Inter: 1408,
+		DType: dtype.F16, WDType: dtype.BF16, Addend: 6}
+	gateUp := gateUpParams{X: 1, TopK: 4, GateTab: at(backend.EntryGate), UpTab: at(backend.EntryUp), Scratch: 3,
+		P: 6, K: 2, Hidden: 4096, Inter: 1408, DType: 1, E: n}
+	down := downParams{Scratch: 3, TopK: 4, DownTab: at(backend.EntryDown), Weights: 5, Out: 2,
+		T: 3, K: 2, Hidden: 4096, Inter: 1408, DType: 1, E: n, WDType: 0, Addend: 6}
+	fp8 := &backend.FP8Args{BlockRows: 128, BlockCols: 64, UpRow0: 1408}
+	tests := []struct {
+		name    string
+		fp8     *backend.FP8Args
+		skip    uint64
+		kernels [2]string
+		gateUp  func(*gateUpParams)
+		down    func(*downParams)
+	}{
+		{"bfloat16/float16 experts", nil, 0, [2]string{"moe_gate_up_swiglu", "moe_down"}, func(*gateUpParams) {}, func(*downParams) {}},
+		{"with a hand-off skip list", nil, 0x9000, [2]string{"moe_gate_up_swiglu", "moe_down"},
+			func(p *gateUpParams) { p.Skip = 0x9000 }, func(p *downParams) { p.Skip = 0x9000 }},
+		{"FP8 experts: scale grids, no skip list", fp8, 0x9000, [2]string{"moe_gate_up_swiglu_fp8", "moe_down_fp8"},
+			func(p *gateUpParams) {
+				p.BlockRows, p.BlockCols, p.UpRow0 = 128, 64, 1408
+				p.GateScaleTab, p.UpScaleTab = at(backend.EntryGateScale), at(backend.EntryUpScale)
+			},
+			func(p *downParams) { p.BlockRows, p.BlockCols, p.DownScaleTab = 128, 64, at(backend.EntryDownScale) }},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			a := base
+			a.FP8 = tc.fp8
+			l, err := swigluLaunches(a, tab, n, tc.skip)
+			require.NoError(t, err)
+			wantGU, wantDown := gateUp, down
+			tc.gateUp(&wantGU)
+			tc.down(&wantDown)
+			assert.Equal(t, tc.kernels, l.kernels)
+			assert.Equal(t, [2][2]int{{176, 6}, {512, 3}}, l.grids, "a warp a row, 8 warps a block; a pair, then a token, a grid row")
+			assert.Equal(t, wantGU, l.gateUp)
+			assert.Equal(t, wantDown, l.down)
+			checkLaunchSizes(t, l)
+		})
+	}
+	a := base
+	a.WDType = dtype.F64
+	_, err := swigluLaunches(a, tab, n, 0)
+	assert.ErrorContains(t, err, "routing weights, not F64", "no launch with a type the kernels do not take")
+}
+
+func TestGptOssLaunchesFillTheKernelsParameters(t *testing.T) {
 	const n = 8
 	tests := []struct {
 		name    string
@@ -222,26 +292,22 @@ func TestGptOssLaunchesMatchTheKernelsParameters(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			a := backend.FFNArgs{X: 1, Out: 2, Scratch: 3, TopK: 4, Weights: 5, T: 3, K: 2, Hidden: 2880, Inter: 2880, DType: 1, WDType: backend.WeightsBF16,
+			a := backend.FFNArgs{X: 1, Out: 2, Scratch: 3, TopK: 4, Weights: 5, T: 3, K: 2, Hidden: 2880, Inter: 2880, DType: dtype.F16, WDType: dtype.BF16,
 				GptOss: &backend.GptOssArgs{Alpha: 1.702, Limit: 7, MXFP4: tc.mxfp4}}
-			ls := gptOssLaunches(a, 0x1000, n)
-			require.Len(t, ls, 2)
-			for i, l := range ls {
-				assert.Equal(t, tc.kernels[i], l.kernel)
-				assert.Equal(t, tc.grids[i], l.grid)
-				assert.LessOrEqual(t, len(l.args), 16, "the launch helper passes at most 16 parameters")
-				for _, ptx := range []string{moeFFNPTX, moeFFNSM89PTX} {
-					assert.Equal(t, ptxParams(t, ptx, l.kernel), len(l.args), "%s takes as many parameters as Go passes", l.kernel)
-				}
-			}
-			gu, dn := ls[0].args, ls[1].args
-			assert.Equal(t, []uint64{1, 4, 0x1000, 0x1000 + 8*n, 3, 6, 2, 2880, 2880, 1, n}, gu[:11], "x, topk, gate_up and bias tables, h, P, K, H, I, dtype, E")
-			assert.Equal(t, []uint64{uint64(math.Float32bits(1.702)), uint64(math.Float32bits(7))}, gu[11:13], "alpha and limit as float32 bits")
-			assert.Equal(t, []uint64{3, 4, 0x1000 + 2*8*n, 0x1000 + 3*8*n, 5, 2, 3, 2, 2880, 2880, 1, n, 0}, dn[:13], "h, topk, down and bias tables, weights, out, T, K, H, I, dtype, E, wdtype")
+			l, err := gptOssLaunches(a, 0x1000, n)
+			require.NoError(t, err)
+			assert.Equal(t, tc.kernels, l.kernels)
+			assert.Equal(t, tc.grids, l.grids)
+			wantGU := gptOssGateUpParams{X: 1, TopK: 4, GateUpTab: 0x1000, BiasTab: 0x1000 + 8*n, Scratch: 3, P: 6, K: 2, Hidden: 2880, Inter: 2880,
+				DType: 1, E: n, AlphaBits: int64(math.Float32bits(1.702)), LimitBits: int64(math.Float32bits(7))}
+			wantDown := gptOssDownParams{Scratch: 3, TopK: 4, DownTab: 0x1000 + 2*8*n, BiasTab: 0x1000 + 3*8*n, Weights: 5, Out: 2,
+				T: 3, K: 2, Hidden: 2880, Inter: 2880, DType: 1, E: n, WDType: 0}
 			if tc.mxfp4 {
-				assert.Equal(t, uint64(0x1000+4*8*n), gu[13], "gate_up's scales table")
-				assert.Equal(t, uint64(0x1000+5*8*n), dn[13], "down's scales table")
+				wantGU.ScaleTab, wantDown.ScaleTab = 0x1000+4*8*n, 0x1000+5*8*n
 			}
+			assert.Equal(t, wantGU, l.gateUp)
+			assert.Equal(t, wantDown, l.down)
+			checkLaunchSizes(t, l)
 		})
 	}
 }
