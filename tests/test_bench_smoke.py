@@ -276,6 +276,9 @@ def test_decode_harness_cpu_experts_off_and_on_in_one_run_tiny_cpu(tmp_path):
     assert off["s_per_token_vs_cpu_off"] is None
     assert on["s_per_token_vs_cpu_off"] == on["decode_s_per_token"] / off["decode_s_per_token"]
     assert on["link_rates_source"] == off["link_rates_source"] == "none"
+    assert on["gpu_only_floor_s_per_token"] == on["floor_s_per_token"]
+    assert off["hybrid_floor_s_per_token"] is None, "paused, the cost model planned nothing"
+    assert on["hybrid_floor_s_per_token"] is None or on["hybrid_floor_s_per_token"] > on["compute_s_per_token"]
     for bad in ("on", "off,auto,4", "0", "auto,auto"):
         res = subprocess.run(cmd[:-4] + ["--cpu-experts", bad], capture_output=True, text=True, timeout=120)
         assert res.returncode == 2 and "--cpu-experts" in res.stderr, (bad, res.stderr[-2000:])

@@ -224,6 +224,7 @@ func (e *Engine) cpuMisses(layer int, experts []int32, K int64, reqs []uint64, t
 		Costs: e.hybrid.costs, ExpertBytes: e.lay.SourceBytes, Misses: misses,
 		CPU: true, MaxCPU: maxCPU, HotShare: e.hotShare(),
 	})
+	e.missPlanNs[layer].Add(int64(plan.FinishS * 1e9))
 	var out []int32
 	for i, w := range plan.Ways {
 		if w == MissCPU {

@@ -138,6 +138,16 @@ func TestHybridWithoutAPredictionSplitsTheMissesByCost(t *testing.T) {
 	assert.Equal(t, int64(2), st.Layers[1].CPUComputed)
 	assert.Equal(t, uint64(2), st.Layers[1].Loads)
 	assert.Equal(t, uint64(4), st.Layers[1].Misses)
+	// The cost model's expected time for the four: two experts' bytes on
+	// each side at 10 GB/s, run together without contention or fixed costs.
+	want := 2 * float64(e.lay.SourceBytes) / 10e9
+	assert.InDelta(t, want*1e9, float64(st.Layers[1].MissPlanNs), 1)
+	assert.Equal(t, st.Layers[1].MissPlanNs, st.MissPlanNs, "totals")
+	assert.Zero(t, st.Layers[0].MissPlanNs)
+	require.NoError(t, e.ResetStats())
+	st, err = e.Stats()
+	require.NoError(t, err)
+	assert.Zero(t, st.MissPlanNs)
 }
 
 func TestHybridStagesExpertsOfMappedFiles(t *testing.T) {
@@ -433,6 +443,7 @@ func TestTuneCPUExpertsPausesAndResumesHybrid(t *testing.T) {
 	require.NoError(t, err)
 	assert.Zero(t, st.Layers[1].CPUComputed)
 	assert.Equal(t, uint64(4), st.Layers[1].Loads)
+	assert.Zero(t, st.MissPlanNs, "paused, the cost model plans nothing")
 
 	require.NoError(t, tune("auto"))
 	p = plan()

@@ -123,6 +123,7 @@ type Engine struct {
 	hybrid      hybridState
 	cpuComputed []atomic.Int64 // per layer: experts the CPU computed (layerHybrid)
 	cpuNs       []atomic.Int64 // per layer: the CPU's time for them, ns
+	missPlanNs  []atomic.Int64 // per layer: the cost model's time for the misses it planned, ns
 }
 
 // New creates an engine with an empty checkpoint.
@@ -521,6 +522,7 @@ func (e *Engine) configure(s Setup) (Plan, error) {
 	e.stallNs = make([]atomic.Int64, L)
 	e.cpuComputed = make([]atomic.Int64, L)
 	e.cpuNs = make([]atomic.Int64, L)
+	e.missPlanNs = make([]atomic.Int64, L)
 	e.stop = make(chan struct{})
 	e.prefSem = make(chan struct{}, e.cfg.PrefetchWindow)
 	e.bg.Add(1)

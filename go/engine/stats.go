@@ -48,6 +48,12 @@ type LayerStats struct {
 	// backend one call computes the slot experts and the CPU's together;
 	// each expert's weights are read once, so each counts an equal share).
 	CPUNs int64 `json:"cpu_ns"`
+	// MissPlanNs is what the hybrid cost model expects the layer's misses
+	// to take (ChooseMisses' FinishS: the link's and the CPU's queues run
+	// together, fixed costs included), summed over the layer calls whose
+	// misses hybrid execution planned, in nanoseconds: with the compute
+	// time, the hybrid floor against which a hybrid decode is measured.
+	MissPlanNs int64 `json:"miss_plan_ns"`
 	// ExpertTokens counts, per expert of the layer, the tokens routed to
 	// it (Observe and the routing of Layer's calls on every path, mapped
 	// and replayed layers included) since the last reset: a token counts
@@ -135,7 +141,7 @@ func (e *Engine) Stats() (Stats, error) {
 	e.tokensMu.Unlock()
 	for l, c := range cs {
 		ls := LayerStats{LayerStats: c, BytesMoved: e.bytesMoved[l].Load(), StallNs: e.stallNs[l].Load(),
-			CPUComputed: e.cpuComputed[l].Load(), CPUNs: e.cpuNs[l].Load()}
+			CPUComputed: e.cpuComputed[l].Load(), CPUNs: e.cpuNs[l].Load(), MissPlanNs: e.missPlanNs[l].Load()}
 		ls.ExpertTokens = tokens[l*e.experts : (l+1)*e.experts : (l+1)*e.experts]
 		out.Layers[l] = ls
 		out.LayerStats.Add(c)
@@ -143,6 +149,7 @@ func (e *Engine) Stats() (Stats, error) {
 		out.StallNs += ls.StallNs
 		out.CPUComputed += ls.CPUComputed
 		out.CPUNs += ls.CPUNs
+		out.MissPlanNs += ls.MissPlanNs
 	}
 	return out, nil
 }
@@ -159,6 +166,7 @@ func (e *Engine) ResetStats() error {
 		e.stallNs[l].Store(0)
 		e.cpuComputed[l].Store(0)
 		e.cpuNs[l].Store(0)
+		e.missPlanNs[l].Store(0)
 	}
 	e.tokensMu.Lock()
 	clear(e.expertTokens)
