@@ -612,7 +612,7 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
                 # model expected its planned split of the misses to take, plus
                 # compute (None where hybrid execution planned nothing).
                 "gpu_only_floor_s_per_token": floor,
-                "hybrid_floor_s_per_token": st["miss_plan_ns"] / 1e9 / n + compute if st["miss_plan_ns"] else None,
+                "hybrid_floor_s_per_token": st["miss_plan_ns"] / 1e9 / n + compute if st.get("miss_plan_ns") else None,
                 "link_rates": st["plan"].get("link_rates"),
                 "link_rates_source": st["plan"].get("link_rates_source"),
                 "copy_late_layers": st.get("copy_late"),
