@@ -52,7 +52,11 @@ typedef struct moe_layer_args {
     int32_t path;             /* out: the MOE_PATH_* taken */
     int32_t experts_cap;      /* capacity of experts (the model's experts per layer suffice) */
     int32_t n_experts;        /* out: host paths: the number of distinct experts written */
-    int32_t *experts;         /* out: host paths: the layer's distinct experts, ascending */
+    int32_t *experts;         /* out: host paths: the distinct experts the caller's code computes, ascending */
+    uint64_t partial;         /* [tokens, hidden] float32, for the host paths' CPU part (hybrid execution); 0: none offered */
+    int32_t n_cpu_experts;    /* out: host paths: the number of cpu_experts written */
+    int32_t *cpu_experts;     /* out: host paths: experts the CPU computed into partial, ascending (capacity experts_cap):
+                               * not in experts; the caller's code skips their pairs and adds partial */
 } moe_layer_args;
 
 /* moe_layer_args.flags: facts about the caller, never a choice of path. */

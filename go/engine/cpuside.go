@@ -294,51 +294,24 @@ func (e *Engine) predictReuse(layer int, reqs []uint64, k int64) []float64 {
 // Acquire brings the device's experts, and the kernels compute the rest
 // and add the partial. cpuX are counted as misses but not admitted.
 func (e *Engine) layerHybrid(c FFNCall, cpuX []int32, topk []int64) error {
-	hidden, inter, dt, err := e.FFNShape()
-	if err != nil {
-		return err
+	kern := e.ft.Kernels
+	if kern == nil {
+		return fmt.Errorf("%w: backend %s has no expert FFN kernels", ErrUnsupported, e.be.Name())
 	}
-	kern, ho := e.ft.Kernels, e.ft.HandOff
-	if kern == nil || ho == nil {
-		return fmt.Errorf("%w: backend %s has no expert FFN kernels or no CPU hand-off", ErrUnsupported, e.be.Name())
-	}
-	if err := checkActivations(c, dt); err != nil {
-		return err
-	}
-	if !backend.IsRoutingWeightsDType(c.WDType) {
-		return fmt.Errorf("%w: routing weights are %s; the kernels take float32, bfloat16 or float16", ErrInvalid, c.WDType.TorchName())
-	}
-	wsize := int64(c.WDType.Size())
-	if err := e.checkLayer(c.Layer); err != nil {
-		return err
-	}
-	onCPU := make(map[int32]bool, len(cpuX))
-	for _, x := range cpuX {
-		onCPU[x] = true
-	}
-	var dev []int32
-	for _, x := range c.Experts {
-		if !onCPU[x] {
-			dev = append(dev, x)
-		}
-	}
-
+	dev := withoutExperts(c.Experts, cpuX)
 	h := &e.hybrid
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	// The hand-off first: on a GPU the activations' copy is queued on the
 	// stream before Acquire makes it wait for the device experts' copies.
-	t0 := time.Now()
-	P := c.T * c.K
-	work, err := ho.HandOut(c.Stream, c.X, c.T*hidden*2, c.Weights, P*wsize, c.T*hidden*4)
+	ho, work, shape, err := e.handOut(c)
 	if err != nil {
-		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, err)
+		return err
 	}
-	handed := time.Since(t0)
 	done := make(chan cpuDone, 1)
 	go func() {
 		t0 := time.Now()
-		err := e.cpuPart(c, cpuX, topk, work, hidden, inter)
+		err := e.cpuPart(c, cpuX, topk, work, shape.hidden, shape.inter)
 		done <- cpuDone{time.Since(t0), err}
 	}()
 
@@ -358,21 +331,17 @@ func (e *Engine) layerHybrid(c FFNCall, cpuX []int32, topk []int64) error {
 			e.phase(phaseRelease, t0)
 		}()
 	}
-	keys := make([]cache.Key, len(cpuX))
-	for i, x := range cpuX {
-		keys[i] = cache.Key{Layer: int32(c.Layer), Expert: x}
-	}
-	e.cache.Touch(keys, make([]bool, len(keys)))
+	e.touchCPU(c.Layer, cpuX)
 	t1 := time.Now()
 	r := <-done
 	if r.err != nil {
 		return fmt.Errorf("expert FFN of layer %d on the CPU: %w", c.Layer, r.err)
 	}
-	addend, err := ho.HandBack(c.Stream)
+	addend, err := ho.HandBack(c.Stream, 0)
 	if err != nil {
 		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, err)
 	}
-	args := e.kernelArgs(c, hidden, inter, dt, dev, slots)
+	args := e.kernelArgs(c, shape.hidden, shape.inter, shape.dt, dev, slots)
 	args.Addend = addend
 	ffnErr := kern.FFN(args)
 	if err := ho.HandDone(c.Stream); err != nil && ffnErr == nil {
@@ -382,10 +351,102 @@ func (e *Engine) layerHybrid(c FFNCall, cpuX []int32, topk []int64) error {
 	if ffnErr != nil {
 		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, ffnErr)
 	}
-	// The CPU's time for its experts: the hand-off, staging and its FFN.
-	e.cpuComputed[c.Layer].Add(int64(len(cpuX)))
-	e.cpuNs[c.Layer].Add(int64(handed + r.ns))
+	e.countCPU(c.Layer, cpuX, shape.handed+r.ns)
 	return nil
+}
+
+// hostPartial is hybrid execution on the host paths (prefill-sized
+// calls, which the caller's own expert code computes on slot views): the
+// CPU computes the pairs of call c routed to cpuX (ascending, a subset of
+// c.Experts) into partial, the caller's float32 [T, Hidden] buffer
+// (kernel memory, like c.X), and the caller's code computes the others
+// (dev) and adds it. The hand-off brings the activations and routing
+// weights to the host; while the CPU computes, dev are hinted to the
+// prefetcher, so the link brings them meanwhile (where prefetching is
+// on); HandBack fills partial in stream order. cpuX are counted as misses
+// (cpu_computed, cpu_ns), never admitted.
+func (e *Engine) hostPartial(c FFNCall, cpuX, dev []int32, topk []int64, partial uint64) error {
+	h := &e.hybrid
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	ho, work, shape, err := e.handOut(c)
+	if err != nil {
+		return err
+	}
+	if len(dev) > 0 {
+		e.core.Hint(c.Layer, dev)
+	}
+	t0 := time.Now()
+	if err := e.cpuPart(c, cpuX, topk, work, shape.hidden, shape.inter); err != nil {
+		return fmt.Errorf("expert FFN of layer %d on the CPU: %w", c.Layer, err)
+	}
+	ns := time.Since(t0)
+	if _, err := ho.HandBack(c.Stream, partial); err != nil {
+		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, err)
+	}
+	if err := ho.HandDone(c.Stream); err != nil {
+		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, err)
+	}
+	e.touchCPU(c.Layer, cpuX)
+	e.countCPU(c.Layer, cpuX, shape.handed+ns)
+	return nil
+}
+
+// handShape is a hand-off's FFN shape and the time HandOut took.
+type handShape struct {
+	hidden, inter int64
+	dt            dtype.DType
+	handed        time.Duration
+}
+
+// handOut checks call c for the CPU side (activations of the experts'
+// type, routing weights the hand-off reads, the layer's checkpoint
+// unchanged) and hands its activations and routing weights out
+// (backend.HandOff.HandOut), with room for a float32 [T, Hidden] partial
+// output. Holds e.hybrid.mu.
+func (e *Engine) handOut(c FFNCall) (backend.HandOff, backend.HostWork, handShape, error) {
+	var sh handShape
+	hidden, inter, dt, err := e.FFNShape()
+	if err != nil {
+		return nil, backend.HostWork{}, sh, err
+	}
+	ho := e.ft.HandOff
+	if ho == nil {
+		return nil, backend.HostWork{}, sh, fmt.Errorf("%w: backend %s has no CPU hand-off", ErrUnsupported, e.be.Name())
+	}
+	if err := checkActivations(c, dt); err != nil {
+		return nil, backend.HostWork{}, sh, err
+	}
+	if !backend.IsRoutingWeightsDType(c.WDType) {
+		return nil, backend.HostWork{}, sh, fmt.Errorf("%w: routing weights are %s; the kernels take float32, bfloat16 or float16", ErrInvalid, c.WDType.TorchName())
+	}
+	if err := e.checkLayer(c.Layer); err != nil {
+		return nil, backend.HostWork{}, sh, err
+	}
+	t0 := time.Now()
+	P := c.T * c.K
+	work, err := ho.HandOut(c.Stream, c.X, c.T*hidden*2, c.Weights, P*int64(c.WDType.Size()), c.T*hidden*4)
+	if err != nil {
+		return nil, backend.HostWork{}, sh, fmt.Errorf("expert FFN of layer %d: %w", c.Layer, err)
+	}
+	return ho, work, handShape{hidden, inter, dt, time.Since(t0)}, nil
+}
+
+// touchCPU counts the experts the CPU computed as misses of layer,
+// without admitting them (cache.Touch).
+func (e *Engine) touchCPU(layer int, cpuX []int32) {
+	keys := make([]cache.Key, len(cpuX))
+	for i, x := range cpuX {
+		keys[i] = cache.Key{Layer: int32(layer), Expert: x}
+	}
+	e.cache.Touch(keys, make([]bool, len(keys)))
+}
+
+// countCPU adds the CPU's experts of a layer call and its time for them
+// (the hand-off, staging and its FFN) to cpu_computed and cpu_ns.
+func (e *Engine) countCPU(layer int, cpuX []int32, took time.Duration) {
+	e.cpuComputed[layer].Add(int64(len(cpuX)))
+	e.cpuNs[layer].Add(int64(took))
 }
 
 // cpuDone is the CPU part's host time and error.
