@@ -77,6 +77,8 @@ type hybridState struct {
 	mu      sync.Mutex  // guards stage and scratch, and serialises hand-offs (held for a whole call)
 	stage   [][]byte    // staging buffers, one per staged expert of a call
 	scratch []float32   // the CPU's SwiGLU intermediate, [P, Inter]
+	gx      []byte      // the activations of the tokens with a pair on the CPU (cpuPart)
+	gpart   []float32   // their partial output
 }
 
 // setupHybrid turns hybrid execution on when the model's experts run on
@@ -457,8 +459,12 @@ type cpuDone struct {
 
 // cpuPart computes the pairs of call c routed to cpuX (topk, on the host)
 // on the CPU: from the activations and routing weights the hand-off
-// brought (w), into its partial output (float32 [T, Hidden]). Holds
-// e.hybrid.mu.
+// brought (w), into its partial output (float32 [T, Hidden]; zero rows
+// for tokens without such a pair). When only some tokens have a pair on
+// the CPU (a prefill-sized call gives it the experts of few tokens) the
+// problem is gathered to those tokens, so that its scratch is [their
+// pairs, Inter] rather than the call's, and their rows are scattered
+// back. Holds e.hybrid.mu.
 func (e *Engine) cpuPart(c FFNCall, cpuX []int32, topk []int64, w backend.HostWork, hidden, inter int64) error {
 	gu, _ := e.lay.Region("gate_up_proj")
 	dn, _ := e.lay.Region("down_proj")
@@ -471,23 +477,73 @@ func (e *Engine) cpuPart(c FFNCall, cpuX []int32, topk []int64, w backend.HostWo
 		}
 		rows[x] = r
 	}
-	h := &e.hybrid
-	P := c.T * c.K
-	if int64(len(h.scratch)) < P*inter {
-		h.scratch = make([]float32, P*inter)
+	onCPU := func(x int64) ([3]uint64, bool) {
+		r, ok := rows[int32(x)]
+		return r, ok && x >= 0 && x < int64(e.experts) // the device's pairs stay null
 	}
-	p := cpuProblem{
-		T: c.T, K: c.K, Hidden: hidden, Inter: inter, F16: c.DType == dtype.F16,
-		X: w.X, PartialOut: w.Partial, Scratch: uint64(uintptr(unsafe.Pointer(&h.scratch[0]))),
-		Weights: weightsF32(w.Weights, c.WDType, P), Gate: make([]uint64, P), Up: make([]uint64, P), Down: make([]uint64, P),
-	}
-	for i, x := range topk {
-		if r, ok := rows[int32(x)]; ok && x >= 0 && x < int64(e.experts) { // the device's pairs stay null
-			p.Gate[i], p.Up[i], p.Down[i] = r[0], r[1], r[2]
+	var toks []int64 // the tokens with a pair on the CPU
+	for t := int64(0); t < c.T; t++ {
+		for j := int64(0); j < c.K; j++ {
+			if _, ok := onCPU(topk[t*c.K+j]); ok {
+				toks = append(toks, t)
+				break
+			}
 		}
 	}
-	return h.k.run(p)
+	h := &e.hybrid
+	T, K := int64(len(toks)), c.K
+	P := T * K
+	if int64(len(h.scratch)) < max(P, 1)*inter {
+		h.scratch = make([]float32, max(P, 1)*inter)
+	}
+	xb := hidden * 2 // one token's activations, in bytes
+	x, out := w.X, w.Partial
+	gather := T < c.T
+	if gather {
+		if int64(len(h.gx)) < max(T, 1)*xb {
+			h.gx = make([]byte, max(T, 1)*xb)
+		}
+		if int64(len(h.gpart)) < max(T, 1)*hidden {
+			h.gpart = make([]float32, max(T, 1)*hidden)
+		}
+		src := unsafe.Slice((*byte)(hostPtr(w.X)), c.T*xb)
+		for i, t := range toks {
+			copy(h.gx[int64(i)*xb:int64(i+1)*xb], src[t*xb:(t+1)*xb])
+		}
+		x, out = uint64(uintptr(unsafe.Pointer(&h.gx[0]))), uint64(uintptr(unsafe.Pointer(&h.gpart[0])))
+	}
+	weights := weightsF32(w.Weights, c.WDType, c.T*c.K)
+	p := cpuProblem{
+		T: T, K: K, Hidden: hidden, Inter: inter, F16: c.DType == dtype.F16,
+		X: x, PartialOut: out, Scratch: uint64(uintptr(unsafe.Pointer(&h.scratch[0]))),
+		Weights: make([]float32, P), Gate: make([]uint64, P), Up: make([]uint64, P), Down: make([]uint64, P),
+	}
+	for i, t := range toks {
+		for j := int64(0); j < K; j++ {
+			src, dst := t*K+j, int64(i)*K+j
+			p.Weights[dst] = weights[src]
+			if r, ok := onCPU(topk[src]); ok {
+				p.Gate[dst], p.Up[dst], p.Down[dst] = r[0], r[1], r[2]
+			}
+		}
+	}
+	if T > 0 {
+		if err := h.k.run(p); err != nil {
+			return err
+		}
+	}
+	if gather {
+		dst := unsafe.Slice((*float32)(hostPtr(w.Partial)), c.T*hidden)
+		clear(dst)
+		for i, t := range toks {
+			copy(dst[t*hidden:(t+1)*hidden], h.gpart[int64(i)*hidden:int64(i+1)*hidden])
+		}
+	}
+	return nil
 }
+
+// hostPtr is the host address addr as a pointer.
+func hostPtr(addr uint64) unsafe.Pointer { return *(*unsafe.Pointer)(unsafe.Pointer(&addr)) }
 
 // hostRows are expert (layer, x)'s gate, up and down rows in host memory
 // that cannot fault: its host tensors in place, or a copy in staging

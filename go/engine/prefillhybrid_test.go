@@ -23,8 +23,8 @@ var tokenRates = HybridCosts{LinkGBps: 10, CPUGBps: 10, CPUTokenCost: 1, LinkSha
 
 // prefillIO is a prefill-sized call of layer 1 (T tokens, K = 2, more
 // than KernelWins allows): every token routed to experts 0 and 1, but
-// token 5 to 2 and 0 and token 17 to 3 and 1.
-func prefillIO(T int) *ffnIO {
+// token 5 to 2 and 0 and token few to 3 and 1.
+func prefillIO(T, few int) *ffnIO {
 	const K, E = 2, 4
 	rng := rand.New(rand.NewPCG(5, 6))
 	io := newFFNIO(rng, T, K, E)
@@ -33,7 +33,7 @@ func prefillIO(T int) *ffnIO {
 		switch t {
 		case 5:
 			a, b = 2, 0
-		case 17:
+		case few:
 			a, b = 3, 1
 		}
 		io.topk[t*K], io.topk[t*K+1] = a, b
@@ -88,40 +88,48 @@ func TestPrefillSendsExpertsOfFewTokensToTheCPU(t *testing.T) {
 				require.NoError(t, e.pauseHybrid(true))
 			}
 			oracle := mappedEngine(t, L, E, 4)
-			io := prefillIO(T)
-			want := reference(t, oracle, io, 1, T, K)
-			req, err := e.BeginRequest()
-			require.NoError(t, err)
-			partial := make([]float32, T*mH)
-			for i := range partial {
-				partial[i] = float32(math.NaN()) // written where the CPU takes part, else unread
-			}
-			a := LayerArgs{FFNCall: io.call(1, T, K), Reqs: []uint64{req}, TopKHost: io.topk, Flags: tc.flags}
-			a.DType = tc.act
-			if !tc.noPartial {
-				a.Partial = addr(partial)
-			}
-			r, err := e.Layer(a)
-			require.NoError(t, err)
-			assert.Equal(t, PathHostStream, r.Path)
-			assert.Equal(t, tc.dev, r.Experts, "the caller's code computes the others")
-			assert.Equal(t, tc.cpu, r.CPUExperts)
+			// Twice, the CPU's token moving: rows the CPU computed for
+			// the first call are zero in the second's partial.
+			for _, few := range []int{17, 9} {
+				io := prefillIO(T, few)
+				want := reference(t, oracle, io, 1, T, K)
+				require.NoError(t, e.ResetStats())
+				req, err := e.BeginRequest()
+				require.NoError(t, err)
+				partial := make([]float32, T*mH)
+				for i := range partial {
+					partial[i] = float32(math.NaN()) // written where the CPU takes part, else unread
+				}
+				a := LayerArgs{FFNCall: io.call(1, T, K), Reqs: []uint64{req}, TopKHost: io.topk, Flags: tc.flags}
+				a.DType = tc.act
+				if !tc.noPartial {
+					a.Partial = addr(partial)
+				}
+				r, err := e.Layer(a)
+				require.NoError(t, err)
+				assert.Equal(t, PathHostStream, r.Path)
+				assert.Equal(t, tc.dev, r.Experts, "the caller's code computes the others")
+				assert.Equal(t, tc.cpu, r.CPUExperts)
 
-			st, err := e.Stats()
-			require.NoError(t, err)
-			assert.Equal(t, tc.cpuCounted, st.Layers[1].CPUComputed)
-			assert.Equal(t, tc.cpuCounted > 0, st.Layers[1].CPUNs > 0)
-			assert.Equal(t, tc.cpuCounted > 0, st.Layers[1].MissPlanNs > 0, "the cost model's plan is counted where it ran")
-			assert.Equal(t, uint64(len(tc.cpu)), st.Layers[1].Misses, "the CPU's experts are misses; the caller's have not been acquired yet")
-			assert.Zero(t, st.Layers[1].Loads, "nothing crossed the link for the CPU's experts")
+				st, err := e.Stats()
+				require.NoError(t, err)
+				assert.Equal(t, tc.cpuCounted, st.Layers[1].CPUComputed)
+				assert.Equal(t, tc.cpuCounted > 0, st.Layers[1].CPUNs > 0)
+				assert.Equal(t, tc.cpuCounted > 0, st.Layers[1].MissPlanNs > 0, "the cost model's plan is counted where it ran")
+				assert.Equal(t, uint64(len(tc.cpu)), st.Layers[1].Misses, "the CPU's experts are misses; the caller's have not been acquired")
+				assert.Zero(t, st.Layers[1].Loads, "nothing crossed the link for the CPU's experts")
+				if tc.cpuCounted > 0 {
+					assert.Len(t, e.hybrid.scratch, 1*K*mI, "the CPU's scratch holds its one token's pairs, not the call's")
+				}
 
-			// The caller computes the rest: the layer's output equals the
-			// call without the CPU within bfloat16 rounding.
-			acquire(t, e, 1, r.Experts...)
-			assertBF16Close(t, want, callerCompletes(t, oracle, io, r, partial, T, K))
-			for _, x := range tc.cpu {
-				_, s := e.cache.Lookup(cache.Key{Layer: 1, Expert: x})
-				assert.Equal(t, cache.Empty, s, "expert %d, computed on the CPU, is not admitted", x)
+				// The caller computes the rest: the layer's output equals
+				// the call without the CPU within bfloat16 rounding.
+				assertBF16Close(t, want, callerCompletes(t, oracle, io, r, partial, T, K))
+				for _, x := range tc.cpu {
+					_, s := e.cache.Lookup(cache.Key{Layer: 1, Expert: x})
+					assert.Equal(t, cache.Empty, s, "expert %d, computed on the CPU, is not admitted", x)
+				}
+				require.NoError(t, e.EndRequest(req))
 			}
 		})
 	}
