@@ -213,7 +213,12 @@ int32_t moe_layer_ffn(uint64_t handle, int32_t layer, int32_t n, const int32_t *
  * (routing traced, experts copied into slots), or the caller's own code on
  * slot views (streamed or stacked) — from the backend's capabilities, the
  * model's experts, the call's shape and args->flags, runs it, and writes
- * args->path. MOE_PATH_NEED_ROUTING: call again with topk_host set. The
+ * args->path. MOE_PATH_NEED_ROUTING: call again with topk_host set. On the
+ * host paths with hybrid execution on, given args->partial and the kernels'
+ * arguments (x, weights, dtype, weights_dtype), the engine may compute some
+ * missed experts (those of few tokens) on the CPU into partial before it
+ * returns: it lists them in cpu_experts, not in experts; the caller's code
+ * skips their pairs and adds partial (stream-ordered on stream). The
  * choice is the engine's alone: moe_engine_configure's plan ("executor")
  * says what it can do, moe_stats ("paths") what it did.
  * On MOE_PATH_MAPPED nothing waited for the host: the routing (topk) is

@@ -32,7 +32,10 @@ import (
 // suite runs the same sequence the CUDA backend runs, with the reference
 // and SIMD kernels as the oracle of the CUDA ones. The CUDA hand-off is
 // eager (it waits on the host once per layer), so CUDA-graph replays have
-// a hand-off of their own, in copy mode (graphhandoff.go).
+// a hand-off of their own, in copy mode (graphhandoff.go). Prefill-sized
+// calls, which the caller's own code computes (the host paths), share it
+// too (hostPartial): the partial is handed back into the caller's buffer,
+// and the caller's code skips the CPU's experts and adds it.
 //
 // Where an expert is read: cpuffn reads without a guard, and a checkpoint
 // file truncated under its mapping faults (SIGBUS) in C, which no guard
