@@ -37,7 +37,7 @@ func moe_layer(handle C.uint64_t, args *C.moe_layer_args) C.int32_t {
 			return fmt.Errorf("%w: args must not be NULL", engine.ErrInvalid)
 		}
 		a := args
-		a.path, a.n_experts = 0, 0
+		a.path, a.n_experts, a.n_cpu_experts = 0, 0, 0
 		switch {
 		case a.nreq < 0 || a.nreq > 1<<20 || a.tokens <= 0 || a.tokens > 1<<24 || a.k <= 0 || a.k > 1<<10:
 			return fmt.Errorf("%w: nreq %d, tokens %d, k %d out of range", engine.ErrInvalid, a.nreq, a.tokens, a.k)
@@ -47,6 +47,8 @@ func moe_layer(handle C.uint64_t, args *C.moe_layer_args) C.int32_t {
 			return fmt.Errorf("%w: unknown flags %#x (MOE_LAYER_*)", engine.ErrInvalid, uint32(a.flags))
 		case a.experts_cap < 0 || (a.experts_cap > 0 && a.experts == nil):
 			return fmt.Errorf("%w: experts_cap %d with experts %p", engine.ErrInvalid, a.experts_cap, a.experts)
+		case a.partial != 0 && a.experts_cap > 0 && a.cpu_experts == nil:
+			return fmt.Errorf("%w: partial offered without cpu_experts", engine.ErrInvalid)
 		}
 		dt, err := engine.ActivationDType(int32(a.dtype))
 		if err != nil {
@@ -62,7 +64,7 @@ func moe_layer(handle C.uint64_t, args *C.moe_layer_args) C.int32_t {
 				X: uint64(a.x), Out: uint64(a.out), Scratch: uint64(a.scratch), TopK: uint64(a.topk), Weights: uint64(a.weights),
 				T: int64(a.tokens), K: int64(a.k), DType: dt, WDType: wdt,
 			},
-			Flags: engine.LayerFlags(a.flags),
+			Flags: engine.LayerFlags(a.flags), Partial: uint64(a.partial),
 		}
 		if a.nreq > 0 {
 			la.Reqs = append([]uint64(nil), unsafe.Slice((*uint64)(unsafe.Pointer(a.reqs)), int(a.nreq))...)
@@ -74,13 +76,16 @@ func moe_layer(handle C.uint64_t, args *C.moe_layer_args) C.int32_t {
 		if err != nil {
 			return err
 		}
-		if len(r.Experts) > int(a.experts_cap) {
-			return fmt.Errorf("%w: the layer needs %d experts but experts_cap is %d", engine.ErrInvalid, len(r.Experts), a.experts_cap)
+		if n := max(len(r.Experts), len(r.CPUExperts)); n > int(a.experts_cap) {
+			return fmt.Errorf("%w: the layer needs %d experts but experts_cap is %d", engine.ErrInvalid, n, a.experts_cap)
 		}
 		if len(r.Experts) > 0 {
 			copy(unsafe.Slice((*int32)(unsafe.Pointer(a.experts)), int(a.experts_cap)), r.Experts)
 		}
-		a.path, a.n_experts = C.int32_t(r.Path), C.int32_t(len(r.Experts))
+		if len(r.CPUExperts) > 0 {
+			copy(unsafe.Slice((*int32)(unsafe.Pointer(a.cpu_experts)), int(a.experts_cap)), r.CPUExperts)
+		}
+		a.path, a.n_experts, a.n_cpu_experts = C.int32_t(r.Path), C.int32_t(len(r.Experts)), C.int32_t(len(r.CPUExperts))
 		return nil
 	})
 }

@@ -52,7 +52,11 @@ typedef struct moe_layer_args {
     int32_t path;             /* out: the MOE_PATH_* taken */
     int32_t experts_cap;      /* capacity of experts (the model's experts per layer suffice) */
     int32_t n_experts;        /* out: host paths: the number of distinct experts written */
-    int32_t *experts;         /* out: host paths: the layer's distinct experts, ascending */
+    int32_t *experts;         /* out: host paths: the distinct experts the caller's code computes, ascending */
+    uint64_t partial;         /* [tokens, hidden] float32, for the host paths' CPU part (hybrid execution); 0: none offered */
+    int32_t n_cpu_experts;    /* out: host paths: the number of cpu_experts written */
+    int32_t *cpu_experts;     /* out: host paths: experts the CPU computed into partial, ascending (capacity experts_cap):
+                               * not in experts; the caller's code skips their pairs and adds partial */
 } moe_layer_args;
 
 /* moe_layer_args.flags: facts about the caller, never a choice of path. */
@@ -209,7 +213,12 @@ int32_t moe_layer_ffn(uint64_t handle, int32_t layer, int32_t n, const int32_t *
  * (routing traced, experts copied into slots), or the caller's own code on
  * slot views (streamed or stacked) — from the backend's capabilities, the
  * model's experts, the call's shape and args->flags, runs it, and writes
- * args->path. MOE_PATH_NEED_ROUTING: call again with topk_host set. The
+ * args->path. MOE_PATH_NEED_ROUTING: call again with topk_host set. On the
+ * host paths with hybrid execution on, given args->partial and the kernels'
+ * arguments (x, weights, dtype, weights_dtype), the engine may compute some
+ * missed experts (those of few tokens) on the CPU into partial before it
+ * returns: it lists them in cpu_experts, not in experts; the caller's code
+ * skips their pairs and adds partial (stream-ordered on stream). The
  * choice is the engine's alone: moe_engine_configure's plan ("executor")
  * says what it can do, moe_stats ("paths") what it did.
  * On MOE_PATH_MAPPED nothing waited for the host: the routing (topk) is

@@ -300,6 +300,50 @@ def test_cpu_experts_threads_turn_hybrid_execution_on(mixtral):
         m.close()
 
 
+def test_prefill_takes_part_in_hybrid_execution(mixtral):
+    # A prompt longer than the kernels take runs the host path
+    # (transformers' code on slot views). With the link's rate given slow
+    # (0.001 GB/s) the cost model sends every miss to the CPU: the engine
+    # computes them into the partial, transformers' code skips them and
+    # computes the experts already resident (a one-token step loaded
+    # them), and the layer's output is the same model's with cpu_experts
+    # "off" within bfloat16 rounding (the CPU's SIMD kernel sums in
+    # float32, transformers in bfloat16: at most 1/32 of the output's
+    # largest value, where computing a CPU expert twice is off by about
+    # all of it); the greedy tokens are the same.
+    ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(0))
+    m = mi.from_pretrained(mixtral, dtype=torch.bfloat16, device_memory=1 << 20, engine_options={"cpu_experts": 2, "link_rates": {"dma_gbps": 0.001, "zero_copy_gbps": 0.001}})
+    seen = []
+    hook = m.model.layers[0].mlp.experts.register_forward_hook(lambda mod, args, out: seen.append(out.float()))
+    try:
+        m.moe_tune(cpu_experts="off", flush=True)
+        with torch.no_grad():
+            m(input_ids=ids[:, :1])  # the kernels' path: its experts become resident
+        m.moe_tune(cpu_experts="auto", reset_stats=True)
+        seen.clear()
+        with torch.no_grad():
+            m(input_ids=ids)
+        st = m.moe_stats()
+        assert st["paths"]["host-stream"] == 2 and st["paths"]["kernels"] == st["paths"]["mapped"] == 0, "prefill: the host path"
+        assert st["hits"] > 0, "transformers' code computed the resident experts"
+        assert st["cpu_computed"] == st["misses"] > 0, "every miss computed on the CPU"
+        assert st["loads"] == 0, "none admitted"
+        assert st["cpu_ns"] > 0
+        hybrid = seen[0]
+        tokens = m.generate(input_ids=ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+
+        m.moe_tune(cpu_experts="off", flush=True, reset_stats=True)
+        seen.clear()
+        with torch.no_grad():
+            m(input_ids=ids)
+        assert m.moe_stats()["cpu_computed"] == 0
+        torch.testing.assert_close(hybrid, seen[0], atol=seen[0].abs().max().item() / 32, rtol=0)
+        assert torch.equal(tokens, m.generate(input_ids=ids, max_new_tokens=8, min_new_tokens=8, do_sample=False))
+    finally:
+        hook.remove()
+        m.close()
+
+
 def test_moe_tune_cannot_resume_cpu_experts_configure_left_off(mixtral):
     m = mi.from_pretrained(mixtral, dtype=torch.bfloat16, device_memory=1 << 20)
     try:

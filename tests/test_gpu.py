@@ -485,6 +485,38 @@ def test_hybrid_cpu_hand_off_on_the_gpu_matches_the_gpu_alone(tmp_path):
     assert (tokens[4] == tokens["off"]).float().mean().item() >= 0.9
 
 
+def test_prefill_hybrid_on_the_gpu_matches_the_gpu_alone(tmp_path):
+    """cpu_experts on CUDA during prefill (engine hostPartial): a 64-token
+    prompt takes the host path (transformers' code on slot views); with
+    the link given slow the CPU computes the misses of few tokens from the
+    host tier, the eager hand-off uploads its float32 partial into the
+    hook's buffer, transformers' code skips those experts' pairs and the
+    hook adds the partial. Logits match cpu_experts "off" within bfloat16
+    rounding."""
+    path = tm.save(tm.build("mixtral", seed=6, dtype=torch.bfloat16, num_local_experts=16, **_big("mixtral")), tmp_path / "m")
+    ids = torch.randint(3, tm.VOCAB, (1, 64), generator=torch.Generator().manual_seed(13)).cuda()
+    slow = {"dma_gbps": 1.0, "zero_copy_gbps": 1.0, "reaction_us": 0.0}
+    logits, stats = {}, {}
+    for cpu in ("off", 4):
+        m = mi.from_pretrained(path, device="cuda", device_memory="1GiB", prefetch=False,
+                               engine_options={"cpu_experts": cpu, "link_rates": slow})
+        try:
+            with torch.no_grad():
+                logits[cpu] = m(input_ids=ids).logits.float()
+            stats[cpu] = m.moe_stats()
+        finally:
+            m.close()
+    on = stats[4]
+    assert on["plan"]["executor"]["hybrid"], on["plan"]["executor"].get("hybrid_off")
+    assert on["paths"]["host-stream"] > 0, "prefill took the host path"
+    print(f"prefill hybrid on the GPU: experts computed on the CPU {on['cpu_computed']} of {on['misses']} misses, "
+          f"CPU time {on['cpu_seconds']:.4f} s")
+    assert on["cpu_computed"] > 0, "the CPU computed some experts"
+    assert stats["off"]["cpu_computed"] == 0
+    rel = ((logits[4] - logits["off"]).norm() / logits["off"].norm()).item()
+    assert rel <= 1e-2, f"logits relative error {rel:.2e}"
+
+
 def test_graph_hand_off_in_copy_mode_matches_graph_decode_without_it(tmp_path):
     """cpu_experts in CUDA-graph replays (the graph hand-off, engine
     graphhandoff.go): each captured layer publishes its activations and

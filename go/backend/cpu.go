@@ -50,6 +50,7 @@ type CPU struct {
 	simd      ffnKernel // ExpertThreads' kernel, made at the first FFN (nil without cgo)
 	views     cpuViews  // AllocViews' memory (views.go)
 	partial   []float32 // the hand-off's partial output (handoff.go)
+	partialN  int64     // its floats in the last HandOut
 }
 
 // NewCPU returns a CPU backend with the given number of copy workers

@@ -25,8 +25,11 @@ type HandOff interface {
 	HandOut(stream uintptr, x uint64, xBytes int64, w uint64, wBytes int64, partialBytes int64) (HostWork, error)
 	// HandBack makes the partial output the CPU wrote to HostWork.Partial
 	// readable by kernels on stream, in stream order (without waiting),
-	// and returns its kernel address for FFNArgs.Addend.
-	HandBack(stream uintptr) (addend uint64, err error)
+	// and returns its kernel address for FFNArgs.Addend. With into = 0 it
+	// is the backend's buffer; otherwise it is into, kernel memory of the
+	// caller's of HandOut's partialBytes (the host paths' partial output,
+	// which the caller's own code adds), which HandBack fills.
+	HandBack(stream uintptr, into uint64) (addend uint64, err error)
 	// HandDone says that the kernels reading the addend are queued on
 	// stream: the next HandOut reuses the buffers only after they ran.
 	HandDone(stream uintptr) error
@@ -59,6 +62,7 @@ func (c *CPU) HandOut(_ uintptr, x uint64, _ int64, w uint64, _ int64, partialBy
 	if int64(len(c.partial)) < n {
 		c.partial = make([]float32, n)
 	}
+	c.partialN = n
 	var p uint64
 	if n > 0 {
 		p = uint64(uintptr(unsafe.Pointer(&c.partial[0])))
@@ -66,13 +70,18 @@ func (c *CPU) HandOut(_ uintptr, x uint64, _ int64, w uint64, _ int64, partialBy
 	return HostWork{X: x, Weights: w, Partial: p}, nil
 }
 
-// HandBack returns the partial output's address: the CPU backend's
-// kernels read host memory.
-func (c *CPU) HandBack(uintptr) (uint64, error) {
+// HandBack returns the partial output's address (the CPU backend's
+// kernels read host memory), or copies it into into (host memory) and
+// returns into.
+func (c *CPU) HandBack(_ uintptr, into uint64) (uint64, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if len(c.partial) == 0 {
-		return 0, nil
+	if c.partialN == 0 {
+		return into, nil
+	}
+	if into != 0 {
+		copy(unsafe.Slice((*float32)(ptrOf(into)), c.partialN), c.partial[:c.partialN])
+		return into, nil
 	}
 	return uint64(uintptr(unsafe.Pointer(&c.partial[0]))), nil
 }

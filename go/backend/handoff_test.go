@@ -147,11 +147,17 @@ func TestCPUHandOffIsHostMemoryAlready(t *testing.T) {
 	require.NotZero(t, w.Partial)
 	part := unsafe.Slice((*float32)(ptrOf(w.Partial)), 3)
 	part[2] = 2.5
-	addend, err := ho.HandBack(0)
+	addend, err := ho.HandBack(0, 0)
 	require.NoError(t, err)
 	assert.Equal(t, w.Partial, addend)
 	assert.Equal(t, float32(2.5), unsafe.Slice((*float32)(ptrOf(addend)), 3)[2])
 	require.NoError(t, ho.HandDone(0))
+	// Into the caller's buffer (the host paths' partial output): copied.
+	into := make([]float32, 3)
+	got, err := ho.HandBack(0, uint64(uintptr(unsafe.Pointer(&into[0]))))
+	require.NoError(t, err)
+	assert.Equal(t, uint64(uintptr(unsafe.Pointer(&into[0]))), got)
+	assert.Equal(t, []float32{0, 0, 2.5}, into)
 	assert.Zero(t, ho.HandOffFixedUs(LinkRates{DMAGBps: 50, ZeroCopyGBps: 50, ReactionUs: 20}))
 
 	// A larger partial gets a larger buffer.

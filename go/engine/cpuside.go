@@ -32,7 +32,10 @@ import (
 // suite runs the same sequence the CUDA backend runs, with the reference
 // and SIMD kernels as the oracle of the CUDA ones. The CUDA hand-off is
 // eager (it waits on the host once per layer), so CUDA-graph replays have
-// a hand-off of their own, in copy mode (graphhandoff.go).
+// a hand-off of their own, in copy mode (graphhandoff.go). Prefill-sized
+// calls, which the caller's own code computes (the host paths), share it
+// too (hostPartial): the partial is handed back into the caller's buffer,
+// and the caller's code skips the CPU's experts and adds it.
 //
 // Where an expert is read: cpuffn reads without a guard, and a checkpoint
 // file truncated under its mapping faults (SIGBUS) in C, which no guard
@@ -77,6 +80,8 @@ type hybridState struct {
 	mu      sync.Mutex  // guards stage and scratch, and serialises hand-offs (held for a whole call)
 	stage   [][]byte    // staging buffers, one per staged expert of a call
 	scratch []float32   // the CPU's SwiGLU intermediate, [P, Inter]
+	gx      []byte      // the activations of the tokens with a pair on the CPU (cpuPart)
+	gpart   []float32   // their partial output
 }
 
 // setupHybrid turns hybrid execution on when the model's experts run on
@@ -294,51 +299,24 @@ func (e *Engine) predictReuse(layer int, reqs []uint64, k int64) []float64 {
 // Acquire brings the device's experts, and the kernels compute the rest
 // and add the partial. cpuX are counted as misses but not admitted.
 func (e *Engine) layerHybrid(c FFNCall, cpuX []int32, topk []int64) error {
-	hidden, inter, dt, err := e.FFNShape()
-	if err != nil {
-		return err
+	kern := e.ft.Kernels
+	if kern == nil {
+		return fmt.Errorf("%w: backend %s has no expert FFN kernels", ErrUnsupported, e.be.Name())
 	}
-	kern, ho := e.ft.Kernels, e.ft.HandOff
-	if kern == nil || ho == nil {
-		return fmt.Errorf("%w: backend %s has no expert FFN kernels or no CPU hand-off", ErrUnsupported, e.be.Name())
-	}
-	if err := checkActivations(c, dt); err != nil {
-		return err
-	}
-	if !backend.IsRoutingWeightsDType(c.WDType) {
-		return fmt.Errorf("%w: routing weights are %s; the kernels take float32, bfloat16 or float16", ErrInvalid, c.WDType.TorchName())
-	}
-	wsize := int64(c.WDType.Size())
-	if err := e.checkLayer(c.Layer); err != nil {
-		return err
-	}
-	onCPU := make(map[int32]bool, len(cpuX))
-	for _, x := range cpuX {
-		onCPU[x] = true
-	}
-	var dev []int32
-	for _, x := range c.Experts {
-		if !onCPU[x] {
-			dev = append(dev, x)
-		}
-	}
-
+	dev := withoutExperts(c.Experts, cpuX)
 	h := &e.hybrid
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	// The hand-off first: on a GPU the activations' copy is queued on the
 	// stream before Acquire makes it wait for the device experts' copies.
-	t0 := time.Now()
-	P := c.T * c.K
-	work, err := ho.HandOut(c.Stream, c.X, c.T*hidden*2, c.Weights, P*wsize, c.T*hidden*4)
+	ho, work, shape, err := e.handOut(c)
 	if err != nil {
-		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, err)
+		return err
 	}
-	handed := time.Since(t0)
 	done := make(chan cpuDone, 1)
 	go func() {
 		t0 := time.Now()
-		err := e.cpuPart(c, cpuX, topk, work, hidden, inter)
+		err := e.cpuPart(c, cpuX, topk, work, shape.hidden, shape.inter)
 		done <- cpuDone{time.Since(t0), err}
 	}()
 
@@ -358,21 +336,17 @@ func (e *Engine) layerHybrid(c FFNCall, cpuX []int32, topk []int64) error {
 			e.phase(phaseRelease, t0)
 		}()
 	}
-	keys := make([]cache.Key, len(cpuX))
-	for i, x := range cpuX {
-		keys[i] = cache.Key{Layer: int32(c.Layer), Expert: x}
-	}
-	e.cache.Touch(keys, make([]bool, len(keys)))
+	e.touchCPU(c.Layer, cpuX)
 	t1 := time.Now()
 	r := <-done
 	if r.err != nil {
 		return fmt.Errorf("expert FFN of layer %d on the CPU: %w", c.Layer, r.err)
 	}
-	addend, err := ho.HandBack(c.Stream)
+	addend, err := ho.HandBack(c.Stream, 0)
 	if err != nil {
 		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, err)
 	}
-	args := e.kernelArgs(c, hidden, inter, dt, dev, slots)
+	args := e.kernelArgs(c, shape.hidden, shape.inter, shape.dt, dev, slots)
 	args.Addend = addend
 	ffnErr := kern.FFN(args)
 	if err := ho.HandDone(c.Stream); err != nil && ffnErr == nil {
@@ -382,10 +356,102 @@ func (e *Engine) layerHybrid(c FFNCall, cpuX []int32, topk []int64) error {
 	if ffnErr != nil {
 		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, ffnErr)
 	}
-	// The CPU's time for its experts: the hand-off, staging and its FFN.
-	e.cpuComputed[c.Layer].Add(int64(len(cpuX)))
-	e.cpuNs[c.Layer].Add(int64(handed + r.ns))
+	e.countCPU(c.Layer, cpuX, shape.handed+r.ns)
 	return nil
+}
+
+// hostPartial is hybrid execution on the host paths (prefill-sized
+// calls, which the caller's own expert code computes on slot views): the
+// CPU computes the pairs of call c routed to cpuX (ascending, a subset of
+// c.Experts) into partial, the caller's float32 [T, Hidden] buffer
+// (kernel memory, like c.X), and the caller's code computes the others
+// (dev) and adds it. The hand-off brings the activations and routing
+// weights to the host; while the CPU computes, dev are hinted to the
+// prefetcher, so the link brings them meanwhile (where prefetching is
+// on); HandBack fills partial in stream order. cpuX are counted as misses
+// (cpu_computed, cpu_ns), never admitted.
+func (e *Engine) hostPartial(c FFNCall, cpuX, dev []int32, topk []int64, partial uint64) error {
+	h := &e.hybrid
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	ho, work, shape, err := e.handOut(c)
+	if err != nil {
+		return err
+	}
+	if len(dev) > 0 {
+		e.core.Hint(c.Layer, dev)
+	}
+	t0 := time.Now()
+	if err := e.cpuPart(c, cpuX, topk, work, shape.hidden, shape.inter); err != nil {
+		return fmt.Errorf("expert FFN of layer %d on the CPU: %w", c.Layer, err)
+	}
+	ns := time.Since(t0)
+	if _, err := ho.HandBack(c.Stream, partial); err != nil {
+		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, err)
+	}
+	if err := ho.HandDone(c.Stream); err != nil {
+		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, err)
+	}
+	e.touchCPU(c.Layer, cpuX)
+	e.countCPU(c.Layer, cpuX, shape.handed+ns)
+	return nil
+}
+
+// handShape is a hand-off's FFN shape and the time HandOut took.
+type handShape struct {
+	hidden, inter int64
+	dt            dtype.DType
+	handed        time.Duration
+}
+
+// handOut checks call c for the CPU side (activations of the experts'
+// type, routing weights the hand-off reads, the layer's checkpoint
+// unchanged) and hands its activations and routing weights out
+// (backend.HandOff.HandOut), with room for a float32 [T, Hidden] partial
+// output. Holds e.hybrid.mu.
+func (e *Engine) handOut(c FFNCall) (backend.HandOff, backend.HostWork, handShape, error) {
+	var sh handShape
+	hidden, inter, dt, err := e.FFNShape()
+	if err != nil {
+		return nil, backend.HostWork{}, sh, err
+	}
+	ho := e.ft.HandOff
+	if ho == nil {
+		return nil, backend.HostWork{}, sh, fmt.Errorf("%w: backend %s has no CPU hand-off", ErrUnsupported, e.be.Name())
+	}
+	if err := checkActivations(c, dt); err != nil {
+		return nil, backend.HostWork{}, sh, err
+	}
+	if !backend.IsRoutingWeightsDType(c.WDType) {
+		return nil, backend.HostWork{}, sh, fmt.Errorf("%w: routing weights are %s; the kernels take float32, bfloat16 or float16", ErrInvalid, c.WDType.TorchName())
+	}
+	if err := e.checkLayer(c.Layer); err != nil {
+		return nil, backend.HostWork{}, sh, err
+	}
+	t0 := time.Now()
+	P := c.T * c.K
+	work, err := ho.HandOut(c.Stream, c.X, c.T*hidden*2, c.Weights, P*int64(c.WDType.Size()), c.T*hidden*4)
+	if err != nil {
+		return nil, backend.HostWork{}, sh, fmt.Errorf("expert FFN of layer %d: %w", c.Layer, err)
+	}
+	return ho, work, handShape{hidden, inter, dt, time.Since(t0)}, nil
+}
+
+// touchCPU counts the experts the CPU computed as misses of layer,
+// without admitting them (cache.Touch).
+func (e *Engine) touchCPU(layer int, cpuX []int32) {
+	keys := make([]cache.Key, len(cpuX))
+	for i, x := range cpuX {
+		keys[i] = cache.Key{Layer: int32(layer), Expert: x}
+	}
+	e.cache.Touch(keys, make([]bool, len(keys)))
+}
+
+// countCPU adds the CPU's experts of a layer call and its time for them
+// (the hand-off, staging and its FFN) to cpu_computed and cpu_ns.
+func (e *Engine) countCPU(layer int, cpuX []int32, took time.Duration) {
+	e.cpuComputed[layer].Add(int64(len(cpuX)))
+	e.cpuNs[layer].Add(int64(took))
 }
 
 // cpuDone is the CPU part's host time and error.
@@ -396,8 +462,12 @@ type cpuDone struct {
 
 // cpuPart computes the pairs of call c routed to cpuX (topk, on the host)
 // on the CPU: from the activations and routing weights the hand-off
-// brought (w), into its partial output (float32 [T, Hidden]). Holds
-// e.hybrid.mu.
+// brought (w), into its partial output (float32 [T, Hidden]; zero rows
+// for tokens without such a pair). When only some tokens have a pair on
+// the CPU (a prefill-sized call gives it the experts of few tokens) the
+// problem is gathered to those tokens, so that its scratch is [their
+// pairs, Inter] rather than the call's, and their rows are scattered
+// back. Holds e.hybrid.mu.
 func (e *Engine) cpuPart(c FFNCall, cpuX []int32, topk []int64, w backend.HostWork, hidden, inter int64) error {
 	gu, _ := e.lay.Region("gate_up_proj")
 	dn, _ := e.lay.Region("down_proj")
@@ -410,23 +480,73 @@ func (e *Engine) cpuPart(c FFNCall, cpuX []int32, topk []int64, w backend.HostWo
 		}
 		rows[x] = r
 	}
-	h := &e.hybrid
-	P := c.T * c.K
-	if int64(len(h.scratch)) < P*inter {
-		h.scratch = make([]float32, P*inter)
+	onCPU := func(x int64) ([3]uint64, bool) {
+		r, ok := rows[int32(x)]
+		return r, ok && x >= 0 && x < int64(e.experts) // the device's pairs stay null
 	}
-	p := cpuProblem{
-		T: c.T, K: c.K, Hidden: hidden, Inter: inter, F16: c.DType == dtype.F16,
-		X: w.X, PartialOut: w.Partial, Scratch: uint64(uintptr(unsafe.Pointer(&h.scratch[0]))),
-		Weights: weightsF32(w.Weights, c.WDType, P), Gate: make([]uint64, P), Up: make([]uint64, P), Down: make([]uint64, P),
-	}
-	for i, x := range topk {
-		if r, ok := rows[int32(x)]; ok && x >= 0 && x < int64(e.experts) { // the device's pairs stay null
-			p.Gate[i], p.Up[i], p.Down[i] = r[0], r[1], r[2]
+	var toks []int64 // the tokens with a pair on the CPU
+	for t := int64(0); t < c.T; t++ {
+		for j := int64(0); j < c.K; j++ {
+			if _, ok := onCPU(topk[t*c.K+j]); ok {
+				toks = append(toks, t)
+				break
+			}
 		}
 	}
-	return h.k.run(p)
+	h := &e.hybrid
+	T, K := int64(len(toks)), c.K
+	P := T * K
+	if int64(len(h.scratch)) < max(P, 1)*inter {
+		h.scratch = make([]float32, max(P, 1)*inter)
+	}
+	xb := hidden * 2 // one token's activations, in bytes
+	x, out := w.X, w.Partial
+	gather := T < c.T
+	if gather {
+		if int64(len(h.gx)) < max(T, 1)*xb {
+			h.gx = make([]byte, max(T, 1)*xb)
+		}
+		if int64(len(h.gpart)) < max(T, 1)*hidden {
+			h.gpart = make([]float32, max(T, 1)*hidden)
+		}
+		src := unsafe.Slice((*byte)(hostPtr(w.X)), c.T*xb)
+		for i, t := range toks {
+			copy(h.gx[int64(i)*xb:int64(i+1)*xb], src[t*xb:(t+1)*xb])
+		}
+		x, out = uint64(uintptr(unsafe.Pointer(&h.gx[0]))), uint64(uintptr(unsafe.Pointer(&h.gpart[0])))
+	}
+	weights := weightsF32(w.Weights, c.WDType, c.T*c.K)
+	p := cpuProblem{
+		T: T, K: K, Hidden: hidden, Inter: inter, F16: c.DType == dtype.F16,
+		X: x, PartialOut: out, Scratch: uint64(uintptr(unsafe.Pointer(&h.scratch[0]))),
+		Weights: make([]float32, P), Gate: make([]uint64, P), Up: make([]uint64, P), Down: make([]uint64, P),
+	}
+	for i, t := range toks {
+		for j := int64(0); j < K; j++ {
+			src, dst := t*K+j, int64(i)*K+j
+			p.Weights[dst] = weights[src]
+			if r, ok := onCPU(topk[src]); ok {
+				p.Gate[dst], p.Up[dst], p.Down[dst] = r[0], r[1], r[2]
+			}
+		}
+	}
+	if T > 0 {
+		if err := h.k.run(p); err != nil {
+			return err
+		}
+	}
+	if gather {
+		dst := unsafe.Slice((*float32)(hostPtr(w.Partial)), c.T*hidden)
+		clear(dst)
+		for i, t := range toks {
+			copy(dst[t*hidden:(t+1)*hidden], h.gpart[int64(i)*hidden:int64(i+1)*hidden])
+		}
+	}
+	return nil
 }
+
+// hostPtr is the host address addr as a pointer.
+func hostPtr(addr uint64) unsafe.Pointer { return *(*unsafe.Pointer)(unsafe.Pointer(&addr)) }
 
 // hostRows are expert (layer, x)'s gate, up and down rows in host memory
 // that cannot fault: its host tensors in place, or a copy in staging

@@ -31,14 +31,20 @@ var equalRates = HybridCosts{LinkGBps: 10, CPUGBps: 10, LinkShare: 1, CPUShare: 
 // cost model injected; add registers the model (host tensors or a file).
 func hybridEngine(t *testing.T, slots int, add func(*Engine)) *Engine {
 	t.Helper()
+	return hybridEngineWith(t, slots, equalRates, add)
+}
+
+// hybridEngineWith is hybridEngine with the cost model costs.
+func hybridEngineWith(t *testing.T, slots int, costs HybridCosts, add func(*Engine)) *Engine {
+	t.Helper()
 	e, err := New(Config{BudgetBytes: int64(slots) * 4096, MaxSlots: slots, CPUExperts: 2, Prefetch: noPrefetch(), PrefetchMinEvidence: -1})
 	require.NoError(t, err)
 	add(e)
-	e.MeasureHybrid = func(int64, int64, bool) (HybridCosts, error) { return equalRates, nil }
+	e.MeasureHybrid = func(int64, int64, bool) (HybridCosts, error) { return costs, nil }
 	p, err := e.Configure(Setup{Layout: mixtralSpec, FFN: "swiglu"})
 	require.NoError(t, err)
 	require.True(t, p.Executor.Hybrid, p.Executor.HybridOff)
-	assert.Equal(t, equalRates, *p.Executor.HybridCosts)
+	assert.Equal(t, costs, *p.Executor.HybridCosts)
 	t.Cleanup(func() { _ = e.Close() })
 	return e
 }
@@ -244,8 +250,11 @@ func (g *handOffGPU) HandOut(s uintptr, x uint64, xb int64, w uint64, wb int64, 
 	return g.CPU.HandOut(s, x, xb, w, wb, pb)
 }
 
-func (g *handOffGPU) HandBack(s uintptr) (uint64, error) { g.backs.Add(1); return g.CPU.HandBack(s) }
-func (g *handOffGPU) HandDone(s uintptr) error           { g.dones.Add(1); return g.CPU.HandDone(s) }
+func (g *handOffGPU) HandBack(s uintptr, into uint64) (uint64, error) {
+	g.backs.Add(1)
+	return g.CPU.HandBack(s, into)
+}
+func (g *handOffGPU) HandDone(s uintptr) error { g.dones.Add(1); return g.CPU.HandDone(s) }
 func (g *handOffGPU) HandOffFixedUs(r backend.LinkRates) float64 {
 	return 2 * r.ReactionUs
 }

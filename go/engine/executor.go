@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -298,15 +299,24 @@ type LayerArgs struct {
 	TopKHost []int64
 	// Flags are the caller's.
 	Flags LayerFlags
+	// Partial is the caller's [T, Hidden] float32 buffer (kernel memory,
+	// like X) for the host paths' CPU part (hybrid execution: see
+	// hostPartial); 0 when the caller offers none.
+	Partial uint64
 }
 
 // LayerResult is what Layer did.
 type LayerResult struct {
 	// Path is the path taken.
 	Path Path
-	// Experts are the distinct experts of the layer, ascending (for the
-	// host paths; nil otherwise).
+	// Experts are the distinct experts of the layer the caller's code
+	// computes, ascending (for the host paths; nil otherwise): all of
+	// them but CPUExperts.
 	Experts []int32
+	// CPUExperts are the host paths' experts the CPU computed into
+	// LayerArgs.Partial, ascending: the caller's code skips their pairs
+	// and adds the partial. nil when the CPU computed none.
+	CPUExperts []int32
 }
 
 // Layer runs one MoE layer on the path ChoosePath picks, and returns it.
@@ -363,9 +373,46 @@ func (e *Engine) Layer(a LayerArgs) (LayerResult, error) {
 			}
 			e.phase(phaseObserve, t0)
 		}
-		return LayerResult{Path: path, Experts: experts}, nil
+		r := LayerResult{Path: path, Experts: experts}
+		if e.hostHybridOK(a) {
+			c := a.FFNCall
+			c.Experts = experts
+			if cpuX := e.chooseCPU(c, a.Reqs, a.TopKHost); len(cpuX) > 0 {
+				dev := withoutExperts(experts, cpuX)
+				if err := e.hostPartial(c, cpuX, dev, a.TopKHost, a.Partial); err != nil {
+					return LayerResult{}, err
+				}
+				r.Experts, r.CPUExperts = dev, cpuX
+			}
+		}
+		return r, nil
 	}
 	return LayerResult{Path: path}, nil
+}
+
+// hostHybridOK says whether the CPU may compute some of a host-path call's
+// experts (hostPartial): hybrid execution is on, the caller offered a
+// partial output and passed the kernels' arguments (activations of the
+// experts' type, routing weights of a type the hand-off reads), asks for
+// no code of its own everywhere, has no routing gaps, and is not a
+// row-wise batch (a row must come out as it would alone, and which
+// experts the CPU takes depends on the whole call).
+func (e *Engine) hostHybridOK(a LayerArgs) bool {
+	x := e.plan.Executor
+	return a.Partial != 0 && a.X != 0 && a.Weights != 0 && x.Kernels && e.hybridOn() &&
+		a.Flags&(LayerNoKernels|LayerRoutingGaps|LayerRowwise) == 0 &&
+		a.DType != dtype.Invalid && a.DType == x.DType && backend.IsRoutingWeightsDType(a.WDType)
+}
+
+// withoutExperts is experts less those in drop, in experts' order.
+func withoutExperts(experts, drop []int32) []int32 {
+	out := make([]int32, 0, len(experts))
+	for _, x := range experts {
+		if !slices.Contains(drop, x) {
+			out = append(out, x)
+		}
+	}
+	return out
 }
 
 // errMappedUnavailable marks LayerMapped's failure to start mapped mode

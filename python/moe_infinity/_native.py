@@ -78,6 +78,9 @@ class LayerArgs(ctypes.Structure):
         ("experts_cap", ctypes.c_int32),
         ("n_experts", ctypes.c_int32),
         ("experts", _p_int32),
+        ("partial", ctypes.c_uint64),
+        ("n_cpu_experts", ctypes.c_int32),
+        ("cpu_experts", _p_int32),
     ]
 
 

@@ -674,6 +674,8 @@ class OffloadRuntime:
             a = self._tls.layer_args = _native.LayerArgs()
             buf = self._tls.layer_experts = (ctypes.c_int32 * self.num_experts)()
             a.experts = ctypes.cast(buf, ctypes.POINTER(ctypes.c_int32))
+            cpu = self._tls.layer_cpu_experts = (ctypes.c_int32 * self.num_experts)()
+            a.cpu_experts = ctypes.cast(cpu, ctypes.POINTER(ctypes.c_int32))
             a.experts_cap = self.num_experts
         return a
 
@@ -707,7 +709,7 @@ class OffloadRuntime:
         # lives there: otherwise the engine asks for it only if it needs it.
         idx_host = met if met is not None else (topk if topk.device.type == "cpu" else None)
         a.topk_host = ctypes.cast(ctypes.c_void_p(idx_host.data_ptr()), ctypes.POINTER(ctypes.c_int64)) if idx_host is not None else None
-        out = x = weights = None
+        out = x = weights = partial = None
         if self.kernels:
             x = hidden.contiguous()
             weights = top_k_weights.contiguous()
@@ -723,10 +725,19 @@ class OffloadRuntime:
             scratch = scratches.get(stream)
             if scratch is None or scratch.numel() < need:
                 scratch = scratches[stream] = torch.empty(max(need, 16 * self.ffn_inter), dtype=torch.float32, device=x.device)
+            # The host paths' CPU part (hybrid execution): the engine may
+            # compute some experts into it, float32 [T, hidden]; reused
+            # like scratch (each call's reads of it are queued before the
+            # next call's writes, in stream order).
+            partials = self._tls.__dict__.setdefault("partial", {})
+            partial = partials.get(stream)
+            if partial is None or partial.numel() < x.numel():
+                partial = partials[stream] = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
             a.stream, a.x, a.out, a.scratch, a.weights = stream, x.data_ptr(), out.data_ptr(), scratch.data_ptr(), weights.data_ptr()
+            a.partial = partial.data_ptr()
             a.dtype, a.weights_dtype = _ACT_DTYPES.get(x.dtype, -1), _WDTYPES.get(weights.dtype, -1)
         else:
-            a.stream = a.x = a.out = a.scratch = a.weights = 0
+            a.stream = a.x = a.out = a.scratch = a.weights = a.partial = 0
             a.dtype = a.weights_dtype = -1
         t0 = self._phase("layer_args", t0)
         path = self.engine.layer(a)
@@ -745,7 +756,23 @@ class OffloadRuntime:
         stacked = path == _native.PATH_HOST_STACKED
         if T > 1 and getattr(self._tls, "rowwise", False):
             return self._run_torch_rows(layer, hidden, top_k_index, top_k_weights, original, needed, stacked)
+        if a.n_cpu_experts > 0 and partial is not None:
+            return self._run_torch_hybrid(layer, hidden, top_k_index, top_k_weights, original, needed, stacked, list(self._tls.layer_cpu_experts[: a.n_cpu_experts]), partial)
         return self._run_torch(layer, layer.module, hidden, top_k_index, top_k_weights, original, needed, stacked=stacked)
+
+    def _run_torch_hybrid(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, original: Any, needed: list[int], stacked: bool, cpu: list[int], partial: torch.Tensor) -> torch.Tensor:
+        """A host-path layer the CPU took part in (hybrid execution): the
+        engine computed the pairs routed to the ``cpu`` experts into
+        ``partial`` (float32). transformers' code skips those pairs, each
+        sent to the empty place num_experts (which its expert loop and the
+        stacked code's remap both pass over), computes the others, and the
+        partial is added in float32 before the one rounding to the output's
+        type."""
+        E = self.num_experts
+        gone = torch.isin(top_k_index, torch.tensor(cpu, dtype=top_k_index.dtype, device=top_k_index.device))
+        idx = top_k_index.masked_fill(gone, E)
+        out = self._run_torch(layer, layer.module, hidden, idx, top_k_weights, original, needed, stacked=stacked)
+        return (out.float() + partial[: out.numel()].view(out.shape)).to(out.dtype)
 
     def _run_torch_rows(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, original: Any, needed: list[int], stacked: bool) -> torch.Tensor:
         """transformers' expert code once per token (see rows(rowwise=True)),

@@ -116,19 +116,26 @@ func (b *Backend) HandOut(stream uintptr, x uint64, xBytes int64, w uint64, wByt
 }
 
 // HandBack uploads the partial output on stream (from pinned memory, so
-// the host does not wait) and returns its device address.
-func (b *Backend) HandBack(stream uintptr) (uint64, error) {
+// the host does not wait) into the hand-off's device buffer, or into into
+// (the caller's device memory of the partial's size), and returns its
+// device address. HandDone's event then follows the upload, so the next
+// HandOut reuses the pinned buffer only after it ran.
+func (b *Backend) HandBack(stream uintptr, into uint64) (uint64, error) {
 	h := &b.hand
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.host == nil || h.dev == 0 {
 		return 0, fmt.Errorf("backend cuda: HandBack without HandOut")
 	}
-	err := b.dev.do(func() error { return copyHtoD(h.dev, unsafe.Add(h.host, h.pOff), h.pBytes, stream) })
+	dst := h.dev
+	if into != 0 {
+		dst = into
+	}
+	err := b.dev.do(func() error { return copyHtoD(dst, unsafe.Add(h.host, h.pOff), h.pBytes, stream) })
 	if err != nil {
 		return 0, fmt.Errorf("backend cuda: handing the CPU's partial output back: %w", err)
 	}
-	return h.dev, nil
+	return dst, nil
 }
 
 // HandDone records an event after the kernels queued on stream; the next
