@@ -763,15 +763,19 @@ class OffloadRuntime:
     def _run_torch_hybrid(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, original: Any, needed: list[int], stacked: bool, cpu: list[int], partial: torch.Tensor) -> torch.Tensor:
         """A host-path layer the CPU took part in (hybrid execution): the
         engine computed the pairs routed to the ``cpu`` experts into
-        ``partial`` (float32). transformers' code skips those pairs, each
-        sent to the empty place num_experts (which its expert loop and the
-        stacked code's remap both pass over), computes the others, and the
-        partial is added in float32 before the one rounding to the output's
-        type."""
-        E = self.num_experts
+        ``partial`` (float32). transformers' code computes the others: each
+        CPU pair is given weight 0 and one of the needed experts (every
+        transformers version's code follows such a pair; the empty place
+        num_experts, which newer versions skip, is out of range for older
+        ones), so it adds an exact zero; the partial is added in float32
+        before the one rounding to the output's type."""
         gone = torch.isin(top_k_index, torch.tensor(cpu, dtype=top_k_index.dtype, device=top_k_index.device))
-        idx = top_k_index.masked_fill(gone, E)
-        out = self._run_torch(layer, layer.module, hidden, idx, top_k_weights, original, needed, stacked=stacked)
+        if needed:
+            idx = top_k_index.masked_fill(gone, needed[0])
+            w = top_k_weights.masked_fill(gone, 0)
+            out = self._run_torch(layer, layer.module, hidden, idx, w, original, needed, stacked=stacked)
+        else:  # every pair is the CPU's
+            out = torch.zeros_like(hidden)
         return (out.float() + partial[: out.numel()].view(out.shape)).to(out.dtype)
 
     def _run_torch_rows(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, original: Any, needed: list[int], stacked: bool) -> torch.Tensor:
