@@ -21,9 +21,20 @@ PROMPTS = ["The cat sat on the", "Once upon a time there was", "In 1900,", "She 
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port for Ray's HTTP proxy, outside the ranges Ray's own
+    processes take ports from after it is chosen: the kernel's ephemeral
+    range (from 32768; bind(0) would pick there, and a Ray worker did take
+    such a port first once) and Ray's worker ports (10002-19999)."""
+    import random
+
+    for port in random.Random().sample(range(20000, 32768), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 @pytest.mark.slow
@@ -38,7 +49,6 @@ def test_two_replicas_behind_rays_proxy_answer_and_shut_down_cleanly(tmp_path, m
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("TQDM_DISABLE", "1")
     trace = tmp_path / "trace.bin"
-    port = _free_port()
     # The reference: generate alone, here, with the same settings.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -57,6 +67,7 @@ def test_two_replicas_behind_rays_proxy_answer_and_shut_down_cleanly(tmp_path, m
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k in ("PYTHONPATH", "MOE_INFINITY_LIB")}})
     try:
+        port = _free_port()  # chosen once Ray's processes hold theirs
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = deployment(num_replicas=2, num_cpus=0.5, device="cpu", device_memory="6MiB", trace_path=str(trace), torch_threads=1, max_batch=4, max_queue=8)
         serve.run(app, name="moe", route_prefix="/")
