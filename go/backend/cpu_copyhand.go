@@ -193,7 +193,7 @@ func (c *CPU) handReplay(m *MapTable, layers []CapturedLayer) (*Routing, error) 
 func (c *CPU) replayLayer(m *MapTable, i, layer int, a FFNArgs) ([]int64, error) {
 	cp := &c.capture
 	P := a.T * a.K
-	ids := append([]int64(nil), unsafe.Slice((*int64)(ptrOf(a.TopK)), P)...)
+	ids := append([]int64(nil), unsafe.Slice((*int64)(HostPtr(a.TopK)), P)...)
 	cp.mu.Lock()
 	tokens, hidden := cp.hand.tokens, cp.hand.hidden
 	cp.mu.Unlock()
@@ -201,8 +201,8 @@ func (c *CPU) replayLayer(m *MapTable, i, layer int, a FFNArgs) ([]int64, error)
 	if a.T <= tokens && a.Hidden == hidden && a.FP8 == nil && IsRoutingWeightsDType(a.WDType) {
 		wsize := int64(a.WDType.Size())
 		box = &cpuBox{
-			x:      append([]byte(nil), unsafe.Slice((*byte)(ptrOf(a.X)), 2*a.T*a.Hidden)...),
-			w:      append([]byte(nil), unsafe.Slice((*byte)(ptrOf(a.Weights)), wsize*P)...),
+			x:      append([]byte(nil), unsafe.Slice((*byte)(HostPtr(a.X)), 2*a.T*a.Hidden)...),
+			w:      append([]byte(nil), unsafe.Slice((*byte)(HostPtr(a.Weights)), wsize*P)...),
 			wdtype: a.WDType, partial: make([]float32, a.T*a.Hidden),
 		}
 	}

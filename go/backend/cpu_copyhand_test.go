@@ -91,15 +91,15 @@ func TestCopyHandOffPublishesTheLayerAndHonoursOnlyATimelyAnswer(t *testing.T) {
 			w, wdt, ok := c.LayerWork(0)
 			require.True(t, ok)
 			assert.Equal(t, dtype.F32, wdt)
-			assert.Equal(t, l.x, unsafe.Slice((*uint16)(ptrOf(w.X)), slT*slH), "x is published")
-			assert.Equal(t, l.wts, unsafe.Slice((*float32)(ptrOf(w.Weights)), slT*slK), "and the routing weights")
+			assert.Equal(t, l.x, unsafe.Slice((*uint16)(HostPtr(w.X)), slT*slH), "x is published")
+			assert.Equal(t, l.wts, unsafe.Slice((*float32)(HostPtr(w.Weights)), slT*slK), "and the routing weights")
 			if tc.late {
 				_, err := r.Wait() // the layer ran without its answer
 				require.NoError(t, err)
 			}
 			wrote := false
 			err = c.ServeLayerCPU(0, seq, nil, []int32{1}, func() error {
-				copy(unsafe.Slice((*float32)(ptrOf(w.Partial)), slT*slH), mark)
+				copy(unsafe.Slice((*float32)(HostPtr(w.Partial)), slT*slH), mark)
 				wrote = true
 				return nil
 			})

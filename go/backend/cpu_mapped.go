@@ -50,7 +50,7 @@ func (c *CPU) MappedFFN(layer int, a FFNArgs) (*Routing, error) {
 	if a.T <= 0 || a.K <= 0 || a.TopK == 0 {
 		return nil, fmt.Errorf("backend cpu: routing of %d × %d ids at %#x", a.T, a.K, a.TopK)
 	}
-	ids := append([]int64(nil), unsafe.Slice((*int64)(ptrOf(a.TopK)), a.T*a.K)...)
+	ids := append([]int64(nil), unsafe.Slice((*int64)(HostPtr(a.TopK)), a.T*a.K)...)
 	m.Mu.RLock()
 	defer m.Mu.RUnlock()
 	if err := m.Lay.CheckArgs(a); err != nil {

@@ -58,7 +58,7 @@ func (c *CPU) simdProblem(a FFNArgs) (p cpuffn.Problem, ok bool, err error) {
 	H, I := uint64(a.Hidden), uint64(a.Inter)
 	inSlots := func(addr, n uint64) bool { return addr >= lo && addr+n <= hi && addr+n >= addr }
 	P := a.T * a.K
-	exps := unsafe.Slice((*int64)(ptrOf(a.TopK)), P)
+	exps := unsafe.Slice((*int64)(HostPtr(a.TopK)), P)
 	p = cpuffn.Problem{
 		T: a.T, K: a.K, Hidden: a.Hidden, Inter: a.Inter, F16: a.DType == dtype.F16,
 		X: a.X, Out: a.Out, Scratch: a.Scratch, Weights: routingWeights(a, P), Addend: a.Addend,

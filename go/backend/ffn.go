@@ -152,12 +152,13 @@ func (a FFNArgs) Validate() error {
 	return nil
 }
 
-// ptrOf turns a host address received through the C ABI into a pointer
-// (the caller guarantees the memory is valid for the call: torch tensors).
-func ptrOf(addr uint64) unsafe.Pointer { return *(*unsafe.Pointer)(unsafe.Pointer(&addr)) }
+// HostPtr turns a host address (received through the C ABI, or of a
+// hand-off's pinned buffers) into a pointer; the caller guarantees the
+// memory is valid for as long as it is used (torch tensors: the call).
+func HostPtr(addr uint64) unsafe.Pointer { return *(*unsafe.Pointer)(unsafe.Pointer(&addr)) }
 
 // hostSlice views host memory at addr as n bytes.
-func hostSlice(addr uint64, n int64) []byte { return unsafe.Slice((*byte)(ptrOf(addr)), n) }
+func hostSlice(addr uint64, n int64) []byte { return unsafe.Slice((*byte)(HostPtr(addr)), n) }
 
 // FFN computes the expert FFN on the CPU. With ExpertThreads set and
 // every expert the call reads in the slots, the SIMD kernels of package
@@ -206,7 +207,7 @@ func (c *CPU) ReferenceFFN(a FFNArgs) error {
 	}
 	var addend []float32
 	if a.Addend != 0 {
-		addend = unsafe.Slice((*float32)(ptrOf(a.Addend)), a.T*H)
+		addend = unsafe.Slice((*float32)(HostPtr(a.Addend)), a.T*H)
 	}
 	// Every goroutine that reads expert rows runs under the source's guard:
 	// in mapped mode they are the checkpoint's file mapping.
@@ -286,7 +287,7 @@ func routingWeights(a FFNArgs, P int64) []float32 {
 	case dtype.BF16, dtype.F16:
 		return toF32(hostSlice(a.Weights, P*2), a.WDType)
 	}
-	return unsafe.Slice((*float32)(ptrOf(a.Weights)), P)
+	return unsafe.Slice((*float32)(HostPtr(a.Weights)), P)
 }
 
 // round rounds v to dt (bfloat16 or float16) and back, to nearest even.
@@ -334,7 +335,7 @@ type refInputs struct {
 
 func (a FFNArgs) refInputs() (refInputs, error) {
 	r := refInputs{dt: a.DType, P: a.T * a.K}
-	r.exps = unsafe.Slice((*int64)(ptrOf(a.TopK)), r.P)
+	r.exps = unsafe.Slice((*int64)(HostPtr(a.TopK)), r.P)
 	for p := int64(0); p < r.P; p++ {
 		if err := a.checkPair(p, r.exps[p]); err != nil {
 			return refInputs{}, fmt.Errorf("backend cpu: %w", err)
@@ -342,7 +343,7 @@ func (a FFNArgs) refInputs() (refInputs, error) {
 	}
 	r.wts = routingWeights(a, r.P)
 	r.x = toF32(hostSlice(a.X, a.T*a.Hidden*2), r.dt)
-	r.h = unsafe.Slice((*float32)(ptrOf(a.Scratch)), r.P*a.Inter)
+	r.h = unsafe.Slice((*float32)(HostPtr(a.Scratch)), r.P*a.Inter)
 	return r, nil
 }
 

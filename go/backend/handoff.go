@@ -80,7 +80,7 @@ func (c *CPU) HandBack(_ uintptr, into uint64) (uint64, error) {
 		return into, nil
 	}
 	if into != 0 {
-		copy(unsafe.Slice((*float32)(ptrOf(into)), c.partialN), c.partial[:c.partialN])
+		copy(unsafe.Slice((*float32)(HostPtr(into)), c.partialN), c.partial[:c.partialN])
 		return into, nil
 	}
 	return uint64(uintptr(unsafe.Pointer(&c.partial[0]))), nil

@@ -145,12 +145,12 @@ func TestCPUHandOffIsHostMemoryAlready(t *testing.T) {
 	assert.Equal(t, uint64(1234), w.X)
 	assert.Equal(t, uint64(5678), w.Weights)
 	require.NotZero(t, w.Partial)
-	part := unsafe.Slice((*float32)(ptrOf(w.Partial)), 3)
+	part := unsafe.Slice((*float32)(HostPtr(w.Partial)), 3)
 	part[2] = 2.5
 	addend, err := ho.HandBack(0, 0)
 	require.NoError(t, err)
 	assert.Equal(t, w.Partial, addend)
-	assert.Equal(t, float32(2.5), unsafe.Slice((*float32)(ptrOf(addend)), 3)[2])
+	assert.Equal(t, float32(2.5), unsafe.Slice((*float32)(HostPtr(addend)), 3)[2])
 	require.NoError(t, ho.HandDone(0))
 	// Into the caller's buffer (the host paths' partial output): copied.
 	into := make([]float32, 3)
@@ -163,5 +163,5 @@ func TestCPUHandOffIsHostMemoryAlready(t *testing.T) {
 	// A larger partial gets a larger buffer.
 	w2, err := ho.HandOut(0, 1, 2, 3, 4, 1<<12)
 	require.NoError(t, err)
-	unsafe.Slice((*float32)(ptrOf(w2.Partial)), 1<<10)[1023] = 1
+	unsafe.Slice((*float32)(HostPtr(w2.Partial)), 1<<10)[1023] = 1
 }

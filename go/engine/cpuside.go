@@ -509,7 +509,7 @@ func (e *Engine) cpuPart(c FFNCall, cpuX []int32, topk []int64, w backend.HostWo
 		if int64(len(h.gpart)) < max(T, 1)*hidden {
 			h.gpart = make([]float32, max(T, 1)*hidden)
 		}
-		src := unsafe.Slice((*byte)(hostPtr(w.X)), c.T*xb)
+		src := unsafe.Slice((*byte)(backend.HostPtr(w.X)), c.T*xb)
 		for i, t := range toks {
 			copy(h.gx[int64(i)*xb:int64(i+1)*xb], src[t*xb:(t+1)*xb])
 		}
@@ -536,7 +536,7 @@ func (e *Engine) cpuPart(c FFNCall, cpuX []int32, topk []int64, w backend.HostWo
 		}
 	}
 	if gather {
-		dst := unsafe.Slice((*float32)(hostPtr(w.Partial)), c.T*hidden)
+		dst := unsafe.Slice((*float32)(backend.HostPtr(w.Partial)), c.T*hidden)
 		clear(dst)
 		for i, t := range toks {
 			copy(dst[t*hidden:(t+1)*hidden], h.gpart[int64(i)*hidden:int64(i+1)*hidden])
@@ -544,9 +544,6 @@ func (e *Engine) cpuPart(c FFNCall, cpuX []int32, topk []int64, w backend.HostWo
 	}
 	return nil
 }
-
-// hostPtr is the host address addr as a pointer.
-func hostPtr(addr uint64) unsafe.Pointer { return *(*unsafe.Pointer)(unsafe.Pointer(&addr)) }
 
 // hostRows are expert (layer, x)'s gate, up and down rows in host memory
 // that cannot fault: its host tensors in place, or a copy in staging
@@ -578,7 +575,7 @@ func (e *Engine) hostRows(layer int, x int32, i int, guOff, dnOff int64, half ui
 // BF16 or F16) as float32.
 func weightsF32(addr uint64, wdt dtype.DType, P int64) []float32 {
 	out := make([]float32, P)
-	ptr := *(*unsafe.Pointer)(unsafe.Pointer(&addr))
+	ptr := backend.HostPtr(addr)
 	dst := unsafe.Slice((*byte)(unsafe.Pointer(&out[0])), 4*P)
 	switch wdt {
 	case dtype.BF16, dtype.F16:
