@@ -23,6 +23,13 @@ type ffnLaunches[G, D kernelParams] struct {
 	down    D
 }
 
+// ffnGrids are an FFN call's two grids when a block computes rows output
+// rows (one a warp, or one a lane): gate_up's over Inter rows × the T·K
+// pairs, down's over Hidden rows × the T tokens.
+func ffnGrids(a backend.FFNArgs, rows int64) [2][2]int {
+	return [2][2]int{{int((a.Inter + rows - 1) / rows), int(a.T * a.K)}, {int((a.Hidden + rows - 1) / rows), int(a.T)}}
+}
+
 // swigluLaunches are the launches of a SwiGLU FFN call (moe_gate_up_swiglu
 // and moe_down, or their _fp8 variants for a.FP8) over the tables at tab:
 // entry j (backend.EntryGate, ...) of expert e at tab + 8·(j·n + e), n
@@ -40,7 +47,7 @@ func swigluLaunches(a backend.FFNArgs, tab uint64, n int, skip uint64) (ffnLaunc
 	at := func(j int) uint64 { return tab + uint64(8*j*n) }
 	l := ffnLaunches[gateUpParams, downParams]{
 		kernels: [2]string{"moe_gate_up_swiglu", "moe_down"},
-		grids:   [2][2]int{{int((a.Inter + warpsPerBlock - 1) / warpsPerBlock), int(P)}, {int((a.Hidden + warpsPerBlock - 1) / warpsPerBlock), int(a.T)}},
+		grids:   ffnGrids(a, warpsPerBlock),
 		gateUp: gateUpParams{X: a.X, TopK: a.TopK, GateTab: at(backend.EntryGate), UpTab: at(backend.EntryUp), Scratch: a.Scratch,
 			P: P, K: a.K, Hidden: a.Hidden, Inter: a.Inter, DType: code, E: int64(n), Skip: skip},
 		down: downParams{Scratch: a.Scratch, TopK: a.TopK, DownTab: at(backend.EntryDown), Weights: a.Weights, Out: a.Out,
@@ -71,7 +78,7 @@ func gptOssLaunches(a backend.FFNArgs, tab uint64, n int) (ffnLaunches[gptOssGat
 	at := func(j int) uint64 { return tab + uint64(8*j*n) }
 	l := ffnLaunches[gptOssGateUpParams, gptOssDownParams]{
 		kernels: [2]string{"moe_gate_up_gptoss", "moe_down_gptoss"},
-		grids:   [2][2]int{{int((a.Inter + 31) / 32), int(P)}, {int((a.Hidden + 31) / 32), int(a.T)}},
+		grids:   ffnGrids(a, 32),
 		gateUp: gptOssGateUpParams{X: a.X, TopK: a.TopK, GateUpTab: at(ossGateUp), BiasTab: at(ossGateUpBias), Scratch: a.Scratch,
 			P: P, K: a.K, Hidden: a.Hidden, Inter: a.Inter, DType: code, E: int64(n),
 			AlphaBits: int64(math.Float32bits(q.Alpha)), LimitBits: int64(math.Float32bits(q.Limit))},
@@ -80,7 +87,7 @@ func gptOssLaunches(a backend.FFNArgs, tab uint64, n int) (ffnLaunches[gptOssGat
 	}
 	if q.MXFP4 {
 		l.kernels = [2]string{"moe_gate_up_gptoss_mxfp4", "moe_down_gptoss_mxfp4"}
-		l.grids = [2][2]int{{int((a.Inter + warpsPerBlock - 1) / warpsPerBlock), int(P)}, {int((a.Hidden + warpsPerBlock - 1) / warpsPerBlock), int(a.T)}}
+		l.grids = ffnGrids(a, warpsPerBlock)
 		l.gateUp.ScaleTab, l.down.ScaleTab = at(ossGateUpScale), at(ossDownScale)
 	}
 	return l, nil
