@@ -75,8 +75,6 @@ type hybridState struct {
 	k       cpuKernel   // nil: hybrid execution is off
 	costs   HybridCosts // the cost model the choices rest on
 	paused  atomic.Bool // Tuning.CPUExperts "off": k stays, the CPU computes no expert
-	graphOn bool        // configure's GraphHandOff, restored on resume
-	graphNo string      // configure's GraphHandOffOff, restored on resume
 	mu      sync.Mutex  // guards stage and scratch, and serialises hand-offs (held for a whole call)
 	stage   [][]byte    // staging buffers, one per staged expert of a call
 	scratch []float32   // the CPU's SwiGLU intermediate, [P, Inter]
@@ -167,17 +165,13 @@ func (e *Engine) pauseHybrid(off bool) error {
 		}
 		return fmt.Errorf("%w: cpu_experts \"auto\": hybrid execution was not set up at configure: %s", ErrInvalid, p.HybridOff)
 	}
-	h := &e.hybrid
-	if !h.paused.Load() {
-		h.graphOn, h.graphNo = p.GraphHandOff, p.GraphHandOffOff
-	}
-	h.paused.Store(off)
+	e.hybrid.paused.Store(off)
 	p.Hybrid, p.HybridOff = !off, ""
-	p.GraphHandOff, p.GraphHandOffOff = h.graphOn, h.graphNo
 	if off {
 		p.HybridOff = "paused by tune (cpu_experts \"off\")"
-		p.GraphHandOff, p.GraphHandOffOff = false, "hybrid execution is off: "+p.HybridOff
 	}
+	p.GraphHandOff, p.GraphHandOffOff = false, ""
+	e.planGraphHandOff(p) // follows Hybrid, as at configure
 	return nil
 }
 
