@@ -715,24 +715,11 @@ class OffloadRuntime:
             weights = top_k_weights.contiguous()
             out = torch.empty_like(x)
             stream = self._raw_stream()
-            need = T * k * self.ffn_inter
-            # This thread's scratch for this stream, reused by every layer:
-            # each call's kernels finish with it before the next call's
-            # start (stream order). Per thread too: threads computing at once
-            # (a lockstep batch; on the CPU every thread's stream is 0) must
-            # not share it.
-            scratches = self._tls.__dict__.setdefault("scratch", {})
-            scratch = scratches.get(stream)
-            if scratch is None or scratch.numel() < need:
-                scratch = scratches[stream] = torch.empty(max(need, 16 * self.ffn_inter), dtype=torch.float32, device=x.device)
-            # The host paths' CPU part (hybrid execution): the engine may
-            # compute some experts into it, float32 [T, hidden]; reused
-            # like scratch (each call's reads of it are queued before the
-            # next call's writes, in stream order).
-            partials = self._tls.__dict__.setdefault("partial", {})
-            partial = partials.get(stream)
-            if partial is None or partial.numel() < x.numel():
-                partial = partials[stream] = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
+            # The kernels' scratch, float32 [T·k, inter], and the host
+            # paths' CPU part (hybrid execution: the engine may compute some
+            # experts into it), float32 [T, hidden].
+            scratch = self._stream_buffer("scratch", stream, T * k * self.ffn_inter, x.device, least=16 * self.ffn_inter)
+            partial = self._stream_buffer("partial", stream, x.numel(), x.device)
             a.stream, a.x, a.out, a.scratch, a.weights = stream, x.data_ptr(), out.data_ptr(), scratch.data_ptr(), weights.data_ptr()
             a.partial = partial.data_ptr()
             a.dtype, a.weights_dtype = _ACT_DTYPES.get(x.dtype, -1), _WDTYPES.get(weights.dtype, -1)
@@ -759,6 +746,19 @@ class OffloadRuntime:
         if a.n_cpu_experts > 0 and partial is not None:
             return self._run_torch_hybrid(layer, hidden, top_k_index, top_k_weights, original, needed, stacked, list(self._tls.layer_cpu_experts[: a.n_cpu_experts]), partial)
         return self._run_torch(layer, layer.module, hidden, top_k_index, top_k_weights, original, needed, stacked=stacked)
+
+    def _stream_buffer(self, name: str, stream: int, numel: int, device: torch.device, least: int = 0) -> torch.Tensor:
+        """This thread's float32 buffer ``name`` for this stream, of at
+        least ``numel`` elements (grown to max(numel, least)), reused by
+        every layer: each call's kernels and copies finish with it before
+        the next call's start (stream order). Per thread too: threads
+        computing at once (a lockstep batch; on the CPU every thread's
+        stream is 0) must not share it."""
+        bufs = self._tls.__dict__.setdefault(name, {})
+        buf = bufs.get(stream)
+        if buf is None or buf.numel() < numel:
+            buf = bufs[stream] = torch.empty(max(numel, least), dtype=torch.float32, device=device)
+        return buf
 
     def _run_torch_hybrid(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, original: Any, needed: list[int], stacked: bool, cpu: list[int], partial: torch.Tensor) -> torch.Tensor:
         """A host-path layer the CPU took part in (hybrid execution): the
