@@ -407,6 +407,15 @@ def run_moe_infinity(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def _comma_list(flag: str, value: str, ok: Any, hint: str) -> list[str]:
+    """A comma list option's values, each once, each passing ``ok``;
+    otherwise ValueError naming the option and saying what it takes."""
+    out = [v.strip() for v in value.split(",") if v.strip()]
+    if not out or not all(ok(v) for v in out) or len(set(out)) != len(out):
+        raise ValueError(f"{flag} {value!r}: {hint}")
+    return out
+
+
 def cpu_experts_modes(value: str | None) -> list[str | None]:
     """The --cpu-experts list: [None] (the engine's default) when not
     given, else "off", "auto", a thread count, or a comma list of "off"
@@ -414,10 +423,10 @@ def cpu_experts_modes(value: str | None) -> list[str | None]:
     model, the CPU's part paused for "off")."""
     if value is None:
         return [None]
-    out = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in out if v not in ("off", "auto") and not (v.isdigit() and int(v) > 0)]
-    if not out or bad or len(set(out)) != len(out) or len([v for v in out if v != "off"]) > 1:
-        raise ValueError(f"--cpu-experts {value!r}: give off, auto, a thread count, or a comma list of off and one of the others")
+    hint = "give off, auto, a thread count, or a comma list of off and one of the others"
+    out = _comma_list("--cpu-experts", value, lambda v: v in ("off", "auto") or (v.isdigit() and int(v) > 0), hint)
+    if len([v for v in out if v != "off"]) > 1:
+        raise ValueError(f"--cpu-experts {value!r}: {hint}")
     return out
 
 
@@ -430,20 +439,12 @@ def kernel_builds(value: str | None) -> list[str | None]:
     given, else "sm80", "sm89" or a comma list of them."""
     if value is None:
         return [None]
-    out = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in out if v not in KERNEL_BUILDS]
-    if not out or bad or len(set(out)) != len(out):
-        raise ValueError(f"--kernel-build {value!r}: give sm80, sm89 or a comma list of them, each once")
-    return out
+    return _comma_list("--kernel-build", value, KERNEL_BUILDS.__contains__, "give sm80, sm89 or a comma list of them, each once")
 
 
 def expert_dtypes(value: str) -> list[str]:
     """The --expert-dtype list: "bf16", "fp8" or a comma list of them."""
-    out = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in out if v not in EXPERT_DTYPES]
-    if not out or bad or len(set(out)) != len(out):
-        raise ValueError(f"--expert-dtype {value!r}: give bf16, fp8 or a comma list of them, each once")
-    return out
+    return _comma_list("--expert-dtype", value, EXPERT_DTYPES.__contains__, "give bf16, fp8 or a comma list of them, each once")
 
 
 #: --expert-dtype values: bf16 serves the random bfloat16 experts as built; fp8 compresses them
@@ -644,18 +645,27 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
                 "host": host_facts(),
             }
         )
-        same = ("policy", "prefetch", "graph_misses", "cuda_graph", "routing", "cpu_experts")
-        twin = next((r for r in earlier or [] if r.get("expert_dtype") == "bf16" and expert_dtype != "bf16"
-                     and all(r.get(k) == rows[-1][k] for k in same + ("kernel_build",))), None)
-        rows[-1]["s_per_token_vs_bf16"] = med / twin["decode_s_per_token"] if twin else None
-        base = next((r for r in earlier or [] if r.get("kernel_build") == "sm80" and rows[-1]["kernel_build"] == "sm89"
-                     and all(r.get(k) == rows[-1][k] for k in same + ("expert_dtype",))), None)
-        rows[-1]["s_per_token_vs_sm80"] = med / base["decode_s_per_token"] if base else None
-        off = next((r for r in earlier + rows[:-1] if r.get("cpu_experts") == "off" and cpu_experts not in (None, "off")
-                    and all(r.get(k) == rows[-1][k] for k in same[:-1] + ("expert_dtype", "kernel_build"))), None) if earlier is not None else None
-        rows[-1]["s_per_token_vs_cpu_off"] = med / off["decode_s_per_token"] if off else None
+        pool = (earlier or []) + rows[:-1]
+        rows[-1]["s_per_token_vs_bf16"] = _vs(rows[-1], pool, "expert_dtype", "bf16")
+        rows[-1]["s_per_token_vs_sm80"] = _vs(rows[-1], pool, "kernel_build", "sm80")
+        rows[-1]["s_per_token_vs_cpu_off"] = _vs(rows[-1], pool, "cpu_experts", "off")
         _emit(rows[-1], args)
     return rows
+
+
+#: A row's settings: rows that differ in one of them only are twins.
+_SETTINGS = ("policy", "prefetch", "graph_misses", "cuda_graph", "routing", "cpu_experts", "expert_dtype", "kernel_build")
+
+
+def _vs(row: dict[str, Any], pool: list[dict[str, Any]], key: str, base: str) -> float | None:
+    """row's s/token over its twin's in pool: the row of the same settings
+    but ``key`` = ``base`` (bf16 experts, the sm80 build, cpu_experts
+    "off"); None for a row that is itself the base (or has no ``key``),
+    or that has no twin."""
+    if row.get(key) in (base, None):
+        return None
+    twin = next((r for r in pool if r.get(key) == base and all(r.get(k) == row.get(k) for k in _SETTINGS if k != key)), None)
+    return row["decode_s_per_token"] / twin["decode_s_per_token"] if twin else None
 
 
 def run_accelerate(args: argparse.Namespace) -> dict[str, Any]:
