@@ -113,8 +113,8 @@ func (e *Engine) serveReplay(cg backend.CopyGraphs, it mappedItem) (int, error) 
 			return i, err
 		}
 		t0 := time.Now()
-		cpuX, work, wdt := e.graphCPU(it, i, ids)
-		loads, grants, err := e.layerLoads(l, ids, cpuX)
+		pick, work, wdt := e.graphCPU(it, i, ids)
+		loads, grants, err := e.layerLoads(l, ids, pick.experts)
 		if first == nil {
 			first = err
 		}
@@ -123,8 +123,8 @@ func (e *Engine) serveReplay(cg backend.CopyGraphs, it mappedItem) (int, error) 
 		if pin > slowPin {
 			e.phaseNs[phasePinSlow].Add(int64(pin))
 		}
-		if len(cpuX) > 0 {
-			err = e.serveHandOff(i, seq, loads, l, ids, cpuX, work, wdt)
+		if len(pick.experts) > 0 {
+			err = e.serveHandOff(i, seq, loads, l, ids, pick, work, wdt)
 		} else {
 			err = cg.ServeLayer(i, seq, loads)
 		}

@@ -72,14 +72,15 @@ const cpuStageBytes = 1 << 30
 
 // hybridState is the engine's CPU side.
 type hybridState struct {
-	k       cpuKernel   // nil: hybrid execution is off
-	costs   HybridCosts // the cost model the choices rest on
-	paused  atomic.Bool // Tuning.CPUExperts "off": k stays, the CPU computes no expert
-	mu      sync.Mutex  // guards stage and scratch, and serialises hand-offs (held for a whole call)
-	stage   [][]byte    // staging buffers, one per staged expert of a call
-	scratch []float32   // the CPU's SwiGLU intermediate, [P, Inter]
-	gx      []byte      // the activations of the tokens with a pair on the CPU (cpuPart)
-	gpart   []float32   // their partial output
+	k       cpuKernel      // nil: hybrid execution is off
+	costs   HybridCosts    // the cost model the choices rest on
+	paused  atomic.Bool    // Tuning.CPUExperts "off": k stays, the CPU computes no expert
+	cal     CPUCalibration // what the CPU's experts took against costs, in use
+	mu      sync.Mutex     // guards stage and scratch, and serialises hand-offs (held for a whole call)
+	stage   [][]byte       // staging buffers, one per staged expert of a call
+	scratch []float32      // the CPU's SwiGLU intermediate, [P, Inter]
+	gx      []byte         // the activations of the tokens with a pair on the CPU (cpuPart)
+	gpart   []float32      // their partial output
 }
 
 // setupHybrid turns hybrid execution on when the model's experts run on
@@ -175,28 +176,37 @@ func (e *Engine) pauseHybrid(off bool) error {
 	return nil
 }
 
+// cpuPick is the experts of a layer call that ChooseMisses sends to the
+// CPU (distinct, ascending) and when it expects the CPU to be done with
+// them (CPUFinish under the calibrated costs), in seconds.
+type cpuPick struct {
+	experts []int32
+	expectS float64
+}
+
 // chooseCPU returns the experts of the call (c.Experts, distinct) that
-// ChooseMisses sends to the CPU, ascending; nil when hybrid execution is
+// ChooseMisses sends to the CPU; none when hybrid execution is
 // off, a graph is being captured, or none is. The misses are the experts neither in a slot nor being
 // loaded into one (cache.Lookup: one that changes state before Acquire is
 // served as Acquire finds it).
-func (e *Engine) chooseCPU(c FFNCall, reqs []uint64, topk []int64) []int32 {
+func (e *Engine) chooseCPU(c FFNCall, reqs []uint64, topk []int64) cpuPick {
 	if !e.hybridOn() || topk == nil {
-		return nil
+		return cpuPick{}
 	}
 	e.mapped.mu.Lock()
 	capturing := e.mapped.capturing
 	e.mapped.mu.Unlock()
 	if capturing { // the hand-off waits on the host: never inside a capture
-		return nil
+		return cpuPick{}
 	}
 	return e.cpuMisses(c.Layer, c.Experts, c.K, reqs, topk)
 }
 
 // cpuMisses returns the experts of layer (experts, distinct) that
-// ChooseMisses sends to the CPU, ascending, for a call of routing topk (K
-// experts a token) for reqs; nil when none is.
-func (e *Engine) cpuMisses(layer int, experts []int32, K int64, reqs []uint64, topk []int64) []int32 {
+// ChooseMisses sends to the CPU, for a call of routing topk (K experts a
+// token) for reqs; none when none is. The cost model's CPU side is
+// scaled by what the CPU's experts took so far (hybridState.cal).
+func (e *Engine) cpuMisses(layer int, experts []int32, K int64, reqs []uint64, topk []int64) cpuPick {
 	tokens := make(map[int32]int64, len(experts))
 	for _, x := range topk {
 		tokens[int32(x)]++
@@ -208,7 +218,7 @@ func (e *Engine) cpuMisses(layer int, experts []int32, K int64, reqs []uint64, t
 		}
 	}
 	if len(misses) == 0 {
-		return nil
+		return cpuPick{}
 	}
 	if reuse := e.predictReuse(layer, reqs, K); reuse != nil {
 		for i := range misses {
@@ -219,8 +229,9 @@ func (e *Engine) cpuMisses(layer int, experts []int32, K int64, reqs []uint64, t
 	if len(e.files[layer]) > 0 {
 		maxCPU = int(max(1, cpuStageBytes/e.lay.SlotBytes))
 	}
+	costs := e.hybrid.costs.ScaleCPU(e.hybrid.cal.Scale())
 	plan := ChooseMisses(MissInputs{
-		Costs: e.hybrid.costs, ExpertBytes: e.lay.SourceBytes, Misses: misses,
+		Costs: costs, ExpertBytes: e.lay.SourceBytes, Misses: misses,
 		CPU: true, MaxCPU: maxCPU, HotShare: e.hotShare(),
 	})
 	e.missPlanNs[layer].Add(int64(plan.FinishS * 1e9))
@@ -231,7 +242,7 @@ func (e *Engine) cpuMisses(layer int, experts []int32, K int64, reqs []uint64, t
 		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
-	return out
+	return cpuPick{out, CPUFinish(plan.LinkS, plan.CPUS, costs)}
 }
 
 // hotShare is MissInputs.HotShare: the bar the prefetch planner sets for
@@ -286,13 +297,14 @@ func (e *Engine) predictReuse(layer int, reqs []uint64, k int64) []float64 {
 	return out
 }
 
-// layerHybrid computes a layer whose experts cpuX (ascending, a subset of
+// layerHybrid computes a layer whose experts pick (a subset of
 // c.Experts) the CPU computes from host memory while the others are
 // acquired into slots as usual (see the top of this file): the backend
 // hands the layer out, the CPU computes its pairs' partial output while
 // Acquire brings the device's experts, and the kernels compute the rest
 // and add the partial. cpuX are counted as misses but not admitted.
-func (e *Engine) layerHybrid(c FFNCall, cpuX []int32, topk []int64) error {
+func (e *Engine) layerHybrid(c FFNCall, pick cpuPick, topk []int64) error {
+	cpuX := pick.experts
 	kern := e.ft.Kernels
 	if kern == nil {
 		return fmt.Errorf("%w: backend %s has no expert FFN kernels", ErrUnsupported, e.be.Name())
@@ -350,13 +362,13 @@ func (e *Engine) layerHybrid(c FFNCall, cpuX []int32, topk []int64) error {
 	if ffnErr != nil {
 		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, ffnErr)
 	}
-	e.countCPU(c.Layer, cpuX, shape.handed+r.ns)
+	e.countCPU(c.Layer, pick, shape.handed+r.ns)
 	return nil
 }
 
 // hostPartial is hybrid execution on the host paths (prefill-sized
 // calls, which the caller's own expert code computes on slot views): the
-// CPU computes the pairs of call c routed to cpuX (ascending, a subset of
+// CPU computes the pairs of call c routed to pick's experts (a subset of
 // c.Experts) into partial, the caller's float32 [T, Hidden] buffer
 // (kernel memory, like c.X), and the caller's code computes the others
 // (dev) and adds it. The hand-off brings the activations and routing
@@ -364,7 +376,8 @@ func (e *Engine) layerHybrid(c FFNCall, cpuX []int32, topk []int64) error {
 // prefetcher, so the link brings them meanwhile (where prefetching is
 // on); HandBack fills partial in stream order. cpuX are counted as misses
 // (cpu_computed, cpu_ns), never admitted.
-func (e *Engine) hostPartial(c FFNCall, cpuX, dev []int32, topk []int64, partial uint64) error {
+func (e *Engine) hostPartial(c FFNCall, pick cpuPick, dev []int32, topk []int64, partial uint64) error {
+	cpuX := pick.experts
 	h := &e.hybrid
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -387,7 +400,7 @@ func (e *Engine) hostPartial(c FFNCall, cpuX, dev []int32, topk []int64, partial
 		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, err)
 	}
 	e.touchCPU(c.Layer, cpuX)
-	e.countCPU(c.Layer, cpuX, shape.handed+ns)
+	e.countCPU(c.Layer, pick, shape.handed+ns)
 	return nil
 }
 
@@ -442,10 +455,12 @@ func (e *Engine) touchCPU(layer int, cpuX []int32) {
 }
 
 // countCPU adds the CPU's experts of a layer call and its time for them
-// (the hand-off, staging and its FFN) to cpu_computed and cpu_ns.
-func (e *Engine) countCPU(layer int, cpuX []int32, took time.Duration) {
-	e.cpuComputed[layer].Add(int64(len(cpuX)))
+// (the hand-off, staging and its FFN) to cpu_computed and cpu_ns, and
+// the time against the cost model's expectation to the calibration.
+func (e *Engine) countCPU(layer int, pick cpuPick, took time.Duration) {
+	e.cpuComputed[layer].Add(int64(len(pick.experts)))
 	e.cpuNs[layer].Add(int64(took))
+	e.hybrid.cal.Observe(pick.expectS, took.Seconds())
 }
 
 // cpuDone is the CPU part's host time and error.

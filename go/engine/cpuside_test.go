@@ -156,6 +156,48 @@ func TestHybridWithoutAPredictionSplitsTheMissesByCost(t *testing.T) {
 	assert.Zero(t, st.MissPlanNs)
 }
 
+func TestHybridCalibratesTheCPUSideFromWhatItTook(t *testing.T) {
+	// The injected probe claims a CPU four times faster than the link:
+	// three of four cold misses go to it. The test model's experts are a
+	// few KiB, so the CPU's real call takes far longer than the ~0.1 µs
+	// the probe predicts: each call it is observed, Scale grows, and the
+	// choice moves misses back to the link.
+	fastCPU := HybridCosts{LinkGBps: 10, CPUGBps: 40, LinkShare: 1, CPUShare: 1}
+	e := hybridEngineWith(t, 4, fastCPU, func(e *Engine) { bf16Model(t, e, 2, 4) })
+	onCPU := func() int { return len(e.cpuMisses(1, []int32{0, 1, 2, 3}, 1, nil, []int64{0, 1, 2, 3}).experts) }
+	assert.Equal(t, 3, onCPU(), "as the probe says")
+	st, err := e.Stats()
+	require.NoError(t, err)
+	assert.Equal(t, 1.0, st.CPUScale)
+	assert.Zero(t, st.CPUScaleCalls)
+
+	req, err := e.BeginRequest()
+	require.NoError(t, err)
+	hybridLayer(t, e, req, 0, 1, 2, 3)
+	st, err = e.Stats()
+	require.NoError(t, err)
+	assert.Equal(t, int64(3), st.Layers[1].CPUComputed)
+	assert.Equal(t, int64(1), st.CPUScaleCalls, "the call was observed")
+	assert.Greater(t, st.CPUScale, 1.1, "it took longer than the probe said")
+	require.NoError(t, e.ResetStats())
+	st, err = e.Stats()
+	require.NoError(t, err)
+	assert.Equal(t, int64(1), st.CPUScaleCalls, "model state, not a counter")
+
+	// Calls observed twice as slow each time: the CPU's share shrinks
+	// until the link takes every miss.
+	for onCPU() > 0 {
+		require.Less(t, e.hybrid.cal.Calls(), int64(40), "the link takes the misses back")
+		p := e.cpuMisses(1, []int32{0, 1, 2, 3}, 1, nil, []int64{0, 1, 2, 3})
+		e.hybrid.cal.Observe(p.expectS, 2*p.expectS)
+	}
+	// The expert the link brought in the real call is resident: three
+	// misses are left, and the last leaves the CPU once one expert there
+	// takes as long as all three on the link: 12 times the probe's 1/4.
+	assert.GreaterOrEqual(t, e.hybrid.cal.Scale(), 12.0)
+	assert.Less(t, e.hybrid.cal.Scale(), 12*math.Pow(2, calibrationStep), "and no further")
+}
+
 func TestHybridStagesExpertsOfMappedFiles(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "model.safetensors")
 	writeBF16ModelFile(t, path, 2, 4)

@@ -377,12 +377,12 @@ func (e *Engine) Layer(a LayerArgs) (LayerResult, error) {
 		if e.hostHybridOK(a) {
 			c := a.FFNCall
 			c.Experts = experts
-			if cpuX := e.chooseCPU(c, a.Reqs, a.TopKHost); len(cpuX) > 0 {
-				dev := withoutExperts(experts, cpuX)
-				if err := e.hostPartial(c, cpuX, dev, a.TopKHost, a.Partial); err != nil {
+			if pick := e.chooseCPU(c, a.Reqs, a.TopKHost); len(pick.experts) > 0 {
+				dev := withoutExperts(experts, pick.experts)
+				if err := e.hostPartial(c, pick, dev, a.TopKHost, a.Partial); err != nil {
 					return LayerResult{}, err
 				}
-				r.Experts, r.CPUExperts = dev, cpuX
+				r.Experts, r.CPUExperts = dev, pick.experts
 			}
 		}
 		return r, nil

@@ -260,8 +260,8 @@ func (e *Engine) layerKernels(c FFNCall, reqs []uint64, topk []int64, counts [][
 	_, err := e.core.Layer(c.Layer, reqs, counts, func() error {
 		e.phase(phaseObserve, t0)
 		var ffnErr error
-		if cpuX := e.chooseCPU(c, reqs, topk); len(cpuX) > 0 {
-			ffnErr = e.layerHybrid(c, cpuX, topk)
+		if pick := e.chooseCPU(c, reqs, topk); len(pick.experts) > 0 {
+			ffnErr = e.layerHybrid(c, pick, topk)
 		} else {
 			ffnErr = e.LayerFFN(c)
 		}

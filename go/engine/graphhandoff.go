@@ -74,14 +74,14 @@ func (e *Engine) setCaptureHandOff(copyNext bool) error {
 // CPU computes in this replay, with the layer's mailbox and its routing
 // weights' type; none when the replay has no hand-off or the layer no
 // mailbox.
-func (e *Engine) graphCPU(it mappedItem, i int, ids []int64) ([]int32, backend.HostWork, dtype.DType) {
+func (e *Engine) graphCPU(it mappedItem, i int, ids []int64) (cpuPick, backend.HostWork, dtype.DType) {
 	ch := e.ft.CopyHandOff
 	if !it.handed || ch == nil || !e.hybridOn() {
-		return nil, backend.HostWork{}, dtype.Invalid
+		return cpuPick{}, backend.HostWork{}, dtype.Invalid
 	}
 	w, wdt, ok := ch.LayerWork(i)
 	if !ok {
-		return nil, backend.HostWork{}, dtype.Invalid
+		return cpuPick{}, backend.HostWork{}, dtype.Invalid
 	}
 	l := it.layers[i]
 	seen := make([]bool, e.experts)
@@ -99,12 +99,13 @@ func (e *Engine) graphCPU(it mappedItem, i int, ids []int64) ([]int32, backend.H
 	return e.cpuMisses(l.Layer, experts, l.K, it.reqs, ids), w, wdt
 }
 
-// serveHandOff serves captured layer i of replay seq whose experts cpuX
+// serveHandOff serves captured layer i of replay seq whose experts pick
 // the CPU computes: the CPU computes their pairs from the mailbox w into
 // its partial output while the backend queues the loads' copies, and the
-// answer follows both (backend.CopyHandOff.ServeLayerCPU). cpuX are
+// answer follows both (backend.CopyHandOff.ServeLayerCPU). They are
 // counted as misses but not admitted.
-func (e *Engine) serveHandOff(i int, seq uint64, loads []backend.SlotLoad, l backend.CapturedLayer, ids []int64, cpuX []int32, w backend.HostWork, wdt dtype.DType) error {
+func (e *Engine) serveHandOff(i int, seq uint64, loads []backend.SlotLoad, l backend.CapturedLayer, ids []int64, pick cpuPick, w backend.HostWork, wdt dtype.DType) error {
+	cpuX := pick.experts
 	hidden, inter, dt, err := e.FFNShape()
 	if err != nil {
 		return err
@@ -136,7 +137,6 @@ func (e *Engine) serveHandOff(i int, seq uint64, loads []backend.SlotLoad, l bac
 	if r.err != nil { // the layer read the CPU's experts in place
 		return fmt.Errorf("expert FFN of layer %d on the CPU: %w", l.Layer, r.err)
 	}
-	e.cpuComputed[l.Layer].Add(int64(len(cpuX)))
-	e.cpuNs[l.Layer].Add(int64(r.ns))
+	e.countCPU(l.Layer, pick, r.ns)
 	return err
 }

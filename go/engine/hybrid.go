@@ -3,6 +3,7 @@ package engine
 import (
 	"math"
 	"sort"
+	"sync"
 )
 
 // Hybrid execution: for each expert a layer call misses (neither in a
@@ -244,4 +245,90 @@ func Makespan(linkS, cpuS float64, c HybridCosts) float64 {
 		return a + (cpuS - a*cs)
 	}
 	return b + (linkS - b*ls)
+}
+
+// CPUFinish is when the CPU's queue of cpuS seconds (at its solo rate) is
+// done while the link's queue of linkS seconds runs beside it: Makespan's
+// CPU side. In seconds; 0 when cpuS is.
+func CPUFinish(linkS, cpuS float64, c HybridCosts) float64 {
+	if cpuS <= 0 {
+		return 0
+	}
+	if linkS <= 0 {
+		return cpuS
+	}
+	ls, cs := c.LinkShare, c.CPUShare
+	if ls <= 0 || ls > 1 {
+		ls = 1
+	}
+	if cs <= 0 || cs > 1 {
+		cs = 1
+	}
+	a, b := linkS/ls, cpuS/cs
+	if b <= a {
+		return b
+	}
+	return a + (cpuS - a*cs)
+}
+
+// CPUCalibration corrects the cost model's CPU side with what the CPU's
+// experts actually took in use. The probe behind CPUGBps runs alone at
+// Configure; in use the CPU shares DRAM with the link's DMA, wakes its
+// threads once per layer and competes with the caller's threads, and on
+// one H100 host the experts took twice what the probe predicted. Each
+// hybrid layer call reports what ChooseMisses expected of the CPU
+// (CPUFinish under the calibrated costs) and what it took; Scale, the
+// factor by which the CPU side is slower than the probe said, moves a
+// fifth of the way (in log space) towards each call's ratio, each ratio
+// clamped to [1/2, 2] so that one outlier (a page fault, a preempted
+// thread) moves it by at most 15%. The zero value is ready: Scale 1.
+// Safe for concurrent use.
+type CPUCalibration struct {
+	mu    sync.Mutex
+	log   float64 // ln Scale
+	calls int64
+}
+
+// calibrationStep is the weight of one call's ratio (in log space).
+const calibrationStep = 0.2
+
+// Observe adds one layer call: the CPU was expected to finish in
+// expectS seconds and took tookS. Calls without an expectation, or
+// without a measured time, are ignored.
+func (k *CPUCalibration) Observe(expectS, tookS float64) {
+	if !(expectS > 0) || !(tookS > 0) || math.IsInf(expectS, 0) || math.IsInf(tookS, 0) {
+		return
+	}
+	r := min(max(tookS/expectS, 0.5), 2)
+	k.mu.Lock()
+	k.log += calibrationStep * math.Log(r)
+	k.calls++
+	k.mu.Unlock()
+}
+
+// Scale is how many times longer than the probe's figures the CPU side
+// takes (1 until observed; > 1 slower, < 1 faster).
+func (k *CPUCalibration) Scale() float64 {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return math.Exp(k.log)
+}
+
+// Calls is the number of layer calls observed.
+func (k *CPUCalibration) Calls() int64 {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.calls
+}
+
+// ScaleCPU returns c with its CPU side s times slower: CPUGBps divided
+// by s, the CPU's fixed costs multiplied by it (s > 0; else c).
+func (c HybridCosts) ScaleCPU(s float64) HybridCosts {
+	if !(s > 0) || math.IsInf(s, 0) {
+		return c
+	}
+	c.CPUGBps /= s
+	c.CPUFixedUs *= s
+	c.HandOffFixedUs *= s
+	return c
 }

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"math"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -116,5 +117,70 @@ func TestMakespan(t *testing.T) {
 			assert.GreaterOrEqual(t, m, max(l, p), "never sooner than either side alone")
 			assert.LessOrEqual(t, m, max(l/c.LinkShare, p/c.CPUShare)+1e-12, "never later than the slower side slowed throughout")
 		}
+	}
+}
+
+func TestCPUFinish(t *testing.T) {
+	c := HybridCosts{LinkShare: 0.5, CPUShare: 0.25}
+	tests := []struct {
+		name      string
+		link, cpu float64
+		want      float64
+		why       string
+	}{
+		{"nothing on the CPU", 1, 0, 0, "no CPU work finishes at once"},
+		{"the CPU alone runs at its full rate", 0, 3, 3, ""},
+		{"the CPU slowed throughout (done before the link)", 1, 0.1, 0.4, "0.1 s at a quarter rate"},
+		{"the link done first, then the CPU at its full rate", 1, 1, 2.5, "link 2 s slowed; the CPU did 0.5 s meanwhile"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			assert.InDelta(t, tc.want, CPUFinish(tc.link, tc.cpu, c), 1e-12, tc.why)
+		})
+	}
+	for _, l := range []float64{0, 0.1, 1, 3} {
+		for _, p := range []float64{0.2, 1, 5} {
+			assert.LessOrEqual(t, CPUFinish(l, p, c), Makespan(l, p, c)+1e-12, "the CPU is never done after the layer")
+		}
+	}
+}
+
+func TestCPUCalibration(t *testing.T) {
+	var k CPUCalibration
+	assert.Equal(t, 1.0, k.Scale(), "the zero value trusts the probe")
+	assert.Zero(t, k.Calls())
+	for _, bad := range [][2]float64{{0, 1}, {1, 0}, {-1, 1}, {math.NaN(), 1}, {1, math.Inf(1)}} {
+		k.Observe(bad[0], bad[1])
+	}
+	assert.Equal(t, 1.0, k.Scale(), "calls without an expectation or a time are ignored")
+	assert.Zero(t, k.Calls())
+
+	k.Observe(1, 100)
+	assert.InDelta(t, math.Pow(2, calibrationStep), k.Scale(), 1e-12, "one outlier moves it by at most 2^0.2")
+
+	// A CPU twice as slow as the probe, observed under the calibrated
+	// costs (the expectation scales with Scale): Scale converges to 2.
+	var slow CPUCalibration
+	for range 60 {
+		expect := 1e-3 * slow.Scale()
+		slow.Observe(expect, 2e-3)
+	}
+	assert.InDelta(t, 2, slow.Scale(), 1e-3)
+	assert.Equal(t, int64(60), slow.Calls())
+
+	var fast CPUCalibration
+	for range 60 {
+		fast.Observe(1e-3*fast.Scale(), 0.5e-3)
+	}
+	assert.InDelta(t, 0.5, fast.Scale(), 1e-3, "a faster CPU than probed gets more work")
+}
+
+func TestHybridCostsScaleCPU(t *testing.T) {
+	c := HybridCosts{LinkGBps: 50, CPUGBps: 30, CPUFixedUs: 2, HandOffFixedUs: 8, LinkFixedUs: 4, LinkShare: 0.9, CPUShare: 0.5}
+	s := c.ScaleCPU(2)
+	assert.Equal(t, HybridCosts{LinkGBps: 50, CPUGBps: 15, CPUFixedUs: 4, HandOffFixedUs: 16, LinkFixedUs: 4, LinkShare: 0.9, CPUShare: 0.5}, s,
+		"the CPU side takes twice as long; the link's figures stay")
+	for _, bad := range []float64{0, -1, math.NaN(), math.Inf(1)} {
+		assert.Equal(t, c, c.ScaleCPU(bad))
 	}
 }

@@ -93,6 +93,13 @@ type Stats struct {
 	// MappedOff is why mapped mode could not start ("" when it could, or
 	// was never tried).
 	MappedOff string `json:"mapped_off,omitempty"`
+	// CPUScale is how many times longer than the probe measured at
+	// Configure the CPU's experts took in use (CPUCalibration: 1 until a
+	// hybrid layer call is observed); the cost model's CPU side is scaled
+	// by it. Model state, not a counter: ResetStats keeps it.
+	CPUScale float64 `json:"cpu_scale"`
+	// CPUScaleCalls is the number of hybrid layer calls behind CPUScale.
+	CPUScaleCalls int64 `json:"cpu_scale_calls"`
 	// PhaseNs is host time by phase of Layer/LayerFFN calls, in
 	// nanoseconds: where the engine's own overhead goes.
 	PhaseNs map[string]int64 `json:"phase_ns"`
@@ -118,6 +125,8 @@ func (e *Engine) Stats() (Stats, error) {
 		PrefetchCancelled: e.queue.Cancellations(),
 		CopyLate:          e.mapped.late.Load(),
 		GraphMisses:       e.graphMissesNow(),
+		CPUScale:          e.hybrid.cal.Scale(),
+		CPUScaleCalls:     e.hybrid.cal.Calls(),
 		Layers:            make([]LayerStats, len(cs)),
 		PhaseNs:           make(map[string]int64, numPhases),
 	}

@@ -608,6 +608,9 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
                 "hybrid_costs": ex.get("hybrid_costs"),
                 "cpu_computed_per_token": st["cpu_computed"] / n,
                 "cpu_ms_per_token": st["cpu_seconds"] * 1e3 / n,
+                # How much longer than the start-up probe the CPU's experts
+                # took in use (the engine scales its cost model by it).
+                "cpu_scale": st.get("cpu_scale"),
                 # The GPU-only floor (floor_s_per_token, named as the hybrid
                 # issue reads it) and the hybrid floor: what the engine's cost
                 # model expected its planned split of the misses to take, plus
