@@ -294,8 +294,21 @@ def test_cpu_experts_threads_turn_hybrid_execution_on(mixtral):
         m.moe_tune(cpu_experts="auto", flush=True, reset_stats=True)
         ex = m.moe_stats()["plan"]["executor"]
         assert ex["hybrid"] and ex["graph_hand_off"] and "hybrid_off" not in ex
+        assert ex["cpu_threads"] == 2, "auto on the CPU resumes the count the model was loaded with"
+        # A thread count: the CPU side measured again on it, its calibration
+        # (how much longer than the probe its experts took) started over.
+        _greedy(m, 4)
+        st = m.moe_stats()
+        assert (st["cpu_scale_calls"] > 0) == (st["cpu_computed"] > 0), "each call the CPU computed in is observed"
+        m.moe_tune(cpu_experts=1)
+        st = m.moe_stats()
+        assert st["plan"]["executor"]["cpu_threads"] == 1 and st["plan"]["executor"]["hybrid"]
+        assert st["cpu_scale_calls"] == 0 and st["cpu_scale"] == 1.0
+        _greedy(m, 4)
         with pytest.raises(mi.InvalidArgumentError, match="cpu_experts: unknown CPU expert mode"):
             m.moe_tune(cpu_experts="on")
+        with pytest.raises(mi.InvalidArgumentError, match="neither"):
+            m.moe_tune(cpu_experts=0)
     finally:
         m.close()
 

@@ -257,18 +257,21 @@ def test_decode_harness_refuses_unknown_kernel_builds():
 
 
 def test_decode_harness_cpu_experts_off_and_on_in_one_run_tiny_cpu(tmp_path):
-    """--cpu-experts off,2: one loaded model measured with the CPU's part
-    paused and then on; each row states the knob, what the engine made of
-    it and what the CPU computed, and the "on" row its s/token against the
-    "off" row's."""
+    """--cpu-experts off,2,1: one loaded model measured with the CPU's part
+    paused, then on two threads, then on one; each row states the knob,
+    what the engine made of it and what the CPU computed, and the "on" rows
+    their s/token against the "off" row's."""
     out = tmp_path / "c.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--preset", "tiny", "--device", "cpu", "--no-ablations",
-           "--device-memory", "300KiB", "--prompt-len", "12", "--decode", "6", "--routing", "generated", "--cpu-experts", "off,2",
+           "--device-memory", "300KiB", "--prompt-len", "12", "--decode", "6", "--routing", "generated", "--cpu-experts", "off,2,1",
            "--out", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    off, on = json.loads(out.read_text())
-    assert (off["cpu_experts"], on["cpu_experts"]) == ("off", "2")
+    off, on, one = json.loads(out.read_text())
+    assert (off["cpu_experts"], on["cpu_experts"], one["cpu_experts"]) == ("off", "2", "1")
+    assert (on["cpu_threads"], one["cpu_threads"]) == (2, 1), "a count measures the CPU side again on that many threads"
+    assert one["hybrid"] and one["s_per_token_vs_cpu_off"] == one["decode_s_per_token"] / off["decode_s_per_token"]
+    assert on["cpu_scale"] > 0 and one["cpu_scale"] > 0
     assert not off["hybrid"] and "paused by tune" in off["hybrid_off"]
     assert on["hybrid"] and on["hybrid_costs"]["cpu_gbps"] > 0, on["hybrid_off"]
     assert off["cpu_computed_per_token"] == 0 and off["misses_per_token"] > 0
@@ -279,6 +282,6 @@ def test_decode_harness_cpu_experts_off_and_on_in_one_run_tiny_cpu(tmp_path):
     assert on["gpu_only_floor_s_per_token"] == on["floor_s_per_token"]
     assert off["hybrid_floor_s_per_token"] is None, "paused, the cost model planned nothing"
     assert on["hybrid_floor_s_per_token"] is None or on["hybrid_floor_s_per_token"] > on["compute_s_per_token"]
-    for bad in ("on", "off,auto,4", "0", "auto,auto"):
+    for bad in ("on", "off,x", "0", "auto,auto"):
         res = subprocess.run(cmd[:-4] + ["--cpu-experts", bad], capture_output=True, text=True, timeout=120)
         assert res.returncode == 2 and "--cpu-experts" in res.stderr, (bad, res.stderr[-2000:])

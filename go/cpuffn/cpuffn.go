@@ -113,8 +113,8 @@ func (p Problem) check() error {
 	return nil
 }
 
-// Kernel runs Problems on a fixed number of threads with one instruction
-// set. Its workspace (C memory, reused across calls) is guarded by a
+// Kernel runs Problems on a number of threads (SetThreads changes it)
+// with one instruction set. Its workspace (C memory, reused across calls) is guarded by a
 // mutex: calls on one Kernel run one at a time.
 type Kernel struct {
 	threads int
@@ -145,7 +145,22 @@ func NewISA(threads int, isa ISA) (*Kernel, error) {
 }
 
 // Threads is the number of threads a call splits its rows over.
-func (k *Kernel) Threads() int { return k.threads }
+func (k *Kernel) Threads() int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.threads
+}
+
+// SetThreads sets the number of threads later calls split their rows over
+// (<= 0: runtime.NumCPU()); a call running now keeps its count.
+func (k *Kernel) SetThreads(threads int) {
+	if threads <= 0 {
+		threads = runtime.NumCPU()
+	}
+	k.mu.Lock()
+	k.threads = threads
+	k.mu.Unlock()
+}
 
 // ISA is the instruction set the Kernel runs.
 func (k *Kernel) ISA() ISA { return k.isa }

@@ -211,6 +211,15 @@ func (c *CPUExperts) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
+// check fails for a value other than auto, off or a thread count from 1
+// to MaxCPUExpertThreads.
+func (c CPUExperts) check() error {
+	if c < CPUExpertsOff || c > MaxCPUExpertThreads {
+		return fmt.Errorf("%w: cpu_experts must be auto (0), off (-1) or a thread count from 1 to %d (got %d)", ErrInvalid, MaxCPUExpertThreads, int(c))
+	}
+	return nil
+}
+
 // MarshalJSON writes the form UnmarshalJSON reads.
 func (c CPUExperts) MarshalJSON() ([]byte, error) {
 	switch {
@@ -449,8 +458,8 @@ func (c Config) withDefaults() (Config, error) {
 		return c, fmt.Errorf("%w: workers must be >= 0 (got %d)", ErrInvalid, c.Workers)
 	case *c.AdmitMargin < 0 || math.IsNaN(*c.AdmitMargin) || math.IsInf(*c.AdmitMargin, 0):
 		return c, fmt.Errorf("%w: admit_margin must be a finite number >= 0 (got %v)", ErrInvalid, *c.AdmitMargin)
-	case c.CPUExperts < CPUExpertsOff || c.CPUExperts > MaxCPUExpertThreads:
-		return c, fmt.Errorf("%w: cpu_experts must be auto (0), off (-1) or a thread count from 1 to %d (got %d)", ErrInvalid, MaxCPUExpertThreads, int(c.CPUExperts))
+	case c.CPUExperts.check() != nil:
+		return c, c.CPUExperts.check()
 	case c.MaxSlots < 0:
 		return c, fmt.Errorf("%w: max_slots must be >= 0 (got %d)", ErrInvalid, c.MaxSlots)
 	}

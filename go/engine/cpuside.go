@@ -55,6 +55,8 @@ type cpuKernel interface {
 	measure(hidden, inter int64, f16 bool) (HybridCosts, error)
 	// close frees the kernel's memory.
 	close()
+	// setThreads sets the threads later calls run on.
+	setThreads(n int)
 }
 
 // cpuProblem is cpuffn.Problem (see there).
@@ -72,15 +74,15 @@ const cpuStageBytes = 1 << 30
 
 // hybridState is the engine's CPU side.
 type hybridState struct {
-	k       cpuKernel      // nil: hybrid execution is off
-	costs   HybridCosts    // the cost model the choices rest on
-	paused  atomic.Bool    // Tuning.CPUExperts "off": k stays, the CPU computes no expert
-	cal     CPUCalibration // what the CPU's experts took against costs, in use
-	mu      sync.Mutex     // guards stage and scratch, and serialises hand-offs (held for a whole call)
-	stage   [][]byte       // staging buffers, one per staged expert of a call
-	scratch []float32      // the CPU's SwiGLU intermediate, [P, Inter]
-	gx      []byte         // the activations of the tokens with a pair on the CPU (cpuPart)
-	gpart   []float32      // their partial output
+	k       cpuKernel                   // nil: hybrid execution is off
+	costs   atomic.Pointer[HybridCosts] // the cost model the choices rest on (Tune may replace it)
+	paused  atomic.Bool                 // Tuning.CPUExperts "off": k stays, the CPU computes no expert
+	cal     CPUCalibration              // what the CPU's experts took against costs, in use
+	mu      sync.Mutex                  // guards stage and scratch, and serialises hand-offs (held for a whole call)
+	stage   [][]byte                    // staging buffers, one per staged expert of a call
+	scratch []float32                   // the CPU's SwiGLU intermediate, [P, Inter]
+	gx      []byte                      // the activations of the tokens with a pair on the CPU (cpuPart)
+	gpart   []float32                   // their partial output
 }
 
 // setupHybrid turns hybrid execution on when the model's experts run on
@@ -123,26 +125,72 @@ func (e *Engine) setupHybrid(p *ExecutorPlan) error {
 		p.HybridOff = "the engine was built without cgo (no SIMD expert FFN)"
 		return nil
 	}
-	measure := e.MeasureHybrid
-	if measure == nil {
-		measure = k.measure
-	}
-	c, err := measure(p.Hidden, p.Inter, p.DType == dtype.F16)
+	c, err := e.measureHybrid(k, p)
 	if err != nil {
 		k.close()
 		return err
-	}
-	if r := e.rates; r != nil { // given or measured on the device: they describe its link
-		c.LinkGBps, c.ReadGBps, c.LinkFixedUs = r.DMAGBps, r.ZeroCopyGBps, r.ReactionUs
-		c.HandOffFixedUs = e.ft.HandOff.HandOffFixedUs(backend.LinkRates(*r))
 	}
 	if !c.usable() {
 		k.close()
 		p.HybridOff = fmt.Sprintf("the cost model cannot compare the CPU with the link: %+v", c)
 		return nil
 	}
-	e.hybrid.k, e.hybrid.costs = k, c
-	p.Hybrid, p.HybridCosts = true, &c
+	e.hybrid.k = k
+	e.hybrid.costs.Store(&c)
+	p.Hybrid, p.HybridCosts, p.CPUThreads = true, &c, threads
+	return nil
+}
+
+// measureHybrid is the cost model for kernel k on plan p's experts: the
+// CPU's figures measured (MeasureHybrid when a test injects one), the
+// link's from the device's rates where they are known.
+func (e *Engine) measureHybrid(k cpuKernel, p *ExecutorPlan) (HybridCosts, error) {
+	measure := e.MeasureHybrid
+	if measure == nil {
+		measure = k.measure
+	}
+	c, err := measure(p.Hidden, p.Inter, p.DType == dtype.F16)
+	if err != nil {
+		return HybridCosts{}, err
+	}
+	if r := e.rates; r != nil { // given or measured on the device: they describe its link
+		c.LinkGBps, c.ReadGBps, c.LinkFixedUs = r.DMAGBps, r.ZeroCopyGBps, r.ReactionUs
+		c.HandOffFixedUs = e.ft.HandOff.HandOffFixedUs(backend.LinkRates(*r))
+	}
+	return c, nil
+}
+
+// setHybridThreads gives the CPU side threads threads (Tuning.CPUExperts
+// as a count): its figures are measured again on them (the link's stay),
+// the calibration starts over, hybrid execution resumes, and the plan
+// says so. Fails, changing nothing, where configure set no CPU side up or
+// the new figures cannot be compared with the link.
+func (e *Engine) setHybridThreads(threads int) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	p := &e.plan.Executor
+	h := &e.hybrid
+	if h.k == nil {
+		return fmt.Errorf("%w: cpu_experts %d: hybrid execution was not set up at configure: %s", ErrInvalid, threads, p.HybridOff)
+	}
+	h.mu.Lock() // no hand-off is computing
+	defer h.mu.Unlock()
+	was := p.CPUThreads
+	h.k.setThreads(threads)
+	c, err := e.measureHybrid(h.k, p)
+	if err == nil && !c.usable() {
+		err = fmt.Errorf("%w: cpu_experts %d: the cost model cannot compare the CPU with the link: %+v", ErrInvalid, threads, c)
+	}
+	if err != nil {
+		h.k.setThreads(was)
+		return err
+	}
+	h.costs.Store(&c)
+	h.cal.Reset()
+	h.paused.Store(false)
+	p.Hybrid, p.HybridOff, p.HybridCosts, p.CPUThreads = true, "", &c, threads
+	p.GraphHandOff, p.GraphHandOffOff = false, ""
+	e.planGraphHandOff(p)
 	return nil
 }
 
@@ -182,6 +230,26 @@ func (e *Engine) pauseHybrid(off bool) error {
 type cpuPick struct {
 	experts []int32
 	expectS float64
+}
+
+// tuneCPUExperts applies Tuning.CPUExperts c: "off" pauses hybrid
+// execution; "auto" or a count resumes it, on that many threads
+// (setHybridThreads) where they differ from the CPU side's now.
+func (e *Engine) tuneCPUExperts(c CPUExperts) error {
+	if err := c.check(); err != nil {
+		return err
+	}
+	if c == CPUExpertsOff {
+		return e.pauseHybrid(true)
+	}
+	threads := c.Threads(e.cfg.Backend)
+	e.mu.Lock()
+	now := e.plan.Executor.CPUThreads
+	e.mu.Unlock()
+	if threads == 0 || threads == now {
+		return e.pauseHybrid(false)
+	}
+	return e.setHybridThreads(threads)
 }
 
 // chooseCPU returns the experts of the call (c.Experts, distinct) that
@@ -229,7 +297,7 @@ func (e *Engine) cpuMisses(layer int, experts []int32, K int64, reqs []uint64, t
 	if len(e.files[layer]) > 0 {
 		maxCPU = int(max(1, cpuStageBytes/e.lay.SlotBytes))
 	}
-	costs := e.hybrid.costs.ScaleCPU(e.hybrid.cal.Scale())
+	costs := e.hybrid.costs.Load().ScaleCPU(e.hybrid.cal.Scale())
 	plan := ChooseMisses(MissInputs{
 		Costs: costs, ExpertBytes: e.lay.SourceBytes, Misses: misses,
 		CPU: true, MaxCPU: maxCPU, HotShare: e.hotShare(),

@@ -26,6 +26,8 @@ func (s simdCPU) run(p cpuProblem) error {
 
 func (s simdCPU) close() { s.k.Close() }
 
+func (s simdCPU) setThreads(n int) { s.k.SetThreads(n) }
+
 // probeMaxBytes bounds the synthetic expert measure uses: it keeps the
 // model's hidden size and shortens the intermediate one to fit.
 const probeMaxBytes = 64 << 20

@@ -472,7 +472,7 @@ func TestTuneCPUExpertsPausesAndResumesHybrid(t *testing.T) {
 	e := hybridEngine(t, 4, func(e *Engine) { bf16Model(t, e, 2, 4) })
 	req, err := e.BeginRequest()
 	require.NoError(t, err)
-	tune := func(v string) error { return e.Tune(Tuning{CPUExperts: &v}) }
+	tune := func(v CPUExperts) error { return e.Tune(Tuning{CPUExperts: &v}) }
 	plan := func() ExecutorPlan {
 		p, err := e.Plan()
 		require.NoError(t, err)
@@ -480,13 +480,13 @@ func TestTuneCPUExpertsPausesAndResumesHybrid(t *testing.T) {
 	}
 	graph, graphOff := plan().GraphHandOff, plan().GraphHandOffOff
 
-	require.NoError(t, tune("off"))
+	require.NoError(t, tune(CPUExpertsOff))
 	p := plan()
 	assert.False(t, p.Hybrid)
 	assert.Contains(t, p.HybridOff, "paused by tune")
 	assert.False(t, p.GraphHandOff)
 	assert.Contains(t, p.GraphHandOffOff, "paused by tune")
-	require.NoError(t, tune("off"), "pausing twice keeps what configure planned")
+	require.NoError(t, tune(CPUExpertsOff), "pausing twice keeps what configure planned")
 	// Four cold misses: with hybrid on, two go to the CPU (the test
 	// above); paused, all four cross the link.
 	hybridLayer(t, e, req, 0, 1, 2, 3)
@@ -496,9 +496,10 @@ func TestTuneCPUExpertsPausesAndResumesHybrid(t *testing.T) {
 	assert.Equal(t, uint64(4), st.Layers[1].Loads)
 	assert.Zero(t, st.MissPlanNs, "paused, the cost model plans nothing")
 
-	require.NoError(t, tune("auto"))
+	require.NoError(t, tune(CPUExpertsAuto))
 	p = plan()
 	assert.True(t, p.Hybrid)
+	assert.Equal(t, 2, p.CPUThreads, "auto on the CPU backend resumes the configured count")
 	assert.Empty(t, p.HybridOff)
 	assert.Equal(t, graph, p.GraphHandOff, "resume restores configure's graph hand-off")
 	assert.Equal(t, graphOff, p.GraphHandOffOff)
@@ -507,6 +508,33 @@ func TestTuneCPUExpertsPausesAndResumesHybrid(t *testing.T) {
 	st, err = e.Stats()
 	require.NoError(t, err)
 	assert.Equal(t, int64(2), st.Layers[1].CPUComputed)
+	require.Positive(t, st.CPUScaleCalls)
+
+	// A thread count: the CPU side runs on it, measured again, its
+	// calibration started over; paused, a count resumes it.
+	require.NoError(t, tune(CPUExpertsOff))
+	require.NoError(t, tune(1))
+	p = plan()
+	assert.True(t, p.Hybrid)
+	assert.Equal(t, 1, p.CPUThreads)
+	assert.Equal(t, graph, p.GraphHandOff)
+	assert.Equal(t, 1, e.hybrid.k.(simdCPU).k.Threads())
+	st, err = e.Stats()
+	require.NoError(t, err)
+	assert.Zero(t, st.CPUScaleCalls, "the calibration starts over")
+	assert.Equal(t, 1.0, st.CPUScale)
+	require.NoError(t, e.Tune(Tuning{Flush: true, ResetStats: true}))
+	hybridLayer(t, e, req, 0, 1, 2, 3)
+	st, err = e.Stats()
+	require.NoError(t, err)
+	assert.Equal(t, int64(2), st.Layers[1].CPUComputed, "the same choice on one thread (the injected costs)")
+
+	// Figures the cost model cannot use change nothing.
+	e.MeasureHybrid = func(int64, int64, bool) (HybridCosts, error) { return HybridCosts{}, nil }
+	require.ErrorIs(t, tune(2), ErrInvalid)
+	assert.Equal(t, 1, plan().CPUThreads)
+	assert.Equal(t, 1, e.hybrid.k.(simdCPU).k.Threads())
+	require.ErrorIs(t, tune(CPUExperts(-3)), ErrInvalid)
 }
 
 func TestTuneCPUExpertsCannotResumeWhatConfigureDidNotSetUp(t *testing.T) {
@@ -517,16 +545,22 @@ func TestTuneCPUExpertsCannotResumeWhatConfigureDidNotSetUp(t *testing.T) {
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = e.Close() })
 	for _, tc := range []struct {
-		value string
+		value string // as JSON
 		err   string // "" for none
 	}{
-		{"off", ""},
-		{"auto", "not set up at configure: cpu_experts is off"},
-		{"Auto", "names are exact"},
-		{"4", "unknown CPU expert mode"},
+		{`"off"`, ""},
+		{`"auto"`, "not set up at configure: cpu_experts is off"},
+		{`4`, "cpu_experts 4: hybrid execution was not set up at configure: cpu_experts is off"},
+		{`"Auto"`, "names are exact"},
+		{`"4"`, "unknown CPU expert mode"},
+		{`0`, "neither"},
+		{`null`, "cpu_experts"},
+		{`""`, "cpu_experts"},
 	} {
-		v := tc.value
-		err := e.Tune(Tuning{CPUExperts: &v})
+		tu, err := ParseTuning([]byte(`{"cpu_experts": ` + tc.value + `}`))
+		if err == nil {
+			err = e.Tune(tu)
+		}
 		if tc.err == "" {
 			assert.NoError(t, err, tc.value)
 			continue

@@ -159,6 +159,11 @@ type ExecutorPlan struct {
 	// HybridCosts is the cost model the choices rest on (nil without
 	// Hybrid).
 	HybridCosts *HybridCosts `json:"hybrid_costs,omitempty"`
+	// CPUThreads is the number of threads the CPU computes experts on
+	// (cpu_experts: the host's cores for "auto" on a device backend, or
+	// the count given, or the count Tune set); 0 where hybrid execution
+	// was not set up.
+	CPUThreads int `json:"cpu_threads,omitempty"`
 	// GraphHandOff: hybrid execution also serves CUDA-graph replays in
 	// copy mode (graph_misses "copy"): each captured layer publishes its
 	// activations and routing weights, and the copy driver has the CPU

@@ -314,6 +314,13 @@ func (k *CPUCalibration) Scale() float64 {
 	return math.Exp(k.log)
 }
 
+// Reset forgets every observation: Scale 1.
+func (k *CPUCalibration) Reset() {
+	k.mu.Lock()
+	k.log, k.calls = 0, 0
+	k.mu.Unlock()
+}
+
 // Calls is the number of layer calls observed.
 func (k *CPUCalibration) Calls() int64 {
 	k.mu.Lock()

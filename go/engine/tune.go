@@ -18,13 +18,17 @@ type Tuning struct {
 	// GraphMisses switches how the next captured step gets its missed
 	// experts (Config.GraphMisses).
 	GraphMisses *string `json:"graph_misses,omitempty"`
-	// CPUExperts pauses ("off") or resumes ("auto") the hybrid execution
-	// that configure set up (Config.CPUExperts): while paused the CPU
-	// computes no expert and every miss crosses the link as without it.
-	// Resuming an engine whose configure set none up is an error naming
-	// why (the plan's hybrid_off). CUDA-graph steps follow at their next
-	// capture, as for GraphMisses.
-	CPUExperts *string `json:"cpu_experts,omitempty"`
+	// CPUExperts pauses ("off") or resumes ("auto", or a thread count)
+	// the hybrid execution that configure set up (Config.CPUExperts):
+	// while paused the CPU computes no expert and every miss crosses the
+	// link as without it. A thread count other than the CPU side's
+	// current one (the plan's cpu_threads; "auto" is the host's cores on
+	// a device backend) measures the CPU's figures again on that many
+	// threads and restarts the calibration. Resuming an engine whose
+	// configure set none up is an error naming why (the plan's
+	// hybrid_off). CUDA-graph steps follow at their next capture, as for
+	// GraphMisses.
+	CPUExperts *CPUExperts `json:"cpu_experts,omitempty"`
 	// Flush empties every slot that is not pinned or loading.
 	Flush bool `json:"flush,omitempty"`
 	// ResetStats zeroes the counters (after the other changes).
@@ -46,10 +50,19 @@ func ParseTuning(b []byte) (Tuning, error) {
 	return t, nil
 }
 
-// cpuExperts is t's CPUExperts as a name setting. It is not among
-// names(), whose settings Tune writes into the Config: it pauses or
-// resumes hybrid execution and leaves Config.CPUExperts as configured.
-func (t *Tuning) cpuExperts() nameValue { return nameValue{cpuExpertsSetting, t.CPUExperts} }
+// cpuExperts is t's CPUExperts as a name setting, for checkGiven (a JSON
+// null is an error). It is not among names(), whose settings Tune writes
+// into the Config: it pauses or resumes hybrid execution and leaves
+// Config.CPUExperts as configured.
+func (t *Tuning) cpuExperts() nameValue {
+	var v *string
+	if t.CPUExperts != nil {
+		b, _ := t.CPUExperts.MarshalJSON()
+		s := string(b)
+		v = &s
+	}
+	return nameValue{cpuExpertsSetting, v}
+}
 
 // names lists t's name settings that set a Config field (nil values: not
 // given).
@@ -63,15 +76,15 @@ func (e *Engine) Tune(t Tuning) error {
 	if err := e.readyLocked(); err != nil {
 		return err
 	}
-	for _, nv := range append(t.names(), t.cpuExperts()) {
+	for _, nv := range t.names() {
 		if nv.value != nil {
 			if _, err := nv.setting.parse(*nv.value, true); err != nil {
 				return err
 			}
 		}
 	}
-	if t.CPUExperts != nil {
-		if err := e.pauseHybrid(*t.CPUExperts == "off"); err != nil {
+	if c := t.CPUExperts; c != nil {
+		if err := e.tuneCPUExperts(*c); err != nil {
 			return err
 		}
 	}

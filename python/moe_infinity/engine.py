@@ -398,15 +398,16 @@ class Engine:
         policy: str | None = None,
         prefetch: bool | None = None,
         graph_misses: str | None = None,
-        cpu_experts: str | None = None,
+        cpu_experts: str | int | None = None,
         flush: bool = False,
         reset_stats: bool = False,
     ) -> None:
         """Changes the running engine: eviction policy, prefetching on/off,
         how the next captured CUDA-graph step gets missed experts
         (``graph_misses``: ``"auto"``, ``"read"`` or ``"copy"``), pausing
-        (``cpu_experts="off"``) or resuming (``"auto"``) the CPU's part in
-        computing experts that configure set up, emptying the cache
+        (``cpu_experts="off"``) or resuming (``"auto"``, or a thread count,
+        which measures the CPU side again on that many threads) the CPU's
+        part in computing experts that configure set up, emptying the cache
         (``flush``) and zeroing the counters."""
         t: dict[str, Any] = {"flush": flush, "reset_stats": reset_stats}
         if policy is not None:
@@ -416,7 +417,8 @@ class Engine:
         if graph_misses is not None:
             t["graph_misses"] = str(graph_misses)
         if cpu_experts is not None:
-            t["cpu_experts"] = str(cpu_experts)
+            # A count travels as a JSON number, a name as a string.
+            t["cpu_experts"] = cpu_experts if isinstance(cpu_experts, int) and not isinstance(cpu_experts, bool) else str(cpu_experts)
         _native.call("moe_engine_tune", ctypes.c_uint64(self._h()), json.dumps(t).encode())
         if self._plan is not None:  # the engine's plan, as tuning changed it
             self._plan = _native.call_json("moe_engine_plan", ctypes.c_uint64(self._h()))

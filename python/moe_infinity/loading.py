@@ -413,16 +413,18 @@ def _install(model: torch.nn.Module, rt: OffloadRuntime, family: Family) -> None
         cache_policy: str | None = None,
         prefetch: bool | None = None,
         graph_misses: str | None = None,
-        cpu_experts: str | None = None,
+        cpu_experts: str | int | None = None,
         flush: bool = False,
         reset_stats: bool = False,
     ) -> None:
         """Changes the cache policy or prefetching of the loaded model, how
         the next captured CUDA-graph step gets missed experts
         (``graph_misses``: "auto", "read" or "copy"; recapture after it),
-        pauses (``cpu_experts="off"``) or resumes (``"auto"``) the CPU's
-        part in computing experts (``moe_stats()["plan"]["executor"]
-        ["hybrid"]``; recapture after it), empties the cache (``flush``) or
+        pauses (``cpu_experts="off"``) or resumes (``"auto"``, or a
+        thread count: the CPU side measured again on that many threads,
+        ``["cpu_threads"]``) the CPU's part in computing experts
+        (``moe_stats()["plan"]["executor"]["hybrid"]``; recapture after
+        it), empties the cache (``flush``) or
         zeroes the statistics, without reloading."""
         rt.check_open()
         rt.engine.tune(policy=cache_policy, prefetch=prefetch, graph_misses=graph_misses, cpu_experts=cpu_experts, flush=flush,
