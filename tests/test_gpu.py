@@ -525,24 +525,32 @@ def test_graph_hand_off_in_copy_mode_matches_graph_decode_without_it(tmp_path):
     the layer's skip list, and the layer's kernels skip them and add the
     CPU's partial when the answer came in time. The link rates are given,
     slow (1 GB/s), so that the CPU takes misses whatever this machine's CPU
-    measures; one layer's worth of slots makes every layer miss. Logits and
-    greedy tokens match graph decode with cpu_experts "off" within bfloat16
-    rounding."""
+    measures. A random model routes every token to the same few experts,
+    which a layer's worth of slots would hold after the prefill (no miss
+    left for the replays to hand off), so the routing is the decode
+    benchmark's generated trace (uniform over the experts, the same in
+    both runs): every replayed layer misses. Logits and greedy tokens match
+    graph decode with cpu_experts "off" within bfloat16 rounding."""
+    from moe_infinity.bench import ForcedRouting, generated_routing
     from moe_infinity.graphs import GraphDecoder
 
-    E = 16
+    E, K, L = 16, 2, 2
     path = tm.save(tm.build("mixtral", seed=7, dtype=torch.bfloat16, num_local_experts=E, **_big("mixtral")), tmp_path / "m")
     prompt = torch.randint(3, tm.VOCAB, (1, 12), generator=torch.Generator().manual_seed(13)).cuda()
     slow = {"dma_gbps": 1.0, "zero_copy_gbps": 1.0, "reaction_us": 0.0}
     new = 16
+    ids = generated_routing(L, E, K, prompt.shape[1] + new + 2, 0.0, 11)
     logits, tokens, stats = {}, {}, {}
     for cpu in ("off", 4):
         opts = {"cpu_experts": cpu, "link_rates": slow, "graph_misses": "copy", "max_slots": E}
         m = mi.from_pretrained(path, device="cuda", device_memory="1GiB", prefetch=False, engine_options=opts)
         try:
+            assert len(m.moe_runtime.layers) == L and m.moe_runtime.num_experts == E
+            forced = ForcedRouting(m.moe_runtime, ids, torch.device("cuda"))
             dec = GraphDecoder(m, max_len=prompt.shape[1] + new + 2)
             dec.generate(prompt, max_new_tokens=2)  # prefill and one replay
             logits[cpu] = dec.logits.float().clone()
+            forced.reset()
             tokens[cpu] = dec.generate(prompt, max_new_tokens=new, on_prefill=m.reset_moe_stats)
             stats[cpu] = m.moe_stats()
         finally:

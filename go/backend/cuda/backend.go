@@ -188,8 +188,11 @@ func (b *Backend) Open(slots int, slotBytes int64, src backend.Source) (err erro
 			b.free = append(b.free, f)
 		}
 		b.freeDone = make([]atomic.Bool, slots)
-		if b.mod, err = cu.LoadData(ptx); err != nil {
-			return fmt.Errorf("backend cuda: loading the kernels: %w", err)
+		if b.mod, err = moduleLoad(ptx); err != nil {
+			// The driver rejects PTX it cannot compile for this GPU (an
+			// ISA newer than it knows, an instruction the GPU lacks):
+			// not a memory shortage.
+			return fmt.Errorf("%w: backend cuda: loading the kernels (kernel_build %q): %v", backend.ErrUnsupported, normBuild(b.cfg.KernelBuild), err)
 		}
 		b.ffnFns = map[string]cu.Function{}
 		for _, ps := range kernelParamStructs {

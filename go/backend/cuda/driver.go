@@ -36,6 +36,16 @@ static CUresult moe_mem_alloc(uint64_t *p, size_t n) { CUdeviceptr d = 0; CUresu
 static CUresult moe_mem_free(uint64_t p) { return cuMemFree((CUdeviceptr)p); }
 static CUresult moe_mem_info(size_t *free_, size_t *total) { return cuMemGetInfo(free_, total); }
 static CUresult moe_module_unload(uintptr_t m) { return cuModuleUnload((CUmodule)m); }
+// Loads a module from NUL-terminated PTX; the JIT compiler's error log
+// (NUL-terminated) goes to log, n bytes.
+static CUresult moe_module_load(uintptr_t *m, const char *image, char *log, size_t n) {
+	CUjit_option opts[2] = {CU_JIT_ERROR_LOG_BUFFER, CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES};
+	void *vals[2] = {log, (void *)(uintptr_t)n};
+	CUmodule mod = 0;
+	CUresult r = cuModuleLoadDataEx(&mod, image, 2, opts, vals);
+	*m = (uintptr_t)mod;
+	return r;
+}
 static CUresult moe_stream_create(uintptr_t *s, int priority) {
 	CUstream st = 0;
 	CUresult r = cuStreamCreateWithPriority(&st, CU_STREAM_NON_BLOCKING, priority);
@@ -120,6 +130,7 @@ import "C"
 import (
 	"fmt"
 	"runtime"
+	"strings"
 	"unsafe"
 
 	"gorgonia.org/cu"
@@ -211,6 +222,29 @@ func memInfo() (free, total int64, err error) {
 	var f, t C.size_t
 	err = check("cuMemGetInfo", C.moe_mem_info(&f, &t))
 	return int64(f), int64(t), err
+}
+
+// jitLogBytes bounds the JIT compiler's error log moduleLoad reports.
+const jitLogBytes = 16 << 10
+
+// moduleLoad loads a module from PTX (inside device.do). When the driver
+// rejects it, the error carries the JIT compiler's log (which line, which
+// instruction), not only the driver's code.
+func moduleLoad(ptx string) (cu.Module, error) {
+	img := C.CString(ptx)
+	defer C.free(unsafe.Pointer(img))
+	log := (*C.char)(C.calloc(jitLogBytes, 1))
+	defer C.free(unsafe.Pointer(log))
+	var h C.uintptr_t
+	err := check("cuModuleLoadDataEx", C.moe_module_load(&h, img, log, jitLogBytes))
+	if err != nil {
+		if msg := strings.TrimSpace(C.GoString(log)); msg != "" {
+			err = fmt.Errorf("%w; the JIT compiler says: %s", err, msg)
+		}
+		return cu.Module{}, err
+	}
+	u := uintptr(h)
+	return *(*cu.Module)(unsafe.Pointer(&u)), nil
 }
 
 func moduleUnload(m cu.Module) error {
