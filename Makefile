@@ -23,11 +23,15 @@ PTX       := go/backend/cuda/moe_ffn.ptx
 PTX89     := go/backend/cuda/moe_ffn_sm89.ptx
 # The kernels are CUDA C++ compiled to PTX with clang's CUDA front end
 # (no CUDA toolkit needed); PTX for sm_80 runs on A100, H100 and later.
-# The sm_89 build (PTX ISA 7.8, Ada and Hopper: engine option
-# kernel_build "sm89") decodes FP8 weights with cvt.rn.f16x2.e4m3x2.
+# The sm_89 build (Ada and Hopper: engine option kernel_build "sm89")
+# decodes FP8 weights with cvt.rn.f16x2.e4m3x2, which on an sm_89 target
+# needs PTX ISA 8.1 (ptxas: "requires PTX ISA .version 8.1 or later"; 7.8
+# has it for sm_90 only). clang 16 emits 7.8 at most, so PTX89ISA raises
+# the header to 8.1: the rest of the file is 7.8 code, which 8.1 keeps.
 PTXCOMMON := -x cuda --cuda-device-only -nocudainc -nocudalib -O3 -S
 PTXFLAGS  := $(PTXCOMMON) --cuda-gpu-arch=sm_80 -Xclang -target-feature -Xclang +ptx70
 PTX89FLAGS := $(PTXCOMMON) --cuda-gpu-arch=sm_89 -Xclang -target-feature -Xclang +ptx78
+PTX89ISA  := sed 's/^\.version 7\.8$$/.version 8.1/'
 
 .PHONY: all lib wheel sdist cuda cuda-check cuda-test cpuffn-test ptx ptx-check cuda-sdk gpu-test replay test gotest testrace invariants vet ctest pytest fuzz fuzz-ci bench tidy-check clean install
 
@@ -66,7 +70,7 @@ cpuffn-test:
 ptx:
 	$(GO) generate ./go/backend/cuda
 	$(CLANG) $(PTXFLAGS) -o $(PTX) cuda/moe_ffn.cu
-	$(CLANG) $(PTX89FLAGS) -o $(PTX89) cuda/moe_ffn.cu
+	$(CLANG) $(PTX89FLAGS) -o - cuda/moe_ffn.cu | $(PTX89ISA) > $(PTX89)
 
 # Fails when cuda/moe_params.h is not what kparams.go generates, when
 # either committed PTX differs from what cuda/*.cu compiles to, or declares
@@ -76,11 +80,11 @@ ptx-check:
 	@if [ -z "$(CLANG)" ]; then echo "ptx-check: no clang on PATH (apt-get install clang-16); not checked"; exit 0; fi; \
 	mkdir -p $(BUILD) && $(CLANG) $(PTXFLAGS) -o $(BUILD)/moe_ffn.check.ptx cuda/moe_ffn.cu && \
 	diff -q $(PTX) $(BUILD)/moe_ffn.check.ptx && echo "ptx-check: $(PTX) matches cuda/moe_ffn.cu" && \
-	$(CLANG) $(PTX89FLAGS) -o $(BUILD)/moe_ffn_sm89.check.ptx cuda/moe_ffn.cu && \
+	$(CLANG) $(PTX89FLAGS) -o - cuda/moe_ffn.cu | $(PTX89ISA) > $(BUILD)/moe_ffn_sm89.check.ptx && \
 	diff -q $(PTX89) $(BUILD)/moe_ffn_sm89.check.ptx && echo "ptx-check: $(PTX89) matches cuda/moe_ffn.cu" && \
 	grep -qx '.target sm_80' $(PTX) && grep -qx '.version 7.0' $(PTX) && \
-	grep -qx '.target sm_89' $(PTX89) && grep -qx '.version 7.8' $(PTX89) && \
-	echo "ptx-check: targets sm_80 (PTX 7.0) and sm_89 (PTX 7.8)"
+	grep -qx '.target sm_89' $(PTX89) && grep -qx '.version 8.1' $(PTX89) && \
+	echo "ptx-check: targets sm_80 (PTX 7.0) and sm_89 (PTX 8.1)"
 
 # Builds the CUDA variant (no GPU needed) and checks its exports.
 cuda-check: $(CUDA_LIB) ptx-check

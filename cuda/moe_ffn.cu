@@ -201,7 +201,7 @@ __device__ __forceinline__ float moe_fp8_to_f32(unsigned int b) {
     return __builtin_bit_cast(float, sign | ((e + 120u) << 23) | (m << 20));
 }
 
-// The sm_89 build (go/backend/cuda/moe_ffn_sm89.ptx, PTX ISA 7.8; Ada and
+// The sm_89 build (go/backend/cuda/moe_ffn_sm89.ptx, PTX ISA 8.1; Ada and
 // Hopper) decodes two bytes with one hardware conversion,
 // cvt.rn.f16x2.e4m3x2 (low byte to the low half), then each half to f32
 // with cvt.f32.f16. Both steps are exact for every non-NaN byte (every

@@ -18,7 +18,7 @@ import (
 //go:embed moe_ffn.ptx
 var moeFFNPTX string
 
-// moeFFNSM89PTX is the same source built for sm_89 (PTX ISA 7.8): Ada,
+// moeFFNSM89PTX is the same source built for sm_89 (PTX ISA 8.1): Ada,
 // Hopper and later; the FP8 row dot decodes e4m3 with the hardware's
 // cvt.rn.f16x2.e4m3x2, with results bit for bit the sm_80 build's.
 //

@@ -36,7 +36,7 @@ func TestBothPTXBuildsAreEmbedded(t *testing.T) {
 		hardwareFP8                 bool
 	}{
 		{BuildSM80, moeFFNPTX, "sm_80", "7.0", false},
-		{BuildSM89, moeFFNSM89PTX, "sm_89", "7.8", true},
+		{BuildSM89, moeFFNSM89PTX, "sm_89", "8.1", true},
 	} {
 		t.Run(tc.build, func(t *testing.T) {
 			require.NotEmpty(t, tc.ptx)
@@ -87,7 +87,7 @@ func TestSelectPTX(t *testing.T) {
 	}
 }
 
-// hardwareE4M3ToF16 models cvt.rn.f16x2.e4m3x2 on one byte (PTX ISA 7.8:
+// hardwareE4M3ToF16 models cvt.rn.f16x2.e4m3x2 on one byte (PTX ISA 8.1 on sm_89:
 // each e4m3 of the pair becomes an f16, exactly, the low byte the low
 // half): the value sign × 2^(e-7) × (1 + m/8), or 2^-6 × m/8 for e = 0,
 // written as a binary16. e4m3fn has no infinities; S.1111.111 is NaN, and
