@@ -518,7 +518,7 @@ func TestTuneCPUExpertsPausesAndResumesHybrid(t *testing.T) {
 	assert.True(t, p.Hybrid)
 	assert.Equal(t, 1, p.CPUThreads)
 	assert.Equal(t, graph, p.GraphHandOff)
-	assert.Equal(t, 1, e.hybrid.k.(simdCPU).k.Threads())
+	assert.Equal(t, 1, e.hybrid.k.(*simdCPU).one.Threads())
 	st, err = e.Stats()
 	require.NoError(t, err)
 	assert.Zero(t, st.CPUScaleCalls, "the calibration starts over")
@@ -533,7 +533,7 @@ func TestTuneCPUExpertsPausesAndResumesHybrid(t *testing.T) {
 	e.MeasureHybrid = func(int64, int64, bool) (HybridCosts, error) { return HybridCosts{}, nil }
 	require.ErrorIs(t, tune(2), ErrInvalid)
 	assert.Equal(t, 1, plan().CPUThreads)
-	assert.Equal(t, 1, e.hybrid.k.(simdCPU).k.Threads())
+	assert.Equal(t, 1, e.hybrid.k.(*simdCPU).one.Threads())
 	require.ErrorIs(t, tune(CPUExperts(-3)), ErrInvalid)
 }
 

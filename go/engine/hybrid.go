@@ -83,6 +83,11 @@ type HybridCosts struct {
 	// On one H100 host the link kept 0.87 and torch's CPU FFN 0.51.
 	LinkShare float64 `json:"link_share"`
 	CPUShare  float64 `json:"cpu_share"`
+	// ISAOne and ISAMany name the instruction sets the CPU's FFN runs for
+	// calls of one token and of more (package cpuffn's names: the fastest
+	// of each on the model's shape when measured); "" when injected.
+	ISAOne  string `json:"isa_one,omitempty"`
+	ISAMany string `json:"isa_many,omitempty"`
 }
 
 // usable reports whether c can compare the CPU with the link.
