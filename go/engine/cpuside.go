@@ -387,6 +387,7 @@ func (e *Engine) layerHybrid(c FFNCall, pick cpuPick, topk []int64) error {
 	if err != nil {
 		return err
 	}
+	e.phaseNs[phaseHandOut].Add(int64(shape.handed))
 	done := make(chan cpuDone, 1)
 	go func() {
 		t0 := time.Now()
@@ -413,6 +414,7 @@ func (e *Engine) layerHybrid(c FFNCall, pick cpuPick, topk []int64) error {
 	e.touchCPU(c.Layer, cpuX)
 	t1 := time.Now()
 	r := <-done
+	t1 = e.phase(phaseCPUWait, t1)
 	if r.err != nil {
 		return fmt.Errorf("expert FFN of layer %d on the CPU: %w", c.Layer, r.err)
 	}
@@ -420,6 +422,7 @@ func (e *Engine) layerHybrid(c FFNCall, pick cpuPick, topk []int64) error {
 	if err != nil {
 		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, err)
 	}
+	t1 = e.phase(phaseHandBack, t1)
 	args := e.kernelArgs(c, shape.hidden, shape.inter, shape.dt, dev, slots)
 	args.Addend = addend
 	ffnErr := kern.FFN(args)
@@ -453,6 +456,7 @@ func (e *Engine) hostPartial(c FFNCall, pick cpuPick, dev []int32, topk []int64,
 	if err != nil {
 		return err
 	}
+	e.phaseNs[phaseHandOut].Add(int64(shape.handed))
 	if len(dev) > 0 {
 		e.core.Hint(c.Layer, dev)
 	}
@@ -461,12 +465,14 @@ func (e *Engine) hostPartial(c FFNCall, pick cpuPick, dev []int32, topk []int64,
 		return fmt.Errorf("expert FFN of layer %d on the CPU: %w", c.Layer, err)
 	}
 	ns := time.Since(t0)
+	t1 := e.phase(phaseCPUWait, t0) // synchronous: all of it is waited for
 	if _, err := ho.HandBack(c.Stream, partial); err != nil {
 		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, err)
 	}
 	if err := ho.HandDone(c.Stream); err != nil {
 		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, err)
 	}
+	e.phase(phaseHandBack, t1)
 	e.touchCPU(c.Layer, cpuX)
 	e.countCPU(c.Layer, pick, shape.handed+ns)
 	return nil

@@ -178,6 +178,10 @@ func TestHybridCalibratesTheCPUSideFromWhatItTook(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, int64(3), st.Layers[1].CPUComputed)
 	assert.Equal(t, int64(1), st.CPUScaleCalls, "the call was observed")
+	for _, ph := range []string{"hand_out", "cpu_wait", "hand_back"} {
+		assert.Contains(t, st.PhaseNs, ph)
+	}
+	assert.Positive(t, st.PhaseNs["hand_out"]+st.PhaseNs["cpu_wait"]+st.PhaseNs["hand_back"], "the hand-off's host time is accounted")
 	assert.Greater(t, st.CPUScale, 1.1, "it took longer than the probe said")
 	require.NoError(t, e.ResetStats())
 	st, err = e.Stats()

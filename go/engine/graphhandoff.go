@@ -128,7 +128,9 @@ func (e *Engine) serveHandOff(i int, seq uint64, loads []backend.SlotLoad, l bac
 	var r cpuDone
 	waited := false
 	err = e.ft.CopyHandOff.ServeLayerCPU(i, seq, loads, cpuX, func() error {
+		t0 := time.Now()
 		r, waited = <-done, true
+		e.phase(phaseCPUWait, t0)
 		return r.err
 	})
 	if !waited {

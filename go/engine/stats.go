@@ -18,10 +18,18 @@ const (
 	// copy mode: the part of phasePin in choices that took over
 	// slowPin (a stall: the choice itself takes under a microsecond)
 	phasePinSlow
+	// hybrid execution (layerHybrid, hostPartial, serveHandOff): handing
+	// a layer's activations out to the host, waiting for the CPU's part
+	// once the device's experts are on their way (the time the CPU adds
+	// to the layer), and handing its partial output back
+	phaseHandOut
+	phaseCPUWait
+	phaseHandBack
 	numPhases
 )
 
-var phaseNames = [numPhases]string{"observe", "acquire", "kernels", "release", "trace_async", "serve", "serve_pin", "serve_pin_slow"}
+var phaseNames = [numPhases]string{"observe", "acquire", "kernels", "release", "trace_async", "serve", "serve_pin", "serve_pin_slow",
+	"hand_out", "cpu_wait", "hand_back"}
 
 // phase adds the time since t0 to phase p and returns now.
 func (e *Engine) phase(p int, t0 time.Time) time.Time {
