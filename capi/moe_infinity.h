@@ -268,7 +268,8 @@ int32_t moe_save_trace(uint64_t handle, const char *path);
 
 /* Changes a configured engine at run time (JSON, every field optional):
  * {"policy": "lru", "prefetch": false, "graph_misses": "copy",
- * "cpu_experts": "off", "flush": true, "reset_stats": true}. */
+ * "cpu_experts": "off", "flush": true, "reset_stats": true}; cpu_experts
+ * also takes "auto" or a thread count (a number). */
 int32_t moe_engine_tune(uint64_t handle, const char *tuning_json);
 
 /* The configured engine's plan as JSON, as moe_engine_configure wrote it
