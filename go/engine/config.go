@@ -447,6 +447,7 @@ func (c Config) withDefaults() (Config, error) {
 	if c.PrefetchWindow == 0 {
 		c.PrefetchWindow = 2
 	}
+	cpuErr := c.CPUExperts.check()
 	switch {
 	case c.EAMCCapacity < 1:
 		return c, fmt.Errorf("%w: eamc_capacity must be >= 1 (got %d)", ErrInvalid, c.EAMCCapacity)
@@ -458,8 +459,8 @@ func (c Config) withDefaults() (Config, error) {
 		return c, fmt.Errorf("%w: workers must be >= 0 (got %d)", ErrInvalid, c.Workers)
 	case *c.AdmitMargin < 0 || math.IsNaN(*c.AdmitMargin) || math.IsInf(*c.AdmitMargin, 0):
 		return c, fmt.Errorf("%w: admit_margin must be a finite number >= 0 (got %v)", ErrInvalid, *c.AdmitMargin)
-	case c.CPUExperts.check() != nil:
-		return c, c.CPUExperts.check()
+	case cpuErr != nil:
+		return c, cpuErr
 	case c.MaxSlots < 0:
 		return c, fmt.Errorf("%w: max_slots must be >= 0 (got %d)", ErrInvalid, c.MaxSlots)
 	}

@@ -187,10 +187,8 @@ func (e *Engine) setHybridThreads(threads int) error {
 	}
 	h.costs.Store(&c)
 	h.cal.Reset()
-	h.paused.Store(false)
-	p.Hybrid, p.HybridOff, p.HybridCosts, p.CPUThreads = true, "", &c, threads
-	p.GraphHandOff, p.GraphHandOffOff = false, ""
-	e.planGraphHandOff(p)
+	p.HybridCosts, p.CPUThreads = &c, threads
+	e.setPausedLocked(false)
 	return nil
 }
 
@@ -214,14 +212,21 @@ func (e *Engine) pauseHybrid(off bool) error {
 		}
 		return fmt.Errorf("%w: cpu_experts \"auto\": hybrid execution was not set up at configure: %s", ErrInvalid, p.HybridOff)
 	}
+	e.setPausedLocked(off)
+	return nil
+}
+
+// setPausedLocked pauses (off) or resumes the CPU side, set up at
+// configure, and states it in the plan, the graph hand-off following
+// hybrid execution as at configure. Holds e.mu.
+func (e *Engine) setPausedLocked(off bool) {
+	p := &e.plan.Executor
 	e.hybrid.paused.Store(off)
 	p.Hybrid, p.HybridOff = !off, ""
 	if off {
 		p.HybridOff = "paused by tune (cpu_experts \"off\")"
 	}
-	p.GraphHandOff, p.GraphHandOffOff = false, ""
-	e.planGraphHandOff(p) // follows Hybrid, as at configure
-	return nil
+	e.planGraphHandOff(p)
 }
 
 // cpuPick is the experts of a layer call that ChooseMisses sends to the
@@ -387,7 +392,6 @@ func (e *Engine) layerHybrid(c FFNCall, pick cpuPick, topk []int64) error {
 	if err != nil {
 		return err
 	}
-	e.phaseNs[phaseHandOut].Add(int64(shape.handed))
 	done := make(chan cpuDone, 1)
 	go func() {
 		t0 := time.Now()
@@ -456,7 +460,6 @@ func (e *Engine) hostPartial(c FFNCall, pick cpuPick, dev []int32, topk []int64,
 	if err != nil {
 		return err
 	}
-	e.phaseNs[phaseHandOut].Add(int64(shape.handed))
 	if len(dev) > 0 {
 		e.core.Hint(c.Layer, dev)
 	}
@@ -464,8 +467,8 @@ func (e *Engine) hostPartial(c FFNCall, pick cpuPick, dev []int32, topk []int64,
 	if err := e.cpuPart(c, cpuX, topk, work, shape.hidden, shape.inter); err != nil {
 		return fmt.Errorf("expert FFN of layer %d on the CPU: %w", c.Layer, err)
 	}
-	ns := time.Since(t0)
 	t1 := e.phase(phaseCPUWait, t0) // synchronous: all of it is waited for
+	ns := t1.Sub(t0)
 	if _, err := ho.HandBack(c.Stream, partial); err != nil {
 		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, err)
 	}
@@ -515,7 +518,9 @@ func (e *Engine) handOut(c FFNCall) (backend.HandOff, backend.HostWork, handShap
 	if err != nil {
 		return nil, backend.HostWork{}, sh, fmt.Errorf("expert FFN of layer %d: %w", c.Layer, err)
 	}
-	return ho, work, handShape{hidden, inter, dt, time.Since(t0)}, nil
+	handed := time.Since(t0)
+	e.phaseNs[phaseHandOut].Add(int64(handed))
+	return ho, work, handShape{hidden, inter, dt, handed}, nil
 }
 
 // touchCPU counts the experts the CPU computed as misses of layer,

@@ -132,9 +132,9 @@ func (s *simdCPU) measure(hidden, inter int64, f16 bool) (HybridCosts, error) {
 	threads := s.one.Threads()
 	ones, manys := map[cpuffn.ISA]float64{}, map[cpuffn.ISA]float64{}
 	kernels := map[cpuffn.ISA]*cpuffn.Kernel{}
-	closeAll := func(keep ...*cpuffn.Kernel) {
+	closeExcept := func(a, b *cpuffn.Kernel) {
 		for _, k := range kernels {
-			if k != keep[0] && k != keep[1] {
+			if k != a && k != b {
 				k.Close()
 			}
 		}
@@ -150,18 +150,18 @@ func (s *simdCPU) measure(hidden, inter int64, f16 bool) (HybridCosts, error) {
 		ones[isa], e1 = best(func() error { return c.run(prob(1)) })
 		manys[isa], e2 = best(func() error { return c.run(prob(probeTokens)) })
 		if err := errors.Join(e1, e2); err != nil {
-			closeAll(nil, nil)
+			closeExcept(nil, nil)
 			return HybridCosts{}, fmt.Errorf("measuring the CPU expert FFN (%s): %w", isa, err)
 		}
 	}
 	isaOne, isaMany := fastest(ones), fastest(manys)
 	if kernels[isaOne] == nil || kernels[isaMany] == nil {
-		closeAll(nil, nil)
+		closeExcept(nil, nil)
 		return HybridCosts{}, fmt.Errorf("measuring the CPU expert FFN: no instruction set of %v runs here", candidateISAs())
 	}
 	s.close()
 	s.one, s.many = kernels[isaOne], kernels[isaMany]
-	closeAll(s.one, s.many)
+	closeExcept(s.one, s.many)
 	one, many := ones[isaOne], manys[isaMany]
 	cp, _ := best(func() error { copy(dst, w); return nil })
 	// Both at once: the copy runs beside each FFN pass.

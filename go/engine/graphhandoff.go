@@ -30,10 +30,11 @@ import (
 // runs without the hand-off. In tokens.
 const graphHandOffMaxTokens = 64
 
-// planGraphHandOff fills the plan's GraphHandOff and GraphHandOffOff:
-// on where hybrid execution is on and the backend's copy mode can hand a
-// captured layer to the CPU.
+// planGraphHandOff sets the plan's GraphHandOff and GraphHandOffOff
+// (both, whatever they held): on where hybrid execution is on and the
+// backend's copy mode can hand a captured layer to the CPU.
 func (e *Engine) planGraphHandOff(p *ExecutorPlan) {
+	p.GraphHandOff, p.GraphHandOffOff = false, ""
 	switch {
 	case !p.Hybrid:
 		p.GraphHandOffOff = "hybrid execution is off: " + p.HybridOff
