@@ -231,18 +231,33 @@ func (c CPUExperts) MarshalJSON() ([]byte, error) {
 	return []byte(strconv.Itoa(int(c))), nil
 }
 
+// HostThreadsReserved is how many cores "auto" leaves to the engine's own
+// threads, which must run while the CPU computes a layer's experts: the
+// caller's thread (it hands the layer out, waits and launches the
+// kernels) and the device's thread (every CUDA call and the link's copies
+// go through it). With every core given to the experts' FFN the two wait
+// for a scheduler slice: on an H200 host (16 cores) the eager path's
+// acquire and kernel phases grew by 3 ms a token each beside 16 FFN
+// threads, and 12–14 threads decoded as fast as 16 or faster in graph
+// mode (BENCHMARKS.md, "Hybrid decode").
+const HostThreadsReserved = 2
+
 // Threads is the number of threads c gives the CPU's expert computation
 // with the named backend (Config.Backend): 0 (off), the number of cores
-// ("auto" with a GPU backend), 0 ("auto" on the CPU backend) or the count.
+// less HostThreadsReserved, at least 1 ("auto" with a GPU backend), 0
+// ("auto" on the CPU backend) or the count.
 func (c CPUExperts) Threads(backend string) int {
 	switch {
 	case c == CPUExpertsAuto && backend != "cpu":
-		return runtime.NumCPU()
+		return autoThreads(runtime.NumCPU())
 	case c == CPUExpertsAuto:
 		return 0
 	}
 	return max(int(c), 0)
 }
+
+// autoThreads is "auto"'s thread count on a host of cores cores.
+func autoThreads(cores int) int { return max(cores-HostThreadsReserved, 1) }
 
 // LinkRates are the rates of the host→device link that the engine's
 // choices rest on: GraphMisses "auto" (ChooseGraphMisses) and the hybrid

@@ -66,7 +66,7 @@ func TestCPUExpertsThreads(t *testing.T) {
 		assert.Equal(t, 0, CPUExpertsOff.Threads(b), b)
 		assert.Equal(t, 5, CPUExperts(5).Threads(b), b)
 	}
-	assert.Equal(t, runtime.NumCPU(), CPUExpertsAuto.Threads("cuda"), "auto: on with a GPU backend")
+	assert.Equal(t, max(runtime.NumCPU()-HostThreadsReserved, 1), CPUExpertsAuto.Threads("cuda"), "auto: on with a GPU backend, cores left to the engine's own threads")
 	assert.Equal(t, 0, CPUExpertsAuto.Threads("cpu"), "auto: off on the CPU backend (transformers' code, bitwise)")
 	_, err := New(Config{BudgetBytes: 1, CPUExperts: -2})
 	assert.ErrorIs(t, err, ErrInvalid)
@@ -133,5 +133,11 @@ func assertBF16Close(t *testing.T, want, got []byte) {
 		}
 		w, g := val(want, i), val(got, i)
 		assert.LessOrEqual(t, math.Abs(w-g), (2*math.Abs(w)+rowMax)/256, "element %d", i)
+	}
+}
+
+func TestAutoThreadsLeavesTheEngineItsCores(t *testing.T) {
+	for _, c := range []struct{ cores, want int }{{1, 1}, {2, 1}, {3, 1}, {4, 2}, {16, 14}, {128, 126}} {
+		assert.Equal(t, c.want, autoThreads(c.cores), "%d cores", c.cores)
 	}
 }

@@ -778,8 +778,8 @@ def from_pretrained(
             experts on the CPU where they lie, on the synchronous kernel
             path and in copy-mode CUDA-graph replays, once the link's rates
             are known (``moe_stats()["plan"]["executor"]``: ``hybrid_off``
-            and ``graph_hand_off_off`` say why either is off; not yet run
-            on a GPU). On the CPU, ``"auto"`` is off
+            and ``graph_hand_off_off`` say why either is off), on every
+            core but two (the engine's own threads keep those). On the CPU, ``"auto"`` is off
             (transformers' code, bitwise); a thread count makes
             bfloat16/float16 SwiGLU decode layers run the engine's SIMD
             expert kernels (outputs then match transformers within
