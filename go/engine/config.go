@@ -143,10 +143,13 @@ type Config struct {
 	// MeasureLink lets Configure measure the link when LinkRates are not
 	// given (~0.5 GB over the link, meant to take under 0.2 s, and 64 MiB
 	// of device and of pinned host memory for its duration). Default
-	// false (nil in JSON, left out or null, means false) until the
-	// measurement has run on a GPU: the CUDA code is written and compiled
-	// but unrun, and it runs in every load. Off, "auto" decides by expert
-	// size, as before.
+	// false (nil in JSON, left out or null, means false): the measurement
+	// ran on H100 and H200 hosts (DMA 53–55 GB/s, zero copy 51, reaction
+	// 4–5 µs), but its reaction leaves out the host's first copy call
+	// (45–70 µs in decode), so with measured rates "auto" copies
+	// Qwen3-sized experts, which read in place decoded 10% faster on one
+	// H100 (BENCHMARKS.md, "Hybrid decode"). Off, "auto" decides by
+	// expert size.
 	MeasureLink *bool `json:"measure_link,omitempty"`
 	// KernelBuild names the build of the CUDA backend's kernels
 	// (KernelBuilds): "sm80" (the default; PTX for sm_80, which runs on
