@@ -374,7 +374,8 @@ def _views_of(model, layer: int, expert: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("name", ["qwen3_moe-fp8", "deepseek_v3-fp8", "gpt_oss-mxfp4"])
 def test_quantized_experts_on_the_gpu_are_dequantized_there_as_on_the_cpu(name, tmp_path):
-    """Quantized checkpoints as they ship, on the GPU with default options:
+    """Quantized checkpoints as they ship, on the GPU with the kernels off
+    (quantized_kernels false; gpt-oss's default, FP8's is the kernels):
     the slots hold the compressed bytes, the backend's view kernels
     dequantize them in device memory, and transformers' own expert code
     runs on the views. Every expert's device view equals, bit for bit, the
@@ -385,7 +386,7 @@ def test_quantized_experts_on_the_gpu_are_dequantized_there_as_on_the_cpu(name, 
     from transformers import AutoModelForCausalLM
 
     path = tq.BUILDERS[name](tmp_path / "m")
-    gpu = mi.from_pretrained(path, device="cuda", device_memory="1GiB")
+    gpu = mi.from_pretrained(path, device="cuda", device_memory="1GiB", engine_options={"quantized_kernels": False})
     cpu = mi.from_pretrained(path, device="cpu", device_memory="1GiB")
     try:
         plan = gpu.moe_runtime.plan
@@ -571,10 +572,11 @@ def test_graph_hand_off_in_copy_mode_matches_graph_decode_without_it(tmp_path):
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
 def test_fp8_kernel_teacher_forced_agreement(family, tmp_path):
-    """The CUDA FP8 kernels (engine option quantized_kernels) against
-    transformers' dequantizing load on the GPU: teacher-forced top-1
-    agreement >= 99%, as the bf16 kernels; and against the engine's CPU
-    reference of the same kernels on the same checkpoint."""
+    """The CUDA FP8 kernels (the default for FP8 experts on a GPU: engine
+    option quantized_kernels left out) against transformers' dequantizing
+    load on the GPU: teacher-forced top-1 agreement >= 99%, as the bf16
+    kernels; and against the engine's CPU reference of the same kernels on
+    the same checkpoint."""
     from transformers import AutoModelForCausalLM, FineGrainedFP8Config
 
     path = _trained_fp8(family, tmp_path / family)
@@ -583,7 +585,7 @@ def test_fp8_kernel_teacher_forced_agreement(family, tmp_path):
     seq = plain.generate(input_ids=prompt, max_new_tokens=48, min_new_tokens=48, do_sample=False)
     want = _teacher_forced(plain, seq)
     del plain
-    ours = mi.from_pretrained(path, device="cuda", device_memory="2GiB", engine_options={"quantized_kernels": True})
+    ours = mi.from_pretrained(path, device="cuda", device_memory="2GiB")
     try:
         ex = ours.moe_runtime.plan["executor"]
         assert ex["kernels"] and ex["quant"] == "fp8" and ex["mapped"], ex

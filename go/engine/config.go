@@ -97,30 +97,30 @@ type Config struct {
 	// kernels: the CPU oracle of the GPU paths, for tests. Off by default,
 	// where transformers' code computes every layer (bitwise parity).
 	ReferenceKernels bool `json:"reference_kernels"`
-	// QuantizedKernels makes a GPU backend compute quantized (FP8
-	// block-scaled) experts with its expert kernels straight from the
-	// compressed slots, decode layers in mapped mode (and CUDA graphs) as
-	// bfloat16 experts. Off by default: the caller's code (transformers')
-	// then computes them on dequantized views, which the backend fills
+	// QuantizedKernels chooses how a GPU backend computes quantized
+	// experts (FP8 block-scaled, MXFP4) and gpt-oss experts (Setup.FFN
+	// "gpt_oss", bfloat16/float16 or MXFP4). true: with its expert
+	// kernels straight from the compressed slots, decode layers in mapped
+	// mode (and CUDA graphs) as bfloat16 experts. false: with the caller's
+	// code (transformers') on dequantized views, which the backend fills
 	// from the compressed slots in device memory (backend.ViewMemory), so
-	// the link still carries the compressed bytes. The FP8 kernels agree
-	// with transformers' dequantizing load (GPU tests, H100, 2026-12-07)
-	// but decoded slower per token than bfloat16 experts there (before
-	// they had mapped mode; software e4m3 decoding).
-	// On the CPU backend the reference kernels read FP8 slots whenever
-	// ReferenceKernels is on; this setting does not matter there.
-	//
-	// It also opts gpt-oss experts (Setup.FFN "gpt_oss", bfloat16/float16
-	// or MXFP4, read from the compressed slots) into the GPU's gpt-oss
-	// kernels, which have not yet run on a GPU; without it they run the
-	// caller's code (on dequantized views for MXFP4). The CPU backend's
-	// reference computes them whenever ReferenceKernels is on.
-	QuantizedKernels bool `json:"quantized_kernels"`
+	// the link still carries the compressed bytes. nil (left out or null,
+	// the default): per kind, the kernels where they have beaten the
+	// views on a GPU (quantizedKernels): FP8 SwiGLU experts, whose kernels
+	// agree with transformers' dequantizing load on an H100 and decoded
+	// the Qwen3-30B-A3B shape at 0.49× bfloat16 experts' s/token there
+	// (CUDA graphs, 2026-12-07); gpt-oss experts keep the caller's code
+	// until their kernels' speed has been measured on a GPU.
+	// On the CPU backend the reference kernels compute FP8 and gpt-oss
+	// experts whenever ReferenceKernels is on; this setting does not
+	// matter there.
+	QuantizedKernels *bool `json:"quantized_kernels,omitempty"`
 	// CPUExperts turns on the CPU's part in computing experts. JSON:
 	// "auto" (the default, also when left out), "off" or a thread count
 	// from 1 to MaxCPUExpertThreads.
 	//
-	// With a GPU backend, "auto" is on with one thread per core: the layer
+	// With a GPU backend, "auto" is on with one thread per core but
+	// HostThreadsReserved (at least one): the layer
 	// executor may compute a missed expert on the CPU where it lies
 	// instead of bringing it over the link (ChooseMisses). On the CPU
 	// backend "auto" is off, so that transformers' code computes every
@@ -261,6 +261,16 @@ func (c CPUExperts) Threads(backend string) int {
 
 // autoThreads is "auto"'s thread count on a host of cores cores.
 func autoThreads(cores int) int { return max(cores-HostThreadsReserved, 1) }
+
+// quantizedKernels says whether a GPU backend computes experts of kind
+// ffn (Setup.FFN), quantized as method ("" when not), with its kernels
+// (Config.QuantizedKernels; nil: FP8 SwiGLU experts only).
+func (c Config) quantizedKernels(ffn, method string) bool {
+	if c.QuantizedKernels != nil {
+		return *c.QuantizedKernels
+	}
+	return ffn == "swiglu" && method == "fp8"
+}
 
 // LinkRates are the rates of the host→device link that the engine's
 // choices rest on: GraphMisses "auto" (ChooseGraphMisses) and the hybrid

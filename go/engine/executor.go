@@ -10,6 +10,7 @@ import (
 
 	"github.com/moe-infinity/moe_infinity/go/backend"
 	"github.com/moe-infinity/moe_infinity/go/dtype"
+	"github.com/moe-infinity/moe_infinity/go/layout"
 )
 
 // The layer executor: one MoE layer, from its routing to its output, is
@@ -201,9 +202,9 @@ func (e *Engine) executorPlan(s Setup) ExecutorPlan {
 		p.KernelsOff = "the model's experts are not standard SwiGLU experts (setup ffn)"
 	case !caps.Computes(ffn):
 		p.KernelsOff = fmt.Sprintf("the %s backend's kernels do not compute %s experts (setup ffn)", e.be.Name(), ffn)
-	case ffn == "gpt_oss" && e.cfg.Backend != "cpu" && !e.cfg.QuantizedKernels:
-		// Opt-in until the gpt-oss kernels have run on a GPU.
-		p.KernelsOff = fmt.Sprintf("gpt-oss experts run the caller's code on the %s backend unless the engine option quantized_kernels asks for the gpt-oss kernels (not yet checked on a GPU)", e.be.Name())
+	case ffn == "gpt_oss" && e.cfg.Backend != "cpu" && !e.cfg.quantizedKernels(ffn, quantMethod(e.vw)):
+		// Opt-in until the gpt-oss kernels' speed has been measured on a GPU.
+		p.KernelsOff = fmt.Sprintf("gpt-oss experts run the caller's code on the %s backend unless the engine option quantized_kernels asks for the gpt-oss kernels (their speed is not yet measured on a GPU)", e.be.Name())
 	default:
 		hidden, inter, dt, err := e.ffnShape()
 		if err != nil {
@@ -215,8 +216,8 @@ func (e *Engine) executorPlan(s Setup) ExecutorPlan {
 			break
 		}
 		if e.vw != nil {
-			if e.cfg.Backend != "cpu" && !e.cfg.QuantizedKernels {
-				p.KernelsOff = fmt.Sprintf("the experts are quantized (%s): the caller's code computes them on views the %s backend dequantizes (the engine option quantized_kernels computes FP8 and MXFP4 experts with the kernels instead)", e.vw.Method, e.be.Name())
+			if e.cfg.Backend != "cpu" && !e.cfg.quantizedKernels(ffn, e.vw.Method) {
+				p.KernelsOff = fmt.Sprintf("the experts are quantized (%s): the caller's code computes them on views the %s backend dequantizes (the engine option quantized_kernels true computes FP8 and MXFP4 experts with the kernels instead)", e.vw.Method, e.be.Name())
 				break
 			}
 			if !caps.ReadsQuant(e.vw.Method) {
@@ -431,4 +432,13 @@ type mappedOffNote struct{ reason atomic.Pointer[string] }
 func (e *Engine) noteMappedOff(err error) {
 	s := err.Error()
 	e.mappedOffWhy.reason.CompareAndSwap(nil, &s)
+}
+
+// quantMethod is the quant_method vw serves ("" for nil: unquantized
+// experts).
+func quantMethod(vw *layout.Views) string {
+	if vw == nil {
+		return ""
+	}
+	return vw.Method
 }

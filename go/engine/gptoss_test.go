@@ -103,9 +103,9 @@ func TestGptOssExecutorPlan(t *testing.T) {
 		{"CPU SIMD kernels compute SwiGLU experts only", Config{CPUExperts: 1}, nil, false, false, "do not compute gpt_oss experts"},
 		{"GPU without quantized_kernels: opt-in until run on a GPU", Config{}, &gpu, false, false, "quantized_kernels"},
 		{"GPU, MXFP4, without quantized_kernels", Config{}, &gpu, true, false, "quantized_kernels"},
-		{"GPU with quantized_kernels, bfloat16", Config{QuantizedKernels: true}, &gpu, false, true, ""},
-		{"GPU with quantized_kernels, MXFP4", Config{QuantizedKernels: true}, &gpu, true, true, ""},
-		{"GPU kernels without gpt-oss ones", Config{QuantizedKernels: true}, &swigluOnly, false, false, "do not compute gpt_oss experts"},
+		{"GPU with quantized_kernels, bfloat16", Config{QuantizedKernels: &kernelsOn}, &gpu, false, true, ""},
+		{"GPU with quantized_kernels, MXFP4", Config{QuantizedKernels: &kernelsOn}, &gpu, true, true, ""},
+		{"GPU kernels without gpt-oss ones", Config{QuantizedKernels: &kernelsOn}, &swigluOnly, false, false, "do not compute gpt_oss experts"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -143,7 +143,7 @@ func gpuQuantEngine(t *testing.T, cfg Config, caps backend.Capabilities, L, E in
 
 var gpuFP8Caps = backend.Capabilities{ExpertKernels: true, Mapped: true, MaxMappedPairs: 4096, QuantFormats: []string{"fp8"}}
 
-func TestQuantizedExpertsOnAGPURunOnDequantizedViewsByDefault(t *testing.T) {
+func TestQuantizedExpertsOnAGPURunOnDequantizedViewsWithoutTheKernels(t *testing.T) {
 	const L, E, T, K = 1, 4, 3, 2
 	for _, tc := range []struct {
 		name string
@@ -151,8 +151,8 @@ func TestQuantizedExpertsOnAGPURunOnDequantizedViewsByDefault(t *testing.T) {
 		caps backend.Capabilities
 		off  string
 	}{
-		{"quantized_kernels off", Config{}, gpuFP8Caps, "quantized_kernels"},
-		{"kernels that do not read FP8", Config{QuantizedKernels: true}, kernelCaps, "do not read that format"},
+		{"quantized_kernels false", Config{QuantizedKernels: &kernelsOff}, gpuFP8Caps, "quantized_kernels"},
+		{"kernels that do not read FP8", Config{QuantizedKernels: &kernelsOn}, kernelCaps, "do not read that format"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e, p, err := gpuQuantEngine(t, tc.cfg, tc.caps, L, E)
@@ -186,7 +186,7 @@ func TestQuantizedExpertsOnAGPURunOnDequantizedViewsByDefault(t *testing.T) {
 
 func TestQuantizedKernelsOnAGPUTakeDecodeAndLeavePrefillToTheViews(t *testing.T) {
 	const L, E, K = 1, 4, 2
-	e, p, err := gpuQuantEngine(t, Config{QuantizedKernels: true}, gpuFP8Caps, L, E)
+	e, p, err := gpuQuantEngine(t, Config{QuantizedKernels: &kernelsOn}, gpuFP8Caps, L, E)
 	require.NoError(t, err)
 	ex := p.Executor
 	assert.True(t, ex.Kernels, ex.KernelsOff)
@@ -239,7 +239,7 @@ func TestQuantizedKernelsOnAGPUTakeDecodeAndLeavePrefillToTheViews(t *testing.T)
 // experts' FFN bit for bit; each replay is traced.
 func TestQuantizedExpertsOnAGPUCaptureMappedSteps(t *testing.T) {
 	const L, E, T, K = 2, 4, 1, 2
-	e, _, err := gpuQuantEngine(t, Config{QuantizedKernels: true}, gpuFP8Caps, L, E)
+	e, _, err := gpuQuantEngine(t, Config{QuantizedKernels: &kernelsOn}, gpuFP8Caps, L, E)
 	require.NoError(t, err)
 	oracle, _ := newQuantEngine(t, Config{BudgetBytes: 1 << 20, Prefetch: noPrefetch()}, L, E)
 	rng := rand.New(rand.NewPCG(11, 12))
@@ -296,4 +296,48 @@ func TestChoosePathQuantized(t *testing.T) {
 	for _, tc := range tests {
 		assert.Equal(t, tc.want, ChoosePath(tc.in), tc.name)
 	}
+}
+
+// kernelsOn and kernelsOff are Config.QuantizedKernels given.
+var kernelsOn, kernelsOff = true, false
+
+func TestQuantizedKernelsDefaultToTheKernelsForFP8Only(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		set         *bool
+		ffn, method string
+		want        bool
+	}{
+		{"default: FP8 SwiGLU experts take the kernels", nil, "swiglu", "fp8", true},
+		{"default: gpt-oss MXFP4 experts keep the caller's code", nil, "gpt_oss", "mxfp4", false},
+		{"default: gpt-oss bfloat16 experts keep the caller's code", nil, "gpt_oss", "", false},
+		{"false: FP8 on views", &kernelsOff, "swiglu", "fp8", false},
+		{"true: gpt-oss on the kernels", &kernelsOn, "gpt_oss", "mxfp4", true},
+	} {
+		assert.Equal(t, tc.want, Config{QuantizedKernels: tc.set}.quantizedKernels(tc.ffn, tc.method), tc.name)
+	}
+	// And in the plan: an FP8 model on a GPU with the engine's defaults.
+	_, p, err := gpuQuantEngine(t, Config{}, gpuFP8Caps, 1, 4)
+	require.NoError(t, err)
+	assert.True(t, p.Executor.Kernels, p.Executor.KernelsOff)
+	assert.Equal(t, "fp8", p.Executor.Quant)
+	assert.True(t, p.Executor.Mapped)
+}
+
+func TestQuantizedKernelsIsParsedStrictly(t *testing.T) {
+	for _, tc := range []struct {
+		json string
+		want *bool
+	}{
+		{`{"budget_bytes": 1}`, nil},
+		{`{"budget_bytes": 1, "quantized_kernels": null}`, nil},
+		{`{"budget_bytes": 1, "quantized_kernels": true}`, &kernelsOn},
+		{`{"budget_bytes": 1, "quantized_kernels": false}`, &kernelsOff},
+	} {
+		c, err := ParseConfig([]byte(tc.json))
+		require.NoError(t, err, tc.json)
+		assert.Equal(t, tc.want, c.QuantizedKernels, tc.json)
+	}
+	_, err := ParseConfig([]byte(`{"budget_bytes": 1, "quantized_kernels": "yes"}`))
+	assert.ErrorIs(t, err, ErrInvalid)
 }

@@ -565,6 +565,10 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
                 "preset": args.preset,
                 "expert_dtype": expert_dtype,
                 "kernel_build": plan.get("kernel_build"),
+                # The setting (None: the engine's default) and what the
+                # executor made of it: the kernels or the caller's code.
+                "quantized_kernels": True if args.quantized_kernels else None,
+                "executor_kernels": plan.get("executor", {}).get("kernels"),
                 "policy": policy,
                 "prefetch": prefetch,
                 "admit_margin": args.admit_margin,
@@ -785,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="experts as served: bf16 (as built), fp8 (compressed to block FP8 in host memory), or a comma list "
                          "(bf16,fp8) measured one after the other in this process on the same weights and routing")
     ap.add_argument("--quantized-kernels", action="store_true",
-                    help="engine option quantized_kernels: the GPU computes FP8 experts with its FP8 kernels (needed for fp8 on a GPU), "
+                    help="engine option quantized_kernels true: the GPU computes FP8 experts with its FP8 kernels (their default), "
                          "and gpt-oss experts (the MXFP4 presets) with its gpt-oss kernels")
     ap.add_argument("--kernel-build", default=None,
                     help="engine option kernel_build: sm80 (the engine's default) or sm89 (compute capability >= 8.9: hardware "
