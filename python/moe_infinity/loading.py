@@ -795,13 +795,18 @@ def from_pretrained(
             in place (the bytes at the zero-copy rate) using the link rates
             ``{"dma_gbps", "zero_copy_gbps", "reaction_us"}`` of this machine,
             which the engine measures at start-up on the GPU (<0.2 s) with
-            ``measure_link: True`` (off by default until that measurement
-            has run on a GPU) unless ``link_rates`` gives them; without
+            ``measure_link: True`` (off by default: its reaction leaves out
+            the host's first copy call, so measured rates copy experts
+            that read faster in place) unless ``link_rates`` gives them; without
             rates (the default, the CPU backend, or a failed measurement)
             it copies from 32 MiB per expert.
             ``moe_stats()["plan"]`` reports them (``link_rates``) and where
             they came from (``link_rates_source``: ``"given"``,
             ``"measured"``, ``"failed"`` or ``"none"``);
+            ``quantized_kernels``: how a GPU computes FP8, MXFP4 and
+            gpt-oss experts: ``True`` with its kernels, ``False`` with
+            transformers' code on dequantized views; left out, FP8
+            experts take the kernels and gpt-oss experts the views;
             ``kernel_build``: the CUDA kernels' build, ``"sm80"``
             (default) or ``"sm89"`` (GPUs of compute capability 8.9 and
             up: FP8 experts decoded by the hardware, same results; opt-in
