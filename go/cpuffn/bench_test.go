@@ -65,6 +65,13 @@ func BenchmarkFFN(b *testing.B) {
 		{"mixtral_4096x14336_top1", 4096, 14336, 1, 1},
 		{"mixtral_4096x14336_top2", 4096, 14336, 2, 2},
 		{"qwen3_2048x768_top8", 2048, 768, 48, 8},
+		// One and two Qwen3 experts: what a hybrid decode layer hands the
+		// CPU (about one of its misses).
+		{"qwen3_2048x768_top1", 2048, 768, 48, 1},
+		{"qwen3_2048x768_top2", 2048, 768, 48, 2},
+		// A call with almost no work: the fixed cost of a call (its two
+		// phases' fan-out and join).
+		{"fixed_256x64_top1", 256, 64, 1, 1},
 	} {
 		gateUp, down := benchExperts(m.E, m.H, m.I)
 		for _, T := range []int64{1, 4, 16} {
