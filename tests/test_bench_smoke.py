@@ -48,6 +48,14 @@ def test_decode_harness_generated_routing_tiny_cpu(tmp_path):
     (row,) = json.loads(out.read_text())
     assert row["routing"].startswith("generated: L=4 E=8 k=2 requests=1 tokens=24 clusters=1 skew=1.5 seed=1")
     assert FIELDS <= set(row)
+    # The prefill's link floor counts the distinct experts the prompt's 12
+    # tokens use under the same trace (no link on the CPU, so no floor).
+    from moe_infinity.bench import generated_routing
+
+    ids = generated_routing(4, 8, 2, 24, 1.5, 1)[:12]
+    assert row["prompt_experts"] == sum(len(set(ids[:, layer].ravel().tolist())) for layer in range(4))
+    assert 2 * 4 <= row["prompt_experts"] <= 8 * 4
+    assert row["ttft_link_floor_s"] is None
 
 
 def test_decode_harness_bf16_and_fp8_in_one_run_tiny_cpu(tmp_path):

@@ -50,7 +50,9 @@ warm), so --routing generated replaces every MoE layer's choice with a
 labelled generated trace (skewed per-layer popularity, --skew, seed
 --routing-seed; the label is in the JSON's "routing" field).
 
-Fields: decode_s_per_token (median over decoded tokens), ttft_s, hit_rate,
+Fields: decode_s_per_token (median over decoded tokens), ttft_s,
+ttft_link_floor_s (with --routing generated: prompt_experts, the distinct
+experts the prompt uses, × expert bytes ÷ bandwidth), hit_rate,
 bytes_moved_per_token, stall_s_per_token (host waits in the engine; 0 on the
 GPU, where copies are ordered by events instead), misses_per_token,
 pinned_h2d_GBps (measured in the same process), compute_s_per_token,
@@ -253,6 +255,16 @@ def generated_routing(L: int, E: int, k: int, tokens: int, skew: float, seed: in
     keys = rng.exponential(size=(tokens, L, E)) * inv_w
     ranks = np.argsort(keys, axis=-1)[..., :k]
     return np.take_along_axis(np.broadcast_to(perm, (tokens, L, E)), ranks, axis=-1)
+
+
+def prompt_experts(forced: "ForcedRouting | None", prompt_len: int) -> int | None:
+    """The distinct (layer, expert) pairs a prompt of prompt_len tokens uses
+    under forced routing (its first prompt_len tokens); None under the
+    model's own routing, which is not known ahead."""
+    if forced is None:
+        return None
+    ids = forced.ids[:prompt_len].cpu()  # [tokens, L, k]
+    return sum(int(torch.unique(ids[:, layer]).numel()) for layer in range(ids.shape[1]))
 
 
 class ForcedRouting:
@@ -580,6 +592,10 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
                 "decode_s_per_token": med,
                 "decode_s_per_token_mean": statistics.fmean(r["step_s"]),
                 "ttft_s": r["ttft_s"],
+                # The prefill's link floor: every expert the prompt uses moved
+                # over the link once (known ahead only under generated routing).
+                "prompt_experts": prompt_experts(forced, args.prompt_len),
+                "ttft_link_floor_s": prompt_experts(forced, args.prompt_len) * slot / (bw * 1e9) if forced is not None and bw else None,
                 "hit_rate": st["hit_rate"],
                 "misses_per_token": misses,
                 "prefetch_hits_per_token": st["prefetch_hits"] / n,
@@ -729,6 +745,7 @@ _TABLE = (
     ("kernels", "kernel_build", "{}"),
     ("s/token", "decode_s_per_token", "{:.4f}"),
     ("TTFT s", "ttft_s", "{:.3f}"),
+    ("TTFT link floor s", "ttft_link_floor_s", "{:.3f}"),
     ("hit rate", "hit_rate", "{:.1%}"),
     ("misses/token", "misses_per_token", "{:.1f}"),
     ("x floor", "ratio_to_floor", "{:.2f}"),
