@@ -15,7 +15,8 @@ PYTHON    ?= python3
 BUILD     := build
 LIB       := $(BUILD)/libmoe_infinity.so
 FUZZTIME  ?= 60s
-GOFILES   := $(shell find go capi -name '*.go' -not -name '*_test.go') go.mod
+# Go sources and the C they build with (cgo: go/cpuffn's kernels); a change to either rebuilds.
+GOFILES   := $(shell find go capi \( -name '*.go' -not -name '*_test.go' \) -o -name '*.c' -o -name '*.h') go.mod
 CUDA_LIB  := $(BUILD)/libmoe_infinity_cuda.so
 CUDA_SDK  := $(BUILD)/cuda
 CLANG     ?= $(shell command -v clang-16 || command -v clang-17 || command -v clang-18 || command -v clang)
