@@ -2,7 +2,14 @@
 # One call on the GPU machine: runs the GPU suite against the CUDA build of
 # the engine made on the CPU machine (`make cuda`), and prints a summary.
 #
-#   bash scripts/gpu_check.sh [gpu|parity|bench|headline|copy|defaults|margin|serve|profile|variants|fp8|fp8-sm89|gptoss|gptoss-bench|hybrid|all]     (default: all)
+#   bash scripts/gpu_check.sh [gpu|parity|bench|headline|copy|defaults|margin|serve|profile|variants|fp8|fp8-sm89|gptoss|gptoss-bench|hybrid|pending|all]     (default: all)
+#
+# pending: the runs prepared and not yet made, in one call: the sm89 PTX
+# through ptxas, the sm89 / FP8-default / gpt-oss / hybrid-parity GPU tests,
+# the eager hand-off with cpu_experts off, auto and 16, FP8 decode sm80 vs
+# sm89, and the SIMD FFN's worker pool against goroutines where
+# build/cpuffn_gor.test (main) and build/cpuffn_pool.test (branch
+# cpuffn-pool) were carried. ~9.5 minutes.
 #
 # fp8: the FP8 kernels' GPU tests (FP8 checkpoints and offload(expert_dtype=
 # "fp8"), slot and mapped mode, CUDA graphs), then the Qwen3-30B-A3B shape at
@@ -155,6 +162,23 @@ if [ "$what" = fp8-sm89 ]; then  # the sm89 kernel build against sm80: same bits
     run qwen3_fp8_sm80_sm89 timeout 380 python3 benchmarks/decode.py --preset qwen3-30b-a3b --device-memory 24GiB --decode 32 \
         --routing generated --no-ablations --expert-dtype fp8 --quantized-kernels --kernel-build sm80,sm89 --graph \
         --out "$OUT/decode_qwen3_fp8_sm80_sm89.json"
+fi
+if [ "$what" = pending ]; then  # what the eighth session prepared and could not run, in one call (~9.5 minutes)
+    PTXAS=$(python3 -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/ptxas'))" 2>/dev/null)
+    [ -x "$PTXAS" ] && run ptxas_sm89 "$PTXAS" -arch=sm_89 go/backend/cuda/moe_ffn_sm89.ptx -o "$OUT/moe_ffn_sm89.cubin"
+    # sm89 bits, FP8 on the kernels by default, the gpt-oss kernels, hybrid parity on every kernel family.
+    run pending_gpu_tests timeout 200 python3 -m pytest -p no:cacheprovider -q -m gpu -rA -s -k \
+        "fp8_kernel_builds or kernel_build or fp8_kernel_teacher or gpt_oss_kernel_teacher or gpt_oss_cuda_kernels or hybrid_teacher" tests/test_gpu.py
+    # The eager hand-off with auto (every core but two) against every core.
+    run hybrid_qwen3_eager timeout 110 python3 benchmarks/decode.py --decode 32 --routing generated --no-ablations --measure-link \
+        --device-memory 24GiB --cpu-experts off,auto,16 --no-mapped --preset qwen3-30b-a3b --out "$OUT/hybrid_qwen3_eager.json"
+    run qwen3_fp8_sm80_sm89 timeout 170 python3 benchmarks/decode.py --preset qwen3-30b-a3b --device-memory 24GiB --decode 32 \
+        --routing generated --no-ablations --expert-dtype fp8 --kernel-build sm80,sm89 --graph --out "$OUT/decode_qwen3_fp8_sm80_sm89.json"
+    # The SIMD FFN's worker pool (branch cpuffn-pool) against goroutines (main), alternated, where both binaries came.
+    for b in gor pool gor pool; do
+        [ -x "build/cpuffn_$b.test" ] && run "cpuffn_$b" timeout 22 "build/cpuffn_$b.test" -test.run XXX \
+            -test.bench 'FFN/(qwen3_2048x768_top[12]|fixed|mixtral_4096x14336_top2)/T1$' -test.benchtime 20x
+    done
 fi
 if [ "$what" = margin ]; then  # admission margin 4 against the default, both shapes
     D="python3 benchmarks/decode.py --device-memory 24GiB --decode 32 --graph --pipeline --no-ablations"
