@@ -94,6 +94,11 @@ static inline float swiglu(float g, float u, int f16) {
 #define UNROLL _Pragma("GCC unroll 4")
 #endif
 typedef void (*dot_fn)(const uint16_t *row, int f16, const void *const *vecs, int n, int64_t len, float *res);
+// dot2_fn is dot_fn for two rows at once (ra, rb into resa, resb), each
+// vector loaded once for both: a gate row and its up row, or two
+// neighbouring rows of down. NULL where the ISA has none (two dot calls).
+typedef void (*dot2_fn)(const uint16_t *ra, const uint16_t *rb, int f16, const void *const *vecs, int n, int64_t len, float *resa,
+                        float *resb);
 
 // The scalar path sums in index order, as the Go reference does.
 static void dot_scalar(const uint16_t *row, int f16, const void *const *vecs, int n, int64_t len, float *res) {
@@ -149,6 +154,42 @@ static INLINE T_AVX2 void dotn_avx2(const uint16_t *row, const int f16, const vo
 
 static T_AVX2 void dot_avx2(const uint16_t *row, int f16, const void *const *vecs, int n, int64_t len, float *res) {
 #define CASE(F, N) case (F) * 8 + (N): dotn_avx2(row, F, vecs, N, len, res); return;
+	switch (f16 * 8 + n) { CASE(0, 1) CASE(0, 2) CASE(0, 3) CASE(0, 4) CASE(1, 1) CASE(1, 2) CASE(1, 3) CASE(1, 4) }
+#undef CASE
+}
+
+// Two rows, n vectors: one accumulator per (row, vector), 2n of them and
+// the two rows' weights in registers (AVX2 has 16). Each vector's load
+// serves both rows, which halves what the vectors take from the caches,
+// the bound from a few tokens on.
+static INLINE T_AVX2 void dot2n_avx2(const uint16_t *ra, const uint16_t *rb, const int f16, const void *const *vecs, const int n,
+                                     int64_t len, float *resa, float *resb) {
+	__m256 a[NV], b[NV];
+	const float *v[NV];
+	UNROLL for (int k = 0; k < n; k++) { a[k] = b[k] = _mm256_setzero_ps(); v[k] = (const float *)vecs[k]; }
+	int64_t c = 0;
+	for (; c + 8 <= len; c += 8) {
+		__m256 wa = ld8(ra + c, f16), wb = ld8(rb + c, f16);
+		UNROLL for (int k = 0; k < n; k++) {
+			__m256 x = _mm256_loadu_ps(v[k] + c);
+			a[k] = _mm256_fmadd_ps(wa, x, a[k]);
+			b[k] = _mm256_fmadd_ps(wb, x, b[k]);
+		}
+	}
+	UNROLL for (int k = 0; k < n; k++) {
+		float sa = hsum8(a[k]), sb = hsum8(b[k]);
+		for (int64_t cc = c; cc < len; cc++) {
+			sa += of_dt(ra[cc], f16) * v[k][cc];
+			sb += of_dt(rb[cc], f16) * v[k][cc];
+		}
+		resa[k] = sa;
+		resb[k] = sb;
+	}
+}
+
+static T_AVX2 void dot2_avx2(const uint16_t *ra, const uint16_t *rb, int f16, const void *const *vecs, int n, int64_t len, float *resa,
+                             float *resb) {
+#define CASE(F, N) case (F) * 8 + (N): dot2n_avx2(ra, rb, F, vecs, N, len, resa, resb); return;
 	switch (f16 * 8 + n) { CASE(0, 1) CASE(0, 2) CASE(0, 3) CASE(0, 4) CASE(1, 1) CASE(1, 2) CASE(1, 3) CASE(1, 4) }
 #undef CASE
 }
@@ -245,6 +286,18 @@ int cpuffn_supported(int isa) {
 // bf16vecs: the job's vectors are bfloat16 (the vdpbf16ps path).
 static int bf16vecs(const cpuffn_job *j) { return j->isa == CPUFFN_AVX512BF16 && !j->f16; }
 
+// pick2 is the ISA's two-row dot, NULL where it has none. Only from 2
+// vectors on: one vector is bound by memory, and one accumulator per row
+// would leave its FMAs waiting on each other.
+static dot2_fn pick2(const cpuffn_job *j, int64_t vectors) {
+#ifdef CPUFFN_X86
+	if (vectors >= 2 && !bf16vecs(j) && j->isa == CPUFFN_AVX2) return dot2_avx2;
+#endif
+	(void)j;
+	(void)vectors;
+	return 0;
+}
+
 static dot_fn pick(const cpuffn_job *j) {
 #ifdef CPUFFN_X86
 	if (bf16vecs(j)) return dot_bf16;
@@ -273,6 +326,7 @@ static void gateup_rows(const cpuffn_job *j, int64_t i0, int64_t i1) {
 	dot_fn dot = pick(j);
 	for (int64_t g = 0; g < j->G; g++) {
 		const uint16_t *wg = (const uint16_t *)(uintptr_t)ggate[g], *wu = (const uint16_t *)(uintptr_t)gup[g];
+		dot2_fn dot2 = pick2(j, gstart[g + 1] - gstart[g]);
 		for (int64_t i = i0; i < i1; i++) {
 			for (int64_t q = gstart[g]; q < gstart[g + 1]; q += NV) {
 				int n = (int)(gstart[g + 1] - q < NV ? gstart[g + 1] - q : NV);
@@ -282,8 +336,12 @@ static void gateup_rows(const cpuffn_job *j, int64_t i0, int64_t i1) {
 					vecs[k] = bvec ? (const void *)(x + t * H) : (const void *)(xf + t * H);
 				}
 				float gs[NV], us[NV];
-				dot(wg + i * H, f16, vecs, n, H, gs);
-				dot(wu + i * H, f16, vecs, n, H, us);
+				if (dot2) {
+					dot2(wg + i * H, wu + i * H, f16, vecs, n, H, gs, us);
+				} else {
+					dot(wg + i * H, f16, vecs, n, H, gs);
+					dot(wu + i * H, f16, vecs, n, H, us);
+				}
 				for (int k = 0; k < n; k++) {
 					int64_t p = order[q + k];
 					float v = swiglu(gs[k], us[k], f16);
@@ -313,7 +371,9 @@ static void down_rows(const cpuffn_job *j, int64_t r0, int64_t r1, int64_t worke
 		int64_t nb = r1 - rb < CPUFFN_RB ? r1 - rb : CPUFFN_RB;
 		for (int64_t g = 0; g < j->G; g++) {
 			const uint16_t *wd = (const uint16_t *)(uintptr_t)gdown[g];
-			for (int64_t rr = 0; rr < nb; rr++) {
+			dot2_fn dot2 = pick2(j, gstart[g + 1] - gstart[g]);
+			for (int64_t rr = 0; rr < nb; rr += dot2 && rr + 1 < nb ? 2 : 1) {
+				const int two = dot2 && rr + 1 < nb; // rows rr and rr + 1 together
 				for (int64_t q = gstart[g]; q < gstart[g + 1]; q += NV) {
 					int n = (int)(gstart[g + 1] - q < NV ? gstart[g + 1] - q : NV);
 					const void *vecs[NV];
@@ -321,9 +381,15 @@ static void down_rows(const cpuffn_job *j, int64_t r0, int64_t r1, int64_t worke
 						int64_t p = order[q + k];
 						vecs[k] = bvec ? (const void *)(hb + p * I) : (const void *)(h + p * I);
 					}
-					float ys[NV];
-					dot(wd + (rb + rr) * I, f16, vecs, n, I, ys);
-					for (int k = 0; k < n; k++) y[order[q + k] * CPUFFN_RB + rr] = rnd(ys[k], f16);
+					float ys[NV], ys2[NV];
+					if (two)
+						dot2(wd + (rb + rr) * I, wd + (rb + rr + 1) * I, f16, vecs, n, I, ys, ys2);
+					else
+						dot(wd + (rb + rr) * I, f16, vecs, n, I, ys);
+					for (int k = 0; k < n; k++) {
+						y[order[q + k] * CPUFFN_RB + rr] = rnd(ys[k], f16);
+						if (two) y[order[q + k] * CPUFFN_RB + rr + 1] = rnd(ys2[k], f16);
+					}
 				}
 			}
 		}
