@@ -7,10 +7,9 @@
 # pending: the runs prepared and not yet made, in one call: the sm89 PTX
 # through ptxas, the sm89 / FP8-default / gpt-oss / hybrid-parity GPU tests,
 # the eager hand-off with cpu_experts off, auto and 16, FP8 decode sm80 vs
-# sm89, and the SIMD FFN's experiments against main where their test
-# binaries were carried: build/cpuffn_gor.test (main),
-# build/cpuffn_pool.test (branch cpuffn-pool), build/cpuffn_dot2.test
-# (branch cpuffn-dot2). ~9.5 minutes.
+# sm89, and the SIMD FFN's worker pool against goroutines where
+# build/cpuffn_gor.test (main) and build/cpuffn_pool.test (branch
+# cpuffn-pool) were carried. ~9.5 minutes.
 #
 # fp8: the FP8 kernels' GPU tests (FP8 checkpoints and offload(expert_dtype=
 # "fp8"), slot and mapped mode, CUDA graphs), then the Qwen3-30B-A3B shape at
@@ -175,10 +174,10 @@ if [ "$what" = pending ]; then  # what the eighth session prepared and could not
         --device-memory 24GiB --cpu-experts off,auto,16 --no-mapped --preset qwen3-30b-a3b --out "$OUT/hybrid_qwen3_eager.json"
     run qwen3_fp8_sm80_sm89 timeout 170 python3 benchmarks/decode.py --preset qwen3-30b-a3b --device-memory 24GiB --decode 32 \
         --routing generated --no-ablations --expert-dtype fp8 --kernel-build sm80,sm89 --graph --out "$OUT/decode_qwen3_fp8_sm80_sm89.json"
-    # The SIMD FFN's experiments against main (cpuffn_gor): the worker pool (branch cpuffn-pool) and
-    # the two-row dot (branch cpuffn-dot2), alternated, for the binaries that came.
-    for b in gor pool dot2 gor pool dot2; do
-        [ -x "build/cpuffn_$b.test" ] && run "cpuffn_$b" timeout 15 "build/cpuffn_$b.test" -test.run XXX \
+    # The SIMD FFN's worker pool (branch cpuffn-pool) against main's goroutines (cpuffn_gor),
+    # alternated, where both binaries came.
+    for b in gor pool gor pool; do
+        [ -x "build/cpuffn_$b.test" ] && run "cpuffn_$b" timeout 22 "build/cpuffn_$b.test" -test.run XXX \
             -test.bench 'FFN/(qwen3_2048x768_top[12]|fixed|mixtral_4096x14336_top2)/T(1|4)$' -test.benchtime 20x
     done
 fi
