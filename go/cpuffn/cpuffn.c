@@ -372,7 +372,7 @@ static void down_rows(const cpuffn_job *j, int64_t r0, int64_t r1, int64_t worke
 		for (int64_t g = 0; g < j->G; g++) {
 			const uint16_t *wd = (const uint16_t *)(uintptr_t)gdown[g];
 			dot2_fn dot2 = pick2(j, gstart[g + 1] - gstart[g]);
-			for (int64_t rr = 0; rr < nb; rr += dot2 && rr + 1 < nb ? 2 : 1) {
+			for (int64_t rr = 0; rr < nb;) {
 				const int two = dot2 && rr + 1 < nb; // rows rr and rr + 1 together
 				for (int64_t q = gstart[g]; q < gstart[g + 1]; q += NV) {
 					int n = (int)(gstart[g + 1] - q < NV ? gstart[g + 1] - q : NV);
@@ -391,6 +391,7 @@ static void down_rows(const cpuffn_job *j, int64_t r0, int64_t r1, int64_t worke
 						if (two) y[order[q + k] * CPUFFN_RB + rr + 1] = rnd(ys2[k], f16);
 					}
 				}
+				rr += 1 + two;
 			}
 		}
 		// The weighted sum over a token's experts, in the reference's order
