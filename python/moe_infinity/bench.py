@@ -571,6 +571,7 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
             # is reported beside it.
             overhead = statistics.fmean(r["engine_s"]) + (phase_ms.get("serve", 0) + phase_ms.get("trace_async", 0)) / 1e3
             host_submit, launch = statistics.fmean(r["host_s"]), statistics.fmean(r["launch_s"])
+        prompt_used = prompt_experts(forced, args.prompt_len)
         rows.append(
             {
                 "system": "moe_infinity",
@@ -594,8 +595,8 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
                 "ttft_s": r["ttft_s"],
                 # The prefill's link floor: every expert the prompt uses moved
                 # over the link once (known ahead only under generated routing).
-                "prompt_experts": prompt_experts(forced, args.prompt_len),
-                "ttft_link_floor_s": prompt_experts(forced, args.prompt_len) * slot / (bw * 1e9) if forced is not None and bw else None,
+                "prompt_experts": prompt_used,
+                "ttft_link_floor_s": prompt_used * slot / (bw * 1e9) if prompt_used is not None and bw else None,
                 "hit_rate": st["hit_rate"],
                 "misses_per_token": misses,
                 "prefetch_hits_per_token": st["prefetch_hits"] / n,
