@@ -97,6 +97,21 @@ run() {  # name, command...
     echo "== $name: exit $rc" | tee -a "$OUT/summary.txt"
     [ "$rc" = 0 ] || status=1
 }
+# Runs more than one mode makes, stated once.
+H="python3 benchmarks/decode.py --decode 32 --routing generated --no-ablations --measure-link"
+eager_hybrid() {  # timeout: Qwen3's eager hand-off with cpu_experts off, auto (every core but two) and 16 (every core)
+    run hybrid_qwen3_eager timeout "$1" $H --device-memory 24GiB --cpu-experts off,auto,16 --no-mapped --preset qwen3-30b-a3b --out "$OUT/hybrid_qwen3_eager.json"
+}
+ptxas_sm89() {  # ptxas (triton ships one) names the line and the feature when the driver would reject the sm89 PTX
+    local ptxas
+    ptxas=$(python3 -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/ptxas'))" 2>/dev/null)
+    [ -x "$ptxas" ] && run ptxas_sm89 "$ptxas" -arch=sm_89 go/backend/cuda/moe_ffn_sm89.ptx -o "$OUT/moe_ffn_sm89.cubin"
+}
+fp8_sm80_sm89() {  # timeout: the Qwen3 shape with FP8 experts, decoded with the sm80 and then the sm89 kernels, one process
+    run qwen3_fp8_sm80_sm89 timeout "$1" python3 benchmarks/decode.py --preset qwen3-30b-a3b --device-memory 24GiB --decode 32 \
+        --routing generated --no-ablations --expert-dtype fp8 --quantized-kernels --kernel-build sm80,sm89 --graph \
+        --out "$OUT/decode_qwen3_fp8_sm80_sm89.json"
+}
 if [ "$what" = gpu ] || [ "$what" = all ]; then
     # tests/test_gpu.py includes the FP8 kernels' tests (engine option quantized_kernels).
     run gpu_tests python3 -m pytest -p no:cacheprovider -q -m gpu -rA tests/test_gpu.py tests/test_backend_ops.py tests/test_gpu_memory.py tests/test_scheduler.py tests/test_checkpoint_changed.py
@@ -136,9 +151,8 @@ if [ "$what" = fp8 ]; then  # quantized experts: FP8 against bf16 on the same ro
         --routing generated --no-ablations --expert-dtype bf16,fp8 --quantized-kernels --graph --out "$OUT/decode_qwen3_bf16_fp8.json"
 fi
 if [ "$what" = hybrid ]; then  # CPU compute of misses against the link alone, both shapes, measured link rates
-    H="python3 benchmarks/decode.py --decode 32 --routing generated --no-ablations --measure-link"
     run hybrid_qwen3_graph timeout 110 $H --device-memory 24GiB --cpu-experts off,auto,12 --graph --graph-misses copy --preset qwen3-30b-a3b --out "$OUT/hybrid_qwen3_graph.json"
-    run hybrid_qwen3_eager timeout 120 $H --device-memory 24GiB --cpu-experts off,auto,16 --no-mapped --preset qwen3-30b-a3b --out "$OUT/hybrid_qwen3_eager.json"
+    eager_hybrid 120
     run hybrid_mixtral_graph timeout 180 $H --device-memory 24GiB --cpu-experts off,auto,12 --graph --graph-misses copy --preset mixtral-8x7b --out "$OUT/hybrid_mixtral_graph.json"
     # A 12 GB card's worth: the issue expects the gain to grow as the cache shrinks.
     run hybrid_mixtral_8g timeout 120 $H --device-memory 8GiB --cpu-experts off,auto --graph --graph-misses copy --preset mixtral-8x7b --out "$OUT/hybrid_mixtral_8g.json"
@@ -155,25 +169,17 @@ if [ "$what" = gptoss-bench ]; then  # gpt-oss-120b's shape with MXFP4 experts: 
     run gptoss120b_kernels timeout 280 $G --quantized-kernels --out "$OUT/decode_gptoss120b_kernels.json"
 fi
 if [ "$what" = fp8-sm89 ]; then  # the sm89 kernel build against sm80: same bits, and the decode speed of each
-    # ptxas (triton ships one) names the line and the feature when the driver would reject the PTX.
-    PTXAS=$(python3 -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/ptxas'))" 2>/dev/null)
-    [ -x "$PTXAS" ] && run ptxas_sm89 "$PTXAS" -arch=sm_89 go/backend/cuda/moe_ffn_sm89.ptx -o "$OUT/moe_ffn_sm89.cubin"
+    ptxas_sm89
     run fp8_sm89_gpu_tests timeout 200 python3 -m pytest -p no:cacheprovider -q -m gpu -rA -k "fp8 or kernel_build" tests/test_gpu.py
-    run qwen3_fp8_sm80_sm89 timeout 380 python3 benchmarks/decode.py --preset qwen3-30b-a3b --device-memory 24GiB --decode 32 \
-        --routing generated --no-ablations --expert-dtype fp8 --quantized-kernels --kernel-build sm80,sm89 --graph \
-        --out "$OUT/decode_qwen3_fp8_sm80_sm89.json"
+    fp8_sm80_sm89 380
 fi
 if [ "$what" = pending ]; then  # what the eighth session prepared and could not run, in one call (~9.5 minutes)
-    PTXAS=$(python3 -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/ptxas'))" 2>/dev/null)
-    [ -x "$PTXAS" ] && run ptxas_sm89 "$PTXAS" -arch=sm_89 go/backend/cuda/moe_ffn_sm89.ptx -o "$OUT/moe_ffn_sm89.cubin"
+    ptxas_sm89
     # sm89 bits, FP8 on the kernels by default, the gpt-oss kernels, hybrid parity on every kernel family.
     run pending_gpu_tests timeout 200 python3 -m pytest -p no:cacheprovider -q -m gpu -rA -s -k \
         "fp8_kernel_builds or kernel_build or fp8_kernel_teacher or gpt_oss_kernel_teacher or gpt_oss_cuda_kernels or hybrid_teacher" tests/test_gpu.py
-    # The eager hand-off with auto (every core but two) against every core.
-    run hybrid_qwen3_eager timeout 110 python3 benchmarks/decode.py --decode 32 --routing generated --no-ablations --measure-link \
-        --device-memory 24GiB --cpu-experts off,auto,16 --no-mapped --preset qwen3-30b-a3b --out "$OUT/hybrid_qwen3_eager.json"
-    run qwen3_fp8_sm80_sm89 timeout 170 python3 benchmarks/decode.py --preset qwen3-30b-a3b --device-memory 24GiB --decode 32 \
-        --routing generated --no-ablations --expert-dtype fp8 --kernel-build sm80,sm89 --graph --out "$OUT/decode_qwen3_fp8_sm80_sm89.json"
+    eager_hybrid 110
+    fp8_sm80_sm89 170
     # The SIMD FFN's worker pool (branch cpuffn-pool) against main's goroutines (cpuffn_gor),
     # alternated, where both binaries came.
     for b in gor pool gor pool; do
