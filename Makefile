@@ -34,7 +34,7 @@ PTXFLAGS  := $(PTXCOMMON) --cuda-gpu-arch=sm_80 -Xclang -target-feature -Xclang 
 PTX89FLAGS := $(PTXCOMMON) --cuda-gpu-arch=sm_89 -Xclang -target-feature -Xclang +ptx78
 PTX89ISA  := sed 's/^\.version 7\.8$$/.version 8.1/'
 
-.PHONY: all lib wheel sdist cuda cuda-check cuda-test cpuffn-test ptx ptx-check cuda-sdk gpu-test replay test gotest testrace invariants vet ctest pytest fuzz fuzz-ci bench tidy-check clean install
+.PHONY: all lib wheel sdist cuda cuda-check cuda-test cpuffn-test ptx ptx-check cuda-sdk gpu-test replay test gotest testrace invariants nocgo vet ctest pytest fuzz fuzz-ci bench tidy-check clean install
 
 all: lib
 
@@ -109,7 +109,13 @@ gotest:
 invariants:
 	$(GO) test -race -tags invariants ./go/cache/ ./go/engine/
 
-testrace: gotest invariants
+# The Go packages as plain Go (no cgo: no SIMD expert FFN, no CPU side of
+# hybrid execution): everything else must build, vet and pass without it.
+nocgo:
+	CGO_ENABLED=0 $(GO) vet ./go/...
+	CGO_ENABLED=0 $(GO) test -count=1 ./go/...
+
+testrace: gotest invariants nocgo
 
 # Compiles a C program against the checked-in header and runs it against
 # the built library; also checks the header against the //export list.

@@ -215,6 +215,16 @@ func TestHybridStagesExpertsOfMappedFiles(t *testing.T) {
 	assert.Len(t, e.hybrid.stage, 2)
 }
 
+func TestMeasuredLinkRatesReachTheHybridCostModel(t *testing.T) {
+	m := &linkMeter{rates: backend.LinkRates{DMAGBps: 50, ZeroCopyGBps: 40, ReactionUs: 20}}
+	on := true
+	_, p := meterEngine(t, m, Config{CPUExperts: 1, MeasureLink: &on}, Setup{Layout: mixtralSpec, FFN: "swiglu"})
+	assert.Equal(t, LinkMeasured, p.LinkRatesSource)
+	require.True(t, p.Executor.Hybrid, p.Executor.HybridOff)
+	c := *p.Executor.HybridCosts
+	assert.Equal(t, []float64{50, 40, 20}, []float64{c.LinkGBps, c.ReadGBps, c.LinkFixedUs}, "the device's link, as measured")
+}
+
 func TestHybridIsOffWhereItCannotRun(t *testing.T) {
 	for _, tc := range []struct {
 		name string
@@ -311,18 +321,6 @@ type noHandOffGPU struct{ *backend.CPU }
 
 func (noHandOffGPU) Name() string { return "cuda" }
 func (noHandOffGPU) HandOut()     {}
-
-// onCPUBackend is an Engine.NewBackend that makes the configured CPU
-// backend and hands it to wrap (a stand-in for another backend).
-func onCPUBackend(wrap func(*backend.CPU) backend.Backend) func(Config) (backend.Backend, error) {
-	return func(cfg Config) (backend.Backend, error) {
-		be, err := defaultBackend(cfg)
-		if err != nil {
-			return nil, err
-		}
-		return wrap(be.(*backend.CPU)), nil
-	}
-}
 
 // gpuEngine is hybridEngine's model and settings on a GPU stand-in made
 // by wrap from the CPU backend, with cfg's link settings.

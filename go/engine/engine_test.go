@@ -604,3 +604,15 @@ func TestPrefetchNeedsEvidence(t *testing.T) {
 	st, _ := e.Stats()
 	assert.Zero(t, st.PrefetchLoads, "a prediction resting on one token is not acted on")
 }
+
+// onCPUBackend is an Engine.NewBackend that makes the configured CPU
+// backend and hands it to wrap (a stand-in for another backend).
+func onCPUBackend(wrap func(*backend.CPU) backend.Backend) func(Config) (backend.Backend, error) {
+	return func(cfg Config) (backend.Backend, error) {
+		be, err := defaultBackend(cfg)
+		if err != nil {
+			return nil, err
+		}
+		return wrap(be.(*backend.CPU)), nil
+	}
+}

@@ -107,16 +107,6 @@ func TestTheCPUBackendHasNoLinkToMeasure(t *testing.T) {
 	assert.Nil(t, e.rates)
 }
 
-func TestMeasuredLinkRatesReachTheHybridCostModel(t *testing.T) {
-	m := &linkMeter{rates: backend.LinkRates{DMAGBps: 50, ZeroCopyGBps: 40, ReactionUs: 20}}
-	on := true
-	_, p := meterEngine(t, m, Config{CPUExperts: 1, MeasureLink: &on}, Setup{Layout: mixtralSpec, FFN: "swiglu"})
-	assert.Equal(t, LinkMeasured, p.LinkRatesSource)
-	require.True(t, p.Executor.Hybrid, p.Executor.HybridOff)
-	c := *p.Executor.HybridCosts
-	assert.Equal(t, []float64{50, 40, 20}, []float64{c.LinkGBps, c.ReadGBps, c.LinkFixedUs}, "the device's link, as measured")
-}
-
 func TestMeasureLinkIsParsedStrictlyAndDefaultsOff(t *testing.T) {
 	for _, tc := range []struct {
 		doc  string
