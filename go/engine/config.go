@@ -129,9 +129,9 @@ type Config struct {
 	// (bfloat16/float16, Setup.FFN "swiglu") with its SIMD kernels (package
 	// cpuffn), the executor runs decode layers on PathKernels, and
 	// ChooseMisses decides per missed expert between copying it into a
-	// slot and computing it from host memory without admitting it (the CPU
-	// backend standing in for a device, so that CPU tests exercise every
-	// decision). Mapped mode stays off unless ReferenceKernels.
+	// slot and computing it from host memory, then offered to the cache
+	// like an in-place read (the CPU backend standing in for a device, so
+	// that CPU tests exercise every decision). Mapped mode stays off unless ReferenceKernels.
 	CPUExperts CPUExperts `json:"cpu_experts"`
 	// LinkRates are rates of this machine's host→device link, given: the
 	// engine's choices rest on them (see LinkRates) and nothing is

@@ -17,8 +17,9 @@ import (
 // The CPU side of hybrid execution (see ChooseMisses): the experts of a
 // layer call that the cost model sends to the CPU are computed with the
 // SIMD expert FFN (package cpuffn) from host memory, without taking a
-// slot: they are counted as cache misses (cache.Touch) but never admitted,
-// so they evict nothing.
+// slot: they are counted as cache misses and then offered to the cache
+// like mapped mode's in-place reads (useOnCPU): one the eviction policy
+// ranks above its victim is copied in behind the call, off its path.
 //
 // One layer call is backend-neutral (layerHybrid), through the backend's
 // hand-off (backend.HandOff): the layer's activations and routing weights
@@ -375,7 +376,8 @@ func (e *Engine) predictReuse(layer int, reqs []uint64, k int64) []float64 {
 // acquired into slots as usual (see the top of this file): the backend
 // hands the layer out, the CPU computes its pairs' partial output while
 // Acquire brings the device's experts, and the kernels compute the rest
-// and add the partial. cpuX are counted as misses but not admitted.
+// and add the partial. cpuX are counted as misses and offered to the
+// cache (useOnCPU).
 func (e *Engine) layerHybrid(c FFNCall, pick cpuPick, topk []int64) error {
 	cpuX := pick.experts
 	kern := e.ft.Kernels
@@ -415,7 +417,7 @@ func (e *Engine) layerHybrid(c FFNCall, pick cpuPick, topk []int64) error {
 			e.phase(phaseRelease, t0)
 		}()
 	}
-	e.touchCPU(c.Layer, cpuX)
+	e.useOnCPU(c.Layer, cpuX)
 	t1 := time.Now()
 	r := <-done
 	t1 = e.phase(phaseCPUWait, t1)
@@ -450,7 +452,8 @@ func (e *Engine) layerHybrid(c FFNCall, pick cpuPick, topk []int64) error {
 // weights to the host; while the CPU computes, dev are hinted to the
 // prefetcher, so the link brings them meanwhile (where prefetching is
 // on); HandBack fills partial in stream order. cpuX are counted as misses
-// (cpu_computed, cpu_ns), never admitted.
+// (cpu_computed, cpu_ns) and offered to the cache (useOnCPU): the
+// prompt's experts the CPU computed can still be there for decode.
 func (e *Engine) hostPartial(c FFNCall, pick cpuPick, dev []int32, topk []int64, partial uint64) error {
 	cpuX := pick.experts
 	h := &e.hybrid
@@ -476,7 +479,7 @@ func (e *Engine) hostPartial(c FFNCall, pick cpuPick, dev []int32, topk []int64,
 		return fmt.Errorf("expert FFN of layer %d: %w", c.Layer, err)
 	}
 	e.phase(phaseHandBack, t1)
-	e.touchCPU(c.Layer, cpuX)
+	e.useOnCPU(c.Layer, cpuX)
 	e.countCPU(c.Layer, pick, shape.handed+ns)
 	return nil
 }
@@ -523,14 +526,30 @@ func (e *Engine) handOut(c FFNCall) (backend.HandOff, backend.HostWork, handShap
 	return ho, work, handShape{hidden, inter, dt, handed}, nil
 }
 
-// touchCPU counts the experts the CPU computed as misses of layer,
-// without admitting them (cache.Touch).
-func (e *Engine) touchCPU(layer int, cpuX []int32) {
+// useOnCPU counts the experts the CPU computed as misses of layer and
+// offers each to the cache as an expert used where it lies, as mapped
+// mode offers its in-place reads (core.UseInPlace with the admission
+// margin): one the eviction policy ranks above its victim is copied into
+// that slot in the background, at the prefetches' priority (admit), and
+// the call that computed it does not wait. The CPU decides where an
+// expert runs now; the cache decides, by its one rule, whether it stays.
+// Never admitting them froze the cache wherever the CPU took most misses.
+func (e *Engine) useOnCPU(layer int, cpuX []int32) {
 	keys := make([]cache.Key, len(cpuX))
 	for i, x := range cpuX {
 		keys[i] = cache.Key{Layer: int32(layer), Expert: x}
 	}
-	e.cache.Touch(keys, make([]bool, len(keys)))
+	grants := e.core.UseInPlace(keys, make([]bool, len(keys)), *e.cfg.AdmitMargin)
+	if len(grants) == 0 {
+		return
+	}
+	e.bg.Add(1)
+	go func() {
+		defer e.bg.Done()
+		for _, g := range grants {
+			e.admit(g)
+		}
+	}()
 }
 
 // countCPU adds the CPU's experts of a layer call and its time for them

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -133,6 +134,51 @@ func TestHybridComputesAColdMissOnTheCPUWithoutAdmittingIt(t *testing.T) {
 
 func slotBytesOf(e *Engine) int64 { return e.lay.SlotBytes }
 
+// waitAdmitted waits (up to 5 s) until no expert of layer is loading: the
+// CPU's experts are admitted behind the call, and a flush skips a slot
+// still loading.
+func waitAdmitted(t *testing.T, e *Engine, layer int32) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		for x := range int32(e.experts) {
+			if _, st := e.cache.Lookup(cache.Key{Layer: layer, Expert: x}); st == cache.Loading {
+				return false
+			}
+		}
+		return true
+	}, 5*time.Second, time.Millisecond, "layer %d's admissions done", layer)
+}
+
+// A CPU so much faster than the link that it takes every miss: the cache
+// still learns the request's experts. Each expert the CPU computed is
+// offered to the cache like an in-place read; one ranked above its victim
+// is copied in behind the call, and the next calls hit it. Never admitting
+// them left the slots holding whatever was there before, every call
+// missing the same experts again.
+func TestHybridCacheLearnsWhileTheCPUTakesEveryMiss(t *testing.T) {
+	fastCPU := HybridCosts{LinkGBps: 1, CPUGBps: 1000, LinkShare: 1, CPUShare: 1}
+	e := hybridEngineWith(t, 2, fastCPU, func(e *Engine) { bf16Model(t, e, 2, 4) })
+	acquire(t, e, 0, 0, 1) // both slots hold layer 0's experts, used once
+	req, err := e.BeginRequest()
+	require.NoError(t, err)
+	require.NoError(t, e.ResetStats())
+	hybridLayer(t, e, req, 2, 3)
+	st, err := e.Stats()
+	require.NoError(t, err)
+	assert.Equal(t, int64(2), st.Layers[1].CPUComputed, "the CPU took both misses")
+	assert.Equal(t, uint64(2), st.Layers[1].Loads, "and both were admitted behind the call")
+	waitResident(t, e, cache.Key{Layer: 1, Expert: 2})
+	waitResident(t, e, cache.Key{Layer: 1, Expert: 3})
+
+	for range 3 {
+		hybridLayer(t, e, req, 2, 3)
+	}
+	st, err = e.Stats()
+	require.NoError(t, err)
+	assert.Equal(t, uint64(6), st.Layers[1].Hits, "every later call hits")
+	assert.Equal(t, int64(2), st.Layers[1].CPUComputed, "and the CPU computes nothing more")
+}
+
 func TestHybridWithoutAPredictionSplitsTheMissesByCost(t *testing.T) {
 	e := hybridEngine(t, 4, func(e *Engine) { bf16Model(t, e, 2, 4) })
 	req, err := e.BeginRequest()
@@ -142,7 +188,7 @@ func TestHybridWithoutAPredictionSplitsTheMissesByCost(t *testing.T) {
 	st, err := e.Stats()
 	require.NoError(t, err)
 	assert.Equal(t, int64(2), st.Layers[1].CPUComputed)
-	assert.Equal(t, uint64(2), st.Layers[1].Loads)
+	assert.Equal(t, uint64(4), st.Layers[1].Loads, "two crossed the link for the call; the CPU's two were admitted into the empty slots after it")
 	assert.Equal(t, uint64(4), st.Layers[1].Misses)
 	// The cost model's expected time for the four: two experts' bytes on
 	// each side at 10 GB/s, run together without contention or fixed costs.
@@ -164,8 +210,7 @@ func TestHybridCalibratesTheCPUSideFromWhatItTook(t *testing.T) {
 	// choice moves misses back to the link.
 	fastCPU := HybridCosts{LinkGBps: 10, CPUGBps: 40, LinkShare: 1, CPUShare: 1}
 	e := hybridEngineWith(t, 4, fastCPU, func(e *Engine) { bf16Model(t, e, 2, 4) })
-	onCPU := func() int { return len(e.cpuMisses(1, []int32{0, 1, 2, 3}, 1, nil, []int64{0, 1, 2, 3}).experts) }
-	assert.Equal(t, 3, onCPU(), "as the probe says")
+	assert.Len(t, e.cpuMisses(1, []int32{0, 1, 2, 3}, 1, nil, []int64{0, 1, 2, 3}).experts, 3, "as the probe says")
 	st, err := e.Stats()
 	require.NoError(t, err)
 	assert.Equal(t, 1.0, st.CPUScale)
@@ -189,14 +234,19 @@ func TestHybridCalibratesTheCPUSideFromWhatItTook(t *testing.T) {
 	assert.Equal(t, int64(1), st.CPUScaleCalls, "model state, not a counter")
 
 	// Calls observed twice as slow each time: the CPU's share shrinks
-	// until the link takes every miss.
-	for onCPU() > 0 {
+	// until the link takes every miss. Layer 1's experts are all resident
+	// now (the link's one, and the CPU's three admitted into the empty
+	// slots): three misses of layer 0 are asked about instead.
+	for x := range int32(4) {
+		waitResident(t, e, cache.Key{Layer: 1, Expert: x})
+	}
+	three := func() cpuPick { return e.cpuMisses(0, []int32{1, 2, 3}, 1, nil, []int64{1, 2, 3}) }
+	for len(three().experts) > 0 {
 		require.Less(t, e.hybrid.cal.Calls(), int64(40), "the link takes the misses back")
-		p := e.cpuMisses(1, []int32{0, 1, 2, 3}, 1, nil, []int64{0, 1, 2, 3})
+		p := three()
 		e.hybrid.cal.Observe(p.expectS, 2*p.expectS)
 	}
-	// The expert the link brought in the real call is resident: three
-	// misses are left, and the last leaves the CPU once one expert there
+	// The last of three misses leaves the CPU once one expert there
 	// takes as long as all three on the link: 12 times the probe's 1/4.
 	assert.GreaterOrEqual(t, e.hybrid.cal.Scale(), 12.0)
 	assert.Less(t, e.hybrid.cal.Scale(), 12*math.Pow(2, calibrationStep), "and no further")
@@ -505,6 +555,7 @@ func TestTuneCPUExpertsPausesAndResumesHybrid(t *testing.T) {
 	assert.Empty(t, p.HybridOff)
 	assert.Equal(t, graph, p.GraphHandOff, "resume restores configure's graph hand-off")
 	assert.Equal(t, graphOff, p.GraphHandOffOff)
+	waitAdmitted(t, e, 1)
 	require.NoError(t, e.Tune(Tuning{Flush: true, ResetStats: true}))
 	hybridLayer(t, e, req, 0, 1, 2, 3)
 	st, err = e.Stats()
@@ -525,6 +576,7 @@ func TestTuneCPUExpertsPausesAndResumesHybrid(t *testing.T) {
 	require.NoError(t, err)
 	assert.Zero(t, st.CPUScaleCalls, "the calibration starts over")
 	assert.Equal(t, 1.0, st.CPUScale)
+	waitAdmitted(t, e, 1)
 	require.NoError(t, e.Tune(Tuning{Flush: true, ResetStats: true}))
 	hybridLayer(t, e, req, 0, 1, 2, 3)
 	st, err = e.Stats()

@@ -5,7 +5,6 @@ import (
 	"time"
 
 	"github.com/moe-infinity/moe_infinity/go/backend"
-	"github.com/moe-infinity/moe_infinity/go/cache"
 	"github.com/moe-infinity/moe_infinity/go/dtype"
 )
 
@@ -104,7 +103,7 @@ func (e *Engine) graphCPU(it mappedItem, i int, ids []int64) (cpuPick, backend.H
 // the CPU computes: the CPU computes their pairs from the mailbox w into
 // its partial output while the backend queues the loads' copies, and the
 // answer follows both (backend.CopyHandOff.ServeLayerCPU). They are
-// counted as misses but not admitted.
+// counted as misses and offered to the cache (useOnCPU).
 func (e *Engine) serveHandOff(i int, seq uint64, loads []backend.SlotLoad, l backend.CapturedLayer, ids []int64, pick cpuPick, w backend.HostWork, wdt dtype.DType) error {
 	cpuX := pick.experts
 	hidden, inter, dt, err := e.FFNShape()
@@ -121,11 +120,7 @@ func (e *Engine) serveHandOff(i int, seq uint64, loads []backend.SlotLoad, l bac
 		h.mu.Unlock()
 		done <- cpuDone{time.Since(t0), err}
 	}()
-	keys := make([]cache.Key, len(cpuX))
-	for k, x := range cpuX {
-		keys[k] = cache.Key{Layer: int32(l.Layer), Expert: x}
-	}
-	e.cache.Touch(keys, make([]bool, len(keys)))
+	e.useOnCPU(l.Layer, cpuX)
 	var r cpuDone
 	waited := false
 	err = e.ft.CopyHandOff.ServeLayerCPU(i, seq, loads, cpuX, func() error {

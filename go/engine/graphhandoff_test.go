@@ -102,7 +102,7 @@ func reroute(rng *rand.Rand, io *ffnIO, T, K, E int) {
 // the layers compute without hybrid execution (within the kernels'
 // rounding: the CPU's part is summed apart), replay after replay, while
 // the CPU computes some of the misses and the link brings the others; the
-// CPU's experts are not admitted.
+// CPU's experts are offered to the cache behind the replay.
 func TestGraphHandOffReplaysMatchTheLayersWithoutHybrid(t *testing.T) {
 	const L, E, T, K = 2, 4, 3, 2
 	for _, tc := range []struct {

@@ -25,8 +25,10 @@ const (
 	// MissRead: read in place from host memory by the device's kernels,
 	// over the link; not admitted.
 	MissRead
-	// MissCPU: computed by the CPU from host memory; it never crosses the
-	// link and is not admitted.
+	// MissCPU: computed by the CPU from host memory; it does not cross the
+	// link for the call. Afterwards the cache decides, by its admission
+	// rule, whether it is copied into a slot behind the call (as for an
+	// in-place read: Engine.useOnCPU).
 	MissCPU
 )
 

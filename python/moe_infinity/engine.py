@@ -429,7 +429,7 @@ class Engine:
         """Counters: hits, misses, prefetch_hits, late_prefetches,
         wasted_prefetches, loads, prefetch_loads, evictions, bytes_moved,
         stall_ns, cpu_computed (experts the CPU computed from host memory
-        instead of a slot, never admitted), cpu_ns (its time for them), ... totalled and under ``"layers"`` per layer; each layer
+        instead of a slot; each then offered to the cache like an in-place read), cpu_ns (its time for them), ... totalled and under ``"layers"`` per layer; each layer
         also has ``expert_tokens``, the tokens routed to each of its experts
         since the last reset."""
         return _native.call_json("moe_stats", ctypes.c_uint64(self._h()))
