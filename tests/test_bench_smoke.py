@@ -293,3 +293,27 @@ def test_decode_harness_cpu_experts_off_and_on_in_one_run_tiny_cpu(tmp_path):
     for bad in ("on", "off,x", "0", "auto,auto"):
         res = subprocess.run(cmd[:-4] + ["--cpu-experts", bad], capture_output=True, text=True, timeout=120)
         assert res.returncode == 2 and "--cpu-experts" in res.stderr, (bad, res.stderr[-2000:])
+
+
+def test_decode_harness_link_rates_given_qwen3_shape_tiny_cpu(tmp_path):
+    """--link-rates: the link's rates given to the engine instead of
+    measured, stated in the row. On the CPU backend a link 20 times slower
+    than any CPU sends the CPU every miss of Qwen3's routing shape
+    (qwen3-tiny: 128 experts, 8 a token); the CPU's experts are still
+    offered to the cache, so experts cross the link behind the calls."""
+    out = tmp_path / "l.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--preset", "qwen3-tiny", "--device", "cpu", "--no-ablations",
+           "--device-memory", "4MiB", "--prompt-len", "16", "--decode", "6", "--routing", "generated", "--cpu-experts", "1",
+           "--link-rates", "0.05,0.05,20", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert row["routing"].startswith("generated: L=8 E=128 k=8")
+    assert row["link_rates"] == {"dma_gbps": 0.05, "zero_copy_gbps": 0.05, "reaction_us": 20.0}
+    assert row["link_rates_source"] == "given"
+    assert row["hybrid"] and row["hybrid_costs"]["link_gbps"] == 0.05, row["hybrid_off"]
+    assert 0 < row["cpu_computed_per_token"] == row["misses_per_token"], "the CPU took every miss"
+    assert row["bytes_moved_per_token"] > 0, "and the cache admitted some of them behind the calls"
+    for bad in ("1,1", "0,1,20", "1,1,-1", "a,b,c", "1,1,nan"):
+        res = subprocess.run(cmd[:-4] + ["--link-rates", bad], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and "--link-rates" in res.stderr, (bad, res.stderr[-2000:])

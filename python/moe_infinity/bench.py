@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -97,6 +98,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         model_type="mixtral", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=512,
+    ),
+    # Qwen3-30B-A3B's routing (128 experts, 8 a token) at a size any machine runs:
+    # what the cache, the prefetcher and the CPU/link choice do with that many small experts.
+    "qwen3-tiny": dict(
+        model_type="qwen3_moe", vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+        num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=128,
+        num_experts_per_tok=8, max_position_embeddings=512,
     ),
     # openai/gpt-oss-120b's config.json; its experts as the release ships them:
     # MXFP4 blocks and e8m0 scales (about 13 MB an expert, 61 GB in all), bf16 biases.
@@ -439,6 +447,22 @@ def cpu_experts_modes(value: str | None) -> list[str | None]:
     return _comma_list("--cpu-experts", value, lambda v: v in ("off", "auto") or (v.isdigit() and int(v) > 0), hint)
 
 
+def link_rates(value: str) -> dict[str, float]:
+    """The --link-rates value DMA,ZERO_COPY,REACTION_US as the engine
+    option link_rates: the link's DMA and zero-copy read rates (GB/s, > 0)
+    and its reaction (µs, >= 0), given instead of measured (on the CPU
+    backend, a link of any speed for the cost model to weigh the CPU
+    against)."""
+    parts = value.split(",")
+    try:
+        dma, zero_copy, reaction = (float(v) for v in parts)
+    except ValueError:
+        dma = zero_copy = reaction = float("nan")
+    if not (dma > 0 and zero_copy > 0 and reaction >= 0 and all(map(math.isfinite, (dma, zero_copy, reaction)))):
+        raise ValueError(f"--link-rates {value!r}: give DMA,ZERO_COPY,REACTION_US: two rates in GB/s > 0 and a reaction in µs >= 0")
+    return {"dma_gbps": dma, "zero_copy_gbps": zero_copy, "reaction_us": reaction}
+
+
 #: --kernel-build values (the engine option kernel_build's names).
 KERNEL_BUILDS = ("sm80", "sm89")
 
@@ -481,6 +505,8 @@ def _run_one(args: argparse.Namespace, expert_dtype: str, bw: float | None, earl
         opts["cpu_experts"] = (int(on[0]) if on[0].isdigit() else on[0]) if on else "off"
     if args.measure_link:
         opts["measure_link"] = True
+    if args.link_rates:
+        opts["link_rates"] = link_rates(args.link_rates)
     if expert_format(args.preset) == "mxfp4":
         from .loading import offload_host_experts
 
@@ -820,6 +846,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measure-link", action="store_true",
                     help="engine option measure_link: measure the link's DMA and zero-copy rates and reaction at start-up (the "
                          "graph_misses auto choice and the hybrid cost model use them)")
+    ap.add_argument("--link-rates", metavar="DMA,ZERO_COPY,REACTION_US",
+                    help="engine option link_rates: the link's DMA and zero-copy rates (GB/s) and reaction (us), given instead of measured")
     ap.add_argument("--routing", choices=["model", "generated"], default="model",
                     help="model: the router's choice (random weights route narrowly); generated: a labelled generated trace (skewed popularity)")
     ap.add_argument("--skew", type=float, default=1.0, help="with --routing generated: popularity exponent (0 = uniform)")
@@ -836,6 +864,8 @@ def main(argv: list[str] | None = None) -> int:
         dtypes = expert_dtypes(args.expert_dtype)
         kernel_builds(args.kernel_build)
         cpu_experts_modes(args.cpu_experts)
+        if args.link_rates:
+            link_rates(args.link_rates)
     except ValueError as e:
         ap.error(str(e))
     if expert_format(args.preset) == "mxfp4":
