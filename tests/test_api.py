@@ -319,7 +319,8 @@ def test_prefill_takes_part_in_hybrid_execution(mixtral):
     # (0.001 GB/s) the cost model sends every miss to the CPU: the engine
     # computes them into the partial, transformers' code skips them and
     # computes the experts already resident (a one-token step loaded
-    # them), and the layer's output is the same model's with cpu_experts
+    # them); the CPU's experts are then offered to the cache, and some are
+    # copied in behind the calls. The layer's output is the same model's with cpu_experts
     # "off" within bfloat16 rounding (the CPU's SIMD kernel sums in
     # float32, transformers in bfloat16: at most 1/32 of the output's
     # largest value, where computing a CPU expert twice is off by about
@@ -340,7 +341,7 @@ def test_prefill_takes_part_in_hybrid_execution(mixtral):
         assert st["paths"]["host-stream"] == 2 and st["paths"]["kernels"] == st["paths"]["mapped"] == 0, "prefill: the host path"
         assert st["hits"] > 0, "transformers' code computed the resident experts"
         assert st["cpu_computed"] == st["misses"] > 0, "every miss computed on the CPU"
-        assert st["loads"] == 0, "none admitted"
+        assert 0 < st["loads"] <= st["cpu_computed"], "the link brought only admissions of experts the CPU computed, behind the calls"
         assert st["cpu_ns"] > 0
         hybrid = seen[0]
         tokens = m.generate(input_ids=ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
