@@ -177,7 +177,7 @@ if [ "$what" = pending ]; then  # what the eighth session prepared and could not
     ptxas_sm89
     # sm89 bits, FP8 on the kernels by default, the gpt-oss kernels, hybrid parity on every kernel family.
     run pending_gpu_tests timeout 200 python3 -m pytest -p no:cacheprovider -q -m gpu -rA -s -k \
-        "fp8_kernel_builds or kernel_build or fp8_kernel_teacher or gpt_oss_kernel_teacher or gpt_oss_cuda_kernels or hybrid_teacher" tests/test_gpu.py
+        "fp8_kernel_builds or kernel_build or fp8_kernel_teacher or gpt_oss_kernel_teacher or gpt_oss_cuda_kernels or hybrid_teacher or kernel_crossover" tests/test_gpu.py
     eager_hybrid 110
     fp8_sm80_sm89 170
     # The SIMD FFN's worker pool (branch cpuffn-pool) against main's goroutines (cpuffn_gor),

@@ -177,6 +177,26 @@ def test_kernel_and_torch_paths_agree_on_gpu(tmp_path):
     assert (outs[True] == outs[False]).float().mean().item() >= 0.9
 
 
+def test_a_cuda_load_measures_the_kernel_crossover(tmp_path):
+    """At load the runtime times one layer with the kernels and with
+    transformers' code (probe_kernel_crossover) and the engine decides with
+    the crossover it measured; the probe's calls leave no trace in the
+    counters."""
+    path = tm.save(tm.build("mixtral", seed=4, dtype=torch.bfloat16, **_big("mixtral")), tmp_path / "m")
+    m = mi.from_pretrained(path, device="cuda", device_memory="1GiB")
+    try:
+        p = m.moe_runtime.plan["kernel_probe"]
+        ex = m.moe_stats()["plan"]["executor"]
+        assert (ex["kernel_crossover"], ex["kernel_max_tokens"]) == ("measured", p["kernel_max_tokens"])
+        assert p["paths"] == {"kernels": 16, "host-stream": 16}, "four counts, a warm-up and three timed calls each, on each side"
+        assert min(p["kernel_s"] + p["torch_s"]) > 0
+        st = m.moe_stats()
+        assert st["hits"] == st["misses"] == 0
+        print(f"kernel crossover: {p}")
+    finally:
+        m.close()
+
+
 def test_streaming_through_one_slot_on_gpu(tmp_path):
     path = tm.save(tm.build("qwen3_moe", seed=5, dtype=torch.bfloat16, **_big("qwen3_moe")), tmp_path / "q")
     plain = tm.auto_class("qwen3_moe").from_pretrained(path, dtype=torch.bfloat16, device_map="cuda").eval()

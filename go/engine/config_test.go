@@ -232,7 +232,7 @@ func TestParseTuningStrictDocument(t *testing.T) {
 	for _, tc := range []struct{ name, in, msg string }{
 		{"trailing garbage", `{"policy": "lru"}x`, "unexpected data after the JSON object"},
 		{"second object", `{"policy": "lru"} {"policy": "lfu"}`, "unexpected data after the JSON object"},
-		{"unknown key", `{"polcy": "lru"}`, `unknown key "polcy" (valid keys: cpu_experts, flush, graph_misses, policy, prefetch, reset_stats)`},
+		{"unknown key", `{"polcy": "lru"}`, `unknown key "polcy" (valid keys: cpu_experts, flush, graph_misses, kernel_max_tokens, policy, prefetch, reset_stats)`},
 		{"key case", `{"Flush": true}`, `key "Flush" must be spelled "flush"`},
 		{"duplicate key", `{"policy": "lru", "policy": "lfu"}`, `duplicate key "policy"`},
 		{"null document", `null`, "expected a JSON object"},

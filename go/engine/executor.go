@@ -116,12 +116,35 @@ const (
 )
 
 // KernelWins reports whether the fused kernels beat the caller's expert
-// code for a layer call of tokens tokens over experts of expertBytes.
+// code for a layer call of tokens tokens over experts of expertBytes, by
+// the default crossover (the constants above).
 func KernelWins(tokens, expertBytes int64) bool {
 	if tokens <= 1 {
 		return true
 	}
 	return tokens <= KernelMaxTokens && expertBytes <= KernelSmallExpertBytes
+}
+
+// ExecutorPlan.KernelCrossover values: where the kernel crossover comes
+// from.
+const (
+	// CrossoverDefault: KernelWins's constants.
+	CrossoverDefault = "default"
+	// CrossoverMeasured: the caller timed the kernels against its own
+	// expert code on this machine and this model's experts, and gave the
+	// most tokens for which the kernels won (Tuning.KernelMaxTokens).
+	CrossoverMeasured = "measured"
+)
+
+// KernelWins is the package's KernelWins by the plan's crossover: with a
+// measured one (KernelCrossover CrossoverMeasured) the kernels take calls
+// of up to KernelMaxTokens tokens, whatever the experts' size (it was
+// measured on this model's).
+func (p ExecutorPlan) KernelWins(tokens, expertBytes int64) bool {
+	if p.KernelCrossover == CrossoverMeasured {
+		return tokens <= max(p.KernelMaxTokens, 1)
+	}
+	return KernelWins(tokens, expertBytes)
 }
 
 // ExecutorPlan is what the executor can do for a configured model on its
@@ -149,9 +172,15 @@ type ExecutorPlan struct {
 	// MaxMappedPairs is the most (token, expert) pairs a mapped call takes.
 	MaxMappedPairs int64 `json:"max_mapped_pairs"`
 	// KernelMaxTokens and KernelSmallExpertBytes are the kernel crossover
-	// (see KernelWins).
+	// (see KernelWins): the most tokens a kernel call takes, and the
+	// expert size (bytes) up to which it takes more than one.
 	KernelMaxTokens        int64 `json:"kernel_max_tokens"`
 	KernelSmallExpertBytes int64 `json:"kernel_small_expert_bytes"`
+	// KernelCrossover says where they come from: CrossoverDefault, or
+	// CrossoverMeasured (given by Tuning.KernelMaxTokens, from the
+	// caller's timing of the kernels against its own code; then
+	// KernelSmallExpertBytes is this model's expert size).
+	KernelCrossover string `json:"kernel_crossover"`
 	// Hybrid: on the kernels' path, the executor chooses per missed
 	// expert between a slot and the CPU (ChooseMisses; cpu_experts).
 	Hybrid bool `json:"hybrid"`
@@ -193,7 +222,7 @@ func (p ExecutorPlan) MarshalJSON() ([]byte, error) {
 func (e *Engine) executorPlan(s Setup) ExecutorPlan {
 	caps := e.be.Capabilities()
 	ffn := s.FFN
-	p := ExecutorPlan{KernelMaxTokens: KernelMaxTokens, KernelSmallExpertBytes: KernelSmallExpertBytes}
+	p := ExecutorPlan{KernelMaxTokens: KernelMaxTokens, KernelSmallExpertBytes: KernelSmallExpertBytes, KernelCrossover: CrossoverDefault}
 	e.setKernelLayout(s)
 	switch {
 	case !caps.ExpertKernels:
@@ -270,7 +299,7 @@ func ChoosePath(in PathInputs) Path {
 	if in.Flags&LayerRowwise != 0 {
 		tokens = 1 // each row as alone
 	}
-	kernelCall := kernels && in.DType != dtype.Invalid && in.DType == in.Exec.DType && in.WeightsOK && KernelWins(tokens, in.ExpertBytes)
+	kernelCall := kernels && in.DType != dtype.Invalid && in.DType == in.Exec.DType && in.WeightsOK && in.Exec.KernelWins(tokens, in.ExpertBytes)
 	if kernelCall && in.Exec.Mapped && !in.MappedOff && in.Flags&LayerNoMapped == 0 && in.Tokens*in.K <= in.Exec.MaxMappedPairs {
 		return PathMapped
 	}

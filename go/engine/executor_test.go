@@ -85,6 +85,56 @@ func TestKernelWinsIsTheMeasuredCrossover(t *testing.T) {
 	}
 }
 
+func TestAMeasuredKernelCrossoverReplacesTheDefault(t *testing.T) {
+	e, p := execEngine(t, kernelCaps, "swiglu", 1, 4, 2)
+	require.Equal(t, CrossoverDefault, p.Executor.KernelCrossover)
+	path := func(tokens int64) Path {
+		e.mu.Lock()
+		ex := e.plan.Executor
+		e.mu.Unlock()
+		return ChoosePath(PathInputs{Exec: ex, Tokens: tokens, K: 2, DType: dtype.BF16, WeightsOK: true, HostRouting: true,
+			ExpertBytes: 352 << 20, Needed: 2, MaxPin: 2, Flags: LayerNoMapped})
+	}
+	tune := func(n int64) error { return e.Tune(Tuning{KernelMaxTokens: &n}) }
+	assert.Equal(t, PathHostStream, path(2), "by default Mixtral-sized experts take one token on the kernels")
+
+	require.NoError(t, tune(4))
+	p, err := e.Plan()
+	require.NoError(t, err)
+	assert.Equal(t, CrossoverMeasured, p.Executor.KernelCrossover)
+	assert.Equal(t, int64(4), p.Executor.KernelMaxTokens)
+	assert.Equal(t, e.lay.SourceBytes, p.Executor.KernelSmallExpertBytes, "measured on this model's experts")
+	assert.Equal(t, PathKernels, path(4), "measured: up to 4 tokens whatever the experts' size")
+	assert.Equal(t, PathHostStream, path(5))
+	assert.Equal(t, PathKernels, path(1))
+
+	require.NoError(t, tune(1))
+	assert.Equal(t, PathKernels, path(1), "one token always")
+	assert.Equal(t, PathHostStream, path(2))
+
+	require.NoError(t, tune(0))
+	p, err = e.Plan()
+	require.NoError(t, err)
+	assert.Equal(t, CrossoverDefault, p.Executor.KernelCrossover, "0 goes back to the default")
+	assert.Equal(t, []int64{KernelMaxTokens, KernelSmallExpertBytes}, []int64{p.Executor.KernelMaxTokens, p.Executor.KernelSmallExpertBytes})
+
+	for _, bad := range []int64{-1, KernelMaxTokens + 1} {
+		err := tune(bad)
+		require.ErrorIs(t, err, ErrInvalid)
+		assert.Contains(t, err.Error(), "kernel_max_tokens")
+	}
+	_, err = ParseTuning([]byte(`{"kernel_max_tokens": "4"}`))
+	require.ErrorIs(t, err, ErrInvalid)
+
+	off, _ := execEngine(t, backend.Capabilities{}, "swiglu", 1, 4, 2)
+	n := int64(2)
+	err = off.Tune(Tuning{KernelMaxTokens: &n})
+	require.ErrorIs(t, err, ErrUnsupported)
+	assert.Contains(t, err.Error(), "caller's code", "it says why the kernels are off")
+	n = 0
+	require.NoError(t, off.Tune(Tuning{KernelMaxTokens: &n}), "the default needs no kernels")
+}
+
 func TestPathNamesAreStable(t *testing.T) {
 	// The values cross the C ABI (MOE_PATH_*): they never change.
 	for p, want := range map[Path]string{1: "mapped", 2: "kernels", 3: "host-stream", 4: "host-stacked", 5: "need-routing"} {
@@ -117,7 +167,7 @@ var kernelCaps = backend.Capabilities{ExpertKernels: true, Mapped: true, MaxMapp
 func TestExecutorPlanReportsWhatTheBackendAndModelAllow(t *testing.T) {
 	_, p := execEngine(t, kernelCaps, "swiglu", 1, 4, 2)
 	assert.Equal(t, ExecutorPlan{Kernels: true, Mapped: true, DType: dtype.BF16, Hidden: mH, Inter: mI, MaxMappedPairs: 64,
-		KernelMaxTokens: KernelMaxTokens, KernelSmallExpertBytes: KernelSmallExpertBytes,
+		KernelMaxTokens: KernelMaxTokens, KernelSmallExpertBytes: KernelSmallExpertBytes, KernelCrossover: CrossoverDefault,
 		HybridOff:       `cpu_experts "auto" is off on the CPU backend (a thread count turns it on)`,
 		GraphHandOffOff: `hybrid execution is off: cpu_experts "auto" is off on the CPU backend (a thread count turns it on)`}, p.Executor)
 

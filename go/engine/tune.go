@@ -29,6 +29,13 @@ type Tuning struct {
 	// hybrid_off). CUDA-graph steps follow at their next capture, as for
 	// GraphMisses.
 	CPUExperts *CPUExperts `json:"cpu_experts,omitempty"`
+	// KernelMaxTokens gives the kernel crossover measured on this machine
+	// and model: the most tokens (1..KernelMaxTokens, the package's) for
+	// which the fused kernels beat the caller's expert code. Layer calls of
+	// more tokens run the caller's code on slot views. 0 goes back to the
+	// default crossover (KernelWins). The plan's executor reports it
+	// (kernel_max_tokens, kernel_crossover "measured" or "default").
+	KernelMaxTokens *int64 `json:"kernel_max_tokens,omitempty"`
 	// Flush empties every slot that is not pinned or loading.
 	Flush bool `json:"flush,omitempty"`
 	// ResetStats zeroes the counters (after the other changes).
@@ -83,10 +90,31 @@ func (e *Engine) Tune(t Tuning) error {
 			}
 		}
 	}
+	if n := t.KernelMaxTokens; n != nil {
+		if *n < 0 || *n > KernelMaxTokens {
+			return fmt.Errorf("%w: kernel_max_tokens %d: give 1..%d tokens (the most a kernel call takes), or 0 for the default crossover", ErrInvalid, *n, KernelMaxTokens)
+		}
+		e.mu.Lock()
+		kernels, off := e.plan.Executor.Kernels, e.plan.Executor.KernelsOff
+		e.mu.Unlock()
+		if !kernels && *n > 0 {
+			return fmt.Errorf("%w: kernel_max_tokens: the expert kernels do not serve this model: %s", ErrUnsupported, off)
+		}
+	}
 	if c := t.CPUExperts; c != nil {
 		if err := e.tuneCPUExperts(*c); err != nil {
 			return err
 		}
+	}
+	if n := t.KernelMaxTokens; n != nil {
+		e.mu.Lock()
+		p := &e.plan.Executor
+		if *n == 0 {
+			p.KernelMaxTokens, p.KernelSmallExpertBytes, p.KernelCrossover = KernelMaxTokens, KernelSmallExpertBytes, CrossoverDefault
+		} else {
+			p.KernelMaxTokens, p.KernelSmallExpertBytes, p.KernelCrossover = *n, e.lay.SourceBytes, CrossoverMeasured
+		}
+		e.mu.Unlock()
 	}
 	if t.Policy != nil {
 		p, err := cache.ParsePolicy(*t.Policy)

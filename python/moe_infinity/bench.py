@@ -608,6 +608,12 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
                 # executor made of it: the kernels or the caller's code.
                 "quantized_kernels": True if args.quantized_kernels else None,
                 "executor_kernels": plan.get("executor", {}).get("kernels"),
+                # The kernel crossover the engine decided with ("measured" at
+                # a GPU load: the most tokens the kernels take) and the probe's
+                # timings behind it.
+                "kernel_crossover": plan.get("executor", {}).get("kernel_crossover"),
+                "kernel_max_tokens": plan.get("executor", {}).get("kernel_max_tokens"),
+                "kernel_probe": rt.plan.get("kernel_probe"),
                 "policy": policy,
                 "prefetch": prefetch,
                 "admit_margin": args.admit_margin,

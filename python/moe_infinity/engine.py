@@ -399,6 +399,7 @@ class Engine:
         prefetch: bool | None = None,
         graph_misses: str | None = None,
         cpu_experts: str | int | None = None,
+        kernel_max_tokens: int | None = None,
         flush: bool = False,
         reset_stats: bool = False,
     ) -> None:
@@ -407,8 +408,11 @@ class Engine:
         (``graph_misses``: ``"auto"``, ``"read"`` or ``"copy"``), pausing
         (``cpu_experts="off"``) or resuming (``"auto"``, or a thread count,
         which measures the CPU side again on that many threads) the CPU's
-        part in computing experts that configure set up, emptying the cache
-        (``flush``) and zeroing the counters."""
+        part in computing experts that configure set up, the kernel
+        crossover measured on this machine (``kernel_max_tokens``: the most
+        tokens for which the expert kernels beat transformers' code, 1..16;
+        0 for the default), emptying the cache (``flush``) and zeroing the
+        counters."""
         t: dict[str, Any] = {"flush": flush, "reset_stats": reset_stats}
         if policy is not None:
             t["policy"] = policy
@@ -419,6 +423,8 @@ class Engine:
         if cpu_experts is not None:
             # A count travels as a JSON number, a name as a string.
             t["cpu_experts"] = cpu_experts if isinstance(cpu_experts, int) and not isinstance(cpu_experts, bool) else str(cpu_experts)
+        if kernel_max_tokens is not None:
+            t["kernel_max_tokens"] = kernel_max_tokens
         _native.call("moe_engine_tune", ctypes.c_uint64(self._h()), json.dumps(t).encode())
         if self._plan is not None:  # the engine's plan, as tuning changed it
             self._plan = _native.call_json("moe_engine_plan", ctypes.c_uint64(self._h()))

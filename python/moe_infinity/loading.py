@@ -414,6 +414,7 @@ def _install(model: torch.nn.Module, rt: OffloadRuntime, family: Family) -> None
         prefetch: bool | None = None,
         graph_misses: str | None = None,
         cpu_experts: str | int | None = None,
+        kernel_max_tokens: int | None = None,
         flush: bool = False,
         reset_stats: bool = False,
     ) -> None:
@@ -424,11 +425,14 @@ def _install(model: torch.nn.Module, rt: OffloadRuntime, family: Family) -> None
         thread count: the CPU side measured again on that many threads,
         ``["cpu_threads"]``) the CPU's part in computing experts
         (``moe_stats()["plan"]["executor"]["hybrid"]``; recapture after
-        it), empties the cache (``flush``) or
+        it), sets the kernel crossover (``kernel_max_tokens``: the most
+        tokens for which the expert kernels beat transformers' code, as
+        ``moe_runtime.probe_kernel_crossover()`` measures at load on a GPU;
+        0 for the engine's default), empties the cache (``flush``) or
         zeroes the statistics, without reloading."""
         rt.check_open()
-        rt.engine.tune(policy=cache_policy, prefetch=prefetch, graph_misses=graph_misses, cpu_experts=cpu_experts, flush=flush,
-                       reset_stats=reset_stats)
+        rt.engine.tune(policy=cache_policy, prefetch=prefetch, graph_misses=graph_misses, cpu_experts=cpu_experts,
+                       kernel_max_tokens=kernel_max_tokens, flush=flush, reset_stats=reset_stats)
         for key in ("policy", "prefetch", "graph_misses", "executor"):
             rt.plan[key] = rt.engine.plan.get(key)
         if reset_stats:
@@ -505,6 +509,8 @@ def _finish(model: torch.nn.Module, engine: Engine, family: Family, base_prefix:
             device=device, budget_bytes=budget, kernels=kernels, progress=progress if device.type == "cuda" else None, quant=quant,
         )
     _install(model, rt, family)
+    if device.type == "cuda" and rt.kernels and rt.plan["executor"].get("kernels") and family.style == "fused":
+        _probe_crossover(rt)
     plan = rt.plan
     log.info(
         "moe_infinity: %d MoE layers x %d experts; cache of %d slots x %s = %s (%s policy, prefetch %s)",
@@ -519,6 +525,23 @@ def _finish(model: torch.nn.Module, engine: Engine, family: Family, base_prefix:
     for w in plan.get("warnings") or []:
         warnings.warn(f"moe_infinity: {w}", stacklevel=3)
     return model
+
+
+def _probe_crossover(rt: OffloadRuntime) -> None:
+    """The kernel crossover of this GPU and model, measured at load
+    (OffloadRuntime.probe_kernel_crossover) and given to the engine; where
+    the probe fails the engine keeps its default, with a warning saying
+    why."""
+    try:
+        p = rt.probe_kernel_crossover()
+    except MoEInfinityError as e:
+        warnings.warn(f"moe_infinity: the kernel crossover could not be measured, the default stays: {e}", stacklevel=4)
+        return
+    log.info(
+        "moe_infinity: expert kernels take layer calls of up to %d tokens (measured: %s)",
+        p["kernel_max_tokens"],
+        ", ".join(f"{T} tokens {k * 1e3:.2f} ms vs transformers {t * 1e3:.2f} ms" for T, k, t in zip(p["tokens"], p["kernel_s"], p["torch_s"])),
+    )
 
 
 def _file_mapped_ranges(files: list[Path]) -> list[tuple[int, int]]:

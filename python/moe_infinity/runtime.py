@@ -629,6 +629,91 @@ class OffloadRuntime:
         )
         return out
 
+    #: The token counts probe_kernel_crossover times (one token: the kernels,
+    #: always; the engine's kernel calls take at most 16).
+    PROBE_TOKENS = (2, 4, 8, 16)
+
+    def probe_kernel_crossover(self, layer_index: int = 0, tokens: Sequence[int] = PROBE_TOKENS, reps: int = 3) -> dict[str, Any]:
+        """Times one MoE layer's experts on this machine with the engine's
+        kernels and with transformers' code on slot views, for each token
+        count in ``tokens`` (routed round-robin over as many experts as one
+        call may pin, so that tokens share experts as a batch of requests
+        does), both on resident experts, and gives the engine the crossover
+        (``moe_tune(kernel_max_tokens=N)``): N is the most tokens up to which
+        the kernels won every count (1 when they lost at the first).
+        Decisions stay the engine's: this hands it what only Python can
+        time, transformers' expert code. Runs at load on a GPU; the cache is
+        flushed and the counters zeroed after.
+
+        Returns ``{"tokens", "kernel_s", "torch_s", "kernel_max_tokens",
+        "paths"}`` (seconds per layer call, the fastest of ``reps`` after
+        one warm-up each; the executor's paths the probe's calls took, as
+        ``moe_stats()["paths"]`` counts them). Raises UnsupportedError where the kernels do not serve the
+        model or its experts are not a fused module."""
+        self.check_open()
+        ex = self.engine.plan["executor"]
+        if not self.kernels or not ex.get("kernels"):
+            raise UnsupportedError(f"probe_kernel_crossover needs the engine's expert kernels: {ex.get('kernels_off') or 'kernels=False'}")
+        if self.family.style != "fused":
+            raise UnsupportedError(f"probe_kernel_crossover times fused expert modules; {self.family.model_type} experts are a ModuleDict")
+        layer = self.layers[int(layer_index)]
+        dtype = next(d for d, c in _ACT_DTYPES.items() if c == self.ffn_dtype)
+        k = int(getattr(getattr(layer.module, "config", None), "num_experts_per_tok", 0) or 2)
+        n = max(min(self.num_experts, self.max_pin), 1)
+        k = min(k, n)
+        gen = torch.Generator().manual_seed(0)
+
+        def timed(crossover: int, T: int) -> float:
+            """The layer call of T tokens on the path the engine takes
+            with the crossover at ``crossover`` tokens."""
+            self.engine.tune(kernel_max_tokens=crossover)
+            x = (torch.randn(T, self.ffn_hidden, generator=gen) * 0.1).to(self.device, dtype)
+            ids = ((torch.arange(T).unsqueeze(1) * k + torch.arange(k)) % n).to(self.device)
+            w = torch.softmax(torch.randn(T, k, generator=gen), dim=-1).to(self.device, dtype)
+            best = float("inf")
+            with torch.no_grad():
+                for rep in range(reps + 1):
+                    self._sync()
+                    t0 = time.perf_counter()
+                    layer.module(x, ids, w)
+                    self._sync()
+                    if rep:  # the first brings the experts in
+                        best = min(best, time.perf_counter() - t0)
+            return best
+
+        # Synchronous layers (routing on the host, experts in slots): the
+        # kernels on resident experts against transformers' code on them.
+        mapped, self._mapped = self._mapped, False
+        tokens = sorted(int(t) for t in tokens)
+        kernel_s, torch_s = [], []
+        try:
+            for T in tokens:
+                kernel_s.append(timed(max(tokens), T))  # every count on the kernels
+                torch_s.append(timed(1, T))  # every count of more than one token on transformers' code
+        except BaseException:
+            self.engine.tune(kernel_max_tokens=0, flush=True, reset_stats=True)
+            raise
+        finally:
+            self._mapped = mapped
+        paths = {p: n for p, n in self.engine.stats()["paths"].items() if n}
+        best = 1
+        for T, ks, ts in zip(tokens, kernel_s, torch_s):
+            if ks >= ts:
+                break
+            best = T
+        self.engine.tune(kernel_max_tokens=best, flush=True, reset_stats=True)
+        self.hook_ns = self.wait_ns = self.hook_calls = 0
+        self.phase_ns.clear()
+        self.plan["executor"] = self.engine.plan.get("executor")
+        out = {"tokens": tokens, "kernel_s": kernel_s, "torch_s": torch_s, "kernel_max_tokens": best, "paths": paths}
+        self.plan["kernel_probe"] = out
+        return out
+
+    def _sync(self) -> None:
+        """Waits for this runtime's device (a no-op on the CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     # -- compute ----------------------------------------------------------------
 
     def run_fused(self, layer: MoELayer, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, original: Any) -> torch.Tensor:
