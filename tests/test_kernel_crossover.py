@@ -87,3 +87,21 @@ def test_the_probe_and_the_crossover_need_the_kernels(mixtral_path):
         model.moe_tune(kernel_max_tokens=0)  # the default needs none
     finally:
         model.close()
+
+
+def test_the_probe_pauses_the_cpu_side_and_resumes_it_as_it_was(mixtral_path):
+    """With hybrid execution on, the probe's warm-up misses would be
+    computed on the CPU and its timings would not be the kernels': the
+    CPU's part is paused while it runs and resumed on the same threads."""
+    opts = {"reference_kernels": True, "cpu_experts": 2, "link_rates": {"dma_gbps": 0.001, "zero_copy_gbps": 0.001}}
+    model = mi.from_pretrained(mixtral_path, dtype=torch.bfloat16, engine_options=opts)
+    try:
+        before = model.moe_stats()["plan"]["executor"]
+        assert before["hybrid"] and before["cpu_threads"] == 2, before.get("hybrid_off")
+        p = model.moe_runtime.probe_kernel_crossover(tokens=(2,), reps=1)
+        assert p["paths"] == {"kernels": 2, "host-stream": 2}
+        after = model.moe_stats()["plan"]["executor"]
+        assert (after["hybrid"], after["cpu_threads"], after["hybrid_costs"]) == (True, 2, before["hybrid_costs"]), "resumed, not measured again"
+        assert model.moe_stats()["cpu_scale_calls"] == 0, "the CPU computed no expert of the probe's calls"
+    finally:
+        model.close()

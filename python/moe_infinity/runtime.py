@@ -682,8 +682,14 @@ class OffloadRuntime:
             return best
 
         # Synchronous layers (routing on the host, experts in slots): the
-        # kernels on resident experts against transformers' code on them.
+        # kernels on resident experts against transformers' code on them,
+        # with the CPU's part paused (it would compute misses of the
+        # warm-up) and resumed after on the same threads (not measured
+        # again).
         mapped, self._mapped = self._mapped, False
+        hybrid_threads = int(ex.get("cpu_threads") or 0) if ex.get("hybrid") else 0
+        if hybrid_threads:
+            self.engine.tune(cpu_experts="off")
         tokens = sorted(int(t) for t in tokens)
         kernel_s, torch_s = [], []
         try:
@@ -695,6 +701,8 @@ class OffloadRuntime:
             raise
         finally:
             self._mapped = mapped
+            if hybrid_threads:
+                self.engine.tune(cpu_experts=hybrid_threads)
         paths = {p: n for p, n in self.engine.stats()["paths"].items() if n}
         best = 1
         for T, ks, ts in zip(tokens, kernel_s, torch_s):
