@@ -2,14 +2,15 @@
 # One call on the GPU machine: runs the GPU suite against the CUDA build of
 # the engine made on the CPU machine (`make cuda`), and prints a summary.
 #
-#   bash scripts/gpu_check.sh [gpu|parity|bench|headline|copy|defaults|margin|serve|profile|variants|fp8|fp8-sm89|gptoss|gptoss-bench|hybrid|pending|all]     (default: all)
+#   bash scripts/gpu_check.sh [gpu|parity|bench|headline|copy|defaults|margin|serve|profile|variants|fp8|fp8-sm89|gptoss|gptoss-bench|hybrid|pending|pending-short|all]     (default: all)
 #
 # pending: the runs prepared and not yet made, in one call: the sm89 PTX
 # through ptxas, the sm89 / FP8-default / gpt-oss / hybrid-parity GPU tests,
 # the eager hand-off with cpu_experts off, auto and 16, FP8 decode sm80 vs
 # sm89, and the SIMD FFN's worker pool against goroutines where
 # build/cpuffn_gor.test (main) and build/cpuffn_pool.test (branch
-# cpuffn-pool) were carried. ~9.5 minutes.
+# cpuffn-pool) were carried. ~9.5 minutes. pending-short: its first part
+# alone (ptxas, the GPU tests, the eager run), ~5.5 minutes.
 #
 # fp8: the FP8 kernels' GPU tests (FP8 checkpoints and offload(expert_dtype=
 # "fp8"), slot and mapped mode, CUDA graphs), then the Qwen3-30B-A3B shape at
@@ -173,19 +174,21 @@ if [ "$what" = fp8-sm89 ]; then  # the sm89 kernel build against sm80: same bits
     run fp8_sm89_gpu_tests timeout 200 python3 -m pytest -p no:cacheprovider -q -m gpu -rA -k "fp8 or kernel_build" tests/test_gpu.py
     fp8_sm80_sm89 380
 fi
-if [ "$what" = pending ]; then  # what the eighth session prepared and could not run, in one call (~9.5 minutes)
+if [ "$what" = pending ] || [ "$what" = pending-short ]; then  # what the eighth session prepared and could not run, in one call (~9.5 minutes; pending-short ~5.5: the tests and the eager run)
     ptxas_sm89
     # sm89 bits, FP8 on the kernels by default, the gpt-oss kernels, hybrid parity on every kernel family.
     run pending_gpu_tests timeout 200 python3 -m pytest -p no:cacheprovider -q -m gpu -rA -s -k \
         "fp8_kernel_builds or kernel_build or fp8_kernel_teacher or gpt_oss_kernel_teacher or gpt_oss_cuda_kernels or hybrid_teacher or kernel_crossover" tests/test_gpu.py
     eager_hybrid 110
-    fp8_sm80_sm89 170
-    # The SIMD FFN's worker pool (branch cpuffn-pool) against main's goroutines (cpuffn_gor),
-    # alternated, where both binaries came.
-    for b in gor pool gor pool; do
-        [ -x "build/cpuffn_$b.test" ] && run "cpuffn_$b" timeout 22 "build/cpuffn_$b.test" -test.run XXX \
-            -test.bench 'FFN/(qwen3_2048x768_top[12]|fixed|mixtral_4096x14336_top2)/T(1|4)$' -test.benchtime 20x
-    done
+    if [ "$what" = pending ]; then
+        fp8_sm80_sm89 170
+        # The SIMD FFN's worker pool (branch cpuffn-pool) against main's goroutines (cpuffn_gor),
+        # alternated, where both binaries came.
+        for b in gor pool gor pool; do
+            [ -x "build/cpuffn_$b.test" ] && run "cpuffn_$b" timeout 22 "build/cpuffn_$b.test" -test.run XXX \
+                -test.bench 'FFN/(qwen3_2048x768_top[12]|fixed|mixtral_4096x14336_top2)/T(1|4)$' -test.benchtime 20x
+        done
+    fi
 fi
 if [ "$what" = margin ]; then  # admission margin 4 against the default, both shapes
     D="python3 benchmarks/decode.py --device-memory 24GiB --decode 32 --graph --pipeline --no-ablations"
