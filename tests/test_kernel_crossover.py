@@ -51,6 +51,9 @@ def test_the_probe_hands_the_engine_a_measured_crossover(mixtral_path):
                 model.moe_tune(kernel_max_tokens=bad)
         with pytest.raises(mi.InvalidArgumentError, match="kernel_max_tokens"):
             model.moe_tune(kernel_max_tokens="4")
+        for bad in ({"tokens": (1, 2)}, {"tokens": (32,)}, {"tokens": ()}, {"reps": 0}, {"layer_index": 99}):
+            with pytest.raises(mi.InvalidArgumentError, match="probe_kernel_crossover"):
+                rt.probe_kernel_crossover(**bad)
     finally:
         model.close()
 

@@ -656,6 +656,10 @@ class OffloadRuntime:
             raise UnsupportedError(f"probe_kernel_crossover needs the engine's expert kernels: {ex.get('kernels_off') or 'kernels=False'}")
         if self.family.style != "fused":
             raise UnsupportedError(f"probe_kernel_crossover times fused expert modules; {self.family.model_type} experts are a ModuleDict")
+        if not tokens or not all(isinstance(t, int) and 2 <= t <= max(self.PROBE_TOKENS) for t in tokens) or int(reps) < 1:
+            raise InvalidArgumentError(f"probe_kernel_crossover: tokens must be counts in 2..{max(self.PROBE_TOKENS)} (one token is the kernels' always) and reps >= 1; got {tokens!r}, {reps!r}")
+        if not 0 <= int(layer_index) < len(self.layers):
+            raise InvalidArgumentError(f"probe_kernel_crossover: layer_index {layer_index} is not a MoE layer (0..{len(self.layers) - 1})")
         layer = self.layers[int(layer_index)]
         dtype = next(d for d, c in _ACT_DTYPES.items() if c == self.ffn_dtype)
         k = int(getattr(getattr(layer.module, "config", None), "num_experts_per_tok", 0) or 2)
