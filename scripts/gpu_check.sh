@@ -57,7 +57,9 @@
 # python/ and benchmarks/; scripts/build_variants.sh A=rev B=rev makes
 # them), on one machine, so that A/B comparisons do not mix machines.
 # VARIANT_RUN=serve runs the Qwen3 serve load (stacked, 1 and 16 clients)
-# instead, ~2.5 minutes a variant.
+# instead, ~2.5 minutes a variant; VARIANT_RUN=hybrid the Qwen3 graph rows
+# with cpu_experts off and auto (~2 minutes a variant: the CPU's experts
+# never admitted, before 7d293e7, against offered to the cache).
 #
 # headline: the GPU tests, then the decode headlines with CUDA graphs
 # (Qwen3-30B-A3B shape: pipelined replays with every ablation, and
@@ -212,6 +214,10 @@ if [ "$what" = variants ]; then  # the same run with each build in $VARIANTS (di
                 python3 "$bench/serve_load.py" --device cuda --device-memory 24GiB --routing generated --clusters 4 --prompt-len 16 \
                 --max-tokens 32 --per-client 2 --warmup 4 --preset qwen3-30b-a3b --batching stacked --concurrency 1,16 \
                 --configs priority:on --out "$OUT/serve_$name.jsonl"
+        elif [ "${VARIANT_RUN:-decode}" = hybrid ]; then  # the CPU's misses: the Qwen3 graph rows, cpu_experts off and auto
+            PYTHONPATH=$py${PYTHONPATH#$PWD/python} MOE_INFINITY_LIB=$PWD/$v/libmoe_infinity_cuda.so run "hybrid_$name" timeout 120 \
+                python3 "$bench/decode.py" --device-memory 24GiB --decode 32 --routing generated --no-ablations --measure-link \
+                --cpu-experts off,auto --graph --graph-misses copy --preset qwen3-30b-a3b --out "$OUT/hybrid_qwen3_$name.json"
         else
             PYTHONPATH=$py${PYTHONPATH#$PWD/python} MOE_INFINITY_LIB=$PWD/$v/libmoe_infinity_cuda.so run "mixtral_$name" timeout 200 \
                 python3 "$bench/decode.py" --device-memory 24GiB --decode 32 --graph --pipeline --no-ablations --preset mixtral-8x7b \
