@@ -430,14 +430,8 @@ def _install(model: torch.nn.Module, rt: OffloadRuntime, family: Family) -> None
         ``moe_runtime.probe_kernel_crossover()`` measures at load on a GPU;
         0 for the engine's default), empties the cache (``flush``) or
         zeroes the statistics, without reloading."""
-        rt.check_open()
-        rt.engine.tune(policy=cache_policy, prefetch=prefetch, graph_misses=graph_misses, cpu_experts=cpu_experts,
-                       kernel_max_tokens=kernel_max_tokens, flush=flush, reset_stats=reset_stats)
-        for key in ("policy", "prefetch", "graph_misses", "executor"):
-            rt.plan[key] = rt.engine.plan.get(key)
-        if reset_stats:
-            rt.hook_ns = rt.wait_ns = rt.hook_calls = 0
-        rt.phase_ns.clear()
+        rt.tune(policy=cache_policy, prefetch=prefetch, graph_misses=graph_misses, cpu_experts=cpu_experts,
+                kernel_max_tokens=kernel_max_tokens, flush=flush, reset_stats=reset_stats)
 
     model.moe_tune = moe_tune
     model.save_moe_trace = save_moe_trace

@@ -701,7 +701,7 @@ class OffloadRuntime:
                 kernel_s.append(timed(max(tokens), T))  # every count on the kernels
                 torch_s.append(timed(1, T))  # every count of more than one token on transformers' code
         except BaseException:
-            self.engine.tune(kernel_max_tokens=0, flush=True, reset_stats=True)
+            self.tune(kernel_max_tokens=0, flush=True, reset_stats=True)
             raise
         finally:
             self._mapped = mapped
@@ -713,13 +713,23 @@ class OffloadRuntime:
             if ks >= ts:
                 break
             best = T
-        self.engine.tune(kernel_max_tokens=best, flush=True, reset_stats=True)
-        self.hook_ns = self.wait_ns = self.hook_calls = 0
-        self.phase_ns.clear()
-        self.plan["executor"] = self.engine.plan.get("executor")
+        self.tune(kernel_max_tokens=best, flush=True, reset_stats=True)
         out = {"tokens": tokens, "kernel_s": kernel_s, "torch_s": torch_s, "kernel_max_tokens": best, "paths": paths}
         self.plan["kernel_probe"] = out
         return out
+
+    def tune(self, **changes: Any) -> None:
+        """Engine.tune(**changes), then this runtime's copy of the plan
+        brought up to date with it, its hook counters zeroed with the
+        engine's (``reset_stats``) and its phase times cleared (what
+        ``model.moe_tune`` does)."""
+        self.check_open()
+        self.engine.tune(**changes)
+        for key in ("policy", "prefetch", "graph_misses", "executor"):
+            self.plan[key] = self.engine.plan.get(key)
+        if changes.get("reset_stats"):
+            self.hook_ns = self.wait_ns = self.hook_calls = 0
+        self.phase_ns.clear()
 
     def _sync(self) -> None:
         """Waits for this runtime's device (a no-op on the CPU)."""
