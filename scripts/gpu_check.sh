@@ -209,20 +209,23 @@ if [ "$what" = variants ]; then  # the same run with each build in $VARIANTS (di
         py=$PWD/python bench=benchmarks
         [ -d "$v/python" ] && py=$PWD/$v/python
         [ -d "$v/benchmarks" ] && bench=$v/benchmarks
-        if [ "${VARIANT_RUN:-decode}" = serve ]; then  # the serve regression's bisect: stacked exact, 1 and 16 clients
-            PYTHONPATH=$py${PYTHONPATH#$PWD/python} MOE_INFINITY_LIB=$PWD/$v/libmoe_infinity_cuda.so run "serve_$name" timeout 170 \
+        # The variant's library and Python, for one run (name, command...).
+        vrun() { PYTHONPATH=$py${PYTHONPATH#$PWD/python} MOE_INFINITY_LIB=$PWD/$v/libmoe_infinity_cuda.so run "$@"; }
+        case "${VARIANT_RUN:-decode}" in
+        serve)  # the serve regression's bisect: stacked exact, 1 and 16 clients
+            vrun "serve_$name" timeout 170 \
                 python3 "$bench/serve_load.py" --device cuda --device-memory 24GiB --routing generated --clusters 4 --prompt-len 16 \
                 --max-tokens 32 --per-client 2 --warmup 4 --preset qwen3-30b-a3b --batching stacked --concurrency 1,16 \
-                --configs priority:on --out "$OUT/serve_$name.jsonl"
-        elif [ "${VARIANT_RUN:-decode}" = hybrid ]; then  # the CPU's misses: the Qwen3 graph rows, cpu_experts off and auto
-            PYTHONPATH=$py${PYTHONPATH#$PWD/python} MOE_INFINITY_LIB=$PWD/$v/libmoe_infinity_cuda.so run "hybrid_$name" timeout 120 \
+                --configs priority:on --out "$OUT/serve_$name.jsonl" ;;
+        hybrid)  # the CPU's misses: the Qwen3 graph rows, cpu_experts off and auto
+            vrun "hybrid_$name" timeout 120 \
                 python3 "$bench/decode.py" --device-memory 24GiB --decode 32 --routing generated --no-ablations --measure-link \
-                --cpu-experts off,auto --graph --graph-misses copy --preset qwen3-30b-a3b --out "$OUT/hybrid_qwen3_$name.json"
-        else
-            PYTHONPATH=$py${PYTHONPATH#$PWD/python} MOE_INFINITY_LIB=$PWD/$v/libmoe_infinity_cuda.so run "mixtral_$name" timeout 200 \
+                --cpu-experts off,auto --graph --graph-misses copy --preset qwen3-30b-a3b --out "$OUT/hybrid_qwen3_$name.json" ;;
+        *)
+            vrun "mixtral_$name" timeout 200 \
                 python3 "$bench/decode.py" --device-memory 24GiB --decode 32 --graph --pipeline --no-ablations --preset mixtral-8x7b \
-                --out "$OUT/decode_mixtral_$name.json"
-        fi
+                --out "$OUT/decode_mixtral_$name.json" ;;
+        esac
     done
 fi
 echo "== summary"
