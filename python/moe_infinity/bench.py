@@ -598,6 +598,7 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
             overhead = statistics.fmean(r["engine_s"]) + (phase_ms.get("serve", 0) + phase_ms.get("trace_async", 0)) / 1e3
             host_submit, launch = statistics.fmean(r["host_s"]), statistics.fmean(r["launch_s"])
         prompt_used = prompt_experts(forced, args.prompt_len)
+        executor = plan.get("executor", {})
         rows.append(
             {
                 "system": "moe_infinity",
@@ -607,12 +608,12 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
                 # The setting (None: the engine's default) and what the
                 # executor made of it: the kernels or the caller's code.
                 "quantized_kernels": True if args.quantized_kernels else None,
-                "executor_kernels": plan.get("executor", {}).get("kernels"),
+                "executor_kernels": executor.get("kernels"),
                 # The kernel crossover the engine decided with ("measured" at
                 # a GPU load: the most tokens the kernels take) and the probe's
                 # timings behind it.
-                "kernel_crossover": plan.get("executor", {}).get("kernel_crossover"),
-                "kernel_max_tokens": plan.get("executor", {}).get("kernel_max_tokens"),
+                "kernel_crossover": executor.get("kernel_crossover"),
+                "kernel_max_tokens": executor.get("kernel_max_tokens"),
                 "kernel_probe": rt.plan.get("kernel_probe"),
                 "policy": policy,
                 "prefetch": prefetch,
