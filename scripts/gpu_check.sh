@@ -10,7 +10,8 @@
 # sm89, and the SIMD FFN's worker pool against goroutines where
 # build/cpuffn_gor.test (main) and build/cpuffn_pool.test (branch
 # cpuffn-pool) were carried. ~9.5 minutes. pending-short: its first part
-# alone (ptxas, the GPU tests, the eager run), ~5.5 minutes.
+# alone (ptxas, the GPU tests, the eager run), then the stacked serve
+# step's host cost (benchmarks/stacked_step.py), ~6 minutes.
 #
 # fp8: the FP8 kernels' GPU tests (FP8 checkpoints and offload(expert_dtype=
 # "fp8"), slot and mapped mode, CUDA graphs), then the Qwen3-30B-A3B shape at
@@ -115,6 +116,9 @@ fp8_sm80_sm89() {  # timeout: the Qwen3 shape with FP8 experts, decoded with the
         --routing generated --no-ablations --expert-dtype fp8 --quantized-kernels --kernel-build sm80,sm89 --graph \
         --out "$OUT/decode_qwen3_fp8_sm80_sm89.json"
 }
+stacked_step() {  # the host cost of a stacked serve step (torch calls and ms per step), exact and fast, 1 to 16 requests
+    run stacked_step timeout 90 python3 benchmarks/stacked_step.py --device cuda --rows 1,4,16 --out "$OUT/stacked_step.jsonl"
+}
 if [ "$what" = gpu ] || [ "$what" = all ]; then
     # tests/test_gpu.py includes the FP8 kernels' tests (engine option quantized_kernels).
     run gpu_tests python3 -m pytest -p no:cacheprovider -q -m gpu -rA tests/test_gpu.py tests/test_backend_ops.py tests/test_gpu_memory.py tests/test_scheduler.py tests/test_checkpoint_changed.py
@@ -141,6 +145,7 @@ if [ "$what" = copy ] || [ "$what" = defaults ]; then  # copy-mode misses: Mixtr
 fi
 if [ "$what" = serve ]; then  # continuous batching: aggregate tokens/s against concurrency (issue: serving)
     run serve_gpu_tests timeout 150 python3 -m pytest -p no:cacheprovider -q -m gpu -rA tests/test_scheduler.py tests/test_checkpoint_changed.py
+    stacked_step
     S="python3 benchmarks/serve_load.py --device cuda --device-memory 24GiB --routing generated --clusters 4 --prompt-len 16 --max-tokens 32 --per-client 2 --warmup 4"
     run serve_qwen3 timeout 360 $S --preset qwen3-30b-a3b --batching ${BATCHING:-stacked,stacked-fast} --concurrency ${CONCURRENCY:-1,4,16,32} --configs priority:on --out "$OUT/serve.jsonl"
     run serve_qwen3_ablations timeout 200 $S --preset qwen3-30b-a3b --concurrency 16 --configs priority:off,lru:on --out "$OUT/serve.jsonl"
@@ -182,6 +187,7 @@ if [ "$what" = pending ] || [ "$what" = pending-short ]; then  # what the eighth
     run pending_gpu_tests timeout 200 python3 -m pytest -p no:cacheprovider -q -m gpu -rA -s -k \
         "fp8_kernel_builds or kernel_build or fp8_kernel_teacher or gpt_oss_kernel_teacher or gpt_oss_cuda_kernels or hybrid_teacher or kernel_crossover" tests/test_gpu.py
     eager_hybrid 110
+    [ "$what" = pending-short ] && stacked_step  # (pending has no time left for it within one call)
     if [ "$what" = pending ]; then
         fp8_sm80_sm89 170
         # The SIMD FFN's worker pool (branch cpuffn-pool) against main's goroutines (cpuffn_gor),

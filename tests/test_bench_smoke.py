@@ -242,6 +242,27 @@ def test_serve_load_harness_tiny_cpu(tmp_path):
     assert all(r["steps"] < r["output_tokens"] for r in closed3), "three clients decode in shared steps"
 
 
+def test_stacked_step_harness_counts_each_modes_calls_tiny_cpu(tmp_path):
+    """The stacked step's host-cost benchmark: a row per mode and row
+    count, with its settings; a lone row is the same forward in both modes,
+    and an exact step of three requests makes more calls than a plain one
+    (its per-request splits)."""
+    out = tmp_path / "st.jsonl"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "stacked_step.py"), "--preset", "qwen3-tiny", "--rows", "1,3",
+           "--reps", "1", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {(r["batching"], r["rows"]): r for r in map(json.loads, out.read_text().splitlines())}
+    assert sorted(rows) == [("exact", 1), ("exact", 3), ("fast", 1), ("fast", 3)]
+    for r in rows.values():
+        assert {"preset", "device", "hidden", "experts", "threads", "calls_per_step", "step_ms_p50", "step_ms_min"} <= set(r)
+        assert r["preset"] == "qwen3-tiny" and r["device"] == "cpu" and r["step_ms_min"] > 0
+    assert rows["exact", 1]["calls_per_step"] == rows["fast", 1]["calls_per_step"]
+    assert rows["exact", 3]["calls_per_step"] > rows["fast", 3]["calls_per_step"]
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "stacked_step.py"), "--rows", "0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--rows takes positive integers" in bad.stderr
+
+
 def test_decode_harness_kernel_builds_in_one_run_tiny_cpu(tmp_path):
     """--kernel-build sm80,sm89: one row per build, in one process, each
     carrying the build the engine loaded (none on the CPU, which ignores the

@@ -18,7 +18,8 @@ from moe_infinity import _native
 from moe_infinity.errors import ClosedError, InvalidArgumentError, OverloadedError, StateError
 from moe_infinity.lockstep import Lockstep
 from moe_infinity.serving import SamplingParams, Scheduler
-from moe_infinity.serving.stacked import RowwiseMode, stacked_support
+from moe_infinity.serving import stacked as stacked_module
+from moe_infinity.serving.stacked import RowwiseMode, StackedBatch, stacked_support
 
 PROMPTS = ["Hello", "The cat sat on the", "Once upon a time there was", "In 1900,", "She said that", "The river", "A good", "Tomorrow we will"]
 
@@ -343,6 +344,22 @@ def test_rowwise_mode_computes_each_row_as_alone():
     for i in range(4):
         assert torch.equal(m[i], h[i].clone().pow(2).mean(-1, keepdim=True))
         assert torch.equal(sm[i], F.softmax(h[i].clone(), dim=-1))
+    # With the step's rows known, a batch-first tensor is cut by request:
+    # each call has the shape of the request's own (a head-split query's
+    # norm is one call over its heads, not one per head); a tensor that is
+    # not the step's (4 gathered tokens in a step of 3) is cut by token.
+    calls.clear()
+    heads = torch.randn(3, 1, 8, 16, generator=g)
+    tokens = torch.randn(4, 64, generator=g)
+    with Spy(), RowwiseMode([2, 2, 2]):
+        hm = heads.pow(2).mean(-1, keepdim=True)
+        tm_ = F.softmax(tokens, dim=-1)
+    assert calls == [(1, 1, 8, 16)] * 3 + [(1, 64)] * 4
+    assert hm.shape == (3, 1, 8, 1) and tm_.shape == (4, 64)
+    for i in range(3):
+        assert torch.equal(hm[i : i + 1], heads[i : i + 1].clone().pow(2).mean(-1, keepdim=True))
+    for i in range(4):
+        assert torch.equal(tm_[i : i + 1], F.softmax(tokens[i : i + 1].clone(), dim=-1))
     q = torch.randn(3, 2, 1, 16, generator=g)
     lengths = [7, 3, 5]
     kv = [(torch.randn(1, 2, n, 16, generator=g), torch.randn(1, 2, n, 16, generator=g)) for n in lengths]
@@ -366,6 +383,53 @@ def test_rowwise_mode_computes_each_row_as_alone():
         slid = F.scaled_dot_product_attention(q, k[:, :, -window:], v[:, :, -window:])
     for i, (a, b) in enumerate(kv):
         assert torch.equal(slid[i : i + 1], F.scaled_dot_product_attention(q[i : i + 1].clone(), a[:, :, -window:], b[:, :, -window:]))
+
+
+class _RowCalls(torch.overrides.TorchFunctionMode):
+    """Records the products and the reductions over the last dimension a
+    forward makes (what RowwiseMode splits): the function, its input's
+    shape and, for a product, the weight's."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear or (func in stacked_module._ROW_REDUCTIONS and stacked_module._reduces_last_dim(args[0], args, kwargs)):
+            self.calls.append((func.__name__, tuple(tuple(a.shape) for a in args[:2] if isinstance(a, torch.Tensor))))
+        return func(*args, **kwargs)
+
+
+def test_a_stacked_step_makes_each_requests_own_calls():
+    """Exactness by construction: the products and reductions of one
+    stacked step of three requests are, call for call and shape for shape,
+    those of the three requests' own decode steps — on Qwen3-MoE, whose
+    per-head query and key norms are where a split by flattened row made
+    one call per head (32 at the 30B shape, each on a shape the request's
+    own step never has). The plain transformers model is used: its experts'
+    grouped products are the runtime's to split (rows(rowwise=True)), and
+    the tests above check the tokens through the engine."""
+    model = tm.build("qwen3_moe", seed=5)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, tm.VOCAB, (n,), generator=g).tolist() for n in (3, 7, 5)]
+    nxt = [int(t) for t in torch.randint(3, tm.VOCAB, (3,), generator=g)]
+    alone_calls, alone_logits = [], []
+    for p, t in zip(prompts, nxt):
+        one = StackedBatch(model)
+        one.add(one.prefill(p)[0], len(p))
+        with _RowCalls() as spy:
+            alone_logits.append(one.step([t]))
+        alone_calls += spy.calls
+    batch = StackedBatch(model)
+    for p in prompts:
+        batch.add(batch.prefill(p)[0], len(p))
+    with _RowCalls() as spy:  # entered first: it sees what the step's RowwiseMode hands on
+        logits = batch.step(nxt)
+    heads = model.config.num_attention_heads
+    assert ("mean", ((1, 1, heads, model.config.head_dim),)) in alone_calls
+    assert sorted(spy.calls) == sorted(alone_calls)
+    assert logits.shape == torch.cat(alone_logits).shape
 
 
 def test_requests_joining_and_leaving_a_running_stacked_batch_get_their_alone_tokens(model, tok):

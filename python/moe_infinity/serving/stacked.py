@@ -17,13 +17,17 @@ the batch:
 - attention over a padded cache reduces over more positions (masked ones
   included), in another order.
 
-:class:`RowwiseMode` removes both inside the step: it splits every
-``torch.nn.functional.linear`` into one product per row (each the M = 1
-product ``generate`` computes for that request alone), does the same for
-reductions over the last dimension (mean, sum, var, softmax), and computes
-attention row by row over the row's own cache positions only (below).
-Everything else in a decoder layer (elementwise work,
-rotary embeddings, top-k, the experts' gather and sums) is already row-wise. The
+:class:`RowwiseMode` removes both inside the step. It splits every
+``torch.nn.functional.linear`` and every reduction over the last dimension
+(mean, sum, var, softmax) into one call per request, on that request's slice
+of the step's tensor, which has the shape the request's own forward gives the
+same call: the norm of a request's ``[1, 1, heads, head_dim]`` query is one
+call over all its heads, as alone, not one call per head. Products over
+tokens that are not batch-first (an expert's gathered tokens) are split into
+one product per token, each the M = 1 product a request's lone token gives
+alone. It computes attention row by row over the row's own cache positions
+only (below). Everything else in a decoder layer (elementwise work, rotary
+embeddings, top-k, the experts' gather and sums) is already row-wise. The
 rest of the forward (embedding, mask building, the layers' Python) runs once.
 
 Attention runs in one of two ways, both split by row. ``sdpa``: the mode
@@ -76,8 +80,9 @@ __all__ = ["RowwiseMode", "StackedBatch", "stacked_support"]
 # Reductions over the last dimension (norms, the router's softmax and
 # renormalization) that a GPU library may split differently across threads
 # for 1 row and for 16 (split reductions keep an SM busy when rows are
-# few), and so round differently: computed row by row too. Their second
-# positional argument is the dimension.
+# few), and so round differently: computed per request too, on the shape
+# the request's own forward has. Their second positional argument is the
+# dimension.
 _ROW_REDUCTIONS = frozenset(
     {torch.mean, torch.Tensor.mean, torch.sum, torch.Tensor.sum, torch.var, torch.Tensor.var, F.softmax, torch.softmax, torch.Tensor.softmax}
 )
@@ -105,17 +110,29 @@ def _reduces_last_dim(x: Any, args: tuple, kwargs: dict) -> bool:
     return isinstance(dim, int) and not isinstance(dim, bool) and dim % x.dim() == x.dim() - 1
 
 
-def _per_row(func: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """func over each row of x (all dimensions but the last flattened) on
-    its own, stacked back; None for a single row."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 1
-    if rows <= 1:
-        return None
-    flat = x.reshape(rows, x.shape[-1])
-    # A fresh tensor per row: a view into the stack would differ from the
+def _per_row(func: Any, x: torch.Tensor, args: tuple, kwargs: dict, requests: int | None) -> torch.Tensor | None:
+    """func over each request's part of x on its own, stacked back; None
+    when x holds one request's part only.
+
+    A tensor of the step's own (batch first, ``requests`` rows: hidden
+    states, a head-split query) is cut along its first dimension, so each
+    call sees the shape the request's own forward gives it. Any other (an
+    expert's gathered tokens, ``[tokens, hidden]``) is cut into rows of its
+    last dimension: each token is one request's lone token."""
+    if requests is not None and requests > 1 and x.shape[0] == requests:
+        parts = [x[i : i + 1] for i in range(requests)]
+        shape = None
+    else:
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 1
+        if rows <= 1:
+            return None
+        flat = x.reshape(rows, x.shape[-1])
+        parts = [flat[i : i + 1] for i in range(rows)]
+        shape = x.shape[:-1]
+    # A fresh tensor per part: a view into the stack would differ from the
     # request's own input in alignment, which some kernels round by.
-    out = [func(flat[i : i + 1].clone(), *args[1:], **kwargs) for i in range(rows)]
-    return torch.cat(out).reshape(*x.shape[:-1], *out[0].shape[1:])
+    out = torch.cat([func(p.clone(), *args[1:], **kwargs) for p in parts])
+    return out if shape is None else out.reshape(*shape, *out.shape[1:])
 
 
 def _own(x: torch.Tensor, row: int, start: int) -> torch.Tensor:
@@ -202,7 +219,7 @@ class RowwiseMode(TorchFunctionMode):
         if func is F.linear or (func in _ROW_REDUCTIONS and _reduces_last_dim(args[0], args, kwargs)):
             x = args[0]
             if x.dim() >= 2:
-                out = _per_row(func, x, args, kwargs)
+                out = _per_row(func, x, args, kwargs, len(self.keys) if self.keys is not None else None)
                 if out is not None:
                     return out
         elif func is F.scaled_dot_product_attention and self.splits(args[0]):
