@@ -23,7 +23,8 @@ const (
 	// evicting another expert) and computed by the device.
 	MissCopy MissWay = iota
 	// MissRead: read in place from host memory by the device's kernels,
-	// over the link; not admitted.
+	// over the link; not copied for the call (the cache may copy it into
+	// a slot behind the call, by the same admission rule as MissCPU).
 	MissRead
 	// MissCPU: computed by the CPU from host memory; it does not cross the
 	// link for the call. Afterwards the cache decides, by its admission
@@ -154,7 +155,7 @@ type MissPlan struct {
 //  2. A cold miss crosses the link only if that is cheaper than the CPU:
 //     on the link it costs ExpertBytes / rate seconds, at the in-place
 //     read rate when the device can read it in place and that is no
-//     slower than copying (MissRead: a cold expert is not admitted), else
+//     slower than copying (MissRead: a cold expert is not copied for the call), else
 //     at the copy rate (MissCopy); on the CPU it costs
 //     ExpertBytes / CPUGBps · (1 + (Tokens − 1)·CPUTokenCost) seconds.
 //  3. Cold misses are taken fewest tokens first (those are cheapest on
