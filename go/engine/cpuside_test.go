@@ -71,6 +71,12 @@ func teachReuse(t *testing.T, e *Engine, hot int) uint64 {
 // and checks the output against the reference FFN on slots.
 func hybridLayer(t *testing.T, e *Engine, req uint64, experts ...int64) {
 	t.Helper()
+	hybridLayerFlags(t, e, 0, []uint64{req}, experts...)
+}
+
+// hybridLayerFlags is hybridLayer with the call's flags and requests.
+func hybridLayerFlags(t *testing.T, e *Engine, flags LayerFlags, reqs []uint64, experts ...int64) {
+	t.Helper()
 	const L, E = 2, 4
 	T := len(experts)
 	io := newFFNIO(rand.New(rand.NewPCG(7, uint64(T))), T, 1, E)
@@ -79,12 +85,39 @@ func hybridLayer(t *testing.T, e *Engine, req uint64, experts ...int64) {
 		io.weights[i] = 1
 	}
 	want := reference(t, mappedEngine(t, L, E, 4), io, 1, T, 1)
-	a := LayerArgs{FFNCall: io.call(1, T, 1), Reqs: []uint64{req}, TopKHost: io.topk}
+	a := LayerArgs{FFNCall: io.call(1, T, 1), Reqs: reqs, TopKHost: io.topk, Flags: flags}
 	a.WDType = dtype.F32
 	r, err := e.Layer(a)
 	require.NoError(t, err)
 	assert.Equal(t, PathKernels, r.Path)
 	assertBF16Close(t, want, io.out)
+}
+
+// A row-wise call (a stacked serve step: each token another request's
+// row, to come out as it would alone) takes no CPU part on the kernels'
+// path either, as on the host paths (hostHybridOK): which experts the CPU
+// takes depends on the whole call, so a row's numbers would depend on its
+// neighbours. Its misses are copied; the same call without the flag sends
+// them to the CPU.
+func TestHybridLeavesRowwiseCallsToTheDevice(t *testing.T) {
+	fastCPU := HybridCosts{LinkGBps: 1, CPUGBps: 1000, LinkShare: 1, CPUShare: 1}
+	e := hybridEngineWith(t, 4, fastCPU, func(e *Engine) { bf16Model(t, e, 2, 4) })
+	a, err := e.BeginRequest()
+	require.NoError(t, err)
+	b, err := e.BeginRequest()
+	require.NoError(t, err)
+	require.NoError(t, e.ResetStats())
+	hybridLayerFlags(t, e, LayerRowwise, []uint64{a, b}, 2, 3)
+	st, err := e.Stats()
+	require.NoError(t, err)
+	assert.Zero(t, st.CPUComputed, "a row-wise call's misses stay on the device")
+	assert.Equal(t, uint64(2), st.Layers[1].Loads)
+
+	require.NoError(t, e.ResetStats())
+	hybridLayerFlags(t, e, 0, []uint64{a, b}, 0, 1)
+	st, err = e.Stats()
+	require.NoError(t, err)
+	assert.Equal(t, int64(2), st.Layers[1].CPUComputed, "without the flag the CPU takes them")
 }
 
 func TestHybridComputesAColdMissOnTheCPUWithoutAdmittingIt(t *testing.T) {

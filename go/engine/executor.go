@@ -399,7 +399,7 @@ func (e *Engine) Layer(a LayerArgs) (LayerResult, error) {
 		return e.Layer(a)
 	case PathKernels:
 		a.FFNCall.Experts = experts
-		return LayerResult{Path: path}, e.layerKernels(a.FFNCall, a.Reqs, a.TopKHost, counts)
+		return LayerResult{Path: path}, e.layerKernels(a.FFNCall, a.Reqs, a.TopKHost, counts, a.Flags&LayerRowwise == 0)
 	case PathHostStream, PathHostStacked:
 		if len(a.Reqs) > 0 {
 			t0 := time.Now()
@@ -431,7 +431,8 @@ func (e *Engine) Layer(a LayerArgs) (LayerResult, error) {
 // experts' type, routing weights of a type the hand-off reads), asks for
 // no code of its own everywhere, has no routing gaps, and is not a
 // row-wise batch (a row must come out as it would alone, and which
-// experts the CPU takes depends on the whole call).
+// experts the CPU takes depends on the whole call; the kernels' path
+// keeps row-wise calls off the CPU too, layerKernels).
 func (e *Engine) hostHybridOK(a LayerArgs) bool {
 	x := e.plan.Executor
 	return a.Partial != 0 && a.X != 0 && a.Weights != 0 && x.Kernels && e.hybridOn() &&

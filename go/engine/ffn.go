@@ -241,7 +241,8 @@ func (e *Engine) gptOssArgs(args backend.FFNArgs, experts, slots []int32) backen
 // layerKernels traces counts (the per-request routing of c.Experts, from
 // routingCounts, topk being the [T, K] routing on the host) and computes
 // the layer with LayerFFN, or with layerHybrid when ChooseMisses sends
-// some of its misses to the CPU.
+// some of its misses to the CPU, which it may only where cpu is true (not
+// in a row-wise call: see hostHybridOK).
 //
 // The order is the core's Layer (the order go/sim replays): trace and
 // refresh priorities first (the eviction choices of this layer's loads
@@ -249,7 +250,7 @@ func (e *Engine) gptOssArgs(args backend.FFNArgs, experts, slots []int32) backen
 // prefetches for the later layers last: planning (EAMC matching) used to
 // sit between the routing's arrival and the demand copies, with the link
 // idle.
-func (e *Engine) layerKernels(c FFNCall, reqs []uint64, topk []int64, counts [][]float32) error {
+func (e *Engine) layerKernels(c FFNCall, reqs []uint64, topk []int64, counts [][]float32, cpu bool) error {
 	t0 := time.Now()
 	if len(reqs) > 0 {
 		if err := e.checkObserve(c.Layer, reqs, counts); err != nil {
@@ -259,8 +260,12 @@ func (e *Engine) layerKernels(c FFNCall, reqs []uint64, topk []int64, counts [][
 	var planned time.Time
 	_, err := e.core.Layer(c.Layer, reqs, counts, func() error {
 		e.phase(phaseObserve, t0)
+		var pick cpuPick
+		if cpu {
+			pick = e.chooseCPU(c, reqs, topk)
+		}
 		var ffnErr error
-		if pick := e.chooseCPU(c, reqs, topk); len(pick.experts) > 0 {
+		if len(pick.experts) > 0 {
 			ffnErr = e.layerHybrid(c, pick, topk)
 		} else {
 			ffnErr = e.LayerFFN(c)
