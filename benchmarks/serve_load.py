@@ -15,7 +15,10 @@ cluster it is in.
 
 Rows (JSON lines with --out) state every setting: preset, device, batching
 (stacked, stacked-fast or threads, the scheduler modes; --batching runs
-several in one process), mapped (--mapped on,off runs both),
+several in one process), mapped (--mapped on,off runs both), cpu_experts
+(--cpu-experts off,auto runs both on one model; with hybrid, whether the
+CPU's part was on, and cpu_computed_per_token: the experts it computed;
+an exact stacked step never gives it any),
 device_memory, routing, clusters, skew, policy, prefetch, concurrency or
 arrival rate, prompt and output lengths. Each configuration is measured after
 a warm-up phase of the same load (not recorded); the EAMC keeps what it
@@ -42,7 +45,7 @@ except ImportError:  # a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 import moe_infinity as mi  # noqa: E402
-from moe_infinity.bench import PRESETS, build  # noqa: E402
+from moe_infinity.bench import PRESETS, build, cpu_experts_modes, cpu_setting, hybrid_options, link_rates  # noqa: E402
 from moe_infinity.serving import SamplingParams, Scheduler  # noqa: E402
 
 
@@ -178,12 +181,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--batching", default="stacked", help="scheduler modes to run, comma-separated: stacked (exact), stacked-fast (exact=False), threads")
     ap.add_argument("--mapped", default="", help="mapped mode for each run, comma-separated: on, off (default: the engine's choice, once)")
+    ap.add_argument("--cpu-experts", default=None,
+                    help="engine option cpu_experts: off, auto or a thread count, or a comma list (off,auto) run one after the other "
+                         "on one loaded model (on a GPU the CPU's part needs the link's rates: --measure-link or --link-rates)")
+    ap.add_argument("--measure-link", action="store_true", help="engine option measure_link: measure the link's rates at start-up")
+    ap.add_argument("--link-rates", metavar="DMA,ZERO_COPY,REACTION_US",
+                    help="engine option link_rates: the link's DMA and zero-copy rates (GB/s) and reaction (us), given instead of measured")
     ap.add_argument("--out", help="append JSON rows here")
     args = ap.parse_args(argv)
+    try:
+        cpu_modes = cpu_experts_modes(args.cpu_experts)
+        if args.link_rates:
+            link_rates(args.link_rates)
+    except ValueError as e:
+        ap.error(str(e))
 
     device = torch.device(args.device)
     model, cfg = build(args.preset, "cuda" if device.type == "cuda" else "cpu")
-    model = mi.offload(model, device=device, device_memory=args.device_memory)
+    model = mi.offload(model, device=device, device_memory=args.device_memory,
+                       engine_options=hybrid_options(cpu_modes, args.measure_link, args.link_rates))
     rt = model.moe_runtime
     k = int(getattr(cfg, "num_experts_per_tok", 2))
     routing = f"model (random weights)"
@@ -206,9 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     for mapped in args.mapped.split(",") if args.mapped else [None]:
         if mapped is not None:
             rt.set_mapped(mapped == "on")
-        for batching in args.batching.split(","):
-            with Scheduler(model, max_batch=args.max_batch, max_queue=4096, batching=batching.removesuffix("-fast"), exact=not batching.endswith("-fast")) as s:
-                rows += _run_configs(s, model, args, base, prompts, conc, rates, out)
+        for cpu in cpu_modes:
+            if cpu is not None:  # one loaded model: the CPU's part paused or resumed
+                model.moe_tune(cpu_experts=cpu_setting(cpu))
+            for batching in args.batching.split(","):
+                with Scheduler(model, max_batch=args.max_batch, max_queue=4096, batching=batching.removesuffix("-fast"), exact=not batching.endswith("-fast")) as s:
+                    rows += _run_configs(s, model, args, {**base, "cpu_experts": cpu}, prompts, conc, rates, out)
     if out:
         out.close()
     _print_ratios(rows)
@@ -241,9 +260,12 @@ def _run_configs(s: Scheduler, model: Any, args: Any, base: dict, prompts: list,
                     **_summary(reqs, wall),
                     "steps": steps,
                     "hit_rate": st["hit_rate"], "bytes_moved": st["bytes_moved"], "stall_s": st["stall_seconds"],
+                    "hybrid": bool(st["plan"]["executor"].get("hybrid")),
+                    "cpu_computed": st["cpu_computed"], "cpu_s": st["cpu_seconds"],
                     "skew": args.skew, "clusters": args.clusters,
                     "hook_phase_s": {k: round(v, 3) for k, v in st["hook_phase_seconds"].items()},
                 }
+                row["cpu_computed_per_token"] = row["cpu_computed"] / max(1, row["output_tokens"])
                 one = [r for r in rows if r.get("concurrency") == 1 and r["policy"] == policy and r["prefetch"] == (pf == "on")]
                 if mode == "poisson" and one and one[0]["tpot_p99_ms"] and row["tpot_p99_ms"] is not None:
                     # The issue's saturation point: where p99 TPOT passes 2x batch-1's.
@@ -259,21 +281,21 @@ def _run_configs(s: Scheduler, model: Any, args: Any, base: dict, prompts: list,
 def _print_ratios(rows: list[dict]) -> None:
     """Each closed-loop row's throughput against batch 1 of its own
     configuration (same process)."""
-    key = lambda r: (r["batching"], r["exact"], r["mapped"], r["policy"], r["prefetch"])  # noqa: E731
+    key = lambda r: (r["batching"], r["exact"], r["mapped"], r["cpu_experts"], r["policy"], r["prefetch"])  # noqa: E731
     for cfg in sorted({key(r) for r in rows}, key=str):
         one = [r for r in rows if key(r) == cfg and r.get("concurrency") == 1]
         if one and one[0]["tokens_per_s"]:
             for r in rows:
                 if key(r) == cfg and r.get("concurrency"):
-                    name = cfg[0] + ("" if cfg[1] else "-fast") + ("" if cfg[2] else " unmapped")
-                    print(f"{name:>21} {cfg[3]:>8} prefetch={cfg[4]!s:5} x{r['concurrency']:<3} {r['tokens_per_s']:.1f} tok/s = {r['tokens_per_s'] / one[0]['tokens_per_s']:.2f}x batch-1, "
+                    name = cfg[0] + ("" if cfg[1] else "-fast") + ("" if cfg[2] else " unmapped") + (f" cpu={cfg[3]}" if cfg[3] else "")
+                    print(f"{name:>21} {cfg[4]:>8} prefetch={cfg[5]!s:5} x{r['concurrency']:<3} {r['tokens_per_s']:.1f} tok/s = {r['tokens_per_s'] / one[0]['tokens_per_s']:.2f}x batch-1, "
                           f"TPOT p50 {r['tpot_p50_ms']:.1f} ms p99 {r['tpot_p99_ms']:.1f} ms, hit rate {r['hit_rate']:.3f}")
         arrivals = sorted((r for r in rows if key(r) == cfg and "tpot_p99_vs_batch1" in r), key=lambda r: r["rate_rps"])
         if arrivals:
             past = [r for r in arrivals if r["tpot_p99_vs_batch1"] > 2.0]
             where = f"passes 2x batch-1 at {past[0]['rate_rps']:g} req/s ({past[0]['tokens_per_s']:.1f} tok/s)" if past else f"stays within 2x batch-1 up to {arrivals[-1]['rate_rps']:g} req/s"
             ratios = ", ".join(f"{r['rate_rps']:g} req/s: {r['tpot_p99_vs_batch1']:.2f}x" for r in arrivals)
-            print(f"{'':>21} {cfg[3]:>8} prefetch={cfg[4]!s:5} Poisson: p99 TPOT {where} ({ratios})")
+            print(f"{'':>21} {cfg[4]:>8} prefetch={cfg[5]!s:5} Poisson: p99 TPOT {where} ({ratios})")
 
 
 if __name__ == "__main__":

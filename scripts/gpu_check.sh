@@ -2,7 +2,7 @@
 # One call on the GPU machine: runs the GPU suite against the CUDA build of
 # the engine made on the CPU machine (`make cuda`), and prints a summary.
 #
-#   bash scripts/gpu_check.sh [gpu|parity|bench|headline|copy|defaults|margin|serve|profile|variants|fp8|fp8-sm89|gptoss|gptoss-bench|hybrid|pending|pending-short|all]     (default: all)
+#   bash scripts/gpu_check.sh [gpu|parity|bench|headline|copy|defaults|margin|serve|serve-hybrid|profile|variants|fp8|fp8-sm89|gptoss|gptoss-bench|hybrid|pending|pending-short|all]     (default: all)
 #
 # pending: the runs prepared and not yet made, in one call: the sm89 PTX
 # through ptxas, the sm89 / FP8-default / gpt-oss / hybrid-parity GPU tests,
@@ -50,6 +50,13 @@
 # and 16 (every core); Mixtral at 8 GiB off and auto. Then the SIMD expert FFN against
 # the host's read bandwidth (build/cpuffn.test, made by `make
 # cpuffn-test`; no Go there) on every core. ~9 minutes.
+#
+# serve-hybrid: the Qwen3 serve load with the CPU computing missed
+# experts (cpu_experts off and auto on one model, the link measured),
+# stacked exact and stacked-fast steps at 1 and 16 clients, on the
+# synchronous kernel path (mapped off: mapped mode never hands the CPU a
+# share). Exact steps never give the CPU a share either, so their rows
+# are the control. ~7 minutes.
 #
 # profile: Mixtral's replayed steps under the torch profiler, with copy
 # mode's waits split into copying and idle (benchmarks/profile_step.py).
@@ -152,6 +159,11 @@ if [ "$what" = serve ]; then  # continuous batching: aggregate tokens/s against 
     # Poisson arrivals: the rate at which p99 TPOT passes 2x batch-1 (printed, and tpot_p99_vs_batch1 in the rows).
     run serve_qwen3_poisson timeout 240 $S --preset qwen3-30b-a3b --concurrency 1 --rates 0.5,1,2,4 --poisson-requests 16 --configs priority:on --out "$OUT/serve.jsonl"
     run serve_mixtral timeout 240 $S --preset mixtral-8x7b --batching ${BATCHING:-stacked,stacked-fast} --concurrency 1,4,8 --configs priority:on --out "$OUT/serve.jsonl"
+fi
+if [ "$what" = serve-hybrid ]; then  # serving with the CPU taking misses: stacked exact and fast, synchronous kernel path, cpu_experts off and auto, one process
+    run serve_qwen3_hybrid timeout 540 python3 benchmarks/serve_load.py --device cuda --device-memory 24GiB --routing generated --clusters 4 \
+        --prompt-len 16 --max-tokens 32 --per-client 2 --warmup 4 --preset qwen3-30b-a3b --batching stacked,stacked-fast --concurrency 1,16 \
+        --configs priority:on --mapped off --cpu-experts off,auto --measure-link --out "$OUT/serve_hybrid.jsonl"
 fi
 if [ "$what" = fp8 ]; then  # quantized experts: FP8 against bf16 on the same routing, same run
     run fp8_gpu_tests timeout 120 python3 -m pytest -p no:cacheprovider -q -m gpu -rA -k "fp8" tests/test_gpu.py

@@ -242,6 +242,29 @@ def test_serve_load_harness_tiny_cpu(tmp_path):
     assert all(r["steps"] < r["output_tokens"] for r in closed3), "three clients decode in shared steps"
 
 
+def test_serve_load_cpu_experts_off_and_on_in_one_run_tiny_cpu(tmp_path):
+    """--cpu-experts runs each setting on one loaded model and the rows say
+    which, whether the CPU's part was on, and what it computed: with a link
+    slow enough that the CPU takes misses, plain stacked steps give it
+    their misses, exact ones do not (only the requests' prefills do), and
+    with it off nothing is computed there."""
+    out = tmp_path / "h.jsonl"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--preset", "qwen3-tiny", "--device-memory", "8MiB",
+           "--prompt-len", "2", "--max-tokens", "12", "--per-client", "1", "--warmup", "1", "--concurrency", "3",
+           "--batching", "stacked,stacked-fast", "--cpu-experts", "off,2", "--link-rates", "0.05,0.05,20", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {(r["cpu_experts"], r["exact"]): r for r in map(json.loads, out.read_text().splitlines())}
+    assert sorted(rows, key=str) == sorted([("off", True), ("off", False), ("2", True), ("2", False)], key=str)
+    for (cpu, _), r in rows.items():
+        assert r["hybrid"] is (cpu == "2")
+        assert r["cpu_computed_per_token"] == r["cpu_computed"] / r["output_tokens"]
+    assert rows["off", True]["cpu_computed"] == rows["off", False]["cpu_computed"] == 0
+    assert rows["2", False]["cpu_computed_per_token"] > 2 * rows["2", True]["cpu_computed_per_token"]
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--cpu-experts", "some"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--cpu-experts" in bad.stderr
+
+
 def test_stacked_step_harness_counts_each_modes_calls_tiny_cpu(tmp_path):
     """The stacked step's host-cost benchmark: a row per mode and row
     count, with its settings; a lone row is the same forward in both modes,

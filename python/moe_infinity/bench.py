@@ -463,6 +463,27 @@ def link_rates(value: str) -> dict[str, float]:
     return {"dma_gbps": dma, "zero_copy_gbps": zero_copy, "reaction_us": reaction}
 
 
+def hybrid_options(cpu_modes: list[str | None], measure_link: bool, rates: str | None) -> dict[str, Any]:
+    """The engine options of --cpu-experts (its list, cpu_experts_modes),
+    --measure-link and --link-rates: the model loads with the first
+    setting of the list that turns the CPU's part on (so that it is set
+    up, and "off" rows pause it), or "off" when none does."""
+    opts: dict[str, Any] = {}
+    on = [m for m in cpu_modes if m not in (None, "off")]
+    if cpu_modes != [None]:
+        opts["cpu_experts"] = cpu_setting(on[0]) if on else "off"
+    if measure_link:
+        opts["measure_link"] = True
+    if rates:
+        opts["link_rates"] = link_rates(rates)
+    return opts
+
+
+def cpu_setting(mode: str) -> str | int:
+    """A --cpu-experts list entry as the engine's cpu_experts value."""
+    return int(mode) if mode.isdigit() else mode
+
+
 #: --kernel-build values (the engine option kernel_build's names).
 KERNEL_BUILDS = ("sm80", "sm89")
 
@@ -500,13 +521,7 @@ def _run_one(args: argparse.Namespace, expert_dtype: str, bw: float | None, earl
     if kernel_build is not None:
         opts["kernel_build"] = kernel_build
     cpu_modes = cpu_experts_modes(args.cpu_experts)
-    on = [m for m in cpu_modes if m not in (None, "off")]
-    if cpu_modes != [None]:
-        opts["cpu_experts"] = (int(on[0]) if on[0].isdigit() else on[0]) if on else "off"
-    if args.measure_link:
-        opts["measure_link"] = True
-    if args.link_rates:
-        opts["link_rates"] = link_rates(args.link_rates)
+    opts.update(hybrid_options(cpu_modes, args.measure_link, args.link_rates))
     if expert_format(args.preset) == "mxfp4":
         from .loading import offload_host_experts
 
@@ -543,7 +558,7 @@ def _run_one(args: argparse.Namespace, expert_dtype: str, bw: float | None, earl
         for mode in modes:
             for cpu in cpu_modes:
                 if cpu is not None:  # one loaded model: the CPU's part paused or resumed (recaptured by measure)
-                    model.moe_tune(cpu_experts=int(cpu) if cpu.isdigit() else cpu)
+                    model.moe_tune(cpu_experts=cpu_setting(cpu))
                 rows += measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, dense_wall, built, offloaded, mode,
                                 expert_dtype, earlier + rows, cpu)
     finally:
