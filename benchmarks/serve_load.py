@@ -187,19 +187,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measure-link", action="store_true", help="engine option measure_link: measure the link's rates at start-up")
     ap.add_argument("--link-rates", metavar="DMA,ZERO_COPY,REACTION_US",
                     help="engine option link_rates: the link's DMA and zero-copy rates (GB/s) and reaction (us), given instead of measured")
+    ap.add_argument("--model-link", action="store_true",
+                    help="engine option model_link: on the CPU backend, copies take as long as --link-rates says")
     ap.add_argument("--out", help="append JSON rows here")
     args = ap.parse_args(argv)
     try:
         cpu_modes = cpu_experts_modes(args.cpu_experts)
         if args.link_rates:
             link_rates(args.link_rates)
+        if args.model_link and not args.link_rates:
+            raise ValueError("--model-link needs --link-rates: the rates of the link to model")
     except ValueError as e:
         ap.error(str(e))
 
     device = torch.device(args.device)
     model, cfg = build(args.preset, "cuda" if device.type == "cuda" else "cpu")
     model = mi.offload(model, device=device, device_memory=args.device_memory,
-                       engine_options=hybrid_options(cpu_modes, args.measure_link, args.link_rates))
+                       engine_options=hybrid_options(cpu_modes, args.measure_link, args.link_rates, args.model_link))
     rt = model.moe_runtime
     k = int(getattr(cfg, "num_experts_per_tok", 2))
     routing = f"model (random weights)"
@@ -215,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "device_memory": args.device_memory, "routing": routing, "prompt_len": args.prompt_len,
         "max_tokens": args.max_tokens, "max_batch": args.max_batch, "engine": mi.engine_version(),
+        "link_rates": args.link_rates, "model_link": args.model_link,
         "date": time.strftime("%Y-%m-%d"),
     }
     rows = []

@@ -265,6 +265,24 @@ def test_serve_load_cpu_experts_off_and_on_in_one_run_tiny_cpu(tmp_path):
     assert bad.returncode == 2 and "--cpu-experts" in bad.stderr
 
 
+def test_decode_harness_model_link_takes_the_links_time_tiny_cpu(tmp_path):
+    """--model-link: the CPU backend's copies take the given link's time, so
+    a decode step lasts at least its bytes at the link's rate (5 MB/s here:
+    ~60 ms a token, where the unmodelled copies take ~20 ms in all), and the
+    row says so; --model-link without --link-rates is refused."""
+    out = tmp_path / "m.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--preset", "tiny", "--device", "cpu", "--device-memory", "300KiB",
+           "--prompt-len", "4", "--decode", "6", "--no-ablations", "--link-rates", "0.005,0.005,0", "--model-link", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert row["model_link"] is True and row["link_rates_source"] == "given"
+    assert row["bytes_moved_per_token"] > 0
+    assert row["decode_s_per_token"] >= 0.9 * row["bytes_moved_per_token"] / 0.005e9
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--model-link"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--model-link needs --link-rates" in bad.stderr
+
+
 def test_stacked_step_harness_counts_each_modes_calls_tiny_cpu(tmp_path):
     """The stacked step's host-cost benchmark: a row per mode and row
     count, with its settings; a lone row is the same forward in both modes,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 import moe_infinity as mi
 from moe_infinity.builtin import builtin_model_dir
@@ -92,6 +93,25 @@ def test_given_link_rates_reach_the_plan_and_are_validated():
         model.close()
     with pytest.raises(mi.InvalidArgumentError, match="link_rates needs dma_gbps > 0"):
         mi.from_pretrained(builtin_model_dir(), device_memory="2MiB", engine_options={"link_rates": {"dma_gbps": 0, "zero_copy_gbps": 33}})
+
+
+def test_model_link_needs_link_rates_and_keeps_the_tokens():
+    """model_link slows the CPU backend's copies to the given link's pace;
+    it changes when experts arrive, never what is computed."""
+    with pytest.raises(mi.InvalidArgumentError, match="model_link needs link_rates"):
+        mi.from_pretrained(builtin_model_dir(), device_memory="2MiB", engine_options={"model_link": True})
+    tok = AutoTokenizer.from_pretrained(builtin_model_dir())
+    ids = torch.tensor([tok("The river")["input_ids"]])
+    outs = []
+    for opts in ({}, {"model_link": True, "link_rates": {"dma_gbps": 0.5, "zero_copy_gbps": 0.5, "reaction_us": 50.0}}):
+        model = mi.from_pretrained(builtin_model_dir(), device_memory="2MiB", engine_options=opts)
+        try:
+            outs.append(model.generate(ids, max_new_tokens=8, do_sample=False)[0].tolist())
+            assert model.moe_stats()["bytes_moved"] > 0
+            assert model.moe_runtime.engine.config.get("model_link", False) is bool(opts)
+        finally:
+            model.close()
+    assert outs[0] == outs[1]
 
 
 def test_the_cpu_backend_measures_no_link_and_measure_link_is_checked():

@@ -31,8 +31,12 @@ type CPU struct {
 	// hand-off on waits for its answer (the CUDA backend's copyTimeout;
 	// 0: 2 s). Set before the replays.
 	CopyTimeout time.Duration
+	// Link, when its GBps is > 0, makes copies take as long as over a
+	// device link (set before Open): see LinkModel.
+	Link LinkModel
 
 	workers int
+	link    sync.Mutex // held by the worker whose copy is on the modelled link
 
 	mu        sync.Mutex
 	wake      chan struct{}
@@ -123,18 +127,54 @@ func (c *CPU) next() (job, bool) {
 	}
 }
 
+// LinkModel is a host→device link for the CPU backend to stand in for:
+// with it, one copy at a time crosses (a copy engine), each taking
+// Reaction plus its slot's bytes at GBps from when the link took it, and
+// the next copy is chosen (urgent before prefetch) only when the link is
+// free. The copy itself is a memcpy that finishes sooner; the worker holds
+// the link, and the copy's Transfer stays unfinished, until its modelled
+// time is up. Nothing else is slowed: the CPU's own expert computations
+// and in-place reads run at the machine's speed. For measuring, on a
+// machine without a GPU, what the engine's link-bound choices (prefetch,
+// eviction, the CPU's share of misses) do to time, not only to counts.
+type LinkModel struct {
+	// GBps is the link's rate in GB/s (10^9 bytes a second); 0: no model.
+	GBps float64
+	// Reaction is the fixed cost of each copy.
+	Reaction time.Duration
+}
+
+// Duration is how long the link takes to carry bytes.
+func (l LinkModel) Duration(bytes int64) time.Duration {
+	return l.Reaction + time.Duration(float64(bytes)/l.GBps)
+}
+
 func (c *CPU) work() {
 	defer c.wg.Done()
+	paced := c.Link.GBps > 0
 	for {
+		if paced {
+			c.link.Lock()
+		}
 		j, ok := c.next()
 		if !ok {
+			if paced {
+				c.link.Unlock()
+			}
 			return
 		}
+		start := time.Now()
+		var err error
 		if m := c.mapped.Load(); m != nil {
-			j.t.Finish(c.mappedFill(m, j))
+			err = c.mappedFill(m, j)
 		} else {
-			j.t.Finish(c.fill(j))
+			err = c.fill(j)
 		}
+		if paced {
+			time.Sleep(time.Until(start.Add(c.Link.Duration(c.slotBytes))))
+			c.link.Unlock()
+		}
+		j.t.Finish(err)
 	}
 }
 

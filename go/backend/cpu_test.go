@@ -108,6 +108,40 @@ func TestCPUUrgentLoadsJumpTheQueue(t *testing.T) {
 	assert.Equal(t, [][2]int{{0, 0}, {0, 7}, {0, 1}, {0, 2}, {0, 3}}, src.order)
 }
 
+// With a modelled link, copies cross one at a time, each no sooner than
+// its bytes at the link's rate plus the reaction after the previous one
+// (four workers notwithstanding), and the link, once free, takes a demand
+// load before queued prefetches.
+func TestCPULinkModelCarriesOneCopyAtATimeAtItsRate(t *testing.T) {
+	const slot = 200_000 // bytes: 20 ms at 0.01 GB/s, plus 5 ms of reaction
+	link := LinkModel{GBps: 0.01, Reaction: 5 * time.Millisecond}
+	require.Equal(t, 25*time.Millisecond, link.Duration(slot))
+	src := &patternSource{size: slot}
+	b := NewCPU(4)
+	b.Link = link
+	require.NoError(t, b.Open(8, slot, src))
+	defer b.Close()
+
+	start := time.Now()
+	var ts []Transfer
+	for e := range 4 {
+		ts = append(ts, b.Load(e, 0, e, false))
+	}
+	demand := b.Load(7, 0, 7, true) // queued while the first copy holds the link (or before it took one)
+	require.NoError(t, demand.Err())
+	for _, tr := range ts {
+		require.NoError(t, tr.Err())
+	}
+	assert.GreaterOrEqual(t, time.Since(start), 5*link.Duration(slot), "five copies, one at a time")
+	src.mu.Lock()
+	order := append([][2]int(nil), src.order...)
+	src.mu.Unlock()
+	require.Len(t, order, 5)
+	assert.Contains(t, order[:2], [2]int{0, 7}, "the demand load crosses as soon as the link is free: %v", order)
+	assert.Equal(t, [][2]int{{0, 1}, {0, 2}, {0, 3}}, order[2:], "then the prefetches, in order")
+	assert.Equal(t, wantPattern(0, 3, slot), b.SlotBytes(3))
+}
+
 func TestCPUFillErrorsAndPanicsBecomeTransferErrors(t *testing.T) {
 	boom := errors.New("read failed")
 	src := &patternSource{size: 8, fail: map[[2]int]error{{0, 1}: boom}}

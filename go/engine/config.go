@@ -163,6 +163,13 @@ type Config struct {
 	// the device's compute capability. Backends without GPU kernels (cpu)
 	// ignore it; Plan.KernelBuild says which build was loaded.
 	KernelBuild string `json:"kernel_build"`
+	// ModelLink makes the CPU backend stand in for a device's link: each
+	// copy into a slot takes as long as LinkRates says a copy takes
+	// (reaction_us, plus the slot's bytes at dma_gbps), one copy at a time
+	// (backend.LinkModel). For measuring on a machine without a GPU what
+	// the engine's link-bound choices do to time; the CPU's own work is
+	// not slowed. Needs LinkRates; the CPU backend only.
+	ModelLink bool `json:"model_link"`
 }
 
 // CPUExperts is Config.CPUExperts: CPUExpertsAuto (the zero value, the
@@ -496,6 +503,12 @@ func (c Config) withDefaults() (Config, error) {
 		if err := c.LinkRates.check(); err != nil {
 			return c, err
 		}
+	}
+	if c.ModelLink && c.LinkRates == nil {
+		return c, fmt.Errorf("%w: model_link needs link_rates: the rates of the link the CPU backend is to stand in for", ErrInvalid)
+	}
+	if c.ModelLink && c.Backend != "cpu" {
+		return c, fmt.Errorf("%w: model_link is for the cpu backend (it stands in for a device's link); the %s backend has a link of its own", ErrInvalid, c.Backend)
 	}
 	return c, nil
 }

@@ -143,6 +143,9 @@ func defaultBackend(cfg Config) (backend.Backend, error) {
 		c := backend.NewCPU(cfg.Workers)
 		c.ReferenceKernels = cfg.ReferenceKernels
 		c.ExpertThreads = cfg.CPUExperts.Threads(cfg.Backend)
+		if cfg.ModelLink {
+			c.Link = backend.LinkModel{GBps: cfg.LinkRates.DMAGBps, Reaction: time.Duration(cfg.LinkRates.ReactionUs * float64(time.Microsecond))}
+		}
 		return c, nil
 	}
 	return newAcceleratorBackend(cfg)

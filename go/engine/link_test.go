@@ -4,6 +4,7 @@ import (
 	"errors"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -130,4 +131,34 @@ func TestMeasureLinkIsParsedStrictlyAndDefaultsOff(t *testing.T) {
 		_, err := ParseConfig([]byte(bad))
 		assert.ErrorIs(t, err, ErrInvalid, bad)
 	}
+}
+
+// model_link makes the CPU backend's copies take the given link's time:
+// four demand loads of 4 KiB at 0.001 GB/s (4.1 ms each, plus 1 ms of
+// reaction) take at least four such copies' time, one after the other.
+// It needs the link's rates and the CPU backend.
+func TestModelLinkPacesTheCPUBackendsCopies(t *testing.T) {
+	rates := &LinkRates{DMAGBps: 0.001, ZeroCopyGBps: 0.001, ReactionUs: 1000}
+	e, err := New(Config{BudgetBytes: 8 * 4096, MaxSlots: 8, LinkRates: rates, ModelLink: true, Prefetch: noPrefetch()})
+	require.NoError(t, err)
+	bf16Model(t, e, 2, 4)
+	_, err = e.Configure(Setup{Layout: mixtralSpec})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = e.Close() })
+	copyTime := backend.LinkModel{GBps: rates.DMAGBps, Reaction: time.Millisecond}.Duration(e.lay.SlotBytes)
+	start := time.Now()
+	acquire(t, e, 0, 0, 1, 2, 3)
+	assert.GreaterOrEqual(t, time.Since(start), 4*copyTime)
+	st, err := e.Stats()
+	require.NoError(t, err)
+	assert.Equal(t, uint64(4), st.Layers[0].Loads)
+
+	_, err = New(Config{BudgetBytes: 4096, ModelLink: true})
+	assert.ErrorIs(t, err, ErrInvalid)
+	assert.ErrorContains(t, err, "model_link needs link_rates")
+	_, err = New(Config{BudgetBytes: 4096, ModelLink: true, LinkRates: rates, Backend: "cuda"})
+	assert.ErrorIs(t, err, ErrInvalid)
+	c, err := ParseConfig([]byte(`{"budget_bytes": 4096, "model_link": true, "link_rates": {"dma_gbps": 1, "zero_copy_gbps": 1}}`))
+	require.NoError(t, err)
+	assert.True(t, c.ModelLink)
 }

@@ -463,12 +463,12 @@ def link_rates(value: str) -> dict[str, float]:
     return {"dma_gbps": dma, "zero_copy_gbps": zero_copy, "reaction_us": reaction}
 
 
-def hybrid_options(cpu_modes: list[str | None], measure_link: bool, rates: str | None) -> dict[str, Any]:
+def hybrid_options(cpu_modes: list[str | None], measure_link: bool, rates: str | None, model_link: bool = False) -> dict[str, Any]:
     """The engine options of --cpu-experts (its list, cpu_experts_modes),
-    --measure-link and --link-rates: the model loads with the first
-    setting of the list that turns the CPU's part on (so that it is set
-    up, and "off" rows pause it), or "off" when none does."""
-    opts: dict[str, Any] = {}
+    --measure-link, --link-rates and --model-link: the model loads with the
+    first setting of the list that turns the CPU's part on (so that it is
+    set up, and "off" rows pause it), or "off" when none does."""
+    opts: dict[str, Any] = {"model_link": True} if model_link else {}
     on = [m for m in cpu_modes if m not in (None, "off")]
     if cpu_modes != [None]:
         opts["cpu_experts"] = cpu_setting(on[0]) if on else "off"
@@ -521,7 +521,7 @@ def _run_one(args: argparse.Namespace, expert_dtype: str, bw: float | None, earl
     if kernel_build is not None:
         opts["kernel_build"] = kernel_build
     cpu_modes = cpu_experts_modes(args.cpu_experts)
-    opts.update(hybrid_options(cpu_modes, args.measure_link, args.link_rates))
+    opts.update(hybrid_options(cpu_modes, args.measure_link, args.link_rates, args.model_link))
     if expert_format(args.preset) == "mxfp4":
         from .loading import offload_host_experts
 
@@ -686,6 +686,7 @@ def measure(args, model, cfg, plan, prompt, forced, routing_label, bw, compute, 
                 "hybrid_floor_s_per_token": st["miss_plan_ns"] / 1e9 / n + compute if st.get("miss_plan_ns") else None,
                 "link_rates": st["plan"].get("link_rates"),
                 "link_rates_source": st["plan"].get("link_rates_source"),
+                "model_link": args.model_link,
                 "copy_late_layers": st.get("copy_late"),
                 # Copy mode: the copy driver's host time per token (its own
                 # thread, while layers wait), and the part before each
@@ -870,6 +871,9 @@ def main(argv: list[str] | None = None) -> int:
                          "graph_misses auto choice and the hybrid cost model use them)")
     ap.add_argument("--link-rates", metavar="DMA,ZERO_COPY,REACTION_US",
                     help="engine option link_rates: the link's DMA and zero-copy rates (GB/s) and reaction (us), given instead of measured")
+    ap.add_argument("--model-link", action="store_true",
+                    help="engine option model_link: on the CPU backend, copies take as long as --link-rates says (a machine "
+                         "without a GPU measuring the time of link-bound choices)")
     ap.add_argument("--routing", choices=["model", "generated"], default="model",
                     help="model: the router's choice (random weights route narrowly); generated: a labelled generated trace (skewed popularity)")
     ap.add_argument("--skew", type=float, default=1.0, help="with --routing generated: popularity exponent (0 = uniform)")
@@ -888,6 +892,8 @@ def main(argv: list[str] | None = None) -> int:
         cpu_experts_modes(args.cpu_experts)
         if args.link_rates:
             link_rates(args.link_rates)
+        if args.model_link and not args.link_rates:
+            raise ValueError("--model-link needs --link-rates: the rates of the link to model")
     except ValueError as e:
         ap.error(str(e))
     if expert_format(args.preset) == "mxfp4":

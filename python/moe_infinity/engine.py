@@ -70,6 +70,10 @@ class Engine:
         measure_link: ``True`` measures the link at configure when
             ``link_rates`` is not given (default ``False`` until the CUDA
             measurement has been validated on a GPU).
+        model_link: ``True`` makes the CPU backend stand in for a device's
+            link: each copy into a slot takes ``reaction_us`` plus its bytes
+            at ``dma_gbps`` of ``link_rates`` (required), one at a time, for
+            measuring without a GPU what link-bound choices cost in time.
         kernel_build: the CUDA kernels' build: ``"sm80"`` (default; A100,
             H100 and later) or ``"sm89"`` (compute capability 8.9 and
             higher: the FP8 kernels decode weights with the hardware's e4m3

@@ -801,8 +801,14 @@ def from_pretrained(
             bfloat16/float16 SwiGLU decode layers run the engine's SIMD
             expert kernels (outputs then match transformers within
             bfloat16/float16 rounding, not bitwise), and each missed expert
-            predicted cold is computed from host memory without entering
-            the cache (``moe_stats()``: ``cpu_computed``, ``cpu_seconds``);
+            predicted cold is computed from host memory instead of copied
+            for the call, then offered to the cache behind it
+            (``moe_stats()``: ``cpu_computed``, ``cpu_seconds``);
+            ``model_link``: ``True`` makes the CPU backend's copies take
+            as long as ``link_rates`` says (one at a time, the reaction plus
+            the bytes at ``dma_gbps``), so that a machine without a GPU
+            measures the time the link-bound choices cost, not only their
+            counts (needs ``link_rates``);
             ``admit_margin``: in mapped mode, how much more the eviction
             policy must value a missed expert than its victim to copy it
             in, default 1.0; ``graph_misses``: how CUDA-graph decode
