@@ -14,6 +14,7 @@ import (
 type job struct {
 	slot, layer, expert int
 	t                   *Pending
+	queued              time.Time // when Load queued it (the link model's clock)
 }
 
 // CPU is the reference backend: slots live in one anonymous memory mapping
@@ -35,8 +36,9 @@ type CPU struct {
 	// device link (set before Open): see LinkModel.
 	Link LinkModel
 
-	workers int
-	link    sync.Mutex // held by the worker whose copy is on the modelled link
+	workers  int
+	link     sync.Mutex // held by the worker whose copy is on the modelled link
+	linkFree time.Time  // when the modelled link is done with the copies so far (guarded by link)
 
 	mu        sync.Mutex
 	wake      chan struct{}
@@ -129,14 +131,23 @@ func (c *CPU) next() (job, bool) {
 
 // LinkModel is a host→device link for the CPU backend to stand in for:
 // with it, one copy at a time crosses (a copy engine), each taking
-// Reaction plus its slot's bytes at GBps from when the link took it, and
-// the next copy is chosen (urgent before prefetch) only when the link is
-// free. The copy itself is a memcpy that finishes sooner; the worker holds
-// the link, and the copy's Transfer stays unfinished, until its modelled
-// time is up. Nothing else is slowed: the CPU's own expert computations
-// and in-place reads run at the machine's speed. For measuring, on a
-// machine without a GPU, what the engine's link-bound choices (prefetch,
-// eviction, the CPU's share of misses) do to time, not only to counts.
+// Reaction plus its slot's bytes at GBps, and the next copy is chosen
+// (urgent before prefetch) only when the link is free. The copy itself is
+// a memcpy that finishes sooner; the worker holds the link, and the
+// copy's Transfer stays unfinished, until its modelled time is up.
+//
+// The model keeps its own clock: a copy starts when the link freed or when
+// it was queued, whichever is later, not when a worker woke up to take it.
+// A sleep may overshoot (by about a millisecond where the host's timers are
+// coarse, much longer than a small expert's copy); the copies after it then
+// find their modelled end already past and finish at once, so the link's
+// rate holds over any run of copies and a single copy finishes at most an
+// overshoot late.
+//
+// Nothing else is slowed: the CPU's own expert computations and in-place
+// reads run at the machine's speed. For measuring, on a machine without a
+// GPU, what the engine's link-bound choices (prefetch, eviction, the CPU's
+// share of misses) do to time, not only to counts.
 type LinkModel struct {
 	// GBps is the link's rate in GB/s (10^9 bytes a second); 0: no model.
 	GBps float64
@@ -163,7 +174,6 @@ func (c *CPU) work() {
 			}
 			return
 		}
-		start := time.Now()
 		var err error
 		if m := c.mapped.Load(); m != nil {
 			err = c.mappedFill(m, j)
@@ -171,7 +181,12 @@ func (c *CPU) work() {
 			err = c.fill(j)
 		}
 		if paced {
-			time.Sleep(time.Until(start.Add(c.Link.Duration(c.slotBytes))))
+			begin := j.queued
+			if c.linkFree.After(begin) {
+				begin = c.linkFree
+			}
+			c.linkFree = begin.Add(c.Link.Duration(c.slotBytes))
+			time.Sleep(time.Until(c.linkFree))
 			c.link.Unlock()
 		}
 		j.t.Finish(err)
@@ -201,7 +216,7 @@ func (c *CPU) Load(slot, layer, expert int, urgent bool) Transfer {
 	case slot < 0 || slot >= c.slots:
 		t.Finish(fmt.Errorf("backend cpu: slot %d out of range [0, %d)", slot, c.slots))
 	default:
-		j := job{slot: slot, layer: layer, expert: expert, t: t}
+		j := job{slot: slot, layer: layer, expert: expert, t: t, queued: time.Now()}
 		if urgent {
 			c.urgent = append(c.urgent, j)
 		} else {
