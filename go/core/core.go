@@ -331,13 +331,17 @@ func (c *Core) Touch(keys []cache.Key, hit []bool) { c.cache.Touch(keys, hit) }
 // are reserved. Every admission of the layer is decided before any of its
 // copies starts, so that a layer's admissions never evict one another
 // whatever the copies' speed; the caller loads each grant and completes
-// it.
-func (c *Core) UseInPlace(keys []cache.Key, hit []bool, margin float64) []cache.Grant {
+// it. At most most misses are admitted (most < 0: no bound): the caller's
+// room on the link for them now.
+func (c *Core) UseInPlace(keys []cache.Key, hit []bool, margin float64, most int) []cache.Grant {
 	c.cache.Touch(keys, hit)
 	var grants []cache.Grant
 	for i, k := range keys {
 		if hit[i] {
 			continue
+		}
+		if most >= 0 && len(grants) >= most {
+			break
 		}
 		if g, ok := c.cache.Admit(k, margin); ok {
 			grants = append(grants, g)

@@ -227,13 +227,15 @@ func TestUseInPlaceDecidesTheLayersAdmissionsTogether(t *testing.T) {
 		name string
 		keys []cache.Key
 		hits []bool
+		most int
 		want []cache.Key
 	}{
-		{"hits are not offered", []cache.Key{key(1, 0)}, []bool{true}, nil},
-		{"misses in order, none evicting another", []cache.Key{key(0, 1), key(0, 2), key(0, 3)}, []bool{false, false, false}, []cache.Key{key(0, 1), key(0, 2)}},
+		{"hits are not offered", []cache.Key{key(1, 0)}, []bool{true}, -1, nil},
+		{"no room: counted, none admitted", []cache.Key{key(0, 1)}, []bool{false}, 0, nil},
+		{"misses in order, none evicting another", []cache.Key{key(0, 1), key(0, 2), key(0, 3)}, []bool{false, false, false}, -1, []cache.Key{key(0, 1), key(0, 2)}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			grants := c.UseInPlace(tc.keys, tc.hits, 0)
+			grants := c.UseInPlace(tc.keys, tc.hits, 0, tc.most)
 			var got []cache.Key
 			for _, g := range grants {
 				assert.True(t, g.Load)
@@ -249,6 +251,6 @@ func TestUseInPlaceDecidesTheLayersAdmissionsTogether(t *testing.T) {
 	}
 	st := c.Cache().Stats()
 	assert.Equal(t, uint64(1), st[1].Hits)
-	assert.Equal(t, uint64(3), st[0].Misses)
+	assert.Equal(t, uint64(4), st[0].Misses)
 	assert.Equal(t, uint64(2), st[0].Loads)
 }

@@ -534,23 +534,48 @@ func (e *Engine) handOut(c FFNCall) (backend.HandOff, backend.HostWork, handShap
 // the call that computed it does not wait. The CPU decides where an
 // expert runs now; the cache decides, by its one rule, whether it stays.
 // Never admitting them froze the cache wherever the CPU took most misses.
+//
+// Only as many are admitted as may wait for the prefetch window
+// (admitRoom): an admitted expert is reserved (loading) until its copy
+// completes, and a later call that needs it waits for that copy. With no
+// bound, a policy that admits every miss (LRU) queued the CPU's experts
+// faster than the link carried them, and calls waited on the backlog
+// (with a modelled 0.3 GB/s link, 16 clients under LRU served 2.3× slower
+// with the CPU's part on than off).
 func (e *Engine) useOnCPU(layer int, cpuX []int32) {
 	keys := make([]cache.Key, len(cpuX))
 	for i, x := range cpuX {
 		keys[i] = cache.Key{Layer: int32(layer), Expert: x}
 	}
-	grants := e.core.UseInPlace(keys, make([]bool, len(keys)), *e.cfg.AdmitMargin)
+	grants := e.core.UseInPlace(keys, make([]bool, len(keys)), *e.cfg.AdmitMargin, e.admitRoom())
 	if len(grants) == 0 {
 		return
 	}
+	e.admitWaiting.Add(int64(len(grants)))
 	e.bg.Add(1)
 	go func() {
 		defer e.bg.Done()
 		for _, g := range grants {
 			e.admit(g)
+			e.admitWaiting.Add(-1)
 		}
 	}()
 }
+
+// admitRoom is how many more of the CPU's experts may be admitted now:
+// admitBacklog prefetch windows' worth may wait for a place in the window
+// (a heuristic bound: concurrent calls may both take the same room).
+func (e *Engine) admitRoom() int {
+	return max(0, admitBacklog*cap(e.prefSem)-int(e.admitWaiting.Load()))
+}
+
+// admitBacklog bounds the CPU's experts admitted but not yet copying, in
+// prefetch windows. Measured on the CPU backend with a modelled link
+// (BENCHMARKS.md, "The CPU's admissions bounded"): unbounded, 16 serving
+// clients under LRU ran 5.7× slower than with 1 window's worth; 1 window
+// cost batch-1 decode 4–14 points of hit rate against unbounded, 4
+// windows 2–9, while serving as fast as 1.
+const admitBacklog = 4
 
 // countCPU adds the CPU's experts of a layer call and its time for them
 // (the hand-off, staging and its FFN) to cpu_computed and cpu_ns, and

@@ -71,11 +71,12 @@ func teachReuse(t *testing.T, e *Engine, hot int) uint64 {
 // and checks the output against the reference FFN on slots.
 func hybridLayer(t *testing.T, e *Engine, req uint64, experts ...int64) {
 	t.Helper()
-	hybridLayerFlags(t, e, 0, []uint64{req}, experts...)
+	hybridLayerFlags(t, e, 1, 0, []uint64{req}, experts...)
 }
 
-// hybridLayerFlags is hybridLayer with the call's flags and requests.
-func hybridLayerFlags(t *testing.T, e *Engine, flags LayerFlags, reqs []uint64, experts ...int64) {
+// hybridLayerFlags is hybridLayer on layer with the call's flags and
+// requests.
+func hybridLayerFlags(t *testing.T, e *Engine, layer int, flags LayerFlags, reqs []uint64, experts ...int64) {
 	t.Helper()
 	const L, E = 2, 4
 	T := len(experts)
@@ -84,8 +85,8 @@ func hybridLayerFlags(t *testing.T, e *Engine, flags LayerFlags, reqs []uint64, 
 	for i := range io.weights {
 		io.weights[i] = 1
 	}
-	want := reference(t, mappedEngine(t, L, E, 4), io, 1, T, 1)
-	a := LayerArgs{FFNCall: io.call(1, T, 1), Reqs: reqs, TopKHost: io.topk, Flags: flags}
+	want := reference(t, mappedEngine(t, L, E, 4), io, layer, T, 1)
+	a := LayerArgs{FFNCall: io.call(layer, T, 1), Reqs: reqs, TopKHost: io.topk, Flags: flags}
 	a.WDType = dtype.F32
 	r, err := e.Layer(a)
 	require.NoError(t, err)
@@ -107,14 +108,14 @@ func TestHybridLeavesRowwiseCallsToTheDevice(t *testing.T) {
 	b, err := e.BeginRequest()
 	require.NoError(t, err)
 	require.NoError(t, e.ResetStats())
-	hybridLayerFlags(t, e, LayerRowwise, []uint64{a, b}, 2, 3)
+	hybridLayerFlags(t, e, 1, LayerRowwise, []uint64{a, b}, 2, 3)
 	st, err := e.Stats()
 	require.NoError(t, err)
 	assert.Zero(t, st.CPUComputed, "a row-wise call's misses stay on the device")
 	assert.Equal(t, uint64(2), st.Layers[1].Loads)
 
 	require.NoError(t, e.ResetStats())
-	hybridLayerFlags(t, e, 0, []uint64{a, b}, 0, 1)
+	hybridLayerFlags(t, e, 1, 0, []uint64{a, b}, 0, 1)
 	st, err = e.Stats()
 	require.NoError(t, err)
 	assert.Equal(t, int64(2), st.Layers[1].CPUComputed, "without the flag the CPU takes them")
@@ -212,6 +213,46 @@ func TestHybridCacheLearnsWhileTheCPUTakesEveryMiss(t *testing.T) {
 	assert.Equal(t, int64(2), st.Layers[1].CPUComputed, "and the CPU computes nothing more")
 }
 
+// The CPU's experts are admitted only as far as the backlog allows
+// (admitBacklog windows waiting): a modelled link slow enough that one copy
+// lasts the test (a slot at 1 kB/s) and a window of one, so admitBacklog
+// may wait. The first call's four misses go to the CPU and are admitted
+// (one copying, three waiting); of the second call's four (another layer)
+// one is, filling the backlog; the third call admits none of its three
+// (LRU, which would admit every one, so nothing but the bound holds them
+// back), and no call waits for a copy.
+func TestHybridBoundsTheCPUsAdmissionsBacklog(t *testing.T) {
+	require.Equal(t, 4, admitBacklog, "the counts below assume it")
+	slow := &LinkRates{DMAGBps: 1e-6, ZeroCopyGBps: 1e-6}
+	e, err := New(Config{BudgetBytes: 8 * 4096, MaxSlots: 8, CPUExperts: 2, Prefetch: noPrefetch(), PrefetchMinEvidence: -1,
+		Policy: "lru", PrefetchWindow: 1, LinkRates: slow, ModelLink: true})
+	require.NoError(t, err)
+	bf16Model(t, e, 2, 4)
+	fastCPU := HybridCosts{LinkGBps: 1, CPUGBps: 1000, LinkShare: 1, CPUShare: 1}
+	e.MeasureHybrid = func(int64, int64, bool) (HybridCosts, error) { return fastCPU, nil }
+	_, err = e.Configure(Setup{Layout: mixtralSpec, FFN: "swiglu"})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = e.Close() })
+	req, err := e.BeginRequest()
+	require.NoError(t, err)
+	reqs := []uint64{req}
+
+	copyTime := time.Duration(float64(e.lay.SlotBytes) / slow.DMAGBps)
+	start := time.Now()
+	hybridLayerFlags(t, e, 1, 0, reqs, 0, 1, 2, 3)
+	require.Eventually(t, func() bool { return e.admitWaiting.Load() == 3 }, time.Second, time.Millisecond, "one copying, three waiting")
+	hybridLayerFlags(t, e, 0, 0, reqs, 0, 1, 2, 3)
+	_, first := e.cache.Lookup(cache.Key{Layer: 0, Expert: 0})
+	assert.Equal(t, cache.Loading, first, "the backlog's last place")
+	hybridLayerFlags(t, e, 0, 0, reqs, 1, 2, 3)
+	assert.Less(t, time.Since(start), copyTime, "no call waited for an admission's copy")
+	st, err := e.Stats()
+	require.NoError(t, err)
+	assert.Equal(t, int64(4), st.Layers[1].CPUComputed)
+	assert.Equal(t, int64(7), st.Layers[0].CPUComputed)
+	assert.Equal(t, uint64(4+1), st.Layers[1].Loads+st.Layers[0].Loads, "the backlog's four and the window's one")
+}
+
 func TestHybridWithoutAPredictionSplitsTheMissesByCost(t *testing.T) {
 	e := hybridEngine(t, 4, func(e *Engine) { bf16Model(t, e, 2, 4) })
 	req, err := e.BeginRequest()
@@ -267,12 +308,11 @@ func TestHybridCalibratesTheCPUSideFromWhatItTook(t *testing.T) {
 	assert.Equal(t, int64(1), st.CPUScaleCalls, "model state, not a counter")
 
 	// Calls observed twice as slow each time: the CPU's share shrinks
-	// until the link takes every miss. Layer 1's experts are all resident
-	// now (the link's one, and the CPU's three admitted into the empty
-	// slots): three misses of layer 0 are asked about instead.
-	for x := range int32(4) {
-		waitResident(t, e, cache.Key{Layer: 1, Expert: x})
-	}
+	// until the link takes every miss. Layer 1's experts are resident or
+	// being admitted now (the link's one, and as many of the CPU's three as
+	// the prefetch window had room for): three misses of layer 0 are asked
+	// about instead.
+	waitAdmitted(t, e, 1)
 	three := func() cpuPick { return e.cpuMisses(0, []int32{1, 2, 3}, 1, nil, []int64{1, 2, 3}) }
 	for len(three().experts) > 0 {
 		require.Less(t, e.hybrid.cal.Calls(), int64(40), "the link takes the misses back")

@@ -81,6 +81,9 @@ type Engine struct {
 	bg       sync.WaitGroup // dispatcher and prefetch completions
 	freeLate bool           // Close ran with leases outstanding; the last Release frees
 	prefSem  chan struct{}
+	// admitWaiting counts the CPU's experts admitted to the cache whose
+	// copies wait for a place in the prefetch window (useOnCPU).
+	admitWaiting atomic.Int64
 	leaseMu  sync.Mutex
 	leases   map[uint64][]cache.Grant
 	nextLeas atomic.Uint64

@@ -386,7 +386,7 @@ func (e *Engine) traceMapped(it mappedItem) error {
 				}
 			}
 			e.bytesMoved[l.Layer].Add(int64(misses) * e.lay.SlotBytes)
-			admitted = e.core.UseInPlace(keys, hits, *e.cfg.AdmitMargin)
+			admitted = e.core.UseInPlace(keys, hits, *e.cfg.AdmitMargin, -1)
 			return nil
 		}
 		if len(it.layers) == 1 {

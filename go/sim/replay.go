@@ -412,5 +412,5 @@ func access(cr *core.Core, keys []cache.Key, hits []bool, margin float64, armed 
 			c.Complete(g.Slot, g.Gen, nil)
 		}
 	}
-	return cr.UseInPlace(keys, hits, margin)
+	return cr.UseInPlace(keys, hits, margin, -1)
 }
