@@ -571,10 +571,10 @@ func (e *Engine) admitRoom() int {
 
 // admitBacklog bounds the CPU's experts admitted but not yet copying, in
 // prefetch windows. Measured on the CPU backend with a modelled link
-// (BENCHMARKS.md, "The CPU's admissions bounded"): unbounded, 16 serving
-// clients under LRU ran 5.7× slower than with 1 window's worth; 1 window
-// cost batch-1 decode 4–14 points of hit rate against unbounded, 4
-// windows 2–9, while serving as fast as 1.
+// (BENCHMARKS.md, "A modelled link on the CPU, and the CPU's admissions
+// bounded"): unbounded, 16 serving clients under LRU ran 5–6× slower than
+// with this bound; it costs batch-1 decode 2–5 points of hit rate against
+// unbounded (a bound of 1 window cost 6–14).
 const admitBacklog = 4
 
 // countCPU adds the CPU's experts of a layer call and its time for them
