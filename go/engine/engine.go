@@ -84,9 +84,9 @@ type Engine struct {
 	// admitWaiting counts the CPU's experts admitted to the cache whose
 	// copies wait for a place in the prefetch window (useOnCPU).
 	admitWaiting atomic.Int64
-	leaseMu  sync.Mutex
-	leases   map[uint64][]cache.Grant
-	nextLeas atomic.Uint64
+	leaseMu      sync.Mutex
+	leases       map[uint64][]cache.Grant
+	nextLeas     atomic.Uint64
 
 	bytesMoved []atomic.Int64 // per layer
 	stallNs    []atomic.Int64 // per layer
