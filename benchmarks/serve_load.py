@@ -45,7 +45,7 @@ except ImportError:  # a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 import moe_infinity as mi  # noqa: E402
-from moe_infinity.bench import PRESETS, build, cpu_experts_modes, cpu_setting, hybrid_options, link_rates  # noqa: E402
+from moe_infinity.bench import PRESETS, add_hybrid_arguments, build, cpu_setting, hybrid_arguments, hybrid_options  # noqa: E402
 from moe_infinity.serving import SamplingParams, Scheduler  # noqa: E402
 
 
@@ -181,22 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--batching", default="stacked", help="scheduler modes to run, comma-separated: stacked (exact), stacked-fast (exact=False), threads")
     ap.add_argument("--mapped", default="", help="mapped mode for each run, comma-separated: on, off (default: the engine's choice, once)")
-    ap.add_argument("--cpu-experts", default=None,
-                    help="engine option cpu_experts: off, auto or a thread count, or a comma list (off,auto) run one after the other "
-                         "on one loaded model (on a GPU the CPU's part needs the link's rates: --measure-link or --link-rates)")
-    ap.add_argument("--measure-link", action="store_true", help="engine option measure_link: measure the link's rates at start-up")
-    ap.add_argument("--link-rates", metavar="DMA,ZERO_COPY,REACTION_US",
-                    help="engine option link_rates: the link's DMA and zero-copy rates (GB/s) and reaction (us), given instead of measured")
-    ap.add_argument("--model-link", action="store_true",
-                    help="engine option model_link: on the CPU backend, copies take as long as --link-rates says")
+    add_hybrid_arguments(ap)
     ap.add_argument("--out", help="append JSON rows here")
     args = ap.parse_args(argv)
     try:
-        cpu_modes = cpu_experts_modes(args.cpu_experts)
-        if args.link_rates:
-            link_rates(args.link_rates)
-        if args.model_link and not args.link_rates:
-            raise ValueError("--model-link needs --link-rates: the rates of the link to model")
+        cpu_modes = hybrid_arguments(args)
     except ValueError as e:
         ap.error(str(e))
 

@@ -463,6 +463,36 @@ def link_rates(value: str) -> dict[str, float]:
     return {"dma_gbps": dma, "zero_copy_gbps": zero_copy, "reaction_us": reaction}
 
 
+def add_hybrid_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of the CPU's part and the link, shared by the decode and
+    the serving benchmarks: --cpu-experts, --measure-link, --link-rates,
+    --model-link (checked by hybrid_arguments, turned into engine options
+    by hybrid_options)."""
+    ap.add_argument("--cpu-experts", default=None,
+                    help="engine option cpu_experts: off, auto or a thread count, or a comma list such as off,auto,12 measured one "
+                         "after the other on one loaded model (the CPU computes missed experts where they lie; on a GPU it needs the link's "
+                         "rates: --measure-link or --link-rates)")
+    ap.add_argument("--measure-link", action="store_true",
+                    help="engine option measure_link: measure the link's DMA and zero-copy rates and reaction at start-up (the "
+                         "graph_misses auto choice and the hybrid cost model use them)")
+    ap.add_argument("--link-rates", metavar="DMA,ZERO_COPY,REACTION_US",
+                    help="engine option link_rates: the link's DMA and zero-copy rates (GB/s) and reaction (us), given instead of measured")
+    ap.add_argument("--model-link", action="store_true",
+                    help="engine option model_link: on the CPU backend, copies take as long as --link-rates says (a machine "
+                         "without a GPU measuring the time of link-bound choices)")
+
+
+def hybrid_arguments(args: argparse.Namespace) -> list[str | None]:
+    """Checks add_hybrid_arguments' values (ValueError saying what is
+    wrong) and returns the --cpu-experts list (cpu_experts_modes)."""
+    modes = cpu_experts_modes(args.cpu_experts)
+    if args.link_rates:
+        link_rates(args.link_rates)
+    if args.model_link and not args.link_rates:
+        raise ValueError("--model-link needs --link-rates: the rates of the link to model")
+    return modes
+
+
 def hybrid_options(cpu_modes: list[str | None], measure_link: bool, rates: str | None, model_link: bool = False) -> dict[str, Any]:
     """The engine options of --cpu-experts (its list, cpu_experts_modes),
     --measure-link, --link-rates and --model-link: the model loads with the
@@ -862,18 +892,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="engine option kernel_build: sm80 (the engine's default) or sm89 (compute capability >= 8.9: hardware "
                          "FP8 decoding), or a comma list (sm80,sm89) measured one after the other in this process on the same "
                          "weights and routing")
-    ap.add_argument("--cpu-experts", default=None,
-                    help="engine option cpu_experts: off, auto or a thread count, or a comma list such as off,auto,12 measured one "
-                         "after the other on one loaded model (the CPU computes missed experts where they lie; on a GPU it needs the link's "
-                         "rates: --measure-link)")
-    ap.add_argument("--measure-link", action="store_true",
-                    help="engine option measure_link: measure the link's DMA and zero-copy rates and reaction at start-up (the "
-                         "graph_misses auto choice and the hybrid cost model use them)")
-    ap.add_argument("--link-rates", metavar="DMA,ZERO_COPY,REACTION_US",
-                    help="engine option link_rates: the link's DMA and zero-copy rates (GB/s) and reaction (us), given instead of measured")
-    ap.add_argument("--model-link", action="store_true",
-                    help="engine option model_link: on the CPU backend, copies take as long as --link-rates says (a machine "
-                         "without a GPU measuring the time of link-bound choices)")
+    add_hybrid_arguments(ap)
     ap.add_argument("--routing", choices=["model", "generated"], default="model",
                     help="model: the router's choice (random weights route narrowly); generated: a labelled generated trace (skewed popularity)")
     ap.add_argument("--skew", type=float, default=1.0, help="with --routing generated: popularity exponent (0 = uniform)")
@@ -889,11 +908,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dtypes = expert_dtypes(args.expert_dtype)
         kernel_builds(args.kernel_build)
-        cpu_experts_modes(args.cpu_experts)
-        if args.link_rates:
-            link_rates(args.link_rates)
-        if args.model_link and not args.link_rates:
-            raise ValueError("--model-link needs --link-rates: the rates of the link to model")
+        hybrid_arguments(args)
     except ValueError as e:
         ap.error(str(e))
     if expert_format(args.preset) == "mxfp4":
