@@ -600,15 +600,7 @@ func (c *Cache) Admit(k Key, margin float64) (Grant, bool) {
 		return Grant{}, false
 	}
 	if s := &c.slots[i]; s.state != Empty {
-		var mine float64
-		switch c.cfg.Policy {
-		case PolicyLRU:
-			mine = float64(c.tick + 1)
-		case PolicyLFU:
-			mine = float64(c.freq[k])
-		default:
-			mine = c.scorer.Priority(k)
-		}
+		mine := c.valueLocked(k)
 		v := c.evictionScore(s)
 		if c.cfg.Policy != PolicyLRU {
 			v += math.Abs(v) * margin
@@ -624,6 +616,26 @@ func (c *Cache) Admit(k Key, margin float64) (Grant, bool) {
 	c.stats[k.Layer].Loads++
 	c.checkLocked()
 	return Grant{Key: k, Slot: i, Gen: s.gen, Load: true, done: s.done}, true
+}
+
+// Value is how the eviction policy values k against a resident expert's
+// eviction score (Admit's side of the comparison): LRU the next use's
+// recency (every expert alike), LFU k's use count, priority k's priority.
+func (c *Cache) Value(k Key) float64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.valueLocked(k)
+}
+
+func (c *Cache) valueLocked(k Key) float64 {
+	switch c.cfg.Policy {
+	case PolicyLRU:
+		return float64(c.tick + 1)
+	case PolicyLFU:
+		return float64(c.freq[k])
+	default:
+		return c.scorer.Priority(k)
+	}
 }
 
 // victimForLocked is the slot that would take k (absent, cache open), the

@@ -44,8 +44,10 @@
 package core
 
 import (
+	"cmp"
 	"errors"
 	"math"
+	"slices"
 	"sync"
 	"sync/atomic"
 
@@ -332,14 +334,26 @@ func (c *Core) Touch(keys []cache.Key, hit []bool) { c.cache.Touch(keys, hit) }
 // copies starts, so that a layer's admissions never evict one another
 // whatever the copies' speed; the caller loads each grant and completes
 // it. At most most misses are admitted (most < 0: no bound): the caller's
-// room on the link for them now.
+// room on the link for them now; when that is fewer than the misses, they
+// are offered in the order the eviction policy values them (cache.Value,
+// highest first; ties in keys' order).
 func (c *Core) UseInPlace(keys []cache.Key, hit []bool, margin float64, most int) []cache.Grant {
 	c.cache.Touch(keys, hit)
-	var grants []cache.Grant
+	var misses []cache.Key
 	for i, k := range keys {
-		if hit[i] {
-			continue
+		if !hit[i] {
+			misses = append(misses, k)
 		}
+	}
+	if most >= 0 && len(misses) > most {
+		value := make(map[cache.Key]float64, len(misses))
+		for _, k := range misses {
+			value[k] = c.cache.Value(k)
+		}
+		slices.SortStableFunc(misses, func(a, b cache.Key) int { return cmp.Compare(value[b], value[a]) })
+	}
+	var grants []cache.Grant
+	for _, k := range misses {
 		if most >= 0 && len(grants) >= most {
 			break
 		}

@@ -22,6 +22,18 @@ func newCore(t *testing.T, L, E, slots int, prefetchOn bool) *Core {
 	return c
 }
 
+// policyCore is a core of slots slots under policy for 2 layers of 4
+// experts, prefetching off.
+func policyCore(t *testing.T, slots int, policy cache.Policy) *Core {
+	t.Helper()
+	coll, err := trace.NewCollection(2, 4, 4)
+	require.NoError(t, err)
+	c, err := New(Config{Slots: slots, Policy: policy, Collection: coll})
+	require.NoError(t, err)
+	t.Cleanup(c.Cache().Close)
+	return c
+}
+
 func key(l, x int) cache.Key { return cache.Key{Layer: int32(l), Expert: int32(x)} }
 
 // The scorer is the paper's activation-aware priority plus the current
@@ -208,16 +220,32 @@ func TestPrefetchDispatchTakesEachPlannedExpertOnce(t *testing.T) {
 	assert.Equal(t, uint64(2), c.Cache().Stats()[2].PrefetchLoads)
 }
 
+// With room for fewer admissions than misses, UseInPlace offers the ones
+// the policy values most first: under LFU the expert used three times
+// before goes in ahead of one seen for the first time, though it comes
+// second in the layer's keys; with room for all, keys' order is kept.
+func TestUseInPlaceOffersTheMostValuedFirstWhenRoomIsShort(t *testing.T) {
+	c := policyCore(t, 4, cache.PolicyLFU)
+	for range 3 {
+		assert.Empty(t, c.UseInPlace([]cache.Key{key(0, 2)}, []bool{false}, 0, 0), "no room: counted only")
+	}
+	grants := c.UseInPlace([]cache.Key{key(0, 1), key(0, 2)}, []bool{false, false}, 0, 1)
+	require.Len(t, grants, 1)
+	assert.Equal(t, key(0, 2), grants[0].Key)
+	grants = append(grants, c.UseInPlace([]cache.Key{key(1, 3), key(1, 0)}, []bool{false, false}, 0, -1)...)
+	require.Len(t, grants, 3)
+	assert.Equal(t, []cache.Key{key(1, 3), key(1, 0)}, []cache.Key{grants[1].Key, grants[2].Key})
+	for _, g := range grants {
+		c.Cache().Complete(g.Slot, g.Gen, nil)
+	}
+}
+
 // UseInPlace counts every use, offers each miss to the cache in order and
 // decides every admission of the layer before any copy completes: a
 // layer's admissions never evict one another (with LRU, which always
 // admits, the third miss finds both other slots still loading).
 func TestUseInPlaceDecidesTheLayersAdmissionsTogether(t *testing.T) {
-	coll, err := trace.NewCollection(2, 4, 4)
-	require.NoError(t, err)
-	c, err := New(Config{Slots: 2, Policy: cache.PolicyLRU, Collection: coll})
-	require.NoError(t, err)
-	t.Cleanup(c.Cache().Close)
+	c := policyCore(t, 2, cache.PolicyLRU)
 	g, err := c.Pin(1, []cache.Key{key(1, 0)}, nil)
 	require.NoError(t, err)
 	c.Cache().Complete(g[0].Slot, g[0].Gen, nil)

@@ -540,7 +540,7 @@ func (e *Engine) handOut(c FFNCall) (backend.HandOff, backend.HostWork, handShap
 // completes, and a later call that needs it waits for that copy. With no
 // bound, a policy that admits every miss (LRU) queued the CPU's experts
 // faster than the link carried them, and calls waited on the backlog
-// (with a modelled 0.3 GB/s link, 16 clients under LRU served 2.3× slower
+// (with a modelled 0.3 GB/s link, 16 clients under LRU served 2.2× slower
 // with the CPU's part on than off).
 func (e *Engine) useOnCPU(layer int, cpuX []int32) {
 	keys := make([]cache.Key, len(cpuX))
@@ -573,8 +573,9 @@ func (e *Engine) admitRoom() int {
 // prefetch windows. Measured on the CPU backend with a modelled link
 // (BENCHMARKS.md, "A modelled link on the CPU, and the CPU's admissions
 // bounded"): unbounded, 16 serving clients under LRU ran 5–6× slower than
-// with this bound; it costs batch-1 decode 2–5 points of hit rate against
-// unbounded (a bound of 1 window cost 6–14).
+// with this bound; with the most valued offered first (core.UseInPlace) it
+// costs batch-1 decode 1–3 points of hit rate against unbounded (a bound
+// of 1 window, in pick order, cost 6–14).
 const admitBacklog = 4
 
 // countCPU adds the CPU's experts of a layer call and its time for them
